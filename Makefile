@@ -1,0 +1,35 @@
+# Two commands a new user needs: `make demo` (the main job) and `make test` (the suite).
+# Each creates .venv and installs what it needs. torch is installed FIRST and pinned to a CPU
+# build that satisfies the package's range; otherwise pip would resolve a multi-GB CUDA build.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+export HF_HUB_OFFLINE := 1
+export HF_HUB_DISABLE_TELEMETRY := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: demo test setup data clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(VENV)/.installed data
+
+# Fashion-MNIST ships as the Debian package dataset-fashion-mnist (MIT). Installed when missing.
+data:
+	@test -f $(FASHION_DIR)/train-images-idx3-ubyte.gz || \
+	  (command -v apt-get >/dev/null && (apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null))) || \
+	  echo "warning: could not install dataset-fashion-mnist; set FLASHDMD_FASHION_MNIST=DIR to the IDX files"
+
+demo: setup
+	$(VENV)/bin/flashdmd demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest tests
