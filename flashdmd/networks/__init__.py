@@ -1,0 +1,1 @@
+"""Trainable networks beside the diffusion backbones: discriminators and reward models."""

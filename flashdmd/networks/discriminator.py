@@ -1,0 +1,147 @@
+"""Discriminators.
+
+* :class:`PixelDiscriminator` -- Flash-DMD's Pixel-GAN: a *frozen* pretrained image encoder (SAM's vision
+  encoder in the paper; the world's own encoder on CPU) and trainable 2D heads on several of its feature
+  levels (ADM design). Input: VAE-decoded pixels (B, 3, H, W) in [-1, 1]. Output: a list of patch-logit
+  maps (B, 1, h_i, w_i), one per head. Gradients flow *through* the frozen encoder to the pixels.
+* :class:`LatentClassifierHead` -- DMD2's GAN classifier on the fake score's bottleneck (mid-block)
+  features of noised latents (``diffusion_gan``); used by the DMD2 baseline.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flashdmd import FlashDMDError
+
+# SAM's image processor normalisation (pixel values in [0, 1] space).
+SAM_MEAN = (0.485, 0.456, 0.406)
+SAM_STD = (0.229, 0.224, 0.225)
+
+
+class SamBackbone(nn.Module):
+    """transformers' SamVisionModel as a multi-level feature extractor.
+
+    Pixels in [-1, 1] are mapped to [0, 1], resized to the encoder's ``image_size`` (the real SAM expects
+    1024) and normalised with SAM's mean/std. ``layers`` picks hidden states (channels-last in SAM) which
+    are returned as (B, C, h, w); the neck output is appended as the last level."""
+
+    def __init__(self, model, layers: Sequence[int] | None = None):
+        super().__init__()
+        self.model = model
+        cfg = model.config
+        n = cfg.num_hidden_layers
+        self.layers = list(layers) if layers is not None else sorted({max(1, n // 3), max(1, 2 * n // 3), n})
+        if any(not 0 <= i <= n for i in self.layers):
+            raise FlashDMDError(f"SAM feature layers {self.layers} outside 0..{n}")
+        self.image_size = cfg.image_size
+        self.feature_channels = [cfg.hidden_size] * len(self.layers) + [cfg.output_channels]
+        self.register_buffer("mean", torch.tensor(SAM_MEAN).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(SAM_STD).reshape(1, 3, 1, 1), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, layers: Sequence[int] | None = None) -> "SamBackbone":
+        from transformers import SamModel, SamVisionModel
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise FlashDMDError(f"SAM encoder folder {p} has no config.json: give a local transformers "
+                                "SamModel or SamVisionModel folder (e.g. a download of facebook/sam-vit-base)")
+        import json
+        arch = json.loads((p / "config.json").read_text()).get("architectures") or []
+        try:
+            if "SamModel" in arch:
+                model = SamModel.from_pretrained(p, use_safetensors=True).vision_encoder
+            else:
+                model = SamVisionModel.from_pretrained(p, use_safetensors=True)
+        except OSError as e:
+            raise FlashDMDError(f"cannot load SAM encoder from {p}: {str(e).splitlines()[0]}") from None
+        return cls(model, layers)
+
+    def forward(self, pixels: Tensor) -> list[Tensor]:
+        x = (pixels + 1) / 2
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
+        x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+        out = self.model(pixel_values=x, output_hidden_states=True)
+        feats = [out.hidden_states[i].permute(0, 3, 1, 2) for i in self.layers]
+        return feats + [out.last_hidden_state]
+
+
+class DiscHead(nn.Module):
+    """One trainable 2D head: conv3x3 -> GroupNorm -> LeakyReLU -> conv1x1 to patch logits."""
+
+    def __init__(self, in_channels: int, hidden: int = 64):
+        super().__init__()
+        groups = 8 if hidden % 8 == 0 else 1
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.GroupNorm(groups, hidden), nn.LeakyReLU(0.2),
+            nn.Conv2d(hidden, 1, 1))
+
+    def forward(self, f: Tensor) -> Tensor:
+        return self.net(f)
+
+
+class PixelDiscriminator(nn.Module):
+    """Frozen backbone + one head per feature level. ``parameters()`` of the heads are the trainable ones."""
+
+    def __init__(self, backbone: nn.Module, head_channels: int = 64):
+        super().__init__()
+        self.backbone = backbone
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self.heads = nn.ModuleList([DiscHead(c, head_channels) for c in backbone.feature_channels])
+
+    def train(self, mode: bool = True):  # the backbone stays frozen in eval mode (no dropout / BN updates)
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def trainable_parameters(self):
+        return self.heads.parameters()
+
+    def forward(self, pixels: Tensor) -> list[Tensor]:
+        feats = self.backbone(pixels)
+        return [h(f.to(next(h.parameters()).dtype)) for h, f in zip(self.heads, feats)]
+
+
+def build_pixel_discriminator(backbone: str, path: str | None = None, layers: Sequence[int] | None = None,
+                              head_channels: int = 64) -> PixelDiscriminator:
+    """``backbone``: "world" (the embedded world's frozen encoder; ``path`` overrides its folder) or
+    "sam" (``path`` = local SamModel / SamVisionModel folder)."""
+    if backbone == "sam":
+        if not path:
+            raise FlashDMDError("disc_backbone 'sam' needs disc_backbone_path: a local SAM folder "
+                                "(e.g. facebook/sam-vit-base downloaded with huggingface-cli)")
+        return PixelDiscriminator(SamBackbone.from_pretrained(path, layers), head_channels)
+    if backbone == "world":
+        from flashdmd.world.encoder import load_disc_encoder
+        return PixelDiscriminator(load_disc_encoder(path), head_channels)
+    raise FlashDMDError(f"unknown disc_backbone {backbone!r}; use 'sam' or 'world'")
+
+
+class LatentClassifierHead(nn.Module):
+    """DMD2's classifier on the fake score's bottleneck features (B, C, h, w) -> one logit (B, 1).
+
+    DMD2 (SDXL, 32x32 bottleneck): [Conv4x4 s2 -> GN -> SiLU] x3, Conv4x4 s4 -> GN -> SiLU, Conv1x1.
+    Here the downsampling convs are applied while the map is larger than 1x1, then a global mean, so the
+    same head fits any bottleneck size (4x4 in the embedded world)."""
+
+    def __init__(self, in_channels: int, hidden: int | None = None):
+        super().__init__()
+        hidden = hidden or in_channels
+        groups = 32 if hidden % 32 == 0 else (8 if hidden % 8 == 0 else 1)
+        self.blocks = nn.ModuleList([
+            nn.Sequential(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 4, stride=2, padding=1),
+                          nn.GroupNorm(groups, hidden), nn.SiLU()) for i in range(3)])
+        self.out = nn.Conv2d(hidden, 1, 1)
+
+    def forward(self, f: Tensor) -> Tensor:
+        for blk in self.blocks:
+            if min(f.shape[-2:]) < 2:
+                break
+            f = blk(f)
+        return self.out(f).mean(dim=(2, 3))
