@@ -1,0 +1,228 @@
+"""Run configuration: one dataclass, fields grouped by role prefix, validated when built.
+
+Fields are grouped as ``model_*`` / ``student_*`` (the generator), ``dm_*`` (distribution matching),
+``fake_score_*``, ``disc_*`` (the GAN), ``rl_*`` (Stage 2), ``data_*``, ``optim_*`` and run control.
+Every field's help text says where its default comes from (the paper, DMD2's code, or our choice
+where the sources are silent -- see ../shared/reference/flash-dmd-method.md §14).
+
+YAML presets live in configs/; ``--set key=value`` overrides any field; the resolved config is
+printed and saved as ``config.yaml`` in the run folder.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from flashdmd import FlashDMDError
+
+
+def _f(default, help: str, **kw):
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+METHODS = ("flashdmd", "dmd2")
+
+
+@dataclass
+class DistillConfig:
+    # ---- what is distilled --------------------------------------------------------------------------
+    method: str = _f("flashdmd", "flashdmd (timestep-aware DM/GAN split, Pixel-GAN, EMA-pulled fake score) "
+                     "or dmd2 (DM + latent GAN summed at every step, TTUR 5, no EMA pull)")
+    model_teacher: str = _f("world-sdxl", "teacher: local diffusers pipeline folder, hub id, or world-sdxl / world-sd3")
+    model_family: str | None = _f(None, "sdxl or sd3; default: detected from model_index.json")
+    model_lora_rank: int = _f(0, "0 = full fine-tune of student and fake score; >0 = LoRA of this rank (peft) "
+                              "on the attention projections of both (SD3 in the paper is trained as a LoRA)")
+    model_lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
+    model_gradient_checkpointing: bool = _f(False, "enable gradient checkpointing in student and fake score")
+    model_mixed_precision: str = _f("no", "no | bf16 (autocast; only on GPU -- CPU runs keep fp32)")
+
+    # ---- the student (generator) -----------------------------------------------------------------------
+    student_timesteps: list[float] | None = _f(None, "the K student steps in model timesteps; default from the "
+                                               "family (SDXL 999,749,499,249; SD3 shifted 1000,900,750,500)")
+    student_dm_steps: int | None = _f(None, "flashdmd: how many leading (high-noise) student steps get the DM loss; "
+                                      "the rest get the GAN loss. Default K-1 (paper: DM at 999/749/499, GAN at 249)")
+    student_backward_simulation: bool = _f(True, "build the student's input at step k by running the student "
+                                           "(no grad) from pure noise with fresh re-noising (DMD2 sample_backward)")
+
+    # ---- distribution matching ------------------------------------------------------------------------
+    dm_guidance_scale: float = _f(8.0, "teacher CFG in the DM loss, form uncond + w*(cond-uncond). DMD2 SDXL: 8; "
+                                  "the paper does not state its value")
+    dm_t_min: float = _f(0.02, "lower end of the DM-loss noise level, as a fraction of the range (DMD2: 0.02)")
+    dm_t_max: float = _f(0.98, "upper end of the DM-loss noise level (DMD2: 0.98)")
+    dm_weight: float = _f(1.0, "weight of the DM loss in the generator objective")
+
+    # ---- fake score -------------------------------------------------------------------------------------
+    fake_score_ttur: int = _f(1, "fake-score (and discriminator) updates per generator update. Flash-DMD: 1-2; "
+                              "DMD2: 5")
+    fake_score_ema: float = _f(0.95, "EMA pull after each generator step: fake <- lam*fake + (1-lam)*student. "
+                               "0 disables (DMD2). Value not stated in the paper; 0.95 as a third-party port used; "
+                               "our choice")
+    fake_score_target: str = _f("native", "diffusion-loss target: native (eps for eps-UNets as in DMD2, flow "
+                                "velocity for flow models) or x0 (the Algorithm-1 transcription)")
+    fake_score_lr: float = _f(1e-4, "fake-score learning rate (DMD2 SDXL full fine-tune: 5e-7 at batch 128; our "
+                              "tiny world uses a larger one)")
+
+    # ---- discriminator ----------------------------------------------------------------------------------
+    disc_kind: str = _f("pixel", "pixel (frozen image encoder + heads on VAE-decoded pixels; Flash-DMD), latent "
+                        "(DMD2's classifier on the fake score's bottleneck), or none")
+    disc_backbone: str = _f("world", "pixel backbone: world (the embedded world's frozen encoder) or sam "
+                            "(transformers SamVisionModel from disc_backbone_path)")
+    disc_backbone_path: str | None = _f(None, "local folder of the backbone (required for sam)")
+    disc_loss: str = _f("hinge", "hinge (Algorithm 1, ADM) or ns (non-saturating, Eq. 10 / DMD2)")
+    disc_gen_weight: float = _f(0.05, "weight of the generator's GAN loss (lambda; not stated in the paper; DMD2 "
+                                "latent GAN: 5e-3)")
+    disc_weight: float = _f(1.0, "weight of the discriminator loss (DMD2 latent GAN: 1e-2, added to the fake-score loss)")
+    disc_lr: float = _f(1e-4, "discriminator-head learning rate")
+    disc_head_channels: int = _f(64, "hidden channels of each pixel-discriminator head")
+
+    # ---- generator optimisation -------------------------------------------------------------------------
+    generator_lr: float = _f(2e-5, "student learning rate (DMD2 SDXL: 5e-7 full / 5e-5 LoRA at batch 128)")
+    optim_betas: list[float] = _f([0.0, 0.999], "AdamW betas for all roles (DMD2 code: 0.9, 0.999; beta1 = 0 is "
+                                  "common in GAN/DMD ports and is our default)")
+    optim_weight_decay: float = _f(0.01, "AdamW weight decay (DMD2: 0.01)")
+    optim_warmup_steps: int = _f(0, "linear warm-up of every learning rate, in optimiser steps (DMD2: 500)")
+    optim_grad_clip: float = _f(10.0, "max gradient norm per role (DMD2: 10)")
+
+    # ---- data -------------------------------------------------------------------------------------------
+    data_real: str = _f("world", "real images for the GAN: world (Fashion-MNIST train split) or a folder of images")
+    data_prompts: str = _f("world", "training prompts: world (class templates) or a text file, one per line")
+
+    # ---- run control ------------------------------------------------------------------------------------
+    batch_size: int = _f(32, "images per generator update (per process)")
+    max_steps: int = _f(400, "generator updates")
+    seed: int = _f(0, "seed; each process adds its rank")
+    log_every_steps: int = _f(10, "tensorboard scalars every N generator steps")
+    sample_every_steps: int = _f(100, "image grid every N generator steps (0 = never)")
+    eval_every_steps: int = _f(100, "world metrics of the K-step student every N generator steps (0 = never)")
+    eval_num_images: int = _f(500, "images per evaluation")
+    checkpoint_every_steps: int = _f(200, "checkpoint every N generator steps (0 = only at the end)")
+
+    # -------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self):
+        def need(ok, msg):
+            if not ok:
+                raise FlashDMDError(f"config: {msg}")
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.model_family in (None, "sdxl", "sd3"), f"model_family must be sdxl, sd3 or null, got {self.model_family!r}")
+        need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
+        need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
+        need(self.student_timesteps is None or len(self.student_timesteps) >= 1, "student_timesteps must not be empty")
+        if self.student_timesteps is not None:
+            ts = list(self.student_timesteps)
+            need(all(a > b for a, b in zip(ts, ts[1:])), f"student_timesteps must be strictly decreasing, got {ts}")
+        need(self.student_dm_steps is None or self.student_dm_steps >= 1, "student_dm_steps must be >= 1")
+        need(0.0 <= self.dm_t_min < self.dm_t_max <= 1.0, "need 0 <= dm_t_min < dm_t_max <= 1")
+        need(self.dm_guidance_scale >= 0, "dm_guidance_scale must be >= 0")
+        need(self.fake_score_ttur >= 1, "fake_score_ttur must be >= 1")
+        need(0.0 <= self.fake_score_ema < 1.0, "fake_score_ema must be in [0, 1)")
+        need(self.fake_score_target in ("native", "x0"), "fake_score_target must be native or x0")
+        need(self.disc_kind in ("pixel", "latent", "none"), "disc_kind must be pixel, latent or none")
+        need(self.disc_backbone in ("world", "sam"), "disc_backbone must be world or sam")
+        need(self.disc_loss in ("hinge", "ns"), "disc_loss must be hinge or ns")
+        need(len(self.optim_betas) == 2 and all(0 <= b < 1 for b in self.optim_betas), "optim_betas: two numbers in [0, 1)")
+        for name in ("fake_score_lr", "disc_lr", "generator_lr"):
+            need(getattr(self, name) > 0, f"{name} must be > 0")
+        for name in ("batch_size", "max_steps"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1")
+        for name in ("log_every_steps",):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1")
+        for name in ("sample_every_steps", "eval_every_steps", "checkpoint_every_steps", "optim_warmup_steps"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0")
+        need(self.eval_num_images >= 10, "eval_num_images must be >= 10")
+
+    # ---- I/O ------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def field_help(cls) -> dict[str, str]:
+        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_sources(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "DistillConfig":
+        """Defaults <- YAML file <- ``key=value`` overrides (values parsed as YAML scalars/lists)."""
+        raw: dict = {}
+        if path is not None:
+            raw.update(_load_yaml(Path(path)))
+        for item in overrides or []:
+            if "=" not in item:
+                raise FlashDMDError(f"--set {item!r}: expected key=value")
+            k, v = item.split("=", 1)
+            try:
+                raw[k.strip()] = yaml.safe_load(v)
+            except yaml.YAMLError:
+                raise FlashDMDError(f"--set {item!r}: value is not valid YAML") from None
+        return cls(**_coerce_all(cls, raw))
+
+
+def _load_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise FlashDMDError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise FlashDMDError(f"config file {path} is not valid YAML: {first}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise FlashDMDError(f"config file {path} must be a mapping of key: value, got {type(data).__name__}")
+    return data
+
+
+def _coerce_all(cls, raw: dict) -> dict:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    out = {}
+    for k, v in raw.items():
+        if k not in names:
+            close = difflib.get_close_matches(k, names, n=1)
+            hint = f" (did you mean {close[0]}?)" if close else ""
+            raise FlashDMDError(f"config: unknown key {k!r}{hint}")
+        out[k] = _coerce(k, v, hints[k])
+    return out
+
+
+def _coerce(name, value, tp):
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise FlashDMDError(f"config: {name} must not be null")
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(name, value, inner[0])
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise FlashDMDError(f"config: {name} must be a list, got {value!r}")
+        return [_coerce(name, v, args[0]) for v in value]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise FlashDMDError(f"config: {name} must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
+            raise FlashDMDError(f"config: {name} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise FlashDMDError(f"config: {name} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise FlashDMDError(f"config: {name} must be a string, got {value!r}")
+        return value
+    return value
