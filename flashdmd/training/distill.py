@@ -1,0 +1,254 @@
+"""Stage 1: Flash-DMD timestep-aware distillation, and the DMD2 baseline, in one readable loop.
+
+    for each iteration:
+        prompts -> cond                                 (frozen text encoders)
+        if iteration % TTUR == 0:   generator_step      (DM loss at high-noise steps, GAN at the low step;
+                                                         DMD2: both at one random step)
+                                    EMA pull of the fake score toward the student (Flash-DMD)
+        else:                       fake_samples        (the same rollout without grad)
+        fake_score_step                                 (diffusion loss only; DMD2 adds its latent GAN loss)
+        discriminator_step                              (Pixel-GAN heads; real images vs decoded student x0)
+        maybe_log / maybe_eval / maybe_sample / maybe_checkpoint   (per generator step)
+"""
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flashdmd import FlashDMDError
+from flashdmd.diffusion.samplers import renoise
+from flashdmd.training import steps
+from flashdmd.training.config import DistillConfig
+from flashdmd.training.data import PromptSource, RealImageSource
+from flashdmd.training.roles import build_roles, ema_pull_, trainable_parameters
+
+
+@dataclass
+class Context:
+    """Everything a step needs. Built once by :func:`setup`."""
+    cfg: DistillConfig
+    family: object
+    teacher: torch.nn.Module
+    student: torch.nn.Module
+    fake_score: torch.nn.Module
+    disc: torch.nn.Module | None
+    timesteps: list[float]
+    n_dm: int
+    gen: torch.Generator
+    step_rng: random.Random          # identical on every rank: which student step this iteration trains
+    prompts: PromptSource
+    real: RealImageSource | None
+    opt: dict = field(default_factory=dict)
+    sched: dict = field(default_factory=dict)
+    accelerator: object = None
+    generator_steps: int = 0
+    iteration: int = 0
+
+    def real_latents(self, n: int) -> Tensor:
+        pixels, _ = self.real.sample(n)
+        with torch.no_grad():
+            return self.family.encode_images(pixels.to(self.accelerator.device))
+
+    def randn(self, shape) -> Tensor:
+        return torch.randn(shape, generator=self.gen, device=self.accelerator.device)
+
+    def t(self, k: int, n: int) -> Tensor:
+        return torch.full((n,), float(self.timesteps[k]), device=self.accelerator.device)
+
+
+# ---------------------------------------------------------------------------------------------------
+# set-up
+
+def _warmup(warmup: int):
+    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+
+def setup(cfg: DistillConfig, accelerator=None) -> Context:
+    from accelerate import Accelerator
+
+    from flashdmd.families import load_family
+    acc = accelerator or Accelerator(mixed_precision=cfg.model_mixed_precision if torch.cuda.is_available() else "no",
+                                     cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed + acc.process_index)
+    family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device)
+    roles = build_roles(cfg, family)
+    timesteps = [float(t) for t in (cfg.student_timesteps or family.default_student_timesteps)]
+    n_dm = cfg.student_dm_steps if cfg.student_dm_steps is not None else max(1, len(timesteps) - 1)
+    if cfg.method == "flashdmd" and n_dm > len(timesteps):
+        raise FlashDMDError(f"config: student_dm_steps={n_dm} exceeds the {len(timesteps)} student steps")
+    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
+    resolution = family.default_resolution
+    real = RealImageSource(cfg.data_real, resolution, cfg.seed + acc.process_index) if cfg.disc_kind != "none" or \
+        not cfg.student_backward_simulation else None
+    ctx = Context(cfg=cfg, family=family, teacher=roles.teacher, student=roles.student, fake_score=roles.fake_score,
+                  disc=roles.disc, timesteps=timesteps, n_dm=n_dm, gen=gen, step_rng=random.Random(cfg.seed),
+                  prompts=PromptSource(cfg.data_prompts, cfg.seed + 7919 * acc.process_index), real=real,
+                  accelerator=acc)
+    _make_optimizers(ctx)
+    return ctx
+
+
+def _adamw(params, lr, cfg):
+    return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim_betas), weight_decay=cfg.optim_weight_decay)
+
+
+def _make_optimizers(ctx: Context):
+    cfg, acc = ctx.cfg, ctx.accelerator
+    ctx.student.to(acc.device)
+    ctx.fake_score.to(acc.device)
+    fake_params = trainable_parameters(ctx.fake_score)
+    if ctx.disc is not None:
+        ctx.disc.to(acc.device)
+    if cfg.disc_kind == "latent":  # DMD2 trains the classifier head with the fake score, one optimiser
+        fake_params = fake_params + list(ctx.disc.parameters())
+    ctx.opt = {"generator": _adamw(trainable_parameters(ctx.student), cfg.generator_lr, cfg),
+               "fake_score": _adamw(fake_params, cfg.fake_score_lr, cfg)}
+    if cfg.disc_kind == "pixel":
+        ctx.opt["disc"] = _adamw(list(ctx.disc.trainable_parameters()), cfg.disc_lr, cfg)
+    ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, _warmup(cfg.optim_warmup_steps)) for k, o in ctx.opt.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# steps
+
+def _optimise(ctx: Context, role: str, loss: Tensor, params) -> float:
+    opt = ctx.opt[role]
+    opt.zero_grad(set_to_none=True)
+    ctx.accelerator.backward(loss)
+    norm = torch.nn.utils.clip_grad_norm_(params, ctx.cfg.optim_grad_clip)
+    opt.step()
+    ctx.sched[role].step()
+    return float(norm)
+
+
+def _encode(ctx: Context, prompts: list[str]):
+    return ctx.family.encode_prompts(prompts)
+
+
+def rollout(ctx: Context, cond, uncond, with_grad: bool) -> dict:
+    """One student rollout for this iteration; with_grad adds the generator losses.
+
+    Returns detached ``x0_fake_score`` (what the fake score learns from), ``x0_disc`` (what the
+    discriminator sees as fake) and, with grad, ``loss`` and per-step logs."""
+    cfg, fam = ctx.cfg, ctx.family
+    b = len(cond)
+    flash = cfg.method == "flashdmd"
+    k = ctx.step_rng.randrange(ctx.n_dm if flash else len(ctx.timesteps))
+    res = fam.default_resolution
+    z = ctx.randn((b,) + tuple(fam.latent_shape(res, res)))
+    x_t = steps.student_input(ctx, z, k, cond)
+    logs = {}
+    with torch.set_grad_enabled(with_grad):
+        x0 = fam.predict(ctx.student, x_t, ctx.t(k, b), cond)[0]
+        loss = torch.zeros((), device=x0.device)
+        if with_grad:
+            dm = steps.dm_loss_at(ctx, x0, cond, uncond).mean()
+            loss = loss + cfg.dm_weight * dm
+            logs[f"dm_loss/t{int(round(ctx.timesteps[k]))}"] = dm.item()
+        x0_disc = x0
+        if flash and ctx.disc is not None and ctx.n_dm < len(ctx.timesteps):
+            j = ctx.step_rng.randrange(ctx.n_dm, len(ctx.timesteps))
+            x0_clean = steps.finish_to_clean(ctx, x0.detach(), k, cond)
+            x_lo = renoise(x0_clean, None, ctx.timesteps[j], fam.schedule, stochastic=True, generator=ctx.gen)
+            x0_disc = fam.predict(ctx.student, x_lo, ctx.t(j, b), cond)[0]
+            k_gan = j
+        else:
+            k_gan = k
+        if with_grad and ctx.disc is not None:
+            adv = steps.gan_generator_loss(ctx, x0_disc, cond).mean()
+            loss = loss + cfg.disc_gen_weight * adv
+            logs[f"gan_g_loss/t{int(round(ctx.timesteps[k_gan]))}"] = adv.item()
+    return {"x0_fake_score": x0.detach(), "x0_disc": x0_disc.detach(), "loss": loss, "logs": logs}
+
+
+def generator_step(ctx: Context, cond, uncond) -> dict:
+    out = rollout(ctx, cond, uncond, with_grad=True)
+    out["logs"]["grad_norm/generator"] = _optimise(ctx, "generator", out["loss"], trainable_parameters(ctx.student))
+    out["logs"]["loss/generator"] = out["loss"].item()
+    if ctx.cfg.fake_score_ema > 0:
+        ema_pull_(ctx.accelerator.unwrap_model(ctx.fake_score), ctx.accelerator.unwrap_model(ctx.student),
+                  ctx.cfg.fake_score_ema)
+    return out
+
+
+def fake_score_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
+    loss = steps.fake_score_loss(ctx, x0_fake, cond).mean()
+    logs = {"loss/fake_score": float(loss)}
+    if ctx.cfg.disc_kind == "latent":
+        real, cond_real = _real_batch(ctx, len(cond))
+        with torch.no_grad():
+            real_lat = ctx.family.encode_images(real)
+        d = steps.latent_disc_loss(ctx, real_lat, cond_real, x0_fake, cond).mean()
+        loss = loss + ctx.cfg.disc_weight * d
+        logs["loss/disc"] = float(d)
+    params = [p for g in ctx.opt["fake_score"].param_groups for p in g["params"]]
+    logs["grad_norm/fake_score"] = _optimise(ctx, "fake_score", loss, params)
+    return logs
+
+
+def _real_batch(ctx: Context, n: int):
+    pixels, labels = ctx.real.sample(n)
+    pixels = pixels.to(ctx.accelerator.device)
+    if labels is not None:
+        from flashdmd.world.prompts import prompt_for
+        cond = _encode(ctx, [prompt_for(y, ctx.step_rng) for y in labels])
+    else:
+        cond = ctx.family.null_conditioning(n)
+    return pixels, cond
+
+
+def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
+    real, _ = _real_batch(ctx, x0_fake.shape[0])
+    loss = steps.pixel_disc_loss(ctx, real, x0_fake).mean()
+    norm = _optimise(ctx, "disc", ctx.cfg.disc_weight * loss, list(ctx.disc.trainable_parameters()))
+    return {"loss/disc": float(loss), "grad_norm/disc": norm}
+
+
+# ---------------------------------------------------------------------------------------------------
+# the loop
+
+def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
+          max_iterations: int | None = None) -> dict:
+    from flashdmd.training.run import RunWriter
+
+    ctx = setup(cfg, accelerator)
+    writer = RunWriter(out_dir, cfg, ctx)
+    total = cfg.max_steps * cfg.fake_score_ttur
+    bar = _progress(total, progress and ctx.accelerator.is_main_process)
+    t0 = time.time()
+    for it in range(ctx.iteration, total if max_iterations is None else min(total, max_iterations)):
+        ctx.iteration = it
+        prompts, _ = ctx.prompts.sample(cfg.batch_size)
+        cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size)
+        # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
+        if it % cfg.fake_score_ttur == 0:
+            out = generator_step(ctx, cond, uncond)
+            ctx.generator_steps += 1
+        else:
+            out = rollout(ctx, cond, uncond, with_grad=False)
+        # phase 2: critics -- fake score (diffusion loss only) and pixel discriminator
+        logs = dict(out["logs"])
+        logs.update(fake_score_step(ctx, out["x0_fake_score"], cond))
+        if cfg.disc_kind == "pixel":
+            logs.update(discriminator_step(ctx, out["x0_disc"]))
+        writer.accumulate(logs)
+        # phase 3: per generator step bookkeeping
+        if it % cfg.fake_score_ttur == 0:
+            writer.maybe_log(ctx)
+            writer.maybe_sample(ctx)
+            writer.maybe_eval(ctx)
+            writer.maybe_checkpoint(ctx)
+        bar.update(1)
+        bar.set_postfix(gen_step=ctx.generator_steps)
+    bar.close()
+    return writer.finish(ctx, wall_seconds=time.time() - t0)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="distill", unit="it", disable=not enabled, dynamic_ncols=True)

@@ -1,0 +1,84 @@
+"""The roles of a distillation run, each its own object: frozen teacher (real score), student
+(generator), fake score, discriminator. No "unified model" with mode flags."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from flashdmd import FlashDMDError
+
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+
+
+@dataclass
+class Roles:
+    family: object             # flashdmd.families.Family (VAE, text encoders, schedule, predict)
+    teacher: nn.Module         # frozen real score
+    student: nn.Module         # generator G_theta
+    fake_score: nn.Module      # mu_fake^psi
+    disc: nn.Module | None     # PixelDiscriminator | LatentClassifierHead | None
+
+
+def _add_lora(net: nn.Module, rank: int, alpha: float | None):
+    from peft import LoraConfig
+    net.requires_grad_(False)
+    net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
+                               target_modules=LORA_TARGETS))
+
+
+def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
+    return [p for p in net.parameters() if p.requires_grad]
+
+
+def build_roles(cfg, family) -> Roles:
+    teacher = family.denoiser
+    teacher.requires_grad_(False).eval()
+    student = copy.deepcopy(teacher)
+    fake_score = copy.deepcopy(teacher)
+    for net in (student, fake_score):
+        net.train()
+        if cfg.model_lora_rank > 0:
+            _add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha)
+            if not trainable_parameters(net):
+                raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")
+        else:
+            net.requires_grad_(True)
+        if cfg.model_gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
+            net.enable_gradient_checkpointing()
+    # the fake score starts at the teacher; with LoRA both adapters start identical (same seed per role)
+    if cfg.model_lora_rank > 0:
+        fake_score.load_state_dict(student.state_dict())
+    return Roles(family=family, teacher=teacher, student=student, fake_score=fake_score,
+                 disc=_build_disc(cfg, family, fake_score))
+
+
+def _build_disc(cfg, family, fake_score) -> nn.Module | None:
+    if cfg.disc_kind == "none":
+        return None
+    if cfg.disc_kind == "pixel":
+        from flashdmd.networks.discriminator import build_pixel_discriminator
+        return build_pixel_discriminator(cfg.disc_backbone, cfg.disc_backbone_path, head_channels=cfg.disc_head_channels)
+    from flashdmd.networks.discriminator import LatentClassifierHead
+    return LatentClassifierHead(bottleneck_channels(family, fake_score))
+
+
+@torch.no_grad()
+def bottleneck_channels(family, net) -> int:
+    """Channels of the deepest feature tap (the UNet mid block; the last transformer block)."""
+    res = family.default_resolution
+    x = torch.zeros((1,) + tuple(family.latent_shape(res, res)), device=family.device)
+    t = torch.full((1,), float(family.default_student_timesteps[0]), device=family.device)
+    return int(family.features(net, x, t, family.null_conditioning(1))[-1].shape[1])
+
+
+@torch.no_grad()
+def ema_pull_(target: nn.Module, source: nn.Module, lam: float) -> None:
+    """Flash-DMD's stabilised score estimator: psi <- lam * psi + (1 - lam) * theta over the trainable
+    parameters (all weights for a full fine-tune, the LoRA weights for LoRA), matched by name."""
+    src = dict(source.named_parameters())
+    for name, p in target.named_parameters():
+        if p.requires_grad:
+            p.lerp_(src[name].detach().to(p.dtype), 1.0 - lam)

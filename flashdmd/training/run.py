@@ -1,0 +1,224 @@
+"""The run folder: resolved config, tensorboard scalars, sample grids, evaluations, the student.
+
+    DIR/config.yaml     resolved config            DIR/run.json       what `eval`/`sample`/`export` need
+    DIR/tb/             tensorboard scalars        DIR/samples/       image grids over training
+    DIR/student/        the student (diffusers folder of the denoiser; LoRA: adapter safetensors)
+    DIR/metrics.json    evaluations over training and the final one
+Only the main process writes. Files are written to a temporary name and renamed (atomic on POSIX).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from flashdmd import FlashDMDError
+
+RUN_KIND = "flashdmd-distill-run"
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def prepare_run_dir(out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise FlashDMDError(f"cannot write to run folder {out}: {e.strerror}") from None
+    return out
+
+
+class RunWriter:
+    def __init__(self, out_dir, cfg, ctx):
+        self.cfg = cfg
+        self.main = ctx.accelerator.is_main_process
+        self.out = prepare_run_dir(out_dir) if self.main else Path(out_dir)
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.history: list[dict] = []
+        self.evals: list[dict] = []
+        self.t0 = time.time()
+        self.tb = None
+        if self.main:
+            _atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(self.out / "tb"))
+        self._fixed = None
+
+    # -- scalars ------------------------------------------------------------------------------------
+    def accumulate(self, logs: dict):
+        for k, v in logs.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+            self.counts[k] = self.counts.get(k, 0) + 1
+
+    def maybe_log(self, ctx):
+        s = ctx.generator_steps
+        if s % self.cfg.log_every_steps and s != self.cfg.max_steps:
+            return
+        means = self._reduce(ctx)
+        for role, opt in ctx.opt.items():
+            means[f"lr/{role}"] = opt.param_groups[0]["lr"]
+        means["time/seconds"] = time.time() - self.t0
+        if self.main:
+            for k, v in means.items():
+                self.tb.add_scalar(k, v, s)
+            self.history.append({"step": s, **means})
+        self.sums, self.counts = {}, {}
+
+    def _reduce(self, ctx) -> dict:
+        """Means over the interval, averaged across processes once (one all-reduce for all scalars)."""
+        keys = sorted(self.sums)
+        local = torch.tensor([[self.sums[k], self.counts[k]] for k in keys] or [[0.0, 0.0]], dtype=torch.float64,
+                             device=ctx.accelerator.device)
+        if ctx.accelerator.num_processes > 1:
+            local = ctx.accelerator.reduce(local, reduction="sum")
+        return {k: float(local[i, 0] / max(local[i, 1], 1)) for i, k in enumerate(keys)}
+
+    # -- images and evaluation ------------------------------------------------------------------------
+    def _student_model(self, ctx):
+        from flashdmd.evaluation.runner import Model
+        return Model(ctx.family, ctx.accelerator.unwrap_model(ctx.student), "student", ctx.timesteps, 1.0, True)
+
+    def maybe_sample(self, ctx, force=False):
+        n = self.cfg.sample_every_steps
+        if not self.main or not (force or (n and ctx.generator_steps % n == 0)):
+            return
+        from flashdmd.evaluation.report import save_grid
+        from flashdmd.evaluation.runner import sample_images
+        prompts = grid_prompts(self.cfg)
+        student = self._student_model(ctx)
+        was = student.net.training
+        student.net.eval()
+        imgs = sample_images(student, prompts, seed=1234)
+        student.net.train(was)
+        path = self.out / "samples" / f"step_{ctx.generator_steps:06d}.png"
+        save_grid(imgs, path, nrow=10)
+        self.tb.add_images("samples", (imgs[:20] + 1) / 2, ctx.generator_steps)
+
+    def maybe_eval(self, ctx, force=False):
+        n = self.cfg.eval_every_steps
+        if not self.main or self.cfg.data_prompts != "world" or not (force or (n and ctx.generator_steps % n == 0)):
+            return None
+        from flashdmd.evaluation.runner import evaluate_world
+        student = self._student_model(ctx)
+        student.net.eval()
+        m = evaluate_world(student, self.cfg.eval_num_images, seed=0)
+        student.net.train()
+        m.update(step=ctx.generator_steps, images_seen=ctx.generator_steps * self.cfg.batch_size * ctx.accelerator.num_processes,
+                 wall_seconds=time.time() - self.t0)
+        self.evals.append(m)
+        for k in ("fd", "alignment", "diversity", "oracle"):
+            if k in m:
+                self.tb.add_scalar(f"eval/{k}", m[k], ctx.generator_steps)
+        return m
+
+    # -- checkpoints ----------------------------------------------------------------------------------
+    def maybe_checkpoint(self, ctx):
+        n = self.cfg.checkpoint_every_steps
+        if n and ctx.generator_steps % n == 0:
+            self.save_student(ctx)
+
+    def save_student(self, ctx):
+        ctx.accelerator.wait_for_everyone()
+        if not self.main:
+            return
+        net = ctx.accelerator.unwrap_model(ctx.student)
+        tmp = self.out / "student.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if self.cfg.model_lora_rank > 0:
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
+            tmp.mkdir(parents=True)
+            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()},
+                      str(tmp / "adapter.safetensors"))
+        else:
+            net.save_pretrained(tmp, safe_serialization=True)
+        final = self.out / "student"
+        old = self.out / "student.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+        info = {"kind": RUN_KIND, "teacher": self.cfg.model_teacher, "family": ctx.family.name,
+                "teacher_path": str(ctx.family.path), "student_timesteps": ctx.timesteps,
+                "lora_rank": self.cfg.model_lora_rank, "lora_alpha": self.cfg.model_lora_alpha,
+                "generator_steps": ctx.generator_steps, "method": self.cfg.method}
+        _atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
+
+    def finish(self, ctx, wall_seconds: float) -> dict:
+        self.save_student(ctx)
+        if self.cfg.sample_every_steps and ctx.generator_steps % self.cfg.sample_every_steps:
+            self.maybe_sample(ctx, force=True)
+        if self.cfg.eval_every_steps and ctx.generator_steps % self.cfg.eval_every_steps:
+            self.maybe_eval(ctx, force=True)
+        result = {"generator_steps": ctx.generator_steps, "wall_seconds": wall_seconds,
+                  "history": self.history, "evals": self.evals}
+        if self.main:
+            _atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
+            self.tb.close()
+        return result
+
+
+def grid_prompts(cfg) -> list[str]:
+    if cfg.data_prompts == "world":
+        from flashdmd.world.prompts import eval_prompts
+        return eval_prompts(20)[0]
+    from flashdmd.training.data import read_prompt_file
+    return (read_prompt_file(cfg.data_prompts) * 20)[:20]
+
+
+def load_student(run_dir: str | Path, device="cpu"):
+    """A distill run folder -> evaluation Model with the student's weights and its K steps."""
+    from flashdmd.evaluation.runner import Model
+    from flashdmd.families import load_family
+    run_dir = Path(run_dir)
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FlashDMDError(f"{run_dir}/run.json is unreadable ({e}); is this a flashdmd distill run folder?") from None
+    if info.get("kind") != RUN_KIND:
+        raise FlashDMDError(f"{run_dir}/run.json is not a flashdmd distill run")
+    fam = load_family(info["teacher"], family=info["family"], device=device)
+    net = _load_student_net(fam, run_dir / "student", info)
+    return Model(fam, net, "student", [float(t) for t in info["student_timesteps"]], 1.0, True)
+
+
+def _load_student_net(fam, folder: Path, info: dict):
+    import copy
+    if not folder.is_dir():
+        raise FlashDMDError(f"{folder} is missing: the run has not saved a student yet")
+    if info.get("lora_rank", 0) > 0:
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from flashdmd.training.roles import LORA_TARGETS
+        net = copy.deepcopy(fam.denoiser)
+        net.add_adapter(LoraConfig(r=info["lora_rank"], lora_alpha=info.get("lora_alpha") or info["lora_rank"],
+                                   target_modules=LORA_TARGETS))
+        try:
+            set_peft_model_state_dict(net, load_file(str(folder / "adapter.safetensors")))
+        except (OSError, SafetensorError) as e:
+            raise FlashDMDError(f"{folder}/adapter.safetensors cannot be read: {e}") from None
+        return net.eval()
+    cls = type(fam.denoiser)
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True).to(fam.device).eval()
+    except (OSError, ValueError) as e:
+        raise FlashDMDError(f"student weights in {folder} cannot be loaded: {str(e).splitlines()[0]}") from None
