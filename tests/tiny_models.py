@@ -1,0 +1,186 @@
+"""Tiny random-weight models of the real SDXL / SD3 architectures, assembled into real diffusers pipelines.
+
+Everything is built from configs (no hub access): a CLIP BPE tokenizer and a T5 unigram tokenizer are
+written on the fly, sized just above the 100-token sanity floor the adapters enforce. Later tests reuse
+these builders; each call with the same seed gives identical weights.
+
+* :func:`clip_tokenizer` -- CLIPTokenizer, 518 tokens (256 byte chars, 256 ``</w>`` variants, 4 merges,
+  2 specials), ``model_max_length`` 77.
+* :func:`sdxl_pipeline` -- StableDiffusionXLPipeline: UNet2DConditionModel (``text_time``, cross-attn dim
+  64 = 32 + 32), CLIPTextModel + CLIPTextModelWithProjection (hidden 32, projection 32), AutoencoderKL
+  (factor 2, scaling 0.13025), EulerDiscreteScheduler (SDXL's config: scaled_linear, ``leading``).
+* :func:`sd3_pipeline` -- StableDiffusion3Pipeline: SD3Transformer2DModel (patch 1, 2 blocks, joint dim
+  96), two CLIPTextModelWithProjection, optional tiny T5 (d_model 96, so the CLIP embeds get padded),
+  AutoencoderKL (scaling 1.5305, shift 0.0609), FlowMatchEulerDiscreteScheduler(shift=3).
+* :func:`save_pipeline` -- ``save_pretrained`` into a folder and return its path.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BYTE_MERGES = [("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("i", "n")]
+TEXT_HIDDEN = 32
+TEXT_PROJ = 32
+
+
+def _bytes_to_unicode() -> list[str]:
+    """GPT-2/CLIP byte -> printable unicode table, in byte order (256 chars)."""
+    printable = [("!", "~"), ("¡", "¬"), ("®", "ÿ")]
+    bs = [b for lo, hi in printable for b in range(ord(lo), ord(hi) + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+def write_clip_vocab(folder: Path) -> tuple[Path, Path]:
+    """Write a 518-token CLIP ``vocab.json`` and ``merges.txt`` into ``folder``; return their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    chars = _bytes_to_unicode()
+    tokens = chars + [c + "</w>" for c in chars] + [a + b for a, b in BYTE_MERGES]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    vocab, merges = folder / "vocab.json", folder / "merges.txt"
+    vocab.write_text(json.dumps({t: i for i, t in enumerate(tokens)}), encoding="utf-8")
+    merges.write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in BYTE_MERGES), encoding="utf-8")
+    return vocab, merges
+
+
+def clip_tokenizer(folder: Path):
+    """A real-format CLIPTokenizer (518 tokens) built from files written into ``folder``."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = write_clip_vocab(Path(folder))
+    return CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
+
+
+def t5_tokenizer():
+    """A T5Tokenizer (unigram, 160 pieces: specials, '▁', a-z, '▁a'..'▁z', digits, punctuation, words)."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0)]
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    singles = letters + [str(d) for d in range(10)] + list(".,!?-'")
+    pieces += [(c, -5.0) for c in singles] + [("▁" + c, -4.0) for c in singles]
+    words = ["photo", "cat", "dog", "digit", "seven", "three", "drawing", "number", "handwritten", "the", "of"]
+    pieces += [("▁" + w, -3.0) for w in words]
+    while len(pieces) < 160:
+        pieces.append((f"▁tok{len(pieces)}", -8.0))
+    return T5Tokenizer(vocab=pieces, extra_ids=0, model_max_length=512)
+
+
+def clip_encoders(vocab_size: int, bos: int, eos: int, seed: int):
+    """(CLIPTextModel, CLIPTextModelWithProjection) with hidden 32, 5 layers, projection 32."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    cfg = CLIPTextConfig(bos_token_id=bos, eos_token_id=eos, pad_token_id=eos, hidden_size=TEXT_HIDDEN,
+                         intermediate_size=37, layer_norm_eps=1e-5, num_attention_heads=4, num_hidden_layers=5,
+                         vocab_size=vocab_size, hidden_act="gelu", projection_dim=TEXT_PROJ)
+    torch.manual_seed(seed)
+    te1 = CLIPTextModel(cfg)
+    torch.manual_seed(seed + 1)
+    te2 = CLIPTextModelWithProjection(cfg)
+    return te1.eval(), te2.eval()
+
+
+def _ids(tok) -> tuple[int, int]:
+    return tok.bos_token_id, tok.eos_token_id
+
+
+def sdxl_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[16, 32], in_channels=3, out_channels=3, norm_num_groups=8,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, sample_size=32, scaling_factor=0.13025)
+
+
+def sdxl_unet(seed: int = 0):
+    """SDXL-style UNet2DConditionModel (text_time), sample 16 (=> default 32x32 pixels), 1.4 M params."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        block_out_channels=(32, 64), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4), use_linear_projection=True, norm_num_groups=8,
+        addition_embed_type="text_time", addition_time_embed_dim=8, transformer_layers_per_block=(1, 2),
+        projection_class_embeddings_input_dim=6 * 8 + TEXT_PROJ, cross_attention_dim=2 * TEXT_HIDDEN)
+
+
+def sdxl_scheduler(timestep_spacing: str = "leading"):
+    """SDXL's own EulerDiscreteScheduler config (``leading`` spacing, steps_offset 1)."""
+    from diffusers import EulerDiscreteScheduler
+
+    return EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                  steps_offset=1, timestep_spacing=timestep_spacing, prediction_type="epsilon")
+
+
+def sdxl_pipeline(tmp: Path, seed: int = 0, **pipe_kwargs):
+    """A complete tiny StableDiffusionXLPipeline (float32, CPU). ``tmp`` receives the tokenizer files."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tok = clip_tokenizer(Path(tmp) / "clip_vocab")
+    te1, te2 = clip_encoders(len(tok), *_ids(tok), seed=seed + 10)
+    return StableDiffusionXLPipeline(vae=sdxl_vae(seed), text_encoder=te1, text_encoder_2=te2, tokenizer=tok,
+                                     tokenizer_2=tok, unet=sdxl_unet(seed), scheduler=sdxl_scheduler(),
+                                     **pipe_kwargs)
+
+
+def sd3_transformer(seed: int = 0, joint_dim: int = 96):
+    """SD3Transformer2DModel, patch 1, 2 joint blocks (the last one context-pre-only), sample 16."""
+    from diffusers import SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    return SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
+                                 num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=joint_dim,
+                                 pooled_projection_dim=2 * TEXT_PROJ, out_channels=4, pos_embed_max_size=32)
+
+
+def sd3_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, norm_num_groups=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+                         scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def t5_encoder(vocab_size: int, d_model: int = 96, seed: int = 0):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(vocab_size=vocab_size, d_model=d_model, d_ff=37, d_kv=8, num_layers=2, num_heads=4,
+                   relative_attention_num_buckets=8, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    return T5EncoderModel(cfg).eval()
+
+
+def sd3_pipeline(tmp: Path, seed: int = 0, with_t5: bool = False):
+    """A complete tiny StableDiffusion3Pipeline; T5 (text_encoder_3) only when ``with_t5``."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    tok = clip_tokenizer(Path(tmp) / "clip_vocab")
+    _, te1 = clip_encoders(len(tok), *_ids(tok), seed=seed + 20)
+    _, te2 = clip_encoders(len(tok), *_ids(tok), seed=seed + 30)
+    tok3 = t5_tokenizer() if with_t5 else None
+    te3 = t5_encoder(len(tok3), seed=seed + 40) if with_t5 else None
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    return StableDiffusion3Pipeline(transformer=sd3_transformer(seed), scheduler=scheduler, vae=sd3_vae(seed),
+                                    text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=te3, tokenizer_3=tok3)
+
+
+def save_pipeline(pipe, folder: Path) -> Path:
+    """``save_pretrained`` (safetensors) into ``folder`` and return it."""
+    folder = Path(folder)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    return folder
