@@ -38,9 +38,30 @@ def _cmd_eval(args):
     runner.run(args)
 
 
+def _cmd_distill(args):
+    from flashdmd.training.config import DistillConfig
+    from flashdmd.training.distill import train
+    cfg = DistillConfig.from_sources(args.config, args.set)
+    print(cfg.to_yaml(), end="")
+    result = train(cfg, args.out, progress=not args.no_progress)
+    last = result["evals"][-1] if result["evals"] else {}
+    summary = {k: last[k] for k in ("fd", "alignment", "diversity", "oracle") if k in last}
+    print(f"done: {result['generator_steps']} generator steps in {result['wall_seconds']:.0f} s; student in "
+          f"{args.out}/student {summary if summary else ''}")
+
+
 def _cmd_demo(args):
     from flashdmd import demo
     demo.run(args)
+
+
+def _cmd_config_help(args):
+    import dataclasses
+
+    from flashdmd.training.config import DistillConfig
+    for f in dataclasses.fields(DistillConfig):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        print(f"{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +92,17 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover
         pass
     ev.set_defaults(func=_cmd_eval)
+
+    dist = sub.add_parser("distill", help="Stage 1 (and Stage 2 when configured): distil a teacher into a K-step student")
+    dist.add_argument("--config", default=None, help="YAML preset (see configs/); default: built-in defaults")
+    dist.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field (repeatable); `flashdmd config-help` lists the fields")
+    dist.add_argument("--out", required=True, help="run folder (created)")
+    dist.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist.set_defaults(func=_cmd_distill)
+
+    ch = sub.add_parser("config-help", help="list every config field with its default and help text")
+    ch.set_defaults(func=_cmd_config_help)
 
     demo = sub.add_parser("demo", help="the main job: distil the embedded teacher and write a report")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")

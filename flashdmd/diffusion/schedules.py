@@ -17,6 +17,7 @@ schedule (DMD2's [0.02, 0.98]) and ``add_noise``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -44,7 +45,7 @@ class VPSchedule:
             raise FlashDMDError(f"VPSchedule: beta_schedule {self.beta_schedule!r} is not supported "
                                 "(use 'scaled_linear' or 'linear')")
 
-    @property
+    @cached_property
     def alphas_cumprod(self) -> Tensor:
         n = self.num_train_timesteps
         if self.beta_schedule == "scaled_linear":

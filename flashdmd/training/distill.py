@@ -178,14 +178,14 @@ def generator_step(ctx: Context, cond, uncond) -> dict:
 
 def fake_score_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
     loss = steps.fake_score_loss(ctx, x0_fake, cond).mean()
-    logs = {"loss/fake_score": float(loss)}
+    logs = {"loss/fake_score": loss.item()}
     if ctx.cfg.disc_kind == "latent":
         real, cond_real = _real_batch(ctx, len(cond))
         with torch.no_grad():
             real_lat = ctx.family.encode_images(real)
         d = steps.latent_disc_loss(ctx, real_lat, cond_real, x0_fake, cond).mean()
         loss = loss + ctx.cfg.disc_weight * d
-        logs["loss/disc"] = float(d)
+        logs["loss/disc"] = d.item()
     params = [p for g in ctx.opt["fake_score"].param_groups for p in g["params"]]
     logs["grad_norm/fake_score"] = _optimise(ctx, "fake_score", loss, params)
     return logs
@@ -206,17 +206,19 @@ def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
     real, _ = _real_batch(ctx, x0_fake.shape[0])
     loss = steps.pixel_disc_loss(ctx, real, x0_fake).mean()
     norm = _optimise(ctx, "disc", ctx.cfg.disc_weight * loss, list(ctx.disc.trainable_parameters()))
-    return {"loss/disc": float(loss), "grad_norm/disc": norm}
+    return {"loss/disc": loss.item(), "grad_norm/disc": norm}
 
 
 # ---------------------------------------------------------------------------------------------------
 # the loop
 
 def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
-          max_iterations: int | None = None) -> dict:
+          max_iterations: int | None = None, ctx: Context | None = None) -> dict:
+    """Run Stage 1 for ``cfg.max_steps`` generator steps (or ``max_iterations`` iterations) into ``out_dir``.
+    ``ctx`` lets a caller (tests, Stage 2) pass a context it built with :func:`setup`."""
     from flashdmd.training.run import RunWriter
 
-    ctx = setup(cfg, accelerator)
+    ctx = ctx or setup(cfg, accelerator)
     writer = RunWriter(out_dir, cfg, ctx)
     total = cfg.max_steps * cfg.fake_score_ttur
     bar = _progress(total, progress and ctx.accelerator.is_main_process)

@@ -1,0 +1,184 @@
+"""Stage 1 on tiny random SDXL / SD3 models: routing of the losses, TTUR, EMA pull, and that every
+role trains while the teacher stays frozen."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models as tm  # noqa: E402
+
+from flashdmd.training import steps  # noqa: E402
+from flashdmd.training.config import DistillConfig  # noqa: E402
+from flashdmd.training.distill import rollout, setup, train  # noqa: E402
+from flashdmd.training.roles import ema_pull_  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    out = {"sdxl": tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl"),
+           "sd3": tm.save_pipeline(tm.sd3_pipeline(tmp), tmp / "sd3")}
+    from transformers import SamVisionConfig, SamVisionModel
+    torch.manual_seed(0)
+    SamVisionModel(SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                                   patch_size=8, output_channels=8, mlp_dim=32, global_attn_indexes=[1],
+                                   window_size=2, initializer_range=0.02)).save_pretrained(tmp / "sam")
+    out["sam"] = tmp / "sam"
+    return out
+
+
+def _cfg(folders, family, method, **kw):
+    base = dict(model_teacher=str(folders[family]), batch_size=2, max_steps=3, eval_every_steps=0,
+                sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1, seed=0)
+    if method == "flashdmd":
+        base.update(method="flashdmd", disc_kind="pixel", disc_backbone="sam", disc_backbone_path=str(folders["sam"]),
+                    fake_score_ttur=1, fake_score_ema=0.9)
+    else:
+        base.update(method="dmd2", disc_kind="latent", disc_loss="ns", fake_score_ttur=1, fake_score_ema=0.0,
+                    disc_gen_weight=5e-3, disc_weight=1e-2)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+@pytest.mark.parametrize("method", ["flashdmd", "dmd2"])
+def test_three_iterations_train_every_role_and_not_the_teacher(folders, family, method, tmp_path):
+    cfg = _cfg(folders, family, method)
+    ctx = setup(cfg)
+    before = {role: _snapshot(getattr(ctx, role)) for role in ("teacher", "student", "fake_score", "disc")}
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    for role in ("student", "fake_score", "disc"):
+        module = getattr(ctx, role)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        assert trainable, role
+        unchanged = [n for n, p in module.named_parameters() if n in trainable and torch.equal(p, before[role][n])]
+        assert not unchanged, f"{role}: {len(unchanged)} trainable tensors did not change, e.g. {unchanged[:3]}"
+        frozen_changed = [n for n, p in module.named_parameters() if n not in trainable and not torch.equal(p, before[role][n])]
+        assert not frozen_changed, f"{role}: frozen tensors changed: {frozen_changed[:3]}"
+    for n, p in ctx.teacher.named_parameters():
+        assert torch.equal(p, before["teacher"][n]) and not p.requires_grad
+    assert (tmp_path / "run" / "student").is_dir() and (tmp_path / "run" / "config.yaml").is_file()
+
+
+def _record_student_outputs(ctx):
+    """Forward hook on the student: every output tensor (with its timestep) gets a grad hook."""
+    records = []
+
+    def hook(_mod, args, kwargs, output):
+        out = output[0] if isinstance(output, tuple) else output.sample
+        t = kwargs.get("timestep", args[1] if len(args) > 1 else None)
+        rec = {"t": float(torch.as_tensor(t).flatten()[0]), "grad": None, "requires_grad": out.requires_grad}
+        if out.requires_grad:
+            out.register_hook(lambda g, r=rec: r.__setitem__("grad", g.abs().sum().item()))
+        records.append(rec)
+    return records, ctx.student.register_forward_hook(hook, with_kwargs=True)
+
+
+@pytest.mark.parametrize("branch", ["dm", "gan"])
+def test_dm_gradient_only_at_high_noise_and_gan_only_at_low(folders, branch):
+    kw = dict(dm_weight=1.0, disc_gen_weight=0.0) if branch == "dm" else dict(dm_weight=0.0, disc_gen_weight=1.0)
+    ctx = setup(_cfg(folders, "sdxl", "flashdmd", **kw))
+    records, handle = _record_student_outputs(ctx)
+    seen = set()
+    for _ in range(6):  # several iterations so several high-noise steps are drawn
+        records.clear()
+        prompts, _ = ctx.prompts.sample(2)
+        cond = ctx.family.encode_prompts(prompts)
+        out = rollout(ctx, cond, ctx.family.null_conditioning(2), with_grad=True)
+        out["loss"].backward()
+        with_grad = [r for r in records if r["requires_grad"]]
+        assert len(with_grad) == 2  # exactly the high-noise forward and the low-noise forward
+        hi, lo = with_grad
+        assert hi["t"] in ctx.timesteps[:ctx.n_dm] and lo["t"] == ctx.timesteps[-1]
+        if branch == "dm":
+            assert hi["grad"] > 0 and not lo["grad"]
+        else:
+            assert lo["grad"] > 0 and not hi["grad"]
+        seen.add(hi["t"])
+        ctx.student.zero_grad(set_to_none=True)
+    handle.remove()
+    assert len(seen) >= 2
+
+
+def test_dmd2_routes_both_losses_to_one_step(folders):
+    ctx = setup(_cfg(folders, "sdxl", "dmd2", disc_gen_weight=1.0))
+    records, handle = _record_student_outputs(ctx)
+    prompts, _ = ctx.prompts.sample(2)
+    out = rollout(ctx, ctx.family.encode_prompts(prompts), ctx.family.null_conditioning(2), with_grad=True)
+    out["loss"].backward()
+    handle.remove()
+    with_grad = [r for r in records if r["requires_grad"]]
+    assert len(with_grad) == 1 and with_grad[0]["grad"] > 0
+    assert "dm_loss/t" + str(int(with_grad[0]["t"])) in out["logs"] and any(k.startswith("gan_g_loss") for k in out["logs"])
+
+
+def test_backward_simulation_matches_student_sampler(folders):
+    ctx = setup(_cfg(folders, "sdxl", "flashdmd"))
+    fam = ctx.family
+    cond = fam.encode_prompts(["a photo of a dress", "a small bag"])
+    z = torch.randn((2,) + fam.latent_shape(32, 32))
+    from flashdmd.diffusion.samplers import trajectory
+    ctx.gen.manual_seed(5)
+    with torch.no_grad():
+        ref = [x for _, x, _ in trajectory(fam.denoiser_fn(ctx.student, cond), z, ctx.timesteps, fam.schedule,
+                                           stochastic=True, generator=ctx.gen)]
+    for k in range(len(ctx.timesteps)):
+        ctx.gen.manual_seed(5)
+        torch.testing.assert_close(steps.student_input(ctx, z, k, cond), ref[k])
+
+
+def test_ema_pull_matches_formula():
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    pa, pb = _snapshot(a), _snapshot(b)
+    ema_pull_(a, b, 0.9)
+    for n, p in a.named_parameters():
+        torch.testing.assert_close(p, 0.9 * pa[n] + 0.1 * pb[n])
+    b.bias.requires_grad_(False)  # only trainable (e.g. LoRA) tensors of the target are pulled
+    a.bias.requires_grad_(False)
+    keep = a.bias.detach().clone()
+    ema_pull_(a, b, 0.5)
+    assert torch.equal(a.bias, keep)
+
+
+@pytest.mark.parametrize("ttur", [1, 3])
+def test_ttur_counts_updates(folders, tmp_path, ttur):
+    cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ttur=ttur, max_steps=2, student_timesteps=[999, 499])
+    ctx = setup(cfg)
+    result = train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    step_count = {role: int(next(iter(o.state.values()))["step"]) for role, o in ctx.opt.items()}
+    assert result["generator_steps"] == 2
+    assert step_count == {"generator": 2, "fake_score": 2 * ttur, "disc": 2 * ttur}
+
+
+def test_ema_pull_happens_after_each_generator_step(folders, tmp_path):
+    cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ema=0.5, max_steps=1)
+    ctx = setup(cfg)
+    prompts, _ = ctx.prompts.sample(2)
+    cond = ctx.family.encode_prompts(prompts)
+    from flashdmd.training.distill import generator_step
+    fake_before = _snapshot(ctx.fake_score)
+    generator_step(ctx, cond, ctx.family.null_conditioning(2))
+    for n, p in ctx.fake_score.named_parameters():
+        expected = 0.5 * fake_before[n] + 0.5 * dict(ctx.student.named_parameters())[n].detach()
+        torch.testing.assert_close(p, expected)
+
+
+def test_lora_student_trains_only_adapters(folders, tmp_path):
+    cfg = _cfg(folders, "sd3", "flashdmd", model_lora_rank=2, disc_backbone_path=str(folders["sam"]))
+    ctx = setup(cfg)
+    before = _snapshot(ctx.student)
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    changed = [n for n, p in ctx.student.named_parameters() if not torch.equal(p, before[n])]
+    assert changed and all("lora" in n for n in changed)
+    from flashdmd.training.run import load_student
+    m = load_student(tmp_path / "run")
+    for n, p in m.net.named_parameters():
+        if "lora" in n:
+            torch.testing.assert_close(p, dict(ctx.student.named_parameters())[n])
