@@ -111,6 +111,13 @@ def _make_optimizers(ctx: Context):
     if cfg.disc_kind == "pixel":
         ctx.opt["disc"] = _adamw(list(ctx.disc.trainable_parameters()), cfg.disc_lr, cfg)
     ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, _warmup(cfg.optim_warmup_steps)) for k, o in ctx.opt.items()}
+    # accelerate: DDP wrapping across processes (a no-op in one process) and mixed-precision forwards
+    ctx.student, ctx.fake_score = acc.prepare(ctx.student, ctx.fake_score)
+    if ctx.disc is not None:
+        ctx.disc = acc.prepare(ctx.disc)
+    keys = list(ctx.opt)
+    prepared = acc.prepare(*[ctx.opt[k] for k in keys])
+    ctx.opt = dict(zip(keys, prepared if isinstance(prepared, (list, tuple)) else [prepared]))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,9 +211,10 @@ def _real_batch(ctx: Context, n: int):
 
 def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
     real, _ = _real_batch(ctx, x0_fake.shape[0])
-    loss = steps.pixel_disc_loss(ctx, real, x0_fake).mean()
-    norm = _optimise(ctx, "disc", ctx.cfg.disc_weight * loss, list(ctx.disc.trainable_parameters()))
-    return {"loss/disc": loss.item(), "grad_norm/disc": norm}
+    loss, d_real, d_fake = steps.pixel_disc_loss(ctx, real, x0_fake)
+    heads = list(ctx.accelerator.unwrap_model(ctx.disc).trainable_parameters())
+    norm = _optimise(ctx, "disc", ctx.cfg.disc_weight * loss.mean(), heads)
+    return {"loss/disc": loss.mean().item(), "grad_norm/disc": norm, "disc/D_real": d_real, "disc/D_fake": d_fake}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -227,17 +235,18 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
         ctx.iteration = it
         prompts, _ = ctx.prompts.sample(cfg.batch_size)
         cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size)
-        # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
-        if it % cfg.fake_score_ttur == 0:
-            out = generator_step(ctx, cond, uncond)
-            ctx.generator_steps += 1
-        else:
-            out = rollout(ctx, cond, uncond, with_grad=False)
-        # phase 2: critics -- fake score (diffusion loss only) and pixel discriminator
-        logs = dict(out["logs"])
-        logs.update(fake_score_step(ctx, out["x0_fake_score"], cond))
-        if cfg.disc_kind == "pixel":
-            logs.update(discriminator_step(ctx, out["x0_disc"]))
+        with ctx.accelerator.autocast():
+            # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
+            if it % cfg.fake_score_ttur == 0:
+                out = generator_step(ctx, cond, uncond)
+                ctx.generator_steps += 1
+            else:
+                out = rollout(ctx, cond, uncond, with_grad=False)
+            # phase 2: critics -- fake score (diffusion loss only) and pixel discriminator
+            logs = dict(out["logs"])
+            logs.update(fake_score_step(ctx, out["x0_fake_score"], cond))
+            if cfg.disc_kind == "pixel":
+                logs.update(discriminator_step(ctx, out["x0_disc"]))
         writer.accumulate(logs)
         # phase 3: per generator step bookkeeping
         if it % cfg.fake_score_ttur == 0:

@@ -94,10 +94,13 @@ def fake_score_loss(ctx, x0_fake: Tensor, cond) -> Tensor:
     return denoising_loss(from_x0_eps(x0_pred, eps_pred, kind, a, s), from_x0_eps(x0_fake, noise, kind, a, s))
 
 
-def pixel_disc_loss(ctx, real_pixels: Tensor, x0_fake: Tensor) -> Tensor:
+def pixel_disc_loss(ctx, real_pixels: Tensor, x0_fake: Tensor) -> tuple[Tensor, float, float]:
+    """(per-sample D loss, mean D(real) logit, mean D(fake) logit) on real images vs decoded student x0."""
     with torch.no_grad():
         fake_pixels = ctx.family.decode_latents(x0_fake)
-    return d_loss(ctx.disc(real_pixels), ctx.disc(fake_pixels), ctx.cfg.disc_loss)
+    real_logits, fake_logits = ctx.disc(real_pixels), ctx.disc(fake_pixels)
+    mean = lambda ls: float(sum(x.detach().float().mean() for x in ls) / len(ls))  # noqa: E731
+    return d_loss(real_logits, fake_logits, ctx.cfg.disc_loss), mean(real_logits), mean(fake_logits)
 
 
 def latent_disc_loss(ctx, real_latents: Tensor, cond_real, x0_fake: Tensor, cond) -> Tensor:
