@@ -86,11 +86,11 @@ def test_lcm_log_prob_closed_form():
     d = torch.distributions.Normal(a.reshape(-1, 1, 1, 1) * x0, s.reshape(-1, 1, 1, 1))
     full = d.log_prob(xn).flatten(1).sum(1)
     const = -(36 * torch.log(s) + 36 * 0.5 * torch.log(torch.tensor(2 * torch.pi)))
-    torch.testing.assert_close(got, full - const, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got, (full - const) / 36, rtol=1e-5, atol=1e-4)  # per element: 36 = 4*3*3
     # log-prob *differences* between two policies equal those of the full Gaussian
     x0b = torch.randn_like(x0)
     full_b = torch.distributions.Normal(a.reshape(-1, 1, 1, 1) * x0b, s.reshape(-1, 1, 1, 1)).log_prob(xn).flatten(1).sum(1)
-    torch.testing.assert_close(got - lcm_step_log_prob(xn, x0b, a, s), full - full_b, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(got - lcm_step_log_prob(xn, x0b, a, s), (full - full_b) / 36, rtol=1e-5, atol=1e-4)
 
 
 def test_step_dpo_closed_form_and_gradient_sign():

@@ -6,6 +6,9 @@ so the transition density is Gaussian:  p_theta(x_{t'} | x_t) = N(alpha' x0_thet
 
     log p_theta(x_{t'} | x_t) = -||x_{t'} - alpha' x0_theta||^2 / (2 sigma'^2) + const.
 
+We return it *per element* (divided by the number of latent elements), as DDPO / SPO / LPO compute
+their step log-probabilities, so that beta means the same thing at any resolution (LPO: beta = 500).
+
 For a winner/loser pair (x_w, x_l) of next latents drawn from the same x_t, with a frozen reference
 policy, the DPO objective is
     H = [log p_theta(x_w) - log p_ref(x_w)] - [log p_theta(x_l) - log p_ref(x_l)]
@@ -20,12 +23,12 @@ from torch import Tensor
 
 
 def lcm_step_log_prob(x_next: Tensor, x0_pred: Tensor, alpha_next: Tensor, sigma_next: Tensor) -> Tensor:
-    """log N(x_next; alpha' x0_pred, sigma'^2 I) without its constant, per sample (B,).
+    """log N(x_next; alpha' x0_pred, sigma'^2 I) without its constant, per latent element, per sample (B,).
 
     alpha_next, sigma_next: (B,) tensors of the next step's schedule values."""
     shape = (-1,) + (1,) * (x_next.ndim - 1)
     a, s = alpha_next.reshape(shape), sigma_next.reshape(shape)
-    sq = ((x_next.float() - a * x0_pred.float()) ** 2).reshape(x_next.shape[0], -1).sum(dim=1)
+    sq = ((x_next.float() - a * x0_pred.float()) ** 2).reshape(x_next.shape[0], -1).mean(dim=1)
     return -sq / (2 * sigma_next.float() ** 2)
 
 
