@@ -90,6 +90,23 @@ class DistillConfig:
     optim_warmup_steps: int = _f(0, "linear warm-up of every learning rate, in optimiser steps (DMD2: 500)")
     optim_grad_clip: float = _f(10.0, "max gradient norm per role (DMD2: 10)")
 
+    # ---- Stage 2: joint reinforcement learning -----------------------------------------------------------
+    rl_enabled: bool = _f(False, "after max_steps Stage-1 generator steps, run Stage 2: step-level DPO at the "
+                          "high-noise student steps, alternating with continued distillation")
+    rl_steps: int = _f(200, "Stage-2 RL (DPO) updates")
+    rl_reward_model: str = _f("world", "latent reward model folder (flashdmd reward train), or world = the shipped "
+                              "LRM of the embedded world's teacher")
+    rl_step_indices: list[int] = _f([0, 1], "student steps (indices into student_timesteps) that explore K "
+                                    "candidate next latents; paper: 999 and 749 -> [0, 1]. Each needs a next step")
+    rl_num_candidates: int = _f(4, "K candidates per noisy latent; best and worst by the LRM form the pair (paper: 4)")
+    rl_beta: float = _f(500.0, "DPO beta on per-element log-probabilities (LPO SDXL: 500; not stated in Flash-DMD)")
+    rl_ratio_clip: float | None = _f(0.1, "clamp each log-ratio to [log(1-c), log(1+c)] as LPO does; null = plain DPO")
+    rl_distill_ratio: int = _f(5, "RL updates per Stage-1 distillation iteration (paper: 5:1); 0 = RL alone "
+                               "(no ongoing distillation: the reward-hacking ablation)")
+    rl_lr: float | None = _f(None, "student learning rate for RL updates (own AdamW state); default generator_lr")
+    rl_guard_tolerance: float = _f(0.1, "warn of reward hacking when the LRM score rises while the held-out oracle "
+                                   "falls, or FD rises / diversity falls by more than this fraction vs Stage-2 start")
+
     # ---- data -------------------------------------------------------------------------------------------
     data_real: str = _f("world", "real images for the GAN: world (Fashion-MNIST train split) or a folder of images")
     data_prompts: str = _f("world", "training prompts: world (class templates) or a text file, one per line")
@@ -139,6 +156,14 @@ class DistillConfig:
         for name in ("sample_every_steps", "eval_every_steps", "checkpoint_every_steps", "optim_warmup_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0")
         need(self.eval_num_images >= 10, "eval_num_images must be >= 10")
+        need(self.rl_steps >= 0, "rl_steps must be >= 0")
+        need(self.rl_num_candidates >= 2, "rl_num_candidates must be >= 2 (a best and a worst)")
+        need(self.rl_beta > 0, "rl_beta must be > 0")
+        need(self.rl_ratio_clip is None or 0 < self.rl_ratio_clip < 1, "rl_ratio_clip must be in (0, 1) or null")
+        need(self.rl_distill_ratio >= 0, "rl_distill_ratio must be >= 0")
+        need(self.rl_lr is None or self.rl_lr > 0, "rl_lr must be > 0")
+        need(len(self.rl_step_indices) >= 1 and all(i >= 0 for i in self.rl_step_indices),
+             "rl_step_indices: a non-empty list of student-step indices")
 
     # ---- I/O ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

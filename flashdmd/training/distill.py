@@ -46,8 +46,13 @@ class Context:
     opt: dict = field(default_factory=dict)
     sched: dict = field(default_factory=dict)
     accelerator: object = None
-    generator_steps: int = 0
-    iteration: int = 0
+    generator_steps: int = 0      # Stage-1 generator updates (distillation), in both stages
+    rl_steps: int = 0             # Stage-2 RL updates
+    global_step: int = 0          # all student updates; logging / eval / checkpoint intervals count these
+    iteration: int = 0            # Stage-1 iterations (critic updates)
+    stage: int = 1
+    reference: torch.nn.Module | None = None
+    reward: torch.nn.Module | None = None
 
     def real_latents(self, n: int) -> Tensor:
         pixels, _ = self.real.sample(n)
@@ -220,46 +225,76 @@ def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
 # ---------------------------------------------------------------------------------------------------
 # the loop
 
+def distill_iteration(ctx: Context, writer) -> bool:
+    """One Stage-1 iteration; True when it updated the generator."""
+    cfg = ctx.cfg
+    prompts, _ = ctx.prompts.sample(cfg.batch_size)
+    cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size)
+    gen_now = ctx.iteration % cfg.fake_score_ttur == 0
+    with ctx.accelerator.autocast():
+        # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
+        out = generator_step(ctx, cond, uncond) if gen_now else rollout(ctx, cond, uncond, with_grad=False)
+        # phase 2: critics -- fake score (diffusion loss only) and pixel discriminator
+        logs = dict(out["logs"])
+        logs.update(fake_score_step(ctx, out["x0_fake_score"], cond))
+        if cfg.disc_kind == "pixel":
+            logs.update(discriminator_step(ctx, out["x0_disc"]))
+    writer.accumulate(logs)
+    ctx.iteration += 1
+    if gen_now:
+        ctx.generator_steps += 1
+        ctx.global_step += 1
+        writer.bookkeeping(ctx)
+    return gen_now
+
+
 def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
           max_iterations: int | None = None, ctx: Context | None = None) -> dict:
-    """Run Stage 1 for ``cfg.max_steps`` generator steps (or ``max_iterations`` iterations) into ``out_dir``.
-    ``ctx`` lets a caller (tests, Stage 2) pass a context it built with :func:`setup`."""
+    """Stage 1 for ``cfg.max_steps`` generator steps (or ``max_iterations`` iterations), then Stage 2 when
+    ``cfg.rl_enabled``, into ``out_dir``. ``ctx`` lets a caller (tests) pass a context built by :func:`setup`."""
     from flashdmd.training.run import RunWriter
 
     ctx = ctx or setup(cfg, accelerator)
     writer = RunWriter(out_dir, cfg, ctx)
-    total = cfg.max_steps * cfg.fake_score_ttur
-    bar = _progress(total, progress and ctx.accelerator.is_main_process)
     t0 = time.time()
-    for it in range(ctx.iteration, total if max_iterations is None else min(total, max_iterations)):
-        ctx.iteration = it
-        prompts, _ = ctx.prompts.sample(cfg.batch_size)
-        cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size)
-        with ctx.accelerator.autocast():
-            # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
-            if it % cfg.fake_score_ttur == 0:
-                out = generator_step(ctx, cond, uncond)
-                ctx.generator_steps += 1
-            else:
-                out = rollout(ctx, cond, uncond, with_grad=False)
-            # phase 2: critics -- fake score (diffusion loss only) and pixel discriminator
-            logs = dict(out["logs"])
-            logs.update(fake_score_step(ctx, out["x0_fake_score"], cond))
-            if cfg.disc_kind == "pixel":
-                logs.update(discriminator_step(ctx, out["x0_disc"]))
-        writer.accumulate(logs)
-        # phase 3: per generator step bookkeeping
-        if it % cfg.fake_score_ttur == 0:
-            writer.maybe_log(ctx)
-            writer.maybe_sample(ctx)
-            writer.maybe_eval(ctx)
-            writer.maybe_checkpoint(ctx)
+    total = cfg.max_steps * cfg.fake_score_ttur
+    if max_iterations is not None:
+        total = min(total, max_iterations)
+    bar = _progress(total, "stage 1", progress and ctx.accelerator.is_main_process, initial=ctx.iteration)
+    while ctx.iteration < total:
+        distill_iteration(ctx, writer)
         bar.update(1)
         bar.set_postfix(gen_step=ctx.generator_steps)
     bar.close()
+    if cfg.rl_enabled and max_iterations is None:
+        run_stage2(ctx, writer, progress)
     return writer.finish(ctx, wall_seconds=time.time() - t0)
 
 
-def _progress(total: int, enabled: bool):
+def run_stage2(ctx: Context, writer, progress: bool) -> None:
+    """RL updates, with one Stage-1 distillation cycle (one generator update and its TTUR critic updates)
+    after every ``rl_distill_ratio`` of them."""
+    from flashdmd.training.stage2 import rl_step, setup_stage2
+    cfg = ctx.cfg
+    setup_stage2(ctx)
+    ctx.stage = 2
+    writer.start_stage2(ctx)
+    bar = _progress(cfg.rl_steps, "stage 2", progress and ctx.accelerator.is_main_process, initial=ctx.rl_steps)
+    while ctx.rl_steps < cfg.rl_steps:
+        prompts, _ = ctx.prompts.sample(cfg.batch_size)
+        with ctx.accelerator.autocast():
+            logs = rl_step(ctx, _encode(ctx, prompts))
+        writer.accumulate(logs)
+        ctx.rl_steps += 1
+        ctx.global_step += 1
+        writer.bookkeeping(ctx)
+        if cfg.rl_distill_ratio and ctx.rl_steps % cfg.rl_distill_ratio == 0:
+            for _ in range(cfg.fake_score_ttur):  # Stage 1 ended on a cycle boundary: the first one updates G
+                distill_iteration(ctx, writer)
+        bar.update(1)
+    bar.close()
+
+
+def _progress(total: int, desc: str, enabled: bool, initial: int = 0):
     from tqdm.auto import tqdm
-    return tqdm(total=total, desc="distill", unit="it", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=desc, unit="it", disable=not enabled, dynamic_ncols=True)

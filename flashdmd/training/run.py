@@ -51,6 +51,9 @@ class RunWriter:
         self.counts: dict[str, int] = {}
         self.history: list[dict] = []
         self.evals: list[dict] = []
+        self.lrm_scores: list[float] = []
+        self.stage2_baseline: dict | None = None
+        self.warnings: list[str] = []
         self.t0 = time.time()
         self.tb = None
         if self.main:
@@ -65,18 +68,28 @@ class RunWriter:
             self.sums[k] = self.sums.get(k, 0.0) + float(v)
             self.counts[k] = self.counts.get(k, 0) + 1
 
+    def bookkeeping(self, ctx):
+        """After every student update (global step): log, sample, evaluate, checkpoint on their intervals."""
+        self.maybe_log(ctx)
+        self.maybe_sample(ctx)
+        self.maybe_eval(ctx)
+        self.maybe_checkpoint(ctx)
+
     def maybe_log(self, ctx):
-        s = ctx.generator_steps
-        if s % self.cfg.log_every_steps and s != self.cfg.max_steps:
+        s = ctx.global_step
+        if s % self.cfg.log_every_steps:
             return
         means = self._reduce(ctx)
         for role, opt in ctx.opt.items():
             means[f"lr/{role}"] = opt.param_groups[0]["lr"]
         means["time/seconds"] = time.time() - self.t0
+        if "rl/lrm_score" in means:
+            self.lrm_scores.append(means["rl/lrm_score"])
         if self.main:
             for k, v in means.items():
                 self.tb.add_scalar(k, v, s)
-            self.history.append({"step": s, **means})
+            self.history.append({"step": s, "stage": ctx.stage, "generator_steps": ctx.generator_steps,
+                                 "rl_steps": ctx.rl_steps, **means})
         self.sums, self.counts = {}, {}
 
     def _reduce(self, ctx) -> dict:
@@ -95,7 +108,7 @@ class RunWriter:
 
     def maybe_sample(self, ctx, force=False):
         n = self.cfg.sample_every_steps
-        if not self.main or not (force or (n and ctx.generator_steps % n == 0)):
+        if not self.main or not (force or (n and ctx.global_step % n == 0)):
             return
         from flashdmd.evaluation.report import save_grid
         from flashdmd.evaluation.runner import sample_images
@@ -105,31 +118,60 @@ class RunWriter:
         student.net.eval()
         imgs = sample_images(student, prompts, seed=1234)
         student.net.train(was)
-        path = self.out / "samples" / f"step_{ctx.generator_steps:06d}.png"
+        path = self.out / "samples" / f"step_{ctx.global_step:06d}.png"
         save_grid(imgs, path, nrow=10)
-        self.tb.add_images("samples", (imgs[:20] + 1) / 2, ctx.generator_steps)
+        self.tb.add_images("samples", (imgs[:20] + 1) / 2, ctx.global_step)
 
     def maybe_eval(self, ctx, force=False):
         n = self.cfg.eval_every_steps
-        if not self.main or self.cfg.data_prompts != "world" or not (force or (n and ctx.generator_steps % n == 0)):
+        if not self.main or self.cfg.data_prompts != "world" or not (force or (n and ctx.global_step % n == 0)):
             return None
         from flashdmd.evaluation.runner import evaluate_world
         student = self._student_model(ctx)
         student.net.eval()
         m = evaluate_world(student, self.cfg.eval_num_images, seed=0)
         student.net.train()
-        m.update(step=ctx.generator_steps, images_seen=ctx.generator_steps * self.cfg.batch_size * ctx.accelerator.num_processes,
+        m.update(step=ctx.global_step, stage=ctx.stage, generator_steps=ctx.generator_steps, rl_steps=ctx.rl_steps,
+                 images_seen=ctx.generator_steps * self.cfg.batch_size * ctx.accelerator.num_processes,
                  wall_seconds=time.time() - self.t0)
+        if ctx.stage == 2:
+            self._guard(m)
         self.evals.append(m)
-        for k in ("fd", "alignment", "diversity", "oracle"):
+        for k in ("fd", "alignment", "diversity", "oracle", "hacking_warning"):
             if k in m:
-                self.tb.add_scalar(f"eval/{k}", m[k], ctx.generator_steps)
+                self.tb.add_scalar(f"eval/{k}", m[k], ctx.global_step)
         return m
+
+    def start_stage2(self, ctx):
+        """Evaluate the Stage-1 student once: the baseline the reward-hacking guard compares against."""
+        if self.cfg.eval_every_steps:
+            self.stage2_baseline = self.maybe_eval(ctx, force=True)
+
+    def _guard(self, m: dict):
+        """Warn when the training reward (LRM) rises while held-out quality worsens beyond the tolerance."""
+        base, tol = self.stage2_baseline, self.cfg.rl_guard_tolerance
+        if base is None or len(self.lrm_scores) < 2:
+            return
+        reward_up = self.lrm_scores[-1] > self.lrm_scores[0]
+        worse = []
+        if "oracle" in m and "oracle" in base and m["oracle"] < base["oracle"] - tol * abs(base["oracle"]):
+            worse.append(f"held-out oracle {base['oracle']:.3f} -> {m['oracle']:.3f}")
+        if m["fd"] > base["fd"] * (1 + tol):
+            worse.append(f"FD {base['fd']:.2f} -> {m['fd']:.2f}")
+        if m["diversity"] < base["diversity"] * (1 - tol):
+            worse.append(f"diversity {base['diversity']:.3f} -> {m['diversity']:.3f}")
+        m["hacking_warning"] = float(reward_up and bool(worse))
+        if reward_up and worse:
+            msg = (f"possible reward hacking at step {m['step']}: LRM score {self.lrm_scores[0]:.3f} -> "
+                   f"{self.lrm_scores[-1]:.3f} while " + ", ".join(worse))
+            self.warnings.append(msg)
+            import warnings
+            warnings.warn(msg, stacklevel=2)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def maybe_checkpoint(self, ctx):
         n = self.cfg.checkpoint_every_steps
-        if n and ctx.generator_steps % n == 0:
+        if n and ctx.global_step % n == 0:
             self.save_student(ctx)
 
     def save_student(self, ctx):
@@ -157,17 +199,17 @@ class RunWriter:
         info = {"kind": RUN_KIND, "teacher": self.cfg.model_teacher, "family": ctx.family.name,
                 "teacher_path": str(ctx.family.path), "student_timesteps": ctx.timesteps,
                 "lora_rank": self.cfg.model_lora_rank, "lora_alpha": self.cfg.model_lora_alpha,
-                "generator_steps": ctx.generator_steps, "method": self.cfg.method}
+                "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "method": self.cfg.method}
         _atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
 
     def finish(self, ctx, wall_seconds: float) -> dict:
         self.save_student(ctx)
-        if self.cfg.sample_every_steps and ctx.generator_steps % self.cfg.sample_every_steps:
+        if self.cfg.sample_every_steps and ctx.global_step % self.cfg.sample_every_steps:
             self.maybe_sample(ctx, force=True)
-        if self.cfg.eval_every_steps and ctx.generator_steps % self.cfg.eval_every_steps:
+        if self.cfg.eval_every_steps and ctx.global_step % self.cfg.eval_every_steps:
             self.maybe_eval(ctx, force=True)
-        result = {"generator_steps": ctx.generator_steps, "wall_seconds": wall_seconds,
-                  "history": self.history, "evals": self.evals}
+        result = {"generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "wall_seconds": wall_seconds,
+                  "history": self.history, "evals": self.evals, "warnings": self.warnings}
         if self.main:
             _atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
             self.tb.close()

@@ -1,0 +1,103 @@
+"""Stage 2: joint reinforcement learning -- step-level DPO at the high-noise student steps, scored by a
+latent reward model (LRM), alternating with continued Stage-1 distillation.
+
+One RL update (``rl_step``):
+    k ~ rl_step_indices (high-noise steps; paper 999, 749)   x_t = backward simulation to step k
+    x0 = student(x_t)  (no grad)        K candidates  x'_i = alpha' x0 + sigma' n_i   (LCM step, fresh n_i)
+    LRM scores the K noisy candidates at t' -> winner x_w (best), loser x_l (worst)
+    H = [log p_theta(x_w) - log p_ref(x_w)] - [log p_theta(x_l) - log p_ref(x_l)],  L = -log sigmoid(beta H)
+with p(x' | x_t) = N(alpha' x0_model(x_t), sigma'^2 I) and the reference = the student frozen at the start of
+Stage 2. Every ``rl_distill_ratio`` RL updates one Stage-1 iteration runs (generator + fake score + disc):
+the ongoing distillation is the regulariser against reward hacking.
+"""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+
+from flashdmd import FlashDMDError
+from flashdmd.losses import lcm_step_log_prob, step_dpo_loss
+from flashdmd.training import steps
+
+
+def resolve_reward_model(spec: str, family) -> Path:
+    if spec == "world":
+        from flashdmd.families import WORLD_ASSETS
+        return WORLD_ASSETS / f"lrm-{family.name}"
+    return Path(spec)
+
+
+def setup_stage2(ctx) -> None:
+    """Freeze the reference policy, load the LRM, give RL its own optimiser state."""
+    from flashdmd.networks.reward import LatentRewardModel
+    cfg, acc = ctx.cfg, ctx.accelerator
+    K = len(ctx.timesteps)
+    bad = [i for i in cfg.rl_step_indices if i + 1 >= K]
+    if bad:
+        raise FlashDMDError(f"config: rl_step_indices {bad} have no next student step (K = {K}); use indices < {K - 1}")
+    ctx.reference = copy.deepcopy(acc.unwrap_model(ctx.student)).requires_grad_(False).eval()
+    path = resolve_reward_model(cfg.rl_reward_model, ctx.family)
+    ctx.reward = LatentRewardModel.load(path, ctx.family).to(acc.device).requires_grad_(False).eval()
+    params = [p for p in ctx.student.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.rl_lr or cfg.generator_lr, betas=tuple(cfg.optim_betas),
+                            weight_decay=cfg.optim_weight_decay)
+    ctx.opt["rl"] = acc.prepare(opt)
+    ctx.sched["rl"] = torch.optim.lr_scheduler.LambdaLR(ctx.opt["rl"], lambda _: 1.0)
+
+
+@torch.no_grad()
+def candidates(ctx, x0, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """n LCM-step candidates of the next latent (n, B, C, h, w) and the next timestep (B,)."""
+    b = x0.shape[0]
+    t_next = ctx.t(k + 1, b)
+    a, s = ctx.family.schedule.alpha_sigma(t_next)
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    noise = torch.randn((n,) + tuple(x0.shape), generator=ctx.gen, device=x0.device, dtype=x0.dtype)
+    return a.reshape(shape).to(x0.dtype) * x0 + s.reshape(shape).to(x0.dtype) * noise, t_next
+
+
+@torch.no_grad()
+def pick_pair(scores: torch.Tensor, cands: torch.Tensor):
+    """scores (n, B), cands (n, B, ...) -> (winner, loser) (B, ...), best and worst per sample."""
+    idx = torch.arange(scores.shape[1], device=scores.device)
+    return cands[scores.argmax(0), idx], cands[scores.argmin(0), idx]
+
+
+def rl_step(ctx, cond) -> dict:
+    cfg, fam = ctx.cfg, ctx.family
+    b = len(cond)
+    k = cfg.rl_step_indices[ctx.step_rng.randrange(len(cfg.rl_step_indices))]
+    res = fam.default_resolution
+    z = ctx.randn((b,) + tuple(fam.latent_shape(res, res)))
+    x_t = steps.student_input(ctx, z, k, cond)
+    t = ctx.t(k, b)
+    with torch.no_grad():
+        x0 = fam.predict(ctx.student, x_t, t, cond)[0]
+        cands, t_next = candidates(ctx, x0, k, cfg.rl_num_candidates)
+        flat = cands.flatten(0, 1)
+        scores = ctx.reward.score(flat, t_next.repeat(cfg.rl_num_candidates), _repeat(cond, cfg.rl_num_candidates))
+        scores = scores.reshape(cfg.rl_num_candidates, b)
+        x_w, x_l = pick_pair(scores, cands)
+        x0_ref = fam.predict(ctx.reference, x_t, t, cond)[0]
+    x0_pol = fam.predict(ctx.student, x_t, t, cond)[0]
+    a, s = fam.schedule.alpha_sigma(t_next)
+    loss = step_dpo_loss(lcm_step_log_prob(x_w, x0_pol, a, s), lcm_step_log_prob(x_w, x0_ref, a, s),
+                         lcm_step_log_prob(x_l, x0_pol, a, s), lcm_step_log_prob(x_l, x0_ref, a, s),
+                         cfg.rl_beta, cfg.rl_ratio_clip).mean()
+    opt = ctx.opt["rl"]
+    opt.zero_grad(set_to_none=True)
+    ctx.accelerator.backward(loss)
+    params = [p for p in ctx.student.parameters() if p.requires_grad]
+    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim_grad_clip)
+    opt.step()
+    return {"rl/loss": loss.item(), "rl/lrm_score": scores.mean().item(),
+            "rl/lrm_margin": (scores.max(0).values - scores.min(0).values).mean().item(),
+            f"rl/loss_t{int(round(ctx.timesteps[k]))}": loss.item(), "grad_norm/rl": float(norm)}
+
+
+def _repeat(cond, n: int):
+    """Conditioning for n stacked copies of the batch (candidate-major order)."""
+    from flashdmd.families import Conditioning
+    return Conditioning.cat([cond] * n)
