@@ -50,9 +50,37 @@ def _cmd_distill(args):
           f"{args.out}/student {summary if summary else ''}")
 
 
+def _cmd_sample(args):
+    from flashdmd import sample
+    sample.run(args)
+
+
+def _cmd_export(args):
+    from flashdmd import export
+    export.run(args)
+
+
+def _cmd_report(args):
+    from flashdmd.evaluation.report import write_report
+    from pathlib import Path
+    if not (Path(args.run) / "metrics.json").is_file():
+        raise FlashDMDError(f"{args.run} has no metrics.json: give a finished flashdmd distill or demo run folder")
+    print(write_report(args.run))
+
+
 def _cmd_demo(args):
     from flashdmd import demo
     demo.run(args)
+
+
+def _cmd_reward_make_pairs(args):
+    from flashdmd.rewards import pairs
+    pairs.run_make_pairs(args)
+
+
+def _cmd_reward_train(args):
+    from flashdmd.rewards import train
+    train.run_train(args)
 
 
 def _cmd_config_help(args):
@@ -101,11 +129,46 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--no-progress", action="store_true", help="no progress bar")
     dist.set_defaults(func=_cmd_distill)
 
+    reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")
+    rsub = reward.add_subparsers(dest="reward_command", required=True)
+    mk = rsub.add_parser("make-pairs", help="sample teacher vs student pairs and let the world's oracle judge them")
+    rt = rsub.add_parser("train", help="train a latent reward model on a pairs file (noisy Bradley-Terry)")
+    try:
+        from flashdmd.rewards import pairs as _pairs
+        from flashdmd.rewards import train as _rtrain
+        _pairs.add_make_pairs_arguments(mk)
+        _rtrain.add_train_arguments(rt)
+    except ImportError:  # pragma: no cover
+        pass
+    mk.set_defaults(func=_cmd_reward_make_pairs)
+    rt.set_defaults(func=_cmd_reward_train)
+
+    smp = sub.add_parser("sample", help="write PNGs from a student run (its K steps) or a teacher (its defaults)")
+    try:
+        from flashdmd import sample as _sample
+        _sample.add_arguments(smp)
+    except ImportError:  # pragma: no cover
+        pass
+    smp.set_defaults(func=_cmd_sample)
+
+    exp = sub.add_parser("export", help="write a distill run as a standard diffusers pipeline folder (or LoRA file)")
+    try:
+        from flashdmd import export as _export
+        _export.add_arguments(exp)
+    except ImportError:  # pragma: no cover
+        pass
+    exp.set_defaults(func=_cmd_export)
+
     ch = sub.add_parser("config-help", help="list every config field with its default and help text")
     ch.set_defaults(func=_cmd_config_help)
 
+    rep = sub.add_parser("report", help="(re)write DIR/report.html for a run folder")
+    rep.add_argument("run", help="run folder")
+    rep.set_defaults(func=_cmd_report)
+
     demo = sub.add_parser("demo", help="the main job: distil the embedded teacher and write a report")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset field")
     demo.set_defaults(func=_cmd_demo)
     return p
 
