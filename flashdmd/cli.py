@@ -106,19 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     world = sub.add_parser("world", help="the embedded default world")
     wsub = world.add_subparsers(dest="world_command", required=True)
     pre = wsub.add_parser("pretrain", help="train the world's VAE, text encoders, teachers and eval nets")
-    try:
-        from flashdmd.world import pretrain as _pretrain
-        _pretrain.add_arguments(pre)
-    except ImportError:  # pragma: no cover - only while the module is being written
-        pass
+    from flashdmd.world import pretrain as _pretrain
+    _pretrain.add_arguments(pre)
     pre.set_defaults(func=_cmd_world_pretrain)
 
     ev = sub.add_parser("eval", help="sample a model and measure FD, alignment, diversity and speed")
-    try:
-        from flashdmd.evaluation import runner as _runner
-        _runner.add_arguments(ev)
-    except ImportError:  # pragma: no cover
-        pass
+    from flashdmd.evaluation import runner as _runner
+    _runner.add_arguments(ev)
     ev.set_defaults(func=_cmd_eval)
 
     dist = sub.add_parser("distill", help="Stage 1 (and Stage 2 when configured): distil a teacher into a K-step student")
