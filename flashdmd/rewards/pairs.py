@@ -1,0 +1,303 @@
+"""Preference pairs for the latent reward model: the file format, its loader and `flashdmd reward make-pairs`.
+
+Pairs file format (JSONL, one pair per line; blank lines are skipped)::
+
+    {"prompt": "a photo of a sneaker", "a": 0, "b": 1, "preferred": "a", "label": 7, "meta": {...}}
+
+* ``prompt`` (str, required): the text both samples were generated for.
+* ``a``, ``b`` (required): the two samples. An **int** is a row of the companion latents file; a **str**
+  is a PNG path (relative to the pairs file's folder, or absolute), VAE-encoded on load with the family's
+  posterior mean (resized to the family's default resolution when it differs).
+* ``preferred`` (required): ``"a"`` or ``"b"``, the rater's choice.
+* ``label`` (int, optional): the class the prompt names (the embedded world's oracle judges against it).
+* ``meta`` (object, optional): provenance, ignored by the loader (make-pairs writes the source model,
+  steps, seed and the oracle's scores of both samples).
+
+Companion latents: ``FILE.safetensors`` beside ``FILE.jsonl`` (same stem), holding one tensor
+``latents`` (M, C, h, w) of *clean* latents in the family's latent convention (VAE scaling and shift
+applied, what :meth:`Family.encode_images` returns and :meth:`Family.decode_latents` takes).
+
+:func:`load_pairs` returns a :class:`PairSet` with winners / losers (N, C, h, w) already oriented by
+``preferred``; every malformed input is one-line :class:`flashdmd.FlashDMDError` naming the line.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flashdmd import FlashDMDError
+
+LATENTS_KEY = "latents"
+REQUIRED = ("prompt", "a", "b", "preferred")
+
+
+@dataclass
+class PairSet:
+    """N preference pairs: ``winners``/``losers`` (N, C, h, w) clean latents, ``prompts`` (N strings),
+    ``labels`` (N ints or None)."""
+
+    prompts: list[str]
+    winners: Tensor
+    losers: Tensor
+    labels: list[int | None]
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def subset(self, idx) -> "PairSet":
+        idx = torch.as_tensor(idx, dtype=torch.long)
+        return PairSet([self.prompts[i] for i in idx.tolist()], self.winners[idx], self.losers[idx],
+                       [self.labels[i] for i in idx.tolist()])
+
+
+def companion_path(path: str | Path) -> Path:
+    """``FILE.jsonl`` -> ``FILE.safetensors`` (the latents beside a pairs file)."""
+    return Path(path).with_suffix(".safetensors")
+
+
+def write_pairs(path: str | Path, records: list[dict], latents: Tensor | None) -> Path:
+    """Write ``records`` (dicts of the schema) as JSONL and ``latents`` (M, C, h, w) to the companion file."""
+    from safetensors.torch import save_file
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise FlashDMDError(f"folder {path.parent} for the pairs file does not exist")
+    if latents is not None:
+        save_file({LATENTS_KEY: latents.detach().float().cpu().contiguous()}, str(companion_path(path)))
+    with path.open("w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """The pairs file's records, validated against the schema (not yet resolved to tensors)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FlashDMDError(f"pairs file {path} does not exist; make one with `flashdmd reward make-pairs`")
+    records = []
+    with path.open() as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+            except ValueError as e:
+                raise FlashDMDError(f"{path}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            _check_record(r, path, n)
+            records.append(r)
+    if not records:
+        raise FlashDMDError(f"pairs file {path} holds no pairs")
+    return records
+
+
+def _check_record(r, path: Path, n: int) -> None:
+    where = f"{path}:{n}"
+    if not isinstance(r, dict):
+        raise FlashDMDError(f"{where}: each line must be a JSON object with keys {', '.join(REQUIRED)}")
+    lacking = [k for k in REQUIRED if k not in r]
+    if lacking:
+        raise FlashDMDError(f"{where}: pair lacks {', '.join(lacking)}")
+    if not isinstance(r["prompt"], str):
+        raise FlashDMDError(f"{where}: prompt must be a string")
+    if r["preferred"] not in ("a", "b"):
+        raise FlashDMDError(f"{where}: preferred must be \"a\" or \"b\", got {r['preferred']!r}")
+    for k in ("a", "b"):
+        v = r[k]
+        if isinstance(v, bool) or not isinstance(v, (int, str)) or (isinstance(v, int) and v < 0):
+            raise FlashDMDError(f"{where}: {k} must be a latent row (int >= 0) or a PNG path (string), got {v!r}")
+    if r.get("label") is not None and (isinstance(r["label"], bool) or not isinstance(r["label"], int)):
+        raise FlashDMDError(f"{where}: label must be an int")
+
+
+def load_pairs(path: str | Path, family=None) -> PairSet:
+    """Read a pairs file (+ companion latents; PNG samples need ``family`` for the VAE) into a PairSet."""
+    path = Path(path)
+    records = read_records(path)
+    rows = [r[k] for r in records for k in ("a", "b") if isinstance(r[k], int)]
+    latents = _read_latents(path) if rows else None
+    if latents is not None and max(rows) >= latents.shape[0]:
+        bad = next(n for n, r in enumerate(records, 1) if max(_ints(r), default=-1) >= latents.shape[0])
+        raise FlashDMDError(f"{path}: pair {bad} points at latent row {max(rows)} but "
+                            f"{companion_path(path).name} has {latents.shape[0]} rows")
+    pngs = sorted({r[k] for r in records for k in ("a", "b") if isinstance(r[k], str)})
+    encoded = _encode_pngs(pngs, path.parent, family) if pngs else {}
+
+    def sample(v) -> Tensor:
+        return latents[v] if isinstance(v, int) else encoded[v]
+
+    a = [sample(r["a"]) for r in records]
+    b = [sample(r["b"]) for r in records]
+    shapes = {tuple(x.shape) for x in a + b}
+    if len(shapes) > 1:
+        raise FlashDMDError(f"{path}: samples have different latent shapes {sorted(shapes)}")
+    a, b = torch.stack(a).float(), torch.stack(b).float()
+    pref_a = torch.tensor([r["preferred"] == "a" for r in records])[:, None, None, None]
+    return PairSet([r["prompt"] for r in records], torch.where(pref_a, a, b), torch.where(pref_a, b, a),
+                   [r.get("label") for r in records])
+
+
+def _ints(r: dict) -> list[int]:
+    return [r[k] for k in ("a", "b") if isinstance(r[k], int)]
+
+
+def _read_latents(path: Path) -> Tensor:
+    from safetensors.torch import load_file
+    comp = companion_path(path)
+    if not comp.is_file():
+        raise FlashDMDError(f"{path} refers to latent rows but its companion {comp.name} is missing")
+    try:
+        state = load_file(str(comp))
+    except Exception as e:  # truncated / not a safetensors file
+        raise FlashDMDError(f"cannot read {comp}: {e}") from None
+    if LATENTS_KEY not in state or state[LATENTS_KEY].ndim != 4:
+        raise FlashDMDError(f"{comp} must hold one tensor {LATENTS_KEY!r} of shape (M, C, h, w)")
+    return state[LATENTS_KEY]
+
+
+@torch.no_grad()
+def _encode_pngs(names: list[str], root: Path, family) -> dict[str, Tensor]:
+    """PNG paths -> clean latents (C, h, w) through the family's VAE (posterior mean)."""
+    import numpy as np
+    from PIL import Image
+    if family is None:
+        raise FlashDMDError("the pairs file names PNG samples; pass the teacher (--family-model) to VAE-encode them")
+    res = family.default_resolution
+    out = {}
+    for name in names:
+        p = Path(name) if Path(name).is_absolute() else root / name
+        if not p.is_file():
+            raise FlashDMDError(f"sample image {p} does not exist")
+        try:
+            img = Image.open(p).convert("RGB")
+        except Exception as e:  # not an image
+            raise FlashDMDError(f"cannot read sample image {p}: {e}") from None
+        if img.size != (res, res):
+            img = img.resize((res, res), Image.BICUBIC)
+        x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        out[name] = family.encode_images(x[None].to(family.device))[0].cpu()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# make-pairs: sample the world's teacher and a student, let the oracle judge
+
+
+@torch.no_grad()
+def sample_model_latents(model, prompts: list[str], seed: int, steps: int | None = None,
+                         guidance_scale: float | None = None, batch_size: int = 64, progress=None) -> Tensor:
+    """Clean latents (N, C, h, w) of a :class:`flashdmd.evaluation.runner.Model` -- the same sampling
+    rules and per-image noise seeding (seed, i) as :func:`flashdmd.evaluation.runner.sample_images`."""
+    from flashdmd.evaluation.runner import TEACHER_DEFAULT_STEPS, teacher_timesteps
+    fam = model.family
+    w = model.guidance_scale if guidance_scale is None else guidance_scale
+    if model.timesteps is not None and steps in (None, len(model.timesteps)):
+        ts, init = model.timesteps, "noise"
+    else:
+        ts, init = teacher_timesteps(fam, steps or TEACHER_DEFAULT_STEPS), "pipeline"
+    res = fam.default_resolution
+    shape = fam.latent_shape(res, res)
+    out = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
+                             for i in range(len(chunk))]).to(fam.device)
+        gen = torch.Generator(device=fam.device).manual_seed(seed + start)
+        cond = fam.encode_prompts(chunk)
+        out.append(fam.sample_latents(model.net, cond, noise, ts, guidance_scale=w, stochastic=model.stochastic,
+                                      generator=gen, init=init).float().cpu())
+        if progress is not None:
+            progress.update(len(chunk))
+    return torch.cat(out)
+
+
+def make_pairs(model_spec: str, student_spec: str | None, num: int, out: str | Path, seed: int = 0,
+               steps_a: int | None = None, steps_b: int | None = None, cfg_a: float | None = None,
+               cfg_b: float | None = None, batch_size: int = 64, temperature: float = 0.0,
+               progress: bool = True) -> dict:
+    """Draw ``num`` pairs for the embedded world and let its oracle judge them; write FILE.jsonl + latents.
+
+    Sample a: ``model_spec`` (the teacher; its own steps / CFG unless ``steps_a`` / ``cfg_a``) at noise seed
+    ``2*seed``. Sample b: ``student_spec`` (a distill run folder or any model spec; default: ``model_spec``
+    again) at noise seed ``2*seed + 1`` (per-image noise as in ``sample_images``). Prompts: world training templates over uniformly drawn classes; the
+    label is :func:`flashdmd.world.prompts.class_of_prompt` of the prompt. Both are decoded and judged by
+    :meth:`flashdmd.world.oracle.Oracle.prefer` (``temperature`` > 0: a noisy Bradley-Terry rater).
+    """
+    from tqdm.auto import tqdm
+
+    from flashdmd.evaluation.runner import load_model
+    from flashdmd.world.oracle import Oracle
+    from flashdmd.world.prompts import class_of_prompt, prompts_for
+    if num < 1:
+        raise FlashDMDError("--num must be >= 1")
+    out = Path(out)
+    if not out.parent.is_dir():
+        raise FlashDMDError(f"folder {out.parent} for --out does not exist")
+    t0 = time.perf_counter()
+    model_a = load_model(model_spec)
+    model_b = model_a if student_spec in (None, model_spec) else load_model(student_spec)
+    fam = model_a.family
+    if model_b.family.name != fam.name or model_b.family.latent_channels != fam.latent_channels \
+            or model_b.family.default_resolution != fam.default_resolution:
+        raise FlashDMDError(f"{student_spec} is not in the latent space of {model_spec} (family or latent shape differs)")
+    oracle = Oracle.load(device=fam.device)
+    g = torch.Generator().manual_seed(seed)
+    prompts = prompts_for(torch.randint(0, 10, (num,), generator=g).tolist(), seed)
+    labels = [class_of_prompt(p) for p in prompts]
+    bar = tqdm(total=2 * num, desc="sampling", unit="img", disable=not progress)
+    # the two sides use disjoint noise streams: image i of side a (b) uses seed 2*seed (2*seed+1), index i
+    lat_a = sample_model_latents(model_a, prompts, 2 * seed, steps_a, cfg_a, batch_size, progress=bar)
+    lat_b = sample_model_latents(model_b, prompts, 2 * seed + 1, steps_b, cfg_b, batch_size, progress=bar)
+    bar.close()
+    pref, score_a, score_b = [], [], []
+    rater = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for start in range(0, num, batch_size):
+            sl, y = slice(start, start + batch_size), labels[start:start + batch_size]
+            pa = fam.decode_latents(lat_a[sl].to(fam.device)).clamp(-1, 1)
+            pb = model_b.family.decode_latents(lat_b[sl].to(fam.device)).clamp(-1, 1)
+            score_a += oracle.score(pa, y).tolist()
+            score_b += oracle.score(pb, y).tolist()
+            pref += oracle.prefer(pa, pb, y, temperature=temperature, generator=rater).tolist()
+    latents = torch.stack([lat_a, lat_b], dim=1).flatten(0, 1)  # rows 2i (a), 2i+1 (b)
+    src_a = {"model": model_spec, "kind": model_a.kind, "steps": steps_a, "cfg": cfg_a, "seed": seed * 2}
+    src_b = {"model": student_spec or model_spec, "kind": model_b.kind, "steps": steps_b, "cfg": cfg_b,
+             "seed": seed * 2 + 1}
+    records = [{"prompt": p, "a": 2 * i, "b": 2 * i + 1, "preferred": "a" if pref[i] else "b", "label": labels[i],
+                "meta": {"score_a": round(score_a[i], 5), "score_b": round(score_b[i], 5)}}
+               for i, p in enumerate(prompts)]
+    write_pairs(out, records, latents)
+    summary = {"pairs": num, "out": str(out), "latents": str(companion_path(out)), "a": src_a, "b": src_b,
+               "a_preferred": sum(pref) / num, "temperature": temperature,
+               "mean_score_a": sum(score_a) / num, "mean_score_b": sum(score_b) / num,
+               "wall_seconds": time.perf_counter() - t0}
+    out.with_suffix(".meta.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def add_make_pairs_arguments(p) -> None:
+    p.add_argument("--model", default="world-sdxl", help="sample a: teacher folder or world name (default world-sdxl)")
+    p.add_argument("--student", default=None,
+                   help="sample b: a distill run folder or model spec (default: --model again, other seed)")
+    p.add_argument("--num", type=int, required=True, help="number of pairs")
+    p.add_argument("--out", required=True, help="pairs file FILE.jsonl (latents go to FILE.safetensors)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps-a", type=int, default=None, help="sampling steps of a (default: the model's own)")
+    p.add_argument("--steps-b", type=int, default=None, help="sampling steps of b (default: the model's own)")
+    p.add_argument("--cfg-a", type=float, default=None, help="guidance scale of a (default: the model's own)")
+    p.add_argument("--cfg-b", type=float, default=None, help="guidance scale of b (default: the model's own)")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0,
+                   help="oracle rater noise: 0 = deterministic, >0 = Bradley-Terry draws at this temperature")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def run_make_pairs(args) -> None:
+    summary = make_pairs(args.model, args.student, args.num, args.out, seed=args.seed, steps_a=args.steps_a,
+                         steps_b=args.steps_b, cfg_a=args.cfg_a, cfg_b=args.cfg_b, batch_size=args.batch_size,
+                         temperature=args.temperature, progress=not args.no_progress)
+    print(json.dumps(summary, indent=2))
