@@ -83,16 +83,6 @@ def _cmd_reward_train(args):
     train.run_train(args)
 
 
-def _cmd_reward_make_pairs(args):
-    from flashdmd.rewards import pairs
-    pairs.run_make_pairs(args)
-
-
-def _cmd_reward_train(args):
-    from flashdmd.rewards import train
-    train.run_train(args)
-
-
 def _cmd_config_help(args):
     import dataclasses
 
@@ -162,20 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:  # pragma: no cover
         pass
     exp.set_defaults(func=_cmd_export)
-
-    reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")
-    rsub = reward.add_subparsers(dest="reward_command", required=True)
-    mk = rsub.add_parser("make-pairs", help="sample teacher vs student pairs and let the world's oracle judge them")
-    rt = rsub.add_parser("train", help="train a latent reward model on a pairs file (noisy Bradley-Terry)")
-    try:
-        from flashdmd.rewards import pairs as _pairs
-        from flashdmd.rewards import train as _rtrain
-        _pairs.add_make_pairs_arguments(mk)
-        _rtrain.add_train_arguments(rt)
-    except ImportError:  # pragma: no cover
-        pass
-    mk.set_defaults(func=_cmd_reward_make_pairs)
-    rt.set_defaults(func=_cmd_reward_train)
 
     ch = sub.add_parser("config-help", help="list every config field with its default and help text")
     ch.set_defaults(func=_cmd_config_help)
