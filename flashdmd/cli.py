@@ -43,7 +43,7 @@ def _cmd_distill(args):
     from flashdmd.training.distill import train
     cfg = DistillConfig.from_sources(args.config, args.set)
     print(cfg.to_yaml(), end="")
-    result = train(cfg, args.out, progress=not args.no_progress)
+    result = train(cfg, args.out, progress=not args.no_progress, resume=args.resume)
     last = result["evals"][-1] if result["evals"] else {}
     summary = {k: last[k] for k in ("fd", "alignment", "diversity", "oracle") if k in last}
     print(f"done: {result['generator_steps']} generator steps in {result['wall_seconds']:.0f} s; student in "
@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="override a config field (repeatable); `flashdmd config-help` lists the fields")
     dist.add_argument("--out", required=True, help="run folder (created)")
     dist.add_argument("--no-progress", action="store_true", help="no progress bar")
+    dist.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
+                      help="continue from the newest intact checkpoint in --out, or from a checkpoint folder")
     dist.set_defaults(func=_cmd_distill)
 
     reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")

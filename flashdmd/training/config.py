@@ -119,7 +119,11 @@ class DistillConfig:
     sample_every_steps: int = _f(100, "image grid every N generator steps (0 = never)")
     eval_every_steps: int = _f(100, "world metrics of the K-step student every N generator steps (0 = never)")
     eval_num_images: int = _f(500, "images per evaluation")
-    checkpoint_every_steps: int = _f(200, "checkpoint every N generator steps (0 = only at the end)")
+    checkpoint_every_steps: int = _f(200, "full checkpoint (every role, optimiser, RNG, counter) every N student "
+                                     "updates; 0 = only the final student")
+    checkpoint_keep_last: int = _f(3, "checkpoints kept (older ones deleted after a newer one is complete)")
+    max_nonfinite_in_row: int = _f(5, "a NaN/Inf loss or gradient skips that update with a warning; after this many "
+                                   "in a row for one role the run stops")
 
     # -------------------------------------------------------------------------------------------------
     def __post_init__(self):
@@ -151,7 +155,7 @@ class DistillConfig:
             need(getattr(self, name) > 0, f"{name} must be > 0")
         for name in ("batch_size", "max_steps"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
-        for name in ("log_every_steps",):
+        for name in ("log_every_steps", "checkpoint_keep_last", "max_nonfinite_in_row"):
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("sample_every_steps", "eval_every_steps", "checkpoint_every_steps", "optim_warmup_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,8 @@ class Context:
     stage: int = 1
     reference: torch.nn.Module | None = None
     reward: torch.nn.Module | None = None
+    nonfinite: dict = field(default_factory=dict)
+    last_checkpoint: str | None = None
 
     def real_latents(self, n: int) -> Tensor:
         pixels, _ = self.real.sample(n)
@@ -129,10 +132,22 @@ def _make_optimizers(ctx: Context):
 # steps
 
 def _optimise(ctx: Context, role: str, loss: Tensor, params) -> float:
+    """Backward, clip, step. A non-finite loss or gradient norm skips the update with a warning; after
+    ``max_nonfinite_in_row`` in a row for this role the run stops with a clear error."""
     opt = ctx.opt[role]
     opt.zero_grad(set_to_none=True)
     ctx.accelerator.backward(loss)
     norm = torch.nn.utils.clip_grad_norm_(params, ctx.cfg.optim_grad_clip)
+    if not (torch.isfinite(loss) and torch.isfinite(norm)):
+        opt.zero_grad(set_to_none=True)
+        n = ctx.nonfinite[role] = ctx.nonfinite.get(role, 0) + 1
+        what = "loss" if not torch.isfinite(loss) else "gradient"
+        warnings.warn(f"{role}: non-finite {what} at step {ctx.global_step}; update skipped ({n} in a row)", stacklevel=2)
+        if n >= ctx.cfg.max_nonfinite_in_row:
+            raise FlashDMDError(f"{role}: {n} non-finite updates in a row at step {ctx.global_step}; lower the learning "
+                                f"rates or check the data (last good checkpoint: {ctx.last_checkpoint or 'none'})")
+        return float("nan")
+    ctx.nonfinite[role] = 0
     opt.step()
     ctx.sched[role].step()
     return float(norm)
@@ -249,13 +264,21 @@ def distill_iteration(ctx: Context, writer) -> bool:
 
 
 def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
-          max_iterations: int | None = None, ctx: Context | None = None) -> dict:
+          max_iterations: int | None = None, ctx: Context | None = None, resume: str | None = None) -> dict:
     """Stage 1 for ``cfg.max_steps`` generator steps (or ``max_iterations`` iterations), then Stage 2 when
-    ``cfg.rl_enabled``, into ``out_dir``. ``ctx`` lets a caller (tests) pass a context built by :func:`setup`."""
+    ``cfg.rl_enabled``, into ``out_dir``. ``resume``: "latest" or a checkpoint folder. ``ctx`` lets a caller
+    (tests) pass a context built by :func:`setup`."""
+    from flashdmd.training.checkpoint import load_checkpoint, resolve
     from flashdmd.training.run import RunWriter
 
     ctx = ctx or setup(cfg, accelerator)
     writer = RunWriter(out_dir, cfg, ctx)
+    if resume:
+        folder = resolve(Path(out_dir), resume)
+        load_checkpoint(ctx, writer, folder)
+        ctx.last_checkpoint = str(folder)
+        if ctx.accelerator.is_main_process:
+            print(f"resumed from {folder} at step {ctx.global_step} (stage {ctx.stage})")
     t0 = time.time()
     total = cfg.max_steps * cfg.fake_score_ttur
     if max_iterations is not None:
@@ -267,18 +290,25 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
         bar.set_postfix(gen_step=ctx.generator_steps)
     bar.close()
     if cfg.rl_enabled and max_iterations is None:
+        if ctx.stage == 1:
+            setup_stage2_once(ctx, writer)
         run_stage2(ctx, writer, progress)
     return writer.finish(ctx, wall_seconds=time.time() - t0)
+
+
+def setup_stage2_once(ctx: Context, writer) -> None:
+    """Enter Stage 2: freeze the reference, load the LRM, evaluate the Stage-1 student as the guard's baseline."""
+    from flashdmd.training.stage2 import setup_stage2
+    setup_stage2(ctx)
+    ctx.stage = 2
+    writer.start_stage2(ctx)
 
 
 def run_stage2(ctx: Context, writer, progress: bool) -> None:
     """RL updates, with one Stage-1 distillation cycle (one generator update and its TTUR critic updates)
     after every ``rl_distill_ratio`` of them."""
-    from flashdmd.training.stage2 import rl_step, setup_stage2
+    from flashdmd.training.stage2 import rl_step
     cfg = ctx.cfg
-    setup_stage2(ctx)
-    ctx.stage = 2
-    writer.start_stage2(ctx)
     bar = _progress(cfg.rl_steps, "stage 2", progress and ctx.accelerator.is_main_process, initial=ctx.rl_steps)
     while ctx.rl_steps < cfg.rl_steps:
         prompts, _ = ctx.prompts.sample(cfg.batch_size)

@@ -169,10 +169,25 @@ class RunWriter:
             warnings.warn(msg, stacklevel=2)
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def maybe_checkpoint(self, ctx):
+    def maybe_checkpoint(self, ctx, force: bool = False):
         n = self.cfg.checkpoint_every_steps
-        if n and ctx.global_step % n == 0:
+        if force or (n and ctx.global_step % n == 0):
+            from flashdmd.training.checkpoint import save_checkpoint
+            folder = save_checkpoint(ctx, self, self.out / "checkpoints", self.cfg.checkpoint_keep_last)
+            if folder is not None:
+                ctx.last_checkpoint = str(folder)
             self.save_student(ctx)
+
+    def state_dict(self) -> dict:
+        return {"history": self.history, "evals": self.evals, "lrm_scores": self.lrm_scores,
+                "stage2_baseline": self.stage2_baseline, "warnings": self.warnings,
+                "elapsed": time.time() - self.t0, "sums": self.sums, "counts": self.counts}
+
+    def load_state_dict(self, s: dict):
+        self.history, self.evals, self.lrm_scores = s["history"], s["evals"], s["lrm_scores"]
+        self.stage2_baseline, self.warnings = s["stage2_baseline"], s["warnings"]
+        self.sums, self.counts = s["sums"], s["counts"]
+        self.t0 = time.time() - s["elapsed"]
 
     def save_student(self, ctx):
         ctx.accelerator.wait_for_everyone()

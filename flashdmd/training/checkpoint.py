@@ -1,0 +1,268 @@
+"""Checkpoints that a crash or a kill never leaves half-written, and exact resume.
+
+A checkpoint is a folder ``DIR/checkpoints/step_XXXXXXXX/`` holding
+
+    roles.safetensors      student, fake score, discriminator heads, (Stage 2) reference -- trainable state
+    optim.safetensors      every optimiser's tensors;  optim.json  their scalars and param groups
+    rng_rank{r}.safetensors / rng_rank{r}.json   torch / device generator states, python RNGs, data position
+    state.json             counters (iteration, generator / RL / global steps, stage), lr-scheduler states,
+                           the run writer's history
+    manifest.json          sha256 and size of every file above -- written last
+
+It is written into ``.tmp-step_XXXXXXXX`` (each file fsynced), then renamed: a reader never sees a partial
+folder, and a folder without a matching manifest is ignored. ``latest`` resolves to the newest checkpoint whose
+manifest verifies; a corrupt one is reported in one line and the previous good one is used.
+Nothing is unpickled: tensors go through safetensors, everything else through JSON.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from flashdmd import FlashDMDError
+
+PREFIX = "step_"
+
+
+# ---------------------------------------------------------------------------------------------------
+# small I/O helpers
+
+def _fsync_dir(path: Path):
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+
+
+def _write_json(path: Path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_tensors(path: Path, tensors: dict):
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------------
+# what is saved
+
+def _trainable_state(module, names: set[str] | None = None) -> dict:
+    """The tensors of ``module`` that training changes: its trainable parameters (or ``names``) and its own
+    buffers. Frozen weights are not saved: they come back from the teacher / backbone folders."""
+    names = names if names is not None else {n for n, p in module.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in module.named_buffers() if not n.startswith("backbone.")}
+    return {k: v for k, v in module.state_dict().items() if k in names or k in buffers}
+
+
+def _roles(ctx) -> dict:
+    """role -> (module, names of its saved tensors or None for "its trainable ones")."""
+    unwrap = ctx.accelerator.unwrap_model
+    roles = {"student": (unwrap(ctx.student), None), "fake_score": (unwrap(ctx.fake_score), None)}
+    if ctx.disc is not None:
+        roles["disc"] = (unwrap(ctx.disc), None)
+    if ctx.reference is not None:  # frozen copy of the student: save what the student trains
+        roles["reference"] = (ctx.reference, {n for n, p in roles["student"][0].named_parameters() if p.requires_grad})
+    return roles
+
+
+def _optim_split(opt) -> tuple[dict, dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
+    for idx, st in sd["state"].items():
+        scalars["state"][str(idx)] = {}
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}/{k}"] = v
+            else:
+                scalars["state"][str(idx)][k] = v
+    return tensors, scalars
+
+
+def _optim_join(tensors: dict, scalars: dict) -> dict:
+    state = {}
+    for idx, st in scalars["state"].items():
+        state[int(idx)] = dict(st)
+    for key, v in tensors.items():
+        idx, k = key.split("/", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": scalars["param_groups"]}
+
+
+def _rng_state(ctx) -> tuple[dict, dict]:
+    tensors = {"torch_cpu": torch.get_rng_state(), "ctx_gen": ctx.gen.get_state()}
+    if torch.cuda.is_available():
+        tensors["torch_cuda"] = torch.cuda.get_rng_state()
+    if ctx.real is not None:
+        tensors["real_images"] = ctx.real.gen.get_state()
+    py = {"step_rng": _jsonable(ctx.step_rng.getstate()), "prompts": _jsonable(ctx.prompts.rng.getstate()),
+          "python": _jsonable(random.getstate())}
+    return tensors, py
+
+
+def _jsonable(state):
+    return [state[0], list(state[1]), state[2]]
+
+
+def _pystate(obj):
+    return (obj[0], tuple(obj[1]), obj[2])
+
+
+def _all_finite(roles: dict) -> bool:
+    return all(bool(torch.isfinite(t).all()) for m, names in roles.values()
+               for t in _trainable_state(m, names).values() if t.is_floating_point())
+
+
+# ---------------------------------------------------------------------------------------------------
+# save / load
+
+def save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
+    """Write a checkpoint of every role, optimiser, scheduler, RNG and counter. Returns its folder, or None when
+    a role holds a non-finite value (a non-finite checkpoint is never written)."""
+    acc = ctx.accelerator
+    roles = _roles(ctx)
+    if not _all_finite(roles):
+        warnings.warn(f"step {ctx.global_step}: non-finite weights, checkpoint not written", stacklevel=2)
+        return None
+    name = f"{PREFIX}{ctx.global_step:08d}"
+    tmp = root / f".tmp-{name}"
+    if acc.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    acc.wait_for_everyone()
+    rng_t, rng_py = _rng_state(ctx)
+    _write_tensors(tmp / f"rng_rank{acc.process_index}.safetensors", rng_t)
+    _write_json(tmp / f"rng_rank{acc.process_index}.json", rng_py)
+    acc.wait_for_everyone()
+    if acc.is_main_process:
+        _write_tensors(tmp / "roles.safetensors",
+                       {f"{r}/{k}": v for r, (m, names) in roles.items() for k, v in _trainable_state(m, names).items()})
+        opt_t, opt_s = {}, {}
+        for role, opt in ctx.opt.items():
+            t, s = _optim_split(opt)
+            opt_t.update({f"{role}/{k}": v for k, v in t.items()})
+            opt_s[role] = s
+        _write_tensors(tmp / "optim.safetensors", opt_t)
+        _write_json(tmp / "optim.json", opt_s)
+        _write_json(tmp / "state.json", {
+            "iteration": ctx.iteration, "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps,
+            "global_step": ctx.global_step, "stage": ctx.stage, "num_processes": acc.num_processes,
+            "sched": {k: s.state_dict() for k, s in ctx.sched.items()}, "writer": writer.state_dict()})
+        files = sorted(p for p in tmp.iterdir() if p.is_file())
+        _write_json(tmp / "manifest.json", {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files})
+        final = root / name
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _prune(root, keep_last)
+    acc.wait_for_everyone()
+    return root / name
+
+
+def _prune(root: Path, keep_last: int):
+    done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
+    for old in done[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def verify(folder: Path) -> str | None:
+    """None if the checkpoint is complete and intact, else a one-line reason."""
+    man = folder / "manifest.json"
+    if not man.is_file():
+        return "no manifest (incomplete write)"
+    try:
+        entries = json.loads(man.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return "manifest is corrupt"
+    for name, meta in entries.items():
+        p = folder / name
+        if not p.is_file():
+            return f"{name} is missing"
+        if p.stat().st_size != meta["bytes"] or _sha256(p) != meta["sha256"]:
+            return f"{name} fails its checksum"
+    return None
+
+
+def resolve(run_dir: Path, spec: str) -> Path:
+    """``latest`` -> the newest intact checkpoint under run_dir/checkpoints (corrupt ones reported, skipped);
+    a path -> that checkpoint, which must verify."""
+    if spec != "latest":
+        p = Path(spec)
+        reason = verify(p) if p.is_dir() else "not a folder"
+        if reason:
+            raise FlashDMDError(f"checkpoint {p} cannot be used: {reason}")
+        return p
+    root = run_dir / "checkpoints"
+    cands = sorted((p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX)), reverse=True) \
+        if root.is_dir() else []
+    for p in cands:
+        reason = verify(p)
+        if reason is None:
+            return p
+        print(f"warning: checkpoint {p} is unusable ({reason}); trying the previous one")
+    raise FlashDMDError(f"no intact checkpoint under {root} to resume from; start without --resume")
+
+
+def load_checkpoint(ctx, writer, folder: Path) -> None:
+    """Restore every role, optimiser, scheduler, RNG and counter from a verified checkpoint folder."""
+    acc = ctx.accelerator
+    state = json.loads((folder / "state.json").read_text())
+    if state["num_processes"] != acc.num_processes:
+        raise FlashDMDError(f"checkpoint {folder} was written by {state['num_processes']} processes, this run has "
+                            f"{acc.num_processes}: resume with the same launch")
+    if state["stage"] == 2 and ctx.reference is None:
+        from flashdmd.training.stage2 import setup_stage2
+        setup_stage2(ctx)
+        ctx.stage = 2
+    tensors = load_file(str(folder / "roles.safetensors"), device=str(acc.device))
+    for role, (module, names) in _roles(ctx).items():
+        part = {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(role + "/")}
+        missing = set(_trainable_state(module, names)) - set(part)
+        if missing:
+            raise FlashDMDError(f"checkpoint {folder} lacks {len(missing)} tensors of {role} (e.g. {sorted(missing)[0]}): "
+                                "was it written with a different config?")
+        module.load_state_dict(part, strict=False)
+    opt_t = load_file(str(folder / "optim.safetensors"), device=str(acc.device))
+    opt_s = json.loads((folder / "optim.json").read_text())
+    for role, opt in ctx.opt.items():
+        t = {k[len(role) + 1:]: v for k, v in opt_t.items() if k.startswith(role + "/")}
+        opt.load_state_dict(_optim_join(t, opt_s[role]))
+    for k, s in ctx.sched.items():
+        ctx.sched[k].load_state_dict(state["sched"][k])
+    rng_t = load_file(str(folder / f"rng_rank{acc.process_index}.safetensors"))
+    rng_py = json.loads((folder / f"rng_rank{acc.process_index}.json").read_text())
+    torch.set_rng_state(rng_t["torch_cpu"])
+    ctx.gen.set_state(rng_t["ctx_gen"])
+    if "torch_cuda" in rng_t and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng_t["torch_cuda"])
+    if ctx.real is not None:
+        ctx.real.gen.set_state(rng_t["real_images"])
+    ctx.step_rng.setstate(_pystate(rng_py["step_rng"]))
+    ctx.prompts.rng.setstate(_pystate(rng_py["prompts"]))
+    random.setstate(_pystate(rng_py["python"]))
+    for k in ("iteration", "generator_steps", "rl_steps", "global_step", "stage"):
+        setattr(ctx, k, state[k])
+    writer.load_state_dict(state["writer"])
