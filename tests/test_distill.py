@@ -89,7 +89,7 @@ def test_dm_gradient_only_at_high_noise_and_gan_only_at_low(folders, branch):
     seen = set()
     for _ in range(6):  # several iterations so several high-noise steps are drawn
         records.clear()
-        prompts, _ = ctx.prompts.sample(2)
+        prompts, _ = ctx.prompts.sample(2, ctx.rng)
         cond = ctx.family.encode_prompts(prompts)
         out = rollout(ctx, cond, ctx.family.null_conditioning(2), with_grad=True)
         out["loss"].backward()
@@ -110,7 +110,7 @@ def test_dm_gradient_only_at_high_noise_and_gan_only_at_low(folders, branch):
 def test_dmd2_routes_both_losses_to_one_step(folders):
     ctx = setup(_cfg(folders, "sdxl", "dmd2", disc_gen_weight=1.0))
     records, handle = _record_student_outputs(ctx)
-    prompts, _ = ctx.prompts.sample(2)
+    prompts, _ = ctx.prompts.sample(2, ctx.rng)
     out = rollout(ctx, ctx.family.encode_prompts(prompts), ctx.family.null_conditioning(2), with_grad=True)
     out["loss"].backward()
     handle.remove()
@@ -125,13 +125,18 @@ def test_backward_simulation_matches_student_sampler(folders):
     cond = fam.encode_prompts(["a photo of a dress", "a small bag"])
     z = torch.randn((2,) + fam.latent_shape(32, 32))
     from flashdmd.diffusion.samplers import trajectory
-    ctx.gen.manual_seed(5)
+    from flashdmd.training.rng import SampleRNG
+    ctx.rng = SampleRNG(5)
     with torch.no_grad():
         ref = [x for _, x, _ in trajectory(fam.denoiser_fn(ctx.student, cond), z, ctx.timesteps, fam.schedule,
-                                           stochastic=True, generator=ctx.gen)]
+                                           stochastic=True, generator=SampleRNG(5))]
     for k in range(len(ctx.timesteps)):
-        ctx.gen.manual_seed(5)
+        ctx.rng = SampleRNG(5)
         torch.testing.assert_close(steps.student_input(ctx, z, k, cond), ref[k])
+    # each re-noising draws fresh noise: consecutive draws are uncorrelated
+    r = SampleRNG(5)
+    a, b = r.randn((2, 4, 8, 8)), r.randn((2, 4, 8, 8))
+    assert torch.corrcoef(torch.stack([a.flatten(), b.flatten()]))[0, 1].abs() < 0.2
 
 
 def test_ema_pull_matches_formula():
@@ -160,7 +165,7 @@ def test_ttur_counts_updates(folders, tmp_path, ttur):
 def test_ema_pull_happens_after_each_generator_step(folders, tmp_path):
     cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ema=0.5, max_steps=1)
     ctx = setup(cfg)
-    prompts, _ = ctx.prompts.sample(2)
+    prompts, _ = ctx.prompts.sample(2, ctx.rng)
     cond = ctx.family.encode_prompts(prompts)
     from flashdmd.training.distill import generator_step
     fake_before = _snapshot(ctx.fake_score)

@@ -34,10 +34,12 @@ def renoise(x0: Tensor, eps: Tensor, t_next: float, schedule, *, stochastic: boo
             generator: torch.Generator | None = None) -> Tensor:
     """x_{k+1} = alpha(t_next) x0 + sigma(t_next) n, n = eps (ODE) or fresh N(0, I) (stochastic)."""
     a, s = schedule.alpha_sigma(_t(t_next, x0))
-    if stochastic:
-        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    else:
+    if not stochastic:
         noise = eps
+    elif hasattr(generator, "randn_like"):  # flashdmd.training.rng.SampleRNG: per-sample indexed draws
+        noise = generator.randn_like(x0)
+    else:
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
     return bcast(a, x0) * x0 + bcast(s, x0) * noise
 
 

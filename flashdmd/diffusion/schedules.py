@@ -76,9 +76,13 @@ class VPSchedule:
     def sample_timesteps(self, n: int, lo: float = 0.0, hi: float = 1.0, generator=None,
                          device="cpu") -> Tensor:
         """Uniform integer timesteps in [lo*T, hi*T) -- DMD2 uses lo=0.02, hi=0.98 for the DM loss."""
+        return self.timesteps_from_uniform(torch.rand((n,), generator=generator, device=device), lo, hi)
+
+    def timesteps_from_uniform(self, u: Tensor, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+        """Map u ~ U[0, 1) to a uniform integer timestep in [lo*T, hi*T)."""
         a = int(lo * self.num_train_timesteps)
         b = max(a + 1, int(hi * self.num_train_timesteps))
-        return torch.randint(a, b, (n,), generator=generator, device=device)
+        return (a + (u * (b - a)).floor()).clamp(a, b - 1).long()
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         a, s = self.alpha_sigma(torch.as_tensor(t, device=x0.device))
@@ -124,8 +128,11 @@ class FlowSchedule:
     def sample_timesteps(self, n: int, lo: float = 0.0, hi: float = 1.0, generator=None,
                          device="cpu") -> Tensor:
         """Draw u ~ U[lo, hi) and return the shifted model timestep 1000*shift(u)."""
-        u = lo + (hi - lo) * torch.rand((n,), generator=generator, device=device)
-        return self.shifted_timesteps(u)
+        return self.timesteps_from_uniform(torch.rand((n,), generator=generator, device=device), lo, hi)
+
+    def timesteps_from_uniform(self, u: Tensor, lo: float = 0.0, hi: float = 1.0) -> Tensor:
+        """Map u ~ U[0, 1) to the shifted model timestep 1000*shift(lo + (hi - lo) u)."""
+        return self.shifted_timesteps(lo + (hi - lo) * u)
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         a, s = self.alpha_sigma(torch.as_tensor(t, device=x0.device))

@@ -4,7 +4,7 @@ A checkpoint is a folder ``DIR/checkpoints/step_XXXXXXXX/`` holding
 
     roles.safetensors      student, fake score, discriminator heads, (Stage 2) reference -- trainable state
     optim.safetensors      every optimiser's tensors;  optim.json  their scalars and param groups
-    rng_rank{r}.safetensors / rng_rank{r}.json   torch / device generator states, python RNGs, data position
+    rng_rank{r}.safetensors / rng_rank{r}.json   the run's draw counter (= data position), torch / python RNGs
     state.json             counters (iteration, generator / RL / global steps, stage), lr-scheduler states,
                            the run writer's history
     manifest.json          sha256 and size of every file above -- written last
@@ -113,13 +113,12 @@ def _optim_join(tensors: dict, scalars: dict) -> dict:
 
 
 def _rng_state(ctx) -> tuple[dict, dict]:
-    tensors = {"torch_cpu": torch.get_rng_state(), "ctx_gen": ctx.gen.get_state()}
+    """The run's own draws are one counter (training/rng.py); torch's and python's global generators are saved
+    too, for anything outside flashdmd that draws from them."""
+    tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    if ctx.real is not None:
-        tensors["real_images"] = ctx.real.gen.get_state()
-    py = {"step_rng": _jsonable(ctx.step_rng.getstate()), "prompts": _jsonable(ctx.prompts.rng.getstate()),
-          "python": _jsonable(random.getstate())}
+    py = {"sample_rng": ctx.rng.state_dict(), "python": _jsonable(random.getstate())}
     return tensors, py
 
 
@@ -255,13 +254,9 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
     rng_t = load_file(str(folder / f"rng_rank{acc.process_index}.safetensors"))
     rng_py = json.loads((folder / f"rng_rank{acc.process_index}.json").read_text())
     torch.set_rng_state(rng_t["torch_cpu"])
-    ctx.gen.set_state(rng_t["ctx_gen"])
     if "torch_cuda" in rng_t and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng_t["torch_cuda"])
-    if ctx.real is not None:
-        ctx.real.gen.set_state(rng_t["real_images"])
-    ctx.step_rng.setstate(_pystate(rng_py["step_rng"]))
-    ctx.prompts.rng.setstate(_pystate(rng_py["prompts"]))
+    ctx.rng.load_state_dict(rng_py["sample_rng"])
     random.setstate(_pystate(rng_py["python"]))
     for k in ("iteration", "generator_steps", "rl_steps", "global_step", "stage"):
         setattr(ctx, k, state[k])

@@ -7,7 +7,6 @@ Both yield tensors on CPU; the loop moves them.
 """
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 import numpy as np
@@ -42,25 +41,20 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 class PromptSource:
-    """Draws batches of prompts (and, for the world, their class labels)."""
+    """Draws batches of prompts (and, for the world, their class labels), one RNG per sample
+    (``rng``: flashdmd.training.rng.SampleRNG, so the draw does not depend on the process split)."""
 
-    def __init__(self, spec: str, seed: int):
-        self.rng = random.Random(seed)
+    def __init__(self, spec: str):
         self.world = spec == "world"
         self.prompts = None if self.world else read_prompt_file(spec)
 
-    def sample(self, n: int) -> tuple[list[str], list[int] | None]:
+    def sample(self, n: int, rng) -> tuple[list[str], list[int] | None]:
+        rngs = rng.python(n)
         if self.world:
             from flashdmd.world.prompts import prompt_for
-            labels = [self.rng.randrange(10) for _ in range(n)]
-            return [prompt_for(y, self.rng) for y in labels], labels
-        return [self.rng.choice(self.prompts) for _ in range(n)], None
-
-    def state_dict(self):
-        return {"rng": self.rng.getstate()}
-
-    def load_state_dict(self, s):
-        self.rng.setstate(s["rng"])
+            labels = [r.randrange(10) for r in rngs]
+            return [prompt_for(y, r) for y, r in zip(labels, rngs)], labels
+        return [r.choice(self.prompts) for r in rngs], None
 
 
 def _load_image_folder(folder: Path, resolution: int) -> Tensor:
@@ -86,8 +80,7 @@ def _load_image_folder(folder: Path, resolution: int) -> Tensor:
 class RealImageSource:
     """Random batches of real RGB images (B, 3, H, W) in [-1, 1]."""
 
-    def __init__(self, spec: str, resolution: int, seed: int):
-        self.gen = torch.Generator().manual_seed(seed)
+    def __init__(self, spec: str, resolution: int):
         if spec == "world":
             from flashdmd.world.data import load_split, to_rgb
             imgs = load_split("train").images
@@ -102,14 +95,8 @@ class RealImageSource:
             self.images = _load_image_folder(p, resolution)
             self.labels = None
 
-    def sample(self, n: int) -> tuple[Tensor, list[int] | None]:
-        """(images (n, 3, H, W) in [-1, 1], their world class labels or None)."""
-        idx = torch.randint(0, len(self.images), (n,), generator=self.gen)
+    def sample(self, n: int, rng) -> tuple[Tensor, list[int] | None]:
+        """(images (n, 3, H, W) in [-1, 1], their world class labels or None); one index draw per sample."""
+        idx = torch.tensor([r.randrange(len(self.images)) for r in rng.python(n)])
         labels = None if self.labels is None else self.labels[idx].tolist()
         return self.images[idx].contiguous(), labels
-
-    def state_dict(self):
-        return {"gen": self.gen.get_state()}
-
-    def load_state_dict(self, s):
-        self.gen.set_state(s["gen"])

@@ -12,7 +12,6 @@
 """
 from __future__ import annotations
 
-import random
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from flashdmd.diffusion.samplers import renoise
 from flashdmd.training import steps
 from flashdmd.training.config import DistillConfig
 from flashdmd.training.data import PromptSource, RealImageSource
+from flashdmd.training.rng import SampleRNG
 from flashdmd.training.roles import build_roles, ema_pull_, trainable_parameters
 
 
@@ -40,8 +40,7 @@ class Context:
     disc: torch.nn.Module | None
     timesteps: list[float]
     n_dm: int
-    gen: torch.Generator
-    step_rng: random.Random          # identical on every rank: which student step this iteration trains
+    rng: SampleRNG                   # every random draw of the run; indexed by global sample (see training/rng.py)
     prompts: PromptSource
     real: RealImageSource | None
     opt: dict = field(default_factory=dict)
@@ -58,12 +57,12 @@ class Context:
     last_checkpoint: str | None = None
 
     def real_latents(self, n: int) -> Tensor:
-        pixels, _ = self.real.sample(n)
+        pixels, _ = self.real.sample(n, self.rng)
         with torch.no_grad():
             return self.family.encode_images(pixels.to(self.accelerator.device))
 
     def randn(self, shape) -> Tensor:
-        return torch.randn(shape, generator=self.gen, device=self.accelerator.device)
+        return self.rng.randn(shape, self.accelerator.device)
 
     def t(self, k: int, n: int) -> Tensor:
         return torch.full((n,), float(self.timesteps[k]), device=self.accelerator.device)
@@ -89,14 +88,13 @@ def setup(cfg: DistillConfig, accelerator=None) -> Context:
     n_dm = cfg.student_dm_steps if cfg.student_dm_steps is not None else max(1, len(timesteps) - 1)
     if cfg.method == "flashdmd" and n_dm > len(timesteps):
         raise FlashDMDError(f"config: student_dm_steps={n_dm} exceeds the {len(timesteps)} student steps")
-    gen = torch.Generator(device=acc.device).manual_seed(cfg.seed * 1000 + acc.process_index)
     resolution = family.default_resolution
-    real = RealImageSource(cfg.data_real, resolution, cfg.seed + acc.process_index) if cfg.disc_kind != "none" or \
+    real = RealImageSource(cfg.data_real, resolution) if cfg.disc_kind != "none" or \
         not cfg.student_backward_simulation else None
     ctx = Context(cfg=cfg, family=family, teacher=roles.teacher, student=roles.student, fake_score=roles.fake_score,
-                  disc=roles.disc, timesteps=timesteps, n_dm=n_dm, gen=gen, step_rng=random.Random(cfg.seed),
-                  prompts=PromptSource(cfg.data_prompts, cfg.seed + 7919 * acc.process_index), real=real,
-                  accelerator=acc)
+                  disc=roles.disc, timesteps=timesteps, n_dm=n_dm,
+                  rng=SampleRNG(cfg.seed, acc.process_index, cfg.batch_size),
+                  prompts=PromptSource(cfg.data_prompts), real=real, accelerator=acc)
     _make_optimizers(ctx)
     return ctx
 
@@ -165,7 +163,7 @@ def rollout(ctx: Context, cond, uncond, with_grad: bool) -> dict:
     cfg, fam = ctx.cfg, ctx.family
     b = len(cond)
     flash = cfg.method == "flashdmd"
-    k = ctx.step_rng.randrange(ctx.n_dm if flash else len(ctx.timesteps))
+    k = ctx.rng.shared_randrange(ctx.n_dm if flash else len(ctx.timesteps))
     res = fam.default_resolution
     z = ctx.randn((b,) + tuple(fam.latent_shape(res, res)))
     x_t = steps.student_input(ctx, z, k, cond)
@@ -179,9 +177,9 @@ def rollout(ctx: Context, cond, uncond, with_grad: bool) -> dict:
             logs[f"dm_loss/t{int(round(ctx.timesteps[k]))}"] = dm.item()
         x0_disc = x0
         if flash and ctx.disc is not None and ctx.n_dm < len(ctx.timesteps):
-            j = ctx.step_rng.randrange(ctx.n_dm, len(ctx.timesteps))
+            j = ctx.n_dm + ctx.rng.shared_randrange(len(ctx.timesteps) - ctx.n_dm)
             x0_clean = steps.finish_to_clean(ctx, x0.detach(), k, cond)
-            x_lo = renoise(x0_clean, None, ctx.timesteps[j], fam.schedule, stochastic=True, generator=ctx.gen)
+            x_lo = renoise(x0_clean, None, ctx.timesteps[j], fam.schedule, stochastic=True, generator=ctx.rng)
             x0_disc = fam.predict(ctx.student, x_lo, ctx.t(j, b), cond)[0]
             k_gan = j
         else:
@@ -219,11 +217,11 @@ def fake_score_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
 
 
 def _real_batch(ctx: Context, n: int):
-    pixels, labels = ctx.real.sample(n)
+    pixels, labels = ctx.real.sample(n, ctx.rng)
     pixels = pixels.to(ctx.accelerator.device)
     if labels is not None:
         from flashdmd.world.prompts import prompt_for
-        cond = _encode(ctx, [prompt_for(y, ctx.step_rng) for y in labels])
+        cond = _encode(ctx, [prompt_for(y, r) for y, r in zip(labels, ctx.rng.python(n))])
     else:
         cond = ctx.family.null_conditioning(n)
     return pixels, cond
@@ -243,7 +241,7 @@ def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
 def distill_iteration(ctx: Context, writer) -> bool:
     """One Stage-1 iteration; True when it updated the generator."""
     cfg = ctx.cfg
-    prompts, _ = ctx.prompts.sample(cfg.batch_size)
+    prompts, _ = ctx.prompts.sample(cfg.batch_size, ctx.rng)
     cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size)
     gen_now = ctx.iteration % cfg.fake_score_ttur == 0
     with ctx.accelerator.autocast():
@@ -311,7 +309,7 @@ def run_stage2(ctx: Context, writer, progress: bool) -> None:
     cfg = ctx.cfg
     bar = _progress(cfg.rl_steps, "stage 2", progress and ctx.accelerator.is_main_process, initial=ctx.rl_steps)
     while ctx.rl_steps < cfg.rl_steps:
-        prompts, _ = ctx.prompts.sample(cfg.batch_size)
+        prompts, _ = ctx.prompts.sample(cfg.batch_size, ctx.rng)
         with ctx.accelerator.autocast():
             logs = rl_step(ctx, _encode(ctx, prompts))
         writer.accumulate(logs)

@@ -54,7 +54,7 @@ def candidates(ctx, x0, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     t_next = ctx.t(k + 1, b)
     a, s = ctx.family.schedule.alpha_sigma(t_next)
     shape = (-1,) + (1,) * (x0.ndim - 1)
-    noise = torch.randn((n,) + tuple(x0.shape), generator=ctx.gen, device=x0.device, dtype=x0.dtype)
+    noise = torch.stack([ctx.rng.randn_like(x0) for _ in range(n)])
     return a.reshape(shape).to(x0.dtype) * x0 + s.reshape(shape).to(x0.dtype) * noise, t_next
 
 
@@ -68,7 +68,7 @@ def pick_pair(scores: torch.Tensor, cands: torch.Tensor):
 def rl_step(ctx, cond) -> dict:
     cfg, fam = ctx.cfg, ctx.family
     b = len(cond)
-    k = cfg.rl_step_indices[ctx.step_rng.randrange(len(cfg.rl_step_indices))]
+    k = cfg.rl_step_indices[ctx.rng.shared_randrange(len(cfg.rl_step_indices))]
     res = fam.default_resolution
     z = ctx.randn((b,) + tuple(fam.latent_shape(res, res)))
     x_t = steps.student_input(ctx, z, k, cond)

@@ -28,9 +28,9 @@ def student_input(ctx, z: Tensor, k: int, cond) -> Tensor:
         return z
     if ctx.cfg.student_backward_simulation:
         return backward_simulate(fam.denoiser_fn(ctx.student, cond), z, ctx.timesteps, fam.schedule, k,
-                                 generator=ctx.gen)
+                                 generator=ctx.rng)
     real = ctx.real_latents(z.shape[0])
-    noise = torch.randn(real.shape, generator=ctx.gen, device=real.device, dtype=real.dtype)
+    noise = ctx.rng.randn_like(real)
     return fam.schedule.add_noise(real, noise, _t(ctx.timesteps[k], z.shape[0], z.device))
 
 
@@ -39,7 +39,7 @@ def finish_to_clean(ctx, x0: Tensor, k: int, cond) -> Tensor:
     """Detach(B(x_{t_k}, 0)): run the student's remaining steps k+1..K-1 from its x0 at step k."""
     fam = ctx.family
     for j in range(k + 1, len(ctx.timesteps)):
-        x = renoise(x0, None, ctx.timesteps[j], fam.schedule, stochastic=True, generator=ctx.gen)
+        x = renoise(x0, None, ctx.timesteps[j], fam.schedule, stochastic=True, generator=ctx.rng)
         x0, _ = fam.predict(ctx.student, x, _t(ctx.timesteps[j], x.shape[0], x.device), cond)
     return x0
 
@@ -49,8 +49,8 @@ def dm_loss_at(ctx, x0: Tensor, cond, uncond) -> Tensor:
     compare the teacher with CFG against the fake score without CFG (both no grad)."""
     fam, cfg = ctx.family, ctx.cfg
     b = x0.shape[0]
-    t = fam.schedule.sample_timesteps(b, cfg.dm_t_min, cfg.dm_t_max, generator=ctx.gen, device=x0.device)
-    noise = torch.randn(x0.shape, generator=ctx.gen, device=x0.device, dtype=x0.dtype)
+    t = fam.schedule.timesteps_from_uniform(ctx.rng.rand(b, x0.device), cfg.dm_t_min, cfg.dm_t_max)
+    noise = ctx.rng.randn_like(x0)
     x_t = fam.schedule.add_noise(x0.detach(), noise, t)
     with torch.no_grad():
         x0_real, _ = fam.predict(ctx.teacher, x_t, t.float(), cond, guidance_scale=cfg.dm_guidance_scale, uncond=uncond)
@@ -71,8 +71,8 @@ def gan_generator_loss(ctx, x0: Tensor, cond) -> Tensor:
 def latent_logits(ctx, x0: Tensor, cond) -> Tensor:
     fam = ctx.family
     b = x0.shape[0]
-    t = fam.schedule.sample_timesteps(b, 0.0, 1.0, generator=ctx.gen, device=x0.device)
-    noise = torch.randn(x0.shape, generator=ctx.gen, device=x0.device, dtype=x0.dtype)
+    t = fam.schedule.timesteps_from_uniform(ctx.rng.rand(b, x0.device), 0.0, 1.0)
+    noise = ctx.rng.randn_like(x0)
     feats = fam.features(ctx.fake_score, fam.schedule.add_noise(x0, noise, t), t.float(), cond)
     return ctx.disc(feats[-1])
 
@@ -81,8 +81,8 @@ def fake_score_loss(ctx, x0_fake: Tensor, cond) -> Tensor:
     """Diffusion loss of the fake score on detached student samples, t over the full range, no CFG."""
     fam, cfg = ctx.family, ctx.cfg
     b = x0_fake.shape[0]
-    t = fam.schedule.sample_timesteps(b, 0.0, 1.0, generator=ctx.gen, device=x0_fake.device)
-    noise = torch.randn(x0_fake.shape, generator=ctx.gen, device=x0_fake.device, dtype=x0_fake.dtype)
+    t = fam.schedule.timesteps_from_uniform(ctx.rng.rand(b, x0_fake.device), 0.0, 1.0)
+    noise = ctx.rng.randn_like(x0_fake)
     x_t = fam.schedule.add_noise(x0_fake, noise, t)
     x0_pred, eps_pred = fam.predict(ctx.fake_score, x_t, t.float(), cond)
     if cfg.fake_score_target == "x0":
