@@ -334,10 +334,12 @@ def test_cli_reward_train_end_to_end(families, folders, tmp_path, capsys):
     lrm = LatentRewardModel.load(out, fam)
     assert lrm.proj_dim == 8
     capsys.readouterr()
-    # continue from the saved LRM
-    rc = main(["reward", "train", "--pairs", str(pairs), "--family-model", str(folders["sd3"]), "--out",
-               str(tmp_path / "lrm2"), "--init", str(out), "--steps", "1", "--batch", "2", "--eval-draws", "1"])
+    # continue from the saved LRM, on two pairs files concatenated
+    rc = main(["reward", "train", "--pairs", str(pairs), str(pairs), "--family-model", str(folders["sd3"]), "--out",
+               str(tmp_path / "lrm2"), "--init", str(out), "--steps", "1", "--batch", "2", "--eval-draws", "1",
+               "--threads", "1"])
     assert rc == 0
+    assert json.loads((tmp_path / "lrm2" / "metrics.json").read_text())["num_pairs"] == 24
 
 
 @pytest.mark.parametrize("content", [None, "", "{oops\n"])

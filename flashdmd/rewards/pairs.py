@@ -49,6 +49,15 @@ class PairSet:
     def __len__(self) -> int:
         return len(self.prompts)
 
+    @staticmethod
+    def cat(sets: list["PairSet"]) -> "PairSet":
+        """Concatenate pair sets (same latent shape) in order."""
+        shapes = {tuple(s.winners.shape[1:]) for s in sets}
+        if len(shapes) > 1:
+            raise FlashDMDError(f"pairs files hold latents of different shapes {sorted(shapes)}")
+        return PairSet([p for s in sets for p in s.prompts], torch.cat([s.winners for s in sets]),
+                       torch.cat([s.losers for s in sets]), [y for s in sets for y in s.labels])
+
     def subset(self, idx) -> "PairSet":
         idx = torch.as_tensor(idx, dtype=torch.long)
         return PairSet([self.prompts[i] for i in idx.tolist()], self.winners[idx], self.losers[idx],
@@ -294,9 +303,12 @@ def add_make_pairs_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="oracle rater noise: 0 = deterministic, >0 = Bradley-Terry draws at this temperature")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
 
 
 def run_make_pairs(args) -> None:
+    if args.threads:
+        torch.set_num_threads(args.threads)
     summary = make_pairs(args.model, args.student, args.num, args.out, seed=args.seed, steps_a=args.steps_a,
                          steps_b=args.steps_b, cfg_a=args.cfg_a, cfg_b=args.cfg_b, batch_size=args.batch_size,
                          temperature=args.temperature, progress=not args.no_progress)

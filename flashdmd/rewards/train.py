@@ -182,7 +182,8 @@ BACKBONE_CHOICES = {"frozen": False, "full": True, "lora": "lora"}
 
 
 def add_train_arguments(p) -> None:
-    p.add_argument("--pairs", required=True, help="pairs file (JSONL + companion .safetensors latents)")
+    p.add_argument("--pairs", required=True, nargs="+", metavar="FILE",
+                   help="pairs file(s) (JSONL + companion .safetensors latents); several are concatenated")
     p.add_argument("--family-model", required=True,
                    help="teacher folder or world name: initialises the backbone, encodes prompts")
     p.add_argument("--out", required=True, help="LRM folder to write (lrm.json, lrm.safetensors, metrics.json)")
@@ -206,22 +207,26 @@ def add_train_arguments(p) -> None:
     p.add_argument("--eval-draws", type=int, default=2, help="(t, noise) draws per held-out pair per band")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
 
 
 def run_train(args) -> dict:
     from flashdmd.families import load_family
     from flashdmd.networks.reward import LatentRewardModel
-    from flashdmd.rewards.pairs import load_pairs, read_records
+    from flashdmd.rewards.pairs import PairSet, load_pairs, read_records
     lo, hi = args.t_range
     if not 0 <= lo < hi <= 1:
         raise FlashDMDError(f"--t-range must satisfy 0 <= LO < HI <= 1, got {lo} {hi}")
     out = Path(args.out)
     if not out.parent.exists():
         raise FlashDMDError(f"folder {out.parent} for --out does not exist")
-    pairs_path = Path(args.pairs)
-    read_records(pairs_path)  # a missing / empty / malformed file fails before the (slow) model load
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    paths = [Path(p) for p in args.pairs]
+    for p in paths:
+        read_records(p)  # a missing / empty / malformed file fails before the (slow) model load
     family = load_family(args.family_model)
-    pairs = load_pairs(pairs_path, family)
+    pairs = PairSet.cat([load_pairs(p, family) for p in paths])
     expected = tuple(family.latent_shape(family.default_resolution, family.default_resolution))
     if tuple(pairs.winners.shape[1:]) != expected:
         raise FlashDMDError(f"pairs hold latents of shape {tuple(pairs.winners.shape[1:])} but {args.family_model} "
@@ -236,7 +241,7 @@ def run_train(args) -> dict:
     metrics = train_lrm(model, pairs, steps=args.steps, batch_size=args.batch, lr=args.lr,
                         backbone_lr=args.backbone_lr, weight_decay=args.weight_decay, t_range=(lo, hi),
                         val_frac=args.val_frac, seed=args.seed, eval_draws=args.eval_draws, log_every=args.log_every)
-    metrics.update(pairs=str(pairs_path), family_model=args.family_model, backbone=args.backbone)
+    metrics.update(pairs=[str(p) for p in paths], family_model=args.family_model, backbone=args.backbone)
     model.save(out, extra_config={"training": {k: metrics[k] for k in ("steps", "batch_size", "lr", "num_pairs",
                                                                           "heldout_accuracy")}})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
