@@ -451,15 +451,18 @@ class Family(ABC):
 
     # -- feature taps --------------------------------------------------------------------------------
 
-    def features(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> list[Tensor]:
+    def features(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning,
+                 return_output: bool = False) -> list[Tensor] | tuple[list[Tensor], Tensor]:
         """Intermediate activations of one conditional forward, each (B,C_i,h_i,w_i), shallow to deep.
 
-        Gradients flow as the caller's context allows (GAN heads train through them).
+        Gradients flow as the caller's context allows (GAN heads train through them). ``return_output`` also
+        returns the network's raw output, e.g. so a DDP caller can tie it into its loss with weight 0 (DDP
+        expects every parameter on the path to the output to receive a gradient).
         """
         modules = self._feature_modules(unwrap(net))
         with forward_hooks(modules, lambda out: self._feature_map(out, x_t)) as outputs:
-            self._forward(net, x_t, self._timesteps(t, x_t), cond)
-        return list(outputs)
+            raw = self._forward(net, x_t, self._timesteps(t, x_t), cond)
+        return (list(outputs), raw) if return_output else list(outputs)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={str(self.path)!r}, prediction_type={self.prediction_type!r})"

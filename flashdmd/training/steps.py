@@ -73,8 +73,10 @@ def latent_logits(ctx, x0: Tensor, cond) -> Tensor:
     b = x0.shape[0]
     t = fam.schedule.timesteps_from_uniform(ctx.rng.rand(b, x0.device), 0.0, 1.0)
     noise = ctx.rng.randn_like(x0)
-    feats = fam.features(ctx.fake_score, fam.schedule.add_noise(x0, noise, t), t.float(), cond)
-    return ctx.disc(feats[-1])
+    feats, raw = fam.features(ctx.fake_score, fam.schedule.add_noise(x0, noise, t), t.float(), cond, return_output=True)
+    # DMD2 reads only the bottleneck; the zero-weighted output gives the rest of the network a (zero) gradient,
+    # which DDP requires of every parameter on the path to the output
+    return ctx.disc(feats[-1]) + 0.0 * raw.mean()
 
 
 def fake_score_loss(ctx, x0_fake: Tensor, cond) -> Tensor:
