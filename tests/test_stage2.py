@@ -1,0 +1,115 @@
+"""Stage 2 (joint RL): best/worst selection, frozen reference, RL:distill alternation, both families."""
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models as tm  # noqa: E402
+
+from flashdmd.families import load_family  # noqa: E402
+from flashdmd.networks.reward import LatentRewardModel  # noqa: E402
+from flashdmd.training import stage2  # noqa: E402
+from flashdmd.training.config import DistillConfig  # noqa: E402
+from flashdmd.training.distill import setup, train  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for fam, pipe in (("sdxl", tm.sdxl_pipeline(tmp)), ("sd3", tm.sd3_pipeline(tmp))):
+        folder = tm.save_pipeline(pipe, tmp / fam)
+        torch.manual_seed(0)
+        LatentRewardModel(load_family(folder), proj_dim=16, hidden_dim=16).save(tmp / f"lrm-{fam}")
+        out[fam] = (folder, tmp / f"lrm-{fam}")
+    return out
+
+
+def _cfg(world, fam, **kw):
+    folder, lrm = world[fam]
+    base = dict(model_teacher=str(folder), batch_size=2, max_steps=1, disc_kind="none", eval_every_steps=0,
+                sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1, rl_enabled=True,
+                rl_reward_model=str(lrm), rl_steps=3, rl_distill_ratio=1, rl_num_candidates=3, generator_lr=1e-3,
+                rl_beta=50.0)
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def test_pick_pair_takes_best_and_worst_per_sample():
+    scores = torch.tensor([[0.1, 5.0], [0.9, -1.0], [0.5, 2.0]])   # (K=3, B=2)
+    cands = torch.arange(3 * 2).float().reshape(3, 2, 1, 1, 1)     # candidate k of sample b has value 2k + b
+    w, l = stage2.pick_pair(scores, cands)
+    assert w.flatten().tolist() == [2.0, 1.0] and l.flatten().tolist() == [0.0, 3.0]
+
+
+@pytest.mark.parametrize("fam", ["sdxl", "sd3"])
+def test_stage2_runs_alternates_and_keeps_the_reference_frozen(world, fam, tmp_path, monkeypatch):
+    cfg = _cfg(world, fam, rl_steps=4, rl_distill_ratio=2)
+    ctx = setup(cfg)
+    snap = {}
+    real_setup = stage2.setup_stage2
+
+    def recording_setup(c):
+        real_setup(c)
+        snap["reference"] = copy.deepcopy(c.reference.state_dict())
+        snap["student"] = {k: v.clone() for k, v in c.accelerator.unwrap_model(c.student).state_dict().items()}
+    monkeypatch.setattr(stage2, "setup_stage2", recording_setup)
+    result = train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    steps = {role: int(next(iter(o.state.values()))["step"]) for role, o in ctx.opt.items()}
+    # Stage 1: 1 generator update; Stage 2: 4 RL updates and one distillation cycle after every 2 of them
+    assert steps == {"generator": 1 + 4 // 2, "fake_score": 1 + 4 // 2, "rl": 4}
+    assert result["rl_steps"] == 4 and result["generator_steps"] == 3
+    # the reference is the student at the start of Stage 2 and never changes
+    ref_now = ctx.reference.state_dict()
+    for k, v in snap["reference"].items():
+        assert torch.equal(ref_now[k], v) and torch.equal(v, snap["student"][k])
+    moved = [k for k, v in ctx.accelerator.unwrap_model(ctx.student).state_dict().items()
+             if not torch.equal(v, snap["student"][k])]
+    assert moved, "RL updates changed nothing"
+    assert not any(p.requires_grad for p in ctx.reference.parameters())
+    hist = result["history"]
+    assert any("rl/loss" in h for h in hist) and any("dm_loss/t999" in h or "dm_loss/t749" in h or
+                                                     "dm_loss/t1000" in h or "dm_loss/t900" in h for h in hist)
+
+
+def test_rl_step_indices_need_a_next_step(world, tmp_path):
+    from flashdmd import FlashDMDError
+    cfg = _cfg(world, "sdxl", rl_step_indices=[3])
+    with pytest.raises(FlashDMDError, match="no next student step"):
+        train(cfg, tmp_path / "run", progress=False)
+
+
+def test_dpo_update_raises_winner_likelihood(world):
+    """One RL step on a fixed pair moves the policy's log-ratio of the winner above the loser's."""
+    from flashdmd.losses import lcm_step_log_prob
+    cfg = _cfg(world, "sdxl", rl_ratio_clip=None)
+    ctx = setup(cfg)
+    stage2.setup_stage2(ctx)
+    fam = ctx.family
+    cond = fam.encode_prompts(["a small bag", "a dress"])
+    x_t = torch.randn((2,) + fam.latent_shape(32, 32))
+    t = ctx.t(0, 2)
+    with torch.no_grad():
+        x0 = fam.predict(ctx.student, x_t, t, cond)[0]
+        cands, t_next = stage2.candidates(ctx, x0, 0, 2)
+    x_w, x_l = cands[0], cands[1]
+    a, s = fam.schedule.alpha_sigma(t_next)
+
+    def margin():
+        with torch.no_grad():
+            x0p, x0r = fam.predict(ctx.student, x_t, t, cond)[0], fam.predict(ctx.reference, x_t, t, cond)[0]
+            return ((lcm_step_log_prob(x_w, x0p, a, s) - lcm_step_log_prob(x_w, x0r, a, s))
+                    - (lcm_step_log_prob(x_l, x0p, a, s) - lcm_step_log_prob(x_l, x0r, a, s))).mean().item()
+    assert margin() == 0.0
+    from flashdmd.losses import step_dpo_loss
+    opt = torch.optim.SGD([p for p in ctx.student.parameters() if p.requires_grad], lr=1e-2)
+    x0p = fam.predict(ctx.student, x_t, t, cond)[0]
+    x0r = fam.predict(ctx.reference, x_t, t, cond)[0].detach()
+    loss = step_dpo_loss(lcm_step_log_prob(x_w, x0p, a, s), lcm_step_log_prob(x_w, x0r, a, s),
+                         lcm_step_log_prob(x_l, x0p, a, s), lcm_step_log_prob(x_l, x0r, a, s), 50.0).mean()
+    loss.backward()
+    opt.step()
+    assert margin() > 0
