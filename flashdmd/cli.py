@@ -38,6 +38,11 @@ def _cmd_eval(args):
     runner.run(args)
 
 
+def _cmd_eval_stats(args):
+    from flashdmd.evaluation import real
+    real.run_stats(args)
+
+
 def _cmd_distill(args):
     from flashdmd.training.config import DistillConfig
     from flashdmd.training.distill import train
@@ -110,10 +115,16 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain.add_arguments(pre)
     pre.set_defaults(func=_cmd_world_pretrain)
 
-    ev = sub.add_parser("eval", help="sample a model and measure FD, alignment, diversity and speed")
+    ev = sub.add_parser("eval", help="sample a model and measure its metrics and speed (the world's FD, alignment, "
+                        "diversity; or FID, CLIP score, PickScore, HPSv2, ImageReward from local weights)")
     from flashdmd.evaluation import runner as _runner
     _runner.add_arguments(ev)
     ev.set_defaults(func=_cmd_eval)
+
+    est = sub.add_parser("eval-stats", help="FID reference statistics (mu, sigma) of a folder of real images")
+    from flashdmd.evaluation import real as _real
+    _real.add_stats_arguments(est)
+    est.set_defaults(func=_cmd_eval_stats)
 
     dist = sub.add_parser("distill", help="Stage 1 (and Stage 2 when configured): distil a teacher into a K-step student")
     dist.add_argument("--config", default=None, help="YAML preset (see configs/); default: built-in defaults")

@@ -122,9 +122,34 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", required=True, help="write the metrics here")
     p.add_argument("--floor", action="store_true", help="also report FD of train vs test at the same N")
+    real = p.add_argument_group(
+        "real models", "--prompts or any metric backend below switches from the embedded world's metrics to these "
+        "(local weights only; docs/EVALUATION.md says what each expects on disk and gives the COCO-10k command)")
+    real.add_argument("--prompts", default=None, help="UTF-8 text file, one prompt per line; image i uses line i mod lines")
+    real.add_argument("--fid-inception", default=None, metavar="PTH",
+                      help="pytorch-fid weights pt_inception-2015-12-05-6726825d.pth (or a .safetensors conversion)")
+    real.add_argument("--fid-ref", default=None, metavar="DIR_OR_STATS",
+                      help="real images folder, or statistics .npz (pytorch-fid) / .safetensors (flashdmd eval-stats)")
+    real.add_argument("--clip", default=None, metavar="DIR", help="transformers CLIPModel folder: CLIP score")
+    real.add_argument("--pickscore", default=None, metavar="DIR", help="PickScore_v1 CLIPModel + processor folder")
+    real.add_argument("--hpsv2", default=None, metavar="DIR", help="HPSv2 converted to a CLIPModel folder")
+    real.add_argument("--imagereward", default=None, metavar="DIR",
+                      help="BlipForImageTextRetrieval folder + mlp_head.safetensors: ImageReward")
+    real.add_argument("--batch-size", type=int, default=16, help="sampling batch size (images do not depend on it)")
+    real.add_argument("--metric-batch-size", type=int, default=50, help="batch size of the metric networks")
+    real.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+
+
+REAL_FLAGS = ("prompts", "fid_inception", "fid_ref", "clip", "pickscore", "hpsv2", "imagereward")
 
 
 def run(args):
+    if any(getattr(args, k, None) is not None for k in REAL_FLAGS):
+        from flashdmd.evaluation.real import run_eval
+        if args.floor:
+            raise FlashDMDError("--floor is a world metric; it does not combine with --prompts / metric backends")
+        run_eval(args)
+        return
     if args.num_images < 10:
         raise FlashDMDError("--num-images must be at least 10 (FD needs a covariance)")
     if args.steps is not None and args.steps < 1:
@@ -132,7 +157,10 @@ def run(args):
     out = Path(args.json)
     if not out.parent.exists():
         raise FlashDMDError(f"folder {out.parent} for --json does not exist")
-    model = load_model(args.model)
+    model = load_model(args.model, device=getattr(args, "device", None) or "cpu")
+    if model.family.default_resolution != 32:
+        raise FlashDMDError(f"{args.model} works at {model.family.default_resolution}px, not the embedded world's 32px: "
+                            "give --prompts FILE and metric backends (--fid-inception/--fid-ref, --clip, ...)")
     metrics = evaluate_world(model, args.num_images, args.seed, args.steps, args.cfg, progress=True)
     metrics.update(model=args.model, kind=model.kind, steps=args.steps, cfg=args.cfg)
     if args.floor:
