@@ -100,8 +100,14 @@ def write_report(run_dir: str | Path, comparison: list[dict] | None = None, grid
     """Render DIR/report.html from DIR/metrics.json (+ ``comparison`` rows and image ``grids``)."""
     import html
     import json
+    from flashdmd import FlashDMDError
     run_dir = Path(run_dir)
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    try:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError) as e:
+        raise FlashDMDError(f"{run_dir}/metrics.json is not readable JSON ({e})") from None
+    if not isinstance(metrics, dict):
+        raise FlashDMDError(f"{run_dir}/metrics.json is not a flashdmd metrics record")
     figs = _curves(metrics.get("history", []), metrics.get("evals", []), run_dir)
     config = (run_dir / "config.yaml").read_text() if (run_dir / "config.yaml").is_file() else ""
     rows = comparison if comparison is not None else metrics.get("comparison", [])

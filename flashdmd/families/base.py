@@ -105,9 +105,12 @@ def read_model_index(path: Path) -> dict:
     if not index.is_file():
         raise FlashDMDError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
     try:
-        return json.loads(index.read_text())
+        data = json.loads(index.read_text())
     except (OSError, ValueError) as e:
         raise FlashDMDError(f"{index} is not readable JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise FlashDMDError(f"{index} is not a JSON object of pipeline components (got {type(data).__name__})")
+    return data
 
 
 def component_class(path: Path, index: dict, name: str) -> type | None:
@@ -157,9 +160,10 @@ def load_component(path: Path, index: dict, name: str, dtype: torch.dtype, requi
     kwargs = {}
     if is_net:
         kwargs = {"torch_dtype": dtype} if cls.__module__.startswith("diffusers") else {"dtype": dtype}
+    from safetensors import SafetensorError
     try:
         part = cls.from_pretrained(folder, **kwargs)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FlashDMDError(f"could not load {folder} as {cls.__name__}: {first}") from None
     if is_net:

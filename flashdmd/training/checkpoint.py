@@ -140,7 +140,18 @@ def _all_finite(roles: dict) -> bool:
 
 def save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
     """Write a checkpoint of every role, optimiser, scheduler, RNG and counter. Returns its folder, or None when
-    a role holds a non-finite value (a non-finite checkpoint is never written)."""
+    a role holds a non-finite value (a non-finite checkpoint is never written). A failed write (disk full,
+    read-only, quota) leaves nothing of the new checkpoint and is one FlashDMDError."""
+    try:
+        return _save_checkpoint(ctx, writer, root, keep_last)
+    except OSError as e:
+        name = f"{PREFIX}{ctx.global_step:08d}"
+        shutil.rmtree(root / f".tmp-{name}", ignore_errors=True)
+        raise FlashDMDError(f"cannot write checkpoint {name} to {root}: {e.strerror or e}; nothing of it was kept "
+                            f"(last good checkpoint: {ctx.last_checkpoint or 'none'})") from None
+
+
+def _save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
     acc = ctx.accelerator
     roles = _roles(ctx)
     if not _all_finite(roles):
@@ -173,7 +184,7 @@ def save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
         files = sorted(p for p in tmp.iterdir() if p.is_file())
         _write_json(tmp / "manifest.json", {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files})
         final = root / name
-        shutil.rmtree(final, ignore_errors=True)
+        _remove(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _prune(root, keep_last)
@@ -182,9 +193,21 @@ def save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
 
 
 def _prune(root: Path, keep_last: int):
+    for junk in root.glob(".tmp-del-*"):  # left by a kill during an earlier deletion
+        shutil.rmtree(junk, ignore_errors=True)
     done = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(PREFIX))
     for old in done[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
+
+
+def _remove(folder: Path):
+    """Delete a checkpoint folder so that a kill midway never leaves a half-deleted ``step_*`` folder (which
+    ``latest`` would report as corrupt): rename it out of the ``step_*`` names first (atomic), then delete."""
+    trash = folder.with_name(f".tmp-del-{folder.name}")
+    shutil.rmtree(trash, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, trash)
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def verify(folder: Path) -> str | None:
@@ -246,11 +269,16 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
         module.load_state_dict(part, strict=False)
     opt_t = load_file(str(folder / "optim.safetensors"), device=str(acc.device))
     opt_s = json.loads((folder / "optim.json").read_text())
-    for role, opt in ctx.opt.items():
-        t = {k[len(role) + 1:]: v for k, v in opt_t.items() if k.startswith(role + "/")}
-        opt.load_state_dict(_optim_join(t, opt_s[role]))
-    for k, s in ctx.sched.items():
-        ctx.sched[k].load_state_dict(state["sched"][k])
+    try:
+        for role, opt in ctx.opt.items():
+            t = {k[len(role) + 1:]: v for k, v in opt_t.items() if k.startswith(role + "/")}
+            opt.load_state_dict(_optim_join(t, opt_s[role]))
+        for k, s in ctx.sched.items():
+            ctx.sched[k].load_state_dict(state["sched"][k])
+    except (KeyError, ValueError) as e:  # another config: other optimisers / parameter groups
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FlashDMDError(f"checkpoint {folder} does not match this run's optimisers ({first}): was it written "
+                            "with a different config?") from None
     rng_t = load_file(str(folder / f"rng_rank{acc.process_index}.safetensors"))
     rng_py = json.loads((folder / f"rng_rank{acc.process_index}.json").read_text())
     torch.set_rng_state(rng_t["torch_cpu"])

@@ -218,7 +218,7 @@ def _coerce_all(cls, raw: dict) -> dict:
     out = {}
     for k, v in raw.items():
         if k not in names:
-            close = difflib.get_close_matches(k, names, n=1)
+            close = difflib.get_close_matches(str(k), names, n=1)  # YAML keys may be ints / bools
             hint = f" (did you mean {close[0]}?)" if close else ""
             raise FlashDMDError(f"config: unknown key {k!r}{hint}")
         out[k] = _coerce(k, v, hints[k])
@@ -247,7 +247,7 @@ def _coerce(name, value, tp):
             raise FlashDMDError(f"config: {name} must be an integer, got {value!r}")
         return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN: never meaningful
             raise FlashDMDError(f"config: {name} must be a number, got {value!r}")
         return float(value)
     if tp is str:

@@ -85,6 +85,9 @@ def setup(cfg: DistillConfig, accelerator=None) -> Context:
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device)
     roles = build_roles(cfg, family)
     timesteps = [float(t) for t in (cfg.student_timesteps or family.default_student_timesteps)]
+    lo, hi = family.schedule.t_min, family.schedule.t_max
+    if not all(lo <= t <= hi for t in timesteps):  # the schedules would silently clamp them
+        raise FlashDMDError(f"config: student_timesteps {timesteps} lie outside the teacher's schedule [{lo:g}, {hi:g}]")
     n_dm = cfg.student_dm_steps if cfg.student_dm_steps is not None else max(1, len(timesteps) - 1)
     if cfg.method == "flashdmd" and n_dm > len(timesteps):
         raise FlashDMDError(f"config: student_dm_steps={n_dm} exceeds the {len(timesteps)} student steps")
@@ -269,11 +272,15 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     from flashdmd.training.checkpoint import load_checkpoint, resolve
     from flashdmd.training.run import RunWriter
 
+    # a bad --resume fails before anything is loaded or written into the run folder
+    folder = resolve(Path(out_dir), resume) if resume else None
     ctx = ctx or setup(cfg, accelerator)
+    restored = _WriterState()
+    if folder is not None:
+        load_checkpoint(ctx, restored, folder)  # a checkpoint of another config fails here, folder untouched
     writer = RunWriter(out_dir, cfg, ctx)
-    if resume:
-        folder = resolve(Path(out_dir), resume)
-        load_checkpoint(ctx, writer, folder)
+    if folder is not None:
+        writer.load_state_dict(restored.state)
         ctx.last_checkpoint = str(folder)
         if ctx.accelerator.is_main_process:
             print(f"resumed from {folder} at step {ctx.global_step} (stage {ctx.stage})")
@@ -292,6 +299,14 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
             setup_stage2_once(ctx, writer)
         run_stage2(ctx, writer, progress)
     return writer.finish(ctx, wall_seconds=time.time() - t0)
+
+
+class _WriterState:
+    """Holds the run writer's state from a checkpoint until the writer exists (see :func:`train`)."""
+    state: dict | None = None
+
+    def load_state_dict(self, s: dict):
+        self.state = s
 
 
 def setup_stage2_once(ctx: Context, writer) -> None:

@@ -23,11 +23,15 @@ RUN_KIND = "flashdmd-distill-run"
 
 def _atomic_write_text(path: Path, text: str):
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
+    except OSError as e:  # disk full / read-only: the old file stays as it was
+        tmp.unlink(missing_ok=True)
+        raise FlashDMDError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def prepare_run_dir(out_dir: str | Path) -> Path:
@@ -196,14 +200,18 @@ class RunWriter:
         net = ctx.accelerator.unwrap_model(ctx.student)
         tmp = self.out / "student.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        if self.cfg.model_lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-            from safetensors.torch import save_file
-            tmp.mkdir(parents=True)
-            save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()},
-                      str(tmp / "adapter.safetensors"))
-        else:
-            net.save_pretrained(tmp, safe_serialization=True)
+        try:
+            if self.cfg.model_lora_rank > 0:
+                from peft.utils import get_peft_model_state_dict
+                from safetensors.torch import save_file
+                tmp.mkdir(parents=True)
+                save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()},
+                          str(tmp / "adapter.safetensors"))
+            else:
+                net.save_pretrained(tmp, safe_serialization=True)
+        except OSError as e:  # disk full / read-only: the previous student (if any) stays in place
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise FlashDMDError(f"cannot write the student to {tmp}: {e.strerror or e}") from None
         final = self.out / "student"
         old = self.out / "student.old"
         shutil.rmtree(old, ignore_errors=True)
