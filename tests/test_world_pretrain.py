@@ -73,6 +73,16 @@ def test_sd3_pad_count_attention_equals_pipeline_zero_t5_tokens():
     torch.testing.assert_close(out, torch.cat(ref), atol=1e-4, rtol=1e-4)
 
 
+def test_filler_augmentation_keeps_class_and_fits_context(tmp_path):
+    from flashdmd.world.prompts import class_of_prompt, prompts_for
+    labels = [i % 10 for i in range(400)]
+    aug = pretrain.augment_prompts(prompts_for(labels, seed=3), torch.Generator().manual_seed(0), p=1.0)
+    assert [class_of_prompt(p) for p in aug] == labels
+    assert not set(pretrain.filler_words()) & {"shirt", "boot", "pants", "shoe", "bag", "coat"}
+    tok = make_tokenizer(tmp_path)
+    assert max(len(tok(p).input_ids) for p in aug) <= tok.model_max_length
+
+
 def test_checkpoint_round_trip(tmp_path):
     model, ema = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
