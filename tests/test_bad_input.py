@@ -539,7 +539,7 @@ def resume_checkpoint_of_other_config(e):
 @case
 def eval_too_few_images(e):
     return Case(["eval", "--model", str(e.teacher), "--num-images", "3", "--json", str(e.tmp / "m.json")],
-                r"--num-images must be at least 10", [e.teacher])
+                r"--num-images must be at least 20", [e.teacher])
 
 
 @case

@@ -150,8 +150,8 @@ def run(args):
             raise FlashDMDError("--floor is a world metric; it does not combine with --prompts / metric backends")
         run_eval(args)
         return
-    if args.num_images < 10:
-        raise FlashDMDError("--num-images must be at least 10 (FD needs a covariance)")
+    if args.num_images < 20:
+        raise FlashDMDError("--num-images must be at least 20 (two per class: diversity and FD need pairs)")
     if args.steps is not None and args.steps < 1:
         raise FlashDMDError("--steps must be >= 1")
     out = Path(args.json)

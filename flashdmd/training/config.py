@@ -159,7 +159,7 @@ class DistillConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("sample_every_steps", "eval_every_steps", "checkpoint_every_steps", "optim_warmup_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0")
-        need(self.eval_num_images >= 10, "eval_num_images must be >= 10")
+        need(self.eval_num_images >= 20, "eval_num_images must be >= 20 (two per world class)")
         need(self.rl_steps >= 0, "rl_steps must be >= 0")
         need(self.rl_num_candidates >= 2, "rl_num_candidates must be >= 2 (a best and a worst)")
         need(self.rl_beta > 0, "rl_beta must be > 0")
