@@ -544,13 +544,13 @@ def eval_too_few_images(e):
 
 @case
 def eval_json_folder_missing(e):
-    return Case(["eval", "--model", str(e.teacher), "--num-images", "10", "--json", str(e.tmp / "nope" / "m.json")],
+    return Case(["eval", "--model", str(e.teacher), "--num-images", "20", "--json", str(e.tmp / "nope" / "m.json")],
                 r"folder .*nope for --json does not exist", [e.teacher])
 
 
 @case
 def eval_model_missing(e):
-    return Case(["eval", "--model", str(e.tmp / "gone"), "--num-images", "10", "--json", str(e.tmp / "m.json")],
+    return Case(["eval", "--model", str(e.tmp / "gone"), "--num-images", "20", "--json", str(e.tmp / "m.json")],
                 r"model folder .*gone does not exist", [])
 
 
