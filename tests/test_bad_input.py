@@ -177,7 +177,7 @@ def config_wrong_type_list(e):
 
 @case
 def config_wrong_type_list_item(e):
-    return Case(e.distill("student_timesteps=[high, low]"), r"student_timesteps must be a number, got 'high'", [e.out])
+    return Case(e.distill("student_timesteps=[high, low]"), r"student_timesteps must be a finite number, got 'high'", [e.out])
 
 
 @case
@@ -199,7 +199,7 @@ def config_null_required(e):
 
 @case
 def config_nan(e):
-    return Case(e.distill("optim_grad_clip=.nan"), r"optim_grad_clip must be a number, got nan", [e.out])
+    return Case(e.distill("optim_grad_clip=.nan"), r"optim_grad_clip must be a finite number, got nan", [e.out])
 
 
 @case
@@ -662,3 +662,8 @@ def test_bad_input_is_one_line_error(name, teacher, tmp_path, request, capsys, m
         assert sorted(after) == sorted(before), f"new files written: {sorted(set(after) - set(before))}"
     if c.after is not None:
         c.after(env)
+
+
+@case
+def set_infinite_lr(e):
+    return Case(e.distill("generator_lr=inf"), r"generator_lr must be a finite number, got inf", [e.out])

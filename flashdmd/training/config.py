@@ -11,6 +11,7 @@ printed and saved as ``config.yaml`` in the run folder.
 from __future__ import annotations
 
 import dataclasses
+import math
 import difflib
 import typing
 from dataclasses import dataclass, field
@@ -247,8 +248,13 @@ def _coerce(name, value, tp):
             raise FlashDMDError(f"config: {name} must be an integer, got {value!r}")
         return int(value)
     if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN: never meaningful
-            raise FlashDMDError(f"config: {name} must be a number, got {value!r}")
+        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; accept what float() accepts
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise FlashDMDError(f"config: {name} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
