@@ -37,10 +37,16 @@ def noised_pair(schedule, x_w: Tensor, x_l: Tensor, t: Tensor, noise: Tensor) ->
     return schedule.add_noise(x_w, noise, t), schedule.add_noise(x_l, noise, t)
 
 
-def pair_scores(model, x_w: Tensor, x_l: Tensor, t: Tensor, noise: Tensor, cond) -> tuple[Tensor, Tensor]:
-    """(s_w, s_l), each (B,): the LRM's scores of a noised pair, one batched forward of 2B rows."""
+def pair_scores(model, x_w: Tensor, x_l: Tensor, t: Tensor, noise: Tensor, cond,
+                noise_l: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(s_w, s_l), each (B,): the LRM's scores of a noised pair, one batched forward of 2B rows. Both members
+    get ``noise`` (LPO) unless ``noise_l`` is given for the loser (independent-noise evaluation)."""
     from flashdmd.families import Conditioning
-    xw_t, xl_t = noised_pair(model.family.schedule, x_w, x_l, t, noise)
+    if noise_l is None:
+        xw_t, xl_t = noised_pair(model.family.schedule, x_w, x_l, t, noise)
+    else:
+        sched = model.family.schedule
+        xw_t, xl_t = sched.add_noise(x_w, noise, t), sched.add_noise(x_l, noise_l, t)
     s = model.score(torch.cat([xw_t, xl_t]), torch.cat([t, t]), Conditioning.cat([cond, cond]))
     return s.chunk(2)
 
@@ -72,9 +78,11 @@ def split_indices(n: int, val_frac: float, seed: int = 0) -> tuple[Tensor, Tenso
 
 @torch.no_grad()
 def pairwise_accuracy(model, pairs, bank: PromptBank, idx: Tensor, band: tuple[float, float], draws: int = 2,
-                      seed: int = 0, batch_size: int = 64) -> float:
+                      seed: int = 0, batch_size: int = 64, shared_noise: bool = True) -> float:
     """P(s_w > s_l) (ties 1/2) over pairs ``idx`` x ``draws`` (t, eps) draws with t in the fraction ``band``;
-    seeded, so the same model always gets the same number."""
+    seeded, so the same model always gets the same number. ``shared_noise`` (the training protocol): both
+    members get the same eps, so x_w,t - x_l,t = alpha_t (x_w - x_l) exactly; False draws a separate eps
+    for the loser (a harder check: the noise no longer cancels)."""
     was_training = model.training
     model.eval()
     g = torch.Generator().manual_seed(seed)
@@ -86,15 +94,17 @@ def pairwise_accuracy(model, pairs, bank: PromptBank, idx: Tensor, band: tuple[f
             x_w, x_l = pairs.winners[rows].to(dev), pairs.losers[rows].to(dev)
             t = model.family.schedule.sample_timesteps(len(rows), *band, generator=g).float().to(dev)
             noise = torch.randn(x_w.shape, generator=g).to(dev)
-            s_w, s_l = pair_scores(model, x_w, x_l, t, noise, bank[rows])
+            noise_l = None if shared_noise else torch.randn(x_w.shape, generator=g).to(dev)
+            s_w, s_l = pair_scores(model, x_w, x_l, t, noise, bank[rows], noise_l)
             hits += float((s_w > s_l).sum() + 0.5 * (s_w == s_l).sum())
             total += len(rows)
     model.train(was_training)
     return hits / max(total, 1)
 
 
-def band_accuracies(model, pairs, bank, idx, draws: int = 2, seed: int = 0) -> dict[str, float]:
-    return {name: pairwise_accuracy(model, pairs, bank, idx, band, draws, seed + k)
+def band_accuracies(model, pairs, bank, idx, draws: int = 2, seed: int = 0,
+                    shared_noise: bool = True) -> dict[str, float]:
+    return {name: pairwise_accuracy(model, pairs, bank, idx, band, draws, seed + k, shared_noise=shared_noise)
             for k, (name, band) in enumerate(NOISE_BANDS.items())}
 
 
@@ -107,6 +117,7 @@ def train_lrm(model, pairs, steps: int = 500, batch_size: int = 32, lr: float = 
     ``lr``, trainable backbone weights (full or LoRA) at ``backbone_lr`` (default lr/10).
 
     Returns metrics: held-out accuracy per noise band after (and, with ``report_before``, before) training,
+    the same after training with independent noise per pair member,
     with ``report_train`` a train-split accuracy on as many pairs as are held out (overfitting check), the
     loss curve, sizes and wall time.
     """
@@ -162,8 +173,11 @@ def train_lrm(model, pairs, steps: int = 500, batch_size: int = 32, lr: float = 
     n_check = len(eval_idx)
     train_acc = band_accuracies(model, pairs, bank, train_idx[:n_check], eval_draws, seed + 200) \
         if report_train else None
+    independent = band_accuracies(model, pairs, bank, eval_idx, eval_draws, seed + 100, shared_noise=False)
     print_fn("held-out accuracy after training:  " + _fmt(after))
+    print_fn("  same, independent noise per member: " + _fmt(independent))
     return {"heldout_accuracy": after, "heldout_accuracy_before": before, "train_accuracy": train_acc,
+            "heldout_accuracy_independent_noise": independent,
             "bands": {k: list(v) for k, v in NOISE_BANDS.items()}, "num_pairs": len(pairs),
             "num_train": len(train_idx), "num_heldout": len(val_idx), "heldout_is_train": not len(val_idx),
             "eval_draws": eval_draws, "steps": steps, "batch_size": batch_size, "lr": lr,
