@@ -165,6 +165,14 @@ def test_load_errors(families, tmp_path):
     with pytest.raises(FlashDMDError) as e:  # wrong family
         LatentRewardModel.load(tmp_path / "a", families["sd3"])
     _one_line(e)
+    cfg = json.loads((tmp_path / "a" / "lrm.json").read_text())
+    assert cfg["teacher_fingerprint"] == LatentRewardModel(fam, proj_dim=8, hidden_dim=8).teacher_fingerprint()
+    cfg["teacher_fingerprint"] = "0" * 16  # heads trained on other teacher weights
+    (tmp_path / "a" / "lrm.json").write_text(json.dumps(cfg))
+    with pytest.raises(FlashDMDError) as e:
+        LatentRewardModel.load(tmp_path / "a", fam)
+    _one_line(e)
+    assert "retrain" in str(e.value)
     (tmp_path / "a" / "lrm.json").write_text("{not json")
     with pytest.raises(FlashDMDError) as e:
         LatentRewardModel.load(tmp_path / "a", fam)

@@ -37,6 +37,7 @@ relative to the LRM folder, or an absolute path).
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import math
 import os
@@ -254,7 +255,15 @@ class LatentRewardModel(nn.Module):
                 "proj_dim": self.proj_dim, "hidden_dim": self.hidden_dim, "train_backbone": self.train_backbone,
                 "taps": self.taps, "tap_channels": self.tap_channels, "text_dim": self.text_dim,
                 "time_embed_dim": self.time_embed_dim, "feature_cfg_scale": self.feature_cfg_scale,
-                "lora_rank": self.lora_rank, "backbone_class": type(self.backbone).__name__}
+                "lora_rank": self.lora_rank, "backbone_class": type(self.backbone).__name__,
+                "teacher_fingerprint": self.teacher_fingerprint()}
+
+    def teacher_fingerprint(self) -> str | None:
+        """sha256 (16 hex) of the teacher weights the stored heads depend on (frozen or LoRA backbone; None
+        for a fully stored backbone), so :meth:`load` refuses heads trained on a different teacher."""
+        if self.train_backbone is True:
+            return None
+        return weights_fingerprint(self.family.denoiser)
 
     def state_to_save(self) -> dict[str, Tensor]:
         """Heads always; the backbone in full (``True``), its LoRA weights (``"lora"``) or not at all."""
@@ -299,6 +308,10 @@ class LatentRewardModel(nn.Module):
                     train_backbone=cfg["train_backbone"], taps=cfg["taps"], time_embed_dim=cfg["time_embed_dim"],
                     feature_cfg_scale=cfg["feature_cfg_scale"], lora_rank=cfg.get("lora_rank", 8),
                     teacher=cfg["teacher"])
+        stored = cfg.get("teacher_fingerprint")
+        if stored is not None and stored != model.teacher_fingerprint():
+            raise FlashDMDError(f"LRM at {d} was trained on other {cfg['teacher']} weights (fingerprint {stored}, "
+                                f"this teacher {model.teacher_fingerprint()}); retrain it with `flashdmd reward train`")
         if model.tap_channels != cfg["tap_channels"] or model.text_dim != cfg["text_dim"]:
             raise FlashDMDError(f"LRM at {d} was trained on a different backbone (taps of {cfg['tap_channels']} "
                                 f"channels, text dim {cfg['text_dim']}); this teacher gives {model.tap_channels} and "
@@ -311,6 +324,18 @@ class LatentRewardModel(nn.Module):
                                 f"unexpected {unexpected[:3]}")
         model.load_state_dict(state, strict=False)
         return model.to(device or family.device)
+
+
+def weights_fingerprint(net: nn.Module) -> str:
+    """First 16 hex digits of sha256 over the network's parameter names and float32 values (LoRA weights
+    excluded), independent of the device and of the dtype the weights were loaded in."""
+    h = hashlib.sha256()
+    for name, t in sorted(net.state_dict().items()):
+        if "lora_" in name:
+            continue
+        h.update(name.encode())
+        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def read_config(d: Path) -> dict:
