@@ -327,14 +327,18 @@ class LatentRewardModel(nn.Module):
 
 
 def weights_fingerprint(net: nn.Module) -> str:
-    """First 16 hex digits of sha256 over the network's parameter names and float32 values (LoRA weights
-    excluded), independent of the device and of the dtype the weights were loaded in."""
+    """First 16 hex digits of sha256 over the network's parameter names and values rounded to bfloat16
+    (LoRA weights excluded; DDP / compile wrappers unwrapped). Rounding makes it independent of the device
+    and of the dtype a checkpoint was loaded in (fp32, fp16 or bf16 loads of one file agree)."""
+    from flashdmd.families.base import unwrap
     h = hashlib.sha256()
-    for name, t in sorted(net.state_dict().items()):
+    for name, t in sorted(unwrap(net).state_dict().items()):
         if "lora_" in name:
             continue
         h.update(name.encode())
-        h.update(t.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        v = t.detach().to("cpu")
+        v = v.to(torch.bfloat16).view(torch.int16) if v.is_floating_point() else v
+        h.update(v.contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
