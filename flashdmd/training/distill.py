@@ -288,6 +288,8 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     total = cfg.max_steps * cfg.fake_score_ttur
     if max_iterations is not None:
         total = min(total, max_iterations)
+    if ctx.global_step == 0 and cfg.eval_every_steps:
+        writer.maybe_eval(ctx, force=True)  # the curve starts at the initial student (the teacher's weights)
     bar = _progress(total, "stage 1", progress and ctx.accelerator.is_main_process, initial=ctx.iteration)
     while ctx.iteration < total:
         distill_iteration(ctx, writer)
