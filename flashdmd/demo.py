@@ -59,6 +59,6 @@ def run(args):
     summary = (f"A {len(student.timesteps)}-step student distilled from the embedded SDXL-architecture teacher in "
                f"{t_train / 60:.1f} min on this machine: FD {s['fd']:.2f} vs the teacher's {t4['fd']:.2f} at 4 steps and "
                f"{t50['fd']:.2f} at 50 steps, {t50['seconds_per_image'] / s['seconds_per_image']:.0f}x faster than the "
-               f"50-step teacher. Each grid: rows of prompts (one per class, held-out templates), two seeds each.")
+               f"50-step teacher. Each grid: the ten classes in order (held-out prompt templates), two noise seeds per class side by side, five classes per row.")
     report = write_report(out, rows, grids, title="flashdmd demo: Flash-DMD on the embedded world", summary=summary)
     print(f"[demo] done in {(time.time() - t0) / 60:.1f} min: {report}")
