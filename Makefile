@@ -31,5 +31,6 @@ data:
 demo: setup
 	$(VENV)/bin/flashdmd demo --out runs/demo
 
+# One thread per process: several tests start 2-process runs, and tiny models gain nothing from more.
 test: setup
-	$(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest tests

@@ -6,7 +6,6 @@ at 1, 2, 4, 8, 25 and 50 steps with CFG, plus the train-vs-test FD floor.
 import argparse
 import json
 import os
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,7 +26,6 @@ def main():
     for spec in a.models:
         model = load_model(spec)
         for steps in a.steps:
-            t0 = time.time()
             m = evaluate_world(model, a.num_images, seed=0, steps=steps, guidance_scale=a.cfg)
             m.update(model=spec, steps=steps, cfg=a.cfg if a.cfg is not None else model.guidance_scale)
             rows.append(m)

@@ -1,6 +1,5 @@
 """Stage 1 on tiny random SDXL / SD3 models: routing of the losses, TTUR, EMA pull, and that every
 role trains while the teacher stays frozen."""
-import copy
 import sys
 from pathlib import Path
 

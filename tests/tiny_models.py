@@ -28,17 +28,9 @@ TEXT_PROJ = 32
 
 def _bytes_to_unicode() -> list[str]:
     """GPT-2/CLIP byte -> printable unicode table, in byte order (256 chars)."""
-    printable = [("!", "~"), ("¡", "¬"), ("®", "ÿ")]
-    bs = [b for lo, hi in printable for b in range(ord(lo), ord(hi) + 1)]
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    table = dict(zip(bs, cs))
-    return [chr(table[b]) for b in range(256)]
+    from flashdmd.world.tokenizer import bytes_to_unicode
+    table = bytes_to_unicode()
+    return [table[b] for b in range(256)]
 
 
 def write_clip_vocab(folder: Path) -> tuple[Path, Path]:

@@ -53,10 +53,11 @@ def teacher_timesteps(family, steps: int) -> list[float]:
 
 
 @torch.no_grad()
-def sample_images(model: Model, prompts: list[str], seed: int = 0, steps: int | None = None,
-                  guidance_scale: float | None = None, batch_size: int = 100, progress=None) -> Tensor:
-    """Pixels (N, 3, H, W) in [-1, 1] for ``prompts``; image i uses noise seeded by (seed, i) so any
-    subset or batch size reproduces the same images."""
+def sample_latent_chunks(model: Model, prompts: list[str], seed: int = 0, steps: int | None = None,
+                         guidance_scale: float | None = None, batch_size: int = 100, progress=None):
+    """Yield clean latents (n, C, h, w) for ``prompts`` in chunks of ``batch_size``. Image i's initial noise is
+    seeded by (seed, i), so any subset or batch size starts from the same noise; a student's re-noising draws
+    come from a generator seeded per chunk."""
     fam = model.family
     w = model.guidance_scale if guidance_scale is None else guidance_scale
     if model.timesteps is not None and steps in (None, len(model.timesteps)):
@@ -65,19 +66,24 @@ def sample_images(model: Model, prompts: list[str], seed: int = 0, steps: int | 
         ts, init = teacher_timesteps(fam, steps or TEACHER_DEFAULT_STEPS), "pipeline"
     res = fam.default_resolution
     shape = fam.latent_shape(res, res)
-    out = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
                              for i in range(len(chunk))]).to(fam.device)
         gen = torch.Generator(device=fam.device).manual_seed(seed + start)
         cond = fam.encode_prompts(chunk)
-        lat = fam.sample_latents(model.net, cond, noise, ts, guidance_scale=w, stochastic=model.stochastic,
+        yield fam.sample_latents(model.net, cond, noise, ts, guidance_scale=w, stochastic=model.stochastic,
                                  generator=gen, init=init)
-        out.append(fam.decode_latents(lat).clamp(-1, 1).cpu())
         if progress is not None:
             progress.update(len(chunk))
-    return torch.cat(out)
+
+
+@torch.no_grad()
+def sample_images(model: Model, prompts: list[str], seed: int = 0, steps: int | None = None,
+                  guidance_scale: float | None = None, batch_size: int = 100, progress=None) -> Tensor:
+    """Pixels (N, 3, H, W) in [-1, 1] for ``prompts`` (see :func:`sample_latent_chunks` for the seeding)."""
+    return torch.cat([model.family.decode_latents(lat).clamp(-1, 1).cpu() for lat in
+                      sample_latent_chunks(model, prompts, seed, steps, guidance_scale, batch_size, progress)])
 
 
 def nfe(model: Model, steps: int | None, guidance_scale: float | None) -> int:

@@ -26,8 +26,7 @@ def lcm_step_log_prob(x_next: Tensor, x0_pred: Tensor, alpha_next: Tensor, sigma
     """log N(x_next; alpha' x0_pred, sigma'^2 I) without its constant, per latent element, per sample (B,).
 
     alpha_next, sigma_next: (B,) tensors of the next step's schedule values."""
-    shape = (-1,) + (1,) * (x_next.ndim - 1)
-    a, s = alpha_next.reshape(shape), sigma_next.reshape(shape)
+    a = alpha_next.reshape((-1,) + (1,) * (x_next.ndim - 1))
     sq = ((x_next.float() - a * x0_pred.float()) ** 2).reshape(x_next.shape[0], -1).mean(dim=1)
     return -sq / (2 * sigma_next.float() ** 2)
 

@@ -201,27 +201,9 @@ def sample_model_latents(model, prompts: list[str], seed: int, steps: int | None
                          guidance_scale: float | None = None, batch_size: int = 64, progress=None) -> Tensor:
     """Clean latents (N, C, h, w) of a :class:`flashdmd.evaluation.runner.Model` -- the same sampling
     rules and per-image noise seeding (seed, i) as :func:`flashdmd.evaluation.runner.sample_images`."""
-    from flashdmd.evaluation.runner import TEACHER_DEFAULT_STEPS, teacher_timesteps
-    fam = model.family
-    w = model.guidance_scale if guidance_scale is None else guidance_scale
-    if model.timesteps is not None and steps in (None, len(model.timesteps)):
-        ts, init = model.timesteps, "noise"
-    else:
-        ts, init = teacher_timesteps(fam, steps or TEACHER_DEFAULT_STEPS), "pipeline"
-    res = fam.default_resolution
-    shape = fam.latent_shape(res, res)
-    out = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start:start + batch_size]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
-                             for i in range(len(chunk))]).to(fam.device)
-        gen = torch.Generator(device=fam.device).manual_seed(seed + start)
-        cond = fam.encode_prompts(chunk)
-        out.append(fam.sample_latents(model.net, cond, noise, ts, guidance_scale=w, stochastic=model.stochastic,
-                                      generator=gen, init=init).float().cpu())
-        if progress is not None:
-            progress.update(len(chunk))
-    return torch.cat(out)
+    from flashdmd.evaluation.runner import sample_latent_chunks
+    return torch.cat([lat.float().cpu() for lat in
+                      sample_latent_chunks(model, prompts, seed, steps, guidance_scale, batch_size, progress)])
 
 
 def make_pairs(model_spec: str, student_spec: str | None, num: int, out: str | Path, seed: int = 0,
