@@ -140,30 +140,21 @@ def build_parser() -> argparse.ArgumentParser:
     rsub = reward.add_subparsers(dest="reward_command", required=True)
     mk = rsub.add_parser("make-pairs", help="sample teacher vs student pairs and let the world's oracle judge them")
     rt = rsub.add_parser("train", help="train a latent reward model on a pairs file (noisy Bradley-Terry)")
-    try:
-        from flashdmd.rewards import pairs as _pairs
-        from flashdmd.rewards import train as _rtrain
-        _pairs.add_make_pairs_arguments(mk)
-        _rtrain.add_train_arguments(rt)
-    except ImportError:  # pragma: no cover
-        pass
+    from flashdmd.rewards import pairs as _pairs
+    from flashdmd.rewards import train as _rtrain
+    _pairs.add_make_pairs_arguments(mk)
+    _rtrain.add_train_arguments(rt)
     mk.set_defaults(func=_cmd_reward_make_pairs)
     rt.set_defaults(func=_cmd_reward_train)
 
     smp = sub.add_parser("sample", help="write PNGs from a student run (its K steps) or a teacher (its defaults)")
-    try:
-        from flashdmd import sample as _sample
-        _sample.add_arguments(smp)
-    except ImportError:  # pragma: no cover
-        pass
+    from flashdmd import sample as _sample
+    _sample.add_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
 
     exp = sub.add_parser("export", help="write a distill run as a standard diffusers pipeline folder (or LoRA file)")
-    try:
-        from flashdmd import export as _export
-        _export.add_arguments(exp)
-    except ImportError:  # pragma: no cover
-        pass
+    from flashdmd import export as _export
+    _export.add_arguments(exp)
     exp.set_defaults(func=_cmd_export)
 
     ch = sub.add_parser("config-help", help="list every config field with its default and help text")
