@@ -48,7 +48,7 @@ def _cmd_distill(args):
     from flashdmd.training.distill import train
     cfg = DistillConfig.from_sources(args.config, args.set)
     print(cfg.to_yaml(), end="")
-    result = train(cfg, args.out, progress=not args.no_progress, resume=args.resume)
+    result = train(cfg, args.out, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     last = result["evals"][-1] if result["evals"] else {}
     summary = {k: last[k] for k in ("fd", "alignment", "diversity", "oracle") if k in last}
     print(f"done: {result['generator_steps']} generator steps in {result['wall_seconds']:.0f} s; student in "
@@ -134,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--no-progress", action="store_true", help="no progress bar")
     dist.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
                       help="continue from the newest intact checkpoint in --out, or from a checkpoint folder")
+    dist.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: refuse)")
     dist.set_defaults(func=_cmd_distill)
 
     reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")

@@ -29,7 +29,7 @@ def run(args):
     cfg = DistillConfig.from_sources(PRESET, getattr(args, "set", None))
     t0 = time.time()
     print(f"[demo] Stage 1 + Stage 2 distillation of {cfg.model_teacher} into a {len(cfg.student_timesteps or [0]*4)}-step student")
-    train(cfg, out, progress=True)
+    train(cfg, out, progress=True, overwrite=True)  # the demo folder is regenerated on every `make demo`
     t_train = time.time() - t0
 
     print("[demo] evaluating teacher (4 and 50 steps, CFG) and student (4 steps)")

@@ -667,3 +667,9 @@ def test_bad_input_is_one_line_error(name, teacher, tmp_path, request, capsys, m
 @case
 def set_infinite_lr(e):
     return Case(e.distill("generator_lr=inf"), r"generator_lr must be a finite number, got inf", [e.out])
+
+
+@case
+def distill_into_existing_run(e):
+    (e.out / "run.json").write_text('{"kind": "flashdmd-distill-run"}')
+    return Case(e.distill(), r"already holds a run: continue it with --resume latest", [e.out])

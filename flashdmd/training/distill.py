@@ -265,13 +265,18 @@ def distill_iteration(ctx: Context, writer) -> bool:
 
 
 def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
-          max_iterations: int | None = None, ctx: Context | None = None, resume: str | None = None) -> dict:
+          max_iterations: int | None = None, ctx: Context | None = None, resume: str | None = None,
+          overwrite: bool = False) -> dict:
     """Stage 1 for ``cfg.max_steps`` generator steps (or ``max_iterations`` iterations), then Stage 2 when
-    ``cfg.rl_enabled``, into ``out_dir``. ``resume``: "latest" or a checkpoint folder. ``ctx`` lets a caller
-    (tests) pass a context built by :func:`setup`."""
+    ``cfg.rl_enabled``, into ``out_dir``. ``resume``: "latest" or a checkpoint folder. A folder that already
+    holds a run is refused unless ``resume`` or ``overwrite``. ``ctx`` lets a caller (tests) pass a context
+    built by :func:`setup`."""
     from flashdmd.training.checkpoint import load_checkpoint, resolve
     from flashdmd.training.run import RunWriter
 
+    if not resume and not overwrite and _holds_run(Path(out_dir)):
+        raise FlashDMDError(f"{out_dir} already holds a run: continue it with --resume latest, choose another --out, "
+                            "or pass --overwrite to replace it")
     # a bad --resume fails before anything is loaded or written into the run folder
     folder = resolve(Path(out_dir), resume) if resume else None
     ctx = ctx or setup(cfg, accelerator)
@@ -317,6 +322,11 @@ def setup_stage2_once(ctx: Context, writer) -> None:
     setup_stage2(ctx)
     ctx.stage = 2
     writer.start_stage2(ctx)
+
+
+def _holds_run(out: Path) -> bool:
+    ckpts = out / "checkpoints"
+    return (out / "run.json").is_file() or (ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()))
 
 
 def run_stage2(ctx: Context, writer, progress: bool) -> None:
