@@ -148,7 +148,11 @@ class RunWriter:
 
     def start_stage2(self, ctx):
         """Evaluate the Stage-1 student once: the baseline the reward-hacking guard compares against."""
-        if self.cfg.eval_every_steps:
+        if not self.cfg.eval_every_steps:
+            return
+        if self.evals and self.evals[-1]["step"] == ctx.global_step:  # Stage 1 just evaluated this student
+            self.stage2_baseline = self.evals[-1]
+        else:
             self.stage2_baseline = self.maybe_eval(ctx, force=True)
 
     def _guard(self, m: dict):
