@@ -626,6 +626,17 @@ def test_table_is_large_enough():
     assert len(CASES) >= 30
 
 
+@case
+def set_infinite_lr(e):
+    return Case(e.distill("generator_lr=inf"), r"generator_lr must be a finite number, got inf", [e.out])
+
+
+@case
+def distill_into_existing_run(e):
+    (e.out / "run.json").write_text('{"kind": "flashdmd-distill-run"}')
+    return Case(e.distill(), r"already holds a run: continue it with --resume latest", [e.out])
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_line_error(name, teacher, tmp_path, request, capsys, monkeypatch):
     env = Env(tmp_path, teacher, request)
@@ -662,14 +673,3 @@ def test_bad_input_is_one_line_error(name, teacher, tmp_path, request, capsys, m
         assert sorted(after) == sorted(before), f"new files written: {sorted(set(after) - set(before))}"
     if c.after is not None:
         c.after(env)
-
-
-@case
-def set_infinite_lr(e):
-    return Case(e.distill("generator_lr=inf"), r"generator_lr must be a finite number, got inf", [e.out])
-
-
-@case
-def distill_into_existing_run(e):
-    (e.out / "run.json").write_text('{"kind": "flashdmd-distill-run"}')
-    return Case(e.distill(), r"already holds a run: continue it with --resume latest", [e.out])
