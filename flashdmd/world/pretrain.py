@@ -41,10 +41,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
+from flashdmd.world.tokenizer import MODEL_MAX_LENGTH
 
 STAGES = ("text", "vae", "sdxl", "sd3", "eval")
 SDXL_DIR, SD3_DIR = "world-sdxl", "world-sd3"
-CFG_SCALE = 4.0  # guidance used for the sample grids (the recommended teacher CFG)
+CFG_SCALE = 2.0  # guidance used for the sample grids (the recommended teacher CFG, see assets/README.md)
 CAPTION_DROPOUT = 0.1
 FILLER_PROB = 0.3  # share of training prompts that get 1-2 filler words inserted (see augment_prompts)
 
@@ -201,7 +202,7 @@ def filler_words() -> list[str]:
 
 
 def augment_prompts(prompts: list[str], g: torch.Generator, p: float = FILLER_PROB) -> list[str]:
-    """Insert 1-2 random filler words at random word positions into a share ``p`` of the prompts.
+    """Insert 1-2 random filler words (see :func:`_filler`) at random word positions into a share ``p`` of the prompts.
 
     Without it the text encoders and teachers only ever see the 8 training templates, and words of the
     world's vocabulary that no training template uses keep random token embeddings; prompts phrased
@@ -221,9 +222,31 @@ def augment_prompts(prompts: list[str], g: torch.Generator, p: float = FILLER_PR
         tokens = prompt.split(" ")
         for _ in range(1 + int(torch.randint(0, 2, (1,), generator=g))):
             pos = int(torch.randint(0, len(tokens) + 1, (1,), generator=g))
-            tokens.insert(pos, words[int(torch.randint(0, len(words), (1,), generator=g))])
+            filler = _filler(words, g)
+            if _num_tokens(" ".join(tokens + [filler])) <= MODEL_MAX_LENGTH:  # never truncate the class away
+                tokens.insert(pos, filler)
         out.append(" ".join(tokens).replace("\0", " "))
     return out
+
+
+def _num_tokens(prompt: str) -> int:
+    """Token count with BOS/EOS under the world tokenizer (each world word and punctuation mark is one token)."""
+    import re
+    return len(re.findall(r"[a-z]+|[^\sa-z\0]", prompt)) + 2
+
+
+def _filler(words: list[str], g: torch.Generator) -> str:
+    """A filler word (60 %), a hyphenated pair "w1-w2" (25 %) or a word with a comma "w," (15 %).
+
+    The punctuation forms matter: "-" otherwise only ever occurs inside "t-shirt", and the teachers learn
+    the hyphen token itself as a t-shirt cue (every "a close-up photo of a <class>" became a t-shirt).
+    """
+    def word() -> str:
+        return words[int(torch.randint(0, len(words), (1,), generator=g))]
+    u = float(torch.rand(1, generator=g))
+    if u < 0.6:
+        return word()
+    return f"{word()}-{word()}" if u < 0.85 else f"{word()},"
 
 
 def _copy_model(model: nn.Module) -> nn.Module:
