@@ -88,13 +88,14 @@ def config(teacher: str, data_real: str):
 
 
 def final_tensors(ctx) -> dict:
-    from flashdmd.training.checkpoint import _optim_split, _roles, _trainable_state
+    from flashdmd.training.checkpoint import _OPT_MODULE, _optim_split, _role_tensors
+    from flashdmd.training.parallel import full_optimizer_state
     out = {}
-    for role, (module, names) in _roles(ctx).items():
-        for k, v in _trainable_state(module, names).items():
+    for role, part in _role_tensors(ctx).items():
+        for k, v in part.items():
             out[f"{role}/{k}"] = v.detach().cpu().contiguous().clone()
     for role, opt in ctx.opt.items():
-        for k, v in _optim_split(opt)[0].items():
+        for k, v in _optim_split(full_optimizer_state(getattr(ctx, _OPT_MODULE[role]), opt))[0].items():
             out[f"optim.{role}/{k}"] = v.detach().cpu().contiguous().clone()
     return out
 

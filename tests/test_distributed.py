@@ -1,4 +1,4 @@
-"""Two processes (torchrun, gloo, DDP through accelerate) equal one process with the same global batch.
+"""Two processes (torchrun, gloo; DDP through accelerate, or FSDP2) equal one process with the same global batch.
 
 Why this is deterministic: every random draw of a run is indexed by global sample (training/rng.py), so rank r
 of 2 with batch B draws exactly samples [r*B, (r+1)*B) of what one process with batch 2B draws; every loss is a
@@ -30,14 +30,22 @@ def _run(cmd, env):
     return r.stdout
 
 
-@pytest.mark.parametrize("method", ["flashdmd", "dmd2"])
-def test_two_processes_equal_one(tmp_path, method):
+@pytest.mark.parametrize("method,mode", [("flashdmd", "ddp"), ("dmd2", "ddp"), ("flashdmd", "fsdp"), ("dmd2", "fsdp")])
+def test_two_processes_equal_one(tmp_path, method, mode):
+    """ddp: accelerate's DDP. fsdp: the student and fake score sharded by FSDP2 (fully_shard, gloo), which also
+    exercises the gathered checkpoints: a fresh sharded run restored from the last checkpoint must hold exactly
+    the trained weights and the generator's optimiser state."""
     teacher = tm.save_pipeline(tm.sdxl_pipeline(tmp_path), tmp_path / "sdxl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = _run([sys.executable, str(WORKER), str(teacher), str(tmp_path / "one"), "2", method], env)
     two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                str(WORKER), str(teacher), str(tmp_path / "two"), "1", method], env)
+                str(WORKER), str(teacher), str(tmp_path / "two"), "1", method, mode], env)
     assert "processes 1" in one and "processes 2" in two and "MULTI_CPU" in two
+    if mode == "fsdp":
+        line = next(ln for ln in two.splitlines() if ln.startswith("sharded params"))
+        assert int(line.split()[2]) > 10, line  # the student really is sharded (DTensor parameters)
+        assert "restored-equal True optimizer-equal True" in line, line
+        assert int(line.split()[-1]) > 10, line
     a = load_file(str(tmp_path / "one" / "weights.safetensors"))
     b = load_file(str(tmp_path / "two" / "weights.safetensors"))
     w0 = load_file(str(tmp_path / "one" / "init.safetensors"))

@@ -70,45 +70,57 @@ def _sha256(path: Path) -> str:
 # ---------------------------------------------------------------------------------------------------
 # what is saved
 
-def _trainable_state(module, names: set[str] | None = None) -> dict:
-    """The tensors of ``module`` that training changes: its trainable parameters (or ``names``) and its own
-    buffers. Frozen weights are not saved: they come back from the teacher / backbone folders."""
-    names = names if names is not None else {n for n, p in module.named_parameters() if p.requires_grad}
-    buffers = {n for n, _ in module.named_buffers() if not n.startswith("backbone.")}
-    return {k: v for k, v in module.state_dict().items() if k in names or k in buffers}
+def _saved_names(module) -> set[str]:
+    """Canonical names of what training changes in ``module``: its trainable parameters and its own buffers.
+    Frozen weights are not saved: they come back from the teacher / backbone folders."""
+    from flashdmd.training.parallel import canonical
+    names = {canonical(n) for n, p in module.named_parameters() if p.requires_grad}
+    return names | {canonical(n) for n, _ in module.named_buffers() if not canonical(n).startswith("backbone.")}
 
 
 def _roles(ctx) -> dict:
-    """role -> (module, names of its saved tensors or None for "its trainable ones")."""
-    unwrap = ctx.accelerator.unwrap_model
-    roles = {"student": (unwrap(ctx.student), None), "fake_score": (unwrap(ctx.fake_score), None)}
+    """role -> (module as prepared, names of its saved tensors). The reference (Stage 2's frozen copy of the
+    student) saves the tensors the student trains."""
+    roles = {"student": ctx.student, "fake_score": ctx.fake_score}
     if ctx.disc is not None:
-        roles["disc"] = (unwrap(ctx.disc), None)
-    if ctx.reference is not None:  # frozen copy of the student: save what the student trains
-        roles["reference"] = (ctx.reference, {n for n, p in roles["student"][0].named_parameters() if p.requires_grad})
-    return roles
+        roles["disc"] = ctx.disc
+    out = {r: (m, _saved_names(m)) for r, m in roles.items()}
+    if ctx.reference is not None:
+        out["reference"] = (ctx.reference, out["student"][1])
+    return out
 
 
-def _optim_split(opt) -> tuple[dict, dict]:
-    sd = opt.state_dict()
+def _role_tensors(ctx) -> dict:
+    """role -> {name: full tensor}. A collective under FSDP (every rank calls it; rank 0 gets the tensors)."""
+    from flashdmd.training.parallel import full_state_dict
+    out = {}
+    for role, (module, names) in _roles(ctx).items():
+        full = full_state_dict(module)
+        out[role] = {k: v for k, v in full.items() if k in names}
+    return out
+
+
+# which module's parameters each optimiser steps (names in the optimiser state are that module's)
+_OPT_MODULE = {"generator": "student", "rl": "student", "fake_score": "fake_score", "disc": "disc"}
+
+
+def _optim_split(sd: dict) -> tuple[dict, dict]:
     tensors, scalars = {}, {"param_groups": sd["param_groups"], "state": {}}
-    for idx, st in sd["state"].items():
-        scalars["state"][str(idx)] = {}
+    for name, st in sd["state"].items():
+        scalars["state"][name] = {}
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"{idx}/{k}"] = v
+                tensors[f"{name}/{k}"] = v
             else:
-                scalars["state"][str(idx)][k] = v
+                scalars["state"][name][k] = v
     return tensors, scalars
 
 
 def _optim_join(tensors: dict, scalars: dict) -> dict:
-    state = {}
-    for idx, st in scalars["state"].items():
-        state[int(idx)] = dict(st)
+    state = {name: dict(st) for name, st in scalars["state"].items()}
     for key, v in tensors.items():
-        idx, k = key.split("/", 1)
-        state.setdefault(int(idx), {})[k] = v
+        name, k = key.rsplit("/", 1)
+        state.setdefault(name, {})[k] = v
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
@@ -130,9 +142,12 @@ def _pystate(obj):
     return (obj[0], tuple(obj[1]), obj[2])
 
 
-def _all_finite(roles: dict) -> bool:
-    return all(bool(torch.isfinite(t).all()) for m, names in roles.values()
-               for t in _trainable_state(m, names).values() if t.is_floating_point())
+def _all_finite(ctx) -> bool:
+    """Every trainable tensor of every role finite, on every rank (this rank's shards under FSDP)."""
+    from flashdmd.training.parallel import all_true, local_tensors
+    ok = all(bool(torch.isfinite(t).all()) for m, _ in _roles(ctx).values()
+             for t in local_tensors(m) if t.is_floating_point())
+    return all_true(ok, ctx.accelerator.device)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -152,9 +167,9 @@ def save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
 
 
 def _save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
+    from flashdmd.training.parallel import full_optimizer_state
     acc = ctx.accelerator
-    roles = _roles(ctx)
-    if not _all_finite(roles):
+    if not _all_finite(ctx):
         warnings.warn(f"step {ctx.global_step}: non-finite weights, checkpoint not written", stacklevel=2)
         return None
     name = f"{PREFIX}{ctx.global_step:08d}"
@@ -167,12 +182,13 @@ def _save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
     _write_tensors(tmp / f"rng_rank{acc.process_index}.safetensors", rng_t)
     _write_json(tmp / f"rng_rank{acc.process_index}.json", rng_py)
     acc.wait_for_everyone()
+    roles = _role_tensors(ctx)  # collectives first, on every rank
+    optims = {role: full_optimizer_state(getattr(ctx, _OPT_MODULE[role]), opt) for role, opt in ctx.opt.items()}
     if acc.is_main_process:
-        _write_tensors(tmp / "roles.safetensors",
-                       {f"{r}/{k}": v for r, (m, names) in roles.items() for k, v in _trainable_state(m, names).items()})
+        _write_tensors(tmp / "roles.safetensors", {f"{r}/{k}": v for r, part in roles.items() for k, v in part.items()})
         opt_t, opt_s = {}, {}
-        for role, opt in ctx.opt.items():
-            t, s = _optim_split(opt)
+        for role, sd in optims.items():
+            t, s = _optim_split(sd)
             opt_t.update({f"{role}/{k}": v for k, v in t.items()})
             opt_s[role] = s
         _write_tensors(tmp / "optim.safetensors", opt_t)
@@ -259,20 +275,23 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
         from flashdmd.training.stage2 import setup_stage2
         setup_stage2(ctx)
         ctx.stage = 2
-    tensors = load_file(str(folder / "roles.safetensors"), device=str(acc.device))
+    from flashdmd.training.parallel import load_full_optimizer_state, load_full_state_dict
+    tensors = load_file(str(folder / "roles.safetensors"))  # CPU; loading copies onto the params
     for role, (module, names) in _roles(ctx).items():
         part = {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(role + "/")}
-        missing = set(_trainable_state(module, names)) - set(part)
+        missing = names - set(part)
         if missing:
             raise FlashDMDError(f"checkpoint {folder} lacks {len(missing)} tensors of {role} (e.g. {sorted(missing)[0]}): "
                                 "was it written with a different config?")
-        module.load_state_dict(part, strict=False)
-    opt_t = load_file(str(folder / "optim.safetensors"), device=str(acc.device))
+        load_full_state_dict(module, part)
+    opt_t = load_file(str(folder / "optim.safetensors"))
     opt_s = json.loads((folder / "optim.json").read_text())
     try:
+        if set(opt_s) != set(ctx.opt):
+            raise KeyError(f"optimisers {sorted(opt_s)} in the checkpoint, {sorted(ctx.opt)} in this run")
         for role, opt in ctx.opt.items():
             t = {k[len(role) + 1:]: v for k, v in opt_t.items() if k.startswith(role + "/")}
-            opt.load_state_dict(_optim_join(t, opt_s[role]))
+            load_full_optimizer_state(getattr(ctx, _OPT_MODULE[role]), opt, _optim_join(t, opt_s[role]))
         for k, s in ctx.sched.items():
             ctx.sched[k].load_state_dict(state["sched"][k])
     except (KeyError, ValueError) as e:  # another config: other optimisers / parameter groups

@@ -25,6 +25,7 @@ from flashdmd.diffusion.samplers import renoise
 from flashdmd.training import steps
 from flashdmd.training.config import DistillConfig
 from flashdmd.training.data import PromptSource, RealImageSource
+from flashdmd.training.parallel import reshard
 from flashdmd.training.rng import SampleRNG
 from flashdmd.training.roles import build_roles, ema_pull_, trainable_parameters
 
@@ -75,7 +76,10 @@ def _warmup(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def setup(cfg: DistillConfig, accelerator=None) -> Context:
+def setup(cfg: DistillConfig, accelerator=None, shard=None) -> Context:
+    """Build every role, optimiser and data source. ``shard``: a callable applied to the student and the fake
+    score before their optimisers exist (tests shard them with FSDP2's ``fully_shard`` on CPU, where
+    accelerate's FSDP plugin is not available)."""
     from accelerate import Accelerator
 
     from flashdmd.families import load_family
@@ -84,6 +88,8 @@ def setup(cfg: DistillConfig, accelerator=None) -> Context:
     torch.manual_seed(cfg.seed + acc.process_index)
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device)
     roles = build_roles(cfg, family)
+    for net in (roles.student, roles.fake_score) if shard is not None else ():
+        shard(net.to(acc.device))
     timesteps = [float(t) for t in (cfg.student_timesteps or family.default_student_timesteps)]
     lo, hi = family.schedule.t_min, family.schedule.t_max
     if not all(lo <= t <= hi for t in timesteps):  # the schedules would silently clamp them
@@ -107,40 +113,46 @@ def _adamw(params, lr, cfg):
 
 
 def _make_optimizers(ctx: Context):
+    """One AdamW per role. DMD2's latent classifier head gets its own optimiser with the fake score's lr, stepped
+    together with the fake score's after one backward and one joint clip (AdamW is per parameter, so this is
+    DMD2's single guidance optimiser exactly) -- accelerate's FSDP shards one model per prepare call."""
+    from flashdmd.training.parallel import check_supported, prepare_role
     cfg, acc = ctx.cfg, ctx.accelerator
-    ctx.student.to(acc.device)
-    ctx.fake_score.to(acc.device)
-    fake_params = trainable_parameters(ctx.fake_score)
-    if ctx.disc is not None:
-        ctx.disc.to(acc.device)
-    if cfg.disc_kind == "latent":  # DMD2 trains the classifier head with the fake score, one optimiser
-        fake_params = fake_params + list(ctx.disc.parameters())
+    check_supported(acc)
+    for net in (ctx.student, ctx.fake_score, ctx.disc):
+        if net is not None:
+            net.to(acc.device)
     ctx.opt = {"generator": _adamw(trainable_parameters(ctx.student), cfg.generator_lr, cfg),
-               "fake_score": _adamw(fake_params, cfg.fake_score_lr, cfg)}
+               "fake_score": _adamw(trainable_parameters(ctx.fake_score), cfg.fake_score_lr, cfg)}
     if cfg.disc_kind == "pixel":
         ctx.opt["disc"] = _adamw(list(ctx.disc.trainable_parameters()), cfg.disc_lr, cfg)
-    ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, _warmup(cfg.optim_warmup_steps)) for k, o in ctx.opt.items()}
-    # accelerate: DDP wrapping across processes (a no-op in one process) and mixed-precision forwards
-    ctx.student, ctx.fake_score = acc.prepare(ctx.student, ctx.fake_score)
+    elif cfg.disc_kind == "latent":
+        ctx.opt["disc"] = _adamw(list(ctx.disc.parameters()), cfg.fake_score_lr, cfg)
+    # accelerate: DDP / FSDP wrapping across processes (a no-op in one process), one model with its optimiser
+    ctx.student, (ctx.opt["generator"],) = prepare_role(acc, ctx.student, [ctx.opt["generator"]])
+    ctx.fake_score, (ctx.opt["fake_score"],) = prepare_role(acc, ctx.fake_score, [ctx.opt["fake_score"]])
     if ctx.disc is not None:
-        ctx.disc = acc.prepare(ctx.disc)
-    keys = list(ctx.opt)
-    prepared = acc.prepare(*[ctx.opt[k] for k in keys])
-    ctx.opt = dict(zip(keys, prepared if isinstance(prepared, (list, tuple)) else [prepared]))
+        ctx.disc, (ctx.opt["disc"],) = prepare_role(acc, ctx.disc, [ctx.opt["disc"]])
+    ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, _warmup(cfg.optim_warmup_steps)) for k, o in ctx.opt.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
 # steps
 
-def _optimise(ctx: Context, role: str, loss: Tensor, params) -> float:
-    """Backward, clip, step. A non-finite loss or gradient norm skips the update with a warning; after
-    ``max_nonfinite_in_row`` in a row for this role the run stops with a clear error."""
-    opt = ctx.opt[role]
-    opt.zero_grad(set_to_none=True)
+def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) -> float:
+    """Backward, clip ``params`` jointly, step the optimiser(s) of ``roles``. A non-finite loss or gradient norm
+    skips the update with a warning; after ``max_nonfinite_in_row`` in a row for this role the run stops with a
+    clear error."""
+    from flashdmd.training.parallel import clip_grad_norm_
+    roles = (roles,) if isinstance(roles, str) else roles
+    role = roles[0]
+    for r in roles:
+        ctx.opt[r].zero_grad(set_to_none=True)
     ctx.accelerator.backward(loss)
-    norm = torch.nn.utils.clip_grad_norm_(params, ctx.cfg.optim_grad_clip)
+    norm = clip_grad_norm_(params, ctx.cfg.optim_grad_clip)
     if not (torch.isfinite(loss) and torch.isfinite(norm)):
-        opt.zero_grad(set_to_none=True)
+        for r in roles:
+            ctx.opt[r].zero_grad(set_to_none=True)
         n = ctx.nonfinite[role] = ctx.nonfinite.get(role, 0) + 1
         what = "loss" if not torch.isfinite(loss) else "gradient"
         warnings.warn(f"{role}: non-finite {what} at step {ctx.global_step}; update skipped ({n} in a row)", stacklevel=2)
@@ -149,8 +161,9 @@ def _optimise(ctx: Context, role: str, loss: Tensor, params) -> float:
                                 f"rates or check the data (last good checkpoint: {ctx.last_checkpoint or 'none'})")
         return float("nan")
     ctx.nonfinite[role] = 0
-    opt.step()
-    ctx.sched[role].step()
+    for r in roles:
+        ctx.opt[r].step()
+        ctx.sched[r].step()
     return float(norm)
 
 
@@ -199,6 +212,7 @@ def generator_step(ctx: Context, cond, uncond) -> dict:
     out["logs"]["grad_norm/generator"] = _optimise(ctx, "generator", out["loss"], trainable_parameters(ctx.student))
     out["logs"]["loss/generator"] = out["loss"].item()
     if ctx.cfg.fake_score_ema > 0:
+        reshard(ctx.student, ctx.fake_score)  # FSDP2: both as matching shards (no-op otherwise)
         ema_pull_(ctx.accelerator.unwrap_model(ctx.fake_score), ctx.accelerator.unwrap_model(ctx.student),
                   ctx.cfg.fake_score_ema)
     return out
@@ -214,8 +228,9 @@ def fake_score_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
         d = steps.latent_disc_loss(ctx, real_lat, cond_real, x0_fake, cond).mean()
         loss = loss + ctx.cfg.disc_weight * d
         logs["loss/disc"] = d.item()
-    params = [p for g in ctx.opt["fake_score"].param_groups for p in g["params"]]
-    logs["grad_norm/fake_score"] = _optimise(ctx, "fake_score", loss, params)
+    roles = ("fake_score", "disc") if ctx.cfg.disc_kind == "latent" else ("fake_score",)
+    params = [p for r in roles for g in ctx.opt[r].param_groups for p in g["params"]]
+    logs["grad_norm/fake_score"] = _optimise(ctx, roles, loss, params)
     return logs
 
 
@@ -233,7 +248,7 @@ def _real_batch(ctx: Context, n: int):
 def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
     real, _ = _real_batch(ctx, x0_fake.shape[0])
     loss, d_real, d_fake = steps.pixel_disc_loss(ctx, real, x0_fake)
-    heads = list(ctx.accelerator.unwrap_model(ctx.disc).trainable_parameters())
+    heads = [p for g in ctx.opt["disc"].param_groups for p in g["params"]]
     norm = _optimise(ctx, "disc", ctx.cfg.disc_weight * loss.mean(), heads)
     return {"loss/disc": loss.mean().item(), "grad_norm/disc": norm, "disc/D_real": d_real, "disc/D_fake": d_fake}
 

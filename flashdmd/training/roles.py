@@ -22,7 +22,7 @@ class Roles:
     disc: nn.Module | None     # PixelDiscriminator | LatentClassifierHead | None
 
 
-def _add_lora(net: nn.Module, rank: int, alpha: float | None):
+def add_lora(net: nn.Module, rank: int, alpha: float | None):
     from peft import LoraConfig
     net.requires_grad_(False)
     net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
@@ -41,7 +41,7 @@ def build_roles(cfg, family) -> Roles:
     for net in (student, fake_score):
         net.train()
         if cfg.model_lora_rank > 0:
-            _add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha)
+            add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha)
             if not trainable_parameters(net):
                 raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")
         else:

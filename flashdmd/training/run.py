@@ -58,6 +58,7 @@ class RunWriter:
         self.lrm_scores: list[float] = []
         self.stage2_baseline: dict | None = None
         self.warnings: list[str] = []
+        self.last_eval_step: int | None = None
         self.t0 = time.time()
         self.tb = None
         if self.main:
@@ -107,17 +108,23 @@ class RunWriter:
 
     # -- images and evaluation ------------------------------------------------------------------------
     def _student_model(self, ctx):
+        """The student for rank-0-only work: the module itself, or under FSDP a gathered replica (a collective:
+        call on every rank; other ranks get None)."""
         from flashdmd.evaluation.runner import Model
-        return Model(ctx.family, ctx.accelerator.unwrap_model(ctx.student), "student", ctx.timesteps, 1.0, True)
+        from flashdmd.training.parallel import replica
+        net = replica(ctx, ctx.student)
+        return None if net is None else Model(ctx.family, net, "student", ctx.timesteps, 1.0, True)
 
     def maybe_sample(self, ctx, force=False):
         n = self.cfg.sample_every_steps
-        if not self.main or not (force or (n and ctx.global_step % n == 0)):
+        if not (force or (n and ctx.global_step % n == 0)):
+            return
+        student = self._student_model(ctx)
+        if not self.main:
             return
         from flashdmd.evaluation.report import save_grid
         from flashdmd.evaluation.runner import sample_images
         prompts = grid_prompts(self.cfg)
-        student = self._student_model(ctx)
         was = student.net.training
         student.net.eval()
         imgs = sample_images(student, prompts, seed=1234)
@@ -128,10 +135,13 @@ class RunWriter:
 
     def maybe_eval(self, ctx, force=False):
         n = self.cfg.eval_every_steps
-        if not self.main or self.cfg.data_prompts != "world" or not (force or (n and ctx.global_step % n == 0)):
+        if self.cfg.data_prompts != "world" or not (force or (n and ctx.global_step % n == 0)):
+            return None
+        self.last_eval_step = ctx.global_step  # on every rank (start_stage2 decides on it)
+        student = self._student_model(ctx)
+        if not self.main:
             return None
         from flashdmd.evaluation.runner import evaluate_world
-        student = self._student_model(ctx)
         student.net.eval()
         m = evaluate_world(student, self.cfg.eval_num_images, seed=0)
         student.net.train()
@@ -150,8 +160,9 @@ class RunWriter:
         """Evaluate the Stage-1 student once: the baseline the reward-hacking guard compares against."""
         if not self.cfg.eval_every_steps:
             return
-        if self.evals and self.evals[-1]["step"] == ctx.global_step:  # Stage 1 just evaluated this student
-            self.stage2_baseline = self.evals[-1]
+        # the same decision on every rank (under FSDP an evaluation gathers the student: a collective)
+        if self.last_eval_step == ctx.global_step:  # Stage 1 just evaluated this student
+            self.stage2_baseline = self.evals[-1] if self.evals else None
         else:
             self.stage2_baseline = self.maybe_eval(ctx, force=True)
 
@@ -189,19 +200,22 @@ class RunWriter:
     def state_dict(self) -> dict:
         return {"history": self.history, "evals": self.evals, "lrm_scores": self.lrm_scores,
                 "stage2_baseline": self.stage2_baseline, "warnings": self.warnings,
-                "elapsed": time.time() - self.t0, "sums": self.sums, "counts": self.counts}
+                "elapsed": time.time() - self.t0, "sums": self.sums, "counts": self.counts,
+                "last_eval_step": self.last_eval_step}
 
     def load_state_dict(self, s: dict):
         self.history, self.evals, self.lrm_scores = s["history"], s["evals"], s["lrm_scores"]
         self.stage2_baseline, self.warnings = s["stage2_baseline"], s["warnings"]
         self.sums, self.counts = s["sums"], s["counts"]
+        self.last_eval_step = s.get("last_eval_step")
         self.t0 = time.time() - s["elapsed"]
 
     def save_student(self, ctx):
         ctx.accelerator.wait_for_everyone()
+        student = self._student_model(ctx)
         if not self.main:
             return
-        net = ctx.accelerator.unwrap_model(ctx.student)
+        net = student.net
         tmp = self.out / "student.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         try:

@@ -37,13 +37,16 @@ def setup_stage2(ctx) -> None:
     bad = [i for i in cfg.rl_step_indices if i + 1 >= K]
     if bad:
         raise FlashDMDError(f"config: rl_step_indices {bad} have no next student step (K = {K}); use indices < {K - 1}")
-    ctx.reference = copy.deepcopy(acc.unwrap_model(ctx.student)).requires_grad_(False).eval()
+    from flashdmd.training.parallel import is_sharded, replica
+    # the frozen reference: a plain copy on every rank (under FSDP gathered from the shards)
+    ref = replica(ctx, ctx.student, all_ranks=True)
+    ctx.reference = (ref if is_sharded(ctx.student) else copy.deepcopy(ref)).requires_grad_(False).eval()
     path = resolve_reward_model(cfg.rl_reward_model, ctx.family)
     ctx.reward = LatentRewardModel.load(path, ctx.family).to(acc.device).requires_grad_(False).eval()
     params = [p for p in ctx.student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl_lr or cfg.generator_lr, betas=tuple(cfg.optim_betas),
                             weight_decay=cfg.optim_weight_decay)
-    ctx.opt["rl"] = acc.prepare(opt)
+    ctx.opt["rl"] = acc.prepare(opt)  # the student is prepared already: this only wraps the optimiser
     ctx.sched["rl"] = torch.optim.lr_scheduler.LambdaLR(ctx.opt["rl"], lambda _: 1.0)
 
 
@@ -86,12 +89,9 @@ def rl_step(ctx, cond) -> dict:
     loss = step_dpo_loss(lcm_step_log_prob(x_w, x0_pol, a, s), lcm_step_log_prob(x_w, x0_ref, a, s),
                          lcm_step_log_prob(x_l, x0_pol, a, s), lcm_step_log_prob(x_l, x0_ref, a, s),
                          cfg.rl_beta, cfg.rl_ratio_clip).mean()
-    opt = ctx.opt["rl"]
-    opt.zero_grad(set_to_none=True)
-    ctx.accelerator.backward(loss)
-    params = [p for p in ctx.student.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg.optim_grad_clip)
-    opt.step()
+    from flashdmd.training.distill import _optimise
+    params = [p for g in ctx.opt["rl"].param_groups for p in g["params"]]
+    norm = _optimise(ctx, "rl", loss, params)
     return {"rl/loss": loss.item(), "rl/lrm_score": scores.mean().item(),
             "rl/lrm_margin": (scores.max(0).values - scores.min(0).values).mean().item(),
             f"rl/loss_t{int(round(ctx.timesteps[k]))}": loss.item(), "grad_norm/rl": float(norm)}
