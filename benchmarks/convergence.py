@@ -1,0 +1,155 @@
+"""Convergence of Flash-DMD against DMD2 from the same teacher and batch, with the paper's ablation rows
+(BENCHMARKS.md section 3, issue 8).
+
+Each row is one `flashdmd distill` run (the preset plus the row's overrides) that evaluates its 4-step student
+every --eval-every generator steps (FD / alignment / diversity on the fixed held-out prompt set). Cost is counted
+as images through the generator (batch x generator updates) and as wall time. Rows whose run folder already holds
+metrics.json are read, not rerun, so the script resumes after an interruption.
+
+    .venv/bin/python benchmarks/convergence.py --family sdxl --out benchmarks/results/convergence_sdxl
+    .venv/bin/python benchmarks/convergence.py --family sd3 --rows dmd2 flash_ttur1 flash_ttur2 \
+        --out benchmarks/results/convergence_sd3
+
+Rows (A = Pixel-GAN, B = low TTUR, C = timestep-aware routing + EMA-pulled fake score):
+    dmd2          DMD2: TTUR 5, latent GAN on the fake score, DM + GAN at every step, no EMA pull
+    dmd2_A        + Pixel-GAN only (DMD2 routing, TTUR 5, the pixel discriminator instead of the latent one)
+    dmd2_B        + low TTUR only (DMD2 with TTUR 1)
+    flash_ttur1   + A + B + C (Flash-DMD, TTUR 1)
+    flash_ttur2   Flash-DMD, TTUR 2
+Writes OUT/summary.json (per-row curves, best FD, the cost at which each row first reaches DMD2's best FD and
+that cost as a fraction of DMD2's) and docs/figures/convergence_<family>.png.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+ROWS = {
+    "dmd2": ("dmd2", {}),
+    "dmd2_A": ("dmd2", {"disc_kind": "pixel", "disc_backbone": "world", "disc_loss": "hinge"}),
+    "dmd2_B": ("dmd2", {"fake_score_ttur": 1}),
+    "flash_ttur1": ("flashdmd", {}),
+    "flash_ttur2": ("flashdmd", {"fake_score_ttur": 2}),
+}
+LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "DMD2 + TTUR 1 (B)",
+          "flash_ttur1": "Flash-DMD, TTUR 1 (A+B+C)", "flash_ttur2": "Flash-DMD, TTUR 2"}
+
+
+def run_row(name: str, family: str, args, out: Path) -> dict:
+    from flashdmd.training.config import DistillConfig
+    from flashdmd.training.distill import train
+    folder = out / name
+    if (folder / "metrics.json").is_file():
+        print(f"{name}: already done, reading {folder / 'metrics.json'}", flush=True)
+        return json.loads((folder / "metrics.json").read_text())
+    method, overrides = ROWS[name]
+    preset = ROOT / "configs" / f"world_{family}_{method}.yaml"
+    ttur = overrides.get("fake_score_ttur", 5 if method == "dmd2" else 1)
+    # the same budget of critic iterations per row would favour low TTUR; give every row the same generator
+    # updates unless --dmd2-steps says otherwise (DMD2 rows are slower per generator update)
+    steps = args.dmd2_steps if method == "dmd2" and ttur > 1 else args.steps
+    sets = [f"{k}={v}" for k, v in overrides.items()] + [
+        f"max_steps={steps}", f"eval_every_steps={args.eval_every}", f"eval_num_images={args.num_images}",
+        f"batch_size={args.batch}", f"seed={args.seed}", "sample_every_steps=0", f"checkpoint_every_steps={steps}",
+        "rl_enabled=false"] + list(args.set)
+    cfg = DistillConfig.from_sources(str(preset), sets)
+    print(f"{name}: {preset.name} {' '.join(sets)}", flush=True)
+    t0 = time.time()
+    result = train(cfg, folder, progress=not args.no_progress, overwrite=True)
+    print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
+    return result
+
+
+def first_reach(evals: list[dict], target: float, batch: int):
+    for e in evals:
+        if e["fd"] <= target:
+            return e["generator_steps"] * batch, e["wall_seconds"]
+    return None, None
+
+
+def summarise(results: dict, batch: int) -> dict:
+    rows = {}
+    for name, r in results.items():
+        ev = r["evals"]
+        best = min(ev, key=lambda e: e["fd"])
+        rows[name] = {"label": LABELS[name], "final_fd": ev[-1]["fd"], "final_alignment": ev[-1]["alignment"],
+                      "best_fd": best["fd"], "best_at_images": best["generator_steps"] * batch,
+                      "wall_seconds": r["wall_seconds"], "generator_steps": r["generator_steps"],
+                      "curve": [{"images": e["generator_steps"] * batch, "wall_seconds": e["wall_seconds"],
+                                 "fd": e["fd"], "alignment": e["alignment"], "diversity": e["diversity"]} for e in ev]}
+    if "dmd2" in rows:
+        target = rows["dmd2"]["best_fd"]
+        d_img, d_wall = first_reach(results["dmd2"]["evals"], target, batch)
+        for name, row in rows.items():
+            img, wall = first_reach(results[name]["evals"], target, batch)
+            row["reaches_dmd2_best"] = img is not None
+            row["images_to_dmd2_best"] = img
+            row["cost_fraction_images"] = None if img is None else img / d_img
+            row["cost_fraction_wall"] = None if wall is None else wall / d_wall
+        rows["_dmd2_best_fd"] = target
+    return rows
+
+
+def plot(summary: dict, family: str, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for name, row in summary.items():
+        if name.startswith("_"):
+            continue
+        c = row["curve"]
+        axes[0].plot([p["images"] / 1000 for p in c], [p["fd"] for p in c], marker="o", label=row["label"])
+        axes[1].plot([p["wall_seconds"] / 60 for p in c], [p["fd"] for p in c], marker="o", label=row["label"])
+        axes[2].plot([p["images"] / 1000 for p in c], [p["alignment"] for p in c], marker="o", label=row["label"])
+    if "_dmd2_best_fd" in summary:
+        for ax in axes[:2]:
+            ax.axhline(summary["_dmd2_best_fd"], color="grey", ls=":", lw=1)
+    axes[0].set(xlabel="images through the generator (thousands)", ylabel="FD (lower is better)")
+    axes[1].set(xlabel="wall time (min, 1 CPU thread)", ylabel="FD")
+    axes[2].set(xlabel="images through the generator (thousands)", ylabel="alignment")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"world-{family}: 4-step student, Flash-DMD vs DMD2 and ablations")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl")
+    p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    p.add_argument("--steps", type=int, default=300, help="generator updates per row (TTUR <= 2 rows)")
+    p.add_argument("--dmd2-steps", type=int, default=100, help="generator updates of the TTUR-5 DMD2 rows")
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--num-images", type=int, default=300)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--set", action="append", default=[], help="extra key=value for every row")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--out", required=True)
+    a = p.parse_args()
+    import torch
+    torch.set_num_threads(a.threads)
+    out = Path(a.out)
+    results = {name: run_row(name, a.family, a, out) for name in a.rows}
+    summary = summarise(results, a.batch)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    plot(summary, a.family, ROOT / "docs" / "figures" / f"convergence_{a.family}.png")
+    for name, row in summary.items():
+        if not name.startswith("_"):
+            print(f"{name:12s} best FD {row['best_fd']:.2f} final {row['final_fd']:.2f} "
+                  f"to DMD2 best: {row.get('images_to_dmd2_best')} images "
+                  f"({row.get('cost_fraction_images')})", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
