@@ -161,6 +161,32 @@ def test_ttur_counts_updates(folders, tmp_path, ttur):
     assert step_count == {"generator": 2, "fake_score": 2 * ttur, "disc": 2 * ttur}
 
 
+def test_student_ema_follows_its_formula_and_is_what_is_evaluated_and_saved(folders, tmp_path):
+    """student_ema: ema <- d*ema + (1-d)*theta after each generator update; the writer's student (evaluations,
+    grids, the saved student) holds the EMA weights in a copy, while training continues on the raw ones."""
+    from flashdmd.training.distill import generator_step
+    from flashdmd.training.run import RunWriter, load_student
+    cfg = _cfg(folders, "sdxl", "flashdmd", student_ema=0.75, max_steps=1)
+    ctx = setup(cfg)
+    cond = ctx.family.encode_prompts(ctx.prompts.sample(2, ctx.rng)[0])
+    theta0 = _snapshot(ctx.student)
+    generator_step(ctx, cond, ctx.family.null_conditioning(2))
+    theta1 = _snapshot(ctx.student)
+    changed = [n for n in theta0 if not torch.equal(theta0[n], theta1[n])]
+    assert changed
+    for n in theta0:
+        torch.testing.assert_close(ctx.student_ema.params[n], 0.75 * theta0[n] + 0.25 * theta1[n])
+    writer = RunWriter(tmp_path / "run", cfg, ctx)
+    net = writer._student_model(ctx).net
+    assert net is not ctx.student
+    for n, p in net.named_parameters():
+        torch.testing.assert_close(p, ctx.student_ema.params[n])
+    assert all(torch.equal(p, theta1[n]) for n, p in ctx.student.named_parameters())  # raw weights untouched
+    writer.save_student(ctx)
+    saved = dict(load_student(tmp_path / "run").net.named_parameters())
+    torch.testing.assert_close(saved[changed[0]], ctx.student_ema.params[changed[0]])
+
+
 def test_ema_pull_happens_after_each_generator_step(folders, tmp_path):
     cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ema=0.5, max_steps=1)
     ctx = setup(cfg)

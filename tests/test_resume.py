@@ -34,17 +34,22 @@ def _weights(ctx):
             for n, p in getattr(ctx, r).named_parameters()}
 
 
-def test_resume_is_bitwise_identical(teacher, tmp_path):
-    cfg = _cfg(teacher)
+@pytest.mark.parametrize("ema", [0.0, 0.7])
+def test_resume_is_bitwise_identical(teacher, tmp_path, ema):
+    cfg = _cfg(teacher, student_ema=ema)
     full = setup(cfg)
     train(cfg, tmp_path / "full", progress=False, ctx=full)
 
-    half_cfg = _cfg(teacher, max_steps=2)
+    half_cfg = _cfg(teacher, max_steps=2, student_ema=ema)
     train(half_cfg, tmp_path / "half", progress=False)
     assert (tmp_path / "half" / "checkpoints" / "step_00000002").is_dir()
     resumed = setup(cfg)
     train(cfg, tmp_path / "half", progress=False, ctx=resumed, resume="latest")
     a, b = _weights(full), _weights(resumed)
+    if ema:
+        a.update({f"ema.{k}": v for k, v in full.student_ema.params.items()})
+        b.update({f"ema.{k}": v for k, v in resumed.student_ema.params.items()})
+        assert any(not torch.equal(full.student_ema.params[n], p) for n, p in full.student.named_parameters())
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k

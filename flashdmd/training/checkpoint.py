@@ -97,6 +97,8 @@ def _role_tensors(ctx) -> dict:
     for role, (module, names) in _roles(ctx).items():
         full = full_state_dict(module)
         out[role] = {k: v for k, v in full.items() if k in names}
+    if ctx.student_ema is not None:
+        out["student_ema"] = ctx.student_ema.full_state()
     return out
 
 
@@ -147,6 +149,9 @@ def _all_finite(ctx) -> bool:
     from flashdmd.training.parallel import all_true, local_tensors
     ok = all(bool(torch.isfinite(t).all()) for m, _ in _roles(ctx).values()
              for t in local_tensors(m) if t.is_floating_point())
+    if ctx.student_ema is not None:
+        ok = ok and all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())
+                        for t in ctx.student_ema.params.values())
     return all_true(ok, ctx.accelerator.device)
 
 
@@ -284,6 +289,12 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
             raise FlashDMDError(f"checkpoint {folder} lacks {len(missing)} tensors of {role} (e.g. {sorted(missing)[0]}): "
                                 "was it written with a different config?")
         load_full_state_dict(module, part)
+    if ctx.student_ema is not None:
+        part = {k[len("student_ema/"):]: v for k, v in tensors.items() if k.startswith("student_ema/")}
+        if set(part) != set(ctx.student_ema.params):
+            raise FlashDMDError(f"checkpoint {folder} holds no student EMA matching this run's student_ema setting: "
+                                "was it written with a different config?")
+        ctx.student_ema.load_full_state(part)
     opt_t = load_file(str(folder / "optim.safetensors"))
     opt_s = json.loads((folder / "optim.json").read_text())
     try:

@@ -49,6 +49,10 @@ class DistillConfig:
                                                "family (SDXL 999,749,499,249; SD3 shifted 1000,900,750,500)")
     student_dm_steps: int | None = _f(None, "flashdmd: how many leading (high-noise) student steps get the DM loss; "
                                       "the rest get the GAN loss. Default K-1 (paper: DM at 999/749/499, GAN at 249)")
+    student_ema: float = _f(0.0, "EMA decay of the student's trainable weights, updated after every generator and RL "
+                            "update; > 0: evaluations, sample grids, the saved student and the export use the EMA "
+                            "weights, training continues on the raw ones. Not in the paper; common in distillation "
+                            "codebases. 0 = off (the student is the raw weights)")
     student_backward_simulation: bool = _f(True, "build the student's input at step k by running the student "
                                            "(no grad) from pure noise with fresh re-noising (DMD2 sample_backward)")
 
@@ -147,6 +151,7 @@ class DistillConfig:
         need(self.dm_guidance_scale >= 0, "dm_guidance_scale must be >= 0")
         need(self.fake_score_ttur >= 1, "fake_score_ttur must be >= 1")
         need(0.0 <= self.fake_score_ema < 1.0, "fake_score_ema must be in [0, 1)")
+        need(0.0 <= self.student_ema < 1.0, "student_ema must be in [0, 1)")
         need(self.fake_score_target in ("native", "x0"), "fake_score_target must be native or x0")
         need(self.disc_kind in ("pixel", "latent", "none"), "disc_kind must be pixel, latent or none")
         need(self.disc_backbone in ("world", "sam"), "disc_backbone must be world or sam")

@@ -27,7 +27,7 @@ from flashdmd.training.config import DistillConfig
 from flashdmd.training.data import PromptSource, RealImageSource
 from flashdmd.training.parallel import reshard
 from flashdmd.training.rng import SampleRNG
-from flashdmd.training.roles import build_roles, ema_pull_, trainable_parameters
+from flashdmd.training.roles import StudentEMA, build_roles, ema_pull_, trainable_parameters
 
 
 @dataclass
@@ -56,6 +56,7 @@ class Context:
     reward: torch.nn.Module | None = None
     nonfinite: dict = field(default_factory=dict)
     last_checkpoint: str | None = None
+    student_ema: object = None        # roles.StudentEMA when cfg.student_ema > 0
 
     def real_latents(self, n: int) -> Tensor:
         pixels, _ = self.real.sample(n, self.rng)
@@ -105,7 +106,16 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None) -> Context:
                   rng=SampleRNG(cfg.seed, acc.process_index, cfg.batch_size),
                   prompts=PromptSource(cfg.data_prompts), real=real, accelerator=acc)
     _make_optimizers(ctx)
+    if cfg.student_ema > 0:
+        ctx.student_ema = StudentEMA(acc.unwrap_model(ctx.student), cfg.student_ema)
     return ctx
+
+
+def after_student_update(ctx: Context) -> None:
+    """After every generator or RL update: the student's EMA (when enabled)."""
+    if ctx.student_ema is not None:
+        reshard(ctx.student)
+        ctx.student_ema.update(ctx.accelerator.unwrap_model(ctx.student))
 
 
 def _adamw(params, lr, cfg):
@@ -211,6 +221,7 @@ def generator_step(ctx: Context, cond, uncond) -> dict:
     out = rollout(ctx, cond, uncond, with_grad=True)
     out["logs"]["grad_norm/generator"] = _optimise(ctx, "generator", out["loss"], trainable_parameters(ctx.student))
     out["logs"]["loss/generator"] = out["loss"].item()
+    after_student_update(ctx)
     if ctx.cfg.fake_score_ema > 0:
         reshard(ctx.student, ctx.fake_score)  # FSDP2: both as matching shards (no-op otherwise)
         ema_pull_(ctx.accelerator.unwrap_model(ctx.fake_score), ctx.accelerator.unwrap_model(ctx.student),

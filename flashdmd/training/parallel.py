@@ -157,6 +157,19 @@ def local_tensors(module: nn.Module, trainable_only: bool = True):
             yield p.to_local() if hasattr(p, "to_local") else p
 
 
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
+    """A full CPU copy of a plain or DTensor tensor (a collective for DTensors: every rank calls it)."""
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().cpu().clone()
+
+
+def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``ref``: sharded the same way when ``ref`` is a DTensor."""
+    if hasattr(ref, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+        return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
+    return full.to(ref.device, ref.dtype)
+
+
 def replica(ctx, module: nn.Module, all_ranks: bool = False) -> nn.Module | None:
     """An unsharded copy of the student-like ``module`` (student or fake score) for rank-0-only work.
 

@@ -82,3 +82,32 @@ def ema_pull_(target: nn.Module, source: nn.Module, lam: float) -> None:
     for name, p in target.named_parameters():
         if p.requires_grad:
             p.lerp_(src[name].detach().to(p.dtype), 1.0 - lam)
+
+
+class StudentEMA:
+    """Exponential moving average of the student's trainable weights (``student_ema``), by canonical name; under
+    FSDP2 each rank keeps the EMA of its own shards. Training continues on the raw weights; evaluations, grids
+    and the saved student use these."""
+
+    def __init__(self, student: nn.Module, decay: float):
+        from flashdmd.training.parallel import canonical
+        self.decay = decay
+        self.params = {canonical(n): p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
+
+    @torch.no_grad()
+    def update(self, student: nn.Module) -> None:
+        from flashdmd.training.parallel import canonical
+        for n, p in student.named_parameters():
+            if p.requires_grad:
+                self.params[canonical(n)].lerp_(p.detach().to(self.params[canonical(n)].dtype), 1.0 - self.decay)
+
+    def full_state(self) -> dict:
+        """Full CPU tensors (a collective under FSDP: every rank calls it)."""
+        from flashdmd.training.parallel import full_tensor
+        return {n: full_tensor(t) for n, t in self.params.items()}
+
+    @torch.no_grad()
+    def load_full_state(self, state: dict) -> None:
+        from flashdmd.training.parallel import like
+        for n, t in self.params.items():
+            t.copy_(like(state[n], t))

@@ -110,10 +110,18 @@ class RunWriter:
     def _student_model(self, ctx):
         """The student for rank-0-only work: the module itself, or under FSDP a gathered replica (a collective:
         call on every rank; other ranks get None)."""
+        import copy
+
         from flashdmd.evaluation.runner import Model
-        from flashdmd.training.parallel import replica
+        from flashdmd.training.parallel import is_sharded, replica
+        ema = ctx.student_ema.full_state() if ctx.student_ema is not None else None  # collective under FSDP
         net = replica(ctx, ctx.student)
-        return None if net is None else Model(ctx.family, net, "student", ctx.timesteps, 1.0, True)
+        if net is None:
+            return None
+        if ema is not None:  # the EMA weights in a copy; training continues on the raw ones
+            net = net if is_sharded(ctx.student) else copy.deepcopy(net)
+            net.load_state_dict(ema, strict=False)
+        return Model(ctx.family, net, "student", ctx.timesteps, 1.0, True)
 
     def maybe_sample(self, ctx, force=False):
         n = self.cfg.sample_every_steps

@@ -89,9 +89,10 @@ def rl_step(ctx, cond) -> dict:
     loss = step_dpo_loss(lcm_step_log_prob(x_w, x0_pol, a, s), lcm_step_log_prob(x_w, x0_ref, a, s),
                          lcm_step_log_prob(x_l, x0_pol, a, s), lcm_step_log_prob(x_l, x0_ref, a, s),
                          cfg.rl_beta, cfg.rl_ratio_clip).mean()
-    from flashdmd.training.distill import _optimise
+    from flashdmd.training.distill import _optimise, after_student_update
     params = [p for g in ctx.opt["rl"].param_groups for p in g["params"]]
     norm = _optimise(ctx, "rl", loss, params)
+    after_student_update(ctx)
     return {"rl/loss": loss.item(), "rl/lrm_score": scores.mean().item(),
             "rl/lrm_margin": (scores.max(0).values - scores.min(0).values).mean().item(),
             f"rl/loss_t{int(round(ctx.timesteps[k]))}": loss.item(), "grad_norm/rl": float(norm)}
