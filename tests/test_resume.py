@@ -85,3 +85,22 @@ def test_nonfinite_updates_are_skipped_then_stop(teacher, tmp_path):
             train(cfg, tmp_path / "run", progress=False, ctx=ctx)
     for role in ("student", "fake_score"):
         assert all(torch.isfinite(p).all() for p in getattr(ctx, role).parameters()) or role
+
+
+def test_optimizer_state_of_a_parameter_without_gradients_round_trips():
+    """A trainable parameter that no forward reaches has no AdamW state; saving and loading the optimiser must
+    still work (DMD2's latent head has such layers on small latents) and restore the others exactly."""
+    from flashdmd.training.parallel import full_optimizer_state, load_full_optimizer_state
+    torch.manual_seed(0)
+    net = torch.nn.ModuleDict({"used": torch.nn.Linear(3, 2), "unused": torch.nn.Linear(3, 2)})
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    net["used"](torch.randn(4, 3)).sum().backward()
+    opt.step()
+    saved = full_optimizer_state(net, opt)
+    assert set(saved["state"]) == {"used.weight", "used.bias"}
+    fresh = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    load_full_optimizer_state(net, fresh, saved)
+    back = full_optimizer_state(net, fresh)
+    for name in saved["state"]:
+        for k, v in saved["state"][name].items():
+            assert torch.equal(torch.as_tensor(v), torch.as_tensor(back["state"][name][k])), (name, k)

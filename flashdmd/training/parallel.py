@@ -101,11 +101,18 @@ def load_full_state_dict(module: nn.Module, state: dict) -> None:
 
 
 def full_optimizer_state(module: nn.Module, opt) -> dict:
-    """The optimiser's state with parameters named (canonical names), full tensors. Collective under FSDP (only
-    rank 0 gets the state; the others get {})."""
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    """The optimiser's state with parameters named (canonical names of ``module``'s parameters), full tensors.
+    Collective under FSDP (only rank 0 gets the state; the others get {}). A parameter that never received a
+    gradient has no state (AdamW creates it lazily)."""
     inner = getattr(opt, "optimizer", opt)
-    sd = get_optimizer_state_dict(module, inner, options=_options(full_state_dict=True, cpu_offload=is_sharded(module)))
+    if not is_sharded(module):
+        names = {id(p): canonical(n) for n, p in module.named_parameters()}
+        order = [names[id(p)] for g in inner.param_groups for p in g["params"]]
+        sd = inner.state_dict()
+        return {"state": {order[i]: st for i, st in sd["state"].items()},
+                "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+    sd = get_optimizer_state_dict(module, inner, options=_options(full_state_dict=True, cpu_offload=True))
     if "state" not in sd:  # FSDP: ranks other than 0 get nothing
         return {}
     return {"state": {canonical(k): v for k, v in sd["state"].items()},
@@ -113,9 +120,25 @@ def full_optimizer_state(module: nn.Module, opt) -> dict:
 
 
 def load_full_optimizer_state(module: nn.Module, opt, state: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    """Inverse of :func:`full_optimizer_state`. Raises ValueError when the saved parameter groups name other
+    parameters than this optimiser holds (another config). Parameters without saved state get fresh state."""
     inner = getattr(opt, "optimizer", opt)
-    set_optimizer_state_dict(module, inner, state, options=_options(full_state_dict=True))
+    names = {id(p): canonical(n) for n, p in module.named_parameters()}
+    mine = [[names[id(p)] for p in g["params"]] for g in inner.param_groups]
+    if mine != [list(g["params"]) for g in state["param_groups"]]:
+        raise ValueError("the saved optimiser holds other parameters than this run's")
+    if not is_sharded(module):
+        flat = [n for g in mine for n in g]
+        index = {n: i for i, n in enumerate(flat)}
+        groups, start = [], 0
+        for g_saved, g in zip(state["param_groups"], mine):
+            groups.append({**{k: v for k, v in g_saved.items() if k != "params"},
+                           "params": list(range(start, start + len(g)))})
+            start += len(g)
+        inner.load_state_dict({"state": {index[n]: st for n, st in state["state"].items()}, "param_groups": groups})
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+    set_optimizer_state_dict(module, inner, state, options=_options(full_state_dict=True, strict=False))
 
 
 def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
