@@ -67,7 +67,7 @@ def run_row(name: str, family: str, args, out: Path) -> dict:
 
 def first_reach(evals: list[dict], target: float, batch: int):
     for e in evals:
-        if e["fd"] <= target:
+        if e["generator_steps"] > 0 and e["fd"] <= target:  # the initial student is the teacher: no cost
             return e["generator_steps"] * batch, e["wall_seconds"]
     return None, None
 
@@ -76,7 +76,7 @@ def summarise(results: dict, batch: int) -> dict:
     rows = {}
     for name, r in results.items():
         ev = r["evals"]
-        best = min(ev, key=lambda e: e["fd"])
+        best = min([e for e in ev if e["generator_steps"] > 0] or ev, key=lambda e: e["fd"])
         rows[name] = {"label": LABELS[name], "final_fd": ev[-1]["fd"], "final_alignment": ev[-1]["alignment"],
                       "best_fd": best["fd"], "best_at_images": best["generator_steps"] * batch,
                       "wall_seconds": r["wall_seconds"], "generator_steps": r["generator_steps"],
