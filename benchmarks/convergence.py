@@ -36,6 +36,7 @@ ROWS = {
     "flash_ttur1": ("flashdmd", {}),
     "flash_ttur2": ("flashdmd", {"fake_score_ttur": 2}),
 }
+ROW_TTUR = {"dmd2": 5, "dmd2_A": 5, "dmd2_B": 1, "flash_ttur1": 1, "flash_ttur2": 2}
 LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "DMD2 + TTUR 1 (B)",
           "flash_ttur1": "Flash-DMD, TTUR 1 (A+B+C)", "flash_ttur2": "Flash-DMD, TTUR 2"}
 
@@ -79,7 +80,8 @@ def summarise(results: dict, batch: int) -> dict:
         best = min([e for e in ev if e["generator_steps"] > 0] or ev, key=lambda e: e["fd"])
         rows[name] = {"label": LABELS[name], "final_fd": ev[-1]["fd"], "final_alignment": ev[-1]["alignment"],
                       "best_fd": best["fd"], "best_at_images": best["generator_steps"] * batch,
-                      "wall_seconds": r["wall_seconds"], "generator_steps": r["generator_steps"],
+                      "wall_seconds": ev[-1]["wall_seconds"], "generator_steps": r["generator_steps"],
+                      "critic_iterations": r["generator_steps"] * ROW_TTUR.get(name, 1),
                       "curve": [{"images": e["generator_steps"] * batch, "wall_seconds": e["wall_seconds"],
                                  "fd": e["fd"], "alignment": e["alignment"], "diversity": e["diversity"]} for e in ev]}
     if "dmd2" in rows:
