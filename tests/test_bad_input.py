@@ -193,6 +193,11 @@ def config_wrong_type_mapping(e):
 
 
 @case
+def config_student_ema_out_of_range(e):
+    return Case(e.distill("student_ema=1.5"), r"student_ema must be in \[0, 1\)", [e.out])
+
+
+@case
 def config_null_required(e):
     return Case(e.distill("batch_size=null"), r"batch_size must not be null", [e.out])
 
