@@ -29,6 +29,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import add_run_args, parse  # noqa: E402
 ROWS = {
     "dmd2": ("dmd2", {}),
     "dmd2_A": ("dmd2", {"disc_kind": "pixel", "disc_backbone": "world", "disc_loss": "hinge"}),
@@ -130,16 +132,10 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="generator updates per row (TTUR <= 2 rows)")
     p.add_argument("--dmd2-steps", type=int, default=100, help="generator updates of the TTUR-5 DMD2 rows")
     p.add_argument("--eval-every", type=int, default=25)
-    p.add_argument("--num-images", type=int, default=300)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", action="append", default=[], help="extra key=value for every row")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
-    import torch
-    torch.set_num_threads(a.threads)
+    add_run_args(p)
+    a = parse(p)
     out = Path(a.out)
     results = {name: run_row(name, a.family, a, out) for name in a.rows}
     summary = summarise(results, a.batch)

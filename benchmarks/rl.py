@@ -27,6 +27,8 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import add_run_args, parse  # noqa: E402
 ROWS = {
     "joint_1": {"rl_distill_ratio": 1},
     "joint_2": {"rl_distill_ratio": 2},
@@ -79,14 +81,8 @@ def main():
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--rl-steps", type=int, default=60)
-    p.add_argument("--num-images", type=int, default=300)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--set", action="append", default=[], help="extra key=value for every row")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--out", required=True)
-    a = p.parse_args()
-    import torch
-    torch.set_num_threads(a.threads)
+    add_run_args(p)
+    a = parse(p)
     base = Path(a.base)
     base_steps = json.loads((base / "state.json").read_text())["generator_steps"]
     table = {"stage1": {}}
