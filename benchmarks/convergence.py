@@ -17,7 +17,8 @@ Rows (A = Pixel-GAN, B = low TTUR, C = timestep-aware routing + EMA-pulled fake 
     flash_ttur1   + A + B + C (Flash-DMD, TTUR 1)
     flash_ttur2   Flash-DMD, TTUR 2
 Writes OUT/summary.json (per-row curves, best FD, the cost at which each row first reaches DMD2's best FD and
-that cost as a fraction of DMD2's) and docs/figures/convergence_<family>.png.
+that cost as a fraction of DMD2's; the same against DMD2's plateau, the mean of its last 3 evaluations) and
+docs/figures/convergence_<family>.png (dotted line: DMD2's best FD, dashed: its plateau).
 """
 import argparse
 import json
@@ -68,6 +69,9 @@ def run_row(name: str, family: str, args, out: Path) -> dict:
     return result
 
 
+PLATEAU_EVALS = 3
+
+
 def first_reach(evals: list[dict], target: float, batch: int):
     for e in evals:
         if e["generator_steps"] > 0 and e["fd"] <= target:  # the initial student is the teacher: no cost
@@ -87,15 +91,22 @@ def summarise(results: dict, batch: int) -> dict:
                       "curve": [{"images": e["generator_steps"] * batch, "wall_seconds": e["wall_seconds"],
                                  "fd": e["fd"], "alignment": e["alignment"], "diversity": e["diversity"]} for e in ev]}
     if "dmd2" in rows:
-        target = rows["dmd2"]["best_fd"]
-        d_img, d_wall = first_reach(results["dmd2"]["evals"], target, batch)
-        for name, row in rows.items():
-            img, wall = first_reach(results[name]["evals"], target, batch)
-            row["reaches_dmd2_best"] = img is not None
-            row["images_to_dmd2_best"] = img
-            row["cost_fraction_images"] = None if img is None else img / d_img
-            row["cost_fraction_wall"] = None if wall is None else wall / d_wall
-        rows["_dmd2_best_fd"] = target
+        # two targets: DMD2's best evaluation (the issue's definition; a minimum over noisy evaluations, so a
+        # low bar for DMD2 itself and a high one for the others) and its plateau, the mean of its last
+        # PLATEAU_EVALS evaluations (robust to one lucky evaluation)
+        ev = [e for e in results["dmd2"]["evals"] if e["generator_steps"] > 0]
+        plateau = sum(e["fd"] for e in ev[-PLATEAU_EVALS:]) / len(ev[-PLATEAU_EVALS:])
+        for key, target in (("best", rows["dmd2"]["best_fd"]), ("plateau", plateau)):
+            d_img, d_wall = first_reach(results["dmd2"]["evals"], target, batch)
+            for name, row in rows.items():
+                img, wall = first_reach(results[name]["evals"], target, batch)
+                sfx = "" if key == "best" else "_plateau"
+                row[f"reaches_dmd2_{key}"] = img is not None
+                row[f"images_to_dmd2_{key}"] = img
+                row[f"cost_fraction_images{sfx}"] = None if img is None else img / d_img
+                row[f"cost_fraction_wall{sfx}"] = None if wall is None else wall / d_wall
+        rows["_dmd2_best_fd"] = rows["dmd2"]["best_fd"]
+        rows["_dmd2_plateau_fd"] = plateau
     return rows
 
 
@@ -114,6 +125,7 @@ def plot(summary: dict, family: str, path: Path):
     if "_dmd2_best_fd" in summary:
         for ax in axes[:2]:
             ax.axhline(summary["_dmd2_best_fd"], color="grey", ls=":", lw=1)
+            ax.axhline(summary["_dmd2_plateau_fd"], color="grey", ls="--", lw=1)
     axes[0].set(xlabel="images through the generator (thousands)", ylabel="FD (lower is better)")
     axes[1].set(xlabel="wall time (min, 1 CPU thread)", ylabel="FD")
     axes[2].set(xlabel="images through the generator (thousands)", ylabel="alignment")
@@ -144,8 +156,9 @@ def main():
     for name, row in summary.items():
         if not name.startswith("_"):
             print(f"{name:12s} best FD {row['best_fd']:.2f} final {row['final_fd']:.2f} "
-                  f"to DMD2 best: {row.get('images_to_dmd2_best')} images "
-                  f"({row.get('cost_fraction_images')})", flush=True)
+                  f"to DMD2 best: {row.get('images_to_dmd2_best')} images ({row.get('cost_fraction_images')}); "
+                  f"to DMD2 plateau: {row.get('images_to_dmd2_plateau')} images "
+                  f"({row.get('cost_fraction_images_plateau')})", flush=True)
     return 0
 
 

@@ -24,11 +24,11 @@ def run(args):
 
     if not PRESET.is_file():
         raise FlashDMDError(f"demo preset {PRESET} is missing: run from a flashdmd checkout (pip install -e .)")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     out = Path(args.out)
     cfg = DistillConfig.from_sources(PRESET, getattr(args, "set", None))
     t0 = time.time()
-    print(f"[demo] Stage 1 + Stage 2 distillation of {cfg.model_teacher} into a {len(cfg.student_timesteps or [0]*4)}-step student")
+    print(f"[demo] Stage 1 + Stage 2 distillation of {cfg.model_teacher} into a {len(cfg.student_timesteps or [0]*4)}"
+          f"-step student on {torch.get_num_threads()} CPU thread(s) (flashdmd --threads N to choose)")
     train(cfg, out, progress=True, overwrite=True)  # the demo folder is regenerated on every `make demo`
     t_train = time.time() - t0
 

@@ -608,6 +608,13 @@ def usage_eval_num_images_not_int(e):
                 r"--num-images: invalid int value: 'three'", usage=True)
 
 
+
+@case
+def usage_threads_zero(e):
+    return Case(["--threads", "0", "distill", "--out", str(e.out)],
+                r"--threads: expected 'auto' or a whole number >= 1, got '0'", [e.out], usage=True)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the test
 
@@ -664,7 +671,7 @@ def test_bad_input_is_one_line_error(name, teacher, tmp_path, request, capsys, m
     lines = [ln for ln in err.splitlines() if ln.strip()]
     if c.usage:
         errors = [ln for ln in lines if "error:" in ln]
-        assert len(errors) == 1 and errors[0].startswith("flashdmd "), err
+        assert len(errors) == 1 and re.match(r"flashdmd( [\w-]+)?: error: ", errors[0]), err
     else:
         errors = [ln for ln in lines if ln.startswith("error:")]
         assert len(errors) == 1, f"expected one 'error:' line, got:\n{err}"

@@ -131,3 +131,27 @@ def test_bad_input_is_a_one_line_error(teacher, tmp_path, capsys):
     _one_line_error(capsys, ["sample", "--model", str(teacher), "--prompt", "x", "--num-per-prompt", "0",
                              "--out", str(tmp_path / "o")])
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+def test_threads_auto_leaves_busy_cores_to_other_processes(monkeypatch):
+    """`flashdmd --threads auto` (the default) runs on the cores the 1-minute load average leaves free, never
+    more than torch's own count and never fewer than 1; a number is taken as given."""
+    import os
+
+    import torch
+
+    from flashdmd.cli import set_threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        monkeypatch.setattr(os, "cpu_count", lambda: 4)
+        monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
+        assert set_threads("auto") == 3 and torch.get_num_threads() == 3
+        monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
+        assert set_threads("auto") == 1
+        torch.set_num_threads(2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+        assert set_threads("auto") == 2  # OMP_NUM_THREADS / torch's count is an upper bound
+        assert set_threads(3) == 3 and torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
