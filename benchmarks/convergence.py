@@ -16,6 +16,10 @@ Rows (A = Pixel-GAN, B = low TTUR, C = timestep-aware routing + EMA-pulled fake 
     dmd2_B        + low TTUR only (DMD2 with TTUR 1)
     flash_ttur1   + A + B + C (Flash-DMD, TTUR 1)
     flash_ttur2   Flash-DMD, TTUR 2
+    flash_dm_all  Flash-DMD without timestep-aware routing: DM at all 4 steps, Pixel-GAN on the same output
+    flash_no_pull Flash-DMD without the fake score's EMA pull toward the student (C split in two)
+    flash_strong_d Flash-DMD with the Pixel-GAN heads' learning rate 10x (1e-3): does a discriminator that
+                  separates real from fake help the low-noise step?
 Writes OUT/summary.json (per-row curves, best FD, the cost at which each row first reaches DMD2's best FD and
 that cost as a fraction of DMD2's; the same against DMD2's plateau, the mean of its last 3 evaluations) and
 docs/figures/convergence_<family>.png (dotted line: DMD2's best FD, dashed: its plateau).
@@ -38,10 +42,16 @@ ROWS = {
     "dmd2_B": ("dmd2", {"fake_score_ttur": 1}),
     "flash_ttur1": ("flashdmd", {}),
     "flash_ttur2": ("flashdmd", {"fake_score_ttur": 2}),
+    "flash_dm_all": ("flashdmd", {"student_dm_steps": 4}),
+    "flash_no_pull": ("flashdmd", {"fake_score_ema": 0.0}),
+    "flash_strong_d": ("flashdmd", {"disc_lr": 1e-3}),
 }
-ROW_TTUR = {"dmd2": 5, "dmd2_A": 5, "dmd2_B": 1, "flash_ttur1": 1, "flash_ttur2": 2}
+ROW_TTUR = {"dmd2": 5, "dmd2_A": 5, "dmd2_B": 1, "flash_ttur1": 1, "flash_ttur2": 2, "flash_dm_all": 1,
+            "flash_no_pull": 1, "flash_strong_d": 1}
 LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "DMD2 + TTUR 1 (B)",
-          "flash_ttur1": "Flash-DMD, TTUR 1 (A+B+C)", "flash_ttur2": "Flash-DMD, TTUR 2"}
+          "flash_ttur1": "Flash-DMD, TTUR 1 (A+B+C)", "flash_ttur2": "Flash-DMD, TTUR 2",
+          "flash_dm_all": "Flash-DMD, DM at every step (no routing)", "flash_no_pull": "Flash-DMD, no EMA pull",
+          "flash_strong_d": "Flash-DMD, Pixel-GAN heads at 10x lr"}
 
 
 def run_row(name: str, family: str, args, out: Path) -> dict:
@@ -146,10 +156,15 @@ def main():
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-run", action="store_true",
+                   help="only summarise and plot the rows whose run folder under --out already holds metrics.json")
     add_run_args(p)
     a = parse(p)
     out = Path(a.out)
-    results = {name: run_row(name, a.family, a, out) for name in a.rows}
+    rows = [r for r in a.rows if not a.no_run or (out / r / "metrics.json").is_file()]
+    if not rows:
+        p.error(f"--no-run: no row under {out} has metrics.json yet")
+    results = {name: run_row(name, a.family, a, out) for name in rows}
     summary = summarise(results, a.batch)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     plot(summary, a.family, ROOT / "docs" / "figures" / f"convergence_{a.family}.png")
