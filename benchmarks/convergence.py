@@ -120,28 +120,42 @@ def summarise(results: dict, batch: int) -> dict:
     return rows
 
 
-def plot(summary: dict, family: str, path: Path):
+# rows whose network passes are those of a measured row cost what it costs (the Flash-DMD ablations change
+# no pass); DMD2 + A / + B differ from every measured row and get no compute curve
+COST_AS = {"flash_dm_all": "flash_ttur1", "flash_no_pull": "flash_ttur1", "flash_strong_d": "flash_ttur1"}
+
+
+def _seconds_per_update(name: str, family: str):
+    path = ROOT / "benchmarks" / "results" / f"step_cost_{family}.json"
+    if not path.is_file():
+        return None
+    rows = json.loads(path.read_text())["rows"]
+    row = rows.get(name) or rows.get(COST_AS.get(name, ""))
+    return None if row is None else row["seconds_per_generator_update"]
+
+
+def plot(summary: dict, family: str, path: Path, batch: int = 32):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, row in summary.items():
-        if name.startswith("_"):
-            continue
-        c = row["curve"]
-        axes[0].plot([p["images"] / 1000 for p in c], [p["fd"] for p in c], marker="o", label=row["label"])
-        axes[1].plot([p["wall_seconds"] / 60 for p in c], [p["fd"] for p in c], marker="o", label=row["label"])
-        axes[2].plot([p["images"] / 1000 for p in c], [p["alignment"] for p in c], marker="o", label=row["label"])
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    for i, (name, row) in enumerate(r for r in summary.items() if not r[0].startswith("_")):
+        c, color = row["curve"], f"C{i}"
+        axes[0].plot([p["images"] / 1000 for p in c], [p["fd"] for p in c], marker="o", color=color, label=row["label"])
+        per = _seconds_per_update(name, family)
+        if per is not None:  # compute = generator updates x seconds per update measured in one process
+            axes[1].plot([p["images"] / batch * per / 60 for p in c], [p["fd"] for p in c], marker="o", color=color)
+        axes[2].plot([p["images"] / 1000 for p in c], [p["alignment"] for p in c], marker="o", color=color)
     if "_dmd2_best_fd" in summary:
         for ax in axes[:2]:
             ax.axhline(summary["_dmd2_best_fd"], color="grey", ls=":", lw=1)
             ax.axhline(summary["_dmd2_plateau_fd"], color="grey", ls="--", lw=1)
     axes[0].set(xlabel="images through the generator (thousands)", ylabel="FD (lower is better)")
-    axes[1].set(xlabel="wall time (min, 1 CPU thread)", ylabel="FD")
+    axes[1].set(xlabel="compute (min of 1 CPU thread; benchmarks/step_cost.py)", ylabel="FD")
     axes[2].set(xlabel="images through the generator (thousands)", ylabel="alignment")
-    axes[0].legend(fontsize=8)
+    fig.legend(loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.suptitle(f"world-{family}: 4-step student, Flash-DMD vs DMD2 and ablations")
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
     print(f"wrote {path}")
@@ -167,7 +181,7 @@ def main():
     results = {name: run_row(name, a.family, a, out) for name in rows}
     summary = summarise(results, a.batch)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot(summary, a.family, ROOT / "docs" / "figures" / f"convergence_{a.family}.png")
+    plot(summary, a.family, ROOT / "docs" / "figures" / f"convergence_{a.family}.png", a.batch)
     for name, row in summary.items():
         if not name.startswith("_"):
             print(f"{name:12s} best FD {row['best_fd']:.2f} final {row['final_fd']:.2f} "
