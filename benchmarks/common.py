@@ -2,10 +2,15 @@
 import argparse
 
 
+def add_threads_arg(p: argparse.ArgumentParser) -> None:
+    """--threads (default 1), applied by :func:`parse`."""
+    p.add_argument("--threads", type=int, default=1)
+
+
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """--num-images, --threads, --set, --no-progress and --out, the same for every row-running benchmark."""
     p.add_argument("--num-images", type=int, default=300)
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_arg(p)
     p.add_argument("--set", action="append", default=[], help="extra key=value for every row")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--out", required=True)

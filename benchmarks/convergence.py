@@ -46,12 +46,16 @@ ROWS = {
     "flash_no_pull": ("flashdmd", {"fake_score_ema": 0.0}),
     "flash_strong_d": ("flashdmd", {"disc_lr": 1e-3}),
 }
-ROW_TTUR = {"dmd2": 5, "dmd2_A": 5, "dmd2_B": 1, "flash_ttur1": 1, "flash_ttur2": 2, "flash_dm_all": 1,
-            "flash_no_pull": 1, "flash_strong_d": 1}
 LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "DMD2 + TTUR 1 (B)",
           "flash_ttur1": "Flash-DMD, TTUR 1 (A+B+C)", "flash_ttur2": "Flash-DMD, TTUR 2",
           "flash_dm_all": "Flash-DMD, DM at every step (no routing)", "flash_no_pull": "Flash-DMD, no EMA pull",
           "flash_strong_d": "Flash-DMD, Pixel-GAN heads at 10x lr"}
+
+
+def row_ttur(name: str) -> int:
+    """Critic iterations per generator update of a row: its override, else its preset's (DMD2 5, Flash-DMD 1)."""
+    method, overrides = ROWS[name]
+    return overrides.get("fake_score_ttur", 5 if method == "dmd2" else 1)
 
 
 def run_row(name: str, family: str, args, out: Path) -> dict:
@@ -63,7 +67,7 @@ def run_row(name: str, family: str, args, out: Path) -> dict:
         return json.loads((folder / "metrics.json").read_text())
     method, overrides = ROWS[name]
     preset = ROOT / "configs" / f"world_{family}_{method}.yaml"
-    ttur = overrides.get("fake_score_ttur", 5 if method == "dmd2" else 1)
+    ttur = row_ttur(name)
     # the same budget of critic iterations per row would favour low TTUR; give every row the same generator
     # updates unless --dmd2-steps says otherwise (DMD2 rows are slower per generator update)
     steps = args.dmd2_steps if method == "dmd2" and ttur > 1 else args.steps
@@ -97,7 +101,7 @@ def summarise(results: dict, batch: int) -> dict:
         rows[name] = {"label": LABELS[name], "final_fd": ev[-1]["fd"], "final_alignment": ev[-1]["alignment"],
                       "best_fd": best["fd"], "best_at_images": best["generator_steps"] * batch,
                       "wall_seconds": ev[-1]["wall_seconds"], "generator_steps": r["generator_steps"],
-                      "critic_iterations": r["generator_steps"] * ROW_TTUR.get(name, 1),
+                      "critic_iterations": r["generator_steps"] * row_ttur(name),
                       "curve": [{"images": e["generator_steps"] * batch, "wall_seconds": e["wall_seconds"],
                                  "fd": e["fd"], "alignment": e["alignment"], "diversity": e["diversity"]} for e in ev]}
     if "dmd2" in rows:
@@ -125,13 +129,13 @@ def summarise(results: dict, batch: int) -> dict:
 COST_AS = {"flash_dm_all": "flash_ttur1", "flash_no_pull": "flash_ttur1", "flash_strong_d": "flash_ttur1"}
 
 
-def _seconds_per_update(name: str, family: str):
+def seconds_per_update(family: str) -> dict:
+    """Row name -> seconds per generator update from benchmarks/results/step_cost_<family>.json ({} if absent)."""
     path = ROOT / "benchmarks" / "results" / f"step_cost_{family}.json"
     if not path.is_file():
-        return None
-    rows = json.loads(path.read_text())["rows"]
-    row = rows.get(name) or rows.get(COST_AS.get(name, ""))
-    return None if row is None else row["seconds_per_generator_update"]
+        return {}
+    measured = {k: v["seconds_per_generator_update"] for k, v in json.loads(path.read_text())["rows"].items()}
+    return {name: measured.get(name, measured.get(COST_AS.get(name, ""))) for name in ROWS}
 
 
 def plot(summary: dict, family: str, path: Path, batch: int = 32):
@@ -139,10 +143,11 @@ def plot(summary: dict, family: str, path: Path, batch: int = 32):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
+    cost = seconds_per_update(family)
     for i, (name, row) in enumerate(r for r in summary.items() if not r[0].startswith("_")):
         c, color = row["curve"], f"C{i}"
         axes[0].plot([p["images"] / 1000 for p in c], [p["fd"] for p in c], marker="o", color=color, label=row["label"])
-        per = _seconds_per_update(name, family)
+        per = cost.get(name)
         if per is not None:  # compute = generator updates x seconds per update measured in one process
             axes[1].plot([p["images"] / batch * per / 60 for p in c], [p["fd"] for p in c], marker="o", color=color)
         axes[2].plot([p["images"] / 1000 for p in c], [p["alignment"] for p in c], marker="o", color=color)

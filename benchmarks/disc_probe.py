@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_threads_arg, parse  # noqa: E402
 
 
 def accuracy(logits_real, logits_fake) -> float:
@@ -75,11 +77,10 @@ def main():
     p.add_argument("--steps", type=int, default=300, help="head updates (a default Stage-1 run gives 300)")
     p.add_argument("--lrs", type=float, nargs="+", default=[1e-4, 1e-3])
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_arg(p)
     p.add_argument("--out", required=True)
-    a = p.parse_args()
+    a = parse(p)
     import torch
-    torch.set_num_threads(a.threads)
     from flashdmd.evaluation.classifier import load_eval_classifier
     from flashdmd.evaluation.runner import load_model, sample_images
     from flashdmd.world.data import load_split, to_grey, to_rgb

@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import add_threads_arg, parse  # noqa: E402
 from convergence import ROWS  # noqa: E402
 
 
@@ -29,11 +30,9 @@ def main():
     p.add_argument("--updates", type=int, default=4, help="generator updates per row per round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--threads", type=int, default=1)
+    add_threads_arg(p)
     p.add_argument("--out", required=True)
-    a = p.parse_args()
-    import torch
-    torch.set_num_threads(a.threads)
+    a = parse(p)
     from flashdmd.training import distill
     from flashdmd.training.config import DistillConfig
     from flashdmd.training.run import RunWriter
@@ -58,10 +57,8 @@ def main():
                 distill.distill_iteration(ctx, writer)
             times.append((time.perf_counter() - t0) / a.updates)
     result = {"family": a.family, "batch_size": a.batch, "threads": a.threads, "rows": {}}
-    base = None
     for name, (_, _, ttur, times) in runs.items():
         s = sorted(times)[len(times) // 2]
-        base = base or s
         result["rows"][name] = {"ttur": ttur, "seconds_per_generator_update": s, "rounds": times}
         print(f"{name:14s} TTUR {ttur}: {s:.2f} s per generator update (median of {len(times)} rounds)", flush=True)
     if "dmd2" in result["rows"]:

@@ -608,7 +608,6 @@ def usage_eval_num_images_not_int(e):
                 r"--num-images: invalid int value: 'three'", usage=True)
 
 
-
 @case
 def usage_threads_zero(e):
     return Case(["--threads", "0", "distill", "--out", str(e.out)],
