@@ -18,8 +18,12 @@ Rows (A = Pixel-GAN, B = low TTUR, C = timestep-aware routing + EMA-pulled fake 
     flash_ttur2   Flash-DMD, TTUR 2
     flash_dm_all  Flash-DMD without timestep-aware routing: DM at all 4 steps, Pixel-GAN on the same output
     flash_no_pull Flash-DMD without the fake score's EMA pull toward the student (C split in two)
+    flash_ttur2_dm_all  flash_ttur2 without the routing (DM at all 4 steps): on SD3's shifted schedule the last
+                  student step (t = 500) is at sigma 0.75, not low noise; is the GAN alone too weak to hold it?
     flash_strong_d Flash-DMD with the Pixel-GAN heads' learning rate 10x (1e-3): does a discriminator that
                   separates real from fake help the low-noise step?
+    flash_ttur2_pooled_d  flash_ttur2 with the pooled Pixel-GAN head (disc_head: pooled, width 256, lr 1e-3), which
+                  separates real from student images 79 % of the time where the patch heads reach 64 %
 Writes OUT/summary.json (per-row curves, best FD, the cost at which each row first reaches DMD2's best FD and
 that cost as a fraction of DMD2's; the same against DMD2's plateau, the mean of its last 3 evaluations) and
 docs/figures/convergence_<family>.png (dotted line: DMD2's best FD, dashed: its plateau).
@@ -43,13 +47,19 @@ ROWS = {
     "flash_ttur1": ("flashdmd", {}),
     "flash_ttur2": ("flashdmd", {"fake_score_ttur": 2}),
     "flash_dm_all": ("flashdmd", {"student_dm_steps": 4}),
+    "flash_ttur2_dm_all": ("flashdmd", {"fake_score_ttur": 2, "student_dm_steps": 4}),
     "flash_no_pull": ("flashdmd", {"fake_score_ema": 0.0}),
     "flash_strong_d": ("flashdmd", {"disc_lr": 1e-3}),
+    "flash_ttur2_pooled_d": ("flashdmd", {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256,
+                                          "disc_lr": 1e-3}),
 }
 LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "DMD2 + TTUR 1 (B)",
           "flash_ttur1": "Flash-DMD, TTUR 1 (A+B+C)", "flash_ttur2": "Flash-DMD, TTUR 2",
-          "flash_dm_all": "Flash-DMD, DM at every step (no routing)", "flash_no_pull": "Flash-DMD, no EMA pull",
-          "flash_strong_d": "Flash-DMD, Pixel-GAN heads at 10x lr"}
+          "flash_dm_all": "Flash-DMD, DM at every step (no routing)",
+          "flash_ttur2_dm_all": "Flash-DMD TTUR 2, DM at every step (no routing)",
+          "flash_no_pull": "Flash-DMD, no EMA pull",
+          "flash_strong_d": "Flash-DMD, Pixel-GAN heads at 10x lr",
+          "flash_ttur2_pooled_d": "Flash-DMD TTUR 2, pooled Pixel-GAN head"}
 
 
 def row_ttur(name: str) -> int:
@@ -126,7 +136,8 @@ def summarise(results: dict, batch: int) -> dict:
 
 # rows whose network passes are those of a measured row cost what it costs (the Flash-DMD ablations change
 # no pass); DMD2 + A / + B differ from every measured row and get no compute curve
-COST_AS = {"flash_dm_all": "flash_ttur1", "flash_no_pull": "flash_ttur1", "flash_strong_d": "flash_ttur1"}
+COST_AS = {"flash_dm_all": "flash_ttur1", "flash_ttur2_dm_all": "flash_ttur2", "flash_no_pull": "flash_ttur1",
+           "flash_strong_d": "flash_ttur1", "flash_ttur2_pooled_d": "flash_ttur2"}
 
 
 def seconds_per_update(family: str) -> dict:

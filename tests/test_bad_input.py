@@ -193,6 +193,11 @@ def config_wrong_type_mapping(e):
 
 
 @case
+def config_unknown_disc_head(e):
+    return Case(e.distill("disc_head=global"), r"disc_head must be patch or pooled", [e.out])
+
+
+@case
 def config_student_ema_out_of_range(e):
     return Case(e.distill("student_ema=1.5"), r"student_ema must be in \[0, 1\)", [e.out])
 

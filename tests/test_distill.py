@@ -212,3 +212,25 @@ def test_lora_student_trains_only_adapters(folders, tmp_path):
     for n, p in m.net.named_parameters():
         if "lora" in n:
             torch.testing.assert_close(p, dict(ctx.student.named_parameters())[n])
+
+
+def test_pooled_disc_head_is_calibrated_on_real_images_trains_and_is_checkpointed(folders, tmp_path):
+    """disc_head=pooled: the standardisation makes the calibration images' pooled features zero-mean, unit-std
+    per channel; the MLP trains, the statistics stay fixed and are saved with the run."""
+    from safetensors.torch import load_file
+
+    from flashdmd.networks.discriminator import PooledHead
+    cfg = _cfg(folders, "sdxl", "flashdmd", disc_head="pooled", disc_calibration_images=16, max_steps=2,
+               checkpoint_every_steps=2, student_timesteps=[999, 499])
+    ctx = setup(cfg)
+    head = ctx.disc.heads[0]
+    with torch.no_grad():
+        z = (PooledHead.pool(ctx.disc.backbone(ctx.real.evenly_spaced(16))) - head.mean) / head.std
+    assert z.mean(0).abs().max() < 1e-4 and (z.std(0) - 1).abs().max() < 1e-2  # std + 1e-4
+    assert ctx.disc(torch.zeros(3, 3, 32, 32))[0].shape == (3, 1, 1, 1)
+    stats, weights = (head.mean.clone(), head.std.clone()), _snapshot(head)
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    assert all(not torch.equal(p, weights[n]) for n, p in head.named_parameters())
+    assert torch.equal(head.mean, stats[0]) and torch.equal(head.std, stats[1])
+    saved = load_file(str(tmp_path / "run" / "checkpoints" / "step_00000002" / "roles.safetensors"))
+    assert torch.equal(saved["disc/heads.0.mean"], stats[0]) and torch.equal(saved["disc/heads.0.std"], stats[1])

@@ -1,9 +1,11 @@
 """Discriminators.
 
 * :class:`PixelDiscriminator` -- Flash-DMD's Pixel-GAN: a *frozen* pretrained image encoder (SAM's vision
-  encoder in the paper; the world's own encoder on CPU) and trainable 2D heads on several of its feature
-  levels (ADM design). Input: VAE-decoded pixels (B, 3, H, W) in [-1, 1]. Output: a list of patch-logit
-  maps (B, 1, h_i, w_i), one per head. Gradients flow *through* the frozen encoder to the pixels.
+  encoder in the paper; the world's own encoder on CPU) and trainable heads on several of its feature
+  levels. Input: VAE-decoded pixels (B, 3, H, W) in [-1, 1]. Output: a list of logit maps (B, 1, h_i, w_i).
+  Gradients flow *through* the frozen encoder to the pixels. Two head designs: ``patch`` (the paper's, as far
+  as stated: one 2D conv head per level, ADM design, patch logits) and ``pooled`` (:class:`PooledHead`, not in
+  the paper: one MLP on every level's globally pooled, standardised features, one logit per image).
 * :class:`LatentClassifierHead` -- DMD2's GAN classifier on the fake score's bottleneck (mid-block)
   features of noised latents (``diffusion_gan``); used by the DMD2 baseline.
 """
@@ -85,15 +87,52 @@ class DiscHead(nn.Module):
         return self.net(f)
 
 
-class PixelDiscriminator(nn.Module):
-    """Frozen backbone + one head per feature level. ``parameters()`` of the heads are the trainable ones."""
+class PooledHead(nn.Module):
+    """An MLP (Linear, LeakyReLU, Linear) on the concatenated global averages of every feature level, each
+    channel standardised by fixed statistics of real images (buffers set by :meth:`calibrate`; saved with the
+    run). Globally pooled features are far less spread than per-position ones and their channels' scales
+    differ by ~10x; standardising them is what lets a head trained for a run's few hundred updates use them
+    (``benchmarks/disc_probe.py``)."""
 
-    def __init__(self, backbone: nn.Module, head_channels: int = 64):
+    def __init__(self, feature_channels: Sequence[int], hidden: int = 256):
+        super().__init__()
+        n = sum(feature_channels)
+        self.register_buffer("mean", torch.zeros(n))
+        self.register_buffer("std", torch.ones(n))
+        self.net = nn.Sequential(nn.Linear(n, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+
+    @staticmethod
+    def pool(feats: Sequence[Tensor]) -> Tensor:
+        return torch.cat([f.float().mean(dim=(2, 3)) for f in feats], 1)
+
+    @torch.no_grad()
+    def calibrate(self, pooled: Tensor) -> None:
+        """``pooled``: (N, sum C) pooled features of N >= 2 real images."""
+        self.mean.copy_(pooled.mean(0))
+        self.std.copy_(pooled.std(0) + 1e-4)
+
+    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+        z = (self.pool(feats) - self.mean) / self.std
+        return self.net(z.to(self.net[0].weight.dtype)).view(-1, 1, 1, 1)
+
+
+class PixelDiscriminator(nn.Module):
+    """Frozen backbone + trainable heads: ``patch`` (one :class:`DiscHead` per feature level) or ``pooled`` (one
+    :class:`PooledHead` over all levels; call :meth:`calibrate` with real images before training). The heads'
+    parameters are the trainable ones."""
+
+    def __init__(self, backbone: nn.Module, head_channels: int = 64, head: str = "patch"):
         super().__init__()
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        self.heads = nn.ModuleList([DiscHead(c, head_channels) for c in backbone.feature_channels])
+        if head == "patch":
+            self.heads = nn.ModuleList([DiscHead(c, head_channels) for c in backbone.feature_channels])
+        elif head == "pooled":
+            self.heads = nn.ModuleList([PooledHead(backbone.feature_channels, head_channels)])
+        else:
+            raise FlashDMDError(f"unknown disc_head {head!r}; use 'patch' or 'pooled'")
+        self.head = head
 
     def train(self, mode: bool = True):  # the backbone stays frozen in eval mode (no dropout / BN updates)
         super().train(mode)
@@ -103,23 +142,34 @@ class PixelDiscriminator(nn.Module):
     def trainable_parameters(self):
         return self.heads.parameters()
 
+    @torch.no_grad()
+    def calibrate(self, real_pixels: Tensor, batch_size: int = 32) -> None:
+        """Fix a pooled head's standardisation from real images (B >= 2, in chunks); a no-op for patch heads."""
+        if self.head != "pooled":
+            return
+        device = self.heads[0].mean.device
+        pooled = [PooledHead.pool(self.backbone(chunk.to(device))) for chunk in real_pixels.split(batch_size)]
+        self.heads[0].calibrate(torch.cat(pooled))
+
     def forward(self, pixels: Tensor) -> list[Tensor]:
         feats = self.backbone(pixels)
+        if self.head == "pooled":
+            return [self.heads[0](feats)]
         return [h(f.to(next(h.parameters()).dtype)) for h, f in zip(self.heads, feats)]
 
 
 def build_pixel_discriminator(backbone: str, path: str | None = None, layers: Sequence[int] | None = None,
-                              head_channels: int = 64) -> PixelDiscriminator:
+                              head_channels: int = 64, head: str = "patch") -> PixelDiscriminator:
     """``backbone``: "world" (the embedded world's frozen encoder; ``path`` overrides its folder) or
-    "sam" (``path`` = local SamModel / SamVisionModel folder)."""
+    "sam" (``path`` = local SamModel / SamVisionModel folder). ``head``: "patch" or "pooled"."""
     if backbone == "sam":
         if not path:
             raise FlashDMDError("disc_backbone 'sam' needs disc_backbone_path: a local SAM folder "
                                 "(e.g. facebook/sam-vit-base downloaded with huggingface-cli)")
-        return PixelDiscriminator(SamBackbone.from_pretrained(path, layers), head_channels)
+        return PixelDiscriminator(SamBackbone.from_pretrained(path, layers), head_channels, head)
     if backbone == "world":
         from flashdmd.world.encoder import load_disc_encoder
-        return PixelDiscriminator(load_disc_encoder(path), head_channels)
+        return PixelDiscriminator(load_disc_encoder(path), head_channels, head)
     raise FlashDMDError(f"unknown disc_backbone {backbone!r}; use 'sam' or 'world'")
 
 

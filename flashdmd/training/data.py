@@ -95,6 +95,11 @@ class RealImageSource:
             self.images = _load_image_folder(p, resolution)
             self.labels = None
 
+    def evenly_spaced(self, n: int) -> Tensor:
+        """``n`` images (at most all) evenly spaced through the set: the same on every process, no RNG draw."""
+        idx = torch.linspace(0, len(self.images) - 1, min(n, len(self.images))).round().long()
+        return self.images[idx].contiguous()
+
     def sample(self, n: int, rng) -> tuple[Tensor, list[int] | None]:
         """(images (n, 3, H, W) in [-1, 1], their world class labels or None); one index draw per sample."""
         idx = torch.tensor([r.randrange(len(self.images)) for r in rng.python(n)])

@@ -60,7 +60,8 @@ def _build_disc(cfg, family, fake_score) -> nn.Module | None:
         return None
     if cfg.disc_kind == "pixel":
         from flashdmd.networks.discriminator import build_pixel_discriminator
-        return build_pixel_discriminator(cfg.disc_backbone, cfg.disc_backbone_path, head_channels=cfg.disc_head_channels)
+        return build_pixel_discriminator(cfg.disc_backbone, cfg.disc_backbone_path, head_channels=cfg.disc_head_channels,
+                                         head=cfg.disc_head)
     from flashdmd.networks.discriminator import LatentClassifierHead
     return LatentClassifierHead(bottleneck_channels(family, fake_score))
 
