@@ -27,6 +27,8 @@ Rows (A = Pixel-GAN, B = low TTUR, C = timestep-aware routing + EMA-pulled fake 
 Writes OUT/summary.json (per-row curves, best FD, the cost at which each row first reaches DMD2's best FD and
 that cost as a fraction of DMD2's; the same against DMD2's plateau, the mean of its last 3 evaluations) and
 docs/figures/convergence_<family>.png (dotted line: DMD2's best FD, dashed: its plateau).
+Both are written from the rows of this invocation only: after running a row into another folder (a second seed,
+say), regenerate them with `--no-run --out <the folder that holds every row>`.
 """
 import argparse
 import json
