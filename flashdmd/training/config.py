@@ -91,7 +91,8 @@ class DistillConfig:
                         "every level's globally pooled features, standardised per channel by statistics of "
                         "disc_calibration_images real images; on the embedded world it separates held-out real "
                         "from student images 79% after 300 updates where patch heads reach 64%, "
-                        "benchmarks/disc_probe.py)")
+                        "benchmarks/disc_probe.py, and with it, disc_head_channels 256 and disc_lr 1e-3, Flash-DMD "
+                        "TTUR 2 reaches DMD2's best FD on world-sdxl, BENCHMARKS.md section 3)")
     disc_calibration_images: int = _f(256, "pooled heads: real images (evenly spaced through data_real, the same on "
                                       "every process) whose pooled features fix the heads' standardisation")
 
