@@ -136,19 +136,17 @@ def summarise(results: dict, batch: int) -> dict:
     return rows
 
 
-# rows whose network passes are those of a measured row cost what it costs (the Flash-DMD ablations change
-# no pass); DMD2 + A / + B differ from every measured row and get no compute curve
-COST_AS = {"flash_dm_all": "flash_ttur1", "flash_ttur2_dm_all": "flash_ttur2", "flash_no_pull": "flash_ttur1",
-           "flash_strong_d": "flash_ttur1", "flash_ttur2_pooled_d": "flash_ttur2"}
-
-
 def seconds_per_update(family: str) -> dict:
     """Row name -> seconds per generator update from benchmarks/results/step_cost_<family>.json ({} if absent)."""
     path = ROOT / "benchmarks" / "results" / f"step_cost_{family}.json"
     if not path.is_file():
         return {}
     measured = {k: v["seconds_per_generator_update"] for k, v in json.loads(path.read_text())["rows"].items()}
-    return {name: measured.get(name, measured.get(COST_AS.get(name, ""))) for name in ROWS}
+    # a Flash-DMD row without its own measurement is charged the measured Flash-DMD row of its TTUR: its
+    # overrides change no network pass (the pooled head's is cheaper: an upper bound); DMD2 + A / + B differ
+    # from every measured row and get no compute curve
+    return {name: measured.get(name, measured.get(f"flash_ttur{row_ttur(name)}") if ROWS[name][0] == "flashdmd"
+                               else None) for name in ROWS}
 
 
 def plot(summary: dict, family: str, path: Path, batch: int = 32):

@@ -36,30 +36,6 @@ def _mean_logit(logits):
     return torch.stack([x.flatten(1).mean(1) for x in logits]).mean(0)
 
 
-def train_heads(real, fake, test_real, test_fake, lr: float, steps: int, batch: int, seed: int) -> dict:
-    import torch
-
-    from flashdmd.losses import d_loss
-    from flashdmd.networks.discriminator import build_pixel_discriminator
-    torch.manual_seed(seed)
-    disc = build_pixel_discriminator("world")
-    opt = torch.optim.AdamW(list(disc.trainable_parameters()), lr=lr, betas=(0.0, 0.999), weight_decay=0.01)
-    g = torch.Generator().manual_seed(seed)
-    curve = []
-    for step in range(1, steps + 1):
-        i = torch.randint(len(real), (batch,), generator=g)
-        j = torch.randint(len(fake), (batch,), generator=g)
-        loss = d_loss(disc(real[i]), disc(fake[j]), "hinge").mean()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if step % (steps // 6) == 0 or step == steps:
-            with torch.no_grad():
-                acc = accuracy(_mean_logit(disc(test_real)), _mean_logit(disc(test_fake)))
-            curve.append({"step": step, "train_loss": float(loss.detach()), "test_accuracy": acc})
-    return {"lr": lr, "steps": steps, "final_test_accuracy": curve[-1]["test_accuracy"], "curve": curve}
-
-
 def pooled_head(real_feats, channels):
     """The library's pooled head (``disc_head: pooled``, hidden 256) calibrated on the real training features."""
     from flashdmd.networks.discriminator import PooledHead
@@ -75,10 +51,10 @@ def patch_heads():
     return (lambda feats: [h(f) for h, f in zip(heads, feats)]), heads.parameters()
 
 
-def train_on_features(make_head, real, fake, test_real, test_fake, lr: float, steps: int, batch: int,
-                      seed: int) -> float:
+def train_heads(make_head, real, fake, test_real, test_fake, lr: float, steps: int, batch: int, seed: int) -> dict:
     """Train the head ``make_head()`` gives (forward: list of feature maps -> list of logit maps, parameters) with
-    the hinge loss on precomputed frozen-encoder features; held-out accuracy."""
+    the hinge loss, as a run trains its heads, on precomputed features of the frozen encoder (it is frozen, so
+    encoding every batch again would give the same features); held-out accuracy at six points."""
     import torch
 
     from flashdmd.losses import d_loss
@@ -86,15 +62,19 @@ def train_on_features(make_head, real, fake, test_real, test_fake, lr: float, st
     head, params = make_head()
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.0, 0.999), weight_decay=0.01)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(steps):
+    curve = []
+    for step in range(1, steps + 1):
         i = torch.randint(len(real[0]), (batch,), generator=g)
         j = torch.randint(len(fake[0]), (batch,), generator=g)
         loss = d_loss(head([f[i] for f in real]), head([f[j] for f in fake]), "hinge").mean()
         opt.zero_grad()
         loss.backward()
         opt.step()
-    with torch.no_grad():
-        return accuracy(_mean_logit(head(test_real)), _mean_logit(head(test_fake)))
+        if step % (steps // 6) == 0 or step == steps:
+            with torch.no_grad():
+                acc = accuracy(_mean_logit(head(test_real)), _mean_logit(head(test_fake)))
+            curve.append({"step": step, "train_loss": float(loss.detach()), "test_accuracy": acc})
+    return {"lr": lr, "steps": steps, "final_test_accuracy": curve[-1]["test_accuracy"], "curve": curve}
 
 
 def linear_probe(train_x, train_y, test_x, test_y, steps: int = 500) -> float:
@@ -130,6 +110,7 @@ def main():
     import torch
     from flashdmd.evaluation.classifier import load_eval_classifier
     from flashdmd.evaluation.runner import load_model, sample_images
+    from flashdmd.networks.discriminator import PooledHead
     from flashdmd.world.data import load_split, to_grey, to_rgb
     from flashdmd.world.encoder import load_disc_encoder
     from flashdmd.world.prompts import eval_prompts
@@ -140,10 +121,6 @@ def main():
     real = to_rgb(split.images[idx]).contiguous()
     enc, clf = load_disc_encoder(), load_eval_classifier()
 
-    def feats(x):
-        with torch.no_grad():
-            return (torch.cat([f.mean(dim=(2, 3)) for f in enc(x)], 1), clf.eval().features(to_grey(x)))
-
     results = {}
     for run in a.run:
         t0 = time.time()
@@ -151,24 +128,25 @@ def main():
         prompts, _ = eval_prompts(a.num)
         fake = sample_images(model, prompts, seed=7)
         tr, te = slice(n_test, None), slice(0, n_test)
-        row = {"heads": [train_heads(real[tr], fake[tr], real[te], fake[te], lr, a.steps, a.batch, 0) for lr in a.lrs]}
-        (er, cr), (ef, cf) = feats(real), feats(fake)
+        with torch.no_grad():
+            fr, ff = enc(real), enc(fake)
+            cr, cf = (clf.eval().features(to_grey(x)) for x in (real, fake))
+        sl = lambda fs, s: [f[s] for f in fs]  # noqa: E731
+        split_feats = (sl(fr, tr), sl(ff, tr), sl(fr, te), sl(ff, te))
+        row = {"heads": [train_heads(patch_heads, *split_feats, lr, a.steps, a.batch, 0) for lr in a.lrs]}
+        er, ef = PooledHead.pool(fr), PooledHead.pool(ff)  # each level's global average
         y = torch.cat([torch.ones(a.num - n_test), torch.zeros(a.num - n_test)])
         yt = torch.cat([torch.ones(n_test), torch.zeros(n_test)])
         row["linear_probe_disc_encoder"] = linear_probe(torch.cat([er[tr], ef[tr]]), y, torch.cat([er[te], ef[te]]), yt)
         row["linear_probe_eval_classifier"] = linear_probe(torch.cat([cr[tr], cf[tr]]), y, torch.cat([cr[te], cf[te]]), yt)
         if a.variants:
-            with torch.no_grad():
-                fr, ff = enc(real), enc(fake)
-            sl = lambda fs, s: [f[s] for f in fs]  # noqa: E731
-            split_feats = (sl(fr, tr), sl(ff, tr), sl(fr, te), sl(ff, te))
-            pooled = lambda: pooled_head(split_feats[0], enc.feature_channels)  # noqa: E731
+            pooled_mlp = lambda: pooled_head(split_feats[0], enc.feature_channels)  # noqa: E731
             row["variants"] = [
                 {"head": name, "lr": lr, "steps": steps,
-                 "test_accuracy": train_on_features(make, *split_feats, lr, steps, a.batch, 0)}
+                 "test_accuracy": train_heads(make, *split_feats, lr, steps, a.batch, 0)["final_test_accuracy"]}
                 for lr in a.lrs
                 for name, make, steps in (("patch heads (as in a run)", patch_heads, 5 * a.steps),
-                                          ("pooled standardised MLP", pooled, a.steps))]
+                                          ("pooled standardised MLP", pooled_mlp, a.steps))]
         row["seconds"] = time.time() - t0
         results[run] = row
         print(run, json.dumps({k: v for k, v in row.items() if k != "heads"}),

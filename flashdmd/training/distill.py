@@ -105,7 +105,8 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None) -> Context:
                   disc=roles.disc, timesteps=timesteps, n_dm=n_dm,
                   rng=SampleRNG(cfg.seed, acc.process_index, cfg.batch_size),
                   prompts=PromptSource(cfg.data_prompts), real=real, accelerator=acc)
-    if cfg.disc_kind == "pixel" and cfg.disc_head == "pooled":  # before the heads are prepared (a resume then restores the same statistics)
+    # pooled heads: fix their standardisation before they are prepared (a resume restores the same statistics)
+    if cfg.disc_kind == "pixel" and cfg.disc_head == "pooled":
         ctx.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images), cfg.batch_size)
     _make_optimizers(ctx)
     if cfg.student_ema > 0:
