@@ -15,7 +15,7 @@ from flashdmd.evaluation.backends.fid import (FID_WEIGHTS_NAME, FIDInception, FI
 from flashdmd.evaluation.backends.hpsv2 import HPSv2, convert_open_clip_state_dict
 from flashdmd.evaluation.backends.imagereward import HEAD_FILE, ImageReward, RewardMLP
 from flashdmd.evaluation.metrics import feature_stats, frechet_distance
-from tests.tiny_models import clip_tokenizer, save_pipeline, sdxl_pipeline
+from tests.tiny_models import clip_model_folder, random_fid_inception, save_pipeline, sdxl_pipeline
 
 PROMPTS = ["a photo of a cat", "the drawing of a dog", "a red car in the rain"]
 
@@ -36,27 +36,6 @@ def _one_line(e) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # tiny models written in the real on-disk formats
-
-
-def tiny_clip_folder(folder: Path, seed: int = 0) -> Path:
-    from transformers import CLIPConfig, CLIPModel
-    folder = Path(folder)
-    tok = clip_tokenizer(folder / "_vocab")
-    tok.save_pretrained(str(folder))
-    cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        projection_dim=16)
-    torch.manual_seed(seed)
-    CLIPModel(cfg).save_pretrained(str(folder))
-    (folder / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
-        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "resample": 3,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
-    return folder
 
 
 def tiny_imagereward_folder(folder: Path, seed: int = 0) -> Path:
@@ -85,21 +64,9 @@ def tiny_imagereward_folder(folder: Path, seed: int = 0) -> Path:
     return folder
 
 
-def random_fid_inception(path: Path, seed: int = 0) -> Path:
-    """A random FID Inception saved exactly like pytorch-fid's release file (torch.save of a state_dict).
-    Convs get He init so activations keep their scale through the 90+ layers (torch's default shrinks them)."""
-    torch.manual_seed(seed)
-    net = FIDInceptionV3()
-    for m in net.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-    torch.save(net.state_dict(), path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-    return tiny_clip_folder(tmp_path_factory.mktemp("clip"))
+    return clip_model_folder(tmp_path_factory.mktemp("clip"))
 
 
 @pytest.fixture(scope="module")
@@ -355,7 +322,7 @@ class _Recorder:
 
 def test_evaluate_real_streams_chunks_with_distinct_noise(sdxl_dir, monkeypatch):
     from flashdmd.evaluation import real
-    from flashdmd.evaluation.runner import load_model, sample_images
+    from flashdmd.inference import load_model, sample_images
     monkeypatch.setattr(real, "CHUNK", 4)
     model = load_model(str(sdxl_dir))
     rec = _Recorder()

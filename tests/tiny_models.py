@@ -13,6 +13,10 @@ these builders; each call with the same seed gives identical weights.
   96), two CLIPTextModelWithProjection, optional tiny T5 (d_model 96, so the CLIP embeds get padded),
   AutoencoderKL (scaling 1.5305, shift 0.0609), FlowMatchEulerDiscreteScheduler(shift=3).
 * :func:`save_pipeline` -- ``save_pretrained`` into a folder and return its path.
+* :func:`clip_model_folder` -- a transformers CLIPModel folder (hidden 32, 2 layers, image 32, patch 8,
+  projection 32) with tokenizer and CLIPImageProcessor config: what the CLIP-score / PickScore / HPSv2
+  metric backends load.
+* :func:`random_fid_inception` -- a random FID Inception weights file in pytorch-fid's release format.
 """
 from __future__ import annotations
 
@@ -176,3 +180,41 @@ def save_pipeline(pipe, folder: Path) -> Path:
     folder = Path(folder)
     pipe.save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+def clip_model_folder(path: Path, seed: int = 0) -> Path:
+    """A tiny random transformers CLIPModel saved as a metric backend expects it: config.json,
+    model.safetensors, the CLIP tokenizer files and a CLIPImageProcessor ``preprocessor_config.json``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    folder = Path(path)
+    tok = clip_tokenizer(folder / "_vocab")
+    tok.save_pretrained(str(folder))
+    cfg = CLIPConfig(
+        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                         num_attention_heads=4, max_position_embeddings=77, bos_token_id=tok.bos_token_id,
+                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        projection_dim=32)
+    torch.manual_seed(seed)
+    CLIPModel(cfg).save_pretrained(str(folder))
+    (folder / "preprocessor_config.json").write_text(json.dumps({
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": 32},
+        "do_center_crop": True, "crop_size": {"height": 32, "width": 32}, "resample": 3,
+        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}))
+    return folder
+
+
+def random_fid_inception(path: Path, seed: int = 0) -> Path:
+    """A random FID Inception saved exactly like pytorch-fid's release file (torch.save of a state_dict).
+    Convs get He init so activations keep their scale through the 90+ layers (torch's default shrinks them)."""
+    from flashdmd.evaluation.backends.fid import FIDInceptionV3
+
+    torch.manual_seed(seed)
+    net = FIDInceptionV3()
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+    torch.save(net.state_dict(), path)
+    return path

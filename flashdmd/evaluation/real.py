@@ -1,7 +1,7 @@
 """`flashdmd eval` for real (non-world) models, and `flashdmd eval-stats`.
 
 ``flashdmd eval --model M --prompts FILE`` samples ``--num-images`` images (prompt i = line i mod the number
-of lines) with :func:`flashdmd.evaluation.runner.sample_images` and computes the metrics whose local weights
+of lines) with :func:`flashdmd.inference.sample_images` and computes the metrics whose local weights
 are given; the JSON holds ``{metric: value, seconds_per_image, nfe, num_images, ...}``:
 
 * ``fid`` (``--fid-inception PT --fid-ref DIR|STATS``): Fréchet distance of pytorch-fid Inception pool3
@@ -10,6 +10,11 @@ are given; the JSON holds ``{metric: value, seconds_per_image, nfe, num_images, 
 * ``pickscore`` (``--pickscore DIR``), ``hpsv2`` (``--hpsv2 DIR``, 100 * cos), ``imagereward`` (``--imagereward DIR``).
 Each score also gets ``<key>_std`` (the per-image standard deviation). What each backend expects on disk is
 in docs/EVALUATION.md and the backend modules.
+
+:class:`RealEvaluator` is the same evaluation as an :class:`flashdmd.evaluation.evaluator.Evaluator`: built
+once from the paths (every backend loaded up front, so a wrong path fails before any sampling or training),
+then ``evaluate(model)`` as often as wanted -- `flashdmd eval` uses it once, a training run every
+``eval_every_steps``.
 
 The paper's COCO-10k protocol is ONE command, given a local file with 10 000 COCO-2014 val captions (one per
 line) and the statistics of the matching real images::
@@ -40,9 +45,15 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError
+from flashdmd.evaluation.backends import METRIC_KEYS, load_scorer, require_folder, scorer_class, score_batched
+from flashdmd.evaluation.backends.fid import FIDInception, folder_features, image_files, reference_stats, save_stats
+from flashdmd.evaluation.metrics import feature_stats, frechet_distance
+from flashdmd.inference import load_model, nfe, sample_images
 
 CHUNK = 100
 SEED_STRIDE = 1_000_000
+# every metric this module can compute -> whether higher is better (the ``<key>_std`` spreads are not metrics)
+HIGHER_IS_BETTER = {"fid": False, "clip_score": True, "pickscore": True, "hpsv2": True, "imagereward": True}
 
 
 def cycle_prompts(prompts: list[str], n: int) -> list[str]:
@@ -52,16 +63,21 @@ def cycle_prompts(prompts: list[str], n: int) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(n)]
 
 
-def load_backends(fid_inception=None, fid_ref=None, scorers: dict[str, str] | None = None, device="cpu",
-                  batch_size: int = 50, progress: bool = False) -> dict:
-    """Load every requested backend up front (so a wrong path fails before any sampling).
+def read_prompt_file(path) -> list[str]:
+    # flashdmd.data is the home of prompt sources; until it exists the reader lives with training's sources
+    try:
+        from flashdmd.data import read_prompt_file as read
+    except ImportError:
+        from flashdmd.training.data import read_prompt_file as read
+    return read(path)
 
-    Returns {"fid": (FIDInception, mu, sigma) or None, "scorers": {name: backend}}."""
-    from flashdmd.evaluation.backends import load_scorer, require_folder, scorer_class
-    fid = None
+
+def check_backend_paths(fid_inception=None, fid_ref=None, scorers: dict[str, str | None] | None = None) -> None:
+    """Cheap checks (no weights read) that every requested backend's path is there and has the files it needs:
+    a typo fails at once, not after loading the others (or after hours of training)."""
     if (fid_inception is None) != (fid_ref is None):
-        raise FlashDMDError("FID needs both --fid-inception (the Inception weights) and --fid-ref (real images or stats)")
-    # cheap existence checks of every path first: a typo fails at once, not after loading the others
+        raise FlashDMDError("FID needs both fid_inception (--fid-inception: the Inception weights) and fid_ref "
+                            "(--fid-ref: real images or their statistics)")
     if fid_inception is not None:
         for what, p in (("FID Inception weights", fid_inception), ("FID reference", fid_ref)):
             if not Path(p).expanduser().exists():
@@ -70,8 +86,17 @@ def load_backends(fid_inception=None, fid_ref=None, scorers: dict[str, str] | No
         if path:
             cls = scorer_class(name)
             require_folder(path, cls.WHAT, cls.NEEDS, cls.HINT)
+
+
+def load_backends(fid_inception=None, fid_ref=None, scorers: dict[str, str | None] | None = None, device="cpu",
+                  batch_size: int = 50, progress: bool = False) -> dict:
+    """Load every requested backend up front (so a wrong path fails before any sampling).
+
+    Returns {"fid": (FIDInception, mu, sigma) or None, "scorers": {name: backend}}; a reference folder
+    ``fid_ref`` has its statistics computed here, once."""
+    check_backend_paths(fid_inception, fid_ref, scorers)
+    fid = None
     if fid_inception is not None:
-        from flashdmd.evaluation.backends.fid import FIDInception, reference_stats
         inception = FIDInception.from_file(fid_inception, device=device)
         bar = _bar("fid-ref", None, progress and Path(fid_ref).is_dir())
         mu, sigma = reference_stats(fid_ref, inception, batch_size, bar)
@@ -90,14 +115,8 @@ def evaluate_real(model, prompts: list[str], num_images: int, backends: dict, se
                   steps: int | None = None, guidance_scale: float | None = None, batch_size: int = 16,
                   metric_batch_size: int = 50, progress: bool = False) -> dict:
     """Sample ``num_images`` images for the cycled ``prompts`` and compute the loaded backends' metrics."""
-    from flashdmd.evaluation.backends import METRIC_KEYS, score_batched
-    from flashdmd.evaluation.metrics import feature_stats, frechet_distance
-    from flashdmd.evaluation.runner import nfe, sample_images
-    if num_images < 1:
-        raise FlashDMDError("--num-images must be >= 1")
+    _check_num_images(num_images, backends.get("fid") is not None)
     fid = backends.get("fid")
-    if fid is not None and num_images < 2:
-        raise FlashDMDError("FID needs --num-images >= 2 (a covariance)")
     todo = cycle_prompts(prompts, num_images)
     feats, scores = [], {name: [] for name in backends.get("scorers", {})}
     bar = _bar("eval", num_images, progress)
@@ -129,6 +148,72 @@ def evaluate_real(model, prompts: list[str], num_images: int, backends: dict, se
     return out
 
 
+def _check_num_images(num_images: int, fid: bool) -> None:
+    if num_images < 1:
+        raise FlashDMDError(f"the number of evaluation images must be >= 1, got {num_images}")
+    if fid and num_images < 2:
+        raise FlashDMDError("FID needs at least 2 evaluation images (a covariance)")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The Evaluator of real models
+
+
+class RealEvaluator:
+    """Held-out metrics of a model on a prompt file, from local metric weights (the Evaluator protocol of
+    :mod:`flashdmd.evaluation.evaluator`).
+
+    Every :meth:`evaluate` samples the same ``num_images`` prompts (line i mod the number of lines) from the
+    same noise (``seed``), so evaluations over training compare like with like. :attr:`higher_is_better` holds
+    exactly the metrics it computes (``fid`` lower; ``clip_score`` / ``pickscore`` / ``hpsv2`` / ``imagereward``
+    higher); the result also carries each score's ``<key>_std`` and ``seconds_per_image`` / ``nfe`` /
+    ``num_images``. The caller hands in an inference :class:`flashdmd.inference.Model` ready to sample (its
+    network in eval mode); the evaluator never changes it.
+    """
+
+    def __init__(self, prompts: list[str], num_images: int, backends: dict, batch_size: int = 16,
+                 metric_batch_size: int = 50):
+        _check_num_images(num_images, backends.get("fid") is not None)
+        cycle_prompts(prompts, 1)
+        self.prompts, self.num_images, self.backends = list(prompts), num_images, backends
+        self.batch_size, self.metric_batch_size = batch_size, metric_batch_size
+        keys = (["fid"] if backends.get("fid") is not None else []) + \
+            [METRIC_KEYS[name] for name in backends.get("scorers", {})]
+        self.higher_is_better: dict[str, bool] = {k: HIGHER_IS_BETTER[k] for k in keys}
+
+    @staticmethod
+    def check_paths(prompts_file, num_images: int, *, clip=None, pickscore=None, hpsv2=None, imagereward=None,
+                    fid_inception=None, fid_ref=None) -> list[str]:
+        """Cheap checks of everything :meth:`from_paths` reads (the prompt file is read, no weights are):
+        one-line FlashDMDErrors for a missing path or a bad count. Returns the prompts."""
+        prompts = read_prompt_file(prompts_file)
+        _check_num_images(num_images, fid_inception is not None or fid_ref is not None)
+        check_backend_paths(fid_inception, fid_ref, _scorers(clip, pickscore, hpsv2, imagereward))
+        return prompts
+
+    @classmethod
+    def from_paths(cls, prompts_file, num_images: int, *, clip=None, pickscore=None, hpsv2=None, imagereward=None,
+                   fid_inception=None, fid_ref=None, device="cpu", batch_size: int = 16, metric_batch_size: int = 50,
+                   progress: bool = False) -> "RealEvaluator":
+        """Read the prompt file and load every requested backend now (a wrong path fails here, before any
+        sampling or training). ``fid_ref`` is a folder of real images (its statistics are computed here, once)
+        or a statistics file of `flashdmd eval-stats` / pytorch-fid; FID needs ``fid_inception`` as well."""
+        prompts = cls.check_paths(prompts_file, num_images, clip=clip, pickscore=pickscore, hpsv2=hpsv2,
+                                  imagereward=imagereward, fid_inception=fid_inception, fid_ref=fid_ref)
+        backends = load_backends(fid_inception, fid_ref, _scorers(clip, pickscore, hpsv2, imagereward), device,
+                                 metric_batch_size, progress=progress)
+        return cls(prompts, num_images, backends, batch_size, metric_batch_size)
+
+    def evaluate(self, model, seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
+                 progress: bool = False) -> dict:
+        return evaluate_real(model, self.prompts, self.num_images, self.backends, seed, steps, guidance_scale,
+                             batch_size=self.batch_size, metric_batch_size=self.metric_batch_size, progress=progress)
+
+
+def _scorers(clip, pickscore, hpsv2, imagereward) -> dict[str, str | None]:
+    return {"clip": clip, "pickscore": pickscore, "hpsv2": hpsv2, "imagereward": imagereward}
+
+
 def default_device(name: str | None) -> str:
     if name:
         return name
@@ -137,11 +222,8 @@ def default_device(name: str | None) -> str:
 
 def run_eval(args) -> dict:
     """The real-model branch of `flashdmd eval` (called by runner.run)."""
-    from flashdmd.evaluation.runner import load_model
-    from flashdmd.training.data import read_prompt_file
     if args.prompts is None:
         raise FlashDMDError("give --prompts FILE (one prompt per line) to evaluate with the metric backends")
-    prompts = read_prompt_file(args.prompts)
     if args.num_images < 1:
         raise FlashDMDError("--num-images must be >= 1")
     if args.steps is not None and args.steps < 1:
@@ -150,18 +232,18 @@ def run_eval(args) -> dict:
     if not out.parent.exists():
         raise FlashDMDError(f"folder {out.parent} for --json does not exist")
     device = default_device(getattr(args, "device", None))
-    scorers = {name: getattr(args, name, None) for name in ("clip", "pickscore", "hpsv2", "imagereward")}
-    backends = load_backends(args.fid_inception, args.fid_ref, scorers, device, args.metric_batch_size,
-                             progress=True)
+    evaluator = RealEvaluator.from_paths(
+        args.prompts, args.num_images, clip=args.clip, pickscore=args.pickscore, hpsv2=args.hpsv2,
+        imagereward=args.imagereward, fid_inception=args.fid_inception, fid_ref=args.fid_ref, device=device,
+        batch_size=args.batch_size, metric_batch_size=args.metric_batch_size, progress=True)
     model = load_model(args.model, device=device)
-    metrics = evaluate_real(model, prompts, args.num_images, backends, args.seed, args.steps, args.cfg,
-                            batch_size=args.batch_size, metric_batch_size=args.metric_batch_size, progress=True)
-    if not any(k in metrics for k in ("fid", "clip_score", "pickscore", "hpsv2", "imagereward")):
+    metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=True)
+    if not evaluator.higher_is_better:
         print("note: no metric backend given (--fid-inception/--fid-ref, --clip, --pickscore, --hpsv2, "
               "--imagereward): only speed is reported")
     metrics.update(model=args.model, kind=model.kind, steps=args.steps, cfg=args.cfg,
                    guidance_scale=model.guidance_scale if args.cfg is None else args.cfg, seed=args.seed,
-                   prompts=str(args.prompts), num_prompts=len(prompts), device=device,
+                   prompts=str(args.prompts), num_prompts=len(evaluator.prompts), device=device,
                    fid_ref=None if args.fid_ref is None else str(args.fid_ref))
     write_json(out, metrics)
     return metrics
@@ -187,8 +269,6 @@ def add_stats_arguments(p):
 
 
 def run_stats(args) -> Path:
-    from flashdmd.evaluation.backends.fid import FIDInception, folder_features, image_files, save_stats
-    from flashdmd.evaluation.metrics import feature_stats
     out = Path(args.out)
     if out.suffix not in (".safetensors", ".npz"):
         raise FlashDMDError(f"--out {out} must end in .safetensors or .npz")
