@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError
+from flashdmd.data import read_prompt_file
 from flashdmd.evaluation.backends import METRIC_KEYS, load_scorer, require_folder, scorer_class, score_batched
 from flashdmd.evaluation.backends.fid import FIDInception, folder_features, image_files, reference_stats, save_stats
 from flashdmd.evaluation.metrics import feature_stats, frechet_distance
@@ -61,15 +62,6 @@ def cycle_prompts(prompts: list[str], n: int) -> list[str]:
     if not prompts:
         raise FlashDMDError("no prompts to evaluate on")
     return [prompts[i % len(prompts)] for i in range(n)]
-
-
-def read_prompt_file(path) -> list[str]:
-    # flashdmd.data is the home of prompt sources; until it exists the reader lives with training's sources
-    try:
-        from flashdmd.data import read_prompt_file as read
-    except ImportError:
-        from flashdmd.training.data import read_prompt_file as read
-    return read(path)
 
 
 def check_backend_paths(fid_inception=None, fid_ref=None, scorers: dict[str, str | None] | None = None) -> None:
