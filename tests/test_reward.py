@@ -5,7 +5,8 @@
 * the Bradley-Terry loss against its closed form; shared noise inside a pair;
 * a known synthetic preference (prefer the latent with the larger mean) is learnt: held-out accuracy > 0.7;
 * pairs files: orientation by ``preferred``, PNG samples VAE-encoded, one-line errors on bad input;
-* the CLI: ``reward train`` end to end, ``reward make-pairs`` with the world's oracle (when shipped).
+* the CLI: ``reward train`` end to end; ``reward make-pairs`` refuses a model of no plug-in without a judge
+  (judges and the world's pairs: tests/test_pairs_real.py).
 """
 from __future__ import annotations
 
@@ -361,20 +362,12 @@ def test_cli_bad_pairs_is_one_line(folders, tmp_path, capsys, content):
     assert rc == 2 and err.startswith("error: ") and "\n" not in err, err
 
 
-def test_cli_make_pairs_with_the_oracle(folders, tmp_path, capsys):
-    pytest.importorskip("flashdmd.world.oracle", reason="the world's oracle module is not in this checkout")
-    from flashdmd.world.evalnets import resolve_dir
-    if not (resolve_dir(None) / "oracle_judge.safetensors").is_file():
-        pytest.skip("the world's oracle is not shipped yet (flashdmd world pretrain --only eval)")
+def test_cli_make_pairs_needs_a_judge_for_a_model_of_no_plugin(folders, tmp_path, capsys):
+    # before judges, the world's oracle silently judged any model; now a model of no plug-in needs --judge
+    # (make-pairs with local judges and with the world's plug-in: tests/test_pairs_real.py)
     out = tmp_path / "pairs.jsonl"
     rc = main(["reward", "make-pairs", "--model", str(folders["sdxl"]), "--num", "3", "--out", str(out),
                "--steps-a", "3", "--steps-b", "1", "--cfg-b", "1", "--no-progress"])
-    assert rc == 0, capsys.readouterr().err
-    records = read_records(out)
-    assert len(records) == 3 and all(r["preferred"] in ("a", "b") for r in records)
-    assert all(r["label"] is not None for r in records)
-    for r in records:  # the oracle's deterministic choice is the higher score
-        m = r["meta"]
-        assert (r["preferred"] == "a") == (m["score_a"] > m["score_b"]) or abs(m["score_a"] - m["score_b"]) < 1e-4
-    ps = load_pairs(out)
-    assert ps.winners.shape == (3, 4, 16, 16)
+    err = capsys.readouterr().err.strip()
+    assert rc == 2 and err.startswith("error: make-pairs needs a judge for ") and "\n" not in err, err
+    assert not out.exists()

@@ -1,6 +1,6 @@
 """Preference pairs for the latent reward model: the file format, its loader and `flashdmd reward make-pairs`.
 
-Pairs file format (JSONL, one pair per line; blank lines are skipped)::
+Pairs file format (JSONL, one pair per line; blank lines are skipped; docs/PAIRS.md is the full reference)::
 
     {"prompt": "a photo of a sneaker", "a": 0, "b": 1, "preferred": "a", "label": 7, "meta": {...}}
 
@@ -9,9 +9,10 @@ Pairs file format (JSONL, one pair per line; blank lines are skipped)::
   is a PNG path (relative to the pairs file's folder, or absolute), VAE-encoded on load with the family's
   posterior mean (resized to the family's default resolution when it differs).
 * ``preferred`` (required): ``"a"`` or ``"b"``, the rater's choice.
-* ``label`` (int, optional): the class the prompt names (the embedded world's oracle judges against it).
-* ``meta`` (object, optional): provenance, ignored by the loader (make-pairs writes the source model,
-  steps, seed and the oracle's scores of both samples).
+* ``label`` (int, optional): the class the prompt names, written only by judges that know classes (the
+  embedded world's oracle judges against it).
+* ``meta`` (object, optional): provenance, ignored by the loader (make-pairs writes the judge's scores
+  ``score_a`` / ``score_b``; the run's summary goes to ``FILE.meta.json``).
 
 Companion latents: ``FILE.safetensors`` beside ``FILE.jsonl`` (same stem), holding one tensor
 ``latents`` (M, C, h, w) of *clean* latents in the family's latent convention (VAE scaling and shift
@@ -19,6 +20,10 @@ applied, what :meth:`Family.encode_images` returns and :meth:`Family.decode_late
 
 :func:`load_pairs` returns a :class:`PairSet` with winners / losers (N, C, h, w) already oriented by
 ``preferred``; every malformed input is one-line :class:`flashdmd.FlashDMDError` naming the line.
+
+:func:`make_pairs` samples two models on the same prompts and lets a judge
+(:mod:`flashdmd.rewards.judges`: PickScore, HPSv2, ImageReward, CLIP from local weights, or a plug-in's own
+judge) choose; :func:`judge_and_prompts` picks the judge and prompts of `flashdmd reward make-pairs`.
 """
 from __future__ import annotations
 
@@ -30,7 +35,10 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, plugins
+from flashdmd.data import read_prompt_file
+from flashdmd.inference import load_model, sample_latent_chunks, teacher_spec
+from flashdmd.rewards.judges import JUDGES, Judge, choose, load_judge
 
 LATENTS_KEY = "latents"
 REQUIRED = ("prompt", "a", "b", "preferred")
@@ -193,52 +201,64 @@ def _encode_pngs(names: list[str], root: Path, family) -> dict[str, Tensor]:
 
 
 # ---------------------------------------------------------------------------------------------------
-# make-pairs: sample the world's teacher and a student, let the oracle judge
+# make-pairs: sample two models on the same prompts, let a judge choose
 
 
 @torch.no_grad()
 def sample_model_latents(model, prompts: list[str], seed: int, steps: int | None = None,
                          guidance_scale: float | None = None, batch_size: int = 64, progress=None) -> Tensor:
-    """Clean latents (N, C, h, w) of a :class:`flashdmd.evaluation.runner.Model` -- the same sampling
-    rules and per-image noise seeding (seed, i) as :func:`flashdmd.evaluation.runner.sample_images`."""
-    from flashdmd.evaluation.runner import sample_latent_chunks
+    """Clean latents (N, C, h, w) of a :class:`flashdmd.inference.Model` -- the same sampling rules and
+    per-image noise seeding (seed, i) as :func:`flashdmd.inference.sample_images`."""
     return torch.cat([lat.float().cpu() for lat in
                       sample_latent_chunks(model, prompts, seed, steps, guidance_scale, batch_size, progress)])
 
 
-def make_pairs(model_spec: str, student_spec: str | None, num: int, out: str | Path, seed: int = 0,
-               steps_a: int | None = None, steps_b: int | None = None, cfg_a: float | None = None,
-               cfg_b: float | None = None, batch_size: int = 64, temperature: float = 0.0,
-               progress: bool = True) -> dict:
-    """Draw ``num`` pairs for the embedded world and let its oracle judge them; write FILE.jsonl + latents.
-
-    Sample a: ``model_spec`` (the teacher; its own steps / CFG unless ``steps_a`` / ``cfg_a``) at noise seed
-    ``2*seed``. Sample b: ``student_spec`` (a distill run folder or any model spec; default: ``model_spec``
-    again) at noise seed ``2*seed + 1`` (per-image noise as in ``sample_images``). Prompts: world training templates over uniformly drawn classes; the
-    label is :func:`flashdmd.world.prompts.class_of_prompt` of the prompt. Both are decoded and judged by
-    :meth:`flashdmd.world.oracle.Oracle.prefer` (``temperature`` > 0: a noisy Bradley-Terry rater).
-    """
-    from tqdm.auto import tqdm
-
-    from flashdmd.evaluation.runner import load_model
-    from flashdmd.world.oracle import Oracle
-    from flashdmd.world.prompts import class_of_prompt, prompts_for
+def _check_request(num: int, out: str | Path) -> Path:
     if num < 1:
         raise FlashDMDError("--num must be >= 1")
     out = Path(out)
     if not out.parent.is_dir():
         raise FlashDMDError(f"folder {out.parent} for --out does not exist")
+    return out
+
+
+def judge_info(judge) -> dict:
+    """What the summary records about a judge: its ``name`` and ``path`` (weights folder, or None)."""
+    return {"name": getattr(judge, "name", type(judge).__name__), "path": getattr(judge, "path", None)}
+
+
+def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], judge: Judge, num: int,
+               out: str | Path, seed: int = 0, steps_a: int | None = None, steps_b: int | None = None,
+               cfg_a: float | None = None, cfg_b: float | None = None, batch_size: int = 64,
+               temperature: float = 0.0, device="cpu", prompts_source: str | None = None,
+               progress: bool = True) -> dict:
+    """Sample ``num`` pairs of two models on the same prompts, let ``judge`` choose; write FILE.jsonl + latents.
+
+    Pair i's prompt is ``prompts[i % len(prompts)]``. Sample a: ``model_a_spec`` (its own steps / CFG unless
+    ``steps_a`` / ``cfg_a``) at noise seed ``2*seed``; sample b: ``model_b_spec`` (a distill run folder or any
+    model spec; default: ``model_a_spec`` again) at noise seed ``2*seed + 1`` (per-image noise as in
+    ``sample_images``). Both are decoded (clamped to [-1, 1]) and scored once by ``judge.score``; the choice is
+    :func:`flashdmd.rewards.judges.choose` of the two scores (``temperature`` > 0: a noisy Bradley-Terry rater
+    drawing from a generator seeded ``seed + 2``), i.e. ``judge.prefer``. Records carry ``label`` only when the
+    judge has ``label_of``. The summary (also written to FILE.meta.json) names the judge and the prompts.
+    """
+    from tqdm.auto import tqdm
+
+    out = _check_request(num, out)
+    if not prompts:
+        raise FlashDMDError("make-pairs needs at least one prompt")
+    prompts = [prompts[i % len(prompts)] for i in range(num)]
+    if hasattr(judge, "check_prompts"):
+        judge.check_prompts(prompts)
+    label_of = getattr(judge, "label_of", None)
+    labels = [label_of(p) for p in prompts] if label_of is not None else None
     t0 = time.perf_counter()
-    model_a = load_model(model_spec)
-    model_b = model_a if student_spec in (None, model_spec) else load_model(student_spec)
+    model_a = load_model(model_a_spec, device=device)
+    model_b = model_a if model_b_spec in (None, model_a_spec) else load_model(model_b_spec, device=device)
     fam = model_a.family
     if model_b.family.name != fam.name or model_b.family.latent_channels != fam.latent_channels \
             or model_b.family.default_resolution != fam.default_resolution:
-        raise FlashDMDError(f"{student_spec} is not in the latent space of {model_spec} (family or latent shape differs)")
-    oracle = Oracle.load(device=fam.device)
-    g = torch.Generator().manual_seed(seed)
-    prompts = prompts_for(torch.randint(0, 10, (num,), generator=g).tolist(), seed)
-    labels = [class_of_prompt(p) for p in prompts]
+        raise FlashDMDError(f"{model_b_spec} is not in the latent space of {model_a_spec} (family or latent shape differs)")
     bar = tqdm(total=2 * num, desc="sampling", unit="img", disable=not progress)
     # the two sides use disjoint noise streams: image i of side a (b) uses seed 2*seed (2*seed+1), index i
     lat_a = sample_model_latents(model_a, prompts, 2 * seed, steps_a, cfg_a, batch_size, progress=bar)
@@ -248,32 +268,46 @@ def make_pairs(model_spec: str, student_spec: str | None, num: int, out: str | P
     rater = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         for start in range(0, num, batch_size):
-            sl, y = slice(start, start + batch_size), labels[start:start + batch_size]
+            sl, chunk = slice(start, start + batch_size), prompts[start:start + batch_size]
             pa = fam.decode_latents(lat_a[sl].to(fam.device)).clamp(-1, 1)
             pb = model_b.family.decode_latents(lat_b[sl].to(fam.device)).clamp(-1, 1)
-            score_a += oracle.score(pa, y).tolist()
-            score_b += oracle.score(pb, y).tolist()
-            pref += oracle.prefer(pa, pb, y, temperature=temperature, generator=rater).tolist()
+            sa, sb = judge.score(pa, chunk), judge.score(pb, chunk)
+            score_a += sa.tolist()
+            score_b += sb.tolist()
+            pref += choose(sa, sb, temperature, generator=rater).tolist()
     latents = torch.stack([lat_a, lat_b], dim=1).flatten(0, 1)  # rows 2i (a), 2i+1 (b)
-    src_a = {"model": model_spec, "kind": model_a.kind, "steps": steps_a, "cfg": cfg_a, "seed": seed * 2}
-    src_b = {"model": student_spec or model_spec, "kind": model_b.kind, "steps": steps_b, "cfg": cfg_b,
+    src_a = {"model": model_a_spec, "kind": model_a.kind, "steps": steps_a, "cfg": cfg_a, "seed": seed * 2}
+    src_b = {"model": model_b_spec or model_a_spec, "kind": model_b.kind, "steps": steps_b, "cfg": cfg_b,
              "seed": seed * 2 + 1}
-    records = [{"prompt": p, "a": 2 * i, "b": 2 * i + 1, "preferred": "a" if pref[i] else "b", "label": labels[i],
-                "meta": {"score_a": round(score_a[i], 5), "score_b": round(score_b[i], 5)}}
-               for i, p in enumerate(prompts)]
+    records = []
+    for i, p in enumerate(prompts):
+        r = {"prompt": p, "a": 2 * i, "b": 2 * i + 1, "preferred": "a" if pref[i] else "b"}
+        if labels is not None:
+            r["label"] = labels[i]
+        r["meta"] = {"score_a": round(score_a[i], 5), "score_b": round(score_b[i], 5)}
+        records.append(r)
     write_pairs(out, records, latents)
     summary = {"pairs": num, "out": str(out), "latents": str(companion_path(out)), "a": src_a, "b": src_b,
-               "a_preferred": sum(pref) / num, "temperature": temperature,
-               "mean_score_a": sum(score_a) / num, "mean_score_b": sum(score_b) / num,
+               "judge": judge_info(judge), "prompts": prompts_source, "a_preferred": sum(pref) / num,
+               "temperature": temperature, "mean_score_a": sum(score_a) / num, "mean_score_b": sum(score_b) / num,
                "wall_seconds": time.perf_counter() - t0}
     out.with_suffix(".meta.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
 def add_make_pairs_arguments(p) -> None:
-    p.add_argument("--model", default="world-sdxl", help="sample a: teacher folder or world name (default world-sdxl)")
+    p.add_argument("--model", required=True,
+                   help="sample a: teacher folder, hub id, a plug-in model name (world-sdxl) or a distill run folder")
     p.add_argument("--student", default=None,
                    help="sample b: a distill run folder or model spec (default: --model again, other seed)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="prompts, one per line; pair i uses line i mod the number of lines (default: the prompts "
+                        "of the plug-in that owns --model; required for other models)")
+    p.add_argument("--judge", default=None, choices=JUDGES,
+                   help="judge from local weights (needs --judge-model); default: the judge of the plug-in that "
+                        "owns --model (the embedded world's oracle for world-sdxl / world-sd3)")
+    p.add_argument("--judge-model", default=None, metavar="PATH",
+                   help="local folder of the --judge weights (see docs/EVALUATION.md for what each holds)")
     p.add_argument("--num", type=int, required=True, help="number of pairs")
     p.add_argument("--out", required=True, help="pairs file FILE.jsonl (latents go to FILE.safetensors)")
     p.add_argument("--seed", type=int, default=0)
@@ -283,15 +317,52 @@ def add_make_pairs_arguments(p) -> None:
     p.add_argument("--cfg-b", type=float, default=None, help="guidance scale of b (default: the model's own)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0,
-                   help="oracle rater noise: 0 = deterministic, >0 = Bradley-Terry draws at this temperature")
+                   help="rater noise: 0 = the higher score wins, >0 = Bradley-Terry draws at this temperature")
+    p.add_argument("--device", default="cpu", help="torch device for the models and the judge (default cpu)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+
+
+def judge_and_prompts(model: str, judge_name: str | None, judge_model: str | None, prompts_file: str | None,
+                      num: int, seed: int, device="cpu") -> tuple[Judge, list[str], str]:
+    """The judge, the prompts and where the prompts came from, for sampling ``model`` -- all checked before any
+    sampling. Without ``judge_name`` / ``prompts_file`` they come from the plug-in that owns ``model`` (for a
+    run folder: its teacher); a model of no plug-in needs both (one-line errors say so)."""
+    owner = plugins.model_owner(teacher_spec(model))
+    if judge_name is None:
+        if judge_model is not None:
+            raise FlashDMDError(f"--judge-model needs --judge {'|'.join(JUDGES)} (which scorer its weights are)")
+        if owner is None or owner.judge is None:
+            raise FlashDMDError(f"make-pairs needs a judge for {model}: --judge {'|'.join(JUDGES)} "
+                                "--judge-model PATH (local weights)")
+    elif judge_name not in JUDGES:
+        raise FlashDMDError(f"unknown judge {judge_name!r}; choose one of {', '.join(JUDGES)}")
+    elif judge_model is None:
+        raise FlashDMDError(f"--judge {judge_name} needs --judge-model PATH: the local folder of its weights")
+    if prompts_file is not None:
+        prompts, source = read_prompt_file(prompts_file), str(prompts_file)
+    elif owner is not None and owner.pair_prompts is not None:
+        prompts, source = list(owner.pair_prompts(num, seed)), f"plug-in {owner.name}"
+    else:
+        raise FlashDMDError(f"make-pairs needs prompts for {model}: give --prompts FILE (one prompt per line)")
+    if judge_name is None:
+        judge = owner.judge(device)
+    else:
+        try:
+            judge = load_judge(judge_name, judge_model, device=device)
+        except FlashDMDError as e:
+            raise FlashDMDError(f"--judge-model: {e}") from None
+    return judge, prompts, source
 
 
 def run_make_pairs(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
-    summary = make_pairs(args.model, args.student, args.num, args.out, seed=args.seed, steps_a=args.steps_a,
-                         steps_b=args.steps_b, cfg_a=args.cfg_a, cfg_b=args.cfg_b, batch_size=args.batch_size,
-                         temperature=args.temperature, progress=not args.no_progress)
+    _check_request(args.num, args.out)
+    judge, prompts, source = judge_and_prompts(args.model, args.judge, args.judge_model, args.prompts, args.num,
+                                               args.seed, device=args.device)
+    summary = make_pairs(args.model, args.student, prompts, judge, args.num, args.out, seed=args.seed,
+                         steps_a=args.steps_a, steps_b=args.steps_b, cfg_a=args.cfg_a, cfg_b=args.cfg_b,
+                         batch_size=args.batch_size, temperature=args.temperature, device=args.device,
+                         prompts_source=source, progress=not args.no_progress)
     print(json.dumps(summary, indent=2))
