@@ -17,8 +17,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
-    """Parse, then pin torch to --threads (on a shared 2-core machine 1 thread per job is fastest)."""
+    """Parse, register the embedded world (benchmarks are a face, like the CLI), then pin torch to --threads
+    (on a shared 2-core machine 1 thread per job is fastest)."""
     a = p.parse_args()
+    from flashdmd.world import plugin
+    plugin.register()
     import torch
     torch.set_num_threads(a.threads)
     return a

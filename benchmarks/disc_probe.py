@@ -108,8 +108,8 @@ def main():
     p.add_argument("--out", required=True)
     a = parse(p)
     import torch
-    from flashdmd.evaluation.classifier import load_eval_classifier
-    from flashdmd.evaluation.runner import load_model, sample_images
+    from flashdmd.world.classifier import load_eval_classifier
+    from flashdmd.inference import load_model, sample_images
     from flashdmd.networks.discriminator import PooledHead
     from flashdmd.world.data import load_split, to_grey, to_rgb
     from flashdmd.world.encoder import load_disc_encoder

@@ -20,9 +20,12 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
-from flashdmd.evaluation.runner import Model, load_model, sample_images  # noqa: E402
+from flashdmd.inference import Model, load_model, sample_images  # noqa: E402
 from flashdmd.training import distill, steps  # noqa: E402
 from flashdmd.training.config import DistillConfig  # noqa: E402
+from flashdmd.world import plugin as _world  # noqa: E402
+
+_world.register()  # benchmarks are a face: they choose the embedded world
 
 
 def sync():

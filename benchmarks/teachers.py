@@ -10,8 +10,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from flashdmd.evaluation.metrics import floor  # noqa: E402
-from flashdmd.evaluation.runner import evaluate_world, load_model  # noqa: E402
+from flashdmd.world.metrics import evaluate_world, floor  # noqa: E402
+from flashdmd.inference import load_model  # noqa: E402
+from flashdmd.world import plugin as _world  # noqa: E402
+
+_world.register()  # benchmarks are a face: they choose the embedded world
 
 
 def main():

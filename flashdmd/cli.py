@@ -45,9 +45,14 @@ def _cmd_eval_stats(args):
 
 def _cmd_distill(args):
     from flashdmd.training.config import DistillConfig
-    from flashdmd.training.distill import train
+    from flashdmd.training.distill import dry_run, train
     cfg = DistillConfig.from_sources(args.config, args.set)
     print(cfg.to_yaml(), end="")
+    if args.dry_run:
+        if args.resume:
+            raise FlashDMDError("--dry-run checks a new run; it does not combine with --resume")
+        dry_run(cfg, print)
+        return
     result = train(cfg, args.out, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     last = result["evals"][-1] if result["evals"] else {}
     summary = {k: last[k] for k in ("fd", "alignment", "diversity", "oracle") if k in last}
@@ -133,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="load a model folder through its family adapter and describe it")
-    info.add_argument("--model", required=True, help="diffusers folder, hub id, or world-sdxl / world-sd3")
+    info.add_argument("--model", required=True, help="diffusers folder, hub id, or a plug-in model name (world-sdxl / world-sd3)")
     info.add_argument("--family", choices=["sdxl", "sd3"], default=None, help="default: from model_index.json")
     info.set_defaults(func=_cmd_info)
 
@@ -163,12 +168,17 @@ def build_parser() -> argparse.ArgumentParser:
     dist.add_argument("--no-progress", action="store_true", help="no progress bar")
     dist.add_argument("--resume", default=None, metavar="latest|CHECKPOINT",
                       help="continue from the newest intact checkpoint in --out, or from a checkpoint folder")
-    dist.add_argument("--overwrite", action="store_true", help="replace a run already in --out (default: refuse)")
+    dist.add_argument("--overwrite", action="store_true", help="replace a run already in --out: its checkpoints, "
+                      "tensorboard, samples, metrics and student are removed once every check has passed")
+    dist.add_argument("--dry-run", action="store_true", help="check everything the run needs (teacher, data, "
+                      "evaluation backends, Pixel-GAN backbone, reward model), build every role, run one Stage-1 "
+                      "iteration (and one RL update with Stage 2) at batch 1, print what was checked; writes nothing")
     dist.set_defaults(func=_cmd_distill)
 
     reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")
     rsub = reward.add_subparsers(dest="reward_command", required=True)
-    mk = rsub.add_parser("make-pairs", help="sample teacher vs student pairs and let the world's oracle judge them")
+    mk = rsub.add_parser("make-pairs", help="sample two models' images for the same prompts and let a judge pick "
+                         "(PickScore, HPSv2, ImageReward, CLIP from local weights; a plug-in model's own judge)")
     rt = rsub.add_parser("train", help="train a latent reward model on a pairs file (noisy Bradley-Terry)")
     from flashdmd.rewards import pairs as _pairs
     from flashdmd.rewards import train as _rtrain
@@ -202,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from flashdmd.world import plugin as world
+    world.register()  # the face chooses the embedded world: its names (world, world-sdxl, ...) resolve from here on
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command != "config-help":

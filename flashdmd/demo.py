@@ -17,10 +17,14 @@ GRID_SEEDS = 2
 
 def run(args):
     from flashdmd.evaluation.report import save_grid, write_report
-    from flashdmd.evaluation.runner import evaluate_world, load_model, sample_images
+    from flashdmd.inference import load_model, sample_images
     from flashdmd.training.config import DistillConfig
     from flashdmd.training.distill import train
+    from flashdmd.world import plugin
+    from flashdmd.world.metrics import evaluate_world
     from flashdmd.world.prompts import eval_prompts
+
+    plugin.register()  # the demo chooses the embedded world
 
     if not PRESET.is_file():
         raise FlashDMDError(f"demo preset {PRESET} is missing: run from a flashdmd checkout (pip install -e .)")

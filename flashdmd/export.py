@@ -57,7 +57,7 @@ SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, LORA_WEIGHTS
 
 def read_run(run_dir: str | Path) -> dict:
     """run.json of a `flashdmd distill` run folder; one-line FlashDMDError for anything else."""
-    from flashdmd.training.run import RUN_KIND
+    from flashdmd.inference import RUN_KIND
     run = Path(run_dir)
     if not run.is_dir():
         raise FlashDMDError(f"run folder {run} does not exist; pass the --out folder of `flashdmd distill`")

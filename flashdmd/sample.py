@@ -4,7 +4,7 @@ Random numbers are drawn the way diffusers pipelines draw them, so a seed means 
 in a pipeline folder written by `flashdmd export`: :func:`sample_latents` takes one ``torch.Generator``
 (or one per image, as a list -- diffusers' convention) and draws, with diffusers' own ``randn_tensor``,
 first the initial noise of the whole batch and then one fresh noise per re-noising step of the stochastic
-student sampler. :func:`flashdmd.evaluation.runner.sample_images` (used by `flashdmd eval` and training
+student sampler. :func:`flashdmd.inference.sample_images` (used by `flashdmd eval` and training
 previews) keeps its own per-image seeding, which makes any subset of an evaluation set reproducible but
 does not match a pipeline call; it is left as it is and this module has its own loop instead.
 
@@ -28,7 +28,7 @@ DEFAULT_BATCH = 8
 def plan(model, steps: int | None = None) -> tuple[list[float], str]:
     """(timesteps, initial-latent rule) exactly as sample_images chooses them: a student's own K steps
     (initial latent = the noise), else ``steps`` (default 50) of the folder's own scheduler."""
-    from flashdmd.evaluation.runner import TEACHER_DEFAULT_STEPS, teacher_timesteps
+    from flashdmd.inference import TEACHER_DEFAULT_STEPS, teacher_timesteps
     if model.timesteps is not None and steps in (None, len(model.timesteps)):
         return [float(t) for t in model.timesteps], "noise"
     return teacher_timesteps(model.family, steps or TEACHER_DEFAULT_STEPS), "pipeline"
@@ -41,7 +41,7 @@ def _n_images(generator) -> int | None:
 @torch.no_grad()
 def sample_latents(model, prompts: Sequence[str], generator: torch.Generator | list[torch.Generator] | None,
                    steps: int | None = None, guidance_scale: float | None = None) -> Tensor:
-    """Clean latents (B, C, h, w) for ``prompts`` from ``model`` (a :class:`flashdmd.evaluation.runner.Model`).
+    """Clean latents (B, C, h, w) for ``prompts`` from ``model`` (a :class:`flashdmd.inference.Model`).
 
     Draw order, as a diffusers pipeline with a one-generator scheduler step (``LCMScheduler``): the initial
     noise (B, C, h, w), then one fresh (B, C, h, w) noise per step but the last. ``generator`` may be a list
@@ -125,7 +125,7 @@ def add_arguments(p):
 
 
 def collect_prompts(args) -> list[str]:
-    from flashdmd.training.data import read_prompt_file
+    from flashdmd.data import read_prompt_file
     prompts = []
     for p in args.prompt:
         if not p.strip():
@@ -176,7 +176,7 @@ def run(args):
         raise FlashDMDError(f"{len(existing)} of the PNGs already exist in {out} (e.g. {existing[0]}); "
                             "pass --overwrite to replace them")
     _check_not_export(args.model)
-    from flashdmd.evaluation.runner import load_model
+    from flashdmd.inference import load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device)
     written = 0

@@ -15,6 +15,9 @@ from safetensors.torch import save_file
 from flashdmd.training.config import DistillConfig
 from flashdmd.training.distill import setup, train
 from flashdmd.training.parallel import full_optimizer_state, full_state_dict
+from flashdmd.world import plugin as _world
+
+_world.register()  # the worker chooses the embedded world, as the CLI does
 
 teacher, out, batch, method = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 mode = sys.argv[5] if len(sys.argv) > 5 else "ddp"

@@ -88,7 +88,7 @@ def test_dm_gradient_only_at_high_noise_and_gan_only_at_low(folders, branch):
     seen = set()
     for _ in range(6):  # several iterations so several high-noise steps are drawn
         records.clear()
-        prompts, _ = ctx.prompts.sample(2, ctx.rng)
+        prompts = ctx.prompts.sample(2, ctx.rng)
         cond = ctx.family.encode_prompts(prompts)
         out = rollout(ctx, cond, ctx.family.null_conditioning(2), with_grad=True)
         out["loss"].backward()
@@ -109,7 +109,7 @@ def test_dm_gradient_only_at_high_noise_and_gan_only_at_low(folders, branch):
 def test_dmd2_routes_both_losses_to_one_step(folders):
     ctx = setup(_cfg(folders, "sdxl", "dmd2", disc_gen_weight=1.0))
     records, handle = _record_student_outputs(ctx)
-    prompts, _ = ctx.prompts.sample(2, ctx.rng)
+    prompts = ctx.prompts.sample(2, ctx.rng)
     out = rollout(ctx, ctx.family.encode_prompts(prompts), ctx.family.null_conditioning(2), with_grad=True)
     out["loss"].backward()
     handle.remove()
@@ -165,10 +165,11 @@ def test_student_ema_follows_its_formula_and_is_what_is_evaluated_and_saved(fold
     """student_ema: ema <- d*ema + (1-d)*theta after each generator update; the writer's student (evaluations,
     grids, the saved student) holds the EMA weights in a copy, while training continues on the raw ones."""
     from flashdmd.training.distill import generator_step
-    from flashdmd.training.run import RunWriter, load_student
+    from flashdmd.inference import load_student
+    from flashdmd.training.run import RunWriter
     cfg = _cfg(folders, "sdxl", "flashdmd", student_ema=0.75, max_steps=1)
     ctx = setup(cfg)
-    cond = ctx.family.encode_prompts(ctx.prompts.sample(2, ctx.rng)[0])
+    cond = ctx.family.encode_prompts(ctx.prompts.sample(2, ctx.rng))
     theta0 = _snapshot(ctx.student)
     generator_step(ctx, cond, ctx.family.null_conditioning(2))
     theta1 = _snapshot(ctx.student)
@@ -190,7 +191,7 @@ def test_student_ema_follows_its_formula_and_is_what_is_evaluated_and_saved(fold
 def test_ema_pull_happens_after_each_generator_step(folders, tmp_path):
     cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ema=0.5, max_steps=1)
     ctx = setup(cfg)
-    prompts, _ = ctx.prompts.sample(2, ctx.rng)
+    prompts = ctx.prompts.sample(2, ctx.rng)
     cond = ctx.family.encode_prompts(prompts)
     from flashdmd.training.distill import generator_step
     fake_before = _snapshot(ctx.fake_score)
@@ -207,7 +208,7 @@ def test_lora_student_trains_only_adapters(folders, tmp_path):
     train(cfg, tmp_path / "run", progress=False, ctx=ctx)
     changed = [n for n, p in ctx.student.named_parameters() if not torch.equal(p, before[n])]
     assert changed and all("lora" in n for n in changed)
-    from flashdmd.training.run import load_student
+    from flashdmd.inference import load_student
     m = load_student(tmp_path / "run")
     for n, p in m.net.named_parameters():
         if "lora" in n:
@@ -225,7 +226,7 @@ def test_pooled_disc_head_is_calibrated_on_real_images_trains_and_is_checkpointe
     ctx = setup(cfg)
     head = ctx.disc.heads[0]
     with torch.no_grad():
-        z = (PooledHead.pool(ctx.disc.backbone(ctx.real.evenly_spaced(16))) - head.mean) / head.std
+        z = (PooledHead.pool(ctx.disc.backbone(torch.cat(list(ctx.real.evenly_spaced(16, 16))))) - head.mean) / head.std
     assert z.mean(0).abs().max() < 1e-4 and (z.std(0) - 1).abs().max() < 1e-2  # std + 1e-4
     assert ctx.disc(torch.zeros(3, 3, 32, 32))[0].shape == (3, 1, 1, 1)
     stats, weights = (head.mean.clone(), head.std.clone()), _snapshot(head)

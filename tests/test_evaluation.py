@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from flashdmd import FlashDMDError
-from flashdmd.evaluation import (evaluate_images, fd_features, floor, frechet_distance, load_eval_classifier,
-                                 reference_stats)
-from flashdmd.evaluation.metrics import ReferenceStats
+from flashdmd.evaluation import fd_features, frechet_distance
+from flashdmd.world.classifier import load_eval_classifier
+from flashdmd.world.metrics import evaluate_images, floor, reference_stats
+from flashdmd.world.metrics import ReferenceStats
 from flashdmd.world.data import load_split, to_rgb
 from flashdmd.world.encoder import load_disc_encoder
 from flashdmd.world.prompts import prompts_for

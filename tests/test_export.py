@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 
 from flashdmd.cli import main  # noqa: E402
-from flashdmd.evaluation.runner import load_model  # noqa: E402
+from flashdmd.inference import load_model  # noqa: E402
 from flashdmd.sample import sample_latents  # noqa: E402
 from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.training.distill import train  # noqa: E402

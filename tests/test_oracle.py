@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from flashdmd import FlashDMDError
-from flashdmd.evaluation import fd_features, load_eval_classifier, within_class_spread
+from flashdmd.evaluation import fd_features, within_class_spread
+from flashdmd.world.classifier import load_eval_classifier
 from flashdmd.world.data import load_split, to_rgb
 from flashdmd.world.oracle import Oracle, preference_terms
 from flashdmd.world.prompts import prompts_for

@@ -104,7 +104,7 @@ def test_student_png_is_the_exported_pipeline_image(student_run, tmp_path):
 
 
 def test_per_image_generators_make_batching_irrelevant(student_run):
-    from flashdmd.evaluation.runner import load_model
+    from flashdmd.inference import load_model
     from flashdmd.sample import sample_latents
     model = load_model(str(student_run))
     prompts = ["a photo of the digit seven", "a drawing of a cat"]

@@ -1,10 +1,12 @@
-"""Evaluation of generated images in the embedded world: a frozen classifier and pure metric functions.
+"""Evaluation of generated images: pure metric functions, the Evaluator protocol, metric backends for real
+models (FID, CLIP score, PickScore, HPSv2, ImageReward from local weights), `flashdmd eval` and the report.
 
-The evaluation classifier is never used as a training signal (the oracle and the GAN have their own nets).
+The embedded world's own metrics (its classifier's FD, alignment, diversity, oracle) live in the world
+plug-in (flashdmd/world/metrics.py) and reach evaluation only through the Evaluator protocol.
 """
-from flashdmd.evaluation.classifier import EvalClassifier, load_eval_classifier
-from flashdmd.evaluation.metrics import (alignment, diversity, evaluate_images, fd_features, feature_stats, floor,
-                                         frechet_distance, reference_stats, within_class_spread)
+from flashdmd.evaluation.evaluator import Evaluator, worsened
+from flashdmd.evaluation.metrics import (alignment, diversity, fd_features, feature_stats, frechet_distance,
+                                         within_class_spread)
 
-__all__ = ["EvalClassifier", "load_eval_classifier", "alignment", "diversity", "evaluate_images", "fd_features",
-           "feature_stats", "floor", "frechet_distance", "reference_stats", "within_class_spread"]
+__all__ = ["Evaluator", "worsened", "alignment", "diversity", "fd_features", "feature_stats", "frechet_distance",
+           "within_class_spread"]

@@ -2,8 +2,9 @@
 
 ``load_family(path_or_name, family=None, device="cpu", dtype=torch.float32)`` detects the family from
 ``model_index.json``'s ``_class_name`` (StableDiffusionXLPipeline -> ``sdxl``, StableDiffusion3Pipeline
--> ``sd3``). The names ``world-sdxl`` / ``world-sd3`` resolve to the folders shipped under
-``flashdmd/world/assets/``.
+-> ``sd3``). :func:`resolve_path` turns a spec into a folder: a model name a plug-in registered
+(``world-sdxl``; see :mod:`flashdmd.plugins`), a local folder, or a hub id (a snapshot in the local hub
+cache, downloaded first when ``HF_HUB_OFFLINE=0``).
 """
 from __future__ import annotations
 
@@ -11,26 +12,33 @@ from pathlib import Path
 
 import torch
 
-import flashdmd
-from flashdmd import FlashDMDError
-from flashdmd.families.base import Conditioning, Family, read_model_index
+from flashdmd import FlashDMDError, plugins
+from flashdmd.families.base import LORA_TARGETS, Conditioning, Family, read_model_index
 from flashdmd.families.sd3 import SD3Family
 from flashdmd.families.sdxl import SDXLFamily
 
 FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family}
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
-WORLD_NAMES = ("world-sdxl", "world-sd3")
-WORLD_ASSETS = Path(flashdmd.__file__).resolve().parent / "world" / "assets"
 
-__all__ = ["Conditioning", "Family", "SDXLFamily", "SD3Family", "FAMILIES", "load_family", "resolve_path",
+__all__ = ["LORA_TARGETS", "Conditioning", "Family", "SDXLFamily", "SD3Family", "FAMILIES", "load_family", "resolve_path",
            "detect_family"]
 
 
 def resolve_path(path_or_name: str | Path) -> Path:
-    """A shipped world name -> its folder under flashdmd/world/assets; anything else -> that path."""
-    if str(path_or_name) in WORLD_NAMES:
-        return WORLD_ASSETS / str(path_or_name)
-    return Path(path_or_name).expanduser()
+    """A plug-in's model name -> its folder; an existing path -> itself; a hub id -> its local snapshot
+    folder (see :func:`flashdmd.families.hub.hub_snapshot`); anything else -> that path (whose absence the
+    loaders report)."""
+    named = plugins.model_folder(path_or_name)
+    if named is not None:
+        return Path(named)
+    path = Path(path_or_name).expanduser()
+    if path.exists():
+        return path
+    try:
+        from flashdmd.families.hub import hub_snapshot
+    except ImportError:  # the hub module is optional until it lands
+        return path
+    return hub_snapshot(str(path_or_name)) or path
 
 
 def detect_family(path: str | Path) -> str:
@@ -45,7 +53,7 @@ def detect_family(path: str | Path) -> str:
 
 def load_family(path_or_name: str | Path, family: str | None = None, device: str | torch.device = "cpu",
                 dtype: torch.dtype = torch.float32) -> Family:
-    """Load a pipeline folder (or a shipped world name) as its :class:`Family` adapter.
+    """Load a pipeline folder (or a plug-in's model name, or a hub id) as its :class:`Family` adapter.
 
     ``family`` None detects it; naming one checks that the folder really is that family.
     """

@@ -38,6 +38,8 @@ from flashdmd.diffusion import bcast, cfg_combine, samplers, to_x0_eps
 MIN_TOKENIZER_LEN = 100
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
 INIT_RULES = ("pipeline", "noise", "sigma")
+# LoRA targets: the attention projections, named alike in diffusers' UNet2DConditionModel and SD3 transformer
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
 # ----------------------------------------------------------------------------------------------------

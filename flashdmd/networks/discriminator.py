@@ -12,13 +12,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, plugins
 
 # SAM's image processor normalisation (pixel values in [0, 1] space).
 SAM_MEAN = (0.485, 0.456, 0.406)
@@ -143,12 +143,13 @@ class PixelDiscriminator(nn.Module):
         return self.heads.parameters()
 
     @torch.no_grad()
-    def calibrate(self, real_pixels: Tensor, batch_size: int = 32) -> None:
-        """Fix a pooled head's standardisation from real images (B >= 2, in chunks); a no-op for patch heads."""
+    def calibrate(self, real_chunks: Iterable[Tensor]) -> None:
+        """Fix a pooled head's standardisation from real images (chunks of (b, 3, H, W) in [-1, 1], >= 2 images in
+        all; chunked so that the calibration set never sits in memory whole); a no-op for patch heads."""
         if self.head != "pooled":
             return
         device = self.heads[0].mean.device
-        pooled = [PooledHead.pool(self.backbone(chunk.to(device))) for chunk in real_pixels.split(batch_size)]
+        pooled = [PooledHead.pool(self.backbone(chunk.to(device))) for chunk in real_chunks]
         self.heads[0].calibrate(torch.cat(pooled))
 
     def forward(self, pixels: Tensor) -> list[Tensor]:
@@ -160,17 +161,16 @@ class PixelDiscriminator(nn.Module):
 
 def build_pixel_discriminator(backbone: str, path: str | None = None, layers: Sequence[int] | None = None,
                               head_channels: int = 64, head: str = "patch") -> PixelDiscriminator:
-    """``backbone``: "world" (the embedded world's frozen encoder; ``path`` overrides its folder) or
-    "sam" (``path`` = local SamModel / SamVisionModel folder). ``head``: "patch" or "pooled"."""
+    """``backbone``: "sam" (``path`` = local SamModel / SamVisionModel folder) or the name of a plug-in that
+    provides a frozen encoder (the embedded world's, ``world``; ``path`` overrides its folder). ``head``:
+    "patch" or "pooled"."""
     if backbone == "sam":
         if not path:
             raise FlashDMDError("disc_backbone 'sam' needs disc_backbone_path: a local SAM folder "
                                 "(e.g. facebook/sam-vit-base downloaded with huggingface-cli)")
         return PixelDiscriminator(SamBackbone.from_pretrained(path, layers), head_channels, head)
-    if backbone == "world":
-        from flashdmd.world.encoder import load_disc_encoder
-        return PixelDiscriminator(load_disc_encoder(path), head_channels, head)
-    raise FlashDMDError(f"unknown disc_backbone {backbone!r}; use 'sam' or 'world'")
+    encoder = plugins.provider(backbone, "disc_backbone", "disc_backbone")(path)
+    return PixelDiscriminator(encoder, head_channels, head)
 
 
 class LatentClassifierHead(nn.Module):

@@ -48,7 +48,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, plugins
+from flashdmd.families import LORA_TARGETS
 
 FORMAT = "flashdmd-lrm"
 VERSION = 1
@@ -56,7 +57,6 @@ CONFIG_NAME = "lrm.json"
 WEIGHTS_NAME = "lrm.safetensors"
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
 LOGIT_SCALE_MAX = math.log(100.0)
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 MAX_TAPS = 4
 
 
@@ -364,19 +364,13 @@ def read_config(d: Path) -> dict:
 
 
 def _teacher_spec(family) -> str:
-    """World folders are named by their world name; anything else by its absolute path."""
-    from flashdmd.families import WORLD_ASSETS, WORLD_NAMES
-    path = Path(family.path).resolve()
-    for name in WORLD_NAMES:
-        if path == (WORLD_ASSETS / name).resolve():
-            return name
-    return str(path)
+    """A plug-in's model folder is named by its model name (``world-sdxl``); anything else by its absolute path."""
+    return plugins.model_name(family.path) or str(Path(family.path).resolve())
 
 
 def resolve_teacher(spec: str, lrm_dir: Path) -> str:
     """A config's teacher pointer -> something ``load_family`` takes (world name, or a path; relative paths
     are relative to the LRM folder)."""
-    from flashdmd.families import WORLD_NAMES
-    if spec in WORLD_NAMES or Path(spec).is_absolute():
+    if plugins.model_folder(spec) is not None or Path(spec).is_absolute():
         return spec
     return str((lrm_dir / spec).resolve())

@@ -4,7 +4,8 @@ A checkpoint is a folder ``DIR/checkpoints/step_XXXXXXXX/`` holding
 
     roles.safetensors      student, fake score, discriminator heads, (Stage 2) reference -- trainable state
     optim.safetensors      every optimiser's tensors;  optim.json  their scalars and param groups
-    rng_rank{r}.safetensors / rng_rank{r}.json   the run's draw counter (= data position), torch / python RNGs
+    rng_rank{r}.safetensors / rng_rank{r}.json   the run's draw counter, the real-image stream's position,
+                                                  torch / python RNGs
     state.json             counters (iteration, generator / RL / global steps, stage), lr-scheduler states,
                            the run writer's history
     manifest.json          sha256 and size of every file above -- written last
@@ -133,6 +134,8 @@ def _rng_state(ctx) -> tuple[dict, dict]:
     if torch.cuda.is_available():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
     py = {"sample_rng": ctx.rng.state_dict(), "python": _jsonable(random.getstate())}
+    if ctx.real is not None:  # the real-image stream's position (global samples consumed) and bad-file counts
+        py["data"] = ctx.real.state_dict()
     return tensors, py
 
 
@@ -315,6 +318,8 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
     if "torch_cuda" in rng_t and torch.cuda.is_available():
         torch.cuda.set_rng_state(rng_t["torch_cuda"])
     ctx.rng.load_state_dict(rng_py["sample_rng"])
+    if ctx.real is not None and "data" in rng_py:
+        ctx.real.load_state_dict(rng_py["data"])
     random.setstate(_pystate(rng_py["python"]))
     for k in ("iteration", "generator_steps", "rl_steps", "global_step", "stage"):
         setattr(ctx, k, state[k])

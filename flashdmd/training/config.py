@@ -36,7 +36,9 @@ class DistillConfig:
     # ---- what is distilled --------------------------------------------------------------------------
     method: str = _f("flashdmd", "flashdmd (timestep-aware DM/GAN split, Pixel-GAN, EMA-pulled fake score) "
                      "or dmd2 (DM + latent GAN summed at every step, TTUR 5, no EMA pull)")
-    model_teacher: str = _f("world-sdxl", "teacher: local diffusers pipeline folder, hub id, or world-sdxl / world-sd3")
+    model_teacher: str = _f("world-sdxl", "teacher: local diffusers pipeline folder, hub id (fetched by "
+                            "huggingface_hub into its cache when HF_HUB_OFFLINE=0; offline it must be cached "
+                            "already), or a plug-in's model name (world-sdxl / world-sd3)")
     model_family: str | None = _f(None, "sdxl or sd3; default: detected from model_index.json")
     model_lora_rank: int = _f(0, "0 = full fine-tune of student and fake score; >0 = LoRA of this rank (peft) "
                               "on the attention projections of both (SD3 in the paper is trained as a LoRA)")
@@ -77,8 +79,8 @@ class DistillConfig:
     # ---- discriminator ----------------------------------------------------------------------------------
     disc_kind: str = _f("pixel", "pixel (frozen image encoder + heads on VAE-decoded pixels; Flash-DMD), latent "
                         "(DMD2's classifier on the fake score's bottleneck), or none")
-    disc_backbone: str = _f("world", "pixel backbone: world (the embedded world's frozen encoder) or sam "
-                            "(transformers SamVisionModel from disc_backbone_path)")
+    disc_backbone: str = _f("world", "pixel backbone: sam (transformers SamVisionModel from disc_backbone_path) or "
+                            "a plug-in's frozen encoder (world: the embedded world's)")
     disc_backbone_path: str | None = _f(None, "local folder of the backbone (required for sam)")
     disc_loss: str = _f("hinge", "hinge (Algorithm 1, ADM) or ns (non-saturating, Eq. 10 / DMD2)")
     disc_gen_weight: float = _f(0.05, "weight of the generator's GAN loss (lambda; not stated in the paper; DMD2 "
@@ -108,8 +110,10 @@ class DistillConfig:
     rl_enabled: bool = _f(False, "after max_steps Stage-1 generator steps, run Stage 2: step-level DPO at the "
                           "high-noise student steps, alternating with continued distillation")
     rl_steps: int = _f(200, "Stage-2 RL (DPO) updates")
-    rl_reward_model: str = _f("world", "latent reward model folder (flashdmd reward train), or world = the shipped "
-                              "LRM of the embedded world's teacher")
+    rl_reward_model: str = _f("world", "latent reward model folder (flashdmd reward train), or a plug-in's (world: "
+                              "the shipped LRM of the embedded world's teacher; it fits only that teacher -- "
+                              "for your own teacher, make pairs with `flashdmd reward make-pairs --judge ...` "
+                              "and train one, docs/PAIRS.md). Checked before Stage 1 starts")
     rl_step_indices: list[int] = _f([0, 1], "student steps (indices into student_timesteps) that explore K "
                                     "candidate next latents; paper: 999 and 749 -> [0, 1]. Each needs a next step")
     rl_num_candidates: int = _f(4, "K candidates per noisy latent; best and worst by the LRM form the pair (paper: 4)")
@@ -122,8 +126,22 @@ class DistillConfig:
                                    "falls, or FD rises / diversity falls by more than this fraction vs Stage-2 start")
 
     # ---- data -------------------------------------------------------------------------------------------
-    data_real: str = _f("world", "real images for the GAN: world (Fashion-MNIST train split) or a folder of images")
-    data_prompts: str = _f("world", "training prompts: world (class templates) or a text file, one per line")
+    data_real: str = _f("world", "real images for the GAN: a folder of images (recursive; captions from "
+                        "metadata.jsonl with file_name/text, the datasets imagefolder convention), a folder written "
+                        "by datasets' save_to_disk, WebDataset .tar shards (a folder of them, one .tar or a brace "
+                        "pattern), or a plug-in's (world: Fashion-MNIST train split). Any size or aspect: resized "
+                        "(short side) and cropped to data_resolution; read lazily by data_workers")
+    data_prompts: str = _f("world", "training prompts: a UTF-8 text file (one per line), captions (the captions "
+                           "of data_real), or a plug-in's (world: class templates)")
+    data_resolution: int | None = _f(None, "training image side in pixels (real images are resized and cropped to "
+                                     "it; the student is trained and sampled at it); default: the teacher's own "
+                                     "(denoiser sample_size x VAE factor; `flashdmd info` prints it)")
+    data_crop: str = _f("center", "crop after resizing the short side: center, or random (a fresh crop per read, "
+                        "seeded by the sample's position, so resume and the process split do not change it)")
+    data_workers: int | None = _f(None, "DataLoader worker processes reading real images; 0 = the main process; "
+                                  "default: 2 for files, 0 for a plug-in's in-memory images")
+    data_max_bad_fraction: float = _f(0.01, "unreadable real images are skipped and counted; above this share of "
+                                      "reads (after 64 reads) the run stops with an error naming one of them")
 
     # ---- run control ------------------------------------------------------------------------------------
     batch_size: int = _f(32, "images per generator update (per process)")
@@ -131,8 +149,26 @@ class DistillConfig:
     seed: int = _f(0, "seed; each process adds its rank")
     log_every_steps: int = _f(10, "tensorboard scalars every N generator steps")
     sample_every_steps: int = _f(100, "image grid every N generator steps (0 = never)")
-    eval_every_steps: int = _f(100, "world metrics of the K-step student every N generator steps (0 = never)")
-    eval_num_images: int = _f(500, "images per evaluation")
+    eval_every_steps: int = _f(100, "held-out metrics of the K-step student every N generator steps (0 = never): "
+                               "the backends below on eval_prompts, or a plug-in teacher's own metrics (world: "
+                               "FD, alignment, diversity, oracle); metrics.json evals, tensorboard eval/*")
+    eval_num_images: int = _f(500, "images per evaluation (prompt i = line i mod the lines of eval_prompts)")
+    eval_prompts: str | None = _f(None, "held-out prompts (UTF-8 text file, one per line) for the evaluations and "
+                                  "the sample grids; required for metrics of a teacher that is not a plug-in's")
+    eval_clip_model: str | None = _f(None, "local transformers CLIPModel folder: CLIP score (clip_score, higher "
+                                     "is better)")
+    eval_pickscore_model: str | None = _f(None, "local PickScore_v1 folder (CLIPModel + processor): pickscore")
+    eval_hpsv2_model: str | None = _f(None, "local HPSv2 CLIPModel folder: hpsv2")
+    eval_imagereward_model: str | None = _f(None, "local ImageReward folder (BLIP + mlp_head.safetensors): "
+                                            "imagereward")
+    eval_fid_inception: str | None = _f(None, "pytorch-fid Inception weights (pt_inception-2015-12-05-6726825d.pth "
+                                        "or .safetensors): fid against eval_fid_ref (lower is better)")
+    eval_fid_ref: str | None = _f(None, "FID reference: statistics file (.npz pytorch-fid / .safetensors from "
+                                  "`flashdmd eval-stats`) or a folder of real images")
+    eval_batch_size: int = _f(16, "sampling batch size of evaluations (images do not depend on it)")
+    report_to: list[str] = _f(["tensorboard"], "trackers for training scalars: tensorboard (DIR/tb) and/or wandb "
+                              "(through accelerate's WandBTracker; needs `pip install wandb`, off by default)")
+    wandb_project: str = _f("flashdmd", "wandb project when report_to has wandb (run name: the run folder's name)")
     checkpoint_every_steps: int = _f(200, "full checkpoint (every role, optimiser, RNG, counter) every N student "
                                      "updates; 0 = only the final student")
     checkpoint_keep_last: int = _f(3, "checkpoints kept (older ones deleted after a newer one is complete)")
@@ -163,7 +199,6 @@ class DistillConfig:
         need(0.0 <= self.student_ema < 1.0, "student_ema must be in [0, 1)")
         need(self.fake_score_target in ("native", "x0"), "fake_score_target must be native or x0")
         need(self.disc_kind in ("pixel", "latent", "none"), "disc_kind must be pixel, latent or none")
-        need(self.disc_backbone in ("world", "sam"), "disc_backbone must be world or sam")
         need(self.disc_loss in ("hinge", "ns"), "disc_loss must be hinge or ns")
         need(self.disc_head in ("patch", "pooled"), "disc_head must be patch or pooled")
         need(self.disc_calibration_images >= 2, "disc_calibration_images must be >= 2")
@@ -176,7 +211,16 @@ class DistillConfig:
             need(getattr(self, name) >= 1, f"{name} must be >= 1")
         for name in ("sample_every_steps", "eval_every_steps", "checkpoint_every_steps", "optim_warmup_steps"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0")
-        need(self.eval_num_images >= 20, "eval_num_images must be >= 20 (two per world class)")
+        need(self.eval_num_images >= 2, "eval_num_images must be >= 2")
+        need(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
+        need(self.data_resolution is None or self.data_resolution >= 8, "data_resolution must be >= 8 pixels or null")
+        need(self.data_crop in ("center", "random"), "data_crop must be center or random")
+        need(self.data_workers is None or self.data_workers >= 0, "data_workers must be >= 0 or null")
+        need(0.0 <= self.data_max_bad_fraction < 1.0, "data_max_bad_fraction must be in [0, 1)")
+        need(len(self.report_to) >= 1 and set(self.report_to) <= {"tensorboard", "wandb"},
+             f"report_to: a list of tensorboard and/or wandb, got {self.report_to}")
+        need(not (self.disc_backbone == "sam" and self.disc_kind == "pixel" and not self.disc_backbone_path),
+             "disc_backbone sam needs disc_backbone_path: a local SAM folder (e.g. facebook/sam-vit-base)")
         need(self.rl_steps >= 0, "rl_steps must be >= 0")
         need(self.rl_num_candidates >= 2, "rl_num_candidates must be >= 2 (a best and a worst)")
         need(self.rl_beta > 0, "rl_beta must be > 0")

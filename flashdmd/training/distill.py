@@ -20,11 +20,11 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, plugins
+from flashdmd.data import RealImageStream, open_image_source, open_prompt_source, read_prompt_file
 from flashdmd.diffusion.samplers import renoise
 from flashdmd.training import steps
 from flashdmd.training.config import DistillConfig
-from flashdmd.training.data import PromptSource, RealImageSource
 from flashdmd.training.parallel import reshard
 from flashdmd.training.rng import SampleRNG
 from flashdmd.training.roles import StudentEMA, build_roles, ema_pull_, trainable_parameters
@@ -42,8 +42,11 @@ class Context:
     timesteps: list[float]
     n_dm: int
     rng: SampleRNG                   # every random draw of the run; indexed by global sample (see training/rng.py)
-    prompts: PromptSource
-    real: RealImageSource | None
+    prompts: object                  # flashdmd.data.PromptSource: sample(n, rng) -> prompts
+    real: RealImageStream | None     # real images (GAN / no backward simulation); its position is checkpointed
+    resolution: int = 0              # training image side in pixels (data_resolution or the teacher's)
+    evaluator: object = None         # flashdmd.evaluation.Evaluator or None
+    grid_prompts: list = field(default_factory=list)
     opt: dict = field(default_factory=dict)
     sched: dict = field(default_factory=dict)
     accelerator: object = None
@@ -59,7 +62,7 @@ class Context:
     student_ema: object = None        # roles.StudentEMA when cfg.student_ema > 0
 
     def real_latents(self, n: int) -> Tensor:
-        pixels, _ = self.real.sample(n, self.rng)
+        pixels, _ = self.real.next_batch()
         with torch.no_grad():
             return self.family.encode_images(pixels.to(self.accelerator.device))
 
@@ -73,22 +76,46 @@ class Context:
 # ---------------------------------------------------------------------------------------------------
 # set-up
 
+GRID_IMAGES = 20   # images per sample grid (two rows of ten)
+EVAL_BACKENDS = ("eval_clip_model", "eval_pickscore_model", "eval_hpsv2_model", "eval_imagereward_model",
+                 "eval_fid_inception", "eval_fid_ref")
+
 def _warmup(warmup: int):
     return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
 
 
-def setup(cfg: DistillConfig, accelerator=None, shard=None) -> Context:
-    """Build every role, optimiser and data source. ``shard``: a callable applied to the student and the fake
-    score before their optimisers exist (tests shard them with FSDP2's ``fully_shard`` on CPU, where
-    accelerate's FSDP plugin is not available)."""
+def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context:
+    """Build every role, optimiser, data source and the evaluator; check everything the run will need
+    (reward model included) before returning, so that a bad path fails before the expensive part.
+    ``shard``: a callable applied to the student and the fake score before their optimisers exist (tests
+    shard them with FSDP2's ``fully_shard`` on CPU, where accelerate's FSDP plugin is not available).
+    ``log``: a callable receiving one line per check (``flashdmd distill --dry-run`` prints them)."""
     from accelerate import Accelerator
 
     from flashdmd.families import load_family
+    log = log or (lambda line: None)
     acc = accelerator or Accelerator(mixed_precision=cfg.model_mixed_precision if torch.cuda.is_available() else "no",
                                      cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed + acc.process_index)
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device)
+    resolution = cfg.data_resolution or family.default_resolution
+    family.latent_shape(resolution, resolution)  # a size the VAE cannot encode fails here
+    log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px)")
+    reward_path = check_reward_model(cfg, family)
+    if reward_path is not None:
+        log(f"reward model: {reward_path} (fits the teacher)")
+    real = _real_stream(cfg, acc, resolution) if cfg.disc_kind != "none" or not cfg.student_backward_simulation \
+        else None
+    if real is not None:
+        log(f"real images: {real.source.describe()}, {len(real.source)} images -> {resolution} px ({cfg.data_crop} "
+            f"crop), {real.num_workers} worker(s)")
+    prompts = open_prompt_source(cfg.data_prompts, captions_of=lambda: _captions(cfg, real, resolution))
+    log(f"training prompts: {cfg.data_prompts}")
+    evaluator, grid = _evaluation(cfg, acc.device, prompts)
+    log(f"evaluation: {type(evaluator).__name__ if evaluator else 'none'}"
+        + (f" ({', '.join(sorted(evaluator.higher_is_better))})" if evaluator else ""))
     roles = build_roles(cfg, family)
+    log(f"roles: student, fake score{', discriminator (' + cfg.disc_kind + ')' if roles.disc is not None else ''}")
     for net in (roles.student, roles.fake_score) if shard is not None else ():
         shard(net.to(acc.device))
     timesteps = [float(t) for t in (cfg.student_timesteps or family.default_student_timesteps)]
@@ -98,20 +125,88 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None) -> Context:
     n_dm = cfg.student_dm_steps if cfg.student_dm_steps is not None else max(1, len(timesteps) - 1)
     if cfg.method == "flashdmd" and n_dm > len(timesteps):
         raise FlashDMDError(f"config: student_dm_steps={n_dm} exceeds the {len(timesteps)} student steps")
-    resolution = family.default_resolution
-    real = RealImageSource(cfg.data_real, resolution) if cfg.disc_kind != "none" or \
-        not cfg.student_backward_simulation else None
     ctx = Context(cfg=cfg, family=family, teacher=roles.teacher, student=roles.student, fake_score=roles.fake_score,
                   disc=roles.disc, timesteps=timesteps, n_dm=n_dm,
                   rng=SampleRNG(cfg.seed, acc.process_index, cfg.batch_size),
-                  prompts=PromptSource(cfg.data_prompts), real=real, accelerator=acc)
+                  prompts=prompts, real=real, accelerator=acc, resolution=resolution, evaluator=evaluator,
+                  grid_prompts=grid)
     # pooled heads: fix their standardisation before they are prepared (a resume restores the same statistics)
     if cfg.disc_kind == "pixel" and cfg.disc_head == "pooled":
-        ctx.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images), cfg.batch_size)
+        ctx.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.batch_size))
     _make_optimizers(ctx)
     if cfg.student_ema > 0:
         ctx.student_ema = StudentEMA(acc.unwrap_model(ctx.student), cfg.student_ema)
     return ctx
+
+
+def _real_stream(cfg: DistillConfig, acc, resolution: int) -> RealImageStream:
+    source = open_image_source(cfg.data_real)
+    workers = cfg.data_workers if cfg.data_workers is not None else (0 if plugins.find(cfg.data_real) else 2)
+    return RealImageStream(source, resolution, cfg.batch_size, crop=cfg.data_crop, seed=cfg.seed,
+                           process_index=acc.process_index, num_processes=acc.num_processes, num_workers=workers,
+                           max_bad_fraction=cfg.data_max_bad_fraction)
+
+
+def _captions(cfg: DistillConfig, real, resolution: int) -> list[str]:
+    """The captions of data_real (for ``data_prompts: captions``), also when the run reads no real images."""
+    if real is not None:
+        return real.captions()
+    with RealImageStream(open_image_source(cfg.data_real), resolution, 1) as stream:
+        return stream.captions()
+
+
+def _evaluation(cfg: DistillConfig, device, prompts) -> tuple[object | None, list[str]]:
+    """(the run's held-out evaluator or None, the prompts of its sample grids).
+
+    eval_prompts (+ the metric backends, loaded here so that a wrong path fails now) -> RealEvaluator; else a
+    plug-in teacher's own evaluator (the world's FD / alignment / diversity / oracle); else none."""
+    from flashdmd.evaluation.real import RealEvaluator
+    owner = plugins.model_owner(cfg.model_teacher)
+    if cfg.eval_prompts is not None:
+        grid = read_prompt_file(cfg.eval_prompts)
+        evaluator = RealEvaluator.from_paths(
+            cfg.eval_prompts, cfg.eval_num_images, clip=cfg.eval_clip_model, pickscore=cfg.eval_pickscore_model,
+            hpsv2=cfg.eval_hpsv2_model, imagereward=cfg.eval_imagereward_model, fid_inception=cfg.eval_fid_inception,
+            fid_ref=cfg.eval_fid_ref, device=device, batch_size=cfg.eval_batch_size) if cfg.eval_every_steps else None
+    else:
+        backends = [k for k in EVAL_BACKENDS if getattr(cfg, k) is not None]
+        if backends:
+            raise FlashDMDError(f"config: {backends[0]} is set but eval_prompts is not: give a text file of held-out "
+                                "prompts (one per line) to evaluate on")
+        if owner is not None and owner.grid_prompts is not None:
+            grid = owner.grid_prompts(GRID_IMAGES)
+        else:
+            grid = prompts.sample(GRID_IMAGES, SampleRNG(0, 0, GRID_IMAGES))
+        evaluator = owner.evaluator(cfg.eval_num_images, device) \
+            if cfg.eval_every_steps and owner is not None and owner.evaluator is not None else None
+        if evaluator is None and cfg.eval_every_steps:
+            warnings.warn("no held-out metrics for this run: set eval_prompts (a prompt file) and a metric backend "
+                          "(eval_clip_model, eval_pickscore_model, eval_hpsv2_model, eval_imagereward_model, "
+                          "eval_fid_inception + eval_fid_ref) to get a metric curve and the reward-hacking guard",
+                          stacklevel=3)
+    return evaluator, (grid * GRID_IMAGES)[:GRID_IMAGES]
+
+
+def check_reward_model(cfg: DistillConfig, family) -> Path | None:
+    """With Stage 2 enabled: the LRM folder, loaded once here (it must fit the teacher's family, weights and
+    feature taps) and dropped again; Stage 2 loads it when it starts. One-line errors say how to get one."""
+    if not cfg.rl_enabled:
+        return None
+    from flashdmd.networks.reward import LatentRewardModel
+    from flashdmd.training.stage2 import resolve_reward_model
+    plugin = plugins.find(cfg.rl_reward_model)
+    if plugin is not None and plugins.model_owner(family.path) is not plugin:
+        raise FlashDMDError(
+            f"rl_reward_model {cfg.rl_reward_model!r} provides reward models for its own teachers only, not for "
+            f"{cfg.model_teacher}: make preference pairs with `flashdmd reward make-pairs --model {cfg.model_teacher} "
+            "--prompts FILE --judge pickscore --judge-model DIR --num 20000 --out pairs.jsonl`, train one with "
+            f"`flashdmd reward train --pairs pairs.jsonl --family-model {cfg.model_teacher} --out lrm/`, and set "
+            "rl_reward_model=lrm/ (docs/PAIRS.md)")
+    path = resolve_reward_model(cfg.rl_reward_model, family.name)
+    if not path.is_dir():
+        raise FlashDMDError(f"rl_reward_model {path} does not exist: give the folder `flashdmd reward train` wrote")
+    LatentRewardModel.load(path, family)  # family, fingerprint, taps and weights checked here
+    return path
 
 
 def after_student_update(ctx: Context) -> None:
@@ -181,7 +276,7 @@ def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) 
 
 
 def _encode(ctx: Context, prompts: list[str]):
-    return ctx.family.encode_prompts(prompts)
+    return ctx.family.encode_prompts(prompts, ctx.resolution, ctx.resolution)
 
 
 def rollout(ctx: Context, cond, uncond, with_grad: bool) -> dict:
@@ -193,7 +288,7 @@ def rollout(ctx: Context, cond, uncond, with_grad: bool) -> dict:
     b = len(cond)
     flash = cfg.method == "flashdmd"
     k = ctx.rng.shared_randrange(ctx.n_dm if flash else len(ctx.timesteps))
-    res = fam.default_resolution
+    res = ctx.resolution
     z = ctx.randn((b,) + tuple(fam.latent_shape(res, res)))
     x_t = steps.student_input(ctx, z, k, cond)
     logs = {}
@@ -249,13 +344,16 @@ def fake_score_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
 
 
 def _real_batch(ctx: Context, n: int):
-    pixels, labels = ctx.real.sample(n, ctx.rng)
+    """The next real images (n, 3, R, R) and their conditioning: their captions where every image has one
+    (DMD2 conditions the real branch of its classifier on the image's caption), else the null conditioning."""
+    pixels, captions = ctx.real.next_batch()
+    if pixels.shape[0] != n:
+        raise FlashDMDError(f"real-image batch of {pixels.shape[0]} for a batch of {n}")
     pixels = pixels.to(ctx.accelerator.device)
-    if labels is not None:
-        from flashdmd.world.prompts import prompt_for
-        cond = _encode(ctx, [prompt_for(y, r) for y, r in zip(labels, ctx.rng.python(n))])
+    if all(c is not None for c in captions):
+        cond = _encode(ctx, list(captions))
     else:
-        cond = ctx.family.null_conditioning(n)
+        cond = ctx.family.null_conditioning(n, ctx.resolution, ctx.resolution)
     return pixels, cond
 
 
@@ -273,8 +371,8 @@ def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
 def distill_iteration(ctx: Context, writer) -> bool:
     """One Stage-1 iteration; True when it updated the generator."""
     cfg = ctx.cfg
-    prompts, _ = ctx.prompts.sample(cfg.batch_size, ctx.rng)
-    cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size)
+    prompts = ctx.prompts.sample(cfg.batch_size, ctx.rng)
+    cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size, ctx.resolution, ctx.resolution)
     gen_now = ctx.iteration % cfg.fake_score_ttur == 0
     with ctx.accelerator.autocast():
         # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
@@ -301,14 +399,21 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     holds a run is refused unless ``resume`` or ``overwrite``. ``ctx`` lets a caller (tests) pass a context
     built by :func:`setup`."""
     from flashdmd.training.checkpoint import load_checkpoint, resolve
-    from flashdmd.training.run import RunWriter
+    from flashdmd.training.run import RunWriter, clear_run_dir
 
+    if resume and overwrite:
+        raise FlashDMDError("--resume and --overwrite exclude each other: continue the run, or replace it")
     if not resume and not overwrite and _holds_run(Path(out_dir)):
         raise FlashDMDError(f"{out_dir} already holds a run: continue it with --resume latest, choose another --out, "
                             "or pass --overwrite to replace it")
     # a bad --resume fails before anything is loaded or written into the run folder
     folder = resolve(Path(out_dir), resume) if resume else None
     ctx = ctx or setup(cfg, accelerator)
+    if overwrite and ctx.accelerator.is_main_process:  # every check passed: now the old run's state goes
+        removed = clear_run_dir(out_dir)
+        if removed:
+            print(f"--overwrite: removed the previous run's {', '.join(removed)} from {out_dir}")
+    ctx.accelerator.wait_for_everyone()
     restored = _WriterState()
     if folder is not None:
         load_checkpoint(ctx, restored, folder)  # a checkpoint of another config fails here, folder untouched
@@ -335,6 +440,37 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
             setup_stage2_once(ctx, writer)
         run_stage2(ctx, writer, progress)
     return writer.finish(ctx, wall_seconds=time.time() - t0)
+
+
+def dry_run(cfg: DistillConfig, log=print, accelerator=None) -> None:
+    """``flashdmd distill --dry-run``: every check :func:`setup` makes, every role built, one Stage-1 iteration
+    (a generator update with its critic updates) and, with Stage 2 enabled, one RL update, all at batch 1 with
+    nothing written. Raises FlashDMDError on the first problem."""
+    import dataclasses
+    t0 = time.time()
+    small = dataclasses.replace(cfg, batch_size=1, disc_calibration_images=min(cfg.disc_calibration_images, 4))
+    ctx = setup(small, accelerator, log=log)
+    sink = _NullWriter()
+    for _ in range(small.fake_score_ttur):  # the first iteration updates the generator, the rest the critics
+        distill_iteration(ctx, sink)
+    log(f"stage 1: one generator update and {small.fake_score_ttur} critic update(s) at batch 1")
+    if small.rl_enabled:
+        from flashdmd.training.stage2 import rl_step, setup_stage2
+        setup_stage2(ctx)
+        rl_step(ctx, _encode(ctx, ctx.prompts.sample(1, ctx.rng)))
+        log("stage 2: one RL update at batch 1")
+    if ctx.real is not None:
+        ctx.real.close()
+    log(f"dry run passed in {time.time() - t0:.1f} s: nothing was written")
+
+
+class _NullWriter:
+    """The run writer's interface, writing nothing (dry runs)."""
+    def accumulate(self, logs: dict):
+        pass
+
+    def bookkeeping(self, ctx):
+        pass
 
 
 class _WriterState:
@@ -365,7 +501,7 @@ def run_stage2(ctx: Context, writer, progress: bool) -> None:
     cfg = ctx.cfg
     bar = _progress(cfg.rl_steps, "stage 2", progress and ctx.accelerator.is_main_process, initial=ctx.rl_steps)
     while ctx.rl_steps < cfg.rl_steps:
-        prompts, _ = ctx.prompts.sample(cfg.batch_size, ctx.rng)
+        prompts = ctx.prompts.sample(cfg.batch_size, ctx.rng)
         with ctx.accelerator.autocast():
             logs = rl_step(ctx, _encode(ctx, prompts))
         writer.accumulate(logs)

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from flashdmd import FlashDMDError
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+from flashdmd.families import LORA_TARGETS
 
 
 @dataclass

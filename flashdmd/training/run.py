@@ -1,10 +1,12 @@
 """The run folder: resolved config, tensorboard scalars, sample grids, evaluations, the student.
 
     DIR/config.yaml     resolved config            DIR/run.json       what `eval`/`sample`/`export` need
-    DIR/tb/             tensorboard scalars        DIR/samples/       image grids over training
-    DIR/student/        the student (diffusers folder of the denoiser; LoRA: adapter safetensors)
-    DIR/metrics.json    evaluations over training and the final one
+    DIR/tb/             tensorboard scalars        DIR/samples/       image grids over training (step_*.png)
+    DIR/student/        the student (diffusers folder  DIR/samples/prompts.json  the grids' prompts, row-major
+                        of the denoiser; LoRA: adapter safetensors)
+    DIR/metrics.json    evaluations over training and the final one, with each metric's direction
 Only the main process writes. Files are written to a temporary name and renamed (atomic on POSIX).
+Scalars go to tensorboard and/or wandb (``report_to``; wandb through accelerate's WandBTracker).
 """
 from __future__ import annotations
 
@@ -17,8 +19,11 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError
+from flashdmd.evaluation import worsened
+from flashdmd.inference import RUN_KIND, Model, sample_images
 
-RUN_KIND = "flashdmd-distill-run"
+RUN_STATE = ("run.json", "config.yaml", "metrics.json", "report.html", "student", "student.tmp", "student.old",
+             "checkpoints", "tb", "samples", "wandb")
 
 
 def _atomic_write_text(path: Path, text: str):
@@ -46,6 +51,25 @@ def prepare_run_dir(out_dir: str | Path) -> Path:
     return out
 
 
+def clear_run_dir(out_dir: str | Path) -> list[str]:
+    """``--overwrite``: remove the previous run's state (checkpoints, tensorboard, samples, metrics, student,
+    run records) before the new run writes anything; other files in the folder are left alone."""
+    out, removed = Path(out_dir), []
+    for name in RUN_STATE:
+        p = out / name
+        try:
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.exists() or p.is_symlink():
+                p.unlink()
+            else:
+                continue
+        except OSError as e:
+            raise FlashDMDError(f"--overwrite: cannot remove {p}: {e.strerror or e}") from None
+        removed.append(name)
+    return removed
+
+
 class RunWriter:
     def __init__(self, out_dir, cfg, ctx):
         self.cfg = cfg
@@ -59,13 +83,12 @@ class RunWriter:
         self.stage2_baseline: dict | None = None
         self.warnings: list[str] = []
         self.last_eval_step: int | None = None
+        self.higher_is_better = dict(getattr(ctx.evaluator, "higher_is_better", {}) or {})
         self.t0 = time.time()
-        self.tb = None
+        self.trackers = []
         if self.main:
             _atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(self.out / "tb"))
-        self._fixed = None
+            self.trackers = open_trackers(cfg, self.out)
 
     # -- scalars ------------------------------------------------------------------------------------
     def accumulate(self, logs: dict):
@@ -91,11 +114,14 @@ class RunWriter:
         if "rl/lrm_score" in means:
             self.lrm_scores.append(means["rl/lrm_score"])
         if self.main:
-            for k, v in means.items():
-                self.tb.add_scalar(k, v, s)
+            self._log_scalars(means, s)
             self.history.append({"step": s, "stage": ctx.stage, "generator_steps": ctx.generator_steps,
                                  "rl_steps": ctx.rl_steps, **means})
         self.sums, self.counts = {}, {}
+
+    def _log_scalars(self, values: dict, step: int):
+        for tracker in self.trackers:
+            tracker.log(values, step=step)
 
     def _reduce(self, ctx) -> dict:
         """Means over the interval, averaged across processes once (one all-reduce for all scalars)."""
@@ -112,7 +138,6 @@ class RunWriter:
         call on every rank; other ranks get None)."""
         import copy
 
-        from flashdmd.evaluation.runner import Model
         from flashdmd.training.parallel import is_sharded, replica
         ema = ctx.student_ema.full_state() if ctx.student_ema is not None else None  # collective under FSDP
         net = replica(ctx, ctx.student)
@@ -121,7 +146,7 @@ class RunWriter:
         if ema is not None:  # the EMA weights in a copy; training continues on the raw ones
             net = net if is_sharded(ctx.student) else copy.deepcopy(net)
             net.load_state_dict(ema, strict=False)
-        return Model(ctx.family, net, "student", ctx.timesteps, 1.0, True)
+        return Model(ctx.family, net, "student", ctx.timesteps, 1.0, True, ctx.resolution)
 
     def maybe_sample(self, ctx, force=False):
         n = self.cfg.sample_every_steps
@@ -131,27 +156,31 @@ class RunWriter:
         if not self.main:
             return
         from flashdmd.evaluation.report import save_grid
-        from flashdmd.evaluation.runner import sample_images
-        prompts = grid_prompts(self.cfg)
+        prompts = ctx.grid_prompts
         was = student.net.training
         student.net.eval()
         imgs = sample_images(student, prompts, seed=1234)
         student.net.train(was)
-        path = self.out / "samples" / f"step_{ctx.global_step:06d}.png"
-        save_grid(imgs, path, nrow=10)
-        self.tb.add_images("samples", (imgs[:20] + 1) / 2, ctx.global_step)
+        folder = self.out / "samples"
+        save_grid(imgs, folder / f"step_{ctx.global_step:06d}.png", nrow=GRID_ROW)
+        if not (folder / "prompts.json").is_file():
+            _atomic_write_text(folder / "prompts.json", json.dumps({"prompts": prompts, "nrow": GRID_ROW, "seed": 1234},
+                                                                   indent=2))
+        grid = ((imgs[:GRID_IMAGES] + 1) / 2).clamp(0, 1)
+        for tracker in self.trackers:  # tensorboard takes an (N, C, H, W) batch, wandb a list of HWC arrays
+            images = grid if tracker.name == "tensorboard" else list(grid.permute(0, 2, 3, 1).numpy())
+            tracker.log_images({"samples": images}, step=ctx.global_step)
 
     def maybe_eval(self, ctx, force=False):
         n = self.cfg.eval_every_steps
-        if self.cfg.data_prompts != "world" or not (force or (n and ctx.global_step % n == 0)):
+        if ctx.evaluator is None or not (force or (n and ctx.global_step % n == 0)):
             return None
         self.last_eval_step = ctx.global_step  # on every rank (start_stage2 decides on it)
         student = self._student_model(ctx)
         if not self.main:
             return None
-        from flashdmd.evaluation.runner import evaluate_world
         student.net.eval()
-        m = evaluate_world(student, self.cfg.eval_num_images, seed=0)
+        m = ctx.evaluator.evaluate(student, seed=0)
         student.net.train()
         m.update(step=ctx.global_step, stage=ctx.stage, generator_steps=ctx.generator_steps, rl_steps=ctx.rl_steps,
                  images_seen=ctx.generator_steps * self.cfg.batch_size * ctx.accelerator.num_processes,
@@ -159,14 +188,16 @@ class RunWriter:
         if ctx.stage == 2:
             self._guard(m)
         self.evals.append(m)
-        for k in ("fd", "alignment", "diversity", "oracle", "hacking_warning"):
-            if k in m:
-                self.tb.add_scalar(f"eval/{k}", m[k], ctx.global_step)
+        shown = [k for k in m if k in self.higher_is_better or k == "hacking_warning"]
+        self._log_scalars({f"eval/{k}": m[k] for k in shown}, ctx.global_step)
         return m
 
     def start_stage2(self, ctx):
         """Evaluate the Stage-1 student once: the baseline the reward-hacking guard compares against."""
-        if not self.cfg.eval_every_steps:
+        if ctx.evaluator is None:
+            import warnings
+            warnings.warn("Stage 2 without held-out metrics: the reward-hacking guard has nothing to compare the "
+                          "training reward with (set eval_prompts and a metric backend)", stacklevel=2)
             return
         # the same decision on every rank (under FSDP an evaluation gathers the student: a collective)
         if self.last_eval_step == ctx.global_step:  # Stage 1 just evaluated this student
@@ -175,18 +206,13 @@ class RunWriter:
             self.stage2_baseline = self.maybe_eval(ctx, force=True)
 
     def _guard(self, m: dict):
-        """Warn when the training reward (LRM) rises while held-out quality worsens beyond the tolerance."""
-        base, tol = self.stage2_baseline, self.cfg.rl_guard_tolerance
+        """Warn when the training reward (LRM) rises while any held-out metric worsens beyond the tolerance
+        (each metric's direction from the evaluator's ``higher_is_better``)."""
+        base = self.stage2_baseline
         if base is None or len(self.lrm_scores) < 2:
             return
         reward_up = self.lrm_scores[-1] > self.lrm_scores[0]
-        worse = []
-        if "oracle" in m and "oracle" in base and m["oracle"] < base["oracle"] - tol * abs(base["oracle"]):
-            worse.append(f"held-out oracle {base['oracle']:.3f} -> {m['oracle']:.3f}")
-        if m["fd"] > base["fd"] * (1 + tol):
-            worse.append(f"FD {base['fd']:.2f} -> {m['fd']:.2f}")
-        if m["diversity"] < base["diversity"] * (1 - tol):
-            worse.append(f"diversity {base['diversity']:.3f} -> {m['diversity']:.3f}")
+        worse = worsened(base, m, self.higher_is_better, self.cfg.rl_guard_tolerance)
         m["hacking_warning"] = float(reward_up and bool(worse))
         if reward_up and worse:
             msg = (f"possible reward hacking at step {m['step']}: LRM score {self.lrm_scores[0]:.3f} -> "
@@ -247,6 +273,7 @@ class RunWriter:
         shutil.rmtree(old, ignore_errors=True)
         info = {"kind": RUN_KIND, "teacher": self.cfg.model_teacher, "family": ctx.family.name,
                 "teacher_path": str(ctx.family.path), "student_timesteps": ctx.timesteps,
+                "resolution": ctx.resolution,
                 "lora_rank": self.cfg.model_lora_rank, "lora_alpha": self.cfg.model_lora_alpha,
                 "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "method": self.cfg.method}
         _atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
@@ -258,58 +285,39 @@ class RunWriter:
         if self.cfg.eval_every_steps and ctx.global_step % self.cfg.eval_every_steps:
             self.maybe_eval(ctx, force=True)
         result = {"generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "wall_seconds": wall_seconds,
-                  "history": self.history, "evals": self.evals, "warnings": self.warnings}
+                  "history": self.history, "evals": self.evals, "warnings": self.warnings,
+                  "higher_is_better": self.higher_is_better}
         if self.main:
             _atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
-            self.tb.close()
+            for tracker in self.trackers:
+                tracker.finish()
         return result
 
 
-def grid_prompts(cfg) -> list[str]:
-    if cfg.data_prompts == "world":
-        from flashdmd.world.prompts import eval_prompts
-        return eval_prompts(20)[0]
-    from flashdmd.training.data import read_prompt_file
-    return (read_prompt_file(cfg.data_prompts) * 20)[:20]
+GRID_ROW = 10
+GRID_IMAGES = 20
 
 
-def load_student(run_dir: str | Path, device="cpu"):
-    """A distill run folder -> evaluation Model with the student's weights and its K steps."""
-    from flashdmd.evaluation.runner import Model
-    from flashdmd.families import load_family
-    run_dir = Path(run_dir)
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FlashDMDError(f"{run_dir}/run.json is unreadable ({e}); is this a flashdmd distill run folder?") from None
-    if info.get("kind") != RUN_KIND:
-        raise FlashDMDError(f"{run_dir}/run.json is not a flashdmd distill run")
-    fam = load_family(info["teacher"], family=info["family"], device=device)
-    net = _load_student_net(fam, run_dir / "student", info)
-    return Model(fam, net, "student", [float(t) for t in info["student_timesteps"]], 1.0, True)
-
-
-def _load_student_net(fam, folder: Path, info: dict):
-    import copy
-    if not folder.is_dir():
-        raise FlashDMDError(f"{folder} is missing: the run has not saved a student yet")
-    if info.get("lora_rank", 0) > 0:
-        from peft import LoraConfig
-        from peft.utils import set_peft_model_state_dict
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        from flashdmd.training.roles import LORA_TARGETS
-        net = copy.deepcopy(fam.denoiser)
-        net.add_adapter(LoraConfig(r=info["lora_rank"], lora_alpha=info.get("lora_alpha") or info["lora_rank"],
-                                   target_modules=LORA_TARGETS))
+def open_trackers(cfg, out: Path) -> list:
+    """accelerate's trackers for ``report_to``: TensorBoardTracker writing DIR/tb (the default) and/or WandBTracker
+    (project ``wandb_project``, run name = the run folder's name, files under DIR/wandb)."""
+    from accelerate.tracking import TensorBoardTracker
+    trackers = []
+    if "tensorboard" in cfg.report_to:
+        trackers.append(TensorBoardTracker("tb", str(out)))
+        trackers[-1].start()
+    if "wandb" in cfg.report_to:
         try:
-            set_peft_model_state_dict(net, load_file(str(folder / "adapter.safetensors")))
-        except (OSError, SafetensorError) as e:
-            raise FlashDMDError(f"{folder}/adapter.safetensors cannot be read: {e}") from None
-        return net.eval()
-    cls = type(fam.denoiser)
-    try:
-        return cls.from_pretrained(folder, use_safetensors=True).to(fam.device).eval()
-    except (OSError, ValueError) as e:
-        raise FlashDMDError(f"student weights in {folder} cannot be loaded: {str(e).splitlines()[0]}") from None
+            from accelerate.tracking import WandBTracker
+            import wandb  # noqa: F401
+        except ImportError:
+            raise FlashDMDError("report_to has wandb but wandb is not installed: `pip install wandb`, or drop it "
+                                "from report_to") from None
+        os.environ.setdefault("WANDB_DIR", str(out))
+        tracker = WandBTracker(cfg.wandb_project, name=out.resolve().name, dir=str(out))
+        tracker.start()
+        tracker.store_init_configuration(cfg.to_dict())
+        trackers.append(tracker)
+    return trackers
+
+

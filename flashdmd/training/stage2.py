@@ -17,16 +17,17 @@ from pathlib import Path
 
 import torch
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, plugins
 from flashdmd.losses import lcm_step_log_prob, step_dpo_loss
 from flashdmd.training import steps
 
 
-def resolve_reward_model(spec: str, family) -> Path:
-    if spec == "world":
-        from flashdmd.families import WORLD_ASSETS
-        return WORLD_ASSETS / f"lrm-{family.name}"
-    return Path(spec)
+def resolve_reward_model(spec: str, family_name: str) -> Path:
+    """``rl_reward_model`` -> the LRM folder: a plug-in's (``world``: the shipped LRM of the family's teacher) or a
+    path. The folder's contents are checked by :meth:`LatentRewardModel.check` at start."""
+    if plugins.find(spec) is not None:
+        return Path(plugins.provider(spec, "reward_model", "rl_reward_model")(family_name))
+    return Path(spec).expanduser()
 
 
 def setup_stage2(ctx) -> None:
@@ -41,7 +42,7 @@ def setup_stage2(ctx) -> None:
     # the frozen reference: a plain copy on every rank (under FSDP gathered from the shards)
     ref = replica(ctx, ctx.student, all_ranks=True)
     ctx.reference = (ref if is_sharded(ctx.student) else copy.deepcopy(ref)).requires_grad_(False).eval()
-    path = resolve_reward_model(cfg.rl_reward_model, ctx.family)
+    path = resolve_reward_model(cfg.rl_reward_model, ctx.family.name)
     ctx.reward = LatentRewardModel.load(path, ctx.family).to(acc.device).requires_grad_(False).eval()
     params = [p for p in ctx.student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl_lr or cfg.generator_lr, betas=tuple(cfg.optim_betas),
@@ -72,7 +73,7 @@ def rl_step(ctx, cond) -> dict:
     cfg, fam = ctx.cfg, ctx.family
     b = len(cond)
     k = cfg.rl_step_indices[ctx.rng.shared_randrange(len(cfg.rl_step_indices))]
-    res = fam.default_resolution
+    res = ctx.resolution
     z = ctx.randn((b,) + tuple(fam.latent_shape(res, res)))
     x_t = steps.student_input(ctx, z, k, cond)
     t = ctx.t(k, b)

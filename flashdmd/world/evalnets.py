@@ -1,6 +1,6 @@
 """Training and storage of the embedded world's three frozen auxiliary networks.
 
-- ``eval_classifier``: :class:`flashdmd.evaluation.classifier.EvalClassifier`, used by the metrics only
+- ``eval_classifier``: :class:`flashdmd.world.classifier.EvalClassifier`, used by the metrics only
   (FD, alignment, diversity), never as a training signal;
 - ``oracle_judge``: :class:`flashdmd.world.oracle.JudgeNet`, the class term of the preference oracle;
 - ``disc_encoder``: :class:`flashdmd.world.encoder.DiscEncoder`, the frozen Pixel-GAN discriminator backbone.
@@ -142,7 +142,7 @@ def train_eval_classifier(out_dir=None, seed: int = 0, epochs: float = 2.5, batc
     reference statistics of the metrics (``eval_classifier_test_stats.safetensors``).
     Returns the json config written (constructor args + seed, steps, wall time, test accuracy).
     """
-    from flashdmd.evaluation.classifier import DEFAULT_CONFIG, NAME, build_eval_classifier
+    from flashdmd.world.classifier import DEFAULT_CONFIG, NAME, build_eval_classifier
 
     torch.manual_seed(seed)
     net = build_eval_classifier(DEFAULT_CONFIG)
@@ -157,8 +157,8 @@ def train_eval_classifier(out_dir=None, seed: int = 0, epochs: float = 2.5, batc
 
 def write_test_stats(classifier: nn.Module, out_dir) -> None:
     """Store the metrics' test-split statistics of ``classifier`` next to its weights."""
-    from flashdmd.evaluation.classifier import TEST_STATS
-    from flashdmd.evaluation.metrics import compute_reference_stats
+    from flashdmd.world.classifier import TEST_STATS
+    from flashdmd.world.metrics import compute_reference_stats
 
     classifier.eval()
     tensors = compute_reference_stats(classifier).to_tensors()

@@ -1,0 +1,152 @@
+"""What training, evaluation, sampling and export all need: a loaded model and its sampling rules.
+
+A *model spec* is a diffusers pipeline folder, a hub id, a plug-in's model name (``world-sdxl``), or a run
+folder of `flashdmd distill` (holds run.json). :func:`load_model` returns the family adapter, the network
+to sample with and that model's own defaults (a student: its K steps, stochastic student sampler, no CFG;
+a teacher: 50 steps of its own scheduler, deterministic, its recommended CFG). This layer sits below
+training/ and evaluation/ and imports neither.
+"""
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from flashdmd import FlashDMDError
+from flashdmd.families import LORA_TARGETS, load_family, resolve_path
+
+RUN_KIND = "flashdmd-distill-run"
+TEACHER_DEFAULT_STEPS = 50
+TEACHER_DEFAULT_CFG = 5.0  # diffusers' SDXL / SD3 pipeline default; a folder's flashdmd.json may override
+
+
+@dataclass
+class Model:
+    family: object
+    net: torch.nn.Module
+    kind: str                 # "teacher" | "student"
+    timesteps: list[float] | None   # student: its K steps; teacher: None (use its scheduler)
+    guidance_scale: float
+    stochastic: bool
+    resolution: int | None = None   # image side in pixels; None = the family's default (the teacher's own)
+
+    @property
+    def image_size(self) -> int:
+        return int(self.resolution or self.family.default_resolution)
+
+
+def load_model(spec: str, device="cpu") -> Model:
+    path = resolve_path(spec)
+    if (path / "run.json").is_file():
+        return load_student(path, device=device)
+    fam = load_family(spec, device=device)
+    extra = path / "flashdmd.json"
+    cfg = json.loads(extra.read_text()).get("guidance_scale", TEACHER_DEFAULT_CFG) if extra.is_file() \
+        else TEACHER_DEFAULT_CFG
+    return Model(fam, fam.denoiser, "teacher", None, float(cfg), False)
+
+
+def read_run_info(run_dir: str | Path) -> dict:
+    """run.json of a `flashdmd distill` run folder; one-line FlashDMDError for anything else."""
+    run_dir = Path(run_dir)
+    try:
+        info = json.loads((run_dir / "run.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise FlashDMDError(f"{run_dir}/run.json is unreadable ({e}); is this a flashdmd distill run folder?") from None
+    if not isinstance(info, dict) or info.get("kind") != RUN_KIND:
+        raise FlashDMDError(f"{run_dir}/run.json is not a flashdmd distill run")
+    return info
+
+
+def teacher_spec(spec: str) -> str:
+    """The teacher a model spec stands for: a run folder's run.json ``teacher``, else ``spec`` itself."""
+    path = resolve_path(spec)
+    if (path / "run.json").is_file():
+        return str(read_run_info(path)["teacher"])
+    return spec
+
+
+def teacher_timesteps(family, steps: int) -> list[float]:
+    """The folder's own scheduler's timesteps for ``steps`` steps (what its diffusers pipeline uses)."""
+    sched = copy.deepcopy(family.scheduler)
+    sched.set_timesteps(steps)
+    return [float(t) for t in sched.timesteps]
+
+
+@torch.no_grad()
+def sample_latent_chunks(model: Model, prompts: list[str], seed: int = 0, steps: int | None = None,
+                         guidance_scale: float | None = None, batch_size: int = 100, progress=None):
+    """Yield clean latents (n, C, h, w) for ``prompts`` in chunks of ``batch_size``. Image i's initial noise is
+    seeded by (seed, i), so any subset or batch size starts from the same noise; a student's re-noising draws
+    come from a generator seeded per chunk."""
+    fam = model.family
+    w = model.guidance_scale if guidance_scale is None else guidance_scale
+    if model.timesteps is not None and steps in (None, len(model.timesteps)):
+        ts, init = model.timesteps, "noise"
+    else:
+        ts, init = teacher_timesteps(fam, steps or TEACHER_DEFAULT_STEPS), "pipeline"
+    res = model.image_size
+    shape = fam.latent_shape(res, res)
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + start + i))
+                             for i in range(len(chunk))]).to(fam.device)
+        gen = torch.Generator(device=fam.device).manual_seed(seed + start)
+        cond = fam.encode_prompts(chunk, res, res)
+        yield fam.sample_latents(model.net, cond, noise, ts, guidance_scale=w, stochastic=model.stochastic,
+                                 generator=gen, init=init)
+        if progress is not None:
+            progress.update(len(chunk))
+
+
+@torch.no_grad()
+def sample_images(model: Model, prompts: list[str], seed: int = 0, steps: int | None = None,
+                  guidance_scale: float | None = None, batch_size: int = 100, progress=None) -> Tensor:
+    """Pixels (N, 3, H, W) in [-1, 1] for ``prompts`` (see :func:`sample_latent_chunks` for the seeding)."""
+    return torch.cat([model.family.decode_latents(lat).clamp(-1, 1).cpu() for lat in
+                      sample_latent_chunks(model, prompts, seed, steps, guidance_scale, batch_size, progress)])
+
+
+def nfe(model: Model, steps: int | None, guidance_scale: float | None) -> int:
+    k = len(model.timesteps) if model.timesteps is not None and steps in (None, len(model.timesteps)) \
+        else (steps or TEACHER_DEFAULT_STEPS)
+    w = model.guidance_scale if guidance_scale is None else guidance_scale
+    return k * (2 if w != 1.0 else 1)
+
+
+
+def load_student(run_dir: str | Path, device="cpu"):
+    """A distill run folder -> evaluation Model with the student's weights and its K steps."""
+    run_dir = Path(run_dir)
+    info = read_run_info(run_dir)
+    fam = load_family(info["teacher"], family=info["family"], device=device)
+    net = _load_student_net(fam, run_dir / "student", info)
+    return Model(fam, net, "student", [float(t) for t in info["student_timesteps"]], 1.0, True,
+                 info.get("resolution"))
+
+
+def _load_student_net(fam, folder: Path, info: dict):
+    if not folder.is_dir():
+        raise FlashDMDError(f"{folder} is missing: the run has not saved a student yet")
+    if info.get("lora_rank", 0) > 0:
+        from peft import LoraConfig
+        from peft.utils import set_peft_model_state_dict
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        net = copy.deepcopy(fam.denoiser)
+        net.add_adapter(LoraConfig(r=info["lora_rank"], lora_alpha=info.get("lora_alpha") or info["lora_rank"],
+                                   target_modules=LORA_TARGETS))
+        try:
+            set_peft_model_state_dict(net, load_file(str(folder / "adapter.safetensors")))
+        except (OSError, SafetensorError) as e:
+            raise FlashDMDError(f"{folder}/adapter.safetensors cannot be read: {e}") from None
+        return net.eval()
+    cls = type(fam.denoiser)
+    try:
+        return cls.from_pretrained(folder, use_safetensors=True).to(fam.device).eval()
+    except (OSError, ValueError) as e:
+        raise FlashDMDError(f"student weights in {folder} cannot be loaded: {str(e).splitlines()[0]}") from None
