@@ -22,9 +22,10 @@ def _cmd_info(args):
 
     fam = load_family(args.model, family=args.family)
     n_params = sum(p.numel() for p in fam.denoiser.parameters())
+    res = fam.default_resolution  # the pipeline's default image side: what training and sampling use
     print(json.dumps({"family": fam.name, "prediction_type": fam.prediction_type,
                       "schedule": repr(fam.schedule), "denoiser": type(fam.denoiser).__name__,
-                      "denoiser_params": n_params,
+                      "denoiser_params": n_params, "resolution": res, "latent_shape": list(fam.latent_shape(res, res)),
                       "default_student_timesteps": [float(t) for t in fam.default_student_timesteps]}, indent=2))
 
 

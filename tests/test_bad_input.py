@@ -399,26 +399,24 @@ def prompts_is_a_folder(e):
 # ---- real-image folders ------------------------------------------------------------------------------
 
 @case
-def real_images_wrong_size(e):
-    d = e.image_folder("real", [RES, RES, 48])
-    return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"real image .*img02.png is 48x48, the model needs 32x32",
-                [d, e.out])
-
-
-@case
 def real_images_unreadable(e):
-    d = e.image_folder("real", [RES])
+    """Images of any size are resized, a few unreadable ones are skipped and counted; a folder of nothing readable
+    fails before any model work."""
+    d = e.tmp / "real"
+    d.mkdir()
     (d / "broken.png").write_bytes(b"this is not a png at all")
-    return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"real image .*broken.png cannot be read as an image",
+    (d / "also_broken.jpg").write_bytes(b"\xff\xd8 nor a jpeg")
+    return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"data_real: none of the first 2 images .* can be read",
                 [d, e.out])
 
 
 @case
 def real_images_truncated(e):
-    d = e.image_folder("real", [RES, RES])
-    f = d / "img01.png"
-    f.write_bytes(f.read_bytes()[:60])
-    return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"real image .*img01.png cannot be read", [d, e.out])
+    d = e.image_folder("real", [RES, 48])
+    for f in d.iterdir():
+        f.write_bytes(f.read_bytes()[:60])
+    return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"data_real: none of the first 2 images .*can be read",
+                [d, e.out])
 
 
 @case
@@ -426,13 +424,13 @@ def real_images_empty_folder(e):
     d = e.tmp / "real"
     d.mkdir()
     (d / "notes.txt").write_text("no images here")
-    return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"real-image folder .*real holds no images", [d, e.out])
+    return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"image folder .*real holds no images", [d, e.out])
 
 
 @case
 def real_images_not_a_folder(e):
     f = e.file("real.zip", b"PK\x03\x04")
-    return Case(e.distill("disc_kind=latent", f"data_real={f}"), r"data_real .*real.zip.* is neither 'world' nor a folder",
+    return Case(e.distill("disc_kind=latent", f"data_real={f}"), r"data_real .*real.zip.* is a file: give an image folder",
                 [f, e.out])
 
 

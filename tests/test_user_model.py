@@ -154,3 +154,56 @@ def test_training_at_another_resolution(user, tmp_path):
     assert Image.open(run / "samples" / "step_000001.png").size[1] == 2 * (2 * (48 + 2) + 2)  # 2 rows, 2x scale
     from flashdmd.inference import load_model, sample_images
     assert sample_images(load_model(str(run)), ["a red square"]).shape == (1, 3, 48, 48)
+
+
+def test_stage2_on_a_users_teacher_without_a_reward_model_fails_at_start(user, tmp_path, capsys):
+    """The default rl_reward_model (the world's) fits only the world's teachers: the error comes before any
+    training and says how to get one."""
+    cfg = user_config(user, "sdxl", tmp_path, rl_enabled=True, checkpoint_every_steps=0)
+    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "flashdmd reward make-pairs" in err[0] and "flashdmd reward train" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_images_fail_before_training(user, tmp_path, capsys):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for i in range(3):
+        (bad / f"{i}.png").write_bytes(b"not a png")
+    cfg = user_config(user, "sdxl", tmp_path, data_real=str(bad), data_prompts=str(user["eval_prompts"]))
+    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "data_real" in err[0], err
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_is_an_option_through_accelerate(user, tmp_path, monkeypatch, capsys):
+    """report_to: [tensorboard, wandb] logs the same scalars to accelerate's WandBTracker (here a stand-in wandb
+    module: the tests never need the package); without wandb installed the run stops at start with one line."""
+    import importlib.machinery
+    import importlib.util
+    import types
+    cfg = user_config(user, "sdxl", tmp_path, report_to=["tensorboard", "wandb"], disc_kind="none",
+                      eval_every_steps=0, max_steps=1, log_every_steps=1)
+    if importlib.util.find_spec("wandb") is None:
+        assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "none")]) == 2
+        assert "pip install wandb" in capsys.readouterr().err
+    logged, inits = [], []
+    run = types.SimpleNamespace(log=lambda values, step=None, **kw: logged.append((step, dict(values))),
+                                finish=lambda: None)
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kw: inits.append(kw) or run
+    fake.config = types.SimpleNamespace(update=lambda values, allow_val_change=False: inits.append(dict(values)))
+    fake.Image = lambda x: x
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake.__spec__ if name == "wandb" else
+                        _find_spec(name, *a))
+    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert inits[0]["project"] == "flashdmd" and inits[0]["name"] == "run" and inits[1]["max_steps"] == 1
+    scalars = [values for step, values in logged if step == 1 and "loss/generator" in values]
+    assert scalars and list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
+
+
+_find_spec = __import__("importlib.util").util.find_spec

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from flashdmd import FlashDMDError, plugins
+from flashdmd.families import resolve_path
 from flashdmd.inference import load_model, teacher_spec
 
 # ---------------------------------------------------------------------------------------------------
@@ -58,6 +59,9 @@ def run(args):
     out = Path(args.json)
     if not out.parent.exists():
         raise FlashDMDError(f"folder {out.parent} for --json does not exist")
+    if not resolve_path(args.model).exists():
+        raise FlashDMDError(f"model folder {args.model} does not exist: give a diffusers pipeline folder, a distill run "
+                            "folder, a hub id in the local cache (or HF_HUB_OFFLINE=0) or a plug-in model name")
     owner = plugins.model_owner(teacher_spec(args.model))
     if owner is None or owner.evaluator is None:
         raise FlashDMDError(f"{args.model} belongs to no plug-in with its own metrics: give --prompts FILE and metric "

@@ -94,6 +94,7 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
 
     from flashdmd.families import load_family
     log = log or (lambda line: None)
+    check_trackers(cfg)
     acc = accelerator or Accelerator(mixed_precision=cfg.model_mixed_precision if torch.cuda.is_available() else "no",
                                      cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed + acc.process_index)
@@ -139,12 +140,35 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     return ctx
 
 
+def check_trackers(cfg: DistillConfig) -> None:
+    """report_to's trackers can be imported (wandb is an optional package)."""
+    import importlib.util
+    if "wandb" in cfg.report_to and importlib.util.find_spec("wandb") is None:
+        raise FlashDMDError("report_to has wandb but wandb is not installed: `pip install wandb`, or drop it from "
+                            "report_to (tensorboard is the default)")
+
+
 def _real_stream(cfg: DistillConfig, acc, resolution: int) -> RealImageStream:
     source = open_image_source(cfg.data_real)
+    check_readable(source)
     workers = cfg.data_workers if cfg.data_workers is not None else (0 if plugins.find(cfg.data_real) else 2)
     return RealImageStream(source, resolution, cfg.batch_size, crop=cfg.data_crop, seed=cfg.seed,
                            process_index=acc.process_index, num_processes=acc.num_processes, num_workers=workers,
                            max_bad_fraction=cfg.data_max_bad_fraction)
+
+
+def check_readable(source, first: int = 8) -> None:
+    """At least one of the first ``first`` images decodes (the stream skips and counts bad files later; a folder
+    of nothing readable fails here, before any model work)."""
+    errors = []
+    for i in range(min(first, len(source))):
+        try:
+            source.read(i)
+            return
+        except Exception as e:  # PIL raises many kinds; each is reported by the stream's own count later
+            errors.append(f"{e}")
+    raise FlashDMDError(f"data_real: none of the first {len(errors)} images of {source.describe()} can be read "
+                        f"({errors[0] if errors else 'empty'}): check the files")
 
 
 def _captions(cfg: DistillConfig, real, resolution: int) -> list[str]:

@@ -111,6 +111,9 @@ class RunWriter:
         for role, opt in ctx.opt.items():
             means[f"lr/{role}"] = opt.param_groups[0]["lr"]
         means["time/seconds"] = time.time() - self.t0
+        if ctx.real is not None:  # this process's reads of real images and the unreadable ones it skipped
+            stats = ctx.real.stats()
+            means["data/images_read"], means["data/bad_images"] = stats["reads"], stats["bad_files"]
         if "rl/lrm_score" in means:
             self.lrm_scores.append(means["rl/lrm_score"])
         if self.main:
