@@ -56,7 +56,7 @@ def _cmd_distill(args):
         return
     result = train(cfg, args.out, progress=not args.no_progress, resume=args.resume, overwrite=args.overwrite)
     last = result["evals"][-1] if result["evals"] else {}
-    summary = {k: last[k] for k in ("fd", "alignment", "diversity", "oracle") if k in last}
+    summary = {k: round(last[k], 4) for k in result.get("higher_is_better", {}) if k in last}
     print(f"done: {result['generator_steps']} generator steps in {result['wall_seconds']:.0f} s; student in "
           f"{args.out}/student {summary if summary else ''}")
 
