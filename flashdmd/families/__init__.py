@@ -14,6 +14,7 @@ import torch
 
 from flashdmd import FlashDMDError, plugins
 from flashdmd.families.base import LORA_TARGETS, Conditioning, Family, read_model_index
+from flashdmd.families.hub import hub_snapshot
 from flashdmd.families.sd3 import SD3Family
 from flashdmd.families.sdxl import SDXLFamily
 
@@ -33,10 +34,6 @@ def resolve_path(path_or_name: str | Path) -> Path:
         return Path(named)
     path = Path(path_or_name).expanduser()
     if path.exists():
-        return path
-    try:
-        from flashdmd.families.hub import hub_snapshot
-    except ImportError:  # the hub module is optional until it lands
         return path
     return hub_snapshot(str(path_or_name)) or path
 
