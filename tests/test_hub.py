@@ -118,6 +118,8 @@ def test_cached_repo_resolves_offline_and_loads(pipeline_folder, hub_env, tmp_pa
     assert folder == snapshot.resolve()
     fam = load_family(folder)
     assert fam.name == "sdxl" and fam.default_resolution == 32
+    # the hub id itself, as a user writes it in model_teacher / --model: resolve_path finds the snapshot
+    assert load_family(REPO).path.resolve() == snapshot.resolve()
 
 
 def test_incomplete_cached_snapshot_is_one_line(pipeline_folder, hub_env, tmp_path):
