@@ -29,10 +29,11 @@ def load_image(source: str | Path | bytes) -> Image.Image:
         im = Image.open(fh)
         im.load()
     try:
-        # camera photos store their rotation in EXIF; a broken EXIF block is no reason to drop the pixels
-        return ImageOps.exif_transpose(im)
+        # camera photos store their rotation in EXIF; in place: otherwise every upright image is copied
+        ImageOps.exif_transpose(im, in_place=True)
     except UNREADABLE:
-        return im
+        pass  # a broken EXIF block is no reason to drop the pixels
+    return im
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
@@ -68,8 +69,11 @@ def _pil_to_tensor(im: Image.Image, resolution: int, crop: str, rng: random.Rand
     if min(im.size) != resolution:
         im = im.resize(_short_side_size(*im.size, resolution), Image.Resampling.BICUBIC)
     left, top = _crop_box(*im.size, resolution, crop, rng)
-    arr = np.asarray(im.crop((left, top, left + resolution, top + resolution)), dtype=np.float32)
-    return torch.from_numpy(arr / 127.5 - 1.0).permute(2, 0, 1).contiguous()
+    # one uint8 view and one float copy: fewer full-size temporaries for the allocator to juggle
+    hwc = np.asarray(im)[top:top + resolution, left:left + resolution]
+    x = torch.empty(3, resolution, resolution)
+    x.numpy()[...] = hwc.transpose(2, 0, 1)  # uint8 -> float32 in one copy
+    return x.div_(127.5).sub_(1.0)
 
 
 def _tensor_to_tensor(x: Tensor, resolution: int, crop: str, rng: random.Random) -> Tensor:

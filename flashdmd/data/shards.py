@@ -3,7 +3,7 @@
 A WebDataset sample is a run of consecutive tar members sharing a key (the member name up to the first dot
 of its base name): ``000017.jpg`` + ``000017.txt`` is sample ``000017`` with fields ``jpg`` and ``txt``.
 The index keeps, per sample, its shard and the byte offset and size of its image and caption (numpy arrays,
-~40 bytes a sample); reading item i opens the shard, seeks and reads just those bytes. Shards must be
+~44 bytes a sample); reading item i opens the shard, seeks and reads just those bytes. Shards must be
 uncompressed tar (a .tar.gz has no offsets to seek to).
 """
 from __future__ import annotations
