@@ -10,9 +10,15 @@ does not match a pipeline call; it is left as it is and this module has its own 
 
 Every image gets its own generator seeded ``--seed + j`` (j-th image of a prompt), so the file
 ``{prompt index:04d}_seed{seed}.png`` is reproduced by a one-prompt pipeline call with that seed.
+
+Beside the PNGs, ``prompts.jsonl`` holds one JSON object per PNG: ``{"file", "prompt", "seed", "steps",
+"guidance_scale"}`` (the steps and guidance the image was drawn with). A later call into the same folder keeps the
+earlier lines, drops those of PNGs it writes again (--overwrite) and appends its own; the file is replaced
+atomically, also when the call stops part-way (then it lists the PNGs written so far).
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Sequence
@@ -23,6 +29,7 @@ from torch import Tensor
 from flashdmd import FlashDMDError
 
 DEFAULT_BATCH = 8
+PROMPT_LOG = "prompts.jsonl"
 
 
 def plan(model, steps: int | None = None) -> tuple[list[float], str]:
@@ -93,6 +100,35 @@ def image_name(prompt_index: int, seed: int) -> str:
     return f"{prompt_index:04d}_seed{seed}.png"
 
 
+def read_prompt_log(out: Path) -> list[dict]:
+    """The records of ``out/prompts.jsonl`` (none when it is absent)."""
+    path = out / PROMPT_LOG
+    if not path.is_file():
+        return []
+    records = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if not isinstance(record, dict) or not isinstance(record.get("file"), str):
+            raise FlashDMDError(f"{path} line {n} is not a JSON object with a \"file\"; fix or remove that file")
+        records.append(record)
+    return records
+
+
+def write_prompt_log(out: Path, earlier: list[dict], new: list[dict]) -> None:
+    """``out/prompts.jsonl`` := the ``earlier`` records less those of files in ``new``, then ``new`` (tmp + rename)."""
+    again = {r["file"] for r in new}
+    lines = [json.dumps(r, ensure_ascii=False) for r in earlier if r["file"] not in again]
+    lines += [json.dumps(r, ensure_ascii=False) for r in new]
+    tmp = out / f"{PROMPT_LOG}.tmp"
+    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    tmp.replace(out / PROMPT_LOG)
+
+
 def generate(model, prompts: list[str], seed: int = 0, num_per_prompt: int = 1, steps: int | None = None,
              guidance_scale: float | None = None, batch_size: int = DEFAULT_BATCH):
     """Yield (prompt index, seed, pixels (3, H, W) in [-1, 1]); image j of prompt i uses seed ``seed + j``."""
@@ -114,7 +150,7 @@ def add_arguments(p):
                    help="a distill run folder (its K steps), a diffusers pipeline folder or world-sdxl / world-sd3")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts", default=None, help="a UTF-8 text file, one prompt per line")
-    p.add_argument("--out", required=True, help="folder for the PNGs (created)")
+    p.add_argument("--out", required=True, help="folder for the PNGs and their prompts.jsonl (created)")
     p.add_argument("--seed", type=int, default=0, help="image j of every prompt uses seed SEED+j")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's own)")
     p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's own; students 1)")
@@ -175,13 +211,21 @@ def run(args):
     if existing and not args.overwrite:
         raise FlashDMDError(f"{len(existing)} of the PNGs already exist in {out} (e.g. {existing[0]}); "
                             "pass --overwrite to replace them")
+    earlier = read_prompt_log(out)  # a broken log stops the call before any work
     _check_not_export(args.model)
     from flashdmd.inference import load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device)
-    written = 0
-    for i, s, px in generate(model, prompts, args.seed, args.num_per_prompt, args.steps, args.cfg, args.batch_size):
-        save_png(px, out / image_name(i, s))
-        written += 1
-    print(f"wrote {written} PNGs to {out} ({model.kind}, "
-          f"{len(plan(model, args.steps)[0])} steps, guidance {args.cfg if args.cfg is not None else model.guidance_scale})")
+    steps = len(plan(model, args.steps)[0])
+    guidance = args.cfg if args.cfg is not None else model.guidance_scale
+    records = []
+    try:
+        for i, s, px in generate(model, prompts, args.seed, args.num_per_prompt, args.steps, args.cfg,
+                                 args.batch_size):
+            save_png(px, out / image_name(i, s))
+            records.append({"file": image_name(i, s), "prompt": prompts[i], "seed": s, "steps": steps,
+                            "guidance_scale": guidance})
+    finally:  # also after an interruption: the PNGs written so far are described
+        if records:
+            write_prompt_log(out, earlier, records)
+    print(f"wrote {len(records)} PNGs and {PROMPT_LOG} to {out} ({model.kind}, {steps} steps, guidance {guidance})")
