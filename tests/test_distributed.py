@@ -8,7 +8,7 @@ size and the CPU's vector width, and the all-reduce adds in yet another order. A
 element whose gradient is ~0 turns round-off above its eps into an update of up to ~lr. In float32 the two runs
 differed by up to 1.25e-2 relative on AVX-512 CPUs (2e-3 on AVX2) -- no margin below any bound worth asserting.
 So the worker runs everything in float64 (tests/dist_worker.py): the runs then differ by at most 4e-11 relative
-(largest element: 2e-9 of the largest update), and the test asserts TOLERANCE = 1e-6 for each role, both for the
+(largest element: 5e-9 of the largest update), and the test asserts TOLERANCE = 1e-6 for each role, both for the
 norm of the difference of the total updates (relative to the update's norm) and for its largest element
 (relative to the largest element of the update).
 
