@@ -7,33 +7,20 @@ fsdp: the student and the fake score are sharded with FSDP2's fully_shard (per t
 the root); a checkpoint of the final state is written, and a fresh sharded context restored from that checkpoint must
 hold exactly the trained weights and optimiser state.
 
-Everything runs in float64 (see tests/test_distributed.py for why): torch's default dtype is float64 (every freshly
-built module and every SampleRNG normal draw), the teacher folder is loaded as float64, latents are drawn in float64
-and the Pixel-GAN backbone gets its images in float64."""
-import functools
+Everything runs in float64 (model_dtype; see tests/test_distributed.py for why): every role's weights, the latents,
+and the real and decoded images the discriminator sees."""
 import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
 
-import flashdmd.families
 from flashdmd.training.config import DistillConfig
 from flashdmd.training.distill import setup, train
 from flashdmd.training.parallel import full_optimizer_state, full_state_dict
-from flashdmd.training.rng import SampleRNG
 from flashdmd.world import plugin as _world
 
 _world.register()  # the worker chooses the embedded world, as the CLI does
-
-# float64: one and two processes then differ by float64 round-off only (the test bounds it tightly on any CPU).
-# The load_family and SampleRNG.randn shims here and float64_pixels below stand in for what the library does not
-# offer yet: DistillConfig has no model dtype, Context.randn draws latents in SampleRNG's float32 default, and the
-# Pixel-GAN backbone takes pixels in the dtype it is given (real images come as float32).
-torch.set_default_dtype(torch.float64)
-flashdmd.families.load_family = functools.partial(flashdmd.families.load_family, dtype=torch.float64)
-_randn = SampleRNG.randn
-SampleRNG.randn = lambda self, shape, device="cpu", dtype=torch.float64: _randn(self, shape, device, dtype)
 
 teacher, out, batch, method = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 mode = sys.argv[5] if len(sys.argv) > 5 else "ddp"
@@ -41,7 +28,7 @@ extra = dict(disc_kind="pixel", disc_backbone="world") if method == "flashdmd" e
     dict(disc_kind="latent", disc_loss="ns", fake_score_ttur=2, fake_score_ema=0.0)
 cfg = DistillConfig(method=method, model_teacher=teacher, batch_size=batch, max_steps=2, eval_every_steps=0,
                     sample_every_steps=0, checkpoint_every_steps=2 if mode == "fsdp" else 0, log_every_steps=1,
-                    seed=1, student_timesteps=[999, 499], **extra)
+                    seed=1, student_timesteps=[999, 499], model_dtype="float64", **extra)
 
 
 def shard(net):
@@ -52,15 +39,7 @@ def shard(net):
     fully_shard(net)
 
 
-def float64_pixels(c):
-    """The Pixel-GAN's frozen backbone gets real and decoded images in float64."""
-    if c.cfg.disc_kind == "pixel":
-        c.accelerator.unwrap_model(c.disc).backbone.register_forward_pre_hook(
-            lambda _module, args: (args[0].to(torch.float64), *args[1:]))
-
-
 ctx = setup(cfg, shard=shard if mode == "fsdp" else None)
-float64_pixels(ctx)
 
 
 def trainable(c):
@@ -75,7 +54,7 @@ def trainable(c):
 
 init = trainable(ctx)
 dtypes = {p.dtype for role in ("teacher", "student", "fake_score", "disc") for p in getattr(ctx, role).parameters()}
-assert dtypes == {torch.float64}, f"parameters in {dtypes}: the float64 set-up above no longer reaches setup()"
+assert dtypes == {torch.float64}, f"parameters in {dtypes}: model_dtype float64 no longer reaches every role"
 train(cfg, out / "run", progress=False, ctx=ctx)
 final = trainable(ctx)
 if mode == "fsdp":

@@ -435,6 +435,11 @@ class Family(ABC):
     def shift_factor(self) -> float:
         return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
 
+    def check_resolution(self, height: int, width: int) -> None:
+        """FlashDMDError (one line) when the denoiser cannot work at (height, width) pixels; the VAE factor is
+        checked here, architecture limits by the family (SD3: its positional-embedding grid)."""
+        self.latent_shape(height, width)
+
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, H/f, W/f) of the latents of a (height, width) image."""
         f = self.vae_scale_factor

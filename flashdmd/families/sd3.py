@@ -46,6 +46,20 @@ class SD3Family(Family):
         return FlowSchedule(num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
                             shift=float(config.get("shift", 1.0)))
 
+    def check_resolution(self, height: int, width: int) -> None:
+        """The transformer crops its positional embeddings from a pos_embed_max_size^2 grid of patches: an image
+        beyond that grid cannot be denoised (diffusers raises deep inside the forward)."""
+        super().check_resolution(height, width)
+        cfg = unwrap(self.denoiser).config
+        grid, patch = cfg.get("pos_embed_max_size"), int(cfg.get("patch_size", 1))
+        if grid is None:
+            return
+        most = int(grid) * patch * self.vae_scale_factor
+        if max(height, width) > most:
+            raise FlashDMDError(f"{height}x{width} px is beyond what this SD3 transformer supports: at most {most} px "
+                                f"(pos_embed_max_size {grid} x patch {patch} x VAE factor {self.vae_scale_factor}); "
+                                "lower data_resolution")
+
     @property
     def default_student_timesteps(self) -> list[float]:
         """Uniform unshifted sigmas (1, 0.75, 0.5, 0.25) passed through the scheduler's SD3 shift.

@@ -45,6 +45,8 @@ class DistillConfig:
     model_lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
     model_gradient_checkpointing: bool = _f(False, "enable gradient checkpointing in student and fake score")
     model_mixed_precision: str = _f("no", "no | bf16 (autocast; only on GPU -- CPU runs keep fp32)")
+    model_dtype: str = _f("float32", "dtype of every role's weights and of the latents: float32, or float64 (exact "
+                          "numerical checks, e.g. tests/test_distributed.py comparing 1 and 2 processes)")
 
     # ---- the student (generator) -----------------------------------------------------------------------
     student_timesteps: list[float] | None = _f(None, "the K student steps in model timesteps; default from the "
@@ -187,6 +189,7 @@ class DistillConfig:
         need(self.model_family in (None, "sdxl", "sd3"), f"model_family must be sdxl, sd3 or null, got {self.model_family!r}")
         need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
         need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
+        need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
         need(self.student_timesteps is None or len(self.student_timesteps) >= 1, "student_timesteps must not be empty")
         if self.student_timesteps is not None:
             ts = list(self.student_timesteps)

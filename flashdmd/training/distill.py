@@ -64,10 +64,10 @@ class Context:
     def real_latents(self, n: int) -> Tensor:
         pixels, _ = self.real.next_batch()
         with torch.no_grad():
-            return self.family.encode_images(pixels.to(self.accelerator.device))
+            return self.family.encode_images(pixels.to(self.accelerator.device, self.family.dtype))
 
     def randn(self, shape) -> Tensor:
-        return self.rng.randn(shape, self.accelerator.device)
+        return self.rng.randn(shape, self.accelerator.device, self.family.dtype)
 
     def t(self, k: int, n: int) -> Tensor:
         return torch.full((n,), float(self.timesteps[k]), device=self.accelerator.device)
@@ -98,9 +98,10 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     acc = accelerator or Accelerator(mixed_precision=cfg.model_mixed_precision if torch.cuda.is_available() else "no",
                                      cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed + acc.process_index)
-    family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device)
+    family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device,
+                         dtype=getattr(torch, cfg.model_dtype))
     resolution = cfg.data_resolution or family.default_resolution
-    family.latent_shape(resolution, resolution)  # a size the VAE cannot encode fails here
+    family.check_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px)")
     reward_path = check_reward_model(cfg, family)
     if reward_path is not None:
@@ -373,7 +374,7 @@ def _real_batch(ctx: Context, n: int):
     pixels, captions = ctx.real.next_batch()
     if pixels.shape[0] != n:
         raise FlashDMDError(f"real-image batch of {pixels.shape[0]} for a batch of {n}")
-    pixels = pixels.to(ctx.accelerator.device)
+    pixels = pixels.to(ctx.accelerator.device, ctx.family.dtype)
     if all(c is not None for c in captions):
         cond = _encode(ctx, list(captions))
     else:

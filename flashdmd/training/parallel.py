@@ -156,7 +156,7 @@ def clip_grad_norm_(params, max_norm: float) -> torch.Tensor:
         if group:
             n = torch.nn.utils.get_total_norm([p.grad for p in group])
             norms.append(n.full_tensor() if hasattr(n, "full_tensor") else n)
-    total = torch.linalg.vector_norm(torch.stack([n.float().cpu() for n in norms]))
+    total = torch.linalg.vector_norm(torch.stack([n.double().cpu() for n in norms]))  # the roles' own precision or better
     coef = min(1.0, max_norm / (float(total) + 1e-6))
     if coef < 1.0:
         for p in params:

@@ -55,6 +55,12 @@ def build_roles(cfg, family) -> Roles:
 
 
 def _build_disc(cfg, family, fake_score) -> nn.Module | None:
+    """The discriminator in the teacher's dtype (a plug-in's backbone and fresh heads come in torch's default)."""
+    disc = _new_disc(cfg, family, fake_score)
+    return None if disc is None else disc.to(family.dtype)
+
+
+def _new_disc(cfg, family, fake_score) -> nn.Module | None:
     if cfg.disc_kind == "none":
         return None
     if cfg.disc_kind == "pixel":
