@@ -1,5 +1,7 @@
 import os
 
+import pytest
+
 # Never reach the hub from tests: offline, a hub tokenizer id silently loads as an empty tokenizer.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
@@ -10,3 +12,22 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 from flashdmd.world import plugin as _world  # noqa: E402
 
 _world.register()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """One intra-op thread per test process (as `make test` sets OMP_NUM_THREADS=1): on two shared cores torch's
+    default pool oversubscribes them -- a 0.1 s forward of the FID network took 9 s with two threads."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_fid_input(monkeypatch):
+    """The full FID network on 75x75 inputs (its minimum) instead of 299x299 (16x less work); the architecture
+    and weights are unchanged (tests/test_eval_backends.py::test_fid_features_at_299 runs the real size once)."""
+    import flashdmd.evaluation.backends.fid as fid
+    monkeypatch.setattr(fid, "INPUT_SIZE", 75)

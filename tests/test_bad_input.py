@@ -39,15 +39,6 @@ NOISE = re.compile(r"(\d+%\|)|(it/s\])|(s/it\])|(^\[transformers\])|(^\s*$)")
 # ---------------------------------------------------------------------------------------------------
 # fixtures
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Two shared cores: torch's default thread pool oversubscribes them badly; one thread is far faster."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad_input_teacher")

@@ -20,12 +20,7 @@ def folders(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny")
     out = {"sdxl": tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl"),
            "sd3": tm.save_pipeline(tm.sd3_pipeline(tmp), tmp / "sd3")}
-    from transformers import SamVisionConfig, SamVisionModel
-    torch.manual_seed(0)
-    SamVisionModel(SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                                   patch_size=8, output_channels=8, mlp_dim=32, global_attn_indexes=[1],
-                                   window_size=2, initializer_range=0.02)).save_pretrained(tmp / "sam")
-    out["sam"] = tmp / "sam"
+    out["sam"] = tm.sam_vision_folder(tmp / "sam")
     return out
 
 

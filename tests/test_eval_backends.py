@@ -17,6 +17,7 @@ from flashdmd.evaluation.backends.imagereward import HEAD_FILE, ImageReward, Rew
 from flashdmd.evaluation.metrics import feature_stats, frechet_distance
 from tests.tiny_models import clip_model_folder, random_fid_inception, save_pipeline, sdxl_pipeline
 
+pytestmark = pytest.mark.usefixtures("small_fid_input")  # conftest.py: FID network on 75x75 inputs
 PROMPTS = ["a photo of a cat", "the drawing of a dog", "a red car in the rain"]
 
 
@@ -77,24 +78,6 @@ def inception_file(tmp_path_factory):
 @pytest.fixture(scope="module")
 def inception(inception_file):
     return FIDInception.from_file(inception_file)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: on a shared 2-core machine, OpenMP barriers made a 0.1 s forward of the FID
-    network take 9 s with two threads."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def small_fid_input(monkeypatch):
-    """The full FID network on 75x75 inputs (its minimum) instead of 299x299 (16x less work); the
-    architecture and weights are unchanged. test_fid_features_at_299 runs the real size once."""
-    import flashdmd.evaluation.backends.fid as fid
-    monkeypatch.setattr(fid, "INPUT_SIZE", 75)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -30,14 +30,6 @@ from flashdmd.rewards.pairs import companion_path, load_pairs, read_records
 PROMPT_LINES = ["a red apple on a table", "a small dog", "a watercolour of a lighthouse"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pairs_sdxl")

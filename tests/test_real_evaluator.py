@@ -13,22 +13,8 @@ from flashdmd.evaluation.real import RealEvaluator
 from flashdmd.inference import load_model
 from tests.tiny_models import clip_model_folder, random_fid_inception, save_pipeline, sdxl_pipeline
 
+pytestmark = pytest.mark.usefixtures("small_fid_input")  # conftest.py: FID network on 75x75 inputs
 PROMPTS = ["a photo of a cat", "the drawing of a dog", "a red car in the rain"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(autouse=True)
-def small_fid_input(monkeypatch):
-    """The FID network on 75x75 inputs (its minimum) instead of 299x299; same architecture and weights."""
-    import flashdmd.evaluation.backends.fid as fid
-    monkeypatch.setattr(fid, "INPUT_SIZE", 75)
 
 
 @pytest.fixture(scope="module")

@@ -29,16 +29,6 @@ FAMILIES = ("sdxl", "sd3")
 PROMPTS = ["a photo of a sneaker", "a small coat", "a centered bag"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add overhead (and on a shared 2-core machine oversubscription
-    made every forward ~50x slower); restore the setting for the other modules."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("lrm_models")

@@ -44,11 +44,7 @@ def write_images(folder: Path, n: int = 12, seed: int = 0) -> Path:
 @pytest.fixture(scope="module")
 def user(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("user")
-    from transformers import SamVisionConfig, SamVisionModel
-    torch.manual_seed(0)
-    SamVisionModel(SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
-                                   patch_size=8, output_channels=8, mlp_dim=32, global_attn_indexes=[1],
-                                   window_size=2, initializer_range=0.02)).save_pretrained(tmp / "sam")
+    tm.sam_vision_folder(tmp / "sam")
     (tmp / "eval_prompts.txt").write_text("a photo of a horse\na drawing of a boat\na blue circle\n")
     return {"sdxl": tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl"),
             "sd3": tm.save_pipeline(tm.sd3_pipeline(tmp), tmp / "sd3"),
@@ -100,7 +96,9 @@ def test_user_folder_distill_report_sample_export(user, family, tmp_path):
     exported = tmp_path / "exported"
     assert main(["export", "--run", str(run), "--out", str(exported)]) == 0
     from diffusers import DiffusionPipeline
-    pipe = DiffusionPipeline.from_pretrained(str(exported))
+    index = json.loads((exported / "model_index.json").read_text())  # SD3 without T5 names the parts it lacks,
+    absent = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}  # as its README says
+    pipe = DiffusionPipeline.from_pretrained(str(exported), **absent)
     image = pipe("a photo of a horse", num_inference_steps=len(info["student_timesteps"]), guidance_scale=1.0,
                  output_type="np", generator=torch.Generator().manual_seed(0)).images
     assert image.shape == (1, 32, 32, 3) and np.isfinite(image).all()
