@@ -102,7 +102,9 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
                          dtype=getattr(torch, cfg.model_dtype))
     resolution = cfg.data_resolution or family.default_resolution
     family.check_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
-    log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px)")
+    timesteps, n_dm = _student_steps(cfg, family)
+    log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
+        f"{timesteps})")
     reward_path = check_reward_model(cfg, family)
     if reward_path is not None:
         log(f"reward model: {reward_path} (fits the teacher)")
@@ -120,13 +122,6 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     log(f"roles: student, fake score{', discriminator (' + cfg.disc_kind + ')' if roles.disc is not None else ''}")
     for net in (roles.student, roles.fake_score) if shard is not None else ():
         shard(net.to(acc.device))
-    timesteps = [float(t) for t in (cfg.student_timesteps or family.default_student_timesteps)]
-    lo, hi = family.schedule.t_min, family.schedule.t_max
-    if not all(lo <= t <= hi for t in timesteps):  # the schedules would silently clamp them
-        raise FlashDMDError(f"config: student_timesteps {timesteps} lie outside the teacher's schedule [{lo:g}, {hi:g}]")
-    n_dm = cfg.student_dm_steps if cfg.student_dm_steps is not None else max(1, len(timesteps) - 1)
-    if cfg.method == "flashdmd" and n_dm > len(timesteps):
-        raise FlashDMDError(f"config: student_dm_steps={n_dm} exceeds the {len(timesteps)} student steps")
     ctx = Context(cfg=cfg, family=family, teacher=roles.teacher, student=roles.student, fake_score=roles.fake_score,
                   disc=roles.disc, timesteps=timesteps, n_dm=n_dm,
                   rng=SampleRNG(cfg.seed, acc.process_index, cfg.batch_size),
@@ -139,6 +134,18 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     if cfg.student_ema > 0:
         ctx.student_ema = StudentEMA(acc.unwrap_model(ctx.student), cfg.student_ema)
     return ctx
+
+
+def _student_steps(cfg: DistillConfig, family) -> tuple[list[float], int]:
+    """(the K student timesteps, how many leading ones get the DM loss), checked against the teacher's schedule."""
+    timesteps = [float(t) for t in (cfg.student_timesteps or family.default_student_timesteps)]
+    lo, hi = family.schedule.t_min, family.schedule.t_max
+    if not all(lo <= t <= hi for t in timesteps):  # the schedules would silently clamp them
+        raise FlashDMDError(f"config: student_timesteps {timesteps} lie outside the teacher's schedule [{lo:g}, {hi:g}]")
+    n_dm = cfg.student_dm_steps if cfg.student_dm_steps is not None else max(1, len(timesteps) - 1)
+    if cfg.method == "flashdmd" and n_dm > len(timesteps):
+        raise FlashDMDError(f"config: student_dm_steps={n_dm} exceeds the {len(timesteps)} student steps")
+    return timesteps, n_dm
 
 
 def check_trackers(cfg: DistillConfig) -> None:
@@ -193,6 +200,10 @@ def _evaluation(cfg: DistillConfig, device, prompts) -> tuple[object | None, lis
             cfg.eval_prompts, cfg.eval_num_images, clip=cfg.eval_clip_model, pickscore=cfg.eval_pickscore_model,
             hpsv2=cfg.eval_hpsv2_model, imagereward=cfg.eval_imagereward_model, fid_inception=cfg.eval_fid_inception,
             fid_ref=cfg.eval_fid_ref, device=device, batch_size=cfg.eval_batch_size) if cfg.eval_every_steps else None
+        if evaluator is not None and not evaluator.higher_is_better:
+            warnings.warn("eval_prompts without a metric backend: evaluations record speed only (set eval_clip_model, "
+                          "eval_pickscore_model, eval_hpsv2_model, eval_imagereward_model or eval_fid_inception + "
+                          "eval_fid_ref)", stacklevel=3)
     else:
         backends = [k for k in EVAL_BACKENDS if getattr(cfg, k) is not None]
         if backends:
