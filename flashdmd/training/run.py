@@ -81,6 +81,7 @@ class RunWriter:
         self.evals: list[dict] = []
         self.lrm_scores: list[float] = []
         self.stage2_baseline: dict | None = None
+        self.stage2_start_step: int | None = None
         self.warnings: list[str] = []
         self.last_eval_step: int | None = None
         self.higher_is_better = dict(getattr(ctx.evaluator, "higher_is_better", {}) or {})
@@ -197,6 +198,7 @@ class RunWriter:
 
     def start_stage2(self, ctx):
         """Evaluate the Stage-1 student once: the baseline the reward-hacking guard compares against."""
+        self.stage2_start_step = ctx.global_step  # the report marks it
         if ctx.evaluator is None:
             import warnings
             warnings.warn("Stage 2 without held-out metrics: the reward-hacking guard has nothing to compare the "
@@ -236,13 +238,15 @@ class RunWriter:
 
     def state_dict(self) -> dict:
         return {"history": self.history, "evals": self.evals, "lrm_scores": self.lrm_scores,
-                "stage2_baseline": self.stage2_baseline, "warnings": self.warnings,
+                "stage2_baseline": self.stage2_baseline, "stage2_start_step": self.stage2_start_step,
+                "warnings": self.warnings,
                 "elapsed": time.time() - self.t0, "sums": self.sums, "counts": self.counts,
                 "last_eval_step": self.last_eval_step}
 
     def load_state_dict(self, s: dict):
         self.history, self.evals, self.lrm_scores = s["history"], s["evals"], s["lrm_scores"]
         self.stage2_baseline, self.warnings = s["stage2_baseline"], s["warnings"]
+        self.stage2_start_step = s.get("stage2_start_step")
         self.sums, self.counts = s["sums"], s["counts"]
         self.last_eval_step = s.get("last_eval_step")
         self.t0 = time.time() - s["elapsed"]
@@ -289,7 +293,7 @@ class RunWriter:
             self.maybe_eval(ctx, force=True)
         result = {"generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "wall_seconds": wall_seconds,
                   "history": self.history, "evals": self.evals, "warnings": self.warnings,
-                  "higher_is_better": self.higher_is_better}
+                  "higher_is_better": self.higher_is_better, "stage2_start_step": self.stage2_start_step}
         if self.main:
             _atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
             for tracker in self.trackers:
