@@ -205,3 +205,13 @@ def test_wandb_is_an_option_through_accelerate(user, tmp_path, monkeypatch, caps
 
 
 _find_spec = __import__("importlib.util").util.find_spec
+
+
+def test_dry_run_with_stage2_on_the_world(tmp_path, capsys):
+    """With Stage 2 the dry run also loads the reward model (checked against the teacher) and runs one RL update."""
+    run = tmp_path / "run"
+    assert main(["distill", "--set", "rl_enabled=true", "--set", "disc_calibration_images=4", "--out", str(run),
+                 "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "reward model:" in out and "lrm-sdxl" in out and "stage 2: one RL update" in out, out[-2000:]
+    assert not run.exists()
