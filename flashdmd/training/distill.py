@@ -367,7 +367,8 @@ def fake_score_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
     loss = steps.fake_score_loss(ctx, x0_fake, cond).mean()
     logs = {"loss/fake_score": loss.item()}
     if ctx.cfg.disc_kind == "latent":
-        real, cond_real = _real_batch(ctx, len(cond))
+        real, captions = _real_batch(ctx, len(cond))
+        cond_real = _caption_cond(ctx, captions)
         with torch.no_grad():
             real_lat = ctx.family.encode_images(real)
         d = steps.latent_disc_loss(ctx, real_lat, cond_real, x0_fake, cond).mean()
@@ -379,18 +380,20 @@ def fake_score_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
     return logs
 
 
-def _real_batch(ctx: Context, n: int):
-    """The next real images (n, 3, R, R) and their conditioning: their captions where every image has one
-    (DMD2 conditions the real branch of its classifier on the image's caption), else the null conditioning."""
+def _real_batch(ctx: Context, n: int) -> tuple[Tensor, list]:
+    """The next real images (n, 3, R, R) in the run's dtype on its device, and their captions."""
     pixels, captions = ctx.real.next_batch()
     if pixels.shape[0] != n:
         raise FlashDMDError(f"real-image batch of {pixels.shape[0]} for a batch of {n}")
-    pixels = pixels.to(ctx.accelerator.device, ctx.family.dtype)
+    return pixels.to(ctx.accelerator.device, ctx.family.dtype), captions
+
+
+def _caption_cond(ctx: Context, captions: list):
+    """The real images' conditioning: their captions where every image has one (DMD2 conditions the real branch
+    of its classifier on the image's caption), else the null conditioning."""
     if all(c is not None for c in captions):
-        cond = _encode(ctx, list(captions))
-    else:
-        cond = ctx.family.null_conditioning(n, ctx.resolution, ctx.resolution)
-    return pixels, cond
+        return _encode(ctx, list(captions))
+    return ctx.family.null_conditioning(len(captions), ctx.resolution, ctx.resolution)
 
 
 def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
