@@ -62,9 +62,9 @@ class Context:
     student_ema: object = None        # roles.StudentEMA when cfg.student_ema > 0
 
     def real_latents(self, n: int) -> Tensor:
-        pixels, _ = self.real.next_batch()
+        pixels, _ = _real_batch(self, n)
         with torch.no_grad():
-            return self.family.encode_images(pixels.to(self.accelerator.device, self.family.dtype))
+            return self.family.encode_images(pixels)
 
     def randn(self, shape) -> Tensor:
         return self.rng.randn(shape, self.accelerator.device, self.family.dtype)
