@@ -31,3 +31,18 @@ def small_fid_input(monkeypatch):
     and weights are unchanged (tests/test_eval_backends.py::test_fid_features_at_299 runs the real size once)."""
     import flashdmd.evaluation.backends.fid as fid
     monkeypatch.setattr(fid, "INPUT_SIZE", 75)
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+    """A tiny random CLIPModel folder (tests/tiny_models.py): the CLIP / PickScore / HPSv2 backends and judges."""
+    from tests.tiny_models import clip_model_folder
+    return clip_model_folder(tmp_path_factory.mktemp("clip"))
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory):
+    """Random weights of the pytorch-fid Inception under their published file name."""
+    from flashdmd.evaluation.backends.fid import FID_WEIGHTS_NAME
+    from tests.tiny_models import random_fid_inception
+    return random_fid_inception(tmp_path_factory.mktemp("fid") / FID_WEIGHTS_NAME)

@@ -10,12 +10,12 @@ import torch
 from flashdmd import FlashDMDError
 from flashdmd.cli import main
 from flashdmd.evaluation.backends import ImagePreprocess, load_scorer, score_batched
-from flashdmd.evaluation.backends.fid import (FID_WEIGHTS_NAME, FIDInception, FIDInceptionV3, load_stats,
+from flashdmd.evaluation.backends.fid import (FIDInception, FIDInceptionV3, load_stats,
                                               reference_stats, save_stats)
 from flashdmd.evaluation.backends.hpsv2 import HPSv2, convert_open_clip_state_dict
 from flashdmd.evaluation.backends.imagereward import HEAD_FILE, ImageReward, RewardMLP
 from flashdmd.evaluation.metrics import feature_stats, frechet_distance
-from tests.tiny_models import clip_model_folder, random_fid_inception, save_pipeline, sdxl_pipeline
+from tests.tiny_models import save_pipeline, sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("small_fid_input")  # conftest.py: FID network on 75x75 inputs
 PROMPTS = ["a photo of a cat", "the drawing of a dog", "a red car in the rain"]
@@ -63,16 +63,6 @@ def tiny_imagereward_folder(folder: Path, seed: int = 0) -> Path:
     torch.manual_seed(seed + 1)
     save_file(RewardMLP(32).state_dict(), str(folder / HEAD_FILE))
     return folder
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return clip_model_folder(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    return random_fid_inception(tmp_path_factory.mktemp("fid") / FID_WEIGHTS_NAME)
 
 
 @pytest.fixture(scope="module")

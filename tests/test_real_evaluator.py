@@ -8,10 +8,10 @@ import torch
 from flashdmd import FlashDMDError
 from flashdmd.evaluation import Evaluator, worsened
 from flashdmd.evaluation import real
-from flashdmd.evaluation.backends.fid import FID_WEIGHTS_NAME, save_stats
+from flashdmd.evaluation.backends.fid import save_stats
 from flashdmd.evaluation.real import RealEvaluator
 from flashdmd.inference import load_model
-from tests.tiny_models import clip_model_folder, random_fid_inception, save_pipeline, sdxl_pipeline
+from tests.tiny_models import save_pipeline, sdxl_pipeline
 
 pytestmark = pytest.mark.usefixtures("small_fid_input")  # conftest.py: FID network on 75x75 inputs
 PROMPTS = ["a photo of a cat", "the drawing of a dog", "a red car in the rain"]
@@ -21,16 +21,6 @@ PROMPTS = ["a photo of a cat", "the drawing of a dog", "a red car in the rain"]
 def sdxl(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("sdxl")
     return load_model(str(save_pipeline(sdxl_pipeline(tmp / "tok"), tmp / "pipe")))
-
-
-@pytest.fixture(scope="module")
-def clip_dir(tmp_path_factory):
-    return clip_model_folder(tmp_path_factory.mktemp("clip"))
-
-
-@pytest.fixture(scope="module")
-def inception_file(tmp_path_factory):
-    return random_fid_inception(tmp_path_factory.mktemp("fid") / FID_WEIGHTS_NAME)
 
 
 @pytest.fixture

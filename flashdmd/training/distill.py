@@ -28,6 +28,7 @@ from flashdmd.training.config import DistillConfig
 from flashdmd.training.parallel import reshard
 from flashdmd.training.rng import SampleRNG
 from flashdmd.training.roles import StudentEMA, build_roles, ema_pull_, trainable_parameters
+from flashdmd.training.run import GRID_IMAGES
 
 
 @dataclass
@@ -76,7 +77,6 @@ class Context:
 # ---------------------------------------------------------------------------------------------------
 # set-up
 
-GRID_IMAGES = 20   # images per sample grid (two rows of ten)
 EVAL_BACKENDS = ("eval_clip_model", "eval_pickscore_model", "eval_hpsv2_model", "eval_imagereward_model",
                  "eval_fid_inception", "eval_fid_ref")
 

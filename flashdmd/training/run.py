@@ -301,8 +301,8 @@ class RunWriter:
         return result
 
 
-GRID_ROW = 10
-GRID_IMAGES = 20
+GRID_ROW = 10      # images per row of a sample grid
+GRID_IMAGES = 20   # images per sample grid (two rows of ten); training/distill.py picks that many prompts
 
 
 def open_trackers(cfg, out: Path) -> list:
