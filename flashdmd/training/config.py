@@ -43,6 +43,10 @@ class DistillConfig:
     model_lora_rank: int = _f(0, "0 = full fine-tune of student and fake score; >0 = LoRA of this rank (peft) "
                               "on the attention projections of both (SD3 in the paper is trained as a LoRA)")
     model_lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
+    model_shared_base: bool = _f(True, "LoRA only: teacher, student and fake score share ONE copy of the frozen base "
+                                 "weights (the student and the fake score are two sets of adapters around it; the "
+                                 "Stage-2 reference shares it too). false = a full copy per role, as DMD2's LoRA code "
+                                 "does: same results, 2-3x the base's memory. Ignored for full fine-tunes")
     model_gradient_checkpointing: bool = _f(False, "enable gradient checkpointing in student and fake score")
     model_mixed_precision: str = _f("no", "no | bf16 (autocast; only on GPU -- CPU runs keep fp32)")
     model_dtype: str = _f("float32", "dtype of every role's weights and of the latents: float32, or float64 (exact "

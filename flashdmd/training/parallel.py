@@ -205,10 +205,13 @@ def replica(ctx, module: nn.Module, all_ranks: bool = False) -> nn.Module | None
     state = full_state_dict(module, all_ranks=all_ranks)
     if not (all_ranks or acc.is_main_process):
         return None
-    from flashdmd.training.roles import add_lora
-    net = copy.deepcopy(ctx.teacher)
+    from flashdmd.training.roles import add_lora, copy_sharing_frozen, shares_base
+    net = copy_sharing_frozen(ctx.teacher) if shares_base(ctx.cfg) else copy.deepcopy(ctx.teacher)
     if ctx.cfg.model_lora_rank > 0:
         add_lora(net, ctx.cfg.model_lora_rank, ctx.cfg.model_lora_alpha)
+    if shares_base(ctx.cfg):  # the base is the teacher's own tensors: load only the adapters
+        trainable = {n for n, p in net.named_parameters() if p.requires_grad}
+        state = {k: v for k, v in state.items() if k in trainable}
     missing = set(state) - set(net.state_dict())
     if missing:
         raise FlashDMDError(f"internal: gathered student has tensors the replica lacks, e.g. {sorted(missing)[0]}")

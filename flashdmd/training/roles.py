@@ -32,11 +32,30 @@ def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
     return [p for p in net.parameters() if p.requires_grad]
 
 
+def copy_sharing_frozen(net: nn.Module) -> nn.Module:
+    """A deep copy of ``net``'s modules whose frozen parameters and buffers ARE ``net``'s tensors (not copies);
+    only trainable parameters are copied. Under LoRA this is how teacher, student and fake score share one base:
+    the student and the fake score are module copies of the frozen teacher, each with its own adapters wrapped
+    around the same base weights. Module copies rather than peft's adapter switching on one module: every role
+    keeps its own forward (no active-adapter state that a gradient-checkpointing recomputation in backward could
+    see changed by a later teacher or fake-score forward), DDP and FSDP wrap each role as today, and the results
+    are the three-copy path's to the bit (tests/test_shared_base.py)."""
+    memo = {id(p): p for p in net.parameters() if not p.requires_grad}
+    memo.update({id(b): b for b in net.buffers()})
+    return copy.deepcopy(net, memo)
+
+
+def shares_base(cfg) -> bool:
+    """Whether this run's student and fake score share the teacher's base weights (LoRA with model_shared_base)."""
+    return cfg.model_lora_rank > 0 and cfg.model_shared_base
+
+
 def build_roles(cfg, family) -> Roles:
     teacher = family.denoiser
     teacher.requires_grad_(False).eval()
-    student = copy.deepcopy(teacher)
-    fake_score = copy.deepcopy(teacher)
+    clone = copy_sharing_frozen if shares_base(cfg) else copy.deepcopy
+    student = clone(teacher)
+    fake_score = clone(teacher)
     for net in (student, fake_score):
         net.train()
         if cfg.model_lora_rank > 0:
@@ -49,7 +68,8 @@ def build_roles(cfg, family) -> Roles:
             net.enable_gradient_checkpointing()
     # the fake score starts at the teacher; with LoRA both adapters start identical (same seed per role)
     if cfg.model_lora_rank > 0:
-        fake_score.load_state_dict(student.state_dict())
+        adapters = {n: p for n, p in student.named_parameters() if p.requires_grad}
+        fake_score.load_state_dict(adapters, strict=False)
     return Roles(family=family, teacher=teacher, student=student, fake_score=fake_score,
                  disc=_build_disc(cfg, family, fake_score))
 

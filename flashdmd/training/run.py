@@ -140,15 +140,14 @@ class RunWriter:
     def _student_model(self, ctx):
         """The student for rank-0-only work: the module itself, or under FSDP a gathered replica (a collective:
         call on every rank; other ranks get None)."""
-        import copy
-
         from flashdmd.training.parallel import is_sharded, replica
+        from flashdmd.training.roles import copy_sharing_frozen
         ema = ctx.student_ema.full_state() if ctx.student_ema is not None else None  # collective under FSDP
         net = replica(ctx, ctx.student)
         if net is None:
             return None
         if ema is not None:  # the EMA weights in a copy; training continues on the raw ones
-            net = net if is_sharded(ctx.student) else copy.deepcopy(net)
+            net = net if is_sharded(ctx.student) else copy_sharing_frozen(net)  # frozen base shared
             net.load_state_dict(ema, strict=False)
         return Model(ctx.family, net, "student", ctx.timesteps, 1.0, True, ctx.resolution)
 

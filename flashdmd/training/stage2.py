@@ -12,7 +12,6 @@ the ongoing distillation is the regulariser against reward hacking.
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import torch
@@ -41,7 +40,9 @@ def setup_stage2(ctx) -> None:
     from flashdmd.training.parallel import is_sharded, replica
     # the frozen reference: a plain copy on every rank (under FSDP gathered from the shards)
     ref = replica(ctx, ctx.student, all_ranks=True)
-    ctx.reference = (ref if is_sharded(ctx.student) else copy.deepcopy(ref)).requires_grad_(False).eval()
+    # under LoRA the copy shares the student's frozen base (the teacher's): only the adapters are copied
+    from flashdmd.training.roles import copy_sharing_frozen
+    ctx.reference = (ref if is_sharded(ctx.student) else copy_sharing_frozen(ref)).requires_grad_(False).eval()
     path = resolve_reward_model(cfg.rl_reward_model, ctx.family.name)
     ctx.reward = LatentRewardModel.load(path, ctx.family).to(acc.device).requires_grad_(False).eval()
     params = [p for p in ctx.student.parameters() if p.requires_grad]
