@@ -27,6 +27,13 @@ with
   Timesteps a scheduler config cannot produce by itself are passed per call instead (SDXL ``timesteps=``,
   SD3 ``sigmas=``); the README and ``flashdmd_export.json`` say which.
 
+``--dtype fp16|bf16|fp32`` casts every floating-point weight of the folder (student, LoRA file, VAE, text
+encoders) to that dtype: the safetensors files are rewritten with cast tensors (their names, shards and metadata
+kept; a transformers config's ``dtype`` follows), pickled weight files beside safetensors ones are left out, and a
+weight that overflows the dtype (|w| > 65504 in fp16) is an error. A fused LoRA student is fused in float32 and cast
+afterwards. Without ``--dtype`` every weight keeps the dtype the teacher folder and the run hold (byte-for-byte
+copies). ``flashdmd_export.json`` records the choice and the float dtypes the folder's weights hold.
+
 The folder is written under a temporary name next to ``--out`` and renamed at the end; an existing
 non-empty ``--out`` is never overwritten.
 """
@@ -49,6 +56,11 @@ PIPELINE_CFG_DEFAULT = {"sdxl": 5.0, "sd3": 7.0}   # diffusers' __call__ default
 DENOISER = {"sdxl": "unet", "sd3": "transformer"}
 # teacher files that do not belong in the exported folder (top level only)
 SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, LORA_WEIGHTS, ".cache", ".huggingface"}
+# --dtype: name -> torch dtype name; the safetensors header's names of float dtypes
+DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
+SAFETENSORS_FLOAT = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+                     "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+PICKLED_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".msgpack", ".h5", ".bin.index.json")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,10 +242,19 @@ def _lora_metadata(info: dict) -> dict:
     return {"r": rank, "lora_alpha": info.get("lora_alpha") or rank, "target_modules": list(LORA_TARGETS)}
 
 
-def write_lora_weights(family: str, pipeline_class: str, info: dict, run: Path, folder: Path) -> None:
-    """``pytorch_lora_weights.safetensors`` in diffusers' format via the pipeline class's save_lora_weights."""
+def _torch_dtype(dtype: str | None):
+    import torch
+    return None if dtype is None else getattr(torch, DTYPES[dtype])
+
+
+def write_lora_weights(family: str, pipeline_class: str, info: dict, run: Path, folder: Path,
+                       dtype: str | None = None) -> None:
+    """``pytorch_lora_weights.safetensors`` in diffusers' format via the pipeline class's save_lora_weights
+    (``dtype``: its tensors cast to fp16 / bf16 / fp32)."""
     import diffusers
     state = _lora_state(run)
+    if dtype is not None:
+        state = {k: _cast(v, _torch_dtype(dtype), f"{run}/student/adapter.safetensors: {k}") for k, v in state.items()}
     meta = _lora_metadata(info)
     cls = getattr(diffusers, pipeline_class)
     if family == "sdxl":
@@ -245,15 +266,18 @@ def write_lora_weights(family: str, pipeline_class: str, info: dict, run: Path, 
                               weight_name=LORA_WEIGHTS)
 
 
-def write_merged_lora_student(teacher: Path, index: dict, info: dict, run: Path, folder: Path) -> None:
-    """The teacher denoiser with the run's LoRA fused in (W + s*B@A), saved as a plain diffusers model."""
+def write_merged_lora_student(teacher: Path, index: dict, info: dict, run: Path, folder: Path,
+                              dtype: str | None = None) -> None:
+    """The teacher denoiser with the run's LoRA fused in (W + s*B@A), saved as a plain diffusers model.
+    ``dtype``: fused in float32, then cast (so that the fp16 / bf16 weight is one rounding of W + s*B@A)."""
+    import torch
     from peft import LoraConfig
     from peft.utils import set_peft_model_state_dict
 
     from flashdmd.families.base import component_class
     sub = DENOISER[info["family"]]
     cls = component_class(teacher, index, sub)
-    net = cls.from_pretrained(teacher / sub)
+    net = cls.from_pretrained(teacher / sub, **({} if dtype is None else {"torch_dtype": torch.float32}))
     meta = _lora_metadata(info)
     net.add_adapter(LoraConfig(r=meta["r"], lora_alpha=meta["lora_alpha"], target_modules=meta["target_modules"]))
     result = set_peft_model_state_dict(net, _lora_state(run))
@@ -262,6 +286,11 @@ def write_merged_lora_student(teacher: Path, index: dict, info: dict, run: Path,
                             f"(e.g. {result.unexpected_keys[0]})")
     net.fuse_lora()
     net.unload_lora()
+    if dtype is not None:
+        with torch.no_grad():
+            for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+                if t.is_floating_point():
+                    t.data = _cast(t.data, _torch_dtype(dtype), f"the fused {sub}: {name}")
     net.save_pretrained(folder, safe_serialization=True)
 
 
@@ -271,6 +300,96 @@ def copy_full_student(run: Path, folder: Path) -> None:
                                                       f.name.endswith(".index.json") for f in src.iterdir()):
         raise FlashDMDError(f"{src} holds no saved diffusers model (config.json + weights); has the run saved a student?")
     shutil.copytree(src, folder)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dtypes
+
+
+def _cast(t, dtype, what: str):
+    """``t`` in ``dtype`` (floating tensors only); a finite value that overflows it is a FlashDMDError."""
+    import torch
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    if not bool(torch.isfinite(out).all()):
+        bad = torch.isfinite(t) & ~torch.isfinite(out)
+        if bool(bad.any()):
+            raise FlashDMDError(f"{what} has values up to {t[bad].abs().max().item():.4g}, beyond {dtype}'s range "
+                                f"(max {torch.finfo(dtype).max:.4g}); export with --dtype bf16 or fp32")
+    return out.contiguous()
+
+
+def safetensors_dtypes(path: Path) -> dict[str, str]:
+    """tensor name -> safetensors dtype code ("F32", "BF16", "I64", ...) from the file's header alone."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+    return {k: v["dtype"] for k, v in header.items() if k != "__metadata__"}
+
+
+def folder_float_dtypes(folder: Path) -> list[str]:
+    """The float dtypes (torch names) that the safetensors files under ``folder`` hold."""
+    found = set()
+    for path in folder.rglob("*.safetensors"):
+        found |= {SAFETENSORS_FLOAT[c] for c in safetensors_dtypes(path).values() if c in SAFETENSORS_FLOAT}
+    return sorted(found)
+
+
+def _ignore_pickled(directory: str, names: list[str]) -> list[str]:
+    """With --dtype: pickled weight files are left out where safetensors weights sit beside them (diffusers and
+    transformers load those first); a folder with pickled weights only cannot be cast and is an error."""
+    pickled = [n for n in names if n.endswith(PICKLED_WEIGHTS)]
+    if pickled and not any(n.endswith(".safetensors") for n in names):
+        raise FlashDMDError(f"{directory} holds weights only in pickled files ({pickled[0]}); --dtype casts "
+                            "safetensors weights only: re-save that component with safe_serialization=True, or "
+                            "export without --dtype")
+    return pickled
+
+
+def cast_folder(folder: Path, dtype: str) -> list[str]:
+    """Rewrite every safetensors file under ``folder`` whose float tensors are not all ``dtype`` with cast
+    tensors (same file names, same metadata; a shard index's total_size and a transformers config's dtype are
+    updated). Returns the rewritten files, relative to ``folder``."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    target = _torch_dtype(dtype)
+    code = {v: k for k, v in SAFETENSORS_FLOAT.items()}[DTYPES[dtype]]
+    done = []
+    for path in sorted(folder.rglob("*.safetensors")):
+        if all(c == code or c not in SAFETENSORS_FLOAT for c in safetensors_dtypes(path).values()):
+            continue
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        rel = path.relative_to(folder)
+        tensors = {k: _cast(v, target, f"{rel}: {k}") for k, v in load_file(str(path)).items()}
+        tmp = path.with_name(path.name + ".cast-tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+        done.append(str(rel))
+    for path in folder.rglob("*.safetensors.index.json"):   # shard indexes: the byte total of the cast shards
+        index = json.loads(path.read_text())
+        if isinstance(index.get("metadata"), dict) and "total_size" in index["metadata"]:
+            files = {path.parent / f for f in set(index.get("weight_map", {}).values())}
+            index["metadata"]["total_size"] = sum(_tensor_bytes(f) for f in files if f.is_file())
+            path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for path in folder.rglob("config.json"):   # transformers configs record the dtype they were saved in
+        if not any(p.suffix == ".safetensors" for p in path.parent.iterdir()):
+            continue
+        cfg = json.loads(path.read_text())
+        if not isinstance(cfg, dict) or "transformers_version" not in cfg:
+            continue
+        keys = [k for k in ("dtype", "torch_dtype") if isinstance(cfg.get(k), str)]
+        if keys:
+            cfg.update({k: DTYPES[dtype] for k in keys})
+            path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    return done
+
+
+def _tensor_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+    return path.stat().st_size - 8 - n
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -300,20 +419,27 @@ def _make_tmp(out: Path) -> Path:
     return tmp
 
 
-def _ignore_top(root: Path, extra: set[str]):
+def _ignore_top(root: Path, extra: set[str], pickled: bool = False):
+    """copytree's ignore: the top-level names that do not belong in the export; ``pickled``: also pickled weight
+    files (see :func:`_ignore_pickled`)."""
     skip = SKIP_TOP | extra
 
     def ignore(directory, names):
-        return [n for n in names if n in skip] if Path(directory) == root else []
+        out = [n for n in names if n in skip] if Path(directory) == root else []
+        kept = [n for n in names if n not in out]
+        return out + (_ignore_pickled(directory, kept) if pickled else [])
     return ignore
 
 
-def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False) -> dict:
+def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: str | None = None) -> dict:
     """Write the exported pipeline folder (see the module docstring); return what flashdmd_export.json holds.
 
     ``lora``: LoRA runs only -- teacher denoiser + LoRA weights file. A LoRA run exported without ``lora``
-    gets the LoRA fused into a full denoiser.
+    gets the LoRA fused into a full denoiser. ``dtype``: "fp16", "bf16" or "fp32" casts every floating-point
+    weight of the folder; None keeps the dtypes the teacher folder and the run hold.
     """
+    if dtype is not None and dtype not in DTYPES:
+        raise FlashDMDError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     run, out = Path(run_dir), Path(out_dir)
     info = read_run(run)
     family = info["family"]
@@ -335,13 +461,16 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False) -> dict
 
     tmp = _make_tmp(out)
     try:
-        shutil.copytree(teacher, tmp, ignore=_ignore_top(teacher, set() if lora else {sub}), dirs_exist_ok=True)
+        shutil.copytree(teacher, tmp, ignore=_ignore_top(teacher, set() if lora else {sub}, pickled=dtype is not None),
+                        dirs_exist_ok=True)
         if lora:
-            write_lora_weights(family, index["_class_name"], info, run, tmp)
+            write_lora_weights(family, index["_class_name"], info, run, tmp, dtype=dtype)
         elif is_lora:
-            write_merged_lora_student(teacher, index, info, run, tmp / sub)
+            write_merged_lora_student(teacher, index, info, run, tmp / sub, dtype=dtype)
         else:
             copy_full_student(run, tmp / sub)
+        if dtype is not None:
+            cast_folder(tmp, dtype)
         sched.save_pretrained(tmp / "scheduler")
         new_index = dict(index)
         new_index["scheduler"] = ["diffusers", type(sched).__name__]
@@ -352,6 +481,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False) -> dict
                   "guidance_scale": 1.0, "max_timestep_error": err, "timesteps_exact": err == 0.0,
                   "lora": bool(lora), "lora_fused": bool(is_lora and not lora),
                   "lora_weights": LORA_WEIGHTS if lora else None,
+                  "dtype": dtype, "weights_dtypes": folder_float_dtypes(tmp),
                   "generator_steps": info.get("generator_steps"), "method": info.get("method"),
                   "missing_components": sorted(k for k, v in index.items() if isinstance(v, list) and v[0] is None)}
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
@@ -368,16 +498,21 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False) -> dict
 
 
 def load_kwargs(record: dict) -> dict:
-    """from_pretrained kwargs the exported folder needs: SD3 folders without T5 must say so explicitly."""
+    """from_pretrained kwargs for the exported folder: SD3 folders without T5 must say so explicitly; a folder
+    exported with ``--dtype`` is loaded in that dtype (``torch_dtype``; another one works too, the weights are
+    then converted on load)."""
     missing = set(record.get("missing_components", []))
-    return {name: None for name in ("text_encoder_3", "tokenizer_3") if name in missing}
+    kwargs = {name: None for name in ("text_encoder_3", "tokenizer_3") if name in missing}
+    if record.get("dtype"):
+        kwargs["torch_dtype"] = _torch_dtype(record["dtype"])
+    return kwargs
 
 
 def readme(record: dict) -> str:
     fam, k = record["family"], record["num_inference_steps"]
     call = dict(record["pipeline_kwargs"])
     steps_arg = ", ".join(f"{key}={val!r}" for key, val in call.items())
-    lk = ", ".join(f"{key}=None" for key in load_kwargs(record))
+    lk = ", ".join(f"{key}={'None' if val is None else val}" for key, val in load_kwargs(record).items())
     load = f'DiffusionPipeline.from_pretrained("path/to/this/folder"{", " + lk if lk else ""})'
     lora_line = '\npipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors' \
         if record["lora"] else ""
@@ -426,8 +561,20 @@ Other step counts are not what the student was trained for.
 
 Seeds: {seed_note}
 
-`flashdmd_export.json` records the run, the timesteps and the call arguments.
+Weights: {_weights_line(record)}
+
+`flashdmd_export.json` records the run, the timesteps, the call arguments and the weights' dtype.
 """
+
+
+def _weights_line(record: dict) -> str:
+    held = ", ".join(record.get("weights_dtypes") or []) or "none"
+    if record.get("dtype"):
+        return (f"every floating-point weight is {DTYPES[record['dtype']]} (`flashdmd export --dtype "
+                f"{record['dtype']}`){' -- the LoRA was fused in float32, then cast' if record['lora_fused'] else ''}. "
+                "`torch_dtype` above loads the pipeline in that dtype; pass another (e.g. `torch.float32` on a CPU) "
+                "to compute in it.")
+    return f"in the dtypes the teacher folder and the run hold ({held}; exported without `--dtype`)."
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -439,12 +586,17 @@ def add_arguments(p):
     p.add_argument("--lora", action="store_true",
                    help="LoRA runs: write the teacher pipeline plus pytorch_lora_weights.safetensors for "
                         "pipe.load_lora_weights (default: a full denoiser; a LoRA run gets its LoRA fused)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast every floating-point weight written (student, LoRA file, VAE, text encoders) to "
+                        "fp16, bf16 or fp32, as safetensors (a LoRA is fused in fp32 first); default: keep the "
+                        "dtypes of the teacher folder and the run")
 
 
 def run(args):
-    record = export(args.run, args.out, lora=args.lora)
+    record = export(args.run, args.out, lora=args.lora, dtype=args.dtype)
     how = ", ".join(f"{k}={v}" for k, v in record["pipeline_kwargs"].items())
     exact = "exactly" if record["timesteps_exact"] else f"within {record['max_timestep_error']:.3g}"
     print(f"exported {record['family']} student to {args.out}: {record['scheduler']} runs "
           f"{record['student_timesteps']} {exact} with {how}, guidance_scale=1.0"
-          f"{'; LoRA in ' + LORA_WEIGHTS if record['lora'] else ''} (see {args.out}/README.md)")
+          f"{'; LoRA in ' + LORA_WEIGHTS if record['lora'] else ''}; weights {'/'.join(record['weights_dtypes'])}"
+          f" (see {args.out}/README.md)")

@@ -55,7 +55,19 @@ def _write_json(path: Path, obj):
 
 
 def _write_tensors(path: Path, tensors: dict):
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path))
+    """safetensors refuses tensors that share memory: a tensor held by two roles (the Stage-2 reference shares
+    the student's buffers, the LoRA roles the teacher's) is written as a copy under its second name."""
+    out, seen = {}, set()
+    for k, v in tensors.items():
+        t = v.detach().contiguous().cpu()
+        if t.numel():
+            ptr = t.untyped_storage().data_ptr()
+            if ptr in seen:
+                t = t.clone()
+            else:
+                seen.add(ptr)
+        out[k] = t
+    save_file(out, str(path))
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 
@@ -72,11 +84,35 @@ def _sha256(path: Path) -> str:
 # what is saved
 
 def _saved_names(module) -> set[str]:
-    """Canonical names of what training changes in ``module``: its trainable parameters and its own buffers.
-    Frozen weights are not saved: they come back from the teacher / backbone folders."""
+    """Canonical names of what training changes in ``module``: its trainable parameters and the persistent buffers
+    of its trained part. Frozen weights are not saved: they come back from the teacher / backbone folders. Nor are
+    the buffers of a frozen part (a LoRA denoiser's positional table -- SD3's ``pos_embed.pos_embed``, 57 M values per
+    role in SD3-medium -- or a frozen backbone's): a buffer belongs to the nearest module around it that holds
+    parameters, and is saved when all of that module's parameters are trainable (a full fine-tune, a
+    discriminator head's statistics). A LoRA run's checkpoint is therefore its adapters and heads only."""
     from flashdmd.training.parallel import canonical
-    names = {canonical(n) for n, p in module.named_parameters() if p.requires_grad}
-    return names | {canonical(n) for n, _ in module.named_buffers() if not canonical(n).startswith("backbone.")}
+    frozen: dict[str, bool] = {}   # module path -> holds a frozen parameter (paths without parameters absent)
+    names = set()
+    for n, p in module.named_parameters():
+        if p.requires_grad:
+            names.add(canonical(n))
+        parts = n.split(".")[:-1]
+        for i in range(len(parts) + 1):
+            path = ".".join(parts[:i])
+            frozen[path] = frozen.get(path, False) or not p.requires_grad
+    for owner_path, owner in module.named_modules():
+        for b, _ in owner.named_buffers(recurse=False):
+            if b in owner._non_persistent_buffers_set:   # not in state_dict: nothing to save or restore
+                continue
+            name = f"{owner_path}.{b}" if owner_path else b
+            if canonical(name).startswith("backbone."):
+                continue
+            parts = owner_path.split(".") if owner_path else []
+            holder = next((".".join(parts[:i]) for i in range(len(parts), -1, -1) if ".".join(parts[:i]) in frozen),
+                          None)
+            if holder is None or not frozen[holder]:
+                names.add(canonical(name))
+    return names
 
 
 def _roles(ctx) -> dict:
@@ -291,7 +327,9 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
         if missing:
             raise FlashDMDError(f"checkpoint {folder} lacks {len(missing)} tensors of {role} (e.g. {sorted(missing)[0]}): "
                                 "was it written with a different config?")
-        load_full_state_dict(module, part)
+        # only the saved names: an older checkpoint's frozen tensors are never written back (under LoRA the
+        # student's frozen base may be the teacher's own tensors)
+        load_full_state_dict(module, {k: v for k, v in part.items() if k in names})
     if ctx.student_ema is not None:
         part = {k[len("student_ema/"):]: v for k, v in tensors.items() if k.startswith("student_ema/")}
         if set(part) != set(ctx.student_ema.params):
