@@ -61,6 +61,11 @@ def _cmd_distill(args):
           f"{args.out}/student {summary if summary else ''}")
 
 
+def _cmd_plan(args):
+    from flashdmd.training import plan
+    plan.run(args)
+
+
 def _cmd_sample(args):
     from flashdmd import sample
     sample.run(args)
@@ -175,6 +180,12 @@ def build_parser() -> argparse.ArgumentParser:
                       "evaluation backends, Pixel-GAN backbone, reward model), build every role, run one Stage-1 "
                       "iteration (and one RL update with Stage 2) at batch 1, print what was checked; writes nothing")
     dist.set_defaults(func=_cmd_distill)
+
+    pl = sub.add_parser("plan", help="peak memory per device of a configured run (weights, gradients, optimiser "
+                        "state, activations per role; one process, DDP, FSDP2), from config files alone")
+    from flashdmd.training import plan as _plan
+    _plan.add_arguments(pl)
+    pl.set_defaults(func=_cmd_plan)
 
     reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")
     rsub = reward.add_subparsers(dest="reward_command", required=True)
