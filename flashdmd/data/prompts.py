@@ -20,7 +20,10 @@ class SampleRNGLike(Protocol):
 
 @runtime_checkable
 class PromptSource(Protocol):
-    """``sample(n, rng)``: n prompts, prompt j drawn with ``rng.python(n)[j]`` (one Random per global sample)."""
+    """``sample(n, rng)``: n prompts, prompt j drawn with ``rng.python(n)[j]`` (one Random per global sample).
+
+    A source that can list every prompt it draws from also has ``prompts`` (a list): ``model_text_cache`` encodes
+    them once at start; a source without it (a plug-in that generates prompts) cannot be cached."""
 
     def sample(self, n: int, rng: SampleRNGLike) -> list[str]: ...
 
@@ -47,7 +50,7 @@ def read_prompt_file(path: str | Path) -> list[str]:
 
 
 class ListPromptSource:
-    """A uniform draw (with replacement) from a fixed list of prompts, one draw per sample."""
+    """A uniform draw (with replacement) from a fixed list of prompts, one draw per sample; ``prompts`` is the list."""
 
     def __init__(self, prompts: Sequence[str]):
         self.prompts = list(prompts)

@@ -49,13 +49,14 @@ def detect_family(path: str | Path) -> str:
 
 
 def load_family(path_or_name: str | Path, family: str | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32) -> Family:
+                dtype: torch.dtype = torch.float32, frozen_dtype: torch.dtype | None = None) -> Family:
     """Load a pipeline folder (or a plug-in's model name, or a hub id) as its :class:`Family` adapter.
 
-    ``family`` None detects it; naming one checks that the folder really is that family.
+    ``family`` None detects it; naming one checks that the folder really is that family. ``dtype``: latents and
+    micro-conditioning; ``frozen_dtype`` (default ``dtype``): every part loaded from the folder.
     """
     path = resolve_path(path_or_name)
     if family is not None and family not in FAMILIES:
         raise FlashDMDError(f"unknown family {family!r}; use one of {sorted(FAMILIES)} or omit it to detect")
     name = family or detect_family(path)
-    return FAMILIES[name](path, device=device, dtype=dtype)
+    return FAMILIES[name](path, device=device, dtype=dtype, frozen_dtype=frozen_dtype)

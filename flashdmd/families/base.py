@@ -14,7 +14,13 @@ family:
   ``latents = (z - shift_factor) * scaling_factor`` convention (shift 0 where the VAE has none);
 * sampling           -- :meth:`Family.sample_latents` runs :func:`flashdmd.diffusion.samplers.sample`
   from an initial latent built by :meth:`Family.initial_latents` (rule documented there);
-* feature taps       -- :meth:`Family.features` returns intermediate activations as (B,C,h,w) maps.
+* feature taps       -- :meth:`Family.features` returns intermediate activations as (B,C,h,w) maps;
+* dtypes             -- every part is loaded in :attr:`Family.frozen_dtype` (default: :attr:`Family.dtype`, the
+  dtype of latents and conditioning micro-ids); :meth:`Family.load_denoiser` gives a fresh copy of the denoiser in
+  another dtype (a full fine-tune's trainable student); networks are fed in their base weights' dtype
+  (:func:`input_dtype`) and answer in the caller's;
+* text cache         -- :meth:`Family.cache_prompts` + :meth:`Family.release_text_encoders`: embeddings of a
+  known prompt set kept, the text encoders freed; :meth:`Family.encode_prompts` answers from the cache.
 
 Every boundary error is a :class:`flashdmd.FlashDMDError` whose one-line message names the path and what
 is missing.
@@ -181,6 +187,16 @@ def check_tokenizer(tok, folder: Path) -> None:
                             "the folder's vocab files are missing or unreadable")
 
 
+def input_dtype(net: nn.Module) -> torch.dtype:
+    """The dtype a network's inputs are cast to: that of its first non-adapter parameter. For a LoRA network whose
+    frozen base is held in a lower precision than its adapters (``model_frozen_dtype``) this is the base's dtype:
+    peft's LoRA layers cast their input to the adapters' dtype themselves and return the base layer's dtype."""
+    for name, p in net.named_parameters():
+        if "lora_" not in name:
+            return p.dtype
+    return next(net.parameters()).dtype
+
+
 def unwrap(net: nn.Module) -> nn.Module:
     """The bare network inside a DDP / compile wrapper (``.module`` / ``._orig_mod``)."""
     for attr in ("module", "_orig_mod"):
@@ -208,6 +224,42 @@ def forward_hooks(modules: Sequence[nn.Module], transform):
             h.remove()
 
 
+class TextCache:
+    """Prompt -> (embeds (L,D), pooled (P,)) rows, held on the CPU in the encoders' dtype (see
+    :meth:`Family.cache_prompts`)."""
+
+    def __init__(self):
+        self.index: dict[str, int] = {}
+        self._chunks: list[tuple[Tensor, Tensor]] = []
+        self._embeds: Tensor | None = None
+        self._pooled: Tensor | None = None
+
+    def add(self, prompts: list[str], embeds: Tensor, pooled: Tensor) -> None:
+        for p in prompts:
+            self.index[p] = len(self.index)
+        self._chunks.append((embeds.detach().cpu(), pooled.detach().cpu()))
+        self._embeds = self._pooled = None
+
+    def holds(self, prompts: Sequence[str]) -> bool:
+        return all(p in self.index for p in prompts)
+
+    def lookup(self, prompts: Sequence[str], device) -> tuple[Tensor, Tensor]:
+        missing = next((p for p in prompts if p not in self.index), None)
+        if missing is not None:
+            shown = missing if len(missing) <= 80 else missing[:77] + "..."
+            raise FlashDMDError(f"prompt {shown!r} is not in the text cache and the text encoders were released "
+                                f"(model_text_cache; {len(self.index)} prompts cached at start): only the run's "
+                                "training, evaluation and grid prompts can be encoded")
+        if self._embeds is None:
+            self._embeds = torch.cat([e for e, _ in self._chunks]) if self._chunks else None
+            self._pooled = torch.cat([p for _, p in self._chunks]) if self._chunks else None
+            self._chunks = [(self._embeds, self._pooled)] if self._chunks else []
+        if not prompts:
+            raise FlashDMDError("encode_prompts: no prompts given")
+        rows = torch.tensor([self.index[p] for p in prompts], dtype=torch.long)
+        return self._embeds.index_select(0, rows).to(device), self._pooled.index_select(0, rows).to(device)
+
+
 # ----------------------------------------------------------------------------------------------------
 # The protocol
 
@@ -217,8 +269,9 @@ class Family(ABC):
 
     Attributes: ``name``, ``prediction_type`` ("eps" | "v" | "x0" | "flow"), ``schedule``
     (VPSchedule | FlowSchedule), ``default_student_timesteps`` (list of model timesteps, high noise first),
-    ``vae``, ``denoiser`` (the teacher network), ``text_encoders``, ``tokenizers``, ``scheduler`` (the
-    folder's diffusers scheduler, for reference), ``path``, ``device``, ``dtype``.
+    ``vae``, ``denoiser`` (the teacher network), ``text_encoders``, ``tokenizers`` (both empty lists after
+    :meth:`release_text_encoders`), ``scheduler`` (the folder's diffusers scheduler, for reference), ``path``,
+    ``device``, ``dtype`` (latents, micro-conditioning), ``frozen_dtype`` (every loaded part; default ``dtype``).
 
     Shapes: latents (B, C, H/f, W/f) with f = :attr:`vae_scale_factor`; pixels (B, 3, H, W) in [-1, 1];
     model timesteps ``t`` (B,) float32 in the schedule's units.
@@ -231,15 +284,19 @@ class Family(ABC):
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     optional_text_parts: ClassVar[tuple[tuple[str, str], ...]] = ()
 
-    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+    def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+                 frozen_dtype: torch.dtype | None = None):
         self.path = Path(path)
         self.device = torch.device(device)
         self.dtype = dtype
+        self.frozen_dtype = frozen_dtype or dtype
         self.index = read_model_index(self.path)
         self._check_pipeline_class()
         self._load_parts()
         self.schedule = self._make_schedule(dict(self.scheduler.config))
         self._null_cache: Conditioning | None = None
+        self._text_cache: TextCache | None = None
+        self.text_encoders_released = False
 
     # -- loading -------------------------------------------------------------------------------------
 
@@ -249,9 +306,15 @@ class Family(ABC):
             raise FlashDMDError(f"{self.path} holds a {found} but family {self.name!r} needs a {self.pipeline_class}; "
                                 "omit family= to detect it from model_index.json")
 
-    def _load(self, name: str, required: bool = True):
-        part = load_component(self.path, self.index, name, self.dtype, required=required)
+    def _load(self, name: str, required: bool = True, dtype: torch.dtype | None = None):
+        part = load_component(self.path, self.index, name, dtype or self.frozen_dtype, required=required)
         return part.to(self.device) if isinstance(part, nn.Module) else part
+
+    def load_denoiser(self, dtype: torch.dtype) -> nn.Module:
+        """A fresh copy of the folder's denoiser in ``dtype`` on the family's device (frozen, eval mode): the
+        initial weights of a full fine-tune's student when the teacher is held in a lower precision -- loaded
+        from the files, not up-cast from the teacher."""
+        return self._load(self.denoiser_subfolder, dtype=dtype)
 
     def _load_parts(self) -> None:
         self.vae = self._load("vae")
@@ -316,8 +379,50 @@ class Family(ABC):
         """
         if isinstance(prompts, str):
             prompts = [prompts]
-        embeds, pooled = self._encode_text(list(prompts))
+        prompts = list(prompts)
+        cache = self._text_cache
+        if cache is not None and (self.text_encoders_released or cache.holds(prompts)):
+            embeds, pooled = cache.lookup(prompts, self.device)
+        else:
+            embeds, pooled = self._encode_text(prompts)
         return Conditioning(embeds, pooled, self._time_ids(len(prompts), *self._hw(height, width)))
+
+    @torch.no_grad()
+    def cache_prompts(self, prompts: Sequence[str], batch: int = 32) -> int:
+        """Encode ``prompts`` (duplicates and already cached ones skipped) and keep their embeddings, on the CPU
+        in the text encoders' dtype, for :meth:`encode_prompts`; the null conditioning is computed too. Every
+        prompt is encoded in a batch of exactly ``batch`` rows (the last one padded with repeats), so that the
+        cached rows are what encoding training batches of that size gives. Returns the number of prompts cached."""
+        if self.text_encoders_released:
+            raise FlashDMDError("cache_prompts: the text encoders were released already; cache before releasing them")
+        if batch < 1:
+            raise FlashDMDError(f"cache_prompts: batch must be >= 1, got {batch}")
+        self.null_conditioning(1)
+        cache = self._text_cache = self._text_cache or TextCache()
+        todo = [p for p in dict.fromkeys(prompts) if p not in cache.index]
+        for start in range(0, len(todo), batch):
+            chunk = todo[start:start + batch]
+            embeds, pooled = self._encode_text(chunk + [chunk[-1]] * (batch - len(chunk)))
+            cache.add(chunk, embeds[:len(chunk)], pooled[:len(chunk)])
+        return len(cache.index)
+
+    def release_text_encoders(self) -> None:
+        """Drop the text encoders and tokenizers (their memory goes with the last reference); afterwards
+        :meth:`encode_prompts` answers only prompts cached by :meth:`cache_prompts` and raises a one-line
+        FlashDMDError for any other. The null conditioning stays available."""
+        import gc
+        self.null_conditioning(1)
+        self._text_cache = self._text_cache or TextCache()
+        self.text_encoders, self.tokenizers = [], []
+        self.text_encoders_released = True
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    @property
+    def cached_prompts(self) -> int:
+        """How many prompts the text cache holds (0 without one)."""
+        return 0 if self._text_cache is None else len(self._text_cache.index)
 
     @torch.no_grad()
     def null_conditioning(self, batch: int, height: int | None = None, width: int | None = None) -> Conditioning:

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
 from flashdmd.diffusion import FlowSchedule
-from flashdmd.families.base import Conditioning, Family, unwrap
+from flashdmd.families.base import Conditioning, Family, input_dtype, unwrap
 
 STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
@@ -100,7 +100,7 @@ class SD3Family(Family):
     # -- network -----------------------------------------------------------------------------------
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
-        dtype = next(net.parameters()).dtype
+        dtype = input_dtype(net)  # a LoRA net: its base's dtype
         out = net(hidden_states=x_t.to(dtype), timestep=t, encoder_hidden_states=cond.prompt_embeds.to(dtype),
                   pooled_projections=cond.pooled_embeds.to(dtype), return_dict=False)[0]
         return out.to(x_t.dtype)

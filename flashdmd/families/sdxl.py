@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
 from flashdmd.diffusion import VPSchedule
-from flashdmd.families.base import Conditioning, Family
+from flashdmd.families.base import Conditioning, Family, input_dtype
 
 # diffusers schedulers that work in sigma space (x = x0 + sigma*eps) and set init_noise_sigma by spacing
 SIGMA_SPACE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
@@ -93,7 +93,7 @@ class SDXLFamily(Family):
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         if cond.add_time_ids is None:
             raise FlashDMDError("SDXL conditioning needs add_time_ids; build it with Family.encode_prompts")
-        dtype = next(net.parameters()).dtype
+        dtype = input_dtype(net)  # a LoRA net: its base's dtype
         added = {"text_embeds": cond.pooled_embeds.to(dtype), "time_ids": cond.add_time_ids.to(dtype)}
         out = net(x_t.to(dtype), t, encoder_hidden_states=cond.prompt_embeds.to(dtype),
                   added_cond_kwargs=added, return_dict=False)[0]

@@ -8,6 +8,11 @@
   the paper: one MLP on every level's globally pooled, standardised features, one logit per image).
 * :class:`LatentClassifierHead` -- DMD2's GAN classifier on the fake score's bottleneck (mid-block)
   features of noised latents (``diffusion_gan``); used by the DMD2 baseline.
+
+Dtypes: the frozen backbone may be held in a lower precision than the heads (``model_frozen_dtype``): the pixels
+are cast to the backbone's dtype, each feature map to its head's.
+:meth:`PixelDiscriminator.enable_gradient_checkpointing` checkpoints the backbone's blocks (recomputed in backward;
+same gradients, fewer saved activations).
 """
 from __future__ import annotations
 
@@ -16,6 +21,7 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, plugins
@@ -42,6 +48,7 @@ class SamBackbone(nn.Module):
             raise FlashDMDError(f"SAM feature layers {self.layers} outside 0..{n}")
         self.image_size = cfg.image_size
         self.feature_channels = [cfg.hidden_size] * len(self.layers) + [cfg.output_channels]
+        self.gradient_checkpointing = False
         self.register_buffer("mean", torch.tensor(SAM_MEAN).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(SAM_STD).reshape(1, 3, 1, 1), persistent=False)
 
@@ -68,9 +75,34 @@ class SamBackbone(nn.Module):
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
             x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False)
         x = (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
-        out = self.model(pixel_values=x, output_hidden_states=True)
-        feats = [out.hidden_states[i].permute(0, 3, 1, 2) for i in self.layers]
-        return feats + [out.last_hidden_state]
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            hidden, last = self._checkpointed(x)
+        else:
+            out = self.model(pixel_values=x, output_hidden_states=True)
+            hidden, last = out.hidden_states, out.last_hidden_state
+        feats = [hidden[i].permute(0, 3, 1, 2) for i in self.layers]
+        return feats + [last]
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every encoder layer while gradients are on. transformers' own switch
+        (``gradient_checkpointing_enable``) acts only in training mode, and the backbone stays in eval mode, so
+        the layers are checkpointed here (:meth:`_checkpointed`)."""
+        self.gradient_checkpointing = True
+
+    def _checkpointed(self, x: Tensor) -> tuple[list[Tensor], Tensor]:
+        """SamVisionEncoder's forward (patch embedding + absolute positions, layers, neck) with every layer under
+        torch.utils.checkpoint (non-reentrant): (hidden states: the embedding, then each layer's output; the neck's
+        output) -- the same tensors as ``model(pixel_values=x, output_hidden_states=True)``."""
+        enc = getattr(self.model, "vision_encoder", self.model)
+        h = enc.patch_embed(x)
+        if enc.pos_embed is not None:
+            h = h + enc.pos_embed
+        hidden = [h]
+        for layer in enc.layers:
+            out = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False)
+            h = out[0] if isinstance(out, tuple) else out
+            hidden.append(h)
+        return hidden, enc.neck(h)
 
 
 class DiscHead(nn.Module):
@@ -142,6 +174,18 @@ class PixelDiscriminator(nn.Module):
     def trainable_parameters(self):
         return self.heads.parameters()
 
+    def backbone_dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    def enable_gradient_checkpointing(self) -> bool:
+        """Checkpoint the backbone's blocks (SamBackbone's layers; a plug-in backbone's own
+        ``enable_gradient_checkpointing``). Returns False when the backbone offers none."""
+        enable = getattr(self.backbone, "enable_gradient_checkpointing", None)
+        if enable is None:
+            return False
+        enable()
+        return True
+
     @torch.no_grad()
     def calibrate(self, real_chunks: Iterable[Tensor]) -> None:
         """Fix a pooled head's standardisation from real images (chunks of (b, 3, H, W) in [-1, 1], >= 2 images in
@@ -149,11 +193,11 @@ class PixelDiscriminator(nn.Module):
         if self.head != "pooled":
             return
         device = self.heads[0].mean.device
-        pooled = [PooledHead.pool(self.backbone(chunk.to(device))) for chunk in real_chunks]
+        pooled = [PooledHead.pool(self.backbone(chunk.to(device, self.backbone_dtype()))) for chunk in real_chunks]
         self.heads[0].calibrate(torch.cat(pooled))
 
     def forward(self, pixels: Tensor) -> list[Tensor]:
-        feats = self.backbone(pixels)
+        feats = self.backbone(pixels.to(self.backbone_dtype()))
         if self.head == "pooled":
             return [self.heads[0](feats)]
         return [h(f.to(next(h.parameters()).dtype)) for h, f in zip(self.heads, feats)]
@@ -190,6 +234,7 @@ class LatentClassifierHead(nn.Module):
         self.out = nn.Conv2d(hidden, 1, 1)
 
     def forward(self, f: Tensor) -> Tensor:
+        f = f.to(self.out.weight.dtype)  # a lower-precision (frozen-dtype) fake-score base gives its features
         for blk in self.blocks:
             if min(f.shape[-2:]) < 2:
                 break

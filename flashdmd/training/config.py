@@ -29,6 +29,7 @@ def _f(default, help: str, **kw):
 
 
 METHODS = ("flashdmd", "dmd2")
+FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
 @dataclass
@@ -47,10 +48,34 @@ class DistillConfig:
                                  "weights (the student and the fake score are two sets of adapters around it; the "
                                  "Stage-2 reference shares it too). false = a full copy per role, as DMD2's LoRA code "
                                  "does: same results, 2-3x the base's memory. Ignored for full fine-tunes")
-    model_gradient_checkpointing: bool = _f(False, "enable gradient checkpointing in student and fake score")
+    model_gradient_checkpointing: bool = _f(False, "gradient checkpointing: the student's and the fake score's blocks, "
+                                            "and on the generator's low-noise branch the VAE decoder's blocks and the "
+                                            "Pixel-GAN backbone's layers (the largest activations of a Flash-DMD step "
+                                            "at 1024 px); same gradients, less memory, about one more forward of "
+                                            "each. Off by default (the embedded world is tiny); on in the real-"
+                                            "checkpoint presets")
     model_mixed_precision: str = _f("no", "no | bf16 (autocast; only on GPU -- CPU runs keep fp32)")
-    model_dtype: str = _f("float32", "dtype of every role's weights and of the latents: float32, or float64 (exact "
-                          "numerical checks, e.g. tests/test_distributed.py comparing 1 and 2 processes)")
+    model_dtype: str = _f("float32", "dtype of the trainable weights (student and fake score, or their LoRA adapters; "
+                          "discriminator heads, DMD2's latent head), of every optimiser state and of the latents and "
+                          "losses: float32, or float64 (exact numerical checks, e.g. tests/test_distributed.py "
+                          "comparing 1 and 2 processes)")
+    model_frozen_dtype: str = _f("auto", "dtype of the frozen parts: the teacher (under LoRA with model_shared_base: "
+                                 "the base the student and fake score share), text encoders, VAE, Pixel-GAN "
+                                 "backbone, Stage-2 reward model and the Stage-2 reference's frozen base: auto, "
+                                 "float32, float64, bfloat16 or float16. auto (our choice) = bfloat16 when the run's "
+                                 "device is CUDA and model_dtype is float32 (half the frozen memory; SDXL / SD3 ship "
+                                 "half-precision weights), else model_dtype (CPU runs and the embedded demo: every "
+                                 "part in model_dtype, as before). A full fine-tune's student and fake score start "
+                                 "from the folder's weights loaded in model_dtype, not from the lower-precision "
+                                 "teacher; its Stage-2 reference (a copy of the student) stays in model_dtype")
+    model_text_cache: bool = _f(False, "encode every prompt the run will use once at start (the training prompts -- "
+                                "a prompt file or captions, not a plug-in's generated ones --, the evaluation and "
+                                "sample-grid prompts, the real images' captions for DMD2's latent GAN, the null "
+                                "prompt), keep the embeddings (CPU memory, model_frozen_dtype) and free the text "
+                                "encoders: on SDXL ~0.3 MB and on SD3 ~2.7 MB per prompt in bfloat16, against "
+                                "~1.6 GB (SDXL) / ~11 GB with T5 (SD3) of encoders. Embeddings are computed in "
+                                "batches of batch_size, as training encodes them (the same numbers). Our choice; off "
+                                "by default")
 
     # ---- the student (generator) -----------------------------------------------------------------------
     student_timesteps: list[float] | None = _f(None, "the K student steps in model timesteps; default from the "
@@ -194,6 +219,8 @@ class DistillConfig:
         need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
         need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
         need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
+        need(self.model_frozen_dtype in FROZEN_DTYPES,
+             f"model_frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.model_frozen_dtype!r}")
         need(self.student_timesteps is None or len(self.student_timesteps) >= 1, "student_timesteps must not be empty")
         if self.student_timesteps is not None:
             ts = list(self.student_timesteps)

@@ -27,7 +27,7 @@ from flashdmd.training import steps
 from flashdmd.training.config import DistillConfig
 from flashdmd.training.parallel import reshard
 from flashdmd.training.rng import SampleRNG
-from flashdmd.training.roles import StudentEMA, build_roles, ema_pull_, trainable_parameters
+from flashdmd.training.roles import StudentEMA, build_roles, ema_pull_, frozen_dtype, trainable_parameters
 from flashdmd.training.run import GRID_IMAGES
 
 
@@ -99,12 +99,14 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
                                      cpu=not torch.cuda.is_available())
     torch.manual_seed(cfg.seed + acc.process_index)
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device,
-                         dtype=getattr(torch, cfg.model_dtype))
+                         dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, acc.device))
     resolution = cfg.data_resolution or family.default_resolution
     family.check_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
     timesteps, n_dm = _student_steps(cfg, family)
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
         f"{timesteps})")
+    log(f"dtypes: frozen parts {str(family.frozen_dtype).removeprefix('torch.')}, trainable weights, optimiser "
+        f"states and latents {cfg.model_dtype}")
     reward_path = check_reward_model(cfg, family)
     if reward_path is not None:
         log(f"reward model: {reward_path} (fits the teacher)")
@@ -118,6 +120,9 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     evaluator, grid = _evaluation(cfg, acc.device, prompts)
     log(f"evaluation: {type(evaluator).__name__ if evaluator else 'none'}"
         + (f" ({', '.join(sorted(evaluator.higher_is_better))})" if evaluator else ""))
+    if cfg.model_text_cache:
+        n = cache_text(cfg, family, prompts, evaluator, grid, real, resolution)
+        log(f"text cache: {n} prompts encoded, text encoders released")
     roles = build_roles(cfg, family)
     log(f"roles: student, fake score{', discriminator (' + cfg.disc_kind + ')' if roles.disc is not None else ''}")
     for net in (roles.student, roles.fake_score) if shard is not None else ():
@@ -221,6 +226,33 @@ def _evaluation(cfg: DistillConfig, device, prompts) -> tuple[object | None, lis
                           "eval_fid_inception + eval_fid_ref) to get a metric curve and the reward-hacking guard",
                           stacklevel=3)
     return evaluator, (grid * GRID_IMAGES)[:GRID_IMAGES]
+
+
+def cache_text(cfg: DistillConfig, family, prompts, evaluator, grid: list[str], real, resolution: int) -> int:
+    """model_text_cache: encode every prompt the run can ask for -- the training prompts (a source that lists them),
+    the sample-grid and evaluation prompts, the real images' captions when DMD2's latent GAN conditions on them, ""
+    and the null conditioning -- then release the text encoders. Returns the number of prompts cached."""
+    listed = getattr(prompts, "prompts", None)
+    if listed is None:
+        raise FlashDMDError(f"model_text_cache: the training prompts of data_prompts {cfg.data_prompts!r} cannot be "
+                            "listed in advance (a plug-in draws them); use a prompt file or captions, or set "
+                            "model_text_cache false")
+    todo = [""] + list(listed) + list(grid)
+    if evaluator is not None:
+        held_out = getattr(evaluator, "prompts", None)
+        if held_out is None:
+            raise FlashDMDError(f"model_text_cache: the evaluator ({type(evaluator).__name__}) does not list its "
+                                "prompts; set eval_prompts (a prompt file), eval_every_steps 0, or model_text_cache "
+                                "false")
+        todo += list(held_out)
+    if cfg.disc_kind == "latent" and real is not None and cfg.data_prompts != "captions":
+        try:
+            todo += _captions(cfg, real, resolution)
+        except FlashDMDError:  # no captions: the real branch uses the null conditioning
+            pass
+    family.cache_prompts(todo, cfg.batch_size)
+    family.release_text_encoders()
+    return family.cached_prompts
 
 
 def check_reward_model(cfg: DistillConfig, family) -> Path | None:

@@ -1,5 +1,11 @@
 """The roles of a distillation run, each its own object: frozen teacher (real score), student
-(generator), fake score, discriminator. No "unified model" with mode flags."""
+(generator), fake score, discriminator. No "unified model" with mode flags.
+
+Dtypes (``model_dtype`` / ``model_frozen_dtype``): the frozen parts -- the teacher (under LoRA with a shared base:
+the base of all three roles), the text encoders, the VAE, the Pixel-GAN backbone -- are held in the frozen dtype;
+the trainable weights -- a full fine-tune's student and fake score (loaded from the folder in the model dtype, never
+up-cast from a lower-precision teacher), LoRA adapters, discriminator heads, DMD2's latent head -- and so every
+optimiser state are in the model dtype."""
 from __future__ import annotations
 
 import copy
@@ -21,11 +27,23 @@ class Roles:
     disc: nn.Module | None     # PixelDiscriminator | LatentClassifierHead | None
 
 
-def add_lora(net: nn.Module, rank: int, alpha: float | None):
+ADAPTER_DTYPE = "_flashdmd_adapter_dtype"  # set on the teacher by build_roles; copies of it carry it along
+
+
+def add_lora(net: nn.Module, rank: int, alpha: float | None, dtype: torch.dtype | None = None):
+    """LoRA adapters on ``net``'s attention projections, in ``dtype`` (default: the dtype :func:`build_roles`
+    recorded on the teacher that ``net`` was copied from, else peft's choice, the base layer's dtype). peft
+    creates them in the base's dtype; with a lower-precision frozen base they are cast up to the model dtype here
+    (the gaussian init is then rounded once to the base's precision; lora_B starts at zero either way)."""
     from peft import LoraConfig
     net.requires_grad_(False)
     net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                target_modules=LORA_TARGETS))
+    dtype = dtype or getattr(net, ADAPTER_DTYPE, None)
+    if dtype is not None:
+        for p in net.parameters():
+            if p.requires_grad and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
 
 def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -50,16 +68,35 @@ def shares_base(cfg) -> bool:
     return cfg.model_lora_rank > 0 and cfg.model_shared_base
 
 
+def frozen_dtype(cfg, device) -> torch.dtype:
+    """``model_frozen_dtype`` resolved for a run on ``device``: auto = bfloat16 on CUDA when model_dtype is
+    float32, else model_dtype."""
+    model = getattr(torch, cfg.model_dtype)
+    if cfg.model_frozen_dtype != "auto":
+        return getattr(torch, cfg.model_frozen_dtype)
+    return torch.bfloat16 if torch.device(device).type == "cuda" and model == torch.float32 else model
+
+
 def build_roles(cfg, family) -> Roles:
+    """Teacher (``family.denoiser``, frozen, in ``family.frozen_dtype``), student and fake score (trainable weights
+    in ``family.dtype``), discriminator. Full fine-tune with a lower-precision teacher: the student is the folder's
+    weights loaded again in the model dtype and the fake score a copy of it."""
     teacher = family.denoiser
     teacher.requires_grad_(False).eval()
-    clone = copy_sharing_frozen if shares_base(cfg) else copy.deepcopy
-    student = clone(teacher)
-    fake_score = clone(teacher)
+    lora = cfg.model_lora_rank > 0
+    if lora:
+        setattr(teacher, ADAPTER_DTYPE, family.dtype)  # also reaches replicas built from the teacher (parallel.py)
+    if not lora and family.frozen_dtype != family.dtype:
+        student = family.load_denoiser(family.dtype)
+        fake_score = copy.deepcopy(student)
+    else:
+        clone = copy_sharing_frozen if shares_base(cfg) else copy.deepcopy
+        student = clone(teacher)
+        fake_score = clone(teacher)
     for net in (student, fake_score):
         net.train()
-        if cfg.model_lora_rank > 0:
-            add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha)
+        if lora:
+            add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha, family.dtype)
             if not trainable_parameters(net):
                 raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")
         else:
@@ -67,17 +104,32 @@ def build_roles(cfg, family) -> Roles:
         if cfg.model_gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
             net.enable_gradient_checkpointing()
     # the fake score starts at the teacher; with LoRA both adapters start identical (same seed per role)
-    if cfg.model_lora_rank > 0:
+    if lora:
         adapters = {n: p for n, p in student.named_parameters() if p.requires_grad}
         fake_score.load_state_dict(adapters, strict=False)
-    return Roles(family=family, teacher=teacher, student=student, fake_score=fake_score,
-                 disc=_build_disc(cfg, family, fake_score))
+    disc = _build_disc(cfg, family, fake_score)
+    if cfg.model_gradient_checkpointing:
+        # the generator's low-noise branch decodes x0 and runs the Pixel-GAN backbone with a graph: at 1024 px the
+        # largest activations of a Flash-DMD step. Both checkpoint only while gradients are on.
+        if hasattr(family.vae, "enable_gradient_checkpointing"):
+            family.vae.enable_gradient_checkpointing()
+        if cfg.disc_kind == "pixel" and not disc.enable_gradient_checkpointing():
+            import warnings
+            warnings.warn(f"disc_backbone {cfg.disc_backbone}: its backbone offers no gradient checkpointing "
+                          "(enable_gradient_checkpointing); it runs without", stacklevel=2)
+    return Roles(family=family, teacher=teacher, student=student, fake_score=fake_score, disc=disc)
 
 
 def _build_disc(cfg, family, fake_score) -> nn.Module | None:
-    """The discriminator in the teacher's dtype (a plug-in's backbone and fresh heads come in torch's default)."""
+    """The discriminator's trainable part in the model dtype, a pixel discriminator's frozen backbone in the frozen
+    dtype (a plug-in's backbone and fresh heads come in torch's default)."""
     disc = _new_disc(cfg, family, fake_score)
-    return None if disc is None else disc.to(family.dtype)
+    if disc is None:
+        return None
+    disc = disc.to(family.dtype)
+    if cfg.disc_kind == "pixel":
+        disc.backbone.to(family.frozen_dtype)
+    return disc
 
 
 def _new_disc(cfg, family, fake_score) -> nn.Module | None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 from functools import lru_cache
 
 import torch
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
@@ -43,6 +44,11 @@ class DiscEncoder(nn.Module):
         self.in_channels = in_channels
         self.feature_channels = tuple(channels)
         self.feature_strides = tuple(2 ** i for i in range(len(channels)))
+        self.gradient_checkpointing = False
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Checkpoint every level while gradients are on (torch.utils.checkpoint, non-reentrant)."""
+        self.gradient_checkpointing = True
 
     def forward(self, pixels: Tensor) -> list[Tensor]:
         """(N, 3, H, W) in [-1, 1] -> [(N, feature_channels[i], H / stride_i, W / stride_i) for each level]."""
@@ -50,8 +56,9 @@ class DiscEncoder(nn.Module):
             raise FlashDMDError(f"disc encoder expects (N, {self.in_channels}, H, W) pixels, got {tuple(pixels.shape)}")
         h = pixels.expand(-1, self.in_channels, -1, -1) if pixels.shape[1] == 1 else pixels
         feats = []
+        checkpoint = self.gradient_checkpointing and torch.is_grad_enabled()
         for level in self.levels:
-            h = level(h)
+            h = torch.utils.checkpoint.checkpoint(level, h, use_reentrant=False) if checkpoint else level(h)
             feats.append(h)
         return feats
 
