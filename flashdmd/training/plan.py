@@ -163,21 +163,19 @@ def meta_component(path: Path, index: dict, name: str, dtype: torch.dtype, requi
     return net.requires_grad_(False).eval()
 
 
-def meta_family(spec: str, family: str | None, dtype: torch.dtype):
-    """The teacher's :class:`~flashdmd.families.Family` with every network on the meta device."""
+def meta_family(spec: str, family: str | None, dtype: torch.dtype, frozen: torch.dtype):
+    """The teacher's :class:`~flashdmd.families.Family` with every network on the meta device: latents in ``dtype``,
+    loaded parts in ``frozen`` (as ``Family(..., frozen_dtype=...)`` loads them)."""
     from flashdmd.families import FAMILIES, detect_family, resolve_path
-    path = resolve_path(spec)
     from flashdmd.families.base import read_model_index
+    path = resolve_path(spec)
     index = read_model_index(path)
-    name = family or detect_family(path)
-    fam = FAMILIES[name].__new__(FAMILIES[name])
-    fam._load = lambda part, required=True: meta_component(path, index, part, dtype, required)
-    FAMILIES[name].__init__(fam, path, device="meta", dtype=dtype)
+    cls = FAMILIES[family or detect_family(path)]
+    fam = cls.__new__(cls)
+    fam._load = lambda part, required=True, dtype=None: meta_component(path, index, part, dtype or frozen, required)
+    fam.load_denoiser = lambda dt: meta_component(path, index, cls.denoiser_subfolder, dt)
+    cls.__init__(fam, path, device="meta", dtype=dtype, frozen_dtype=frozen)
     return fam
-
-
-def _to_meta(module: nn.Module, dtype: torch.dtype) -> nn.Module:
-    return module.to(device="meta", dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -185,23 +183,23 @@ def _to_meta(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def dtypes(cfg, device: str) -> tuple[torch.dtype, torch.dtype]:
-    """(trainable dtype, frozen dtype) of the run on ``device`` (model_frozen_dtype auto: bfloat16 on CUDA)."""
-    train = getattr(torch, cfg.model_dtype)
-    frozen = getattr(cfg, "model_frozen_dtype", None) or cfg.model_dtype
-    if frozen == "auto":
-        frozen = "bfloat16" if device == "cuda" else cfg.model_dtype
-    return train, getattr(torch, frozen)
+    """(trainable dtype, frozen dtype) of the run on ``device``, as the run resolves them."""
+    from flashdmd.training.roles import frozen_dtype
+    return getattr(torch, cfg.model_dtype), frozen_dtype(cfg, device)
 
 
-def _meta_disc(cfg, family, fake_score, train: torch.dtype, frozen: torch.dtype):
+def _meta_disc(cfg, family, fake_score):
+    """The discriminator as roles._build_disc makes it (trainable part in the model dtype, a pixel backbone in the
+    frozen dtype, checkpointed with the run's setting), built on the meta device without the backbone's weights."""
     if cfg.disc_kind == "none":
         return None
     if cfg.disc_kind == "latent":
         from flashdmd.networks.discriminator import LatentClassifierHead
         from flashdmd.training.roles import bottleneck_channels
+        channels = bottleneck_channels(family, fake_score)
         with torch.device("meta"):
-            head = LatentClassifierHead(bottleneck_channels(family, fake_score))
-        return head.to(train)
+            head = LatentClassifierHead(channels)
+        return head.to(family.dtype)
     from flashdmd.networks.discriminator import PixelDiscriminator, SamBackbone
     if cfg.disc_backbone == "sam":
         from transformers import SamConfig, SamVisionConfig, SamVisionModel
@@ -213,43 +211,26 @@ def _meta_disc(cfg, family, fake_score, train: torch.dtype, frozen: torch.dtype)
             SamVisionConfig.from_pretrained(folder)
         with torch.device("meta"):
             backbone = SamBackbone(SamVisionModel(vision))
-    else:
+    else:  # a plug-in's backbone: built by its provider (small), then moved to meta
         from flashdmd import plugins
-        backbone = plugins.provider(cfg.disc_backbone, "disc_backbone", "disc_backbone")()
-        backbone = _to_meta(backbone, frozen)
+        backbone = plugins.provider(cfg.disc_backbone, "disc_backbone", "disc_backbone")().to("meta")
     with torch.device("meta"):
-        disc = PixelDiscriminator(backbone.to(frozen), head_channels=cfg.disc_head_channels, head=cfg.disc_head)
-    for p in disc.trainable_parameters():
-        p.data = p.data.to(train)
+        disc = PixelDiscriminator(backbone, head_channels=cfg.disc_head_channels, head=cfg.disc_head)
+    disc = disc.to(family.dtype)
+    disc.backbone.to(family.frozen_dtype)
+    if cfg.model_gradient_checkpointing:
+        disc.enable_gradient_checkpointing()
     return disc
 
 
-def meta_roles(cfg, family, train: torch.dtype, frozen: torch.dtype) -> dict:
-    """role -> module on the meta device, dtypes and sharing as :func:`flashdmd.training.roles.build_roles`."""
-    from flashdmd.training.roles import add_lora, copy_sharing_frozen, shares_base, trainable_parameters
-    teacher = family.denoiser
-    roles = {"teacher": teacher}
-    for role in ("student", "fake_score"):
-        if cfg.model_lora_rank > 0:
-            net = copy_sharing_frozen(teacher) if shares_base(cfg) else copy.deepcopy(teacher)
-            add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha)
-            for p in trainable_parameters(net):
-                p.data = p.data.to(train)
-        else:
-            net = copy.deepcopy(teacher).to(train).requires_grad_(True)
-        net.train()
-        if cfg.model_gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
-            net.enable_gradient_checkpointing()
-        roles[role] = net
-    roles["text_encoders"] = nn.ModuleList([e for e in family.text_encoders if e is not None])
-    roles["vae"] = family.vae
-    if cfg.model_gradient_checkpointing and hasattr(family.vae, "enable_gradient_checkpointing"):
-        family.vae.enable_gradient_checkpointing()
-    roles["disc"] = _meta_disc(cfg, family, roles["fake_score"], train, frozen)
-    if roles["disc"] is not None and cfg.model_gradient_checkpointing:
-        model = getattr(getattr(roles["disc"], "backbone", None), "model", None)
-        if hasattr(model, "gradient_checkpointing_enable"):
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def meta_roles(cfg, family) -> dict:
+    """role -> module on the meta device, built by :func:`flashdmd.training.roles.build_roles` itself (dtypes,
+    sharing, LoRA, gradient checkpointing as the run has them); the discriminator by :func:`_meta_disc`."""
+    from flashdmd.training.roles import build_roles
+    built = build_roles(dataclasses.replace(cfg, disc_kind="none"), family)
+    roles = {"teacher": built.teacher, "student": built.student, "fake_score": built.fake_score,
+             "text_encoders": nn.ModuleList([e for e in family.text_encoders if e is not None]), "vae": family.vae}
+    roles["disc"] = _meta_disc(cfg, family, built.fake_score)
     return roles
 
 
@@ -285,6 +266,15 @@ def _largest_trainable(module: nn.Module | None) -> int:
     return max(sizes, default=0)
 
 
+def adamw_state_bytes(module: nn.Module | None, device: str) -> int:
+    """AdamW's state: exp_avg and exp_avg_sq like each trainable tensor; its ``step`` is a float32 scalar tensor
+    on the CPU (not in device memory: neither capturable nor fused)."""
+    if module is None:
+        return 0
+    params = [p for p in module.parameters() if p.requires_grad]
+    return 2 * trainable_bytes(module) + (4 * len(params) if device == "cpu" else 0)
+
+
 def optimizer_step_bytes(module: nn.Module | None, device: str) -> int:
     """Temporaries of one AdamW step: the multi-tensor (foreach) path on CUDA makes about one trainable-sized
     temporary; the per-tensor path on the CPU one tensor's."""
@@ -314,15 +304,10 @@ def _trace_context(cfg, family, roles, timesteps, n_dm, resolution):
                           rng=SampleRNG(cfg.seed, 0, cfg.batch_size), resolution=resolution,
                           accelerator=SimpleNamespace(device=meta))
     shape = tuple(family.latent_shape(resolution, resolution))
-    ctx.real_latents = lambda n: torch.empty((n,) + shape, device=meta, dtype=family_dtype(family, roles))
-    ctx.randn = lambda s: torch.empty(tuple(s), device=meta, dtype=family_dtype(family, roles))
+    ctx.real_latents = lambda n: torch.empty((n,) + shape, device=meta, dtype=family.dtype)
+    ctx.randn = lambda s: torch.empty(tuple(s), device=meta, dtype=family.dtype)
     ctx.t = lambda k, n: torch.full((n,), float(timesteps[k]), device=meta)
     return ctx
-
-
-def family_dtype(family, roles) -> torch.dtype:
-    """The dtype of latents and losses: the trainable roles' (model_dtype)."""
-    return next(p for p in roles["student"].parameters() if p.requires_grad).dtype
 
 
 def _generator_phase(ctx, cond, uncond) -> list:
@@ -456,12 +441,11 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
     runtime = CUDA_RUNTIME_BYTES if s.device == "cuda" else _rss_bytes()
     t0 = time.time()
     train, frozen = dtypes(cfg, s.device)
-    family = meta_family(cfg.model_teacher, cfg.model_family, frozen)
+    family = meta_family(cfg.model_teacher, cfg.model_family, train, frozen)
     resolution = cfg.data_resolution or family.default_resolution
     family.check_resolution(resolution, resolution)
-    family.dtype = train  # latents and losses
     timesteps, n_dm = _student_steps(cfg, family)
-    roles = meta_roles(cfg, family, train, frozen)
+    roles = meta_roles(cfg, family)
     text_cache = bool(getattr(cfg, "model_text_cache", False))
     ctx = _trace_context(cfg, family, roles, timesteps, n_dm, resolution)
 
@@ -490,19 +474,19 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
     log(f"stage 1 traced in {time.time() - t0:.1f} s")
 
     weights = weights_by_role(roles)
-    optimizer = {r: 2 * trainable_bytes(m) for r, m in trainable.items()}
+    optimizer = {r: adamw_state_bytes(m, s.device) for r, m in trainable.items()}
     stage1 = _stage(weights, optimizer, phases, encode_peak, trainable)
 
     stage2 = None
     if cfg.rl_enabled:
         from flashdmd.training.roles import copy_sharing_frozen
         reference = copy_sharing_frozen(roles["student"]).requires_grad_(False).eval()
-        reward = _meta_reward(cfg, family, frozen)
+        reward = _meta_reward(cfg, family)
         roles2 = dict(roles, reference=reference, reward=reward)
         peak, grads, updated = trace_phase(_rl_phase, ctx, cond, reward, reference)
         _clear_grads(updated)
         weights2 = weights_by_role(roles2)
-        optimizer2 = dict(optimizer, rl=2 * trainable_bytes(roles["student"]))
+        optimizer2 = dict(optimizer, rl=adamw_state_bytes(roles["student"], s.device))
         phases2 = {"rl": {"traced_peak": peak, "gradients": grads,
                           "optimizer_step": optimizer_step_bytes(roles["student"], s.device), "roles": ("student",)}}
         stage2 = _stage(weights2, optimizer2, phases2, encode_peak, trainable)
@@ -537,11 +521,12 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
                     "disc_kind": cfg.disc_kind, "stage2": cfg.rl_enabled},
         "parameters": {r: sum(p.numel() for p in m.parameters()) for r, m in roles.items() if m is not None},
         "seconds": round(time.time() - t0, 1),
+        "detail": {"stage1": stage1, "stage2": stage2},  # strategy-independent counts per phase (single process)
     }
     return out
 
 
-def _meta_reward(cfg, family, frozen):
+def _meta_reward(cfg, family):
     """The Stage-2 LRM as the run loads it (its lrm.json decides whether the backbone is the teacher itself,
     a full copy or a LoRA copy), on the meta device."""
     from flashdmd.networks.reward import CONFIG_NAME, LatentRewardModel
