@@ -49,6 +49,8 @@ def _cmd_distill(args):
     from flashdmd.training.distill import dry_run, train
     cfg = DistillConfig.from_sources(args.config, args.set)
     print(cfg.to_yaml(), end="")
+    if not args.no_plan:
+        _print_plan(cfg)
     if args.dry_run:
         if args.resume:
             raise FlashDMDError("--dry-run checks a new run; it does not combine with --resume")
@@ -59,6 +61,25 @@ def _cmd_distill(args):
     summary = {k: round(last[k], 4) for k in result.get("higher_is_better", {}) if k in last}
     print(f"done: {result['generator_steps']} generator steps in {result['wall_seconds']:.0f} s; student in "
           f"{args.out}/student {summary if summary else ''}")
+
+
+def _print_plan(cfg) -> None:
+    """The memory plan's headline before the run loads anything (main process only). A plan that cannot be made
+    is reported in one line and the run goes on: setup's own checks give the precise error."""
+    import os
+
+    import torch
+    if int(os.environ.get("RANK", "0")) != 0:
+        return
+    from flashdmd.training import plan
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        result = plan.plan(cfg, plan.Settings(device=device, processes=processes))
+    except FlashDMDError as e:
+        print(f"memory plan: not available ({e})")
+        return
+    print(plan.headline(result), flush=True)
 
 
 def _cmd_plan(args):
@@ -176,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="continue from the newest intact checkpoint in --out, or from a checkpoint folder")
     dist.add_argument("--overwrite", action="store_true", help="replace a run already in --out: its checkpoints, "
                       "tensorboard, samples, metrics and student are removed once every check has passed")
+    dist.add_argument("--no-plan", action="store_true", help="skip the memory plan printed at start (flashdmd plan's "
+                      "headline: peak memory per device and whether it fits 24/48/80/141 GB cards)")
     dist.add_argument("--dry-run", action="store_true", help="check everything the run needs (teacher, data, "
                       "evaluation backends, Pixel-GAN backbone, reward model), build every role, run one Stage-1 "
                       "iteration (and one RL update with Stage 2) at batch 1, print what was checked; writes nothing")

@@ -100,7 +100,7 @@ class Env:
         return p
 
     def distill(self, *sets: str, config: Path | None = None, out: Path | None = None, extra=()) -> list[str]:
-        argv = ["distill", "--no-progress", "--out", str(out or self.out)]
+        argv = ["distill", "--no-progress", "--no-plan", "--out", str(out or self.out)]
         if config is not None:
             argv += ["--config", str(config)]
         for k, v in base_config(self.teacher).items():

@@ -68,9 +68,10 @@ def user_config(user, family: str, tmp: Path, **extra) -> Path:
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_user_folder_distill_report_sample_export(user, family, tmp_path):
+def test_user_folder_distill_report_sample_export(user, family, tmp_path, capsys):
     run, cfg = tmp_path / "run", user_config(user, family, tmp_path)
     assert main(["--threads", "1", "distill", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    assert "memory plan (single, 1 process(es), cpu): peak" in capsys.readouterr().out  # printed before the run
 
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["higher_is_better"] == {"clip_score": True}
@@ -110,20 +111,20 @@ def test_overwrite_removes_the_old_run_and_resume_continues_the_new_one(user, tm
                 disc_kind="none", eval_every_steps=0, sample_every_steps=1, checkpoint_every_steps=1,
                 checkpoint_keep_last=10, log_every_steps=1, batch_size=2, student_timesteps=[999, 499])
     old = write_config(tmp_path / "old.yaml", **base, max_steps=3, seed=1)
-    assert main(["distill", "--config", str(old), "--out", str(run), "--no-progress"]) == 0
+    assert main(["distill", "--no-plan", "--config", str(old), "--out", str(run), "--no-progress"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]
     (run / "notes.txt").write_text("mine")  # not the run's state: kept
 
     new = write_config(tmp_path / "new.yaml", **base, max_steps=1, seed=2)
-    assert main(["distill", "--config", str(new), "--out", str(run), "--no-progress"]) == 2  # refused without a flag
-    assert main(["distill", "--config", str(new), "--out", str(run), "--no-progress", "--overwrite"]) == 0
+    assert main(["distill", "--no-plan", "--config", str(new), "--out", str(run), "--no-progress"]) == 2  # refused without a flag
+    assert main(["distill", "--no-plan", "--config", str(new), "--out", str(run), "--no-progress", "--overwrite"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000001.png"]
     assert (run / "notes.txt").read_text() == "mine"
     assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 2
 
     longer = write_config(tmp_path / "longer.yaml", **base, max_steps=2, seed=2)
-    assert main(["distill", "--config", str(longer), "--out", str(run), "--no-progress", "--resume", "latest"]) == 0
+    assert main(["distill", "--no-plan", "--config", str(longer), "--out", str(run), "--no-progress", "--resume", "latest"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["generator_steps"] == 2 and [h["step"] for h in metrics["history"]][-1] == 2
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002"]
@@ -132,7 +133,7 @@ def test_overwrite_removes_the_old_run_and_resume_continues_the_new_one(user, tm
 def test_dry_run_checks_everything_and_writes_nothing(user, tmp_path, capsys):
     run = tmp_path / "run"
     cfg = user_config(user, "sdxl", tmp_path, rl_enabled=False)
-    assert main(["distill", "--config", str(cfg), "--out", str(run), "--dry-run"]) == 0
+    assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(run), "--dry-run"]) == 0
     out = capsys.readouterr().out
     for what in ("teacher:", "real images:", "evaluation: RealEvaluator (clip_score)", "stage 1:", "dry run passed"):
         assert what in out, out[-2000:]
@@ -147,7 +148,7 @@ def test_training_at_another_resolution(user, tmp_path):
                        data_prompts="captions", disc_kind="latent", data_resolution=48, eval_every_steps=0,
                        sample_every_steps=1, checkpoint_every_steps=0, batch_size=2, max_steps=1,
                        student_timesteps=[999, 499])
-    assert main(["distill", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
+    assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     assert json.loads((run / "run.json").read_text())["resolution"] == 48
     assert Image.open(run / "samples" / "step_000001.png").size[1] == 2 * (2 * (48 + 2) + 2)  # 2 rows, 2x scale
     from flashdmd.inference import load_model, sample_images
@@ -158,7 +159,7 @@ def test_stage2_on_a_users_teacher_without_a_reward_model_fails_at_start(user, t
     """The default rl_reward_model (the world's) fits only the world's teachers: the error comes before any
     training and says how to get one."""
     cfg = user_config(user, "sdxl", tmp_path, rl_enabled=True, checkpoint_every_steps=0)
-    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "flashdmd reward make-pairs" in err[0] and "flashdmd reward train" in err[0], err
     assert not (tmp_path / "run").exists()
@@ -170,7 +171,7 @@ def test_unreadable_images_fail_before_training(user, tmp_path, capsys):
     for i in range(3):
         (bad / f"{i}.png").write_bytes(b"not a png")
     cfg = user_config(user, "sdxl", tmp_path, data_real=str(bad), data_prompts=str(user["eval_prompts"]))
-    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "data_real" in err[0], err
     assert not (tmp_path / "run").exists()
@@ -185,7 +186,7 @@ def test_wandb_is_an_option_through_accelerate(user, tmp_path, monkeypatch, caps
     cfg = user_config(user, "sdxl", tmp_path, report_to=["tensorboard", "wandb"], disc_kind="none",
                       eval_every_steps=0, max_steps=1, log_every_steps=1)
     if importlib.util.find_spec("wandb") is None:
-        assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "none")]) == 2
+        assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "none")]) == 2
         assert "pip install wandb" in capsys.readouterr().err
     logged, inits = [], []
     run = types.SimpleNamespace(log=lambda values, step=None, **kw: logged.append((step, dict(values))),
@@ -198,7 +199,7 @@ def test_wandb_is_an_option_through_accelerate(user, tmp_path, monkeypatch, caps
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake.__spec__ if name == "wandb" else
                         _find_spec(name, *a))
-    assert main(["distill", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
+    assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
     assert inits[0]["project"] == "flashdmd" and inits[0]["name"] == "run" and inits[1]["max_steps"] == 1
     scalars = [values for step, values in logged if step == 1 and "loss/generator" in values]
     assert scalars and list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
@@ -210,7 +211,7 @@ _find_spec = __import__("importlib.util").util.find_spec
 def test_dry_run_with_stage2_on_the_world(tmp_path, capsys):
     """With Stage 2 the dry run also loads the reward model (checked against the teacher) and runs one RL update."""
     run = tmp_path / "run"
-    assert main(["distill", "--set", "rl_enabled=true", "--set", "disc_calibration_images=4", "--out", str(run),
+    assert main(["distill", "--no-plan", "--set", "rl_enabled=true", "--set", "disc_calibration_images=4", "--out", str(run),
                  "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "reward model:" in out and "lrm-sdxl" in out and "stage 2: one RL update" in out, out[-2000:]
