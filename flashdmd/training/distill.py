@@ -316,7 +316,9 @@ def _make_optimizers(ctx: Context):
 # steps
 
 def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) -> float:
-    """Backward, clip ``params`` jointly, step the optimiser(s) of ``roles``. A non-finite loss or gradient norm
+    """Backward, clip ``params`` jointly, step the optimiser(s) of ``roles``, then free every gradient (also those
+    the backward left on other roles: DMD2's generator loss reaches the fake score's weights), so that no phase
+    carries the previous phase's gradients (what `flashdmd plan` assumes). A non-finite loss or gradient norm
     skips the update with a warning; after ``max_nonfinite_in_row`` in a row for this role the run stops with a
     clear error."""
     from flashdmd.training.parallel import clip_grad_norm_
@@ -327,19 +329,21 @@ def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) 
     ctx.accelerator.backward(loss)
     norm = clip_grad_norm_(params, ctx.cfg.optim_grad_clip)
     if not (torch.isfinite(loss) and torch.isfinite(norm)):
-        for r in roles:
-            ctx.opt[r].zero_grad(set_to_none=True)
         n = ctx.nonfinite[role] = ctx.nonfinite.get(role, 0) + 1
         what = "loss" if not torch.isfinite(loss) else "gradient"
         warnings.warn(f"{role}: non-finite {what} at step {ctx.global_step}; update skipped ({n} in a row)", stacklevel=2)
         if n >= ctx.cfg.max_nonfinite_in_row:
             raise FlashDMDError(f"{role}: {n} non-finite updates in a row at step {ctx.global_step}; lower the learning "
                                 f"rates or check the data (last good checkpoint: {ctx.last_checkpoint or 'none'})")
+        for opt in ctx.opt.values():
+            opt.zero_grad(set_to_none=True)
         return float("nan")
     ctx.nonfinite[role] = 0
     for r in roles:
         ctx.opt[r].step()
         ctx.sched[r].step()
+    for opt in ctx.opt.values():
+        opt.zero_grad(set_to_none=True)
     return float(norm)
 
 

@@ -1,0 +1,126 @@
+"""The VRAM table of BENCHMARKS.md section 9, made by `flashdmd plan` (issue 15, item 5).
+
+For each row: the real-checkpoint preset (configs/sdxl_flashdmd.yaml, sdxl_dmd2.yaml, sd3_flashdmd.yaml) pointed at a
+config-only full-size folder (benchmarks/fullsize.py: SDXL-base, SD3-medium with T5-XXL, SAM ViT-B; no weights are
+written or read), at 1024 px, batch 1 and 4 per device, LoRA rank 64 or a full fine-tune, planned for CUDA
+(model_frozen_dtype auto -> bf16 frozen parts, fp32 trainable weights and AdamW) on one GPU and over 8 with DDP
+and FSDP2. Writes benchmarks/results/vram_table.json and prints the markdown table.
+
+    python benchmarks/vram_table.py [--work /tmp/flashdmd-vram] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+GiB = 2 ** 30
+CARDS = (24, 48, 80, 141)
+
+# (label, family, preset, method overrides)
+ROWS = [
+    ("SDXL Flash-DMD full", "sdxl", "sdxl_flashdmd.yaml", {"model_lora_rank": 0}),
+    ("SDXL Flash-DMD LoRA 64", "sdxl", "sdxl_flashdmd.yaml", {"model_lora_rank": 64}),
+    ("SDXL DMD2 full", "sdxl", "sdxl_dmd2.yaml", {"model_lora_rank": 0}),
+    ("SDXL DMD2 LoRA 64", "sdxl", "sdxl_dmd2.yaml", {"model_lora_rank": 64}),
+    ("SD3-medium Flash-DMD LoRA 64", "sd3", "sd3_flashdmd.yaml", {"model_lora_rank": 64}),
+    ("SD3-medium Flash-DMD LoRA 64, text cache", "sd3", "sd3_flashdmd.yaml",
+     {"model_lora_rank": 64, "model_text_cache": True, "data_prompts": "{prompts}"}),
+    ("SD3-medium DMD2 LoRA 64", "sd3", "sdxl_dmd2.yaml",
+     {"model_lora_rank": 64, "student_timesteps": [1000, 900, 750, 500], "dm_guidance_scale": 7.0}),
+]
+
+
+def folders(work: Path) -> dict:
+    import fullsize
+    out = {"sdxl": work / "sdxl", "sd3": work / "sd3-medium", "sam": work / "sam-vit-base",
+           "prompts": work / "prompts.txt"}
+    if not (out["sdxl"] / "model_index.json").is_file():
+        fullsize.write_sdxl(out["sdxl"], weights=False)
+    if not (out["sd3"] / "model_index.json").is_file():
+        fullsize.write_sd3_medium(out["sd3"], weights=False, t5=True)
+    if not (out["sam"] / "config.json").is_file():
+        fullsize.write_sam_vit_base(out["sam"])
+    out["prompts"].write_text("a photo of a cat\n")
+    return out
+
+
+def config(row, paths: dict, batch: int):
+    from flashdmd.training.config import DistillConfig
+    _, family, preset, extra = row
+    sets = {"model_teacher": str(paths[family]), "disc_backbone_path": str(paths["sam"]), "data_resolution": 1024,
+            "batch_size": batch, "eval_prompts": None, "eval_clip_model": None, "eval_every_steps": 0}
+    for k, v in extra.items():
+        sets[k] = v.format(prompts=paths["prompts"]) if isinstance(v, str) else v
+    overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" if v is not None else f"{k}=null"
+                 for k, v in sets.items()]
+    return DistillConfig.from_sources(HERE.parent / "configs" / preset, overrides)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", default="/tmp/flashdmd-vram")
+    ap.add_argument("--batches", default="1,4")
+    ap.add_argument("--out", default=str(HERE / "results" / "vram_table.json"))
+    args = ap.parse_args()
+    from flashdmd.training import plan as P
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    paths = folders(work)
+    out = Path(args.out)
+    results = json.loads(out.read_text())["rows"] if out.is_file() else []
+    done = {(r["row"], r["batch"]) for r in results}
+    commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True).stdout.strip()
+    for row in ROWS:
+        for batch in (int(b) for b in args.batches.split(",")):
+            if (row[0], batch) in done:
+                continue
+            t0 = time.time()
+            result = P.plan(config(row, paths, batch), P.Settings(device="cuda", processes=8))
+            entry = {"row": row[0], "batch": batch, "seconds": round(time.time() - t0, 1),
+                     "setting": result["setting"], "parameters": result["parameters"]}
+            for name, strat in result["strategies"].items():
+                split = strat["split"]
+                entry[name] = {"peak_gib": round(strat["peak_bytes_per_device"] / GiB, 2),
+                               "peak_phase": strat["peak_phase"],
+                               "weights_gib": round(sum(v.get("weights", 0) for v in split.values()) / GiB, 2),
+                               "gradients_gib": round(sum(v.get("gradients", 0) for v in split.values()) / GiB, 2),
+                               "optimizer_gib": round(sum(v.get("optimizer", 0) for v in split.values()) / GiB, 2),
+                               "activations_gib": round(sum(v.get("activations", 0) for v in split.values()) / GiB, 2)}
+            results.append(entry)
+            print(f"{row[0]}, batch {batch}: one GPU {entry['single']['peak_gib']} GiB, FSDP2x8 "
+                  f"{entry['fsdp2']['peak_gib']} GiB ({entry['seconds']} s)", flush=True)
+            tmp = out.with_name(out.name + ".tmp")
+            tmp.write_text(json.dumps({"commit": commit, "resolution": 1024, "device": "cuda (planned)",
+                                       "rows": results}, indent=1) + "\n")
+            tmp.replace(out)
+    print(markdown(results))
+
+
+def fits(gib: float) -> str:
+    ok = [str(c) for c in CARDS if gib <= c]
+    return ok[0] + "+" if ok else "none"
+
+
+def markdown(results: list) -> str:
+    lines = ["| run (1024 px) | batch/GPU | one GPU: peak GiB (weights / grads / AdamW / act.) | smallest card | "
+             "DDP x8 | FSDP2 x8 | smallest card (FSDP2) |", "|---|---|---|---|---|---|---|"]
+    for r in results:
+        s = r["single"]
+        lines.append(f"| {r['row']} | {r['batch']} | {s['peak_gib']:.1f} ({s['weights_gib']:.1f} / "
+                     f"{s['gradients_gib']:.1f} / {s['optimizer_gib']:.1f} / {s['activations_gib']:.1f}) | "
+                     f"{fits(s['peak_gib'])} GB | {r['ddp']['peak_gib']:.1f} | {r['fsdp2']['peak_gib']:.1f} | "
+                     f"{fits(r['fsdp2']['peak_gib'])} GB |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
