@@ -170,3 +170,26 @@ def test_frozen_dtype_and_shared_base_change_the_plan_as_they_change_the_run(fol
     assert copies["student"] > 10 * shared["student"]  # a whole base per role against adapters only
     bf16 = P.plan(_cfg(folders, "sdxl", "dmd2", **lora), P.Settings(device="cuda"))["detail"]["stage1"]["weights"]
     assert bf16["teacher"] * 2 == shared["teacher"] and bf16["vae"] * 2 == shared["vae"]
+
+
+def test_stage2_plan_matches_a_real_rl_update():
+    """Stage 2 on the world teacher (its shipped LRM): reference and reward-model weights, the RL optimiser's state
+    and the RL update's traced peak against the real update's."""
+    from flashdmd.training.stage2 import rl_step, setup_stage2
+    cfg = DistillConfig(model_teacher="world-sdxl", batch_size=2, rl_enabled=True, eval_every_steps=0,
+                        sample_every_steps=0, checkpoint_every_steps=0, disc_calibration_images=4)
+    planned = P.plan(cfg, P.Settings(device="cpu"))["detail"]["stage2"]
+    ctx = setup(cfg)
+    setup_stage2(ctx)
+    cond = _encode(ctx, ctx.prompts.sample(cfg.batch_size, ctx.rng))
+    rl_step(ctx, cond)  # AdamW state
+    roles = {"teacher": ctx.teacher, "student": ctx.student, "fake_score": ctx.fake_score,
+             "text_encoders": torch.nn.ModuleList(ctx.family.text_encoders), "vae": ctx.family.vae, "disc": ctx.disc,
+             "reference": ctx.reference, "reward": ctx.reward}
+    assert planned["weights"] == P.weights_by_role(roles)
+    assert planned["optimizer"]["rl"] == _optimizer_bytes(ctx.opt["rl"])
+    ctx.rng.shared_randrange = lambda n: 0  # the plan traces the first RL step index
+    with P.LiveBytes("cpu") as tr:
+        rl_step(ctx, cond)
+    traced = planned["phases"]["rl"]["traced_peak"]
+    assert abs(traced - tr.peak) <= 0.15 * tr.peak, (traced, tr.peak)
