@@ -163,13 +163,14 @@ def test_fsdp_shards_a_full_fine_tune(folders):
 
 
 def test_frozen_dtype_and_shared_base_change_the_plan_as_they_change_the_run(folders):
-    lora = dict(model_lora_rank=2, batch_size=1)
-    shared = P.plan(_cfg(folders, "sdxl", "dmd2", **lora), P.Settings(device="cpu"))["detail"]["stage1"]["weights"]
-    copies = P.plan(_cfg(folders, "sdxl", "dmd2", model_shared_base=False, **lora),
-                    P.Settings(device="cpu"))["detail"]["stage1"]["weights"]
+    def weights(device="cpu", **kw):  # the plan's exact counts, without its traces
+        cfg = _cfg(folders, "sdxl", "dmd2", model_lora_rank=2, batch_size=1, **kw)
+        train, frozen = P.dtypes(cfg, device)
+        return P.weights_by_role(P.meta_roles(cfg, P.meta_family(cfg.model_teacher, None, train, frozen)))
+    shared, copies, bf16 = weights(), weights(model_shared_base=False), weights("cuda")
     assert copies["student"] > 10 * shared["student"]  # a whole base per role against adapters only
-    bf16 = P.plan(_cfg(folders, "sdxl", "dmd2", **lora), P.Settings(device="cuda"))["detail"]["stage1"]["weights"]
     assert bf16["teacher"] * 2 == shared["teacher"] and bf16["vae"] * 2 == shared["vae"]
+    assert bf16["student"] == shared["student"]  # the adapters stay in model_dtype
 
 
 def test_stage2_plan_matches_a_real_rl_update():
