@@ -94,7 +94,8 @@ def main() -> None:
                                "weights_gib": round(sum(v.get("weights", 0) for v in split.values()) / GiB, 2),
                                "gradients_gib": round(sum(v.get("gradients", 0) for v in split.values()) / GiB, 2),
                                "optimizer_gib": round(sum(v.get("optimizer", 0) for v in split.values()) / GiB, 2),
-                               "activations_gib": round(sum(v.get("activations", 0) for v in split.values()) / GiB, 2)}
+                               "activations_gib": round(sum(v.get("activations", 0) for v in split.values()) / GiB, 2),
+                               "other_gib": round(sum(v.get("other", 0) for v in split.values()) / GiB, 2)}
             results.append(entry)
             print(f"{row[0]}, batch {batch}: one GPU {entry['single']['peak_gib']} GiB, FSDP2x8 "
                   f"{entry['fsdp2']['peak_gib']} GiB ({entry['seconds']} s)", flush=True)
@@ -111,12 +112,13 @@ def fits(gib: float) -> str:
 
 
 def markdown(results: list) -> str:
-    lines = ["| run (1024 px) | batch/GPU | one GPU: peak GiB (weights / grads / AdamW / act.) | smallest card | "
+    lines = ["| run (1024 px) | batch/GPU | one GPU: peak GiB (weights / grads / AdamW / act. / other) | smallest card | "
              "DDP x8 | FSDP2 x8 | smallest card (FSDP2) |", "|---|---|---|---|---|---|---|"]
     for r in results:
         s = r["single"]
         lines.append(f"| {r['row']} | {r['batch']} | {s['peak_gib']:.1f} ({s['weights_gib']:.1f} / "
-                     f"{s['gradients_gib']:.1f} / {s['optimizer_gib']:.1f} / {s['activations_gib']:.1f}) | "
+                     f"{s['gradients_gib']:.1f} / {s['optimizer_gib']:.1f} / {s['activations_gib']:.1f} / "
+                     f"{s['other_gib']:.1f}) | "
                      f"{fits(s['peak_gib'])} GB | {r['ddp']['peak_gib']:.1f} | {r['fsdp2']['peak_gib']:.1f} | "
                      f"{fits(r['fsdp2']['peak_gib'])} GB |")
     return "\n".join(lines)

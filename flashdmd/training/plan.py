@@ -602,8 +602,12 @@ def _per_device(stage1, stage2, roles, trainable, strategy, n, runtime) -> dict:
             split["student"]["optimizer"] += optimizer["rl"]
         owner = p["roles"][0] if p["roles"][0] in split else "student"
         split[owner]["gradients"] = grads
-        split[owner]["activations"] = phases[worst] - sum(weights.values()) - sum(optimizer.values()) - extra - \
-            runtime - grads
+        transient = phases[worst] - sum(weights.values()) - sum(optimizer.values()) - extra - runtime - grads
+        act = max(p["traced_peak"] - p["gradients"], 0)
+        if act >= transient:  # the traced forward / backward decides the phase's peak
+            split[owner]["activations"] = transient
+        else:  # the optimiser step's temporaries (or the text encoders' forward) do
+            split["transient"] = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "other": transient}
         split["runtime"] = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "other": runtime + extra}
         out["stages"][label] = {"peak_bytes": phases[worst], "peak_phase": worst, "per_phase": phases,
                                 "split": split, "note": note}
@@ -617,7 +621,8 @@ def _per_device(stage1, stage2, roles, trainable, strategy, n, runtime) -> dict:
 def headline(result: dict) -> str:
     """One line for `distill`'s start and `plan`'s output."""
     split = result["split"]
-    parts = {k: sum(v[k] for v in split.values() if k in v) for k in ("weights", "gradients", "optimizer", "activations")}
+    parts = {k: sum(v[k] for v in split.values() if k in v)
+             for k in ("weights", "gradients", "optimizer", "activations", "other")}
     fits = ""
     if result.get("fits") is not None:
         fits = f"; fits {result['device_memory_bytes'] / GiB:.0f} GiB: {'yes' if result['fits'] else 'NO'}"
@@ -625,7 +630,8 @@ def headline(result: dict) -> str:
     return (f"memory plan ({result['strategy']}, {result['processes']} process(es), {result['device']}): peak "
             f"{result['peak_bytes_per_device'] / GiB:.1f} GiB per device at {result['peak_phase']} -- weights "
             f"{parts['weights'] / GiB:.1f}, gradients {parts['gradients'] / GiB:.1f}, optimiser "
-            f"{parts['optimizer'] / GiB:.1f}, activations {parts['activations'] / GiB:.1f} GiB{fits}; fits cards "
+            f"{parts['optimizer'] / GiB:.1f}, activations {parts['activations'] / GiB:.1f}, runtime and temporaries "
+            f"{parts['other'] / GiB:.1f} GiB{fits}; fits cards "
             f"of {', '.join(cards) + ' GB' if cards else 'none of 24/48/80/141 GB'}")
 
 
