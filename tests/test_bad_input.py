@@ -257,6 +257,12 @@ def config_missing_file(e):
 
 
 @case
+def config_yaml_boolean_for_a_string(e):
+    cfg = e.file("c.yaml", "model_mixed_precision: no\n")  # YAML 1.1: `no` is false (--set keeps the text)
+    return Case(e.distill(config=cfg), r'model_mixed_precision must be a string, got False .*quote the value', [cfg, e.out])
+
+
+@case
 def set_without_equals(e):
     return Case(e.distill("batch_size"), r"--set 'batch_size': expected key=value", [e.out])
 

@@ -194,3 +194,9 @@ def test_stage2_plan_matches_a_real_rl_update():
         rl_step(ctx, cond)
     traced = planned["phases"]["rl"]["traced_peak"]
     assert abs(traced - tr.peak) <= 0.15 * tr.peak, (traced, tr.peak)
+
+
+def test_set_keeps_the_text_of_a_string_field_that_yaml_reads_as_a_boolean():
+    assert DistillConfig.from_sources(None, ["model_mixed_precision=no"]).model_mixed_precision == "no"
+    with pytest.raises(FlashDMDError, match="must be true or false"):
+        DistillConfig.from_sources(None, ["model_shared_base=maybe"])

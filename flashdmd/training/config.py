@@ -286,10 +286,18 @@ class DistillConfig:
                 raise FlashDMDError(f"--set {item!r}: expected key=value")
             k, v = item.split("=", 1)
             try:
-                raw[k.strip()] = yaml.safe_load(v)
+                value = yaml.safe_load(v)
             except yaml.YAMLError:
                 raise FlashDMDError(f"--set {item!r}: value is not valid YAML") from None
+            if isinstance(value, bool) and k.strip() in _STRING_FIELDS:  # YAML 1.1 reads no / off / yes as booleans
+                value = v.strip()
+            raw[k.strip()] = value
         return cls(**_coerce_all(cls, raw))
+
+
+_STRING_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)
+                  if str in (typing.get_args(typing.get_type_hints(DistillConfig)[f.name]) or
+                             (typing.get_type_hints(DistillConfig)[f.name],))}
 
 
 def _load_yaml(path: Path) -> dict:
@@ -351,6 +359,9 @@ def _coerce(name, value, tp):
             raise FlashDMDError(f"config: {name} must be a finite number, got {value!r}")
         return float(value)
     if tp is str:
+        if isinstance(value, bool):
+            raise FlashDMDError(f"config: {name} must be a string, got {value!r} (YAML reads no / yes / on / off as "
+                                f"booleans: quote the value, e.g. {name}: \"no\")")
         if not isinstance(value, str):
             raise FlashDMDError(f"config: {name} must be a string, got {value!r}")
         return value
