@@ -107,7 +107,8 @@ def main() -> None:
 
 
 def fits(gib: float) -> str:
-    ok = [str(c) for c in CARDS if gib <= c]
+    from flashdmd.training.plan import FIT_HEADROOM
+    ok = [str(c) for c in CARDS if gib <= FIT_HEADROOM * c]
     return ok[0] + "+" if ok else "none"
 
 
