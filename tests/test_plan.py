@@ -20,23 +20,16 @@ from flashdmd.training.distill import _encode, discriminator_step, distill_itera
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
-    return {"sdxl": tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl"),
-            "sd3": tm.save_pipeline(tm.sd3_pipeline(tmp), tmp / "sd3"),
-            "sam": tm.sam_vision_folder(tmp / "sam")}
+    return tm.run_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def _cfg(folders, family, method, **kw):
-    base = dict(model_teacher=str(folders[family]), batch_size=4, max_steps=3, eval_every_steps=0,
-                sample_every_steps=0, checkpoint_every_steps=0, seed=0, data_real="world",
-                model_gradient_checkpointing=True)
+    base = dict(batch_size=4, data_real="world", model_gradient_checkpointing=True, max_steps=3)
     if method == "flashdmd":
-        base.update(method="flashdmd", disc_kind="pixel", disc_backbone="sam", disc_backbone_path=str(folders["sam"]),
-                    fake_score_ttur=1)
+        base["fake_score_ema"] = 0.95  # the default
     else:
-        base.update(method="dmd2", disc_kind="latent", disc_loss="ns", fake_score_ttur=1, fake_score_ema=0.0)
-    base.update(kw)
-    return DistillConfig(**base)
+        base.update(disc_gen_weight=0.05, disc_weight=1.0)  # the defaults (memory does not depend on them)
+    return tm.run_config(folders, family, method, **{**base, **kw})
 
 
 class _Sink:

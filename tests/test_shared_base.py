@@ -10,31 +10,19 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 
-from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.training.distill import setup, train  # noqa: E402
 from flashdmd.training.roles import copy_sharing_frozen  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("tiny")
-    return {"sdxl": tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl"),
-            "sd3": tm.save_pipeline(tm.sd3_pipeline(tmp), tmp / "sd3"),
-            "sam": tm.sam_vision_folder(tmp / "sam")}
+    return tm.run_folders(tmp_path_factory.mktemp("tiny"))
 
 
 def _cfg(folders, family, method, **kw):
-    base = dict(model_teacher=str(folders[family]), batch_size=2, max_steps=3, eval_every_steps=0,
-                sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1, seed=0, model_lora_rank=2,
-                student_timesteps=[999, 499] if family == "sdxl" else None)
-    if method == "flashdmd":
-        base.update(method="flashdmd", disc_kind="pixel", disc_backbone="sam", disc_backbone_path=str(folders["sam"]),
-                    fake_score_ttur=1, fake_score_ema=0.9)
-    else:
-        base.update(method="dmd2", disc_kind="latent", disc_loss="ns", fake_score_ttur=2, fake_score_ema=0.0,
-                    disc_gen_weight=5e-3, disc_weight=1e-2)
-    base.update(kw)
-    return DistillConfig(**base)
+    base = dict(model_lora_rank=2, student_timesteps=[999, 499] if family == "sdxl" else None,
+                **({"fake_score_ttur": 2} if method == "dmd2" else {}))
+    return tm.run_config(folders, family, method, **{**base, **kw})
 
 
 def _storages(*modules) -> dict:

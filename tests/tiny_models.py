@@ -229,3 +229,26 @@ def sam_vision_folder(path: Path, seed: int = 0) -> Path:
                                    patch_size=8, output_channels=8, mlp_dim=32, global_attn_indexes=[1],
                                    window_size=2, initializer_range=0.02)).save_pretrained(path)
     return Path(path)
+
+
+def run_folders(tmp: Path) -> dict:
+    """{"sdxl", "sd3", "sam"} -> the tiny SDXL and SD3 pipeline folders and a tiny SAM (the runs' teachers and
+    Pixel-GAN backbone)."""
+    return {"sdxl": save_pipeline(sdxl_pipeline(tmp), tmp / "sdxl"), "sd3": save_pipeline(sd3_pipeline(tmp), tmp / "sd3"),
+            "sam": sam_vision_folder(tmp / "sam")}
+
+
+def run_config(folders: dict, family: str, method: str, **kw):
+    """A short distill config on a tiny teacher: Flash-DMD with the SAM pixel discriminator, or DMD2 with its latent
+    classifier (DMD2's GAN weights), TTUR 1, no evaluation, samples or checkpoints; ``kw`` overrides any field."""
+    from flashdmd.training.config import DistillConfig
+    base = dict(model_teacher=str(folders[family]), batch_size=2, max_steps=3, eval_every_steps=0,
+                sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1, seed=0)
+    if method == "flashdmd":
+        base.update(method="flashdmd", disc_kind="pixel", disc_backbone="sam", disc_backbone_path=str(folders["sam"]),
+                    fake_score_ttur=1, fake_score_ema=0.9)
+    else:
+        base.update(method="dmd2", disc_kind="latent", disc_loss="ns", fake_score_ttur=1, fake_score_ema=0.0,
+                    disc_gen_weight=5e-3, disc_weight=1e-2)
+    base.update(kw)
+    return DistillConfig(**base)
