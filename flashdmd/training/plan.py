@@ -364,7 +364,7 @@ def _disc_phase(ctx, cond) -> list:
 def _rl_phase(ctx, cond, reward, reference) -> list:
     """rl_step of flashdmd.training.stage2 at its first RL step index, then the backward."""
     from flashdmd.losses import lcm_step_log_prob, step_dpo_loss
-    from flashdmd.training.stage2 import _repeat, candidates, pick_pair
+    from flashdmd.training.stage2 import _repeat, candidates
     cfg, fam = ctx.cfg, ctx.family
     b = len(cond)
     k = cfg.rl_step_indices[0]
@@ -375,7 +375,8 @@ def _rl_phase(ctx, cond, reward, reference) -> list:
         x0 = fam.predict(ctx.student, x_t, t, cond)[0]
         cands, t_next = candidates(ctx, x0, k, n)
         scores = reward.score(cands.flatten(0, 1), t_next.repeat(n), _repeat(cond, n)).reshape(n, b)
-        x_w, x_l = (c.detach() for c in pick_pair_shapes(scores, cands, pick_pair))
+        del scores  # argmax has no values on meta tensors: any two candidates are the pair's shapes
+        x_w, x_l = cands[0], cands[1]
         x0_ref = fam.predict(reference, x_t, t, cond)[0]
     x0_pol = fam.predict(ctx.student, x_t, t, cond)[0]
     a, s = fam.schedule.alpha_sigma(t_next)
@@ -383,13 +384,6 @@ def _rl_phase(ctx, cond, reward, reference) -> list:
                   lcm_step_log_prob(x_l, x0_pol, a, s), lcm_step_log_prob(x_l, x0_ref, a, s),
                   cfg.rl_beta, cfg.rl_ratio_clip).mean().backward()
     return [ctx.student]
-
-
-def pick_pair_shapes(scores, cands, pick_pair):
-    """pick_pair on meta tensors (argmax has no values there: the winner and loser are any two candidates)."""
-    if scores.device.type == "meta":
-        return cands[0], cands[1]
-    return pick_pair(scores, cands)
 
 
 def trace_phase(fn, *args) -> tuple[int, int, list]:
@@ -478,7 +472,7 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
 
     weights = weights_by_role(roles)
     optimizer = {r: adamw_state_bytes(m, s.device) for r, m in trainable.items()}
-    stage1 = _stage(weights, optimizer, phases, encode_peak, trainable)
+    stage1 = _stage(weights, optimizer, phases, encode_peak)
 
     stage2 = None
     if cfg.rl_enabled:
@@ -492,7 +486,7 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
         optimizer2 = dict(optimizer, rl=adamw_state_bytes(roles["student"], s.device))
         phases2 = {"rl": {"traced_peak": peak, "gradients": grads,
                           "optimizer_step": optimizer_step_bytes(roles["student"], s.device), "roles": ("student",)}}
-        stage2 = _stage(weights2, optimizer2, phases2, encode_peak, trainable)
+        stage2 = _stage(weights2, optimizer2, phases2, encode_peak)
         log(f"stage 2 traced in {time.time() - t0:.1f} s")
 
     strategies = {"single": _per_device(stage1, stage2, roles, trainable, "single", 1, runtime)}
@@ -548,14 +542,10 @@ def _meta_reward(cfg, family):
     return model.requires_grad_(False).eval()
 
 
-def _stage(weights, optimizer, phases, encode_peak, trainable) -> dict:
-    """Per phase: persistent (weights + optimiser states) + traced peak + optimiser-step temporaries."""
-    persistent = sum(weights.values()) + sum(optimizer.values())
-    per_phase = {n: persistent + max(p["traced_peak"], p["gradients"] + p["optimizer_step"], encode_peak)
-                 for n, p in phases.items()}
-    worst = max(per_phase, key=per_phase.get)
-    return {"weights": weights, "optimizer": optimizer, "phases": phases, "per_phase": per_phase,
-            "peak_phase": worst, "peak": per_phase[worst], "encode_peak": encode_peak}
+def _stage(weights, optimizer, phases, encode_peak) -> dict:
+    """One stage's strategy-independent counts: weights by role, AdamW states by optimiser, each phase's traced
+    peak / gradients / optimiser-step temporaries, the text encoders' forward (:func:`_per_device` combines them)."""
+    return {"weights": weights, "optimizer": optimizer, "phases": phases, "encode_peak": encode_peak}
 
 
 def _fsdp_transient(module: nn.Module | None) -> int:
