@@ -218,25 +218,32 @@ def build_pixel_discriminator(backbone: str, path: str | None = None, layers: Se
 
 
 class LatentClassifierHead(nn.Module):
-    """DMD2's classifier on the fake score's bottleneck features (B, C, h, w) -> one logit (B, 1).
+    """DMD2's classifier (``cls_pred_branch`` of DMD2's main/sd_guidance.py) on the fake score's bottleneck features
+    (B, C, h, w) -> one logit (B, 1):
 
-    DMD2 (SDXL, 32x32 bottleneck): [Conv4x4 s2 -> GN -> SiLU] x3, Conv4x4 s4 -> GN -> SiLU, Conv1x1.
-    Here the downsampling convs are applied while the map is larger than 1x1, then a global mean, so the
-    same head fits any bottleneck size (4x4 in the embedded world)."""
+        [Conv4x4 s2 p1 -> GroupNorm(32) -> SiLU] x n,  Conv4x4 s4 -> GroupNorm(32) -> SiLU,  Conv1x1 -> 1
 
-    def __init__(self, in_channels: int, hidden: int | None = None):
+    with C channels throughout. ``side`` is the bottleneck's side at the training resolution; n halvings bring it
+    to 4x4 (at most 3): DMD2's SDXL head is n = 3 for its 32x32 bottleneck at 1024 px (104.9 M parameters on 1280
+    channels), its SD1.5 head n = 1 for 8x8. A map that is not 4x4 after them (a side that is not 4 x 2^n; the
+    embedded world's 4x4 bottleneck needs none) is average-pooled to 4x4 before the stride-4 block."""
+
+    def __init__(self, in_channels: int, side: int = 32):
         super().__init__()
-        hidden = hidden or in_channels
-        groups = 32 if hidden % 32 == 0 else (8 if hidden % 8 == 0 else 1)
-        self.blocks = nn.ModuleList([
-            nn.Sequential(nn.Conv2d(in_channels if i == 0 else hidden, hidden, 4, stride=2, padding=1),
-                          nn.GroupNorm(groups, hidden), nn.SiLU()) for i in range(3)])
-        self.out = nn.Conv2d(hidden, 1, 1)
+        c = in_channels
+        groups = 32 if c % 32 == 0 else (8 if c % 8 == 0 else 1)
+        n, s = 0, side
+        while s > 4 and n < 3:
+            n, s = n + 1, (s + 1) // 2
+
+        def block(k: int, stride: int, pad: int):
+            return nn.Sequential(nn.Conv2d(c, c, k, stride=stride, padding=pad), nn.GroupNorm(groups, c), nn.SiLU())
+        self.down = nn.Sequential(*[block(4, 2, 1) for _ in range(n)])
+        self.last = block(4, 4, 0)
+        self.out = nn.Conv2d(c, 1, 1)
 
     def forward(self, f: Tensor) -> Tensor:
-        f = f.to(self.out.weight.dtype)  # a lower-precision (frozen-dtype) fake-score base gives its features
-        for blk in self.blocks:
-            if min(f.shape[-2:]) < 2:
-                break
-            f = blk(f)
-        return self.out(f).mean(dim=(2, 3))
+        f = self.down(f.to(self.out.weight.dtype))  # a lower-precision (frozen-dtype) fake-score base gives its features
+        if tuple(f.shape[-2:]) != (4, 4):
+            f = F.adaptive_avg_pool2d(f, 4)
+        return self.out(self.last(f)).flatten(1)

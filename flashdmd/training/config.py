@@ -134,7 +134,10 @@ class DistillConfig:
     optim_betas: list[float] = _f([0.0, 0.999], "AdamW betas for all roles (DMD2 code: 0.9, 0.999; beta1 = 0 is "
                                   "common in GAN/DMD ports and is our default)")
     optim_weight_decay: float = _f(0.01, "AdamW weight decay (DMD2: 0.01)")
-    optim_warmup_steps: int = _f(0, "linear warm-up of every learning rate, in optimiser steps (DMD2: 500)")
+    optim_warmup_steps: int = _f(0, "linear warm-up of the Stage-1 learning rates as DMD2 counts it: the schedule "
+                                 "advances once per iteration and process, also on iterations where TTUR skips the "
+                                 "generator, from lr 0 at the first update (DMD2: 500, stepped by accelerate 64 times "
+                                 "an iteration on its 64 GPUs, so about 8 iterations)")
     optim_grad_clip: float = _f(10.0, "max gradient norm per role (DMD2: 10)")
 
     # ---- Stage 2: joint reinforcement learning -----------------------------------------------------------

@@ -81,7 +81,23 @@ EVAL_BACKENDS = ("eval_clip_model", "eval_pickscore_model", "eval_hpsv2_model", 
                  "eval_fid_inception", "eval_fid_ref")
 
 def _warmup(warmup: int):
-    return lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+    """DMD2's ``constant_with_warmup`` (diffusers' get_scheduler): factor step / warmup below ``warmup``, then 1 -- so
+    DMD2's first update runs at lr 0. Stepped per iteration and process (:func:`step_schedulers`)."""
+    return lambda step: min(1.0, step / warmup) if warmup > 0 else 1.0
+
+
+STAGE1_SCHEDULERS = ("generator", "fake_score", "disc")
+
+
+def step_schedulers(ctx) -> None:
+    """After every Stage-1 iteration, each Stage-1 learning-rate schedule advances once per process, whether or not
+    its role updated this iteration: DMD2 steps its generator and guidance schedulers every iteration (also when
+    TTUR skips the generator) and accelerate's prepared scheduler steps ``num_processes`` times per call, so DMD2's
+    500 warm-up steps on 64 GPUs last about 8 iterations."""
+    for name in STAGE1_SCHEDULERS:
+        if name in ctx.sched:
+            for _ in range(ctx.accelerator.num_processes):
+                ctx.sched[name].step()
 
 
 def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context:
@@ -341,7 +357,6 @@ def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) 
     ctx.nonfinite[role] = 0
     for r in roles:
         ctx.opt[r].step()
-        ctx.sched[r].step()
     for opt in ctx.opt.values():
         opt.zero_grad(set_to_none=True)
     return float(norm)
@@ -458,6 +473,7 @@ def distill_iteration(ctx: Context, writer) -> bool:
         if cfg.disc_kind == "pixel":
             logs.update(discriminator_step(ctx, out["x0_disc"]))
     writer.accumulate(logs)
+    step_schedulers(ctx)
     ctx.iteration += 1
     if gen_now:
         ctx.generator_steps += 1

@@ -198,10 +198,10 @@ def _meta_disc(cfg, family, fake_score):
         return None
     if cfg.disc_kind == "latent":
         from flashdmd.networks.discriminator import LatentClassifierHead
-        from flashdmd.training.roles import bottleneck_channels
-        channels = bottleneck_channels(family, fake_score)
+        from flashdmd.training.roles import bottleneck
+        shape = bottleneck(family, fake_score, cfg.data_resolution or family.default_resolution)
         with torch.device("meta"):
-            head = LatentClassifierHead(channels)
+            head = LatentClassifierHead(*shape)
         return head.to(family.dtype)
     from flashdmd.networks.discriminator import PixelDiscriminator, SamBackbone
     if cfg.disc_backbone == "sam":

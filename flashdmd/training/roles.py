@@ -140,16 +140,18 @@ def _new_disc(cfg, family, fake_score) -> nn.Module | None:
         return build_pixel_discriminator(cfg.disc_backbone, cfg.disc_backbone_path, head_channels=cfg.disc_head_channels,
                                          head=cfg.disc_head)
     from flashdmd.networks.discriminator import LatentClassifierHead
-    return LatentClassifierHead(bottleneck_channels(family, fake_score))
+    return LatentClassifierHead(*bottleneck(family, fake_score, cfg.data_resolution or family.default_resolution))
 
 
 @torch.no_grad()
-def bottleneck_channels(family, net) -> int:
-    """Channels of the deepest feature tap (the UNet mid block; the last transformer block)."""
-    res = family.default_resolution
+def bottleneck(family, net, resolution: int | None = None) -> tuple[int, int]:
+    """(channels, smaller side) of the deepest feature tap (the UNet mid block; the last transformer block) at
+    ``resolution`` pixels (default: the teacher's): what DMD2's latent classifier head is sized for."""
+    res = resolution or family.default_resolution
     x = torch.zeros((1,) + tuple(family.latent_shape(res, res)), device=family.device)
     t = torch.full((1,), float(family.default_student_timesteps[0]), device=family.device)
-    return int(family.features(net, x, t, family.null_conditioning(1))[-1].shape[1])
+    f = family.features(net, x, t, family.null_conditioning(1))[-1]
+    return int(f.shape[1]), int(min(f.shape[-2:]))
 
 
 @torch.no_grad()

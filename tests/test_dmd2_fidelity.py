@@ -1,0 +1,67 @@
+"""The DMD2 baseline against DMD2's own code (tianweiy/DMD2, main/sd_guidance.py and main/train_sd.py): the latent
+classifier's layers and parameter count on SDXL's bottleneck, and the warm-up that DMD2's schedulers follow."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models as tm  # noqa: E402
+
+from flashdmd.networks.discriminator import LatentClassifierHead  # noqa: E402
+from flashdmd.training.distill import distill_iteration, setup  # noqa: E402
+
+
+def test_latent_head_is_dmd2s_cls_pred_branch_on_sdxl():
+    head = LatentClassifierHead(1280, side=32)  # SDXL's bottleneck at 1024 px
+    convs = [m for m in head.modules() if isinstance(m, nn.Conv2d)]
+    # [Conv4x4 s2 p1 -> GN -> SiLU] x 3, Conv4x4 s4 p0 -> GN -> SiLU, Conv1x1 -> 1
+    assert [(c.kernel_size, c.stride, c.padding, c.in_channels, c.out_channels) for c in convs] == \
+        [((4, 4), (2, 2), (1, 1), 1280, 1280)] * 3 + [((4, 4), (4, 4), (0, 0), 1280, 1280), ((1, 1), (1, 1), (0, 0), 1280, 1)]
+    norms = [m for m in head.modules() if isinstance(m, nn.GroupNorm)]
+    assert len(norms) == 4 and all(n.num_groups == 32 and n.num_channels == 1280 for n in norms)
+    assert sum(isinstance(m, nn.SiLU) for m in head.modules()) == 4
+    # 4 x (1280*1280*16 + 1280) + 4 x 2*1280 + (1280 + 1): DMD2's 104.9 M
+    assert sum(p.numel() for p in head.parameters()) == 104_874_241
+    assert len(LatentClassifierHead(1280, side=8).down) == 1  # DMD2's SD1.5 head (8x8)
+
+
+def test_latent_head_follows_dmd2s_shapes_and_takes_other_sizes():
+    seen = []
+
+    def record(head):
+        return [m.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape[-2:])))
+                for m in [*head.down, head.last]]
+    head = LatentClassifierHead(64, side=32)
+    record(head)
+    assert head(torch.randn(2, 64, 32, 32)).shape == (2, 1)  # 32 -> 16 -> 8 -> 4 -> 1
+    assert seen == [(16, 16), (8, 8), (4, 4), (1, 1)]
+    seen.clear()
+    world = LatentClassifierHead(64, side=4)  # the embedded world's bottleneck: straight to the stride-4 block
+    record(world)
+    assert len(world.down) == 0 and world(torch.randn(2, 64, 4, 4)).shape == (2, 1) and seen == [(1, 1)]
+    assert LatentClassifierHead(64, side=6)(torch.randn(1, 64, 6, 6)).shape == (1, 1)  # 6 -> 3, pooled to 4
+
+
+@pytest.mark.parametrize("ttur", [1, 3])
+def test_warmup_counts_iterations_and_starts_at_zero_as_dmd2(tmp_path, ttur):
+    folders = tm.run_folders(tmp_path)
+    cfg = tm.run_config(folders, "sdxl", "dmd2", optim_warmup_steps=4, fake_score_ttur=ttur, student_timesteps=[999])
+    ctx = setup(cfg)
+
+    class Sink:
+        def accumulate(self, logs):
+            pass
+
+        def bookkeeping(self, ctx):
+            pass
+    lrs = []
+    for _ in range(6):
+        lrs.append((ctx.opt["generator"].param_groups[0]["lr"], ctx.opt["fake_score"].param_groups[0]["lr"]))
+        distill_iteration(ctx, Sink())
+    # diffusers' constant_with_warmup: step / warmup, advanced every iteration (also when TTUR skips the generator)
+    expected = [min(1.0, i / 4) for i in range(6)]
+    assert [g for g, _ in lrs] == pytest.approx([e * cfg.generator_lr for e in expected])
+    assert [f for _, f in lrs] == pytest.approx([e * cfg.fake_score_lr for e in expected])
