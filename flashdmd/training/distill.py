@@ -344,22 +344,22 @@ def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) 
         ctx.opt[r].zero_grad(set_to_none=True)
     ctx.accelerator.backward(loss)
     norm = clip_grad_norm_(params, ctx.cfg.optim_grad_clip)
-    if not (torch.isfinite(loss) and torch.isfinite(norm)):
-        n = ctx.nonfinite[role] = ctx.nonfinite.get(role, 0) + 1
-        what = "loss" if not torch.isfinite(loss) else "gradient"
-        warnings.warn(f"{role}: non-finite {what} at step {ctx.global_step}; update skipped ({n} in a row)", stacklevel=2)
-        if n >= ctx.cfg.max_nonfinite_in_row:
-            raise FlashDMDError(f"{role}: {n} non-finite updates in a row at step {ctx.global_step}; lower the learning "
-                                f"rates or check the data (last good checkpoint: {ctx.last_checkpoint or 'none'})")
-        for opt in ctx.opt.values():
-            opt.zero_grad(set_to_none=True)
-        return float("nan")
-    ctx.nonfinite[role] = 0
-    for r in roles:
-        ctx.opt[r].step()
+    finite = bool(torch.isfinite(loss) and torch.isfinite(norm))
+    if finite:
+        for r in roles:
+            ctx.opt[r].step()
     for opt in ctx.opt.values():
         opt.zero_grad(set_to_none=True)
-    return float(norm)
+    if finite:
+        ctx.nonfinite[role] = 0
+        return float(norm)
+    n = ctx.nonfinite[role] = ctx.nonfinite.get(role, 0) + 1
+    what = "loss" if not torch.isfinite(loss) else "gradient"
+    warnings.warn(f"{role}: non-finite {what} at step {ctx.global_step}; update skipped ({n} in a row)", stacklevel=2)
+    if n >= ctx.cfg.max_nonfinite_in_row:
+        raise FlashDMDError(f"{role}: {n} non-finite updates in a row at step {ctx.global_step}; lower the learning "
+                            f"rates or check the data (last good checkpoint: {ctx.last_checkpoint or 'none'})")
+    return float("nan")
 
 
 def _encode(ctx: Context, prompts: list[str]):

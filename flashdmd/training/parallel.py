@@ -208,7 +208,7 @@ def replica(ctx, module: nn.Module, all_ranks: bool = False) -> nn.Module | None
     from flashdmd.training.roles import add_lora, copy_sharing_frozen, shares_base
     net = copy_sharing_frozen(ctx.teacher) if shares_base(ctx.cfg) else copy.deepcopy(ctx.teacher)
     if ctx.cfg.model_lora_rank > 0:
-        add_lora(net, ctx.cfg.model_lora_rank, ctx.cfg.model_lora_alpha)
+        add_lora(net, ctx.cfg.model_lora_rank, ctx.cfg.model_lora_alpha, ctx.family.dtype)
     if shares_base(ctx.cfg):  # the base is the teacher's own tensors: load only the adapters
         trainable = {n for n, p in net.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}

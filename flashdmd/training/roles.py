@@ -27,19 +27,15 @@ class Roles:
     disc: nn.Module | None     # PixelDiscriminator | LatentClassifierHead | None
 
 
-ADAPTER_DTYPE = "_flashdmd_adapter_dtype"  # set on the teacher by build_roles; copies of it carry it along
-
-
 def add_lora(net: nn.Module, rank: int, alpha: float | None, dtype: torch.dtype | None = None):
-    """LoRA adapters on ``net``'s attention projections, in ``dtype`` (default: the dtype :func:`build_roles`
-    recorded on the teacher that ``net`` was copied from, else peft's choice, the base layer's dtype). peft
+    """LoRA adapters on ``net``'s attention projections, in ``dtype`` (the model dtype; None: peft's choice, the base
+    layer's dtype). peft
     creates them in the base's dtype; with a lower-precision frozen base they are cast up to the model dtype here
     (the gaussian init is then rounded once to the base's precision; lora_B starts at zero either way)."""
     from peft import LoraConfig
     net.requires_grad_(False)
     net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                target_modules=LORA_TARGETS))
-    dtype = dtype or getattr(net, ADAPTER_DTYPE, None)
     if dtype is not None:
         for p in net.parameters():
             if p.requires_grad and p.dtype != dtype:
@@ -84,8 +80,6 @@ def build_roles(cfg, family) -> Roles:
     teacher = family.denoiser
     teacher.requires_grad_(False).eval()
     lora = cfg.model_lora_rank > 0
-    if lora:
-        setattr(teacher, ADAPTER_DTYPE, family.dtype)  # also reaches replicas built from the teacher (parallel.py)
     if not lora and family.frozen_dtype != family.dtype:
         student = family.load_denoiser(family.dtype)
         fake_score = copy.deepcopy(student)
