@@ -65,3 +65,47 @@ def test_warmup_counts_iterations_and_starts_at_zero_as_dmd2(tmp_path, ttur):
     expected = [min(1.0, i / 4) for i in range(6)]
     assert [g for g, _ in lrs] == pytest.approx([e * cfg.generator_lr for e in expected])
     assert [f for _, f in lrs] == pytest.approx([e * cfg.fake_score_lr for e in expected])
+
+
+def test_dm_loss_range_is_inclusive_as_dmd2s_randint():
+    from flashdmd.diffusion.schedules import FlowSchedule, VPSchedule
+    vp = VPSchedule()
+    # DMD2: min_step = int(0.02 * 1000), max_step = int(0.98 * 1000), randint(min_step, max_step + 1)
+    u = torch.linspace(0, 1, 100_001)[:-1]  # every bucket of U[0, 1)
+    t = vp.timesteps_from_uniform(u, 0.02, 0.98, inclusive=True)
+    assert int(t.min()) == 20 and int(t.max()) == 980 and len(t.unique()) == 961
+    counts = torch.bincount(t - 20).float()
+    assert counts.max() - counts.min() <= 1  # uniform over 20..980
+    assert int(vp.timesteps_from_uniform(u, 0.02, 0.98).max()) == 979  # the exclusive draw other uses keep
+    # full-range draws stay 0..999 either way
+    for inclusive in (False, True):
+        full = vp.timesteps_from_uniform(u, 0.0, 1.0, inclusive=inclusive)
+        assert int(full.min()) == 0 and int(full.max()) == 999 and len(full.unique()) == 1000
+    # flow teachers: shifted (the teacher's training distribution) or uniform sigma (FastGen)
+    fl = FlowSchedule(shift=3.0)
+    shifted = fl.timesteps_from_uniform(u, 0.02, 0.98) / 1000
+    plain = fl.timesteps_from_uniform(u, 0.02, 0.98, shifted=False) / 1000
+    assert float((plain > 0.5).float().mean()) == pytest.approx(0.5, abs=1e-3)
+    # shift3(s) > 0.5 <=> s > 0.25: (0.98 - 0.25) / 0.96 of U[0.02, 0.98]
+    assert float((shifted > 0.5).float().mean()) == pytest.approx(0.73 / 0.96, abs=1e-3)
+
+
+@pytest.mark.parametrize("family,shifted,top", [("sdxl", True, 980), ("sd3", True, 1000 * 3 * 0.98 / (1 + 2 * 0.98)),
+                                                 ("sd3", False, 980)])
+def test_dm_loss_draws_the_configured_range(tmp_path, monkeypatch, family, shifted, top):
+    """dm_loss_at noises the student's x0 at the timestep the configured range gives for u -> 1."""
+    from flashdmd.training import steps
+    folders = tm.run_folders(tmp_path)
+    method = "dmd2" if family == "sdxl" else "flashdmd"
+    cfg = tm.run_config(folders, family, method, dm_t_shifted=shifted)
+    ctx = setup(cfg)
+    monkeypatch.setattr(ctx.rng, "rand", lambda n, device=None: torch.full((n,), 1.0 - 1e-7))
+    seen = []
+    real_add_noise = ctx.family.schedule.add_noise
+    monkeypatch.setattr(type(ctx.family.schedule), "add_noise",
+                        lambda self, x0, noise, t: (seen.append(t.float()), real_add_noise(x0, noise, t))[1])
+    r = ctx.resolution
+    x0 = torch.randn(2, *ctx.family.latent_shape(r, r))
+    cond, uncond = ctx.family.encode_prompts(["a", "b"], r, r), ctx.family.null_conditioning(2, r, r)
+    steps.dm_loss_at(ctx, x0, cond, uncond)
+    assert float(seen[0][0]) == pytest.approx(top, abs=1e-3)

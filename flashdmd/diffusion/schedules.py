@@ -78,10 +78,14 @@ class VPSchedule:
         """Uniform integer timesteps in [lo*T, hi*T) -- DMD2 uses lo=0.02, hi=0.98 for the DM loss."""
         return self.timesteps_from_uniform(torch.rand((n,), generator=generator, device=device), lo, hi)
 
-    def timesteps_from_uniform(self, u: Tensor, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-        """Map u ~ U[0, 1) to a uniform integer timestep in [lo*T, hi*T)."""
+    def timesteps_from_uniform(self, u: Tensor, lo: float = 0.0, hi: float = 1.0, inclusive: bool = False,
+                               shifted: bool = True) -> Tensor:
+        """Map u ~ U[0, 1) to a uniform integer timestep in [lo*T, hi*T), or [lo*T, hi*T] with ``inclusive``
+        (DMD2's DM loss: ``randint(min_step, max_step + 1)``, so 0.02..0.98 gives 20..980). The upper end never
+        passes T - 1, so the full range (0, 1) is 0..T-1 either way. ``shifted`` is for flow schedules only."""
         a = int(lo * self.num_train_timesteps)
-        b = max(a + 1, int(hi * self.num_train_timesteps))
+        b = max(a + 1, int(hi * self.num_train_timesteps) + (1 if inclusive else 0))
+        b = min(b, self.num_train_timesteps)
         return (a + (u * (b - a)).floor()).clamp(a, b - 1).long()
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
@@ -130,9 +134,13 @@ class FlowSchedule:
         """Draw u ~ U[lo, hi) and return the shifted model timestep 1000*shift(u)."""
         return self.timesteps_from_uniform(torch.rand((n,), generator=generator, device=device), lo, hi)
 
-    def timesteps_from_uniform(self, u: Tensor, lo: float = 0.0, hi: float = 1.0) -> Tensor:
-        """Map u ~ U[0, 1) to the shifted model timestep 1000*shift(lo + (hi - lo) u)."""
-        return self.shifted_timesteps(lo + (hi - lo) * u)
+    def timesteps_from_uniform(self, u: Tensor, lo: float = 0.0, hi: float = 1.0, inclusive: bool = False,
+                               shifted: bool = True) -> Tensor:
+        """Map u ~ U[0, 1) to the shifted model timestep 1000*shift(lo + (hi - lo) u), or with ``shifted=False``
+        to 1000*(lo + (hi - lo) u), sigma uniform (FastGen's draw for flow teachers). ``inclusive`` changes
+        nothing here: the draw is continuous."""
+        s = lo + (hi - lo) * torch.as_tensor(u, dtype=torch.float32)
+        return self.shifted_timesteps(s) if shifted else s * self.num_train_timesteps
 
     def add_noise(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         a, s = self.alpha_sigma(torch.as_tensor(t, device=x0.device))

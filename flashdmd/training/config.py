@@ -93,7 +93,12 @@ class DistillConfig:
     dm_guidance_scale: float = _f(8.0, "teacher CFG in the DM loss, form uncond + w*(cond-uncond). DMD2 SDXL: 8; "
                                   "the paper does not state its value")
     dm_t_min: float = _f(0.02, "lower end of the DM-loss noise level, as a fraction of the range (DMD2: 0.02)")
-    dm_t_max: float = _f(0.98, "upper end of the DM-loss noise level (DMD2: 0.98)")
+    dm_t_max: float = _f(0.98, "upper end of the DM-loss noise level, inclusive as in DMD2's randint(min_step, "
+                              "max_step + 1): 0.02..0.98 draws integer timesteps 20..980 on a 1000-step VP schedule")
+    dm_t_shifted: bool = _f(True, "flow teachers only: draw the DM-loss sigma as the teacher's shift applied to "
+                            "U[dm_t_min, dm_t_max] (its training distribution; with SD3's shift 3, 75 % of draws lie "
+                            "above sigma 0.5), or false: sigma uniform in [dm_t_min, dm_t_max] (FastGen's draw for "
+                            "its flow teachers). No effect on VP teachers")
     dm_weight: float = _f(1.0, "weight of the DM loss in the generator objective")
 
     # ---- fake score -------------------------------------------------------------------------------------

@@ -45,11 +45,12 @@ def finish_to_clean(ctx, x0: Tensor, k: int, cond) -> Tensor:
 
 
 def dm_loss_at(ctx, x0: Tensor, cond, uncond) -> Tensor:
-    """Per-sample DM loss of the student's x0 (with graph): noise it at t ~ U[dm_t_min, dm_t_max] and
+    """Per-sample DM loss of the student's x0 (with graph): noise it at t ~ U[dm_t_min, dm_t_max] (inclusive) and
     compare the teacher with CFG against the fake score without CFG (both no grad)."""
     fam, cfg = ctx.family, ctx.cfg
     b = x0.shape[0]
-    t = fam.schedule.timesteps_from_uniform(ctx.rng.rand(b, x0.device), cfg.dm_t_min, cfg.dm_t_max)
+    t = fam.schedule.timesteps_from_uniform(ctx.rng.rand(b, x0.device), cfg.dm_t_min, cfg.dm_t_max, inclusive=True,
+                                            shifted=cfg.dm_t_shifted)
     noise = ctx.rng.randn_like(x0)
     x_t = fam.schedule.add_noise(x0.detach(), noise, t)
     with torch.no_grad():
