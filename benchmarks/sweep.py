@@ -1,0 +1,183 @@
+"""What decides Flash-DMD's convergence: a one-factor-at-a-time sweep around a base setting (issue 16, item 2).
+
+Each row is one `flashdmd distill` run from the family's Flash-DMD preset plus the base overrides plus the row's
+own, evaluated every --eval-every generator steps (FD / alignment / diversity, N = --num-images, the fixed
+held-out prompt set). Rows whose folder already holds metrics.json are read, not rerun, so an interrupted sweep
+resumes row by row; two invocations with disjoint --rows can share one --out (two lanes on two cores).
+
+    .venv/bin/python benchmarks/sweep.py --family sdxl --steps 200 --rows base glr_2x flr_2x \\
+        --out benchmarks/runs/sweep_sdxl
+    .venv/bin/python benchmarks/sweep.py --family sdxl --no-run --out benchmarks/runs/sweep_sdxl \\
+        --target-run benchmarks/runs/convergence_sdxl_v16/dmd2
+
+Rows are ROW_OVERRIDES' keys; a row runs at --seed (folder OUT/<row>/seed<N>). The base is the best setting
+measured before the sweep (BENCHMARKS.md section 3: TTUR 2 with the pooled Pixel-GAN head, width 256, lr 1e-3).
+The screen score of a run is the mean FD of its last three evaluations (one evaluation moves by +-2-3 at
+N = 300; the mean of three by less); best FD and the first evaluation at or below a target (DMD2's best, read
+from --target-run's metrics.json) are reported too, and compute = generator updates x seconds per generator
+update of the row's TTUR (benchmarks/results/step_cost_<family>.json, measured in one process).
+
+Writes OUT/summary.json (atomically; every run found under OUT) and, with --plot, a figure of every curve.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from common import add_run_args, parse  # noqa: E402
+
+BASE = {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256, "disc_lr": 1e-3}
+ROW_OVERRIDES = {
+    "base": {},
+    # learning rates (presets: generator 5e-5, fake score 2e-4, heads 1e-3 in the base)
+    "glr_2x": {"generator_lr": 1e-4},
+    "glr_half": {"generator_lr": 2.5e-5},
+    "flr_2x": {"fake_score_lr": 4e-4},
+    "lr_2x": {"generator_lr": 1e-4, "fake_score_lr": 4e-4},
+    "dlr_3e-4": {"disc_lr": 3e-4},
+    "dlr_3e-3": {"disc_lr": 3e-3},
+    # the fake score's EMA pull toward the student (fake <- lam fake + (1 - lam) student after each generator step)
+    "pull_0.99": {"fake_score_ema": 0.99},
+    "pull_0.9999": {"fake_score_ema": 0.9999},
+    "pull_off": {"fake_score_ema": 0.0},
+    # fake-score updates per generator update
+    "ttur_1": {"fake_score_ttur": 1},
+    "ttur_3": {"fake_score_ttur": 3},
+    # the generator's GAN weight (preset 0.05)
+    "gan_0.02": {"disc_gen_weight": 0.02},
+    "gan_0.15": {"disc_gen_weight": 0.15},
+    # the DM loss's noise range (DMD2: 0.02..0.98) and, for flow teachers, shifted or uniform sigma
+    "dm_t_min_0.2": {"dm_t_min": 0.2},
+    "dm_t_max_0.8": {"dm_t_max": 0.8},
+    "dm_unshifted": {"dm_t_shifted": False},
+    # the paper's patch heads (its Pixel-GAN as far as stated), at the preset's head lr
+    "patch": {"disc_head": "patch", "disc_head_channels": 64, "disc_lr": 1e-4},
+}
+
+
+def ttur_of(row: str) -> int:
+    return {**BASE, **ROW_OVERRIDES[row]}["fake_score_ttur"]
+
+
+def run(row: str, seed: int, a, out: Path) -> dict:
+    from flashdmd.training.config import DistillConfig
+    from flashdmd.training.distill import train
+    folder = out / row / f"seed{seed}"
+    if (folder / "metrics.json").is_file():
+        print(f"{row} seed {seed}: already done", flush=True)
+        return json.loads((folder / "metrics.json").read_text())
+    preset = ROOT / "configs" / f"world_{a.family}_flashdmd.yaml"
+    sets = [f"{k}={v}" for k, v in {**BASE, **ROW_OVERRIDES[row]}.items()] + [
+        f"max_steps={a.steps}", f"eval_every_steps={a.eval_every}", f"eval_num_images={a.num_images}",
+        f"batch_size={a.batch}", f"seed={seed}", "sample_every_steps=0", f"checkpoint_every_steps={a.steps}",
+        "rl_enabled=false"] + list(a.set)
+    cfg = DistillConfig.from_sources(str(preset), sets)
+    print(f"{row} seed {seed}: {preset.name} {' '.join(sets)}", flush=True)
+    t0 = time.time()
+    result = train(cfg, folder, progress=not a.no_progress, overwrite=True)
+    print(f"{row} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
+    return result
+
+
+def seconds_per_update(family: str) -> dict:
+    path = ROOT / "benchmarks" / "results" / f"step_cost_{family}.json"
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text())["rows"]
+    return {int(v["ttur"]): v["seconds_per_generator_update"] for k, v in rows.items() if k.startswith("flash_ttur")}
+
+
+def summarise_run(metrics: dict, batch: int, target: float | None, per_update: float | None) -> dict:
+    ev = [e for e in metrics["evals"] if e["generator_steps"] > 0]
+    last = ev[-3:]
+    best = min(ev, key=lambda e: e["fd"])
+    reach = next((e["generator_steps"] for e in ev if target is not None and e["fd"] <= target), None)
+    return {"steps": ev[-1]["generator_steps"], "last3_mean_fd": sum(e["fd"] for e in last) / len(last),
+            "best_fd": best["fd"], "best_at_steps": best["generator_steps"], "final_fd": ev[-1]["fd"],
+            "final_alignment": ev[-1]["alignment"], "steps_to_target": reach,
+            "compute_to_target_s": None if reach is None or per_update is None else reach * per_update,
+            "curve": [(e["generator_steps"], round(e["fd"], 3), round(e["alignment"], 3)) for e in metrics["evals"]]}
+
+
+def summarise(out: Path, a) -> dict:
+    target = None
+    if a.target_run:
+        t_ev = [e for e in json.loads((Path(a.target_run) / "metrics.json").read_text())["evals"]
+                if e["generator_steps"] > 0]
+        target = min(e["fd"] for e in t_ev)
+    cost = seconds_per_update(a.family)
+    runs = {}
+    for m in sorted(out.glob("*/seed*/metrics.json")):
+        row, seed = m.parent.parent.name, m.parent.name
+        if row not in ROW_OVERRIDES:
+            continue
+        runs.setdefault(row, {})[seed] = summarise_run(json.loads(m.read_text()), a.batch, target,
+                                                       cost.get(ttur_of(row)))
+    summary = {"family": a.family, "base": BASE, "target_fd": target, "target_run": a.target_run,
+               "rows": {r: {"overrides": ROW_OVERRIDES[r], "seeds": s,
+                            "last3_mean_fd_mean": sum(v["last3_mean_fd"] for v in s.values()) / len(s)}
+                        for r, s in runs.items()}}
+    tmp = out / "summary.json.tmp"
+    tmp.write_text(json.dumps(summary, indent=2))
+    tmp.replace(out / "summary.json")
+    for r, s in sorted(summary["rows"].items(), key=lambda kv: kv[1]["last3_mean_fd_mean"]):
+        for seed, v in s["seeds"].items():
+            print(f"{r:14s} {seed}: last-3 mean {v['last3_mean_fd']:6.2f}  best {v['best_fd']:6.2f} "
+                  f"@{v['best_at_steps']}  final {v['final_fd']:6.2f}  to target: {v['steps_to_target']}", flush=True)
+    return summary
+
+
+def plot(summary: dict, path: Path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(9, 5))
+    for i, (r, s) in enumerate(summary["rows"].items()):
+        for j, (seed, v) in enumerate(s["seeds"].items()):
+            c = v["curve"]
+            ax.plot([p[0] for p in c], [p[1] for p in c], color=f"C{i % 10}", ls=["-", "--", ":"][j % 3],
+                    label=f"{r} {seed}")
+    if summary["target_fd"] is not None:
+        ax.axhline(summary["target_fd"], color="grey", ls=":", lw=1)
+    ax.set(xlabel="generator steps", ylabel="FD (lower is better)", ylim=(5, 30),
+           title=f"world-{summary['family']}: Flash-DMD sweep around {summary['base']}")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl")
+    p.add_argument("--rows", nargs="+", default=[], choices=list(ROW_OVERRIDES))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=25)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--target-run", help="a DMD2 run folder: its best FD is the target")
+    p.add_argument("--plot", help="write a figure of every curve here")
+    p.add_argument("--no-run", action="store_true", help="only summarise the runs under --out")
+    add_run_args(p)
+    a = parse(p)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if not a.no_run:
+        for row in a.rows:
+            for seed in a.seeds:
+                run(row, seed, a, out)
+    summary = summarise(out, a)
+    if a.plot:
+        plot(summary, Path(a.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
