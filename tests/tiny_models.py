@@ -220,14 +220,14 @@ def random_fid_inception(path: Path, seed: int = 0) -> Path:
     return path
 
 
-def sam_vision_folder(path: Path, seed: int = 0) -> Path:
+def sam_vision_folder(path: Path, seed: int = 0, initializer_range: float = 0.02) -> Path:
     """A tiny random SamVisionModel (hidden 16, 2 layers, 32 px input, patch 8, 8 output channels) saved with
     save_pretrained: a Pixel-GAN backbone folder for ``disc_backbone: sam``."""
     from transformers import SamVisionConfig, SamVisionModel
     torch.manual_seed(seed)
     SamVisionModel(SamVisionConfig(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, image_size=32,
                                    patch_size=8, output_channels=8, mlp_dim=32, global_attn_indexes=[1],
-                                   window_size=2, initializer_range=0.02)).save_pretrained(path)
+                                   window_size=2, initializer_range=initializer_range)).save_pretrained(path)
     return Path(path)
 
 

@@ -133,6 +133,12 @@ class DistillConfig:
                         "TTUR 2 reaches DMD2's best FD on world-sdxl, BENCHMARKS.md section 3)")
     disc_calibration_images: int = _f(256, "pooled heads: real images (evenly spaced through data_real, the same on "
                                       "every process) whose pooled features fix the heads' standardisation")
+    disc_stall_band: float = _f(0.2, "Pixel-GAN stall warning: the band around 0 that D(real) - D(fake) (mean logits, "
+                                "per logged interval) stays inside when the discriminator is not learning. On the "
+                                "world the paper's patch heads stayed within +-0.15 for 450 steps (BENCHMARKS.md "
+                                "section 3) while the pooled head sits at 0.3-0.9")
+    disc_stall_logs: int = _f(10, "warn once when D(real) - D(fake) has stayed inside disc_stall_band for this many "
+                              "logged intervals in a row (log_every_steps apart); 0: never")
 
     # ---- generator optimisation -------------------------------------------------------------------------
     generator_lr: float = _f(2e-5, "student learning rate (DMD2 SDXL: 5e-7 full / 5e-5 LoRA at batch 128)")
@@ -244,6 +250,7 @@ class DistillConfig:
         need(self.disc_loss in ("hinge", "ns"), "disc_loss must be hinge or ns")
         need(self.disc_head in ("patch", "pooled"), "disc_head must be patch or pooled")
         need(self.disc_calibration_images >= 2, "disc_calibration_images must be >= 2")
+        need(self.disc_stall_band >= 0 and self.disc_stall_logs >= 0, "disc_stall_band and disc_stall_logs must be >= 0")
         need(len(self.optim_betas) == 2 and all(0 <= b < 1 for b in self.optim_betas), "optim_betas: two numbers in [0, 1)")
         for name in ("fake_score_lr", "disc_lr", "generator_lr"):
             need(getattr(self, name) > 0, f"{name} must be > 0")

@@ -83,6 +83,7 @@ class RunWriter:
         self.stage2_baseline: dict | None = None
         self.stage2_start_step: int | None = None
         self.warnings: list[str] = []
+        self.disc_flat_logs = 0       # logged intervals in a row with D(real) - D(fake) inside disc_stall_band
         self.last_eval_step: int | None = None
         self.higher_is_better = dict(getattr(ctx.evaluator, "higher_is_better", {}) or {})
         self.t0 = time.time()
@@ -117,11 +118,30 @@ class RunWriter:
             means["data/images_read"], means["data/bad_images"] = stats["reads"], stats["bad_files"]
         if "rl/lrm_score" in means:
             self.lrm_scores.append(means["rl/lrm_score"])
+        self.watch_disc(means, s)
         if self.main:
             self._log_scalars(means, s)
             self.history.append({"step": s, "stage": ctx.stage, "generator_steps": ctx.generator_steps,
                                  "rl_steps": ctx.rl_steps, **means})
         self.sums, self.counts = {}, {}
+
+    def watch_disc(self, means: dict, step: int):
+        """Warn once when the Pixel-GAN is not learning: its mean D(real) - D(fake) has stayed inside
+        +-disc_stall_band for disc_stall_logs logged intervals in a row."""
+        n, band = self.cfg.disc_stall_logs, self.cfg.disc_stall_band
+        if not n or "disc/D_real" not in means or "disc/D_fake" not in means:
+            return
+        gap = means["disc/D_real"] - means["disc/D_fake"]
+        self.disc_flat_logs = self.disc_flat_logs + 1 if abs(gap) < band else 0
+        if self.disc_flat_logs != n:
+            return
+        msg = (f"the Pixel-GAN is not learning: D(real) - D(fake) has stayed within +-{band:g} for {n} logged "
+               f"intervals (to step {step}); likely causes: heads too weak for the frozen backbone's features (the "
+               f"paper's patch heads; try disc_head: pooled), disc_lr too low, or a degenerate backbone (random or "
+               f"wrongly loaded weights: transformers' SamVisionConfig initialises with initializer_range 1e-10)")
+        self.warnings.append(msg)
+        import warnings
+        warnings.warn(msg, stacklevel=2)
 
     def _log_scalars(self, values: dict, step: int):
         for tracker in self.trackers:
@@ -238,7 +258,7 @@ class RunWriter:
     def state_dict(self) -> dict:
         return {"history": self.history, "evals": self.evals, "lrm_scores": self.lrm_scores,
                 "stage2_baseline": self.stage2_baseline, "stage2_start_step": self.stage2_start_step,
-                "warnings": self.warnings,
+                "warnings": self.warnings, "disc_flat_logs": self.disc_flat_logs,
                 "elapsed": time.time() - self.t0, "sums": self.sums, "counts": self.counts,
                 "last_eval_step": self.last_eval_step}
 
@@ -246,6 +266,7 @@ class RunWriter:
         self.history, self.evals, self.lrm_scores = s["history"], s["evals"], s["lrm_scores"]
         self.stage2_baseline, self.warnings = s["stage2_baseline"], s["warnings"]
         self.stage2_start_step = s.get("stage2_start_step")
+        self.disc_flat_logs = s.get("disc_flat_logs", 0)
         self.sums, self.counts = s["sums"], s["counts"]
         self.last_eval_step = s.get("last_eval_step")
         self.t0 = time.time() - s["elapsed"]
