@@ -241,6 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="the main job: distil the embedded teacher and write a report")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    demo.add_argument("--seed", type=int, default=0,
+                      help="training seed (default 0; the evaluation noise is the same for every seed, so runs of "
+                           "seeds 0, 1, 2 show the spread of training alone)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset field")
     demo.set_defaults(func=_cmd_demo)
     return p
