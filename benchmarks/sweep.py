@@ -40,6 +40,11 @@ ROW_OVERRIDES = {
     "glr_half": {"generator_lr": 2.5e-5},
     "flr_2x": {"fake_score_lr": 4e-4},
     "lr_2x": {"generator_lr": 1e-4, "fake_score_lr": 4e-4},
+    "flr_4x": {"fake_score_lr": 8e-4},
+    # second round: combinations around the first round's best factor (fake-score lr 4e-4)
+    "flr_2x_ttur_1": {"fake_score_lr": 4e-4, "fake_score_ttur": 1},
+    "flr_4x_ttur_1": {"fake_score_lr": 8e-4, "fake_score_ttur": 1},
+    "flr_2x_glr_half": {"fake_score_lr": 4e-4, "generator_lr": 2.5e-5},
     "dlr_3e-4": {"disc_lr": 3e-4},
     "dlr_3e-3": {"disc_lr": 3e-3},
     # the fake score's EMA pull toward the student (fake <- lam fake + (1 - lam) student after each generator step)
