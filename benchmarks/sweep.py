@@ -124,7 +124,12 @@ def summarise(out: Path, a) -> dict:
             continue
         runs.setdefault(row, {})[seed] = summarise_run(json.loads(m.read_text()), a.batch, target,
                                                        cost.get(ttur_of(row)))
+    target_curve = None
+    if a.target_run:
+        target_curve = [(e["generator_steps"], round(e["fd"], 3))
+                        for e in json.loads((Path(a.target_run) / "metrics.json").read_text())["evals"]]
     summary = {"family": a.family, "base": BASE, "target_fd": target, "target_run": a.target_run,
+               "target_curve": target_curve,
                "rows": {r: {"overrides": ROW_OVERRIDES[r], "seeds": s,
                             "last3_mean_fd_mean": sum(v["last3_mean_fd"] for v in s.values()) / len(s)}
                         for r, s in runs.items()}}
@@ -150,8 +155,10 @@ def plot(summary: dict, path: Path):
                     label=f"{r} {seed}")
     if summary["target_fd"] is not None:
         ax.axhline(summary["target_fd"], color="grey", ls=":", lw=1)
+        c = summary["target_curve"]
+        ax.plot([p[0] for p in c], [p[1] for p in c], color="black", lw=2, alpha=0.5, label="target run (DMD2)")
     ax.set(xlabel="generator steps", ylabel="FD (lower is better)", ylim=(5, 30),
-           title=f"world-{summary['family']}: Flash-DMD sweep around {summary['base']}")
+           title=f"world-{summary['family']}: Flash-DMD, one factor at a time around TTUR 2 + pooled head")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
