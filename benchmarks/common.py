@@ -25,3 +25,29 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     import torch
     torch.set_num_threads(a.threads)
     return a
+
+
+def run_distill_row(label: str, preset, overrides: dict, folder, a, steps: int, seed: int) -> dict:
+    """One convergence-style `flashdmd distill` run: the preset plus ``overrides``, ``steps`` generator updates
+    evaluated every a.eval_every (N = a.num_images), no samples, Stage 1 only, a checkpoint at the end, then
+    a.set; a folder that already holds metrics.json is read instead (benchmarks resume row by row)."""
+    import json
+    import time
+    from pathlib import Path
+
+    from flashdmd.training.config import DistillConfig
+    from flashdmd.training.distill import train
+    folder = Path(folder)
+    if (folder / "metrics.json").is_file():
+        print(f"{label}: already done, reading {folder / 'metrics.json'}", flush=True)
+        return json.loads((folder / "metrics.json").read_text())
+    sets = [f"{k}={v}" for k, v in overrides.items()] + [
+        f"max_steps={steps}", f"eval_every_steps={a.eval_every}", f"eval_num_images={a.num_images}",
+        f"batch_size={a.batch}", f"seed={seed}", "sample_every_steps=0", f"checkpoint_every_steps={steps}",
+        "rl_enabled=false"] + list(a.set)
+    cfg = DistillConfig.from_sources(str(preset), sets)
+    print(f"{label}: {Path(preset).name} {' '.join(sets)}", flush=True)
+    t0 = time.time()
+    result = train(cfg, folder, progress=not a.no_progress, overwrite=True)
+    print(f"{label}: done in {time.time() - t0:.0f} s", flush=True)
+    return result

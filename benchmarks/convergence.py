@@ -34,14 +34,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_run_args, parse  # noqa: E402
+from common import add_run_args, parse, run_distill_row  # noqa: E402
 ROWS = {
     "dmd2": ("dmd2", {}),
     "dmd2_A": ("dmd2", {"disc_kind": "pixel", "disc_backbone": "world", "disc_loss": "hinge"}),
@@ -71,28 +70,12 @@ def row_ttur(name: str) -> int:
 
 
 def run_row(name: str, family: str, args, out: Path) -> dict:
-    from flashdmd.training.config import DistillConfig
-    from flashdmd.training.distill import train
-    folder = out / name
-    if (folder / "metrics.json").is_file():
-        print(f"{name}: already done, reading {folder / 'metrics.json'}", flush=True)
-        return json.loads((folder / "metrics.json").read_text())
     method, overrides = ROWS[name]
-    preset = ROOT / "configs" / f"world_{family}_{method}.yaml"
-    ttur = row_ttur(name)
     # the same budget of critic iterations per row would favour low TTUR; give every row the same generator
     # updates unless --dmd2-steps says otherwise (DMD2 rows are slower per generator update)
-    steps = args.dmd2_steps if method == "dmd2" and ttur > 1 else args.steps
-    sets = [f"{k}={v}" for k, v in overrides.items()] + [
-        f"max_steps={steps}", f"eval_every_steps={args.eval_every}", f"eval_num_images={args.num_images}",
-        f"batch_size={args.batch}", f"seed={args.seed}", "sample_every_steps=0", f"checkpoint_every_steps={steps}",
-        "rl_enabled=false"] + list(args.set)
-    cfg = DistillConfig.from_sources(str(preset), sets)
-    print(f"{name}: {preset.name} {' '.join(sets)}", flush=True)
-    t0 = time.time()
-    result = train(cfg, folder, progress=not args.no_progress, overwrite=True)
-    print(f"{name}: done in {time.time() - t0:.0f} s", flush=True)
-    return result
+    steps = args.dmd2_steps if method == "dmd2" and row_ttur(name) > 1 else args.steps
+    return run_distill_row(name, ROOT / "configs" / f"world_{family}_{method}.yaml", overrides, out / name, args,
+                           steps, args.seed)
 
 
 PLATEAU_EVALS = 3

@@ -23,14 +23,13 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_run_args, parse  # noqa: E402
+from common import add_run_args, parse, run_distill_row  # noqa: E402
 
 BASE = {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256, "disc_lr": 1e-3}
 ROW_OVERRIDES = {
@@ -71,23 +70,8 @@ def ttur_of(row: str) -> int:
 
 
 def run(row: str, seed: int, a, out: Path) -> dict:
-    from flashdmd.training.config import DistillConfig
-    from flashdmd.training.distill import train
-    folder = out / row / f"seed{seed}"
-    if (folder / "metrics.json").is_file():
-        print(f"{row} seed {seed}: already done", flush=True)
-        return json.loads((folder / "metrics.json").read_text())
-    preset = ROOT / "configs" / f"world_{a.family}_flashdmd.yaml"
-    sets = [f"{k}={v}" for k, v in {**BASE, **ROW_OVERRIDES[row]}.items()] + [
-        f"max_steps={a.steps}", f"eval_every_steps={a.eval_every}", f"eval_num_images={a.num_images}",
-        f"batch_size={a.batch}", f"seed={seed}", "sample_every_steps=0", f"checkpoint_every_steps={a.steps}",
-        "rl_enabled=false"] + list(a.set)
-    cfg = DistillConfig.from_sources(str(preset), sets)
-    print(f"{row} seed {seed}: {preset.name} {' '.join(sets)}", flush=True)
-    t0 = time.time()
-    result = train(cfg, folder, progress=not a.no_progress, overwrite=True)
-    print(f"{row} seed {seed}: done in {time.time() - t0:.0f} s", flush=True)
-    return result
+    return run_distill_row(f"{row} seed {seed}", ROOT / "configs" / f"world_{a.family}_flashdmd.yaml",
+                           {**BASE, **ROW_OVERRIDES[row]}, out / row / f"seed{seed}", a, a.steps, seed)
 
 
 def seconds_per_update(family: str) -> dict:
