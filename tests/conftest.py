@@ -46,3 +46,11 @@ def inception_file(tmp_path_factory):
     from flashdmd.evaluation.backends.fid import FID_WEIGHTS_NAME
     from tests.tiny_models import random_fid_inception
     return random_fid_inception(tmp_path_factory.mktemp("fid") / FID_WEIGHTS_NAME)
+
+
+@pytest.fixture(scope="session")
+def tiny_run_folders(tmp_path_factory):
+    """tests/tiny_models.run_folders once per session: the tiny SDXL and SD3 teachers and the tiny SAM that the
+    short distill runs read (read only: every run writes into its own folder)."""
+    from tests.tiny_models import run_folders
+    return run_folders(tmp_path_factory.mktemp("tiny_run_folders"))

@@ -17,8 +17,8 @@ from flashdmd.training.run import RunWriter  # noqa: E402
 STALL = "the Pixel-GAN is not learning"
 
 
-def test_degenerate_backbone_triggers_the_warning_and_a_learning_disc_does_not(tmp_path):
-    folders = tm.run_folders(tmp_path)
+def test_degenerate_backbone_triggers_the_warning_and_a_learning_disc_does_not(tmp_path, tiny_run_folders):
+    folders = tiny_run_folders
     degenerate = tm.sam_vision_folder(tmp_path / "sam_degenerate", initializer_range=1e-10)
     runs = {}
     for name, sam in (("healthy", folders["sam"]), ("degenerate", degenerate)):

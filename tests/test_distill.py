@@ -15,8 +15,8 @@ from flashdmd.training.roles import ema_pull_  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tm.run_folders(tmp_path_factory.mktemp("tiny"))
+def folders(tiny_run_folders):
+    return tiny_run_folders
 
 
 _cfg = tm.run_config

@@ -46,8 +46,8 @@ def test_latent_head_follows_dmd2s_shapes_and_takes_other_sizes():
 
 
 @pytest.mark.parametrize("ttur", [1, 3])
-def test_warmup_counts_iterations_and_starts_at_zero_as_dmd2(tmp_path, ttur):
-    folders = tm.run_folders(tmp_path)
+def test_warmup_counts_iterations_and_starts_at_zero_as_dmd2(tiny_run_folders, ttur):
+    folders = tiny_run_folders
     cfg = tm.run_config(folders, "sdxl", "dmd2", optim_warmup_steps=4, fake_score_ttur=ttur, student_timesteps=[999])
     ctx = setup(cfg)
 
@@ -92,10 +92,10 @@ def test_dm_loss_range_is_inclusive_as_dmd2s_randint():
 
 @pytest.mark.parametrize("family,shifted,top", [("sdxl", True, 980), ("sd3", True, 1000 * 3 * 0.98 / (1 + 2 * 0.98)),
                                                  ("sd3", False, 980)])
-def test_dm_loss_draws_the_configured_range(tmp_path, monkeypatch, family, shifted, top):
+def test_dm_loss_draws_the_configured_range(tiny_run_folders, monkeypatch, family, shifted, top):
     """dm_loss_at noises the student's x0 at the timestep the configured range gives for u -> 1."""
     from flashdmd.training import steps
-    folders = tm.run_folders(tmp_path)
+    folders = tiny_run_folders
     method = "dmd2" if family == "sdxl" else "flashdmd"
     cfg = tm.run_config(folders, family, method, dm_t_shifted=shifted)
     ctx = setup(cfg)

@@ -19,8 +19,8 @@ from flashdmd.training.distill import _encode, discriminator_step, distill_itera
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tm.run_folders(tmp_path_factory.mktemp("tiny"))
+def folders(tiny_run_folders):
+    return tiny_run_folders
 
 
 def _cfg(folders, family, method, **kw):

@@ -15,8 +15,8 @@ from flashdmd.training.roles import copy_sharing_frozen  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def folders(tmp_path_factory):
-    return tm.run_folders(tmp_path_factory.mktemp("tiny"))
+def folders(tiny_run_folders):
+    return tiny_run_folders
 
 
 def _cfg(folders, family, method, **kw):
