@@ -96,7 +96,7 @@ class DistillConfig:
     dm_t_max: float = _f(0.98, "upper end of the DM-loss noise level, inclusive as in DMD2's randint(min_step, "
                               "max_step + 1): 0.02..0.98 draws integer timesteps 20..980 on a 1000-step VP schedule")
     dm_t_shifted: bool = _f(True, "flow teachers only: draw the DM-loss sigma as the teacher's shift applied to "
-                            "U[dm_t_min, dm_t_max] (its training distribution; with SD3's shift 3, 75 % of draws lie "
+                            "U[dm_t_min, dm_t_max] (its training distribution; with SD3's shift 3, 76 % of draws lie "
                             "above sigma 0.5), or false: sigma uniform in [dm_t_min, dm_t_max] (FastGen's draw for "
                             "its flow teachers). No effect on VP teachers")
     dm_weight: float = _f(1.0, "weight of the DM loss in the generator objective")
@@ -130,13 +130,14 @@ class DistillConfig:
                         "disc_calibration_images real images; on the embedded world it separates held-out real "
                         "from student images 79% after 300 updates where patch heads reach 64%, "
                         "benchmarks/disc_probe.py, and with it, disc_head_channels 256 and disc_lr 1e-3, Flash-DMD "
-                        "TTUR 2 reaches DMD2's best FD on world-sdxl, BENCHMARKS.md section 3)")
+                        "TTUR 2 reached the best FD of the earlier DMD2 baseline on world-sdxl, though not yet that "
+                        "of the faithful one of issue 16, BENCHMARKS.md section 3)")
     disc_calibration_images: int = _f(256, "pooled heads: real images (evenly spaced through data_real, the same on "
                                       "every process) whose pooled features fix the heads' standardisation")
     disc_stall_band: float = _f(0.2, "Pixel-GAN stall warning: the band around 0 that D(real) - D(fake) (mean logits, "
                                 "per logged interval) stays inside when the discriminator is not learning. On the "
                                 "world the paper's patch heads stayed within +-0.15 for 450 steps (BENCHMARKS.md "
-                                "section 3) while the pooled head sits at 0.3-0.9")
+                                "section 3) while the pooled head at TTUR 2 sits at 0.2-1.2")
     disc_stall_logs: int = _f(10, "warn once when D(real) - D(fake) has stayed inside disc_stall_band for this many "
                               "logged intervals in a row (log_every_steps apart); 0: never")
 
