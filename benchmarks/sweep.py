@@ -82,7 +82,7 @@ def seconds_per_update(family: str) -> dict:
     return {int(v["ttur"]): v["seconds_per_generator_update"] for k, v in rows.items() if k.startswith("flash_ttur")}
 
 
-def summarise_run(metrics: dict, batch: int, target: float | None, per_update: float | None) -> dict:
+def summarise_run(metrics: dict, target: float | None, per_update: float | None) -> dict:
     ev = [e for e in metrics["evals"] if e["generator_steps"] > 0]
     last = ev[-3:]
     best = min(ev, key=lambda e: e["fd"])
@@ -95,23 +95,18 @@ def summarise_run(metrics: dict, batch: int, target: float | None, per_update: f
 
 
 def summarise(out: Path, a) -> dict:
-    target = None
+    target, target_curve = None, None
     if a.target_run:
-        t_ev = [e for e in json.loads((Path(a.target_run) / "metrics.json").read_text())["evals"]
-                if e["generator_steps"] > 0]
-        target = min(e["fd"] for e in t_ev)
+        t_ev = json.loads((Path(a.target_run) / "metrics.json").read_text())["evals"]
+        target = min(e["fd"] for e in t_ev if e["generator_steps"] > 0)
+        target_curve = [(e["generator_steps"], round(e["fd"], 3)) for e in t_ev]
     cost = seconds_per_update(a.family)
     runs = {}
     for m in sorted(out.glob("*/seed*/metrics.json")):
         row, seed = m.parent.parent.name, m.parent.name
         if row not in ROW_OVERRIDES:
             continue
-        runs.setdefault(row, {})[seed] = summarise_run(json.loads(m.read_text()), a.batch, target,
-                                                       cost.get(ttur_of(row)))
-    target_curve = None
-    if a.target_run:
-        target_curve = [(e["generator_steps"], round(e["fd"], 3))
-                        for e in json.loads((Path(a.target_run) / "metrics.json").read_text())["evals"]]
+        runs.setdefault(row, {})[seed] = summarise_run(json.loads(m.read_text()), target, cost.get(ttur_of(row)))
     summary = {"family": a.family, "base": BASE, "target_fd": target, "target_run": a.target_run,
                "target_curve": target_curve,
                "rows": {r: {"overrides": ROW_OVERRIDES[r], "seeds": s,

@@ -139,9 +139,13 @@ class RunWriter:
                f"intervals (to step {step}); likely causes: heads too weak for the frozen backbone's features (the "
                f"paper's patch heads; try disc_head: pooled), disc_lr too low, or a degenerate backbone (random or "
                f"wrongly loaded weights: transformers' SamVisionConfig initialises with initializer_range 1e-10)")
+        self._warn(msg)
+
+    def _warn(self, msg: str):
+        """A run-level warning: kept in metrics.json (and the checkpoint) and shown once."""
         self.warnings.append(msg)
         import warnings
-        warnings.warn(msg, stacklevel=2)
+        warnings.warn(msg, stacklevel=3)
 
     def _log_scalars(self, values: dict, step: int):
         for tracker in self.trackers:
@@ -241,9 +245,7 @@ class RunWriter:
         if reward_up and worse:
             msg = (f"possible reward hacking at step {m['step']}: LRM score {self.lrm_scores[0]:.3f} -> "
                    f"{self.lrm_scores[-1]:.3f} while " + ", ".join(worse))
-            self.warnings.append(msg)
-            import warnings
-            warnings.warn(msg, stacklevel=2)
+            self._warn(msg)
 
     # -- checkpoints ----------------------------------------------------------------------------------
     def maybe_checkpoint(self, ctx, force: bool = False):
