@@ -31,7 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import add_run_args, parse, run_distill_row  # noqa: E402
 
-BASE = {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256, "disc_lr": 1e-3}
+# explicit in every field a row varies, so that a row means the same whatever the preset says
+BASE = {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256, "disc_lr": 1e-3,
+        "generator_lr": 5e-5, "fake_score_lr": 2e-4, "fake_score_ema": 0.999, "disc_gen_weight": 0.05,
+        "dm_t_min": 0.02, "dm_t_max": 0.98}
 ROW_OVERRIDES = {
     "base": {},
     # learning rates (presets: generator 5e-5, fake score 2e-4, heads 1e-3 in the base)
