@@ -77,7 +77,8 @@ def row_metrics(result: dict) -> dict:
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--base", required=True, help="a Stage-1 checkpoint folder (checkpoints/step_XXXXXXXX)")
-    p.add_argument("--preset", default="world_sdxl_flashdmd.yaml", help="the config the base run used (configs/)")
+    p.add_argument("--preset", default="world_sdxl_flashdmd_paper.yaml",
+                   help="the config the base run used (configs/; section 4's base used the paper's setting)")
     p.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     p.add_argument("--rl-steps", type=int, default=60)
