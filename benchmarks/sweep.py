@@ -100,7 +100,8 @@ def summarise_run(metrics: dict, target: float | None, per_update: float | None)
 def summarise(out: Path, a) -> dict:
     target, target_curve = None, None
     if a.target_run:
-        t_ev = json.loads((Path(a.target_run) / "metrics.json").read_text())["evals"]
+        t = Path(a.target_run)  # a run folder, or a JSON with its "evals" (benchmarks/results/*.json)
+        t_ev = json.loads((t / "metrics.json" if t.is_dir() else t).read_text())["evals"]
         target = min(e["fd"] for e in t_ev if e["generator_steps"] > 0)
         target_curve = [(e["generator_steps"], round(e["fd"], 3)) for e in t_ev]
     cost = seconds_per_update(a.family)
@@ -156,7 +157,8 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--target-run", help="a DMD2 run folder: its best FD is the target")
+    p.add_argument("--target-run", help="a DMD2 run folder or a JSON holding its evals (e.g. benchmarks/results/"
+                   "convergence_sdxl_dmd2_v16.json): its best FD is the target")
     p.add_argument("--plot", help="write a figure of every curve here")
     p.add_argument("--no-run", action="store_true", help="only summarise the runs under --out")
     add_run_args(p)
