@@ -126,7 +126,7 @@ def summarise(out: Path, a) -> dict:
     return summary
 
 
-def plot(summary: dict, path: Path):
+def plot(summary: dict, path: Path, title: str | None = None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -140,8 +140,8 @@ def plot(summary: dict, path: Path):
         ax.axhline(summary["target_fd"], color="grey", ls=":", lw=1)
         c = summary["target_curve"]
         ax.plot([p[0] for p in c], [p[1] for p in c], color="black", lw=2, alpha=0.5, label="target run (DMD2)")
-    ax.set(xlabel="generator steps", ylabel="FD (lower is better)", ylim=(5, 30),
-           title=f"world-{summary['family']}: Flash-DMD, one factor at a time around TTUR 2 + pooled head")
+    ax.set(xlabel="generator steps", ylabel="FD (lower is better)", ylim=(5, 30) if summary["family"] == "sdxl" else (10, 50),
+           title=title or f"world-{summary['family']}: Flash-DMD, one factor at a time around TTUR 2 + pooled head")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +160,7 @@ def main():
     p.add_argument("--target-run", help="a DMD2 run folder or a JSON holding its evals (e.g. benchmarks/results/"
                    "convergence_sdxl_dmd2_v16.json): its best FD is the target")
     p.add_argument("--plot", help="write a figure of every curve here")
+    p.add_argument("--title", help="the figure's title")
     p.add_argument("--no-run", action="store_true", help="only summarise the runs under --out")
     add_run_args(p)
     a = parse(p)
@@ -171,7 +172,7 @@ def main():
                 run(row, seed, a, out)
     summary = summarise(out, a)
     if a.plot:
-        plot(summary, Path(a.plot))
+        plot(summary, Path(a.plot), a.title)
     return 0
 
 
