@@ -98,12 +98,15 @@ def summarise_run(metrics: dict, target: float | None, per_update: float | None)
 
 
 def summarise(out: Path, a) -> dict:
-    target, target_curve = None, None
-    if a.target_run:
-        t = Path(a.target_run)  # a run folder, or a JSON with its "evals" (benchmarks/results/*.json)
+    target, target_curve, more_curves = None, None, []
+    for k, t in enumerate(map(Path, a.target_run or [])):
+        # a run folder, or a JSON with its "evals" (benchmarks/results/*.json); the first is the target
         t_ev = json.loads((t / "metrics.json" if t.is_dir() else t).read_text())["evals"]
-        target = min(e["fd"] for e in t_ev if e["generator_steps"] > 0)
-        target_curve = [(e["generator_steps"], round(e["fd"], 3)) for e in t_ev]
+        curve = [(e["generator_steps"], round(e["fd"], 3)) for e in t_ev]
+        if k == 0:
+            target, target_curve = min(e["fd"] for e in t_ev if e["generator_steps"] > 0), curve
+        else:
+            more_curves.append(curve)
     cost = seconds_per_update(a.family)
     runs = {}
     for m in sorted(out.glob("*/seed*/metrics.json")):
@@ -112,7 +115,7 @@ def summarise(out: Path, a) -> dict:
             continue
         runs.setdefault(row, {})[seed] = summarise_run(json.loads(m.read_text()), target, cost.get(ttur_of(row)))
     summary = {"family": a.family, "base": BASE, "target_fd": target, "target_run": a.target_run,
-               "target_curve": target_curve,
+               "target_curve": target_curve, "other_target_curves": more_curves,
                "rows": {r: {"overrides": ROW_OVERRIDES[r], "seeds": s,
                             "last3_mean_fd_mean": sum(v["last3_mean_fd"] for v in s.values()) / len(s)}
                         for r, s in runs.items()}}
@@ -140,6 +143,9 @@ def plot(summary: dict, path: Path, title: str | None = None):
         ax.axhline(summary["target_fd"], color="grey", ls=":", lw=1)
         c = summary["target_curve"]
         ax.plot([p[0] for p in c], [p[1] for p in c], color="black", lw=2, alpha=0.5, label="target run (DMD2)")
+        for c in summary.get("other_target_curves", []):
+            ax.plot([p[0] for p in c], [p[1] for p in c], color="black", lw=2, alpha=0.5, ls="--",
+                    label="DMD2, another seed")
     ax.set(xlabel="generator steps", ylabel="FD (lower is better)", ylim=(5, 30) if summary["family"] == "sdxl" else (10, 50),
            title=title or f"world-{summary['family']}: Flash-DMD, one factor at a time around TTUR 2 + pooled head")
     ax.legend(fontsize=7, ncol=3)
@@ -157,8 +163,9 @@ def main():
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--target-run", help="a DMD2 run folder or a JSON holding its evals (e.g. benchmarks/results/"
-                   "convergence_sdxl_dmd2_v16.json): its best FD is the target")
+    p.add_argument("--target-run", nargs="+", help="DMD2 run folders or JSONs holding their evals (e.g. "
+                   "benchmarks/results/convergence_sdxl_dmd2_v16.json): the first one's best FD is the target; "
+                   "the others are drawn too (other seeds)")
     p.add_argument("--plot", help="write a figure of every curve here")
     p.add_argument("--title", help="the figure's title")
     p.add_argument("--no-run", action="store_true", help="only summarise the runs under --out")
