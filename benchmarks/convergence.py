@@ -69,7 +69,7 @@ LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "
 
 def row_ttur(name: str) -> int:
     """Critic iterations per generator update of a row: its override, else DMD2's preset's 5."""
-    method, overrides = ROWS[name]
+    _, overrides = ROWS[name]
     return overrides.get("fake_score_ttur", 5)
 
 

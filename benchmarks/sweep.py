@@ -146,7 +146,8 @@ def plot(summary: dict, path: Path, title: str | None = None):
         for c in summary.get("other_target_curves", []):
             ax.plot([p[0] for p in c], [p[1] for p in c], color="black", lw=2, alpha=0.5, ls="--",
                     label="DMD2, another seed")
-    ax.set(xlabel="generator steps", ylabel="FD (lower is better)", ylim=(5, 30) if summary["family"] == "sdxl" else (10, 50),
+    ax.set(xlabel="generator steps", ylabel="FD (lower is better)",
+           ylim=(5, 30) if summary["family"] == "sdxl" else (10, 50),
            title=title or f"world-{summary['family']}: Flash-DMD, one factor at a time around TTUR 2 + pooled head")
     ax.legend(fontsize=7, ncol=3)
     fig.tight_layout()

@@ -129,9 +129,9 @@ class DistillConfig:
                         "every level's globally pooled features, standardised per channel by statistics of "
                         "disc_calibration_images real images; on the embedded world it separates held-out real "
                         "from student images 79% after 300 updates where patch heads reach 64%, "
-                        "benchmarks/disc_probe.py; with disc_head_channels 256, disc_lr 1e-3 and TTUR 2 it is the world "
-                        "presets' head since issue 16: faster than patch heads on both world teachers, BENCHMARKS.md "
-                        "section 3). The real-checkpoint presets keep the paper's patch heads on SAM, where the pooled "
+                        "benchmarks/disc_probe.py; with disc_head_channels 256, disc_lr 1e-3 and TTUR 2 it is the "
+                        "world presets' head since issue 16: faster than patch heads on both world teachers, "
+                        "BENCHMARKS.md section 3). The real-checkpoint presets keep the paper's patch heads on SAM, where the pooled "
                         "head is untested")
     disc_calibration_images: int = _f(256, "pooled heads: real images (evenly spaced through data_real, the same on "
                                       "every process) whose pooled features fix the heads' standardisation")
