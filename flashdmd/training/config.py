@@ -131,8 +131,8 @@ class DistillConfig:
                         "from student images 79% after 300 updates where patch heads reach 64%, "
                         "benchmarks/disc_probe.py; with disc_head_channels 256, disc_lr 1e-3 and TTUR 2 it is the "
                         "world presets' head since issue 16: faster than patch heads on both world teachers, "
-                        "BENCHMARKS.md section 3). The real-checkpoint presets keep the paper's patch heads on SAM, where the pooled "
-                        "head is untested")
+                        "BENCHMARKS.md section 3). The real-checkpoint presets keep the paper's patch heads on SAM, "
+                        "where the pooled head is untested")
     disc_calibration_images: int = _f(256, "pooled heads: real images (evenly spaced through data_real, the same on "
                                       "every process) whose pooled features fix the heads' standardisation")
     disc_stall_band: float = _f(0.2, "Pixel-GAN stall warning: the band around 0 that D(real) - D(fake) (mean logits, "
