@@ -41,22 +41,20 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import add_run_args, parse, run_distill_row  # noqa: E402
-# Every Flash-DMD row spells out the paper's setting it varies (TTUR 1, patch heads width 64 at lr 1e-4, the
-# learning rates and pull of the presets before issue 16), so that a row means the same whatever the preset says.
-PAPER = {"fake_score_ttur": 1, "disc_head": "patch", "disc_head_channels": 64, "disc_lr": 1e-4,
-         "generator_lr": 5e-5, "fake_score_lr": 2e-4, "fake_score_ema": 0.999, "disc_gen_weight": 0.05}
+# (preset, overrides): a preset is configs/world_<family>_<preset>.yaml. The Flash-DMD rows vary the paper's setting
+# (TTUR 1, patch heads; the presets before issue 16), so they keep their meaning whatever the main preset says.
 ROWS = {
     "dmd2": ("dmd2", {}),
     "dmd2_A": ("dmd2", {"disc_kind": "pixel", "disc_backbone": "world", "disc_loss": "hinge"}),
     "dmd2_B": ("dmd2", {"fake_score_ttur": 1}),
-    "flash_ttur1": ("flashdmd", {**PAPER}),
-    "flash_ttur2": ("flashdmd", {**PAPER, "fake_score_ttur": 2}),
-    "flash_dm_all": ("flashdmd", {**PAPER, "student_dm_steps": 4}),
-    "flash_ttur2_dm_all": ("flashdmd", {**PAPER, "fake_score_ttur": 2, "student_dm_steps": 4}),
-    "flash_no_pull": ("flashdmd", {**PAPER, "fake_score_ema": 0.0}),
-    "flash_strong_d": ("flashdmd", {**PAPER, "disc_lr": 1e-3}),
-    "flash_ttur2_pooled_d": ("flashdmd", {**PAPER, "fake_score_ttur": 2, "disc_head": "pooled",
-                                          "disc_head_channels": 256, "disc_lr": 1e-3}),
+    "flash_ttur1": ("flashdmd_paper", {}),
+    "flash_ttur2": ("flashdmd_paper", {"fake_score_ttur": 2}),
+    "flash_dm_all": ("flashdmd_paper", {"student_dm_steps": 4}),
+    "flash_ttur2_dm_all": ("flashdmd_paper", {"fake_score_ttur": 2, "student_dm_steps": 4}),
+    "flash_no_pull": ("flashdmd_paper", {"fake_score_ema": 0.0}),
+    "flash_strong_d": ("flashdmd_paper", {"disc_lr": 1e-3}),
+    "flash_ttur2_pooled_d": ("flashdmd_paper", {"fake_score_ttur": 2, "disc_head": "pooled",
+                                                "disc_head_channels": 256, "disc_lr": 1e-3}),
 }
 LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "DMD2 + TTUR 1 (B)",
           "flash_ttur1": "Flash-DMD, TTUR 1 (A+B+C)", "flash_ttur2": "Flash-DMD, TTUR 2",
@@ -68,17 +66,17 @@ LABELS = {"dmd2": "DMD2 (TTUR 5)", "dmd2_A": "DMD2 + Pixel-GAN (A)", "dmd2_B": "
 
 
 def row_ttur(name: str) -> int:
-    """Critic iterations per generator update of a row: its override, else DMD2's preset's 5."""
-    _, overrides = ROWS[name]
-    return overrides.get("fake_score_ttur", 5)
+    """Critic iterations per generator update of a row: its override, else its preset's (DMD2 5, the paper's 1)."""
+    preset, overrides = ROWS[name]
+    return overrides.get("fake_score_ttur", 5 if preset == "dmd2" else 1)
 
 
 def run_row(name: str, family: str, args, out: Path) -> dict:
-    method, overrides = ROWS[name]
+    preset, overrides = ROWS[name]
     # the same budget of critic iterations per row would favour low TTUR; give every row the same generator
     # updates unless --dmd2-steps says otherwise (DMD2 rows are slower per generator update)
-    steps = args.dmd2_steps if method == "dmd2" and row_ttur(name) > 1 else args.steps
-    return run_distill_row(name, ROOT / "configs" / f"world_{family}_{method}.yaml", overrides, out / name, args,
+    steps = args.dmd2_steps if preset == "dmd2" and row_ttur(name) > 1 else args.steps
+    return run_distill_row(name, ROOT / "configs" / f"world_{family}_{preset}.yaml", overrides, out / name, args,
                            steps, args.seed)
 
 
@@ -132,7 +130,7 @@ def seconds_per_update(family: str) -> dict:
     # a Flash-DMD row without its own measurement is charged the measured Flash-DMD row of its TTUR: its
     # overrides change no network pass (the pooled head's is cheaper: an upper bound); DMD2 + A / + B differ
     # from every measured row and get no compute curve
-    return {name: measured.get(name, measured.get(f"flash_ttur{row_ttur(name)}") if ROWS[name][0] == "flashdmd"
+    return {name: measured.get(name, measured.get(f"flash_ttur{row_ttur(name)}") if ROWS[name][0] != "dmd2"
                                else None) for name in ROWS}
 
 

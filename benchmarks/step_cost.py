@@ -40,11 +40,11 @@ def main():
     runs = {}
     tmp = Path(tempfile.mkdtemp(prefix="step_cost_"))
     for name in a.rows:
-        method, overrides = ROWS[name]
+        preset, overrides = ROWS[name]
         sets = [f"{k}={v}" for k, v in overrides.items()] + [
             f"batch_size={a.batch}", "eval_every_steps=0", "sample_every_steps=0", "checkpoint_every_steps=0",
             "log_every_steps=1000000", "rl_enabled=false"]
-        cfg = DistillConfig.from_sources(str(ROOT / "configs" / f"world_{a.family}_{method}.yaml"), sets)
+        cfg = DistillConfig.from_sources(str(ROOT / "configs" / f"world_{a.family}_{preset}.yaml"), sets)
         ctx = distill.setup(cfg)
         writer = RunWriter(tmp / name, cfg, ctx)
         for _ in range(cfg.fake_score_ttur):  # warm-up: one full cycle
