@@ -63,6 +63,9 @@ ROW_OVERRIDES = {
     "dm_t_min_0.2": {"dm_t_min": 0.2},
     "dm_t_max_0.8": {"dm_t_max": 0.8},
     "dm_unshifted": {"dm_t_shifted": False},
+    # timestep-aware routing off: DM (and the Pixel-GAN) at every student step, the last one included -- on SD3's
+    # shifted schedule the GAN-only last step starts from sigma 0.5 and the DM steps only see sigma >= 0.75
+    "dm_all": {"student_dm_steps": 4},
     # the paper's patch heads (its Pixel-GAN as far as stated), at the preset's head lr
     "patch": {"disc_head": "patch", "disc_head_channels": 64, "disc_lr": 1e-4},
 }
