@@ -34,7 +34,7 @@ from common import add_run_args, parse, run_distill_row  # noqa: E402
 # explicit in every field a row varies, so that a row means the same whatever the preset says
 BASE = {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256, "disc_lr": 1e-3,
         "generator_lr": 5e-5, "fake_score_lr": 2e-4, "fake_score_ema": 0.999, "disc_gen_weight": 0.05,
-        "dm_t_min": 0.02, "dm_t_max": 0.98}
+        "dm_t_min": 0.02, "dm_t_max": 0.98, "optim_lr_decay": "none", "optim_betas": [0.0, 0.999]}
 ROW_OVERRIDES = {
     "base": {},
     # learning rates (presets: generator 5e-5, fake score 2e-4, heads 1e-3 in the base)
@@ -66,6 +66,10 @@ ROW_OVERRIDES = {
     # timestep-aware routing off: DM (and the Pixel-GAN) at every student step, the last one included -- on SD3's
     # shifted schedule the GAN-only last step starts from sigma 0.5 and the DM steps only see sigma >= 0.75
     "dm_all": {"student_dm_steps": 4},
+    # the optimiser: a cosine decay of every Stage-1 rate to 10 % at the run's last step; Adam's momentum as DMD2's
+    # code has it (beta1 0.9; the world presets use 0)
+    "lr_cosine": {"optim_lr_decay": "cosine", "optim_lr_final": 0.1},
+    "betas_0.9": {"optim_betas": [0.9, 0.999]},
     # the paper's patch heads (its Pixel-GAN as far as stated), at the preset's head lr
     "patch": {"disc_head": "patch", "disc_head_channels": 64, "disc_lr": 1e-4},
 }

@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 
 from flashdmd.networks.discriminator import LatentClassifierHead  # noqa: E402
-from flashdmd.training.distill import distill_iteration, setup  # noqa: E402
+from flashdmd.training.distill import distill_iteration, lr_factor, setup  # noqa: E402
 
 
 def test_latent_head_is_dmd2s_cls_pred_branch_on_sdxl():
@@ -65,6 +65,33 @@ def test_warmup_counts_iterations_and_starts_at_zero_as_dmd2(tiny_run_folders, t
     expected = [min(1.0, i / 4) for i in range(6)]
     assert [g for g, _ in lrs] == pytest.approx([e * cfg.generator_lr for e in expected])
     assert [f for _, f in lrs] == pytest.approx([e * cfg.fake_score_lr for e in expected])
+
+
+def test_lr_decay_after_warmup_reaches_the_final_fraction_at_max_steps(tiny_run_folders):
+    """optim_lr_decay (our choice, not DMD2's): after the warm-up the Stage-1 rates fall to optim_lr_final x lr at
+    max_steps x TTUR iterations, counted like the warm-up, and stay there."""
+    f = lr_factor(2, "cosine", 10, 0.1)
+    assert [f(0), f(1), f(2)] == pytest.approx([0.0, 0.5, 1.0])
+    assert f(6) == pytest.approx(0.1 + 0.9 * 0.5) and f(10) == pytest.approx(0.1) and f(50) == pytest.approx(0.1)
+    lin = lr_factor(0, "linear", 8, 0.0)
+    assert [lin(s) for s in (0, 2, 8, 9)] == pytest.approx([1.0, 0.75, 0.0, 0.0])
+    assert lr_factor(0, "none", 8, 0.1)(8) == 1.0
+    cfg = tm.run_config(tiny_run_folders, "sdxl", "flashdmd", optim_lr_decay="linear", optim_lr_final=0.2,
+                        fake_score_ttur=2, max_steps=2, student_timesteps=[999, 499])
+    ctx = setup(cfg)
+
+    class Sink:
+        def accumulate(self, logs):
+            pass
+
+        def bookkeeping(self, ctx):
+            pass
+    for _ in range(3):
+        distill_iteration(ctx, Sink())
+    assert ctx.opt["fake_score"].param_groups[0]["lr"] == pytest.approx((0.2 + 0.8 * 0.25) * cfg.fake_score_lr)
+    distill_iteration(ctx, Sink())  # the 4th of max_steps x TTUR iterations: the final rate from here on
+    assert ctx.opt["generator"].param_groups[0]["lr"] == pytest.approx(0.2 * cfg.generator_lr)
+    assert ctx.opt["disc"].param_groups[0]["lr"] == pytest.approx(0.2 * cfg.disc_lr)
 
 
 def test_dm_loss_range_is_inclusive_as_dmd2s_randint():

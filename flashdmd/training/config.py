@@ -151,6 +151,12 @@ class DistillConfig:
                                  "advances once per iteration and process, also on iterations where TTUR skips the "
                                  "generator, from lr 0 at the first update (DMD2: 500, stepped by accelerate 64 times "
                                  "an iteration on its 64 GPUs, so about 8 iterations)")
+    optim_lr_decay: str = _f("none", "decay of the Stage-1 learning rates after the warm-up: none (DMD2: constant), "
+                             "cosine or linear, reaching optim_lr_final x lr at max_steps and staying there (Stage 2's "
+                             "distillation runs at the final rate). Counted like the warm-up, per iteration and "
+                             "process, over max_steps x fake_score_ttur iterations; a resume with another max_steps "
+                             "re-times what is left. Not in the paper; our choice, off by default")
+    optim_lr_final: float = _f(0.1, "with optim_lr_decay: the final learning rate as a fraction of each role's lr")
     optim_grad_clip: float = _f(10.0, "max gradient norm per role (DMD2: 10)")
 
     # ---- Stage 2: joint reinforcement learning -----------------------------------------------------------
@@ -253,6 +259,8 @@ class DistillConfig:
         need(self.disc_head in ("patch", "pooled"), "disc_head must be patch or pooled")
         need(self.disc_calibration_images >= 2, "disc_calibration_images must be >= 2")
         need(self.disc_stall_band >= 0 and self.disc_stall_logs >= 0, "disc_stall_band and disc_stall_logs must be >= 0")
+        need(self.optim_lr_decay in ("none", "cosine", "linear"), "optim_lr_decay must be none, cosine or linear")
+        need(0.0 <= self.optim_lr_final <= 1.0, "optim_lr_final must be in [0, 1]")
         need(len(self.optim_betas) == 2 and all(0 <= b < 1 for b in self.optim_betas), "optim_betas: two numbers in [0, 1)")
         for name in ("fake_score_lr", "disc_lr", "generator_lr"):
             need(getattr(self, name) > 0, f"{name} must be > 0")

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -80,10 +81,19 @@ class Context:
 EVAL_BACKENDS = ("eval_clip_model", "eval_pickscore_model", "eval_hpsv2_model", "eval_imagereward_model",
                  "eval_fid_inception", "eval_fid_ref")
 
-def _warmup(warmup: int):
-    """DMD2's ``constant_with_warmup`` (diffusers' get_scheduler): factor step / warmup below ``warmup``, then 1 -- so
-    DMD2's first update runs at lr 0. Stepped per iteration and process (:func:`step_schedulers`)."""
-    return lambda step: min(1.0, step / warmup) if warmup > 0 else 1.0
+def lr_factor(warmup: int, decay: str = "none", total: int = 0, final: float = 1.0):
+    """The Stage-1 learning-rate factor of scheduler step ``step``, stepped per iteration and process
+    (:func:`step_schedulers`). Warm-up as DMD2's ``constant_with_warmup`` (diffusers' get_scheduler): step / warmup
+    below ``warmup`` -- so DMD2's first update runs at lr 0 --, then 1, or with ``decay`` (cosine / linear) falling
+    from 1 after the warm-up to ``final`` at step ``total`` and staying there."""
+    def factor(step: int) -> float:
+        f = min(1.0, step / warmup) if warmup > 0 else 1.0
+        if decay == "none" or total <= warmup:
+            return f
+        p = min(1.0, max(0.0, (step - warmup) / (total - warmup)))
+        shape = 0.5 * (1.0 + math.cos(math.pi * p)) if decay == "cosine" else 1.0 - p
+        return f * (final + (1.0 - final) * shape)
+    return factor
 
 
 STAGE1_SCHEDULERS = ("generator", "fake_score", "disc")
@@ -325,7 +335,9 @@ def _make_optimizers(ctx: Context):
     ctx.fake_score, (ctx.opt["fake_score"],) = prepare_role(acc, ctx.fake_score, [ctx.opt["fake_score"]])
     if ctx.disc is not None:
         ctx.disc, (ctx.opt["disc"],) = prepare_role(acc, ctx.disc, [ctx.opt["disc"]])
-    ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, _warmup(cfg.optim_warmup_steps)) for k, o in ctx.opt.items()}
+    iterations = cfg.max_steps * cfg.fake_score_ttur * acc.num_processes  # scheduler steps in Stage 1
+    factor = lr_factor(cfg.optim_warmup_steps, cfg.optim_lr_decay, iterations, cfg.optim_lr_final)
+    ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in ctx.opt.items()}
 
 
 # ---------------------------------------------------------------------------------------------------
