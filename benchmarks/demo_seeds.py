@@ -28,10 +28,10 @@ import time
 from pathlib import Path
 
 
-def run_seed(checkout: Path, seed: int, threads: str) -> None:
+def run_seed(checkout: Path, seed: int, threads: str, sets: list[str]) -> None:
     out = checkout / "runs" / f"demo_seed{seed}"
     cmd = [str(checkout / ".venv" / "bin" / "flashdmd"), "--threads", threads, "demo", "--seed", str(seed),
-           "--out", str(out)]
+           "--out", str(out)] + [x for kv in sets for x in ("--set", kv)]
     print(" ".join(cmd), flush=True)
     t0 = time.time()
     with open(checkout / "runs" / f"demo_seed{seed}.log", "w") as log:
@@ -65,6 +65,8 @@ def main():
     p.add_argument("--checkout", required=True, help="a fresh clone after `make setup`")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--threads", default="auto", help="flashdmd --threads (default auto, as `make demo`)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to `flashdmd demo --set` (a candidate setting; the README's figures use none)")
     p.add_argument("--no-run", action="store_true")
     p.add_argument("--out", required=True)
     a = p.parse_args()
@@ -75,10 +77,10 @@ def main():
     for seed in a.seeds:
         path = checkout / "runs" / f"demo_seed{seed}" / "metrics.json"
         if not a.no_run and not path.is_file():
-            run_seed(checkout, seed, a.threads)
+            run_seed(checkout, seed, a.threads, a.set)
         per_seed[seed] = check(json.loads(path.read_text()))
     fds = [r["student_fd"] for r in per_seed.values()]
-    summary = {"commit": commit, "seeds": per_seed,
+    summary = {"commit": commit, "sets": a.set, "seeds": per_seed,
                "student_fd_mean": statistics.mean(fds), "student_fd_sd": statistics.stdev(fds) if len(fds) > 1 else 0.0,
                "student_fd_range": [min(fds), max(fds)],
                "all_targets_met": all(all(r["targets"].values()) for r in per_seed.values())}
