@@ -59,6 +59,7 @@ ROW_OVERRIDES = {
     # the generator's GAN weight (preset 0.05)
     "gan_0.02": {"disc_gen_weight": 0.02},
     "gan_0.15": {"disc_gen_weight": 0.15},
+    "gan_off": {"disc_gen_weight": 0.0},  # DM only (the head still trains, so its D gap stays logged)
     # the DM loss's noise range (DMD2: 0.02..0.98) and, for flow teachers, shifted or uniform sigma
     "dm_t_min_0.2": {"dm_t_min": 0.2},
     "dm_t_max_0.8": {"dm_t_max": 0.8},
