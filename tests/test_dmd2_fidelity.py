@@ -45,22 +45,24 @@ def test_latent_head_follows_dmd2s_shapes_and_takes_other_sizes():
     assert LatentClassifierHead(64, side=6)(torch.randn(1, 64, 6, 6)).shape == (1, 1)  # 6 -> 3, pooled to 4
 
 
+class _Sink:
+    """A run writer that keeps nothing (the loop's logging is not under test here)."""
+    def accumulate(self, logs):
+        pass
+
+    def bookkeeping(self, ctx):
+        pass
+
+
 @pytest.mark.parametrize("ttur", [1, 3])
 def test_warmup_counts_iterations_and_starts_at_zero_as_dmd2(tiny_run_folders, ttur):
     folders = tiny_run_folders
     cfg = tm.run_config(folders, "sdxl", "dmd2", optim_warmup_steps=4, fake_score_ttur=ttur, student_timesteps=[999])
     ctx = setup(cfg)
-
-    class Sink:
-        def accumulate(self, logs):
-            pass
-
-        def bookkeeping(self, ctx):
-            pass
     lrs = []
     for _ in range(6):
         lrs.append((ctx.opt["generator"].param_groups[0]["lr"], ctx.opt["fake_score"].param_groups[0]["lr"]))
-        distill_iteration(ctx, Sink())
+        distill_iteration(ctx, _Sink())
     # diffusers' constant_with_warmup: step / warmup, advanced every iteration (also when TTUR skips the generator)
     expected = [min(1.0, i / 4) for i in range(6)]
     assert [g for g, _ in lrs] == pytest.approx([e * cfg.generator_lr for e in expected])
@@ -79,17 +81,10 @@ def test_lr_decay_after_warmup_reaches_the_final_fraction_at_max_steps(tiny_run_
     cfg = tm.run_config(tiny_run_folders, "sdxl", "flashdmd", optim_lr_decay="linear", optim_lr_final=0.2,
                         fake_score_ttur=2, max_steps=2, student_timesteps=[999, 499])
     ctx = setup(cfg)
-
-    class Sink:
-        def accumulate(self, logs):
-            pass
-
-        def bookkeeping(self, ctx):
-            pass
     for _ in range(3):
-        distill_iteration(ctx, Sink())
+        distill_iteration(ctx, _Sink())
     assert ctx.opt["fake_score"].param_groups[0]["lr"] == pytest.approx((0.2 + 0.8 * 0.25) * cfg.fake_score_lr)
-    distill_iteration(ctx, Sink())  # the 4th of max_steps x TTUR iterations: the final rate from here on
+    distill_iteration(ctx, _Sink())  # the 4th of max_steps x TTUR iterations: the final rate from here on
     assert ctx.opt["generator"].param_groups[0]["lr"] == pytest.approx(0.2 * cfg.generator_lr)
     assert ctx.opt["disc"].param_groups[0]["lr"] == pytest.approx(0.2 * cfg.disc_lr)
 
