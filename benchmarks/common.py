@@ -30,7 +30,9 @@ def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
 def run_distill_row(label: str, preset, overrides: dict, folder, a, steps: int, seed: int) -> dict:
     """One convergence-style `flashdmd distill` run: the preset plus ``overrides``, ``steps`` generator updates
     evaluated every a.eval_every (N = a.num_images), no samples, Stage 1 only, a checkpoint at the end, then
-    a.set; a folder that already holds metrics.json is read instead (benchmarks resume row by row)."""
+    a.set; a folder that already holds metrics.json is read instead (benchmarks resume row by row), and one that
+    holds checkpoints but no metrics.json (an interrupted row: pass --set checkpoint_every_steps=K to leave some)
+    continues from its newest intact checkpoint, its curve so far kept."""
     import json
     import time
     from pathlib import Path
@@ -47,7 +49,9 @@ def run_distill_row(label: str, preset, overrides: dict, folder, a, steps: int, 
         "rl_enabled=false"] + list(a.set)
     cfg = DistillConfig.from_sources(str(preset), sets)
     print(f"{label}: {Path(preset).name} {' '.join(sets)}", flush=True)
+    ckpts = folder / "checkpoints"
+    resume = "latest" if ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()) else None
     t0 = time.time()
-    result = train(cfg, folder, progress=not a.no_progress, overwrite=True)
+    result = train(cfg, folder, progress=not a.no_progress, overwrite=resume is None, resume=resume)
     print(f"{label}: done in {time.time() - t0:.0f} s", flush=True)
     return result
