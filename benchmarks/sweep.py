@@ -34,7 +34,8 @@ from common import add_run_args, parse, run_distill_row  # noqa: E402
 # explicit in every field a row varies, so that a row means the same whatever the preset says
 BASE = {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256, "disc_lr": 1e-3,
         "generator_lr": 5e-5, "fake_score_lr": 2e-4, "fake_score_ema": 0.999, "disc_gen_weight": 0.05,
-        "dm_t_min": 0.02, "dm_t_max": 0.98, "optim_lr_decay": "none", "optim_betas": [0.0, 0.999]}
+        "dm_t_min": 0.02, "dm_t_max": 0.98, "optim_lr_decay": "none", "optim_betas": [0.0, 0.999],
+        "disc_condition": "none"}
 ROW_OVERRIDES = {
     "base": {},
     # learning rates (presets: generator 5e-5, fake score 2e-4, heads 1e-3 in the base)
@@ -71,6 +72,10 @@ ROW_OVERRIDES = {
     # code has it (beta1 0.9; the world presets use 0)
     "lr_cosine": {"optim_lr_decay": "cosine", "optim_lr_final": 0.1},
     "betas_0.9": {"optim_betas": [0.9, 0.999]},
+    # the critic side: a text-conditioned Pixel-GAN head (projection on the pooled text embedding; DMD2's latent GAN
+    # is conditioned through the fake score) and DMD2's five fake-score updates per generator update
+    "cond_gan": {"disc_condition": "text"},
+    "ttur_5": {"fake_score_ttur": 5},
     # the paper's patch heads (its Pixel-GAN as far as stated), at the preset's head lr
     "patch": {"disc_head": "patch", "disc_head_channels": 64, "disc_lr": 1e-4},
 }

@@ -189,6 +189,12 @@ def config_unknown_disc_head(e):
 
 
 @case
+def config_text_condition_on_patch_heads(e):
+    return Case(e.distill("disc_kind=pixel", "disc_head=patch", "disc_condition=text"),
+                r"disc_condition: text needs disc_kind: pixel and disc_head: pooled", [e.out])
+
+
+@case
 def config_student_ema_out_of_range(e):
     return Case(e.distill("student_ema=1.5"), r"student_ema must be in \[0, 1\)", [e.out])
 
@@ -414,6 +420,13 @@ def real_images_truncated(e):
         f.write_bytes(f.read_bytes()[:60])
     return Case(e.distill("disc_kind=latent", f"data_real={d}"), r"data_real: none of the first 2 images .*can be read",
                 [d, e.out])
+
+
+@case
+def real_images_without_captions_for_a_text_conditioned_gan(e):
+    d = e.image_folder("real", [RES, RES])  # no metadata.jsonl / .txt: no captions
+    return Case(e.distill("disc_kind=pixel", "disc_head=pooled", "disc_condition=text", f"data_real={d}"),
+                r"disc_condition: text needs a caption for every real image", [d, e.out])
 
 
 @case

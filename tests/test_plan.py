@@ -81,7 +81,7 @@ def test_plan_split_matches_a_real_run(folders, family, method, lora):
     real["fake_score"] = tr.peak
     if cfg.disc_kind == "pixel":
         with P.LiveBytes("cpu") as tr:
-            discriminator_step(ctx, out["x0_disc"])
+            discriminator_step(ctx, out["x0_disc"], cond)
         real["disc"] = tr.peak
     assert set(real) == set(planned["phases"])
     for phase, measured in real.items():

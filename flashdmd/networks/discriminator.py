@@ -124,14 +124,22 @@ class PooledHead(nn.Module):
     channel standardised by fixed statistics of real images (buffers set by :meth:`calibrate`; saved with the
     run). Globally pooled features are far less spread than per-position ones and their channels' scales
     differ by ~10x; standardising them is what lets a head trained for a run's few hundred updates use them
-    (``benchmarks/disc_probe.py``)."""
+    (``benchmarks/disc_probe.py``).
 
-    def __init__(self, feature_channels: Sequence[int], hidden: int = 256):
+    ``cond_dim`` > 0 makes it a projection discriminator (Miyato & Koyama 2018): the logit gains
+    ``<W c, h>``, h the MLP's hidden activations and c a (B, cond_dim) condition (the family's pooled text
+    embedding, scaled to unit RMS per sample), so it judges image and caption together. W starts at zero: the
+    head starts unconditional."""
+
+    def __init__(self, feature_channels: Sequence[int], hidden: int = 256, cond_dim: int = 0):
         super().__init__()
         n = sum(feature_channels)
         self.register_buffer("mean", torch.zeros(n))
         self.register_buffer("std", torch.ones(n))
         self.net = nn.Sequential(nn.Linear(n, hidden), nn.LeakyReLU(0.2), nn.Linear(hidden, 1))
+        self.embed = nn.Linear(cond_dim, hidden, bias=False) if cond_dim > 0 else None
+        if self.embed is not None:
+            nn.init.zeros_(self.embed.weight)
 
     @staticmethod
     def pool(feats: Sequence[Tensor]) -> Tensor:
@@ -143,28 +151,40 @@ class PooledHead(nn.Module):
         self.mean.copy_(pooled.mean(0))
         self.std.copy_(pooled.std(0) + 1e-4)
 
-    def forward(self, feats: Sequence[Tensor]) -> Tensor:
+    def forward(self, feats: Sequence[Tensor], cond: Tensor | None = None) -> Tensor:
+        if (cond is None) != (self.embed is None):
+            raise FlashDMDError("a conditional pooled head needs its condition, an unconditional one takes none")
         z = (self.pool(feats) - self.mean) / self.std
-        return self.net(z.to(self.net[0].weight.dtype)).view(-1, 1, 1, 1)
+        h = self.net[1](self.net[0](z.to(self.net[0].weight.dtype)))
+        logit = self.net[2](h)
+        if self.embed is not None:
+            c = cond.float()
+            c = c / c.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-6)  # unit RMS: text encoders' scales differ
+            logit = logit + (self.embed(c.to(h.dtype)) * h).sum(1, keepdim=True)
+        return logit.view(-1, 1, 1, 1)
 
 
 class PixelDiscriminator(nn.Module):
     """Frozen backbone + trainable heads: ``patch`` (one :class:`DiscHead` per feature level) or ``pooled`` (one
     :class:`PooledHead` over all levels; call :meth:`calibrate` with real images before training). The heads'
-    parameters are the trainable ones."""
+    parameters are the trainable ones. ``cond_dim`` > 0 (pooled heads only): a projection head that takes a
+    (B, cond_dim) condition with the pixels."""
 
-    def __init__(self, backbone: nn.Module, head_channels: int = 64, head: str = "patch"):
+    def __init__(self, backbone: nn.Module, head_channels: int = 64, head: str = "patch", cond_dim: int = 0):
         super().__init__()
         self.backbone = backbone
         self.backbone.requires_grad_(False)
         self.backbone.eval()
+        if cond_dim and head != "pooled":
+            raise FlashDMDError("a conditional Pixel-GAN head (disc_condition: text) needs disc_head: pooled")
         if head == "patch":
             self.heads = nn.ModuleList([DiscHead(c, head_channels) for c in backbone.feature_channels])
         elif head == "pooled":
-            self.heads = nn.ModuleList([PooledHead(backbone.feature_channels, head_channels)])
+            self.heads = nn.ModuleList([PooledHead(backbone.feature_channels, head_channels, cond_dim)])
         else:
             raise FlashDMDError(f"unknown disc_head {head!r}; use 'patch' or 'pooled'")
         self.head = head
+        self.conditional = cond_dim > 0
 
     def train(self, mode: bool = True):  # the backbone stays frozen in eval mode (no dropout / BN updates)
         super().train(mode)
@@ -196,25 +216,26 @@ class PixelDiscriminator(nn.Module):
         pooled = [PooledHead.pool(self.backbone(chunk.to(device, self.backbone_dtype()))) for chunk in real_chunks]
         self.heads[0].calibrate(torch.cat(pooled))
 
-    def forward(self, pixels: Tensor) -> list[Tensor]:
+    def forward(self, pixels: Tensor, cond: Tensor | None = None) -> list[Tensor]:
+        """Logits per head; ``cond`` (B, cond_dim): the condition of a conditional head (required there)."""
         feats = self.backbone(pixels.to(self.backbone_dtype()))
         if self.head == "pooled":
-            return [self.heads[0](feats)]
+            return [self.heads[0](feats, cond)]
         return [h(f.to(next(h.parameters()).dtype)) for h, f in zip(self.heads, feats)]
 
 
 def build_pixel_discriminator(backbone: str, path: str | None = None, layers: Sequence[int] | None = None,
-                              head_channels: int = 64, head: str = "patch") -> PixelDiscriminator:
+                              head_channels: int = 64, head: str = "patch", cond_dim: int = 0) -> PixelDiscriminator:
     """``backbone``: "sam" (``path`` = local SamModel / SamVisionModel folder) or the name of a plug-in that
     provides a frozen encoder (the embedded world's, ``world``; ``path`` overrides its folder). ``head``:
-    "patch" or "pooled"."""
+    "patch" or "pooled"; ``cond_dim`` > 0: a conditional (projection) pooled head."""
     if backbone == "sam":
         if not path:
             raise FlashDMDError("disc_backbone 'sam' needs disc_backbone_path: a local SAM folder "
                                 "(e.g. facebook/sam-vit-base downloaded with huggingface-cli)")
-        return PixelDiscriminator(SamBackbone.from_pretrained(path, layers), head_channels, head)
+        return PixelDiscriminator(SamBackbone.from_pretrained(path, layers), head_channels, head, cond_dim)
     encoder = plugins.provider(backbone, "disc_backbone", "disc_backbone")(path)
-    return PixelDiscriminator(encoder, head_channels, head)
+    return PixelDiscriminator(encoder, head_channels, head, cond_dim)
 
 
 class LatentClassifierHead(nn.Module):

@@ -133,6 +133,11 @@ class DistillConfig:
                         "world presets' head since issue 16: faster than patch heads on both world teachers, "
                         "BENCHMARKS.md section 3). The real-checkpoint presets keep the paper's patch heads on SAM, "
                         "where the pooled head is untested")
+    disc_condition: str = _f("none", "what the Pixel-GAN judges besides the image (the paper does not say): none "
+                             "(unconditional, as far as stated) or text (pooled heads only: a projection head on the "
+                             "family's pooled text embedding, zero-initialised, so it starts unconditional -- real "
+                             "images are judged with their own captions, which data_real must have, the student's "
+                             "with its prompts; DMD2's latent GAN is text-conditioned through the fake score)")
     disc_calibration_images: int = _f(256, "pooled heads: real images (evenly spaced through data_real, the same on "
                                       "every process) whose pooled features fix the heads' standardisation")
     disc_stall_band: float = _f(0.2, "Pixel-GAN stall warning: the band around 0 that D(real) - D(fake) (mean logits, "
@@ -257,6 +262,9 @@ class DistillConfig:
         need(self.disc_kind in ("pixel", "latent", "none"), "disc_kind must be pixel, latent or none")
         need(self.disc_loss in ("hinge", "ns"), "disc_loss must be hinge or ns")
         need(self.disc_head in ("patch", "pooled"), "disc_head must be patch or pooled")
+        need(self.disc_condition in ("none", "text"), "disc_condition must be none or text")
+        need(self.disc_condition == "none" or (self.disc_kind == "pixel" and self.disc_head == "pooled"),
+             "disc_condition: text needs disc_kind: pixel and disc_head: pooled")
         need(self.disc_calibration_images >= 2, "disc_calibration_images must be >= 2")
         need(self.disc_stall_band >= 0 and self.disc_stall_logs >= 0, "disc_stall_band and disc_stall_logs must be >= 0")
         need(self.optim_lr_decay in ("none", "cosine", "linear"), "optim_lr_decay must be none, cosine or linear")

@@ -141,6 +141,8 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     if real is not None:
         log(f"real images: {real.source.describe()}, {len(real.source)} images -> {resolution} px ({cfg.data_crop} "
             f"crop), {real.num_workers} worker(s)")
+    if cfg.disc_condition == "text":
+        _check_captioned(real)
     prompts = open_prompt_source(cfg.data_prompts, captions_of=lambda: _captions(cfg, real, resolution))
     log(f"training prompts: {cfg.data_prompts}")
     evaluator, grid = _evaluation(cfg, acc.device, prompts)
@@ -165,6 +167,17 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     if cfg.student_ema > 0:
         ctx.student_ema = StudentEMA(acc.unwrap_model(ctx.student), cfg.student_ema)
     return ctx
+
+
+def _check_captioned(real) -> None:
+    """disc_condition text judges real images with their captions: up to 64 evenly spaced items must have one (a
+    source without captions fails here; a straggler fails at its batch, from discriminator_step)."""
+    n = len(real.source)
+    for i in sorted({round(k * (n - 1) / 63) for k in range(64)} if n > 1 else {0}):
+        if not real.source.caption(i):
+            raise FlashDMDError(f"disc_condition: text needs a caption for every real image, and item {i} of "
+                                f"{real.source.describe()} has none: add captions (metadata.jsonl text, a text column, "
+                                ".txt in the shards) or set disc_condition: none")
 
 
 def _student_steps(cfg: DistillConfig, family) -> tuple[list[float], int]:
@@ -256,7 +269,8 @@ def _evaluation(cfg: DistillConfig, device, prompts) -> tuple[object | None, lis
 
 def cache_text(cfg: DistillConfig, family, prompts, evaluator, grid: list[str], real, resolution: int) -> int:
     """model_text_cache: encode every prompt the run can ask for -- the training prompts (a source that lists them),
-    the sample-grid and evaluation prompts, the real images' captions when DMD2's latent GAN conditions on them, ""
+    the sample-grid and evaluation prompts, the real images' captions when a GAN conditions on them (DMD2's latent
+    GAN; a text-conditioned Pixel-GAN), ""
     and the null conditioning -- then release the text encoders. Returns the number of prompts cached."""
     listed = getattr(prompts, "prompts", None)
     if listed is None:
@@ -271,10 +285,13 @@ def cache_text(cfg: DistillConfig, family, prompts, evaluator, grid: list[str], 
                                 "prompts; set eval_prompts (a prompt file), eval_every_steps 0, or model_text_cache "
                                 "false")
         todo += list(held_out)
-    if cfg.disc_kind == "latent" and real is not None and cfg.data_prompts != "captions":
+    if (cfg.disc_kind == "latent" or cfg.disc_condition == "text") and real is not None \
+            and cfg.data_prompts != "captions":
         try:
             todo += _captions(cfg, real, resolution)
-        except FlashDMDError:  # no captions: the real branch uses the null conditioning
+        except FlashDMDError:  # no captions: DMD2's real branch uses the null conditioning
+            if cfg.disc_condition == "text":
+                raise
             pass
     family.cache_prompts(todo, cfg.batch_size)
     family.release_text_encoders()
@@ -459,9 +476,15 @@ def _caption_cond(ctx: Context, captions: list):
     return ctx.family.null_conditioning(len(captions), ctx.resolution, ctx.resolution)
 
 
-def discriminator_step(ctx: Context, x0_fake: Tensor) -> dict:
-    real, _ = _real_batch(ctx, x0_fake.shape[0])
-    loss, d_real, d_fake = steps.pixel_disc_loss(ctx, real, x0_fake)
+def discriminator_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
+    real, captions = _real_batch(ctx, x0_fake.shape[0])
+    if ctx.cfg.disc_condition == "text":
+        if any(c is None for c in captions):
+            raise FlashDMDError("disc_condition: text judges real images with their captions, and a real batch has "
+                                "images without one: give every image in data_real a caption, or set disc_condition: none")
+        loss, d_real, d_fake = steps.pixel_disc_loss(ctx, real, x0_fake, _encode(ctx, list(captions)), cond)
+    else:
+        loss, d_real, d_fake = steps.pixel_disc_loss(ctx, real, x0_fake)
     heads = [p for g in ctx.opt["disc"].param_groups for p in g["params"]]
     norm = _optimise(ctx, "disc", ctx.cfg.disc_weight * loss.mean(), heads)
     return {"loss/disc": loss.mean().item(), "grad_norm/disc": norm, "disc/D_real": d_real, "disc/D_fake": d_fake}
@@ -483,7 +506,7 @@ def distill_iteration(ctx: Context, writer) -> bool:
         logs = dict(out["logs"])
         logs.update(fake_score_step(ctx, out["x0_fake_score"], cond))
         if cfg.disc_kind == "pixel":
-            logs.update(discriminator_step(ctx, out["x0_disc"]))
+            logs.update(discriminator_step(ctx, out["x0_disc"], cond))
     writer.accumulate(logs)
     step_schedulers(ctx)
     ctx.iteration += 1

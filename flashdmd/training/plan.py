@@ -353,11 +353,13 @@ def _fake_score_phase(ctx, cond) -> list:
 
 def _disc_phase(ctx, cond) -> list:
     from flashdmd.losses import d_loss
+    from flashdmd.training import steps
     b = len(cond)
     with torch.no_grad():
         fake = ctx.family.decode_latents(ctx.real_latents(b))
     real = torch.empty_like(fake)
-    d_loss(ctx.disc(real), ctx.disc(fake), ctx.cfg.disc_loss).mean().backward()
+    text = steps.disc_text(ctx, cond)  # a text-conditioned head: both sides with a batch of pooled embeddings
+    d_loss(ctx.disc(real, text), ctx.disc(fake, text), ctx.cfg.disc_loss).mean().backward()
     return [ctx.disc]
 
 

@@ -131,8 +131,9 @@ def _new_disc(cfg, family, fake_score) -> nn.Module | None:
         return None
     if cfg.disc_kind == "pixel":
         from flashdmd.networks.discriminator import build_pixel_discriminator
+        cond_dim = family.null_conditioning(1).pooled_embeds.shape[-1] if cfg.disc_condition == "text" else 0
         return build_pixel_discriminator(cfg.disc_backbone, cfg.disc_backbone_path, head_channels=cfg.disc_head_channels,
-                                         head=cfg.disc_head)
+                                         head=cfg.disc_head, cond_dim=cond_dim)
     from flashdmd.networks.discriminator import LatentClassifierHead
     return LatentClassifierHead(*bottleneck(family, fake_score, cfg.data_resolution or family.default_resolution))
 

@@ -63,10 +63,15 @@ def gan_generator_loss(ctx, x0: Tensor, cond) -> Tensor:
     """Per-sample generator GAN loss of the student's x0 (with graph), by the configured discriminator."""
     cfg = ctx.cfg
     if cfg.disc_kind == "pixel":
-        logits = ctx.disc(ctx.family.decode_latents(x0))
+        logits = ctx.disc(ctx.family.decode_latents(x0), disc_text(ctx, cond))
     else:  # DMD2: classifier on the fake score's bottleneck at a random noise level (diffusion-GAN)
         logits = latent_logits(ctx, x0, cond)
     return g_loss(logits, cfg.disc_loss)
+
+
+def disc_text(ctx, cond) -> Tensor | None:
+    """What a text-conditioned Pixel-GAN head takes with the pixels: the pooled text embedding; None otherwise."""
+    return cond.pooled_embeds if ctx.cfg.disc_condition == "text" else None
 
 
 def latent_logits(ctx, x0: Tensor, cond) -> Tensor:
@@ -97,11 +102,13 @@ def fake_score_loss(ctx, x0_fake: Tensor, cond) -> Tensor:
     return denoising_loss(from_x0_eps(x0_pred, eps_pred, kind, a, s), from_x0_eps(x0_fake, noise, kind, a, s))
 
 
-def pixel_disc_loss(ctx, real_pixels: Tensor, x0_fake: Tensor) -> tuple[Tensor, float, float]:
-    """(per-sample D loss, mean D(real) logit, mean D(fake) logit) on real images vs decoded student x0."""
+def pixel_disc_loss(ctx, real_pixels: Tensor, x0_fake: Tensor, cond_real=None, cond=None) -> tuple[Tensor, float, float]:
+    """(per-sample D loss, mean D(real) logit, mean D(fake) logit) on real images vs decoded student x0; a
+    text-conditioned head judges each with its own conditioning (the real images' captions, the student's prompts)."""
     with torch.no_grad():
         fake_pixels = ctx.family.decode_latents(x0_fake)
-    real_logits, fake_logits = ctx.disc(real_pixels), ctx.disc(fake_pixels)
+    real_logits = ctx.disc(real_pixels, disc_text(ctx, cond_real) if cond_real is not None else None)
+    fake_logits = ctx.disc(fake_pixels, disc_text(ctx, cond) if cond is not None else None)
     mean = lambda ls: float(sum(x.detach().float().mean() for x in ls) / len(ls))  # noqa: E731
     return d_loss(real_logits, fake_logits, ctx.cfg.disc_loss), mean(real_logits), mean(fake_logits)
 
