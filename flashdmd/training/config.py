@@ -171,7 +171,11 @@ class DistillConfig:
     rl_reward_model: str = _f("world", "latent reward model folder (flashdmd reward train), or a plug-in's (world: "
                               "the shipped LRM of the embedded world's teacher; it fits only that teacher -- "
                               "for your own teacher, make pairs with `flashdmd reward make-pairs --judge ...` "
-                              "and train one, docs/PAIRS.md). Checked before Stage 1 starts")
+                              "and train one, docs/PAIRS.md), or LPO's released LRM folder for an SDXL teacher "
+                              "(unet/, text_encoder*/, state_dict.pt; detected from its contents and scored exactly "
+                              "as LPO does, docs/PAIRS.md). Checked before Stage 1 starts")
+    rl_lpo_feature_cfg: float = _f(7.5, "LPO's LRM only: the feature CFG weight on its mid-block features (LPO's "
+                                   "SDXL config: 7.5; <= 1 turns it off, as in LPO)")
     rl_step_indices: list[int] = _f([0, 1], "student steps (indices into student_timesteps) that explore K "
                                     "candidate next latents; paper: 999 and 749 -> [0, 1]. Each needs a next step")
     rl_num_candidates: int = _f(4, "K candidates per noisy latent; best and worst by the LRM form the pair (paper: 4)")

@@ -303,8 +303,7 @@ def check_reward_model(cfg: DistillConfig, family) -> Path | None:
     feature taps) and dropped again; Stage 2 loads it when it starts. One-line errors say how to get one."""
     if not cfg.rl_enabled:
         return None
-    from flashdmd.networks.reward import LatentRewardModel
-    from flashdmd.training.stage2 import resolve_reward_model
+    from flashdmd.training.stage2 import load_reward_model, resolve_reward_model
     plugin = plugins.find(cfg.rl_reward_model)
     if plugin is not None and plugins.model_owner(family.path) is not plugin:
         raise FlashDMDError(
@@ -315,8 +314,9 @@ def check_reward_model(cfg: DistillConfig, family) -> Path | None:
             "rl_reward_model=lrm/ (docs/PAIRS.md)")
     path = resolve_reward_model(cfg.rl_reward_model, family.name)
     if not path.is_dir():
-        raise FlashDMDError(f"rl_reward_model {path} does not exist: give the folder `flashdmd reward train` wrote")
-    LatentRewardModel.load(path, family)  # family, fingerprint, taps and weights checked here
+        raise FlashDMDError(f"rl_reward_model {path} does not exist: give the folder `flashdmd reward train` wrote "
+                            "or LPO's LRM folder (docs/PAIRS.md)")
+    load_reward_model(path, family, cfg, check_only=True)  # family, fingerprint, taps and weights checked here
     return path
 
 
@@ -583,7 +583,8 @@ def dry_run(cfg: DistillConfig, log=print, accelerator=None) -> None:
     if small.rl_enabled:
         from flashdmd.training.stage2 import rl_step, setup_stage2
         setup_stage2(ctx)
-        rl_step(ctx, _encode(ctx, ctx.prompts.sample(1, ctx.rng)))
+        one = ctx.prompts.sample(1, ctx.rng)
+        rl_step(ctx, _encode(ctx, one), one)
         log("stage 2: one RL update at batch 1")
     if ctx.real is not None:
         ctx.real.close()
@@ -629,7 +630,7 @@ def run_stage2(ctx: Context, writer, progress: bool) -> None:
     while ctx.rl_steps < cfg.rl_steps:
         prompts = ctx.prompts.sample(cfg.batch_size, ctx.rng)
         with ctx.accelerator.autocast():
-            logs = rl_step(ctx, _encode(ctx, prompts))
+            logs = rl_step(ctx, _encode(ctx, prompts), prompts)
         writer.accumulate(logs)
         ctx.rl_steps += 1
         ctx.global_step += 1

@@ -376,7 +376,9 @@ def _rl_phase(ctx, cond, reward, reference) -> list:
     with torch.no_grad():
         x0 = fam.predict(ctx.student, x_t, t, cond)[0]
         cands, t_next = candidates(ctx, x0, k, n)
-        scores = reward.score(cands.flatten(0, 1), t_next.repeat(n), _repeat(cond, n)).reshape(n, b)
+        t_score = t if getattr(reward, "scores_at", "next") == "current" else t_next
+        prompts = {"prompts": ["a prompt"] * (n * b)} if getattr(reward, "needs_prompts", False) else {}
+        scores = reward.score(cands.flatten(0, 1), t_score.repeat(n), _repeat(cond, n), **prompts).reshape(n, b)
         del scores  # argmax has no values on meta tensors: any two candidates are the pair's shapes
         x_w, x_l = cands[0], cands[1]
         x0_ref = fam.predict(reference, x_t, t, cond)[0]
@@ -528,10 +530,13 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
 
 def _meta_reward(cfg, family):
     """The Stage-2 LRM as the run loads it (its lrm.json decides whether the backbone is the teacher itself,
-    a full copy or a LoRA copy), on the meta device."""
+    a full copy or a LoRA copy; LPO's LRM brings its own UNet and text encoders), on the meta device."""
+    from flashdmd.networks.lpo_reward import LPORewardModel, is_lpo_folder
     from flashdmd.networks.reward import CONFIG_NAME, LatentRewardModel
     from flashdmd.training.stage2 import resolve_reward_model
     path = resolve_reward_model(cfg.rl_reward_model, family.name)
+    if is_lpo_folder(path):
+        return LPORewardModel.on_meta(path, family, cfg.rl_lpo_feature_cfg)
     config = path / CONFIG_NAME
     if not config.is_file():
         raise FlashDMDError(f"rl_reward_model {path}: no {CONFIG_NAME} (the folder `flashdmd reward train` writes)")

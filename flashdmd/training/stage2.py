@@ -23,15 +23,27 @@ from flashdmd.training import steps
 
 def resolve_reward_model(spec: str, family_name: str) -> Path:
     """``rl_reward_model`` -> the LRM folder: a plug-in's (``world``: the shipped LRM of the family's teacher) or a
-    path. The folder's contents are checked by :meth:`LatentRewardModel.check` at start."""
+    path. The folder's contents are checked by :func:`load_reward_model` at start."""
     if plugins.find(spec) is not None:
         return Path(plugins.provider(spec, "reward_model", "rl_reward_model")(family_name))
     return Path(spec).expanduser()
 
 
+def load_reward_model(path: Path, family, cfg, check_only: bool = False):
+    """The reward model in ``path``, by its layout: LPO's released LRM (``state_dict.pt`` + ``unet/``; see
+    :mod:`flashdmd.networks.lpo_reward`) or flashdmd's own (``lrm.json``). ``check_only``: check what can be
+    checked without loading a multi-GB LPO model (flashdmd's own is loaded: small and fully checked so)."""
+    from flashdmd.networks.lpo_reward import LPORewardModel, check_lpo_folder, is_lpo_folder
+    from flashdmd.networks.reward import LatentRewardModel
+    if is_lpo_folder(path):
+        if check_only:
+            return check_lpo_folder(path, family)
+        return LPORewardModel.load(path, family, feature_cfg=cfg.rl_lpo_feature_cfg)
+    return LatentRewardModel.load(path, family)
+
+
 def setup_stage2(ctx) -> None:
     """Freeze the reference policy, load the LRM, give RL its own optimiser state."""
-    from flashdmd.networks.reward import LatentRewardModel
     cfg, acc = ctx.cfg, ctx.accelerator
     K = len(ctx.timesteps)
     bad = [i for i in cfg.rl_step_indices if i + 1 >= K]
@@ -44,7 +56,7 @@ def setup_stage2(ctx) -> None:
     from flashdmd.training.roles import copy_sharing_frozen
     ctx.reference = (ref if is_sharded(ctx.student) else copy_sharing_frozen(ref)).requires_grad_(False).eval()
     path = resolve_reward_model(cfg.rl_reward_model, ctx.family.name)
-    ctx.reward = LatentRewardModel.load(path, ctx.family).to(acc.device).requires_grad_(False).eval()
+    ctx.reward = load_reward_model(path, ctx.family, cfg).to(acc.device).requires_grad_(False).eval()
     params = [p for p in ctx.student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl_lr or cfg.generator_lr, betas=tuple(cfg.optim_betas),
                             weight_decay=cfg.optim_weight_decay)
@@ -70,7 +82,9 @@ def pick_pair(scores: torch.Tensor, cands: torch.Tensor):
     return cands[scores.argmax(0), idx], cands[scores.argmin(0), idx]
 
 
-def rl_step(ctx, cond) -> dict:
+def rl_step(ctx, cond, prompts: list[str] | None = None) -> dict:
+    """One RL update on a batch of conditionings (and their prompts, which a reward model with its own text
+    encoders -- LPO's -- needs)."""
     cfg, fam = ctx.cfg, ctx.family
     b = len(cond)
     k = cfg.rl_step_indices[ctx.rng.shared_randrange(len(cfg.rl_step_indices))]
@@ -82,7 +96,11 @@ def rl_step(ctx, cond) -> dict:
         x0 = fam.predict(ctx.student, x_t, t, cond)[0]
         cands, t_next = candidates(ctx, x0, k, cfg.rl_num_candidates)
         flat = cands.flatten(0, 1)
-        scores = ctx.reward.score(flat, t_next.repeat(cfg.rl_num_candidates), _repeat(cond, cfg.rl_num_candidates))
+        # flashdmd's LRM scores x_{t'} at t' (what it was trained on); LPO's at the step's own t, as LPO does
+        t_score = t if getattr(ctx.reward, "scores_at", "next") == "current" else t_next
+        scores = ctx.reward.score(flat, t_score.repeat(cfg.rl_num_candidates), _repeat(cond, cfg.rl_num_candidates),
+                                  **({"prompts": list(prompts) * cfg.rl_num_candidates}
+                                     if getattr(ctx.reward, "needs_prompts", False) else {}))
         scores = scores.reshape(cfg.rl_num_candidates, b)
         x_w, x_l = pick_pair(scores, cands)
         x0_ref = fam.predict(ctx.reference, x_t, t, cond)[0]
