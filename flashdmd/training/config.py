@@ -174,6 +174,17 @@ class DistillConfig:
                               "and train one, docs/PAIRS.md), or LPO's released LRM folder for an SDXL teacher "
                               "(unet/, text_encoder*/, state_dict.pt; detected from its contents and scored exactly "
                               "as LPO does, docs/PAIRS.md). Checked before Stage 1 starts")
+    rl_judge: str | None = _f(None, "Stage 2 without a latent reward model: rank the K candidates with a preference "
+                              "model on decoded images -- pickscore, hpsv2, imagereward or clip, from the local "
+                              "folder rl_judge_model (for a teacher that has no LRM; rl_reward_model is then unused). "
+                              "Dearer than an LRM: each candidate is turned into an image (rl_judge_image) and "
+                              "VAE-decoded every RL update")
+    rl_judge_model: str | None = _f(None, "local folder of rl_judge's weights (as `flashdmd reward make-pairs "
+                                    "--judge-model` takes)")
+    rl_judge_image: str = _f("predict", "how a candidate latent x_t' becomes the image rl_judge scores (the paper "
+                             "scores latents and says nothing): predict (the student's x0 prediction at t', one "
+                             "forward per candidate) or finish (the student's remaining steps from t', the image it "
+                             "would output; one forward per remaining step)")
     rl_lpo_feature_cfg: float = _f(7.5, "LPO's LRM only: the feature CFG weight on its mid-block features (LPO's "
                                    "SDXL config: 7.5; <= 1 turns it off, as in LPO)")
     rl_step_indices: list[int] = _f([0, 1], "student steps (indices into student_timesteps) that explore K "
@@ -293,6 +304,11 @@ class DistillConfig:
         need(not (self.disc_backbone == "sam" and self.disc_kind == "pixel" and not self.disc_backbone_path),
              "disc_backbone sam needs disc_backbone_path: a local SAM folder (e.g. facebook/sam-vit-base)")
         need(self.rl_steps >= 0, "rl_steps must be >= 0")
+        need(self.rl_judge is None or self.rl_judge in ("pickscore", "hpsv2", "imagereward", "clip"),
+             "rl_judge must be pickscore, hpsv2, imagereward or clip (or unset: the LRM in rl_reward_model)")
+        need((self.rl_judge is None) == (self.rl_judge_model is None),
+             "rl_judge and rl_judge_model go together: the judge's name and its local folder")
+        need(self.rl_judge_image in ("predict", "finish"), "rl_judge_image must be predict or finish")
         need(self.rl_num_candidates >= 2, "rl_num_candidates must be >= 2 (a best and a worst)")
         need(self.rl_beta > 0, "rl_beta must be > 0")
         need(self.rl_ratio_clip is None or 0 < self.rl_ratio_clip < 1, "rl_ratio_clip must be in (0, 1) or null")

@@ -303,6 +303,10 @@ def check_reward_model(cfg: DistillConfig, family) -> Path | None:
     feature taps) and dropped again; Stage 2 loads it when it starts. One-line errors say how to get one."""
     if not cfg.rl_enabled:
         return None
+    if cfg.rl_judge is not None:  # a preference model on images: its folder is checked by loading it once
+        from flashdmd.rewards.judges import load_judge
+        load_judge(cfg.rl_judge, cfg.rl_judge_model)
+        return Path(cfg.rl_judge_model)
     from flashdmd.training.stage2 import load_reward_model, resolve_reward_model
     plugin = plugins.find(cfg.rl_reward_model)
     if plugin is not None and plugins.model_owner(family.path) is not plugin:

@@ -483,6 +483,9 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
         from flashdmd.training.roles import copy_sharing_frozen
         reference = copy_sharing_frozen(roles["student"]).requires_grad_(False).eval()
         reward = _meta_reward(cfg, family)
+        if isinstance(reward, _MetaJudgeReward):
+            reward.student.append(roles["student"])
+            log(f"stage 2: {reward.untraced} are not traced (only its weights are counted)")
         roles2 = dict(roles, reference=reference, reward=reward)
         peak, grads, updated = trace_phase(_rl_phase, ctx, cond, reward, reference)
         _clear_grads(updated)
@@ -528,12 +531,47 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
     return out
 
 
+class _MetaJudgeReward(nn.Module):
+    """rl_judge on the meta device: the judge folder's stored weights as one meta buffer of their byte count (what
+    it holds in memory, in the stored dtypes) and the candidates' student prediction and VAE decode traced; the
+    judge's own activations are not traced (its backends are not built on the meta device): the plan says so."""
+
+    scores_at = "next"
+    needs_prompts = True
+
+    def __init__(self, cfg, family):
+        super().__init__()
+        n = stored_weight_bytes(Path(cfg.rl_judge_model))
+        self.register_buffer("judge_weights", torch.empty(n, dtype=torch.uint8, device="meta"))
+        self.family, self.student = family, []  # the student: set by plan() (a list: not a submodule)
+        self.untraced = f"the {cfg.rl_judge} judge's activations"
+
+    def score(self, x_t, t, cond, prompts=None):
+        b = x_t.shape[0]
+        x0 = self.family.predict(self.student[0], x_t, t, cond)[0]
+        self.family.decode_latents(x0)
+        return torch.zeros(b, device=x_t.device)
+
+
+def stored_weight_bytes(folder: Path) -> int:
+    """Bytes of every tensor in a folder's safetensors files, from their headers (nothing loaded)."""
+    total = 0
+    for f in sorted(folder.rglob("*.safetensors")):
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        total += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    return total
+
+
 def _meta_reward(cfg, family):
     """The Stage-2 LRM as the run loads it (its lrm.json decides whether the backbone is the teacher itself,
     a full copy or a LoRA copy; LPO's LRM brings its own UNet and text encoders), on the meta device."""
     from flashdmd.networks.lpo_reward import LPORewardModel, is_lpo_folder
     from flashdmd.networks.reward import CONFIG_NAME, LatentRewardModel
     from flashdmd.training.stage2 import resolve_reward_model
+    if cfg.rl_judge is not None:
+        return _MetaJudgeReward(cfg, family)
     path = resolve_reward_model(cfg.rl_reward_model, family.name)
     if is_lpo_folder(path):
         return LPORewardModel.on_meta(path, family, cfg.rl_lpo_feature_cfg)

@@ -29,6 +29,38 @@ def resolve_reward_model(spec: str, family_name: str) -> Path:
     return Path(spec).expanduser()
 
 
+class JudgeReward(torch.nn.Module):
+    """Stage 2's reward from a preference model on images (PickScore, HPSv2, ImageReward, CLIP; see
+    :mod:`flashdmd.rewards.judges`): each candidate latent x_t' becomes an image -- the student's x0 prediction at
+    t' (``image`` "predict") or its remaining steps from t' ("finish") -- which the VAE decodes and the judge scores
+    against its prompt. Frozen; the judge is held as a plain attribute (its weights are not this module's)."""
+
+    scores_at = "next"
+    needs_prompts = True
+
+    def __init__(self, judge, ctx, image: str = "predict"):
+        super().__init__()
+        self.judge, self.image = judge, image
+        self._ctx = [ctx]  # not a submodule: the student and VAE belong to their roles
+
+    @torch.no_grad()
+    def score(self, x_t: torch.Tensor, t: torch.Tensor, cond, prompts: list[str] | None = None) -> torch.Tensor:
+        ctx = self._ctx[0]
+        fam, b = ctx.family, ctx.cfg.batch_size
+        if prompts is None or len(prompts) != x_t.shape[0]:
+            raise FlashDMDError("the judge reward needs one prompt per candidate")
+        t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
+        j = min(range(len(ctx.timesteps)), key=lambda i: abs(ctx.timesteps[i] - float(t[0])))
+        scores = []
+        for s in range(0, x_t.shape[0], b):  # one batch of candidates at a time through student, VAE and judge
+            c = cond[s:s + b]
+            x0 = fam.predict(ctx.student, x_t[s:s + b], t[s:s + b], c)[0]
+            if self.image == "finish":
+                x0 = steps.finish_to_clean(ctx, x0, j, c)
+            scores.append(self.judge.score(fam.decode_latents(x0).float().clamp(-1, 1), list(prompts[s:s + b])))
+        return torch.cat(scores).to(x_t.device, torch.float32)
+
+
 def load_reward_model(path: Path, family, cfg, check_only: bool = False):
     """The reward model in ``path``, by its layout: LPO's released LRM (``state_dict.pt`` + ``unet/``; see
     :mod:`flashdmd.networks.lpo_reward`) or flashdmd's own (``lrm.json``). ``check_only``: check what can be
@@ -55,8 +87,13 @@ def setup_stage2(ctx) -> None:
     # under LoRA the copy shares the student's frozen base (the teacher's): only the adapters are copied
     from flashdmd.training.roles import copy_sharing_frozen
     ctx.reference = (ref if is_sharded(ctx.student) else copy_sharing_frozen(ref)).requires_grad_(False).eval()
-    path = resolve_reward_model(cfg.rl_reward_model, ctx.family.name)
-    ctx.reward = load_reward_model(path, ctx.family, cfg).to(acc.device).requires_grad_(False).eval()
+    if cfg.rl_judge is not None:
+        from flashdmd.rewards.judges import load_judge
+        ctx.reward = JudgeReward(load_judge(cfg.rl_judge, cfg.rl_judge_model, device=acc.device), ctx,
+                                 cfg.rl_judge_image)
+    else:
+        path = resolve_reward_model(cfg.rl_reward_model, ctx.family.name)
+        ctx.reward = load_reward_model(path, ctx.family, cfg).to(acc.device).requires_grad_(False).eval()
     params = [p for p in ctx.student.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.rl_lr or cfg.generator_lr, betas=tuple(cfg.optim_betas),
                             weight_decay=cfg.optim_weight_decay)
