@@ -28,7 +28,7 @@ class Plugin:
     ``image_source``    () -> a real-image source (``flashdmd.data.ImageSource`` protocol)
     ``evaluator``       (num_images: int, device) -> a held-out evaluator (``flashdmd.evaluation.Evaluator``)
     ``grid_prompts``    (n: int) -> prompts for the sample grids of a run
-    ``judge``           (device) -> a preference judge (``flashdmd.rewards.judges.Judge`` protocol)
+    ``judge``           (device) -> a preference judge (``flashdmd.evaluation.judges.Judge`` protocol)
     ``pair_prompts``    (num: int, seed: int) -> prompts for ``flashdmd reward make-pairs``
     ``disc_backbone``   (path or None) -> the Pixel-GAN's frozen encoder (``networks.discriminator`` protocol)
     ``reward_model``    (family name) -> folder of a latent reward model for that family's teacher

@@ -24,7 +24,7 @@ from flashdmd.cli import main
 from flashdmd.families import load_family
 from flashdmd.inference import RUN_KIND
 from flashdmd.rewards import pairs
-from flashdmd.rewards.judges import JUDGES, Judge, ScorerJudge, choose, load_judge
+from flashdmd.evaluation.judges import JUDGES, Judge, ScorerJudge, choose, load_judge
 from flashdmd.rewards.pairs import companion_path, load_pairs, read_records
 
 PROMPT_LINES = ["a red apple on a table", "a small dog", "a watercolour of a lighthouse"]

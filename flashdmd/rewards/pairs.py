@@ -22,7 +22,7 @@ applied, what :meth:`Family.encode_images` returns and :meth:`Family.decode_late
 ``preferred``; every malformed input is one-line :class:`flashdmd.FlashDMDError` naming the line.
 
 :func:`make_pairs` samples two models on the same prompts and lets a judge
-(:mod:`flashdmd.rewards.judges`: PickScore, HPSv2, ImageReward, CLIP from local weights, or a plug-in's own
+(:mod:`flashdmd.evaluation.judges`: PickScore, HPSv2, ImageReward, CLIP from local weights, or a plug-in's own
 judge) choose; :func:`judge_and_prompts` picks the judge and prompts of `flashdmd reward make-pairs`.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from torch import Tensor
 from flashdmd import FlashDMDError, plugins
 from flashdmd.data import read_prompt_file
 from flashdmd.inference import load_model, sample_latent_chunks, teacher_spec
-from flashdmd.rewards.judges import JUDGES, Judge, choose, load_judge
+from flashdmd.evaluation.judges import JUDGES, Judge, choose, load_judge
 
 LATENTS_KEY = "latents"
 REQUIRED = ("prompt", "a", "b", "preferred")
@@ -238,7 +238,7 @@ def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], 
     ``steps_a`` / ``cfg_a``) at noise seed ``2*seed``; sample b: ``model_b_spec`` (a distill run folder or any
     model spec; default: ``model_a_spec`` again) at noise seed ``2*seed + 1`` (per-image noise as in
     ``sample_images``). Both are decoded (clamped to [-1, 1]) and scored once by ``judge.score``; the choice is
-    :func:`flashdmd.rewards.judges.choose` of the two scores (``temperature`` > 0: a noisy Bradley-Terry rater
+    :func:`flashdmd.evaluation.judges.choose` of the two scores (``temperature`` > 0: a noisy Bradley-Terry rater
     drawing from a generator seeded ``seed + 2``), i.e. ``judge.prefer``. Records carry ``label`` only when the
     judge has ``label_of``. The summary (also written to FILE.meta.json) names the judge and the prompts.
     """

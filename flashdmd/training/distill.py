@@ -304,7 +304,7 @@ def check_reward_model(cfg: DistillConfig, family) -> Path | None:
     if not cfg.rl_enabled:
         return None
     if cfg.rl_judge is not None:  # a preference model on images: its folder is checked by loading it once
-        from flashdmd.rewards.judges import load_judge
+        from flashdmd.evaluation.judges import load_judge
         load_judge(cfg.rl_judge, cfg.rl_judge_model)
         return Path(cfg.rl_judge_model)
     from flashdmd.training.stage2 import load_reward_model, resolve_reward_model

@@ -31,7 +31,7 @@ def resolve_reward_model(spec: str, family_name: str) -> Path:
 
 class JudgeReward(torch.nn.Module):
     """Stage 2's reward from a preference model on images (PickScore, HPSv2, ImageReward, CLIP; see
-    :mod:`flashdmd.rewards.judges`): each candidate latent x_t' becomes an image -- the student's x0 prediction at
+    :mod:`flashdmd.evaluation.judges`): each candidate latent x_t' becomes an image -- the student's x0 prediction at
     t' (``image`` "predict") or its remaining steps from t' ("finish") -- which the VAE decodes and the judge scores
     against its prompt. Frozen; the judge is held as a plain attribute (its weights are not this module's)."""
 
@@ -88,7 +88,7 @@ def setup_stage2(ctx) -> None:
     from flashdmd.training.roles import copy_sharing_frozen
     ctx.reference = (ref if is_sharded(ctx.student) else copy_sharing_frozen(ref)).requires_grad_(False).eval()
     if cfg.rl_judge is not None:
-        from flashdmd.rewards.judges import load_judge
+        from flashdmd.evaluation.judges import load_judge
         ctx.reward = JudgeReward(load_judge(cfg.rl_judge, cfg.rl_judge_model, device=acc.device), ctx,
                                  cfg.rl_judge_image)
     else:

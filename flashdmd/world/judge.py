@@ -1,7 +1,7 @@
 """The embedded world's preference judge and pair prompts: the plug-in's ``judge`` and ``pair_prompts``.
 
 :class:`WorldJudge` puts the preference oracle (:class:`flashdmd.world.oracle.Oracle`) behind the
-:class:`flashdmd.rewards.judges.Judge` protocol: an image is scored against the class its prompt names
+:class:`flashdmd.evaluation.judges.Judge` protocol: an image is scored against the class its prompt names
 (:func:`flashdmd.world.prompts.class_of_prompt`), so every prompt must name one of the ten classes.
 :func:`world_pair_prompts` draws the prompts `flashdmd reward make-pairs` uses for the world's models:
 uniformly drawn classes written with the training templates.
@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from flashdmd import FlashDMDError
-from flashdmd.rewards.judges import JudgeBase
+from flashdmd.evaluation.judges import JudgeBase
 from flashdmd.world.evalnets import resolve_dir
 from flashdmd.world.oracle import Oracle
 from flashdmd.world.prompts import class_of_prompt, prompts_for
