@@ -175,6 +175,42 @@ def sd3_pipeline(tmp: Path, seed: int = 0, with_t5: bool = False):
                                     text_encoder_3=te3, tokenizer_3=tok3)
 
 
+def flux_transformer(seed: int = 0, guidance_embeds: bool = True, joint_dim: int = 96):
+    """FluxTransformer2DModel: one double- and two single-stream blocks, 16 packed channels (4 latent x 2x2)."""
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    return FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=2,
+                                  attention_head_dim=8, num_attention_heads=2, joint_attention_dim=joint_dim,
+                                  pooled_projection_dim=TEXT_HIDDEN, guidance_embeds=guidance_embeds,
+                                  axes_dims_rope=(2, 2, 4))
+
+
+def flux_vae(seed: int = 0):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, norm_num_groups=4,
+                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+                         latent_channels=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
+                         scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def flux_pipeline(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
+    """A complete tiny FluxPipeline: dev-style (guidance embedding) or, with ``guidance_embeds=False``,
+    schnell-style; CLIP-L pooled + a tiny T5; FLUX.1's dynamically shifted FlowMatchEuler scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+
+    tok = clip_tokenizer(Path(tmp) / "clip_vocab")
+    te1, _ = clip_encoders(len(tok), *_ids(tok), seed=seed + 20)
+    tok2 = t5_tokenizer()
+    te2 = t5_encoder(len(tok2), seed=seed + 40)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=flux_transformer(seed, guidance_embeds), scheduler=scheduler, vae=flux_vae(seed),
+                        text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2)
+
+
 def save_pipeline(pipe, folder: Path) -> Path:
     """``save_pretrained`` (safetensors) into ``folder`` and return it."""
     folder = Path(folder)

@@ -2,7 +2,7 @@
 
 ``load_family(path_or_name, family=None, device="cpu", dtype=torch.float32)`` detects the family from
 ``model_index.json``'s ``_class_name`` (StableDiffusionXLPipeline -> ``sdxl``, StableDiffusion3Pipeline
--> ``sd3``). :func:`resolve_path` turns a spec into a folder: a model name a plug-in registered
+-> ``sd3``, FluxPipeline -> ``flux``). :func:`resolve_path` turns a spec into a folder: a model name a plug-in registered
 (``world-sdxl``; see :mod:`flashdmd.plugins`), a local folder, or a hub id (a snapshot in the local hub
 cache, downloaded first when ``HF_HUB_OFFLINE=0``).
 """
@@ -14,14 +14,15 @@ import torch
 
 from flashdmd import FlashDMDError, plugins
 from flashdmd.families.base import LORA_TARGETS, Conditioning, Family, read_model_index
+from flashdmd.families.flux import FluxFamily
 from flashdmd.families.hub import hub_snapshot
 from flashdmd.families.sd3 import SD3Family
 from flashdmd.families.sdxl import SDXLFamily
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 
-__all__ = ["LORA_TARGETS", "Conditioning", "Family", "SDXLFamily", "SD3Family", "FAMILIES", "load_family", "resolve_path",
+__all__ = ["LORA_TARGETS", "Conditioning", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES", "load_family", "resolve_path",
            "detect_family"]
 
 

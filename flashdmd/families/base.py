@@ -279,6 +279,9 @@ class Family(ABC):
 
     name: ClassVar[str]
     pipeline_class: ClassVar[str]
+    # guidance-distilled families (FLUX.1-dev): the guidance embedding a net gets when no guidance is asked
+    # (guidance_scale 1); set from model_embedded_guidance by a run, unused by the others
+    embedded_guidance: float = 3.5
     denoiser_subfolder: ClassVar[str]
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
@@ -539,6 +542,18 @@ class Family(ABC):
     @property
     def shift_factor(self) -> float:
         return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    def use_resolution(self, height: int, width: int) -> None:
+        """Work at (height, width) pixels from now on: a family whose noise schedule depends on the image size
+        (FLUX's dynamic shift) rebuilds :attr:`schedule`; the others only check the size."""
+        self.check_resolution(height, width)
+
+    def scheduler_timesteps(self, steps: int) -> list[float]:
+        """The folder's own scheduler's timesteps for ``steps`` steps (what its diffusers pipeline uses)."""
+        import copy
+        sched = copy.deepcopy(self.scheduler)
+        sched.set_timesteps(steps)
+        return [float(t) for t in sched.timesteps]
 
     def check_resolution(self, height: int, width: int) -> None:
         """FlashDMDError (one line) when the denoiser cannot work at (height, width) pixels; the VAE factor is

@@ -72,9 +72,7 @@ def teacher_spec(spec: str) -> str:
 
 def teacher_timesteps(family, steps: int) -> list[float]:
     """The folder's own scheduler's timesteps for ``steps`` steps (what its diffusers pipeline uses)."""
-    sched = copy.deepcopy(family.scheduler)
-    sched.set_timesteps(steps)
-    return [float(t) for t in sched.timesteps]
+    return family.scheduler_timesteps(steps)
 
 
 @torch.no_grad()
@@ -124,6 +122,9 @@ def load_student(run_dir: str | Path, device="cpu"):
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
     fam = load_family(info["teacher"], family=info["family"], device=device)
+    if info.get("resolution"):
+        fam.use_resolution(int(info["resolution"]), int(info["resolution"]))  # FLUX: the run's noise shift
+    fam.embedded_guidance = float(info.get("embedded_guidance", fam.embedded_guidance))
     net = _load_student_net(fam, run_dir / "student", info)
     return Model(fam, net, "student", [float(t) for t in info["student_timesteps"]], 1.0, True,
                  info.get("resolution"))

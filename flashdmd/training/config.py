@@ -68,6 +68,10 @@ class DistillConfig:
                                  "part in model_dtype, as before). A full fine-tune's student and fake score start "
                                  "from the folder's weights loaded in model_dtype, not from the lower-precision "
                                  "teacher; its Stage-2 reference (a copy of the student) stays in model_dtype")
+    model_embedded_guidance: float = _f(3.5, "guidance-distilled teachers only (FLUX.1-dev: guidance is an input "
+                                        "embedding, not a CFG pair): the fixed guidance value the student and the "
+                                        "fake score are always given (FluxPipeline's default 3.5); the DM loss gives "
+                                        "the teacher dm_guidance_scale instead. Ignored by other families")
     model_text_cache: bool = _f(False, "encode every prompt the run will use once at start (the training prompts -- "
                                 "a prompt file or captions, not a plug-in's generated ones --, the evaluation and "
                                 "sample-grid prompts, the real images' captions for DMD2's latent GAN, the null "

@@ -127,7 +127,8 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device,
                          dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, acc.device))
     resolution = cfg.data_resolution or family.default_resolution
-    family.check_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
+    family.use_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
+    family.embedded_guidance = cfg.model_embedded_guidance  # read only by guidance-distilled families (FLUX.1-dev)
     timesteps, n_dm = _student_steps(cfg, family)
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
         f"{timesteps})")

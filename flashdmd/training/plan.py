@@ -444,7 +444,7 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
     train, frozen = dtypes(cfg, s.device)
     family = meta_family(cfg.model_teacher, cfg.model_family, train, frozen)
     resolution = cfg.data_resolution or family.default_resolution
-    family.check_resolution(resolution, resolution)
+    family.use_resolution(resolution, resolution)
     timesteps, n_dm = _student_steps(cfg, family)
     roles = meta_roles(cfg, family)
     text_cache = bool(getattr(cfg, "model_text_cache", False))

@@ -302,7 +302,7 @@ class RunWriter:
         shutil.rmtree(old, ignore_errors=True)
         info = {"kind": RUN_KIND, "teacher": self.cfg.model_teacher, "family": ctx.family.name,
                 "teacher_path": str(ctx.family.path), "student_timesteps": ctx.timesteps,
-                "resolution": ctx.resolution,
+                "resolution": ctx.resolution, "embedded_guidance": self.cfg.model_embedded_guidance,
                 "lora_rank": self.cfg.model_lora_rank, "lora_alpha": self.cfg.model_lora_alpha,
                 "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "method": self.cfg.method}
         _atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
