@@ -358,9 +358,11 @@ def test_family_mismatch_and_unknown(sd3, tmp_path):
         load_family(sd3[1], family="sdxl")
     assert str(sd3[1]) in str(err.value)
     with pytest.raises(FlashDMDError, match="unknown family"):
+        load_family(sd3[1], family="kandinsky")
+    with pytest.raises(FlashDMDError, match="needs a FluxPipeline"):
         load_family(sd3[1], family="flux")
-    (tmp_path / "model_index.json").write_text('{"_class_name": "FluxPipeline"}')
-    with pytest.raises(FlashDMDError, match="FluxPipeline"):
+    (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
+    with pytest.raises(FlashDMDError, match="KandinskyV22Pipeline pipeline; supported: .*FluxPipeline"):
         load_family(tmp_path)
 
 

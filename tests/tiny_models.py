@@ -268,10 +268,10 @@ def sam_vision_folder(path: Path, seed: int = 0, initializer_range: float = 0.02
 
 
 def run_folders(tmp: Path) -> dict:
-    """{"sdxl", "sd3", "sam"} -> the tiny SDXL and SD3 pipeline folders and a tiny SAM (the runs' teachers and
-    Pixel-GAN backbone)."""
+    """{"sdxl", "sd3", "flux", "sam"} -> the tiny SDXL, SD3 and FLUX (dev-style) pipeline folders and a tiny SAM (the
+    runs' teachers and Pixel-GAN backbone)."""
     return {"sdxl": save_pipeline(sdxl_pipeline(tmp), tmp / "sdxl"), "sd3": save_pipeline(sd3_pipeline(tmp), tmp / "sd3"),
-            "sam": sam_vision_folder(tmp / "sam")}
+            "flux": save_pipeline(flux_pipeline(tmp), tmp / "flux"), "sam": sam_vision_folder(tmp / "sam")}
 
 
 def run_config(folders: dict, family: str, method: str, **kw):

@@ -1,0 +1,109 @@
+"""Both methods on a tiny random FLUX.1-dev-style teacher (issue 18, item 2): every role trains and the teacher
+does not, full fine-tune and LoRA; the student is given the fixed embedded guidance and the DM loss's teacher
+dm_guidance_scale; a saved student loads back with the run's resolution and guidance."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_models as tm  # noqa: E402
+
+from flashdmd.training.distill import setup, train  # noqa: E402
+
+RES = 32  # the tiny FLUX VAE's factor is 2: 16x16 latents, 64 tokens (its default resolution, 256 px, is slow)
+
+
+def _cfg(folders, method, **kw):
+    return tm.run_config(folders, "flux", method, data_resolution=RES, **kw)
+
+
+def _snapshot(module):
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["flashdmd", "dmd2"])
+@pytest.mark.parametrize("lora", [0, 4])
+def test_every_role_trains_and_not_the_teacher(tiny_run_folders, method, lora, tmp_path):
+    cfg = _cfg(tiny_run_folders, method, model_lora_rank=lora)
+    ctx = setup(cfg)
+    assert ctx.family.name == "flux" and ctx.resolution == RES
+    before = {role: _snapshot(getattr(ctx, role)) for role in ("teacher", "student", "fake_score", "disc")}
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    for role in ("student", "fake_score", "disc"):
+        module = getattr(ctx, role)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        assert trainable, role
+        if lora and role != "disc":
+            assert all("lora_" in n for n in trainable), role
+        unchanged = [n for n, p in module.named_parameters() if n in trainable and torch.equal(p, before[role][n])]
+        assert not unchanged, f"{role}: {len(unchanged)} trainable tensors did not change, e.g. {unchanged[:3]}"
+    for n, p in ctx.teacher.named_parameters():
+        assert torch.equal(p, before["teacher"][n]) and not p.requires_grad
+
+
+def test_guidance_reaches_the_embedding(tiny_run_folders, tmp_path):
+    """The DM loss's teacher forward gets dm_guidance_scale, the student's and the fake score's the fixed
+    model_embedded_guidance."""
+    cfg = _cfg(tiny_run_folders, "flashdmd", dm_guidance_scale=4.5, model_embedded_guidance=2.5, max_steps=1)
+    ctx = setup(cfg)
+    seen = {}
+    hooks = [getattr(ctx, r).register_forward_pre_hook(
+        lambda m, a, kw, r=r: seen.setdefault(r, set()).add(float(kw["guidance"][0])), with_kwargs=True)
+        for r in ("teacher", "student", "fake_score")]
+    try:
+        train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert seen == {"teacher": {4.5}, "student": {2.5}, "fake_score": {2.5}}
+
+
+def test_a_saved_student_loads_with_the_runs_resolution_and_guidance(tiny_run_folders, tmp_path):
+    from flashdmd.inference import load_model
+    cfg = _cfg(tiny_run_folders, "flashdmd", model_embedded_guidance=2.5, max_steps=1)
+    ctx = setup(cfg)
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    model = load_model(str(tmp_path / "run"))
+    assert model.image_size == RES and model.family.embedded_guidance == 2.5
+    assert model.family.schedule.shift == pytest.approx(ctx.family.schedule.shift)
+    assert model.family.schedule.shift != pytest.approx(tm_default_shift(tiny_run_folders))
+
+
+def tm_default_shift(folders):
+    from flashdmd.families import load_family
+    return load_family(folders["flux"]).schedule.shift
+
+
+@pytest.mark.parametrize("method", ["flashdmd", "dmd2"])
+def test_resume_is_bitwise_identical(tiny_run_folders, method, tmp_path):
+    kw = dict(max_steps=4, fake_score_ttur=2, checkpoint_every_steps=2, seed=3)
+    cfg = _cfg(tiny_run_folders, method, **kw)
+    full = setup(cfg)
+    train(cfg, tmp_path / "full", progress=False, ctx=full)
+    train(_cfg(tiny_run_folders, method, **{**kw, "max_steps": 2}), tmp_path / "half", progress=False)
+    resumed = setup(cfg)
+    train(cfg, tmp_path / "half", progress=False, ctx=resumed, resume="latest")
+    for role in ("student", "fake_score", "disc"):
+        a, b = dict(getattr(full, role).named_parameters()), dict(getattr(resumed, role).named_parameters())
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[n], b[n]) for n in a), role
+
+
+def test_stage2_runs_with_an_lrm_trained_by_flashdmds_commands(tiny_run_folders, tmp_path):
+    """make-pairs -> reward train on the FLUX teacher (tiny CLIP judge), then joint RL with that LRM."""
+    from flashdmd.cli import main
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red shoe\na small bag\na striped shirt\n")
+    clip = tm.clip_model_folder(tmp_path / "clip")
+    teacher = str(tiny_run_folders["flux"])
+    assert main(["reward", "make-pairs", "--model", teacher, "--prompts", str(prompts), "--judge", "clip",
+                 "--judge-model", str(clip), "--num", "4", "--steps-a", "2", "--steps-b", "1", "--out",
+                 str(tmp_path / "pairs.jsonl"), "--no-progress"]) == 0
+    assert main(["reward", "train", "--pairs", str(tmp_path / "pairs.jsonl"), "--family-model", teacher,
+                 "--out", str(tmp_path / "lrm"), "--steps", "2", "--batch", "2", "--eval-draws", "1"]) == 0
+    cfg = _cfg(tiny_run_folders, "flashdmd", max_steps=1, rl_enabled=True, rl_reward_model=str(tmp_path / "lrm"),
+               rl_steps=2, rl_distill_ratio=2, rl_num_candidates=2)
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result["rl_steps"] == 2 and any("rl/loss" in h for h in result["history"])
