@@ -3,7 +3,7 @@
 The exported folder is the teacher's pipeline folder (VAE, text encoders, tokenizers: copied byte for byte)
 with
 
-* the student as ``unet/`` (SDXL) or ``transformer/`` (SD3) -- or, with ``--lora``, the teacher's own
+* the student as ``unet/`` (SDXL) or ``transformer/`` (SD3, FLUX) -- or, with ``--lora``, the teacher's own
   denoiser plus ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` accepts
   (written by the pipeline class's ``save_lora_weights``, with the adapter's rank/alpha as metadata);
 * a scheduler whose plain ``num_inference_steps=K`` run is flashdmd's stochastic student sampler
@@ -23,6 +23,13 @@ with
     ``base_shift = max_shift = ln c`` (so mu = ln c at every resolution) and ``shift_terminal`` = the last
     student sigma, for the c solved in :func:`flow_lcm_fit`. For [1000, 900, 750, 500]: c = 2.002004...,
     shift_terminal = 0.5 -- the float32 timesteps equal the run's exactly.
+
+  - FLUX: the same FlowMatchLCMScheduler fit, on the grid FluxPipeline hands its scheduler (sigmas linspace(1,
+    1/K, K), with mu from base_shift == max_shift); a guidance-distilled (dev) student is called with the embedded
+    guidance it was distilled with (run.json's ``embedded_guidance``), others with 1.
+
+  What differs between families is read from the family classes' export attributes (``export_scheduler``,
+  ``pipeline_guidance_default``, ``pipeline_sigma_grid``, ``lora_layers_kwarg``, ``exported_guidance``).
 
   Timesteps a scheduler config cannot produce by itself are passed per call instead (SDXL ``timesteps=``,
   SD3 ``sigmas=``); the README and ``flashdmd_export.json`` say which.
@@ -52,8 +59,6 @@ EXPORT_INFO = "flashdmd_export.json"
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 LCM_TIMESTEP_SCALING = 1e6
 TIMESTEP_TOLERANCE = 1e-3   # model-timestep units; a config is only used when it reproduces the steps this well
-PIPELINE_CFG_DEFAULT = {"sdxl": 5.0, "sd3": 7.0}   # diffusers' __call__ defaults, which must be overridden
-DENOISER = {"sdxl": "unet", "sd3": "transformer"}
 # teacher files that do not belong in the exported folder (top level only)
 SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, LORA_WEIGHTS, ".cache", ".huggingface"}
 # --dtype: name -> torch dtype name; the safetensors header's names of float dtypes
@@ -86,9 +91,16 @@ def read_run(run_dir: str | Path) -> dict:
     for key in ("teacher", "family", "student_timesteps"):
         if key not in info:
             raise FlashDMDError(f"{info_path} lacks {key!r}; re-save the run with this flashdmd version")
-    if info["family"] not in DENOISER:
-        raise FlashDMDError(f"{info_path}: family {info['family']!r} cannot be exported (known: {sorted(DENOISER)})")
+    from flashdmd.families import FAMILIES
+    if info["family"] not in FAMILIES:
+        raise FlashDMDError(f"{info_path}: family {info['family']!r} cannot be exported (known: {sorted(FAMILIES)})")
     return info
+
+
+def family_class(name: str):
+    """The family adapter class of a run (its export attributes are class-level: nothing is loaded)."""
+    from flashdmd.families import FAMILIES
+    return FAMILIES[name]
 
 
 def teacher_folder(info: dict, run: Path) -> Path:
@@ -173,51 +185,60 @@ def flow_lcm_fit(target_sigmas: list[float], sigma_min: float) -> tuple[float, f
     return (c, st) if c > 0 and math.isfinite(c) else None
 
 
-def _flow_pipeline_timesteps(sched, call: dict, k: int) -> list[float]:
-    """The timesteps StableDiffusion3Pipeline will run with ``call`` (its mu rule for dynamic shifting)."""
+def _flow_pipeline_timesteps(sched, call: dict, k: int, grid: str = "scheduler") -> list[float]:
+    """The timesteps a flow pipeline will run with ``call``: its mu rule for dynamic shifting, and the sigma grid it
+    hands the scheduler (``grid``: "scheduler" -- its own, StableDiffusion3Pipeline -- or "linspace" --
+    linspace(1, 1/K, K), FluxPipeline)."""
+    import numpy as np
     kwargs = {}
     if sched.config.get("use_dynamic_shifting"):
         # the pipeline's calculate_shift with base_shift == max_shift is that constant at every resolution
         kwargs["mu"] = float(sched.config["base_shift"])
     if "sigmas" in call:
         sched.set_timesteps(sigmas=call["sigmas"], **kwargs)
+    elif grid == "linspace":
+        sched.set_timesteps(sigmas=np.linspace(1.0, 1 / k, k), **kwargs)
     else:
         sched.set_timesteps(k, **kwargs)
     return sched.timesteps.tolist()
 
 
-def flow_lcm_scheduler(teacher_config: dict, timesteps: list[float]):
-    """(FlowMatchLCMScheduler, pipeline call kwargs, max |timestep error|) for SD3 student ``timesteps``."""
+def flow_lcm_scheduler(teacher_config: dict, timesteps: list[float], grid: str = "scheduler"):
+    """(FlowMatchLCMScheduler, pipeline call kwargs, max |timestep error|) for flow student ``timesteps`` (SD3,
+    FLUX; ``grid`` as in :func:`_flow_pipeline_timesteps`)."""
     from diffusers import FlowMatchLCMScheduler
     n_train = int(teacher_config.get("num_train_timesteps", 1000))
-    shift = float(teacher_config.get("shift", 1.0))
     target = [float(t) for t in timesteps]
     k = len(target)
-    sigma_min = FlowMatchLCMScheduler(num_train_timesteps=n_train, use_dynamic_shifting=True).sigma_min
+    sigma_min = FlowMatchLCMScheduler(num_train_timesteps=n_train, use_dynamic_shifting=True).sigma_min \
+        if grid == "scheduler" else 1.0 / k
     fit = flow_lcm_fit([t / n_train for t in target], sigma_min)
     if fit is not None:
         c, st = fit
         sched = FlowMatchLCMScheduler(num_train_timesteps=n_train, use_dynamic_shifting=True, base_shift=math.log(c),
                                       max_shift=math.log(c), shift_terminal=st)
-        err = _timesteps_error(_flow_pipeline_timesteps(sched, {}, k), target)
+        err = _timesteps_error(_flow_pipeline_timesteps(sched, {}, k, grid), target)
         if err <= TIMESTEP_TOLERANCE:
             return sched, {"num_inference_steps": k}, err
-    # fall back: the teacher's fixed shift and the pipeline's `sigmas=` argument (unshifted student sigmas)
+    # fall back: the pipeline's `sigmas=` argument -- the unshifted student sigmas under the teacher's fixed shift
+    # (SD3); with a resolution-dependent shift (FLUX) the student's own sigmas, unshifted (shift 1)
+    shift = float(teacher_config.get("shift", 1.0)) if grid == "scheduler" else 1.0
     sched = FlowMatchLCMScheduler(num_train_timesteps=n_train, shift=shift)
     sig = [t / n_train for t in target]
     unshifted = [s / (shift - (shift - 1.0) * s) for s in sig]
     call = {"sigmas": unshifted}
-    return sched, call, _timesteps_error(_flow_pipeline_timesteps(sched, call, k), target)
+    return sched, call, _timesteps_error(_flow_pipeline_timesteps(sched, call, k, grid), target)
 
 
 def student_scheduler(family: str, teacher_config: dict, timesteps: list[float]):
     """(scheduler, pipeline call kwargs, max |timestep error|) reproducing the student sampler."""
-    if family == "sdxl":
+    cls = family_class(family)
+    if cls.export_scheduler == "lcm":
         if teacher_config.get("prediction_type", "epsilon") not in ("epsilon", "v_prediction", "sample"):
             raise FlashDMDError(f"teacher prediction_type {teacher_config.get('prediction_type')!r} is not supported "
                                 "by LCMScheduler")
         return lcm_scheduler(teacher_config, timesteps)
-    return flow_lcm_scheduler(teacher_config, timesteps)
+    return flow_lcm_scheduler(teacher_config, timesteps, cls.pipeline_sigma_grid)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -257,13 +278,12 @@ def write_lora_weights(family: str, pipeline_class: str, info: dict, run: Path, 
         state = {k: _cast(v, _torch_dtype(dtype), f"{run}/student/adapter.safetensors: {k}") for k, v in state.items()}
     meta = _lora_metadata(info)
     cls = getattr(diffusers, pipeline_class)
-    if family == "sdxl":
+    kw = family_class(family).lora_layers_kwarg
+    if kw == "unet":
         from diffusers.utils import convert_state_dict_to_diffusers
-        cls.save_lora_weights(str(folder), unet_lora_layers=convert_state_dict_to_diffusers(state),
-                              unet_lora_adapter_metadata=meta, weight_name=LORA_WEIGHTS)
-    else:
-        cls.save_lora_weights(str(folder), transformer_lora_layers=state, transformer_lora_adapter_metadata=meta,
-                              weight_name=LORA_WEIGHTS)
+        state = convert_state_dict_to_diffusers(state)
+    cls.save_lora_weights(str(folder), weight_name=LORA_WEIGHTS,
+                          **{f"{kw}_lora_layers": state, f"{kw}_lora_adapter_metadata": meta})
 
 
 def write_merged_lora_student(teacher: Path, index: dict, info: dict, run: Path, folder: Path,
@@ -275,7 +295,7 @@ def write_merged_lora_student(teacher: Path, index: dict, info: dict, run: Path,
     from peft.utils import set_peft_model_state_dict
 
     from flashdmd.families.base import component_class
-    sub = DENOISER[info["family"]]
+    sub = family_class(info["family"]).denoiser_subfolder
     cls = component_class(teacher, index, sub)
     net = cls.from_pretrained(teacher / sub, **({} if dtype is None else {"torch_dtype": torch.float32}))
     meta = _lora_metadata(info)
@@ -451,7 +471,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
     _check_out(out, [teacher, run / "student"])
     from flashdmd.families.base import read_model_index
     index = read_model_index(teacher)
-    sub = DENOISER[family]
+    sub = family_class(family).denoiser_subfolder
     try:
         teacher_sched = json.loads((teacher / "scheduler" / "scheduler_config.json").read_text())
     except (OSError, ValueError) as e:
@@ -478,7 +498,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
         record = {"kind": EXPORT_KIND, "run": str(run.resolve()), "family": family, "teacher": str(teacher.resolve()),
                   "pipeline_class": index["_class_name"], "scheduler": type(sched).__name__,
                   "student_timesteps": timesteps, "num_inference_steps": len(timesteps), "pipeline_kwargs": call,
-                  "guidance_scale": 1.0, "max_timestep_error": err, "timesteps_exact": err == 0.0,
+                  "guidance_scale": family_class(family).exported_guidance(info, teacher), "max_timestep_error": err, "timesteps_exact": err == 0.0,
                   "lora": bool(lora), "lora_fused": bool(is_lora and not lora),
                   "lora_weights": LORA_WEIGHTS if lora else None,
                   "dtype": dtype, "weights_dtypes": folder_float_dtypes(tmp),
@@ -510,6 +530,9 @@ def load_kwargs(record: dict) -> dict:
 
 def readme(record: dict) -> str:
     fam, k = record["family"], record["num_inference_steps"]
+    cls = family_class(fam)
+    lcm = cls.export_scheduler == "lcm"
+    g = float(record.get("guidance_scale", 1.0))
     call = dict(record["pipeline_kwargs"])
     steps_arg = ", ".join(f"{key}={val!r}" for key, val in call.items())
     lk = ", ".join(f"{key}={'None' if val is None else val}" for key, val in load_kwargs(record).items())
@@ -518,14 +541,14 @@ def readme(record: dict) -> str:
         if record["lora"] else ""
     seed_note = ("`generator=torch.Generator().manual_seed(seed)` reproduces flashdmd's sampler exactly: the SDXL "
                  "pipeline passes the generator to `LCMScheduler.step`, so the initial noise and one fresh noise per "
-                 "step come from that one generator, in that order.") if fam == "sdxl" else (
+                 "step come from that one generator, in that order.") if lcm else (
         "Use `generator=torch.manual_seed(seed)` (torch's global generator) to reproduce flashdmd's sampler: "
-        "`StableDiffusion3Pipeline` does not pass its `generator` to `scheduler.step`, so the per-step noise of "
+        f"`{record['pipeline_class']}` does not pass its `generator` to `scheduler.step`, so the per-step noise of "
         "`FlowMatchLCMScheduler` always comes from the global RNG. Passing the global generator makes the initial "
         "noise and the per-step noise one stream, in the order flashdmd draws them (exact on CPU; on CUDA the "
         "per-step draws come from the CUDA default generator instead). With a private "
         "`torch.Generator().manual_seed(seed)` only the initial noise is seeded by it.")
-    gen = "torch.Generator().manual_seed(0)" if fam == "sdxl" else "torch.manual_seed(0)"
+    gen = "torch.Generator().manual_seed(0)" if lcm else "torch.manual_seed(0)"
     exact = ("exactly" if record["timesteps_exact"]
              else f"to within {record['max_timestep_error']:.3g} timestep units")
     how = ("`num_inference_steps` alone selects them" if "num_inference_steps" in call else
@@ -542,21 +565,19 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = {load}{lora_line}
-image = pipe("a photo of ...", {steps_arg}, guidance_scale=1.0, generator={gen}).images[0]
+image = pipe("a photo of ...", {steps_arg}, guidance_scale={g}, generator={gen}).images[0]
 # output_type="latent" returns the student's latents (what flashdmd's sampler returns)
 ```
 
-**guidance_scale=1.0 is required.** The student was distilled with the teacher's classifier-free guidance
-built in; the pipeline's own default (`guidance_scale={PIPELINE_CFG_DEFAULT[fam]}`) would run CFG a second time
-(two network calls per step and over-saturated images).
+{_guidance_note(record, cls)}
 
 Sampler: `{record['scheduler']}` runs the student's timesteps {record['student_timesteps']} {exact}; {how}.
 At each step the network's x0 prediction is re-noised with fresh Gaussian noise to the next timestep,
 x' = alpha' x0 + sigma' n, and the last x0 is the result -- flashdmd's few-step student sampler.
 {"`timestep_scaling` is 1e6 so that LCM's boundary condition is the identity (c_out = 1, c_skip ~ 0)."
- if fam == "sdxl" else
+ if lcm else
  "The time shift (`use_dynamic_shifting` with `base_shift == max_shift`, i.e. the same shift at every resolution) "
- "and `shift_terminal` are set so that the default grid lands on the SD3-shifted student steps."}
+ "and `shift_terminal` are set so that the pipeline's default grid lands on the student's shifted steps."}
 Other step counts are not what the student was trained for.
 
 Seeds: {seed_note}
@@ -565,6 +586,17 @@ Weights: {_weights_line(record)}
 
 `flashdmd_export.json` records the run, the timesteps, the call arguments and the weights' dtype.
 """
+
+
+def _guidance_note(record: dict, cls) -> str:
+    g = float(record.get("guidance_scale", 1.0))
+    if g != 1.0:  # a guidance-distilled family: guidance is the network's input, the value the student was given
+        return (f"**guidance_scale={g} is required.** This {record['family']} model takes guidance as an input "
+                "embedding (no second network call); the student was distilled with this fixed value "
+                "(`model_embedded_guidance`) and other values are not what it was trained for.")
+    return ("**guidance_scale=1.0 is required.** The student was distilled with the teacher's classifier-free "
+            f"guidance built in; the pipeline's own default (`guidance_scale={cls.pipeline_guidance_default}`) would "
+            "run CFG a second time (two network calls per step and over-saturated images).")
 
 
 def _weights_line(record: dict) -> str:
@@ -597,6 +629,6 @@ def run(args):
     how = ", ".join(f"{k}={v}" for k, v in record["pipeline_kwargs"].items())
     exact = "exactly" if record["timesteps_exact"] else f"within {record['max_timestep_error']:.3g}"
     print(f"exported {record['family']} student to {args.out}: {record['scheduler']} runs "
-          f"{record['student_timesteps']} {exact} with {how}, guidance_scale=1.0"
+          f"{record['student_timesteps']} {exact} with {how}, guidance_scale={record['guidance_scale']}"
           f"{'; LoRA in ' + LORA_WEIGHTS if record['lora'] else ''}; weights {'/'.join(record['weights_dtypes'])}"
           f" (see {args.out}/README.md)")

@@ -66,9 +66,9 @@ def sample_latents(model, prompts: Sequence[str], generator: torch.Generator | l
     fam = model.family
     w = model.guidance_scale if guidance_scale is None else float(guidance_scale)
     ts, init = plan(model, steps)
-    res = fam.default_resolution
+    res = model.image_size
     shape = (len(prompts), *fam.latent_shape(res, res))
-    cond = fam.encode_prompts(prompts)
+    cond = fam.encode_prompts(prompts, res, res)
     dtype = cond.prompt_embeds.dtype
     noise = randn_tensor(shape, generator=generator, device=fam.device, dtype=dtype)
     x = fam.initial_latents(noise, ts[0], init)
@@ -77,8 +77,7 @@ def sample_latents(model, prompts: Sequence[str], generator: torch.Generator | l
     for k, t in enumerate(ts):
         x0, eps = denoise(x, torch.full((x.shape[0],), float(t), device=x.device, dtype=torch.float32))
         if k + 1 < len(ts):
-            fresh = randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) \
-                if model.stochastic else eps
+            fresh = fam.step_noise(x0, generator) if model.stochastic else eps
             # renoise with the noise given explicitly: alpha' x0 + sigma' * fresh (the stochastic sampler's step)
             x = samplers.renoise(x0, fresh, ts[k + 1], fam.schedule, stochastic=False)
     return x0

@@ -107,3 +107,42 @@ def test_stage2_runs_with_an_lrm_trained_by_flashdmds_commands(tiny_run_folders,
                rl_steps=2, rl_distill_ratio=2, rl_num_candidates=2)
     result = train(cfg, tmp_path / "run", progress=False)
     assert result["rl_steps"] == 2 and any("rl/loss" in h for h in result["history"])
+
+
+@pytest.mark.parametrize("lora", [0, 2])
+def test_export_runs_in_a_plain_flux_pipeline_and_reproduces_the_student(tiny_run_folders, lora, tmp_path):
+    """`flashdmd export` -> FluxPipeline.from_pretrained, called with the folder's documented arguments (its
+    guidance_scale is the embedded guidance the student was distilled with), gives flashdmd's student latents for
+    the same seed; full student and LoRA (load_lora_weights)."""
+    from diffusers import FluxPipeline
+
+    from flashdmd.cli import main
+    from flashdmd.families.flux import unpack
+    from flashdmd.inference import load_model
+    from flashdmd.sample import sample_latents
+    kw = {"model_lora_rank": lora, "model_lora_alpha": 4.0} if lora else {}
+    cfg = tm.run_config(tiny_run_folders, "flux", "flashdmd", data_resolution=RES, disc_kind="none", max_steps=1,
+                        generator_lr=1e-3, model_embedded_guidance=2.5, **kw)
+    train(cfg, tmp_path / "run", progress=False)
+    out = tmp_path / "exported"
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(out)] + (["--lora"] if lora else [])) == 0
+    import json
+    record = json.loads((out / "flashdmd_export.json").read_text())
+    assert record["guidance_scale"] == 2.5 and record["max_timestep_error"] <= 1e-3  # float32 rounding of the fit
+    assert "guidance_scale=2.5 is required" in (out / "README.md").read_text()
+    pipe = FluxPipeline.from_pretrained(out)
+    pipe.set_progress_bar_config(disable=True)
+    if lora:
+        pipe.load_lora_weights(out)
+    prompts = ["a red shoe", "a small bag"]
+    lat = pipe(prompts, height=RES, width=RES, guidance_scale=record["guidance_scale"], output_type="latent",
+               max_sequence_length=512, generator=torch.manual_seed(11), **record["pipeline_kwargs"]).images
+    assert [float(t) for t in pipe.scheduler.timesteps] == pytest.approx(record["student_timesteps"], abs=1e-3)
+    model = load_model(str(tmp_path / "run"))
+    ref = sample_latents(model, prompts, torch.manual_seed(11))
+    got = unpack(lat, *ref.shape[-2:])
+    assert (got - ref).abs().max().item() <= 1e-4
+    # the exported network is the student: the teacher in the same sampler lands elsewhere
+    from dataclasses import replace
+    teacher = sample_latents(replace(model, net=model.family.denoiser), prompts, torch.manual_seed(11))
+    assert (teacher - ref).abs().max().item() > 1e-3

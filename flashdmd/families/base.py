@@ -283,6 +283,15 @@ class Family(ABC):
     # (guidance_scale 1); set from model_embedded_guidance by a run, unused by the others
     embedded_guidance: float = 3.5
     denoiser_subfolder: ClassVar[str]
+    # `flashdmd export` reads these from the class (no folder loaded): the few-step scheduler kind ("lcm": diffusers'
+    # LCMScheduler for eps / v UNets; "flow_lcm": FlowMatchLCMScheduler), the pipeline __call__'s guidance_scale
+    # default (which the export's README tells users to override), the sigma grid a flow pipeline hands its
+    # scheduler ("scheduler": the scheduler's own K-step grid; "linspace": linspace(1, 1/K, K), as FluxPipeline),
+    # and the keyword prefix of the pipeline's save_lora_weights (unet_lora_layers / transformer_lora_layers)
+    export_scheduler: ClassVar[str] = "flow_lcm"
+    pipeline_guidance_default: ClassVar[float] = 1.0
+    pipeline_sigma_grid: ClassVar[str] = "scheduler"
+    lora_layers_kwarg: ClassVar[str] = "transformer"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     optional_text_parts: ClassVar[tuple[tuple[str, str], ...]] = ()
@@ -484,6 +493,13 @@ class Family(ABC):
 
     # -- sampling ------------------------------------------------------------------------------------
 
+    def step_noise(self, x0: Tensor, generator=None) -> Tensor:
+        """The fresh N(0, I) noise of one stochastic sampler step, drawn as the family's pipeline's scheduler draws it
+        (``randn_tensor`` of the latents' shape; FLUX: of its packed tokens), so that an exported pipeline and
+        flashdmd's sampler consume one generator stream identically."""
+        from diffusers.utils.torch_utils import randn_tensor
+        return randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+
     def initial_latents(self, noise: Tensor, t0: float, init: str = "pipeline") -> Tensor:
         """The sampler's input x at the first timestep ``t0``, from standard normal ``noise``.
 
@@ -542,6 +558,12 @@ class Family(ABC):
     @property
     def shift_factor(self) -> float:
         return float(getattr(self.vae.config, "shift_factor", None) or 0.0)
+
+    @classmethod
+    def exported_guidance(cls, info: dict, teacher: Path) -> float:
+        """The guidance_scale an exported student's pipeline must be called with (``info``: the run's run.json):
+        1.0 -- the teacher's CFG is distilled in -- unless the family takes guidance as an input."""
+        return 1.0
 
     def use_resolution(self, height: int, width: int) -> None:
         """Work at (height, width) pixels from now on: a family whose noise schedule depends on the image size

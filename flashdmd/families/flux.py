@@ -66,6 +66,17 @@ class FluxFamily(Family):
     denoiser_subfolder = "transformer"
     max_sequence_length = 512
     embedded_guidance: float = DEFAULT_EMBEDDED_GUIDANCE
+    pipeline_guidance_default = DEFAULT_EMBEDDED_GUIDANCE
+    pipeline_sigma_grid = "linspace"  # FluxPipeline hands its scheduler sigmas linspace(1, 1/K, K) and mu
+
+    @classmethod
+    def exported_guidance(cls, info: dict, teacher) -> float:
+        """A guidance-distilled student is called with the embedded guidance it was trained with; others with 1."""
+        import json
+        from pathlib import Path
+        config = json.loads((Path(teacher) / cls.denoiser_subfolder / "config.json").read_text())
+        return float(info.get("embedded_guidance", DEFAULT_EMBEDDED_GUIDANCE)) if config.get("guidance_embeds") \
+            else 1.0
 
     def _make_schedule(self, config: dict) -> FlowSchedule:
         self.prediction_type = "flow"
@@ -165,6 +176,13 @@ class FluxFamily(Family):
                   pooled_projections=cond.pooled_embeds.to(dtype), encoder_hidden_states=cond.prompt_embeds.to(dtype),
                   txt_ids=txt_ids, img_ids=image_ids(h, w, x_t.device, dtype), return_dict=False, **kwargs)[0]
         return unpack(out, h, w).to(x_t.dtype)
+
+    def step_noise(self, x0: Tensor, generator=None) -> Tensor:
+        """FluxPipeline's scheduler draws each step's noise in the packed token layout."""
+        from diffusers.utils.torch_utils import randn_tensor
+        b, c, h, w = x0.shape
+        return unpack(randn_tensor((b, (h // 2) * (w // 2), 4 * c), generator=generator, device=x0.device,
+                                   dtype=x0.dtype), h, w)
 
     def _feature_modules(self, net: nn.Module) -> list[nn.Module]:
         """Every double-stream block, then every single-stream block."""

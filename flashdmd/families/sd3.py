@@ -35,6 +35,7 @@ class SD3Family(Family):
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
     denoiser_subfolder = "transformer"
+    pipeline_guidance_default = 7.0
     optional_text_parts = (("text_encoder_3", "tokenizer_3"),)
     max_sequence_length = 256
 

@@ -36,6 +36,9 @@ class SDXLFamily(Family):
     name = "sdxl"
     pipeline_class = "StableDiffusionXLPipeline"
     denoiser_subfolder = "unet"
+    export_scheduler = "lcm"
+    pipeline_guidance_default = 5.0
+    lora_layers_kwarg = "unet"
 
     def _make_schedule(self, config: dict) -> VPSchedule:
         kind = config.get("prediction_type", "epsilon")
