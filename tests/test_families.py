@@ -51,7 +51,13 @@ def sd3_t5(tmp_path_factory):
     return _built(tmp_path_factory, "sd3_t5", lambda tmp: tm.sd3_pipeline(tmp, with_t5=True))
 
 
-@pytest.fixture(params=["sdxl", "sd3", "sd3_t5"])
+@pytest.fixture(scope="module")
+def sd35(tmp_path_factory):
+    """SD3.5-style: RMS qk-norm and a dual-attention first block (issue 18, item 5), with T5."""
+    return _built(tmp_path_factory, "sd35", lambda tmp: tm.sd3_pipeline(tmp, with_t5=True, sd35=True))
+
+
+@pytest.fixture(params=["sdxl", "sd3", "sd3_t5", "sd35"])
 def any_family(request):
     return request.getfixturevalue(request.param)
 
@@ -389,3 +395,15 @@ def test_empty_tokenizer_is_refused(sdxl, tmp_path):
     with pytest.raises(FlashDMDError, match="tokenizer") as err:
         load_family(folder)
     assert str(folder / "tokenizer_2") in str(err.value)
+
+
+def test_sd35_style_transformer_loads_through_the_sd3_family(sd35):
+    """SD3.5's qk-norm and dual-attention (MMDiT-X) blocks need nothing of the adapter: the sd3 family loads them
+    (sampling and encoding are checked against the pipeline above with the other families) and taps their blocks."""
+    _, _, fam = sd35
+    cfg = fam.denoiser.config
+    assert fam.name == "sd3" and cfg.qk_norm == "rms_norm" and list(cfg.dual_attention_layers) == [0]
+    assert fam.denoiser.transformer_blocks[0].attn2 is not None
+    x = torch.randn(2, 4, 16, 16)
+    feats = fam.features(fam.denoiser, x, torch.tensor([500.0, 500.0]), fam.encode_prompts(PROMPTS, SIZE, SIZE))
+    assert len(feats) == 2 and all(f.shape[-2:] == (16, 16) for f in feats)

@@ -131,14 +131,16 @@ def sdxl_pipeline(tmp: Path, seed: int = 0, **pipe_kwargs):
                                      **pipe_kwargs)
 
 
-def sd3_transformer(seed: int = 0, joint_dim: int = 96):
-    """SD3Transformer2DModel, patch 1, 2 joint blocks (the last one context-pre-only), sample 16."""
+def sd3_transformer(seed: int = 0, joint_dim: int = 96, sd35: bool = False):
+    """SD3Transformer2DModel, patch 1, 2 joint blocks (the last one context-pre-only), sample 16; ``sd35``: SD3.5's
+    additions -- RMS qk-norm and a dual-attention (MMDiT-X) first block."""
     from diffusers import SD3Transformer2DModel
 
     torch.manual_seed(seed)
+    extra = {"qk_norm": "rms_norm", "dual_attention_layers": (0,)} if sd35 else {}
     return SD3Transformer2DModel(sample_size=16, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
                                  num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=joint_dim,
-                                 pooled_projection_dim=2 * TEXT_PROJ, out_channels=4, pos_embed_max_size=32)
+                                 pooled_projection_dim=2 * TEXT_PROJ, out_channels=4, pos_embed_max_size=32, **extra)
 
 
 def sd3_vae(seed: int = 0):
@@ -160,8 +162,9 @@ def t5_encoder(vocab_size: int, d_model: int = 96, seed: int = 0):
     return T5EncoderModel(cfg).eval()
 
 
-def sd3_pipeline(tmp: Path, seed: int = 0, with_t5: bool = False):
-    """A complete tiny StableDiffusion3Pipeline; T5 (text_encoder_3) only when ``with_t5``."""
+def sd3_pipeline(tmp: Path, seed: int = 0, with_t5: bool = False, sd35: bool = False):
+    """A complete tiny StableDiffusion3Pipeline; T5 (text_encoder_3) only when ``with_t5``; ``sd35``: an SD3.5-style
+    transformer (qk-norm, dual attention)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 
     tok = clip_tokenizer(Path(tmp) / "clip_vocab")
@@ -170,7 +173,7 @@ def sd3_pipeline(tmp: Path, seed: int = 0, with_t5: bool = False):
     tok3 = t5_tokenizer() if with_t5 else None
     te3 = t5_encoder(len(tok3), seed=seed + 40) if with_t5 else None
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    return StableDiffusion3Pipeline(transformer=sd3_transformer(seed), scheduler=scheduler, vae=sd3_vae(seed),
+    return StableDiffusion3Pipeline(transformer=sd3_transformer(seed, sd35=sd35), scheduler=scheduler, vae=sd3_vae(seed),
                                     text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
                                     text_encoder_3=te3, tokenizer_3=tok3)
 
