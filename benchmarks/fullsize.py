@@ -20,6 +20,7 @@ device, which also gives their parameter counts): what a planner that reads conf
     .venv/bin/python benchmarks/fullsize.py sdxl /tmp/fs/sdxl              # ~14 GB of float32 weights, minutes
     .venv/bin/python benchmarks/fullsize.py sdxl /tmp/fs/sdxl-cfg --no-weights
     .venv/bin/python benchmarks/fullsize.py sd3 /tmp/fs/sd3 [--t5] [--dtype bfloat16]
+    .venv/bin/python benchmarks/fullsize.py flux-dev /tmp/fs/flux-dev [--no-weights]   # 11.9 B + T5-XXL
     .venv/bin/python benchmarks/fullsize.py sam /tmp/fs/sam
     .venv/bin/python benchmarks/fullsize.py data /tmp/fs/data              # images/ (8 PNGs + captions), prompts.txt
 """
@@ -89,6 +90,17 @@ T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_layers=24, num_heads=64, vo
               feed_forward_proj="gated-gelu", relative_attention_num_buckets=32, relative_attention_max_distance=128,
               layer_norm_epsilon=1e-06, dropout_rate=0.1, tie_word_embeddings=False, pad_token_id=0,
               eos_token_id=1, decoder_start_token_id=0)
+
+# black-forest-labs/FLUX.1-dev: transformer/config.json (11.9 B), vae/config.json (16 channels, scaling 0.3611, shift
+# 0.1159), scheduler/scheduler_config.json (dynamic shifting); text_encoder = CLIP ViT-L/14's text tower (pooled),
+# text_encoder_2 = T5-v1.1-XXL
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                            guidance_embeds=True, axes_dims_rope=[16, 56, 56])
+FLUX_VAE = dict(_VAE, latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                use_post_quant_conv=False, force_upcast=True)
+FLUX_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                      base_image_seq_len=256, max_image_seq_len=4096)
 
 # facebook/sam-vit-base vision_config
 SAM_VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=1024, patch_size=16,
@@ -239,6 +251,34 @@ def write_sd3_medium(folder: str | Path, weights: bool = True, dtype: torch.dtyp
     return _finish(folder, part, index, counts)
 
 
+def write_flux_dev(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    """A FluxPipeline folder with FLUX.1-dev's architecture (guidance-embedded transformer, CLIP-L, T5-v1.1-XXL,
+    16-channel VAE, dynamically shifted flow-matching scheduler) and random weights."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    import tiny_models as tm
+
+    folder = Path(folder)
+    part = _start(folder)
+    print(f"FLUX.1-dev architecture, random weights ({'weights' if weights else 'configs only'})", flush=True)
+    tok = _clip_tokenizer(part / "_vocab")
+    counts: dict[str, int] = {}
+    index = {"_class_name": "FluxPipeline", "feature_extractor": [None, None], "image_encoder": [None, None]}
+    index["transformer"] = _save_net(lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER), part, "transformer",
+                                     weights, dtype, seed, counts)
+    index["text_encoder"] = _save_net(lambda: CLIPTextModel(_text_config(CLIP_L, tok)), part, "text_encoder", weights,
+                                      dtype, seed + 1, counts)
+    index["text_encoder_2"] = _save_net(lambda: T5EncoderModel(T5Config(**T5_XXL)), part, "text_encoder_2", weights,
+                                        dtype, seed + 2, counts)
+    index["vae"] = _save_net(lambda: AutoencoderKL(**FLUX_VAE), part, "vae", weights, dtype, seed + 3, counts)
+    index["tokenizer"] = _save_other(tok, part, "tokenizer")
+    index["tokenizer_2"] = _save_other(tm.t5_tokenizer(), part, "tokenizer_2")
+    index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), part, "scheduler")
+    shutil.rmtree(part / "_vocab")
+    return _finish(folder, part, index, counts)
+
+
 def write_sam_vit_base(folder: str | Path, seed: int = 0) -> Path:
     """A transformers SamVisionModel folder with facebook/sam-vit-base's vision config, random weights (init
     range 0.02), safetensors: what ``disc_backbone: sam`` + ``disc_backbone_path`` load."""
@@ -290,7 +330,7 @@ def write_data(folder: str | Path, n: int = 8, size: int = 512, seed: int = 0) -
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["sdxl", "sd3", "sam", "data"])
+    p.add_argument("what", choices=["sdxl", "sd3", "flux-dev", "sam", "data"])
     p.add_argument("folder")
     p.add_argument("--no-weights", action="store_true", help="configs, tokenizers and model_index.json only")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -304,6 +344,8 @@ def main() -> None:
         write_sdxl(a.folder, weights=not a.no_weights, dtype=dtype)
     elif a.what == "sd3":
         write_sd3_medium(a.folder, weights=not a.no_weights, dtype=dtype, t5=a.t5)
+    elif a.what == "flux-dev":
+        write_flux_dev(a.folder, weights=not a.no_weights, dtype=dtype)
     elif a.what == "sam":
         write_sam_vit_base(a.folder)
     else:

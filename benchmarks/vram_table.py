@@ -1,7 +1,7 @@
 """The VRAM table of BENCHMARKS.md section 9, made by `flashdmd plan` (issue 15, item 5).
 
 For each row: the real-checkpoint preset (configs/sdxl_flashdmd.yaml, sdxl_dmd2.yaml, sd3_flashdmd.yaml) pointed at a
-config-only full-size folder (benchmarks/fullsize.py: SDXL-base, SD3-medium with T5-XXL, SAM ViT-B; no weights are
+config-only full-size folder (benchmarks/fullsize.py: SDXL-base, SD3-medium with T5-XXL, FLUX.1-dev, SAM ViT-B; no weights are
 written or read), at 1024 px, batch 1 and 4 per device, LoRA rank 64 or a full fine-tune, planned for CUDA
 (model_frozen_dtype auto -> bf16 frozen parts, fp32 trainable weights and AdamW) on one GPU and over 8 with DDP
 and FSDP2. Writes benchmarks/results/vram_table.json and prints the markdown table.
@@ -35,17 +35,24 @@ ROWS = [
      {"model_lora_rank": 64, "model_text_cache": True, "data_prompts": "{prompts}"}),
     ("SD3-medium DMD2 LoRA 64", "sd3", "sdxl_dmd2.yaml",
      {"model_lora_rank": 64, "student_timesteps": [1000, 900, 750, 500], "dm_guidance_scale": 7.0}),
+    ("FLUX.1-dev Flash-DMD LoRA 64, text cache", "flux", "flux_flashdmd.yaml",
+     {"model_lora_rank": 64, "data_prompts": "{prompts}"}),
+    ("FLUX.1-dev DMD2 LoRA 64, text cache", "flux", "sdxl_dmd2.yaml",
+     {"model_lora_rank": 64, "student_timesteps": None, "dm_guidance_scale": 3.5, "model_text_cache": True,
+      "data_prompts": "{prompts}"}),
 ]
 
 
 def folders(work: Path) -> dict:
     import fullsize
-    out = {"sdxl": work / "sdxl", "sd3": work / "sd3-medium", "sam": work / "sam-vit-base",
+    out = {"sdxl": work / "sdxl", "sd3": work / "sd3-medium", "flux": work / "flux-dev", "sam": work / "sam-vit-base",
            "prompts": work / "prompts.txt"}
     if not (out["sdxl"] / "model_index.json").is_file():
         fullsize.write_sdxl(out["sdxl"], weights=False)
     if not (out["sd3"] / "model_index.json").is_file():
         fullsize.write_sd3_medium(out["sd3"], weights=False, t5=True)
+    if not (out["flux"] / "model_index.json").is_file():
+        fullsize.write_flux_dev(out["flux"], weights=False)
     if not (out["sam"] / "config.json").is_file():
         fullsize.write_sam_vit_base(out["sam"])
     out["prompts"].write_text("a photo of a cat\n")

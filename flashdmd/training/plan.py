@@ -55,7 +55,8 @@ CARDS_GB = (24, 48, 80, 141)
 # a plan "fits" a card when its peak stays under this share of it: the caching allocator's fragmentation and
 # kernels' workspaces are not in the plan (a margin, not a measurement; no GPU has checked it yet)
 FIT_HEADROOM = 0.95
-FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock")  # configs/accelerate/fsdp2_8gpu.yaml's wrap classes
+# configs/accelerate/fsdp2_8gpu.yaml's wrap classes: SDXL's, SD3's, FLUX's double- and single-stream blocks
+FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
 ROLE_ORDER = ("teacher", "student", "fake_score", "text_encoders", "vae", "disc", "reference", "reward")
 
 
