@@ -128,10 +128,12 @@ def fused_attention():
     import torch.nn.functional as F
     original = F.scaled_dot_product_attention
 
-    def sdpa(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
-        if q.device.type == "meta" and attn_mask is None:
-            return _FusedAttention.apply(q, k, v)
-        return original(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale, **kw)
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        # torch's own parameter names: diffusers' attention dispatcher (FLUX) passes them as keywords
+        if query.device.type == "meta" and attn_mask is None:
+            return _FusedAttention.apply(query, key, value)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        **kw)
     F.scaled_dot_product_attention = sdpa
     try:
         yield
