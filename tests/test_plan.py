@@ -51,10 +51,12 @@ def _optimizer_bytes(opt) -> int:
     return sum(v.untyped_storage().nbytes() for st in inner.state.values() for v in st.values() if torch.is_tensor(v))
 
 
-@pytest.mark.parametrize("family,method,lora", [("sdxl", "flashdmd", 2), ("sdxl", "flashdmd", 0), ("sd3", "dmd2", 2)])
+@pytest.mark.parametrize("family,method,lora", [("sdxl", "flashdmd", 2), ("sdxl", "flashdmd", 0), ("sd3", "dmd2", 2),
+                                               ("flux", "flashdmd", 2)])
 def test_plan_split_matches_a_real_run(folders, family, method, lora):
     cfg = _cfg(folders, family, method, model_lora_rank=lora,
-               student_timesteps=[999, 749, 499, 249] if family == "sdxl" else None)
+               student_timesteps=[999, 749, 499, 249] if family == "sdxl" else None,
+               **({"data_resolution": 32} if family == "flux" else {}))  # the tiny FLUX's default is 256 px
     result = P.plan(cfg, P.Settings(device="cpu"))
     planned = result["detail"]["stage1"]
     ctx = setup(cfg)
