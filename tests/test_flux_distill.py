@@ -76,7 +76,7 @@ def tm_default_shift(folders):
     return load_family(folders["flux"]).schedule.shift
 
 
-@pytest.mark.parametrize("method", ["flashdmd", "dmd2"])
+@pytest.mark.parametrize("method", ["flashdmd"])  # DMD2's roles resume the same way on every family (test_resume.py)
 def test_resume_is_bitwise_identical(tiny_run_folders, method, tmp_path):
     kw = dict(max_steps=4, fake_score_ttur=2, checkpoint_every_steps=2, seed=3)
     cfg = _cfg(tiny_run_folders, method, **kw)
@@ -92,19 +92,23 @@ def test_resume_is_bitwise_identical(tiny_run_folders, method, tmp_path):
 
 
 def test_stage2_runs_with_an_lrm_trained_by_flashdmds_commands(tiny_run_folders, tmp_path):
-    """make-pairs -> reward train on the FLUX teacher (tiny CLIP judge), then joint RL with that LRM."""
+    """`flashdmd reward train` on a pairs file of the FLUX teacher's latents (written with the pairs API; make-pairs
+    itself is tested on the other families), then joint RL with that LRM."""
     from flashdmd.cli import main
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a red shoe\na small bag\na striped shirt\n")
-    clip = tm.clip_model_folder(tmp_path / "clip")
-    teacher = str(tiny_run_folders["flux"])
-    assert main(["reward", "make-pairs", "--model", teacher, "--prompts", str(prompts), "--judge", "clip",
-                 "--judge-model", str(clip), "--num", "4", "--steps-a", "2", "--steps-b", "1", "--out",
-                 str(tmp_path / "pairs.jsonl"), "--no-progress"]) == 0
-    assert main(["reward", "train", "--pairs", str(tmp_path / "pairs.jsonl"), "--family-model", teacher,
-                 "--out", str(tmp_path / "lrm"), "--steps", "2", "--batch", "2", "--eval-draws", "1"]) == 0
-    cfg = _cfg(tiny_run_folders, "flashdmd", max_steps=1, rl_enabled=True, rl_reward_model=str(tmp_path / "lrm"),
-               rl_steps=2, rl_distill_ratio=2, rl_num_candidates=2)
+    from flashdmd.families import load_family
+    from flashdmd.rewards.pairs import write_pairs
+    # a VAE of factor 1: reward train works at the family's default resolution, 128 px here
+    teacher = tm.save_pipeline(tm.flux_pipeline(tmp_path, vae_blocks=1), tmp_path / "flux128")
+    fam = load_family(teacher)
+    shape = fam.latent_shape(fam.default_resolution, fam.default_resolution)
+    prompts = ["a red shoe", "a small bag", "a striped shirt", "a boot"]
+    records = [{"prompt": p, "a": 2 * i, "b": 2 * i + 1, "preferred": "a"} for i, p in enumerate(prompts)]
+    write_pairs(tmp_path / "pairs.jsonl", records, torch.randn(2 * len(prompts), *shape,
+                                                               generator=torch.Generator().manual_seed(0)))
+    assert main(["reward", "train", "--pairs", str(tmp_path / "pairs.jsonl"), "--family-model", str(teacher),
+                 "--out", str(tmp_path / "lrm"), "--steps", "1", "--batch", "2", "--eval-draws", "1"]) == 0
+    cfg = _cfg(tiny_run_folders, "flashdmd", model_teacher=str(teacher), max_steps=1, rl_enabled=True,
+               rl_reward_model=str(tmp_path / "lrm"), rl_steps=2, rl_distill_ratio=2, rl_num_candidates=2)
     result = train(cfg, tmp_path / "run", progress=False)
     assert result["rl_steps"] == 2 and any("rl/loss" in h for h in result["history"])
 

@@ -189,17 +189,18 @@ def flux_transformer(seed: int = 0, guidance_embeds: bool = True, joint_dim: int
                                   axes_dims_rope=(2, 2, 4))
 
 
-def flux_vae(seed: int = 0):
+def flux_vae(seed: int = 0, blocks: int = 2):
+    """A FLUX-style VAE (scaling and shift); ``blocks`` 2: factor 2, 1: factor 1 (default resolution 128 px)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    return AutoencoderKL(block_out_channels=[8, 16], in_channels=3, out_channels=3, norm_num_groups=4,
-                         down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
+    return AutoencoderKL(block_out_channels=[8, 16][:blocks], in_channels=3, out_channels=3, norm_num_groups=4,
+                         down_block_types=["DownEncoderBlock2D"] * blocks, up_block_types=["UpDecoderBlock2D"] * blocks,
                          latent_channels=4, sample_size=32, use_quant_conv=False, use_post_quant_conv=False,
                          scaling_factor=0.3611, shift_factor=0.1159)
 
 
-def flux_pipeline(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
+def flux_pipeline(tmp: Path, seed: int = 0, guidance_embeds: bool = True, vae_blocks: int = 2):
     """A complete tiny FluxPipeline: dev-style (guidance embedding) or, with ``guidance_embeds=False``,
     schnell-style; CLIP-L pooled + a tiny T5; FLUX.1's dynamically shifted FlowMatchEuler scheduler."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
@@ -210,7 +211,8 @@ def flux_pipeline(tmp: Path, seed: int = 0, guidance_embeds: bool = True):
     te2 = t5_encoder(len(tok2), seed=seed + 40)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)
-    return FluxPipeline(transformer=flux_transformer(seed, guidance_embeds), scheduler=scheduler, vae=flux_vae(seed),
+    return FluxPipeline(transformer=flux_transformer(seed, guidance_embeds), scheduler=scheduler,
+                        vae=flux_vae(seed, vae_blocks),
                         text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok2)
 
 
