@@ -135,6 +135,8 @@ def rl_step(ctx, cond, prompts: list[str] | None = None) -> dict:
         flat = cands.flatten(0, 1)
         # flashdmd's LRM scores x_{t'} at t' (what it was trained on); LPO's at the step's own t, as LPO does
         t_score = t if getattr(ctx.reward, "scores_at", "next") == "current" else t_next
+        if getattr(ctx.reward, "needs_prompts", False) and prompts is None:
+            raise FlashDMDError(f"{type(ctx.reward).__name__} scores against the prompts: pass them to rl_step")
         scores = ctx.reward.score(flat, t_score.repeat(cfg.rl_num_candidates), _repeat(cond, cfg.rl_num_candidates),
                                   **({"prompts": list(prompts) * cfg.rl_num_candidates}
                                      if getattr(ctx.reward, "needs_prompts", False) else {}))
