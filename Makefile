@@ -31,6 +31,8 @@ data:
 demo: setup
 	$(VENV)/bin/flashdmd demo --out runs/demo
 
-# One thread per process: several tests start 2-process runs, and tiny models gain nothing from more.
+# One thread per process: several tests start 2-process runs, and tiny models gain nothing from more. Two pytest
+# workers (pytest-xdist) use both cores; --dist loadfile keeps each file on one worker (test_distributed.py's
+# 2-process runs share a port, its module fixtures are built once).
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests
