@@ -82,9 +82,15 @@ def _read_state(d: Path) -> tuple[Tensor, float]:
 
 
 def check_lpo_folder(path: str | Path, family) -> dict:
+    """The checks of :func:`_checked`, as a summary (what ``check_only`` callers need)."""
+    return _checked(path, family)[0]
+
+
+def _checked(path: str | Path, family) -> tuple[dict, Tensor, float]:
     """Everything about an LPO LRM folder that can be checked without loading its networks (a real one is several
     GB): the layout, safetensors weights, state_dict.pt, and that it fits the teacher (an SDXL-architecture family
-    with the same latent channels; the projection's width matches the UNet's taps). Returns a summary."""
+    with the same latent channels; the projection's width matches the UNet's taps). Returns (a summary, the
+    projection weight, logit_scale): state_dict.pt is read once."""
     d = Path(path)
     if family.name != "sdxl":
         raise FlashDMDError(f"rl_reward_model {d} is LPO's LRM (an SDXL UNet scoring SDXL latents); the teacher is "
@@ -120,7 +126,8 @@ def check_lpo_folder(path: str | Path, family) -> dict:
         raise FlashDMDError(f"LPO LRM {d}: visual_projection gives {weight.shape[0]}-d embeddings, its text encoder "
                             f"{te2} {text_dim}-d ones")
     return {"multi_scale": multi, "projection": tuple(weight.shape), "logit_scale": scale,
-            "fine_tuned_text_encoders": (d / "text_encoder").is_dir() and (d / "text_encoder_2").is_dir()}
+            "fine_tuned_text_encoders": (d / "text_encoder").is_dir() and (d / "text_encoder_2").is_dir()}, \
+        weight, scale
 
 
 class LPORewardModel(nn.Module):
@@ -154,8 +161,7 @@ class LPORewardModel(nn.Module):
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
         d = Path(directory)
-        check_lpo_folder(d, family)
-        weight, scale = _read_state(d)
+        _, weight, scale = _checked(d, family)
         dtype = family.frozen_dtype
 
         def text(sub, kind):
@@ -182,8 +188,7 @@ class LPORewardModel(nn.Module):
         from diffusers import UNet2DConditionModel
         from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
         d = Path(directory)
-        check_lpo_folder(d, family)
-        weight, scale = _read_state(d)
+        _, weight, scale = _checked(d, family)
 
         def src(sub):
             return d / sub if (d / sub).is_dir() else Path(family.path) / sub
