@@ -31,18 +31,9 @@ def _snapshot(module):
 def test_three_iterations_train_every_role_and_not_the_teacher(folders, family, method, tmp_path):
     cfg = _cfg(folders, family, method)
     ctx = setup(cfg)
-    before = {role: _snapshot(getattr(ctx, role)) for role in ("teacher", "student", "fake_score", "disc")}
+    before = tm.snapshot_roles(ctx)
     train(cfg, tmp_path / "run", progress=False, ctx=ctx)
-    for role in ("student", "fake_score", "disc"):
-        module = getattr(ctx, role)
-        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        assert trainable, role
-        unchanged = [n for n, p in module.named_parameters() if n in trainable and torch.equal(p, before[role][n])]
-        assert not unchanged, f"{role}: {len(unchanged)} trainable tensors did not change, e.g. {unchanged[:3]}"
-        frozen_changed = [n for n, p in module.named_parameters() if n not in trainable and not torch.equal(p, before[role][n])]
-        assert not frozen_changed, f"{role}: frozen tensors changed: {frozen_changed[:3]}"
-    for n, p in ctx.teacher.named_parameters():
-        assert torch.equal(p, before["teacher"][n]) and not p.requires_grad
+    tm.assert_roles_trained(ctx, before)
     assert (tmp_path / "run" / "student").is_dir() and (tmp_path / "run" / "config.yaml").is_file()
 
 

@@ -19,28 +19,15 @@ def _cfg(folders, method, **kw):
     return tm.run_config(folders, "flux", method, data_resolution=RES, **kw)
 
 
-def _snapshot(module):
-    return {n: p.detach().clone() for n, p in module.named_parameters()}
-
-
 @pytest.mark.parametrize("method", ["flashdmd", "dmd2"])
 @pytest.mark.parametrize("lora", [0, 4])
 def test_every_role_trains_and_not_the_teacher(tiny_run_folders, method, lora, tmp_path):
     cfg = _cfg(tiny_run_folders, method, model_lora_rank=lora)
     ctx = setup(cfg)
     assert ctx.family.name == "flux" and ctx.resolution == RES
-    before = {role: _snapshot(getattr(ctx, role)) for role in ("teacher", "student", "fake_score", "disc")}
+    before = tm.snapshot_roles(ctx)
     train(cfg, tmp_path / "run", progress=False, ctx=ctx)
-    for role in ("student", "fake_score", "disc"):
-        module = getattr(ctx, role)
-        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
-        assert trainable, role
-        if lora and role != "disc":
-            assert all("lora_" in n for n in trainable), role
-        unchanged = [n for n, p in module.named_parameters() if n in trainable and torch.equal(p, before[role][n])]
-        assert not unchanged, f"{role}: {len(unchanged)} trainable tensors did not change, e.g. {unchanged[:3]}"
-    for n, p in ctx.teacher.named_parameters():
-        assert torch.equal(p, before["teacher"][n]) and not p.requires_grad
+    tm.assert_roles_trained(ctx, before, lora=bool(lora))
 
 
 def test_guidance_reaches_the_embedding(tiny_run_folders, tmp_path):

@@ -293,3 +293,29 @@ def run_config(folders: dict, family: str, method: str, **kw):
                     disc_gen_weight=5e-3, disc_weight=1e-2)
     base.update(kw)
     return DistillConfig(**base)
+
+
+ROLES = ("teacher", "student", "fake_score", "disc")
+
+
+def snapshot_roles(ctx) -> dict:
+    """{role: {name: a copy of the parameter}} of every role of a distill context."""
+    return {role: {n: p.detach().clone() for n, p in getattr(ctx, role).named_parameters()} for role in ROLES}
+
+
+def assert_roles_trained(ctx, before: dict, lora: bool = False) -> None:
+    """After training from ``before`` (:func:`snapshot_roles`): every trainable tensor of student, fake score and
+    discriminator changed and no frozen one did (``lora``: student's and fake score's trainable ones are adapters),
+    and the teacher is untouched and frozen."""
+    for role in ROLES[1:]:
+        module = getattr(ctx, role)
+        trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+        assert trainable, role
+        if lora and role != "disc":
+            assert all("lora_" in n for n in trainable), role
+        unchanged = [n for n, p in module.named_parameters() if n in trainable and torch.equal(p, before[role][n])]
+        assert not unchanged, f"{role}: {len(unchanged)} trainable tensors did not change, e.g. {unchanged[:3]}"
+        frozen_changed = [n for n, p in module.named_parameters() if n not in trainable and not torch.equal(p, before[role][n])]
+        assert not frozen_changed, f"{role}: frozen tensors changed: {frozen_changed[:3]}"
+    for n, p in ctx.teacher.named_parameters():
+        assert torch.equal(p, before["teacher"][n]) and not p.requires_grad
