@@ -108,3 +108,17 @@ def test_step_dpo_closed_form_and_gradient_sign():
     big = step_dpo_loss(torch.tensor([10.0]), rw, torch.tensor([-10.0]), rl, 1.0, ratio_clip=0.1)
     bound = -F.logsigmoid(torch.log1p(torch.tensor(0.1)) - torch.log1p(torch.tensor(-0.1)))
     torch.testing.assert_close(big, bound.reshape(1))
+
+
+def test_step_kl_is_the_gaussian_step_policies_kl_per_element():
+    """step_kl against torch.distributions' KL of the two LCM-step Gaussians N(a x0, s^2), averaged over elements."""
+    from torch.distributions import Normal, kl_divergence
+
+    from flashdmd.losses import step_kl
+    g = torch.Generator().manual_seed(0)
+    x0p, x0r = torch.randn(3, 4, 5, 5, generator=g), torch.randn(3, 4, 5, 5, generator=g)
+    a, s = torch.tensor([0.9, 0.5, 0.2]), torch.tensor([0.4, 0.8, 0.95])
+    sh = (-1, 1, 1, 1)
+    ref = kl_divergence(Normal(a.reshape(sh) * x0p, s.reshape(sh)), Normal(a.reshape(sh) * x0r, s.reshape(sh)))
+    torch.testing.assert_close(step_kl(x0p, x0r, a, s), ref.reshape(3, -1).mean(1))
+    assert torch.equal(step_kl(x0r, x0r, a, s), torch.zeros(3))

@@ -113,3 +113,48 @@ def test_dpo_update_raises_winner_likelihood(world):
     loss.backward()
     opt.step()
     assert margin() > 0
+
+
+def test_kl_anchor_adds_the_penalty_and_pulls_the_student_back(world, monkeypatch):
+    """rl_kl_weight: the RL loss is DPO + weight * beta * KL (the logged terms add up), the KL is 0 while the student
+    is the reference, and once the student has moved, the RL update's descent direction points back toward the
+    reference: for a small displacement d = theta - theta_ref the KL is quadratic in d, so its gradient g has
+    g . d = 2 * weight * beta * KL > 0 whatever state x_t the update draws. (The DPO term's share of g is of order
+    1 / weight -- 7 % of g . d at weight 3 -- so a large weight isolates the anchor; a sign error in the penalty
+    makes g . d negative.)"""
+    from flashdmd.training import distill
+    cfg = _cfg(world, "sdxl", rl_kl_weight=300.0, rl_beta=5.0)
+    ctx = setup(cfg)
+    stage2.setup_stage2(ctx)
+    fam = ctx.family
+    cond = fam.encode_prompts(["a small bag", "a dress"])
+    student = ctx.accelerator.unwrap_model(ctx.student)
+    params = [p for p in student.parameters() if p.requires_grad]
+    grads = {}
+
+    def capture(c, role, loss, ps):   # stands in for the optimiser step: the gradient, no update
+        for p in ps:
+            p.grad = None
+        loss.backward()
+        grads["g"] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
+        return 0.0
+    monkeypatch.setattr(distill, "_optimise", capture)
+    first = stage2.rl_step(ctx, cond, ["a small bag", "a dress"])
+    assert first["rl/kl"] == 0.0 and first["rl/loss"] == first["rl/dpo"]   # the student starts as the reference
+    ref = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        for p in params:
+            p.add_(1e-3 * torch.randn(p.shape, generator=g))
+    for _ in range(3):
+        out = stage2.rl_step(ctx, cond, ["a small bag", "a dress"])
+        assert out["rl/kl"] > 0
+        assert out["rl/loss"] == pytest.approx(out["rl/dpo"] + 300.0 * 5.0 * out["rl/kl"], rel=1e-5)
+        g_dot_d = sum((gr * (p.detach() - r)).sum() for gr, p, r in zip(grads["g"], params, ref)).item()
+        assert g_dot_d == pytest.approx(2 * 300.0 * 5.0 * out["rl/kl"], rel=0.05)
+
+
+def test_kl_weight_must_be_non_negative():
+    from flashdmd import FlashDMDError
+    with pytest.raises(FlashDMDError, match="rl_kl_weight"):
+        DistillConfig(rl_kl_weight=-1.0)

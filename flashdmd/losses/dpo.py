@@ -14,6 +14,10 @@ policy, the DPO objective is
     H = [log p_theta(x_w) - log p_ref(x_w)] - [log p_theta(x_l) - log p_ref(x_l)]
     L = -log sigmoid(beta * H).
 The constants cancel inside each log-ratio.
+
+The KL-anchored alternative to ongoing distillation (``step_kl``) penalises the same Gaussian step policy's
+divergence from the reference, KL(p_theta(. | x_t) || p_ref(. | x_t)) = alpha'^2 ||x0_theta - x0_ref||^2 / (2 sigma'^2),
+also per element -- the explicit KL term that DPO's objective only implies (DPOK's and ReFL-style anchors).
 """
 from __future__ import annotations
 
@@ -29,6 +33,14 @@ def lcm_step_log_prob(x_next: Tensor, x0_pred: Tensor, alpha_next: Tensor, sigma
     a = alpha_next.reshape((-1,) + (1,) * (x_next.ndim - 1))
     sq = ((x_next.float() - a * x0_pred.float()) ** 2).reshape(x_next.shape[0], -1).mean(dim=1)
     return -sq / (2 * sigma_next.float() ** 2)
+
+
+def step_kl(x0_pred: Tensor, x0_ref: Tensor, alpha_next: Tensor, sigma_next: Tensor) -> Tensor:
+    """KL(N(alpha' x0_pred, sigma'^2 I) || N(alpha' x0_ref, sigma'^2 I)) per latent element, per sample (B,): the
+    student's LCM-step policy against the reference's from the same x_t, in lcm_step_log_prob's units."""
+    a = alpha_next.reshape((-1,) + (1,) * (x0_pred.ndim - 1))
+    sq = ((a * (x0_pred.float() - x0_ref.float())) ** 2).reshape(x0_pred.shape[0], -1).mean(dim=1)
+    return sq / (2 * sigma_next.float() ** 2)
 
 
 def step_dpo_loss(logp_w: Tensor, logp_ref_w: Tensor, logp_l: Tensor, logp_ref_l: Tensor, beta: float,

@@ -198,6 +198,11 @@ class DistillConfig:
     rl_ratio_clip: float | None = _f(0.1, "clamp each log-ratio to [log(1-c), log(1+c)] as LPO does; null = plain DPO")
     rl_distill_ratio: int = _f(5, "RL updates per Stage-1 distillation iteration (paper: 5:1); 0 = RL alone "
                                "(no ongoing distillation: the reward-hacking ablation)")
+    rl_kl_weight: float = _f(0.0, "anchor RL to the reference (the student frozen at Stage 2's start) by an explicit "
+                             "KL penalty: L = L_DPO + rl_kl_weight * rl_beta * KL(p_theta || p_ref), the LCM-step "
+                             "policies' KL per latent element at the explored state x_t (so 1 puts it in the units "
+                             "of DPO's logit). With rl_distill_ratio 0 this is the usual alternative regulariser "
+                             "to ongoing distillation (DPOK-style); not in the paper; 0 = off")
     rl_lr: float | None = _f(None, "student learning rate for RL updates (own AdamW state); default generator_lr")
     rl_guard_tolerance: float = _f(0.1, "warn of reward hacking when the LRM score rises while the held-out oracle "
                                    "falls, or FD rises / diversity falls by more than this fraction vs Stage-2 start")
@@ -318,6 +323,7 @@ class DistillConfig:
         need(self.rl_ratio_clip is None or 0 < self.rl_ratio_clip < 1, "rl_ratio_clip must be in (0, 1) or null")
         need(self.rl_distill_ratio >= 0, "rl_distill_ratio must be >= 0")
         need(self.rl_lr is None or self.rl_lr > 0, "rl_lr must be > 0")
+        need(self.rl_kl_weight >= 0, "rl_kl_weight must be >= 0 (0 = no KL anchor)")
         need(len(self.rl_step_indices) >= 1 and all(i >= 0 for i in self.rl_step_indices),
              "rl_step_indices: a non-empty list of student-step indices")
 

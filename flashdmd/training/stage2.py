@@ -8,7 +8,8 @@ One RL update (``rl_step``):
     H = [log p_theta(x_w) - log p_ref(x_w)] - [log p_theta(x_l) - log p_ref(x_l)],  L = -log sigmoid(beta H)
 with p(x' | x_t) = N(alpha' x0_model(x_t), sigma'^2 I) and the reference = the student frozen at the start of
 Stage 2. Every ``rl_distill_ratio`` RL updates one Stage-1 iteration runs (generator + fake score + disc):
-the ongoing distillation is the regulariser against reward hacking.
+the ongoing distillation is the regulariser against reward hacking. ``rl_kl_weight`` adds the alternative one,
+an explicit KL penalty to the reference: L += rl_kl_weight * beta * KL(p_theta(. | x_t) || p_ref(. | x_t)).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError, plugins
-from flashdmd.losses import lcm_step_log_prob, step_dpo_loss
+from flashdmd.losses import lcm_step_log_prob, step_dpo_loss, step_kl
 from flashdmd.training import steps
 
 
@@ -145,15 +146,18 @@ def rl_step(ctx, cond, prompts: list[str] | None = None) -> dict:
         x0_ref = fam.predict(ctx.reference, x_t, t, cond)[0]
     x0_pol = fam.predict(ctx.student, x_t, t, cond)[0]
     a, s = fam.schedule.alpha_sigma(t_next)
-    loss = step_dpo_loss(lcm_step_log_prob(x_w, x0_pol, a, s), lcm_step_log_prob(x_w, x0_ref, a, s),
-                         lcm_step_log_prob(x_l, x0_pol, a, s), lcm_step_log_prob(x_l, x0_ref, a, s),
-                         cfg.rl_beta, cfg.rl_ratio_clip).mean()
+    dpo = step_dpo_loss(lcm_step_log_prob(x_w, x0_pol, a, s), lcm_step_log_prob(x_w, x0_ref, a, s),
+                        lcm_step_log_prob(x_l, x0_pol, a, s), lcm_step_log_prob(x_l, x0_ref, a, s),
+                        cfg.rl_beta, cfg.rl_ratio_clip).mean()
+    kl = step_kl(x0_pol, x0_ref, a, s).mean()   # logged always: how far RL has moved the policy at this state
+    loss = dpo + cfg.rl_kl_weight * cfg.rl_beta * kl if cfg.rl_kl_weight > 0 else dpo
     from flashdmd.training.distill import _optimise, after_student_update
     params = [p for g in ctx.opt["rl"].param_groups for p in g["params"]]
     norm = _optimise(ctx, "rl", loss, params)
     after_student_update(ctx)
     return {"rl/loss": loss.item(), "rl/lrm_score": scores.mean().item(),
-            "rl/lrm_margin": (scores.max(0).values - scores.min(0).values).mean().item(),
+            "rl/lrm_margin": (scores.max(0).values - scores.min(0).values).mean().item(), "rl/kl": kl.item(),
+            "rl/dpo": dpo.item(),
             f"rl/loss_t{int(round(ctx.timesteps[k]))}": loss.item(), "grad_norm/rl": float(norm)}
 
 
