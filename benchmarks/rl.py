@@ -45,15 +45,19 @@ ROWS = {
     "kl_anchor": {"rl_distill_ratio": 0},   # plus rl_kl_weight = --kl-weight (see run_row)
 }
 COLUMNS = ("oracle", "lrm", "fd", "alignment", "diversity")
-MARKERS = {"joint_1": "v", "joint_2": "<", "joint_5": "o", "joint_10": ">", "posthoc": "s", "no_distill": "x",
-           "all_steps": "D", "kl_anchor": "P"}
+MARKERS = dict(zip(ROWS, "v<o>sxDP*h"))   # the frontier plot's marker of each row, in ROWS' order
+
+
+def row_folder(out: str, lr: str | None, name: str, seed: int) -> Path:
+    """OUT/lr<LR>/<row>_seed<S> for a step size of --rl-lrs, OUT/<row>_seed<S> for the preset's."""
+    return Path(out) / (f"lr{lr}" if lr else "") / f"{name}_seed{seed}"
 
 
 def run_row(name: str, seed: int, args, base: Path, base_steps: int, lr: str | None) -> dict:
     from flashdmd.training.checkpoint import load_checkpoint
     from flashdmd.training.config import DistillConfig
     from flashdmd.training.distill import _WriterState, setup, train
-    folder = Path(args.out) / (f"lr{lr}" if lr else "") / f"{name}_seed{seed}"
+    folder = row_folder(args.out, lr, name, seed)
     if (folder / "metrics.json").is_file():
         return json.loads((folder / "metrics.json").read_text())
     overrides = dict(ROWS[name])
@@ -99,7 +103,7 @@ def plot_frontier(tables: dict, path: str, title: str) -> None:
     lrs = sorted(tables, key=lambda x: float(x) if x != "config" else 0.0)
     rows = [r for r in ROWS if any(r in tables[lr] for lr in lrs)]
     colors = dict(zip(rows, plt.cm.tab10.colors))
-    stage1 = next(iter(tables.values()))["stage1"].get(0) or next(iter(tables.values()))["stage1"].get("0")
+    stage1 = next((t["stage1"][0] for t in tables.values() if t["stage1"]), None)
     for row in rows:
         xs, ys = ([stage1["fd"]], [stage1["oracle"]]) if stage1 else ([], [])   # every line leaves Stage 1
         for j, lr in enumerate(lrs):
@@ -153,8 +157,7 @@ def main():
         table = {"stage1": {}}
         for name in a.rows:
             for seed in a.seeds:
-                folder = Path(a.out) / (f"lr{lr}" if lr else "") / f"{name}_seed{seed}"
-                if a.no_run and not (folder / "metrics.json").is_file():
+                if a.no_run and not (row_folder(a.out, lr, name, seed) / "metrics.json").is_file():
                     continue
                 result = run_row(name, seed, a, base, base_steps, lr)
                 table.setdefault(name, {})[seed] = row_metrics(result)

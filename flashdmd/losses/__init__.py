@@ -5,4 +5,5 @@ from flashdmd.losses.dmd import dmd_gradient, dmd_loss
 from flashdmd.losses.dpo import lcm_step_log_prob, step_dpo_loss, step_kl
 from flashdmd.losses.gan import d_loss, g_loss
 
-__all__ = ["denoising_loss", "dmd_gradient", "dmd_loss", "lcm_step_log_prob", "step_dpo_loss", "step_kl", "d_loss", "g_loss"]
+__all__ = ["denoising_loss", "dmd_gradient", "dmd_loss", "lcm_step_log_prob", "step_dpo_loss", "step_kl", "d_loss",
+           "g_loss"]
