@@ -41,9 +41,11 @@ def curve(run: Path) -> dict:
 
 def reference_curves(spec: str, batch: int) -> dict[str, list[tuple[int, float]]]:
     """FD curves from a results file named ``PATH`` or ``PATH:ROW`` (one row): convergence.py's summary (rows
-    with "curve" of images seen) or a curves JSON (runs with "evals" by step)."""
+    with "curve" of images seen), a curves JSON (runs with "evals" by step) or one run's curve (top-level "evals")."""
     path, _, only = spec.partition(":")
     data = json.loads(Path(path).read_text())
+    if "evals" in data:   # one run's curve ({"run": ..., "evals": [...]}), named by its "run" note
+        data = {data.get("run", Path(path).stem): data}
     out = {}
     for name, r in data.items():
         if not isinstance(r, dict) or (only and name != only):
