@@ -75,6 +75,27 @@ def test_stage2_runs_alternates_and_keeps_the_reference_frozen(world, fam, tmp_p
                                                      "dm_loss/t1000" in h or "dm_loss/t900" in h for h in hist)
 
 
+@pytest.mark.parametrize("from_ema", [True, False])
+def test_stage2_starts_from_the_evaluated_ema_student(world, tmp_path, monkeypatch, from_ema):
+    """With student_ema, the Stage-1 student that is evaluated and saved is the EMA: rl_from_ema starts Stage 2 (and
+    its DPO reference) there; off, from the raw weights, which differ from the EMA after two generator updates."""
+    from flashdmd.training.parallel import canonical
+    cfg = _cfg(world, "sdxl", max_steps=2, student_ema=0.5, rl_steps=1, rl_from_ema=from_ema)
+    ctx = setup(cfg)
+    seen = {}
+    real_setup = stage2.setup_stage2
+
+    def recording_setup(c):
+        seen["ema"] = {n: v.clone() for n, v in c.student_ema.params.items()}
+        real_setup(c)
+        seen["reference"] = {canonical(n): p.detach().clone() for n, p in c.reference.named_parameters()}
+    monkeypatch.setattr(stage2, "setup_stage2", recording_setup)
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    same = [torch.equal(seen["reference"][n], v) for n, v in seen["ema"].items()]
+    assert len(same) == len(seen["ema"]) > 0
+    assert all(same) if from_ema else not all(same)
+
+
 def test_rl_step_indices_need_a_next_step(world, tmp_path):
     from flashdmd import FlashDMDError
     cfg = _cfg(world, "sdxl", rl_step_indices=[3])

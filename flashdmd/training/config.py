@@ -203,6 +203,12 @@ class DistillConfig:
                              "policies' KL per latent element at the explored state x_t (so 1 puts it in the units "
                              "of DPO's logit). With rl_distill_ratio 0 this is the usual alternative regulariser "
                              "to ongoing distillation (DPOK-style); not in the paper; 0 = off")
+    rl_from_ema: bool = _f(True, "with student_ema > 0: Stage 2 starts from the Stage-1 student that was evaluated "
+                           "and saved, the EMA weights (copied into the trained ones; the DPO reference is that "
+                           "student too). false: from the raw weights -- the EMA then hands over to them within "
+                           "~1/(1 - student_ema) updates, so Stage 2's evaluations measure the raw student, not "
+                           "Stage 1's (on the demo that alone raised FD by up to 12 %, BENCHMARKS.md section 4). "
+                           "The paper is silent (it does not say whether it keeps a generator EMA)")
     rl_lr: float | None = _f(None, "student learning rate for RL updates (own AdamW state); default generator_lr")
     rl_guard_tolerance: float = _f(0.1, "warn of reward hacking when the LRM score rises while the held-out oracle "
                                    "falls, or FD rises / diversity falls by more than this fraction vs Stage-2 start")

@@ -614,8 +614,11 @@ class _WriterState:
 
 
 def setup_stage2_once(ctx: Context, writer) -> None:
-    """Enter Stage 2: freeze the reference, load the LRM, evaluate the Stage-1 student as the guard's baseline."""
+    """Enter Stage 2: start from the Stage-1 student as evaluated (its EMA, ``rl_from_ema``), freeze the reference,
+    load the LRM, evaluate the Stage-1 student as the guard's baseline."""
     from flashdmd.training.stage2 import setup_stage2
+    if ctx.student_ema is not None and ctx.cfg.rl_from_ema:
+        ctx.student_ema.copy_to(ctx.accelerator.unwrap_model(ctx.student))
     setup_stage2(ctx)
     ctx.stage = 2
     writer.start_stage2(ctx)

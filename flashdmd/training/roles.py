@@ -176,6 +176,14 @@ class StudentEMA:
             if p.requires_grad:
                 self.params[canonical(n)].lerp_(p.detach().to(self.params[canonical(n)].dtype), 1.0 - self.decay)
 
+    @torch.no_grad()
+    def copy_to(self, student: nn.Module) -> None:
+        """Load the EMA weights into the student's trainable ones (each rank its own shards under FSDP2)."""
+        from flashdmd.training.parallel import canonical
+        for n, p in student.named_parameters():
+            if p.requires_grad:
+                p.copy_(self.params[canonical(n)].to(p.dtype))
+
     def full_state(self) -> dict:
         """Full CPU tensors (a collective under FSDP: every rank calls it)."""
         from flashdmd.training.parallel import full_tensor
