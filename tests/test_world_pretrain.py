@@ -150,3 +150,21 @@ def test_shipped_world_folders_load_through_families(name):
     assert fam.name == name.removeprefix("world-")
     cond = fam.encode_prompts(["a photo of a bag"])
     assert cond.prompt_embeds.shape[0] == 1
+
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_shipped_reward_models_fit_their_shipped_teachers(family):
+    """`rl_reward_model: world` resolves to ASSETS/lrm-<family>: it must load on the shipped teacher (load refuses
+    heads whose stored teacher fingerprint differs) and give one finite score per latent."""
+    import torch
+    from flashdmd.networks.reward import LatentRewardModel
+    from flashdmd.world.plugin import _reward_model
+    lrm = LatentRewardModel.load(_reward_model(family))
+    assert lrm.family.name == family
+    cond = lrm.family.encode_prompts(["a photo of a bag", "a photo of a sneaker"])
+    res = lrm.family.default_resolution
+    x = torch.randn((2,) + tuple(lrm.family.latent_shape(res, res)), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        s = lrm.score(x, torch.full((2,), 500.0), cond)
+    assert s.shape == (2,) and torch.isfinite(s).all() and s[0] != s[1]
