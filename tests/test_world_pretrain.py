@@ -152,15 +152,14 @@ def test_shipped_world_folders_load_through_families(name):
     assert cond.prompt_embeds.shape[0] == 1
 
 
-
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 def test_shipped_reward_models_fit_their_shipped_teachers(family):
     """`rl_reward_model: world` resolves to ASSETS/lrm-<family>: it must load on the shipped teacher (load refuses
     heads whose stored teacher fingerprint differs) and give one finite score per latent."""
     import torch
     from flashdmd.networks.reward import LatentRewardModel
-    from flashdmd.world.plugin import _reward_model
-    lrm = LatentRewardModel.load(_reward_model(family))
+    from flashdmd.training.stage2 import resolve_reward_model
+    lrm = LatentRewardModel.load(resolve_reward_model("world", family))
     assert lrm.family.name == family
     cond = lrm.family.encode_prompts(["a photo of a bag", "a photo of a sneaker"])
     res = lrm.family.default_resolution
