@@ -22,6 +22,7 @@ Rows:
     distill_2      the control: joint 2:1 with RL switched off by a vanishing step (rl_lr 1e-12 whatever --rl-lrs
                    says; 40 such updates leave FD unchanged to 3 decimals), the same draws and distillation updates
                    -- how far FD and the oracle drift from Stage 1 by distillation alone
+    distill_5      the same control for joint 5:1 (its 8 distillation updates in 40 RL updates)
 Columns: held-out oracle score (the world's stand-in for human raters, never a training signal), LRM score (mean
 over the last quarter of RL updates of the training candidates' scores), FD, alignment, diversity.
 """
@@ -47,6 +48,7 @@ ROWS = {
     "all_steps": {"rl_distill_ratio": 5, "rl_step_indices": "[0,1,2]"},
     "kl_anchor": {"rl_distill_ratio": 0},   # plus rl_kl_weight = --kl-weight (see run_row)
     "distill_2": {"rl_distill_ratio": 2, "rl_lr": 1e-12},   # the same at every step size: run it at one
+    "distill_5": {"rl_distill_ratio": 5, "rl_lr": 1e-12},   # joint 5:1's control, likewise
 }
 COLUMNS = ("oracle", "lrm", "fd", "alignment", "diversity")
 MARKERS = dict(zip(ROWS, "v<o>sxDP*h"))   # the frontier plot's marker of each row, in ROWS' order
@@ -67,7 +69,7 @@ def run_row(name: str, seed: int, args, base: Path, base_steps: int, lr: str | N
     overrides = dict(ROWS[name])
     if name == "kl_anchor":
         overrides["rl_kl_weight"] = args.kl_weight
-    if lr and name != "distill_2":
+    if lr and not name.startswith("distill_"):   # the controls keep their vanishing step
         overrides["rl_lr"] = lr
     extra = args.rl_steps // 5 if name == "posthoc" else 0   # joint 5:1's distillation updates, done first
     sets = [f"{k}={v}" for k, v in overrides.items()] + [
