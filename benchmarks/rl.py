@@ -23,6 +23,7 @@ Rows:
                    says; 40 such updates leave FD unchanged to 3 decimals), the same draws and distillation updates
                    -- how far FD and the oracle drift from Stage 1 by distillation alone
     distill_5      the same control for joint 5:1 (its 8 distillation updates in 40 RL updates)
+    posthoc_distill  post-hoc's control: its distillation updates first, then RL at the vanishing step
 Columns: held-out oracle score (the world's stand-in for human raters, never a training signal), LRM score (mean
 over the last quarter of RL updates of the training candidates' scores), FD, alignment, diversity.
 """
@@ -49,9 +50,10 @@ ROWS = {
     "kl_anchor": {"rl_distill_ratio": 0},   # plus rl_kl_weight = --kl-weight (see run_row)
     "distill_2": {"rl_distill_ratio": 2, "rl_lr": 1e-12},   # the same at every step size: run it at one
     "distill_5": {"rl_distill_ratio": 5, "rl_lr": 1e-12},   # joint 5:1's control, likewise
+    "posthoc_distill": {"rl_distill_ratio": 0, "rl_lr": 1e-12},   # post-hoc's control: its distillation, no RL
 }
 COLUMNS = ("oracle", "lrm", "fd", "alignment", "diversity")
-MARKERS = dict(zip(ROWS, "v<o>sxDP*h"))   # the frontier plot's marker of each row, in ROWS' order
+MARKERS = dict(zip(ROWS, "v<o>sxDP*hd^"))   # the frontier plot's marker of each row, in ROWS' order
 
 
 def row_folder(out: str, lr: str | None, name: str, seed: int) -> Path:
@@ -69,9 +71,9 @@ def run_row(name: str, seed: int, args, base: Path, base_steps: int, lr: str | N
     overrides = dict(ROWS[name])
     if name == "kl_anchor":
         overrides["rl_kl_weight"] = args.kl_weight
-    if lr and not name.startswith("distill_"):   # the controls keep their vanishing step
+    if lr and "rl_lr" not in ROWS[name]:   # the controls keep their vanishing step
         overrides["rl_lr"] = lr
-    extra = args.rl_steps // 5 if name == "posthoc" else 0   # joint 5:1's distillation updates, done first
+    extra = args.rl_steps // 5 if name.startswith("posthoc") else 0   # joint 5:1's distillation updates, done first
     sets = [f"{k}={v}" for k, v in overrides.items()] + [
         "rl_enabled=true", f"rl_steps={args.rl_steps}", f"max_steps={base_steps + extra}", "eval_every_steps=1000000",
         f"eval_num_images={args.num_images}", "sample_every_steps=0", "checkpoint_every_steps=0",
