@@ -141,16 +141,26 @@ def _threads_arg(value: str) -> str | int:
     return n
 
 
+def auto_threads(environ=None) -> int:
+    """The thread count of ``--threads auto``: the cores this process may run on (``os.sched_getaffinity``: what
+    taskset, a container's cpuset or SLURM's --cpus-per-task leave it), shared among the local processes of a
+    multi-process launch (LOCAL_WORLD_SIZE); an explicit OMP_NUM_THREADS (torchrun sets 1) is taken as given. A load
+    average is not consulted: it decays over minutes, so right after another job ended it still counts that job's
+    cores as busy (a demo started after the test suite ran on one of two idle cores, 1.7x slower)."""
+    environ = os.environ if environ is None else environ
+    omp = environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) > 0:
+        return int(omp)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    local = environ.get("LOCAL_WORLD_SIZE", "").strip()
+    per_process = cores // int(local) if local.isdigit() and int(local) > 0 else cores
+    return max(1, per_process)
+
+
 def set_threads(spec: str | int | None) -> int:
-    """Set torch's CPU threads. ``auto`` (the default) keeps torch's own count (OMP_NUM_THREADS or the cores)
-    but leaves out the cores other processes keep busy (1-minute load average): oversubscribed OpenMP threads
-    wait on each other, and a 2-thread run beside one other CPU job ran >10x slower than with 1 thread."""
+    """Set torch's CPU threads: ``auto`` (the default) is :func:`auto_threads`, a number is taken as given."""
     import torch
-    if spec is None or spec == "auto":
-        busy = int(os.getloadavg()[0] + 0.5) if hasattr(os, "getloadavg") else 0
-        n = max(1, min(torch.get_num_threads(), (os.cpu_count() or 1) - busy))
-    else:
-        n = int(spec)
+    n = auto_threads() if spec is None or spec == "auto" else int(spec)
     torch.set_num_threads(n)
     return n
 
@@ -160,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "for SDXL- and SD3-style diffusion models.")
     p.add_argument("--version", action="version", version=f"flashdmd {__version__}")
     p.add_argument("--threads", dest="global_threads", type=_threads_arg, default="auto", metavar="N|auto",
-                   help="CPU threads for torch (default auto: torch's count, OMP_NUM_THREADS or the cores, less the "
-                   "cores that other processes keep busy, judged by the 1-minute load average)")
+                   help="CPU threads for torch (default auto: the cores this process may run on, os.sched_getaffinity, "
+                   "shared among a launch's local processes; OMP_NUM_THREADS when set)")
     sub = p.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="load a model folder through its family adapter and describe it")

@@ -134,25 +134,29 @@ def test_bad_input_is_a_one_line_error(teacher, tmp_path, capsys):
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
 
 
-def test_threads_auto_leaves_busy_cores_to_other_processes(monkeypatch):
-    """`flashdmd --threads auto` (the default) runs on the cores the 1-minute load average leaves free, never
-    more than torch's own count and never fewer than 1; a number is taken as given."""
+def test_threads_auto_uses_the_cores_the_process_may_run_on(monkeypatch):
+    """`flashdmd --threads auto` (the default) takes the cores in the process's affinity mask -- whatever the load
+    average says -- shared among a launch's local processes; an explicit OMP_NUM_THREADS wins; a number is taken
+    as given."""
     import os
 
     import torch
 
-    from flashdmd.cli import set_threads
-    before = torch.get_num_threads()
+    from flashdmd.cli import auto_threads, set_threads
+    before, mask = torch.get_num_threads(), os.sched_getaffinity(0)
     try:
-        torch.set_num_threads(4)
-        monkeypatch.setattr(os, "cpu_count", lambda: 4)
-        monkeypatch.setattr(os, "getloadavg", lambda: (1.2, 0.0, 0.0))
-        assert set_threads("auto") == 3 and torch.get_num_threads() == 3
-        monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 0.0, 0.0))
-        assert set_threads("auto") == 1
-        torch.set_num_threads(2)
-        monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
-        assert set_threads("auto") == 2  # OMP_NUM_THREADS / torch's count is an upper bound
+        one = {min(mask)}
+        os.sched_setaffinity(0, one)  # the real mask, as taskset / a cpuset / SLURM --cpus-per-task set it
+        assert auto_threads({}) == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2, 3})
+        monkeypatch.setattr(os, "getloadavg", lambda: (7.0, 7.0, 7.0))  # a busy-looking machine changes nothing
+        assert auto_threads({}) == 4
+        assert auto_threads({"LOCAL_WORLD_SIZE": "2"}) == 2 and auto_threads({"LOCAL_WORLD_SIZE": "8"}) == 1
+        assert auto_threads({"OMP_NUM_THREADS": "3", "LOCAL_WORLD_SIZE": "2"}) == 3
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+        assert set_threads("auto") == 4 and torch.get_num_threads() == 4
         assert set_threads(3) == 3 and torch.get_num_threads() == 3
     finally:
+        os.sched_setaffinity(0, mask)
         torch.set_num_threads(before)
