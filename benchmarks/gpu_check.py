@@ -127,7 +127,7 @@ MODES = {
                            "step_dmd2": 55, "peak_sd3": 50, "fsdp2_resume": 45, "compile": 0},
             "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8},
             "student_images": 8, "teacher_images": 2, "sample_batch": 2, "data_workers": 2, "plan_threads": 4,
-            "threads": None},
+            "threads": None, "child_start_s": 15},
     "smoke": {"budget_s": 170, "part_budget_s": {"build": 60, "peak_sdxl": 60, "step_flashdmd": 40,
                                                   "images_per_second": 40, "step_dmd2": 60, "peak_sd3": 60,
                                                   "fsdp2_resume": 90, "compile": 60},
@@ -135,7 +135,7 @@ MODES = {
                              "step_dmd2": 3, "peak_sd3": 7, "fsdp2_resume": 25, "compile": 0},
               "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 2, "sdxl_flashdmd_compile": 2},
               "student_images": 4, "teacher_images": 2, "sample_batch": 2, "data_workers": 0, "plan_threads": 1,
-              "threads": 1},
+              "threads": 1, "child_start_s": 10},
 }
 TEACHER_STEPS = 50
 TEACHER_CFG = 5.0  # diffusers' SDXL pipeline default (flashdmd.inference.TEACHER_DEFAULT_CFG)
@@ -180,21 +180,26 @@ def _child_env(state: dict, threads: int | None = None, cuda: bool = True) -> di
     return env
 
 
-def _run_logged(cmd: list[str], log: Path, env: dict, timeout: float | None) -> tuple[int | None, float]:
-    """Run ``cmd`` in its own process group, output into ``log``; on timeout kill that group (the command's
-    DataLoader workers too). Returns (exit code or None on timeout, seconds)."""
+def _run_logged(cmd: list[str], log: Path, env: dict, timeout: float, poll=None) -> tuple[int | None, float]:
+    """Run ``cmd`` in its own process group, output into ``log``, calling ``poll()`` every 2 s while it runs; on
+    timeout, or when ``poll()`` returns True, kill that group (the command's DataLoader workers too). Returns
+    (exit code, or None when killed; seconds)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(log, "a") as fh:
         fh.write("$ " + " ".join(cmd) + "\n")
         fh.flush()
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-        try:
-            code = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            code = None
+        code = None
+        while True:
+            try:
+                code = proc.wait(timeout=min(2.0, max(t0 + timeout - time.time(), 0.01)))
+                break
+            except subprocess.TimeoutExpired:
+                if time.time() >= t0 + timeout or (poll is not None and poll()):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    break
     return code, time.time() - t0
 
 
@@ -246,7 +251,7 @@ def settings(a: argparse.Namespace) -> dict:
             "data_images": str(images), "prompts": str(prompts), "configs": configs,
             "budgets": dict(m["part_budget_s"]), "settings": {k: m[k] for k in (
                 "updates", "student_images", "teacher_images", "sample_batch", "data_workers", "plan_threads",
-                "threads")}}
+                "threads", "child_start_s")}}
 
 
 def compile_offered() -> bool:
@@ -361,12 +366,15 @@ class Child:
                               "resident memory so far (interpreter, libraries and every role included)",
                     "ru_maxrss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
         torch.cuda.synchronize()
+        setup_peak = torch.cuda.max_memory_allocated()  # since the last reset: set-up, or the previous cycle
+        # blocks set-up freed (a released text encoder) are not the iteration's: hand them back before measuring
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
         s = self.cycle(ctx, writer)
         free, total = torch.cuda.mem_get_info()
         reserved = torch.cuda.memory_reserved()
-        return {"seconds": round(s, 3), "allocated_before_bytes": before,
+        return {"seconds": round(s, 3), "allocated_before_bytes": before, "peak_allocated_before_bytes": setup_peak,
                 "peak_allocated_bytes": torch.cuda.max_memory_allocated(),
                 "peak_reserved_bytes": torch.cuda.max_memory_reserved(),
                 # CUDA context, cuBLAS / cuDNN handles and anything else on the device outside torch's pool
@@ -786,6 +794,8 @@ def main() -> int:
     p.add_argument("--parts", default=None, help=f"comma-separated subset of: {', '.join(PARTS)} (build always "
                    "runs, reusing folders already in --work)")
     p.add_argument("--work", default=None, help="folders, logs, run folders (default /tmp/flashdmd-gpu-check[-smoke])")
+    p.add_argument("--part-budget", action="append", default=[], metavar="PART=SECONDS",
+                   help="change one part's budget (its hard limit; repeatable)")
     p.add_argument("--budget-s", type=float, default=None, help="no part starts after this many seconds (default: "
                    "450 on the GPU, 170 for --smoke)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -801,6 +811,11 @@ def main() -> int:
     selected = parse_parts(a.parts)
     state = settings(a)
     state["selected"] = selected
+    for item in a.part_budget:
+        name, _, secs = item.partition("=")
+        if name not in PARTS or not secs.replace(".", "", 1).isdigit():
+            raise SystemExit(f"--part-budget {item!r}: expected PART=SECONDS with PART one of {', '.join(PARTS)}")
+        state["budgets"][name] = float(secs)
     mode = state["mode"]
     budget = a.budget_s or MODES[mode]["budget_s"]
     work = Path(state["work"])
@@ -865,39 +880,58 @@ def main() -> int:
                 for x in todo:
                     rep.set(x, {"status": "skipped", "reason": f"the run's budget of {budget:.0f} s was spent"})
                 break
-            limit = min(sum(state["budgets"][x] for x in todo) + 15, left + 15)  # +15: the child's own start
+            grace = state["settings"]["child_start_s"]  # the child's own start: imports, CUDA
+            limit = min(sum(state["budgets"][x] for x in todo), left) + grace
             for x in todo:
                 rep.data["parts"][x] = {"status": "running"}
             rep.save()
             cmd = [sys.executable, me, "--child", group, "--child-parts", ",".join(todo), "--state", str(state_path)]
-            code, secs = _run_logged(cmd, logs / f"{group}.log", _child_env(state), limit)
+            overrun = {}
+
+            def watch(todo=todo, overrun=overrun) -> bool:
+                """While the child runs: its finished parts into the JSON at once; True (kill it) when the part
+                it is in has overrun its own budget."""
+                for x in todo:
+                    if rep.data["parts"][x].get("status") == "running" and (parts_dir / f"{x}.json").exists():
+                        rep.data["parts"][x] = _read_json(parts_dir / f"{x}.json") or rep.data["parts"][x]
+                        print(summary_line(x, rep.data["parts"][x]), flush=True)
+                rep.save()
+                for x in todo:
+                    started = parts_dir / f"{x}.started"
+                    if started.exists() and not (parts_dir / f"{x}.json").exists():
+                        if time.time() - float(started.read_text() or 0) > state["budgets"][x] + 5:
+                            overrun[x] = True
+                            return True
+                return False
+            code, secs = _run_logged(cmd, logs / f"{group}.log", _child_env(state), limit, poll=watch)
             if group == "build" and plan_proc is None:
                 start_plans()
-            rest = []
+            rest, printed = [], [x for x in todo if rep.data["parts"][x].get("status") != "running"]
             for x in todo:
                 res = _read_json(parts_dir / f"{x}.json")
+                started = parts_dir / f"{x}.started"
                 if res is not None:
                     rep.set(x, res)
-                elif (parts_dir / f"{x}.started").exists():
+                elif started.exists():
                     partial = _read_json(parts_dir / f"{x}.partial.json") or {}
-                    why = (f"timed out (part budget {state['budgets'][x]} s)" if code is None
+                    why = (f"timed out (part budget {state['budgets'][x]:.0f} s)" if code is None
                            else f"its process exited with code {code} during this part")
                     rep.set(x, {**partial, "status": "timeout" if code is None else "failed", "error": why,
-                                "seconds": round(time.time() - float((parts_dir / f"{x}.started").read_text()), 1),
+                                "seconds": round(time.time() - float(started.read_text() or 0), 1),
                                 "log_tail": _tail(logs / f"{group}.log")})
                 else:
                     rest.append(x)
             for x in todo:
-                if x not in rest:
+                if x not in rest and x not in printed:
                     print(summary_line(x, rep.data["parts"][x]), flush=True)
-            if rest and (code is None or len(rest) == len(todo)):  # nothing more would get done by retrying
+            if rest and len(rest) == len(todo):  # the child never got to a part: retrying would do the same
                 for x in rest:
                     rep.set(x, {"status": "failed", "error": f"not reached: the {group} process "
-                                + ("timed out" if code is None else f"exited with code {code} before it"),
+                                + ("timed out" if code is None else f"exited with code {code}") + " before it",
                                 "log_tail": _tail(logs / f"{group}.log")})
                     print(summary_line(x, rep.data["parts"][x]), flush=True)
                 rest = []
-            todo = rest
+            todo = rest  # parts after a timed-out or crashed one: a fresh process
 
     if plan_proc is not None:  # the plans ran beside the GPU work; wait for them within the budget
         left = max(budget - (time.time() - t_start), 5)
