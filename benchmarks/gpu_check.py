@@ -128,7 +128,7 @@ MODES = {
             "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8},
             "student_images": 8, "teacher_images": 2, "sample_batch": 2, "data_workers": 2, "plan_threads": 4,
             "threads": None, "child_start_s": 15},
-    "smoke": {"budget_s": 170, "part_budget_s": {"build": 60, "peak_sdxl": 60, "step_flashdmd": 40,
+    "smoke": {"budget_s": 240, "part_budget_s": {"build": 60, "peak_sdxl": 60, "step_flashdmd": 40,
                                                   "images_per_second": 40, "step_dmd2": 60, "peak_sd3": 60,
                                                   "fsdp2_resume": 90, "compile": 60},
               "estimate_s": {"build": 6, "peak_sdxl": 8, "step_flashdmd": 2, "images_per_second": 2,
@@ -797,7 +797,7 @@ def main() -> int:
     p.add_argument("--part-budget", action="append", default=[], metavar="PART=SECONDS",
                    help="change one part's budget (its hard limit; repeatable)")
     p.add_argument("--budget-s", type=float, default=None, help="no part starts after this many seconds (default: "
-                   "450 on the GPU, 170 for --smoke)")
+                   "450 on the GPU, 240 for --smoke)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-parts", default="", help=argparse.SUPPRESS)
     p.add_argument("--state", default=None, help=argparse.SUPPRESS)
