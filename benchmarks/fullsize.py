@@ -214,7 +214,8 @@ def write_sdxl(folder: str | Path, weights: bool = True, dtype: torch.dtype = to
     counts: dict[str, int] = {}
     index = {"_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
              "image_encoder": [None, None], "force_zeros_for_empty_prompt": True}
-    index["unet"] = _save_net(lambda: UNet2DConditionModel(**SDXL_UNET), part, "unet", weights, dtype, seed, counts, device)
+    index["unet"] = _save_net(lambda: UNet2DConditionModel(**SDXL_UNET), part, "unet", weights, dtype, seed, counts,
+                              device)
     index["text_encoder"] = _save_net(lambda: CLIPTextModel(_text_config(CLIP_L, tok)), part, "text_encoder",
                                       weights, dtype, seed + 1, counts, device)
     index["text_encoder_2"] = _save_net(lambda: CLIPTextModelWithProjection(_text_config(CLIP_G, tok)), part,
