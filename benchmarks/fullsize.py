@@ -13,11 +13,16 @@ size, and their bos / eos ids are the small tokenizer's. Weights are each class'
 (finite; the SAM encoder with initializer_range 0.02, not transformers' default 1e-10).
 
 Each part is built, saved (safetensors, 2 GB shards so that serialising never holds a second copy of a whole
-network) and freed before the next, so building SDXL in float32 peaks near one UNet (~10 GB). ``weights=False``
+network) and freed before the next, so building SDXL in float32 peaks near one UNet (~10 GB). ``device="cuda"``
+(``--device cuda``) constructs each network on the GPU, so that its default initialisation runs there, and saves
+it from there (safetensors copies each tensor to the host as it writes): with ``--dtype bfloat16`` SDXL's 3.5 B
+parameters are built in seconds and written as 6.9 GB instead of 14 GB (benchmarks/gpu_check.py builds its
+folders so); the default stays the CPU. ``weights=False``
 writes the same folder with configs, tokenizers and model_index.json only (the networks are built on the meta
 device, which also gives their parameter counts): what a planner that reads configs needs, in a few seconds.
 
     .venv/bin/python benchmarks/fullsize.py sdxl /tmp/fs/sdxl              # ~14 GB of float32 weights, minutes
+    .venv/bin/python benchmarks/fullsize.py sdxl /tmp/fs/sdxl --device cuda --dtype bfloat16   # 6.9 GB, seconds
     .venv/bin/python benchmarks/fullsize.py sdxl /tmp/fs/sdxl-cfg --no-weights
     .venv/bin/python benchmarks/fullsize.py sd3 /tmp/fs/sd3 [--t5] [--dtype bfloat16]
     .venv/bin/python benchmarks/fullsize.py flux-dev /tmp/fs/flux-dev [--no-weights]   # 11.9 B + T5-XXL
@@ -114,22 +119,29 @@ def n_params(net: torch.nn.Module) -> int:
 
 
 @contextlib.contextmanager
-def _building(weights: bool, dtype: torch.dtype, seed: int):
-    """Construct on the meta device (configs only) or directly in ``dtype`` (no float32 detour for 16-bit dtypes)."""
+def _building(weights: bool, dtype: torch.dtype, seed: int, device: str = "cpu"):
+    """Construct on the meta device (configs only) or directly in ``dtype`` on ``device`` (no float32 detour for
+    16-bit dtypes; on ``cuda`` every parameter's default initialisation runs on the GPU)."""
     old = torch.get_default_dtype()
-    torch.manual_seed(seed)
+    torch.manual_seed(seed)  # seeds the CUDA generators too: a seed gives other weights there than on the CPU
     try:
         torch.set_default_dtype(dtype)
-        with (torch.device("meta") if not weights else contextlib.nullcontext()):
+        with torch.device("meta" if not weights else device):
             yield
     finally:
         torch.set_default_dtype(old)
 
 
-def _save_net(make, folder: Path, name: str, weights: bool, dtype: torch.dtype, seed: int, counts: dict) -> tuple:
-    """Build one network with ``make()``, save it into ``folder/name`` (weights or config only), free it.
-    Returns model_index.json's [library, class] entry."""
-    with _building(weights, dtype, seed):
+def _free(device: str) -> None:
+    if device != "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _save_net(make, folder: Path, name: str, weights: bool, dtype: torch.dtype, seed: int, counts: dict,
+              device: str = "cpu") -> tuple:
+    """Build one network with ``make()`` (on ``device``), save it into ``folder/name`` (weights or config only),
+    free it. Returns model_index.json's [library, class] entry."""
+    with _building(weights, dtype, seed, device):
         net = make()
     counts[name] = n_params(net)
     out = folder / name
@@ -143,8 +155,9 @@ def _save_net(make, folder: Path, name: str, weights: bool, dtype: torch.dtype, 
     lib = "diffusers" if type(net).__module__.startswith("diffusers") else "transformers"
     entry = [lib, type(net).__name__]
     print(f"  {name}: {type(net).__name__} {counts[name] / 1e6:,.1f} M parameters"
-          + (f" -> {out} ({dtype})" if weights else " (config only)"), flush=True)
+          + (f" -> {out} ({dtype}, built on {device})" if weights else " (config only)"), flush=True)
     del net
+    _free(device)
     return entry
 
 
@@ -186,9 +199,11 @@ def _start(folder: Path) -> Path:
     return part
 
 
-def write_sdxl(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def write_sdxl(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+               device: str = "cpu") -> Path:
     """A StableDiffusionXLPipeline folder with SDXL-base-1.0's architecture and random weights (see the module
-    docstring). Returns the folder; ``folder/parameter_counts.json`` holds each part's parameter count."""
+    docstring), built on ``device``. Returns the folder; ``folder/parameter_counts.json`` holds each part's
+    parameter count."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -199,12 +214,13 @@ def write_sdxl(folder: str | Path, weights: bool = True, dtype: torch.dtype = to
     counts: dict[str, int] = {}
     index = {"_class_name": "StableDiffusionXLPipeline", "feature_extractor": [None, None],
              "image_encoder": [None, None], "force_zeros_for_empty_prompt": True}
-    index["unet"] = _save_net(lambda: UNet2DConditionModel(**SDXL_UNET), part, "unet", weights, dtype, seed, counts)
+    index["unet"] = _save_net(lambda: UNet2DConditionModel(**SDXL_UNET), part, "unet", weights, dtype, seed, counts,
+                              device)
     index["text_encoder"] = _save_net(lambda: CLIPTextModel(_text_config(CLIP_L, tok)), part, "text_encoder",
-                                      weights, dtype, seed + 1, counts)
+                                      weights, dtype, seed + 1, counts, device)
     index["text_encoder_2"] = _save_net(lambda: CLIPTextModelWithProjection(_text_config(CLIP_G, tok)), part,
-                                        "text_encoder_2", weights, dtype, seed + 2, counts)
-    index["vae"] = _save_net(lambda: AutoencoderKL(**SDXL_VAE), part, "vae", weights, dtype, seed + 3, counts)
+                                        "text_encoder_2", weights, dtype, seed + 2, counts, device)
+    index["vae"] = _save_net(lambda: AutoencoderKL(**SDXL_VAE), part, "vae", weights, dtype, seed + 3, counts, device)
     index["tokenizer"] = _save_other(tok, part, "tokenizer")
     index["tokenizer_2"] = _save_other(tok, part, "tokenizer_2")
     index["scheduler"] = _save_other(EulerDiscreteScheduler(**SDXL_SCHEDULER), part, "scheduler")
@@ -213,7 +229,7 @@ def write_sdxl(folder: str | Path, weights: bool = True, dtype: torch.dtype = to
 
 
 def write_sd3_medium(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, t5: bool = False,
-                     seed: int = 0) -> Path:
+                     seed: int = 0, device: str = "cpu") -> Path:
     """A StableDiffusion3Pipeline folder with SD3-medium's architecture and random weights; T5-v1.1-XXL
     (text_encoder_3 + tokenizer_3) only with ``t5`` (the library runs SD3 without it: zeros in its place)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
@@ -230,19 +246,19 @@ def write_sd3_medium(folder: str | Path, weights: bool = True, dtype: torch.dtyp
     index = {"_class_name": "StableDiffusion3Pipeline", "feature_extractor": [None, None],
              "image_encoder": [None, None]}
     index["transformer"] = _save_net(lambda: SD3Transformer2DModel(**SD3_TRANSFORMER), part, "transformer", weights,
-                                     dtype, seed, counts)
+                                     dtype, seed, counts, device)
     index["text_encoder"] = _save_net(lambda: CLIPTextModelWithProjection(_text_config(CLIP_L, tok)), part,
-                                      "text_encoder", weights, dtype, seed + 1, counts)
+                                      "text_encoder", weights, dtype, seed + 1, counts, device)
     index["text_encoder_2"] = _save_net(lambda: CLIPTextModelWithProjection(_text_config(CLIP_G, tok)), part,
-                                        "text_encoder_2", weights, dtype, seed + 2, counts)
+                                        "text_encoder_2", weights, dtype, seed + 2, counts, device)
     if t5:
         index["text_encoder_3"] = _save_net(lambda: T5EncoderModel(T5Config(**T5_XXL)), part, "text_encoder_3",
-                                            weights, dtype, seed + 4, counts)
+                                            weights, dtype, seed + 4, counts, device)
         index["tokenizer_3"] = _save_other(tm.t5_tokenizer(), part, "tokenizer_3")
     else:
         index["text_encoder_3"] = [None, None]
         index["tokenizer_3"] = [None, None]
-    index["vae"] = _save_net(lambda: AutoencoderKL(**SD3_VAE), part, "vae", weights, dtype, seed + 3, counts)
+    index["vae"] = _save_net(lambda: AutoencoderKL(**SD3_VAE), part, "vae", weights, dtype, seed + 3, counts, device)
     index["tokenizer"] = _save_other(tok, part, "tokenizer")
     index["tokenizer_2"] = _save_other(tok, part, "tokenizer_2")
     index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0), part,
@@ -251,7 +267,8 @@ def write_sd3_medium(folder: str | Path, weights: bool = True, dtype: torch.dtyp
     return _finish(folder, part, index, counts)
 
 
-def write_flux_dev(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+def write_flux_dev(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+                   device: str = "cpu") -> Path:
     """A FluxPipeline folder with FLUX.1-dev's architecture (guidance-embedded transformer, CLIP-L, T5-v1.1-XXL,
     16-channel VAE, dynamically shifted flow-matching scheduler) and random weights."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
@@ -266,12 +283,12 @@ def write_flux_dev(folder: str | Path, weights: bool = True, dtype: torch.dtype 
     counts: dict[str, int] = {}
     index = {"_class_name": "FluxPipeline", "feature_extractor": [None, None], "image_encoder": [None, None]}
     index["transformer"] = _save_net(lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER), part, "transformer",
-                                     weights, dtype, seed, counts)
+                                     weights, dtype, seed, counts, device)
     index["text_encoder"] = _save_net(lambda: CLIPTextModel(_text_config(CLIP_L, tok)), part, "text_encoder", weights,
-                                      dtype, seed + 1, counts)
+                                      dtype, seed + 1, counts, device)
     index["text_encoder_2"] = _save_net(lambda: T5EncoderModel(T5Config(**T5_XXL)), part, "text_encoder_2", weights,
-                                        dtype, seed + 2, counts)
-    index["vae"] = _save_net(lambda: AutoencoderKL(**FLUX_VAE), part, "vae", weights, dtype, seed + 3, counts)
+                                        dtype, seed + 2, counts, device)
+    index["vae"] = _save_net(lambda: AutoencoderKL(**FLUX_VAE), part, "vae", weights, dtype, seed + 3, counts, device)
     index["tokenizer"] = _save_other(tok, part, "tokenizer")
     index["tokenizer_2"] = _save_other(tm.t5_tokenizer(), part, "tokenizer_2")
     index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), part, "scheduler")
@@ -279,17 +296,20 @@ def write_flux_dev(folder: str | Path, weights: bool = True, dtype: torch.dtype 
     return _finish(folder, part, index, counts)
 
 
-def write_sam_vit_base(folder: str | Path, seed: int = 0) -> Path:
+def write_sam_vit_base(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
+                       device: str = "cpu") -> Path:
     """A transformers SamVisionModel folder with facebook/sam-vit-base's vision config, random weights (init
     range 0.02), safetensors: what ``disc_backbone: sam`` + ``disc_backbone_path`` load."""
     from transformers import SamVisionConfig, SamVisionModel
 
     folder = Path(folder)
     part = _start(folder)
-    torch.manual_seed(seed)
-    model = SamVisionModel(SamVisionConfig(**SAM_VIT_B))
+    with _building(True, dtype, seed, device):
+        model = SamVisionModel(SamVisionConfig(**SAM_VIT_B))
     n = n_params(model)
     model.save_pretrained(part, max_shard_size=SHARD)
+    del model
+    _free(device)
     (part / "parameter_counts.json").write_text(json.dumps({"sam_vision": n}, indent=2) + "\n")
     if folder.exists():
         shutil.rmtree(folder)
@@ -336,18 +356,20 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--t5", action="store_true", help="sd3: include T5-v1.1-XXL (4.76 B parameters)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while initialising (default: torch's)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the networks are built and initialised (cuda: seconds instead of minutes)")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
     if a.what == "sdxl":
-        write_sdxl(a.folder, weights=not a.no_weights, dtype=dtype)
+        write_sdxl(a.folder, weights=not a.no_weights, dtype=dtype, device=a.device)
     elif a.what == "sd3":
-        write_sd3_medium(a.folder, weights=not a.no_weights, dtype=dtype, t5=a.t5)
+        write_sd3_medium(a.folder, weights=not a.no_weights, dtype=dtype, t5=a.t5, device=a.device)
     elif a.what == "flux-dev":
-        write_flux_dev(a.folder, weights=not a.no_weights, dtype=dtype)
+        write_flux_dev(a.folder, weights=not a.no_weights, dtype=dtype, device=a.device)
     elif a.what == "sam":
-        write_sam_vit_base(a.folder)
+        write_sam_vit_base(a.folder, dtype=dtype, device=a.device)
     else:
         write_data(a.folder)
 

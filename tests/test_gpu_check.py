@@ -1,0 +1,59 @@
+"""benchmarks/gpu_check.py --smoke: the prepared GPU check runs every part through its own code on the CPU with tiny
+models (about a minute on 2 cores), and its JSON has the structure the GPU run will fill."""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import gpu_check  # noqa: E402
+
+
+def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
+    out = tmp_path / "smoke.json"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, str(REPO / "benchmarks/gpu_check.py"), "--smoke", "--json", str(out),
+                        "--work", str(tmp_path / "work")], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert out.is_file(), r.stdout[-3000:] + r.stderr[-3000:]
+    data = json.loads(out.read_text())
+    parts = data["parts"]
+    status = {p: v["status"] for p, v in parts.items()}
+    assert list(parts) == list(gpu_check.PARTS)
+    expected = {p: "passed" for p in gpu_check.PARTS}
+    expected["compile"] = "passed" if gpu_check.compile_offered() else "not offered"
+    assert status == expected, (status, r.stdout[-4000:])
+    assert r.returncode == 0 and data["finished"] and data["mode"] == "smoke"
+    assert [line.split(":")[0] for line in data["summary"]] == list(gpu_check.PARTS)
+    assert data["machine"]["cuda_available"] in (True, False) and data["machine"]["packages"]["torch"]
+
+    for part, config in gpu_check.PEAK_PARTS.items():
+        v = parts[part]
+        assert v["config"] == data["configs"][config]
+        assert v["frozen_dtype"] == "bfloat16" and v["resolution"] > 0 and len(v["cycles"]) == 2
+        m = v["measured"]  # on the CPU: no CUDA peak, said so, the process's RSS instead
+        assert m["peak_allocated_bytes"] is None and "no CUDA" in m["reason"] and m["ru_maxrss_bytes"] > 0
+        plan = v["plan"]  # the plan of the same config is still made (for the CPU) and set beside it
+        assert plan["plan_peak_bytes"] > 0 and plan["within_tolerance"] is None
+        assert plan["plan_over_rss"] == plan["plan_peak_bytes"] / m["ru_maxrss_bytes"]
+    assert "model_text_cache=true" in parts["peak_sd3"]["config"]["sets"]
+
+    for part, ttur in (("step_flashdmd", 1), ("step_dmd2", 5)):  # the presets' TTUR: an update is a whole cycle
+        v = parts[part]
+        assert v["ttur"] == ttur and v["batch_size"] == 1
+        assert v["updates_seconds"] and v["seconds_per_generator_update"] == statistics.median(v["updates_seconds"])
+
+    ips = parts["images_per_second"]
+    assert ips["teacher"]["steps"] == gpu_check.TEACHER_STEPS and ips["student"]["steps"] == 4
+    assert ips["speedup"] == ips["student"]["images_per_second"] / ips["teacher"]["images_per_second"]
+
+    f = parts["fsdp2_resume"]  # one process through accelerate's launcher, two updates, a checkpoint, a resume
+    assert all(f["checks"].values()) and f["accelerate"]["num_processes"] == 1
+    assert f["resume"]["generator_steps"] == 3 and "at step 2" in f["resume"]["resumed_line"]
+    assert f["fsdp2_enabled"] is (f["accelerate"]["distributed_type"] == "FSDP")
