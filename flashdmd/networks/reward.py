@@ -260,10 +260,11 @@ class LatentRewardModel(nn.Module):
 
     def teacher_fingerprint(self) -> str | None:
         """sha256 (16 hex) of the teacher weights the stored heads depend on (frozen or LoRA backbone; None
-        for a fully stored backbone), so :meth:`load` refuses heads trained on a different teacher."""
+        for a fully stored backbone), so :meth:`load` refuses heads trained on a different teacher: the teacher
+        folder's denoiser files as stored (:func:`weights_fingerprint`), whatever ``model_frozen_dtype`` loads."""
         if self.train_backbone is True:
             return None
-        return weights_fingerprint(self.family.denoiser)
+        return weights_fingerprint(Path(self.family.path) / self.family.denoiser_subfolder)
 
     def state_to_save(self) -> dict[str, Tensor]:
         """Heads always; the backbone in full (``True``), its LoRA weights (``"lora"``) or not at all."""
@@ -326,20 +327,75 @@ class LatentRewardModel(nn.Module):
         return model.to(device or family.device)
 
 
-def weights_fingerprint(net: nn.Module) -> str:
-    """First 16 hex digits of sha256 over the network's parameter names and values rounded to bfloat16
-    (LoRA weights excluded; DDP / compile wrappers unwrapped). Rounding makes it independent of the device
-    and of the dtype a checkpoint was loaded in (fp32, fp16 or bf16 loads of one file agree)."""
-    from flashdmd.families.base import unwrap
-    h = hashlib.sha256()
-    for name, t in sorted(unwrap(net).state_dict().items()):
-        if "lora_" in name:
-            continue
-        h.update(name.encode())
-        v = t.detach().to("cpu")
-        v = v.to(torch.bfloat16).view(torch.int16) if v.is_floating_point() else v
-        h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+# the files diffusers' / transformers' from_pretrained reads from a model folder (no variant), in their order of choice
+WEIGHT_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+PICKLED_WEIGHT_FILES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files ``from_pretrained(folder)`` loads (a shard index's shards, or the one file; never a
+    ``.fp16`` variant beside them); FlashDMDError when the folder holds none."""
+    for name in WEIGHT_INDEXES:
+        index = folder / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise FlashDMDError(f"{index} is not a readable shard index ({e})") from None
+            return [folder / f for f in shards]
+    for name in WEIGHT_FILES + PICKLED_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    raise FlashDMDError(f"{folder} holds no weight file ({', '.join(WEIGHT_FILES)}) to fingerprint")
+
+
+def _stored_tensors(path: Path):
+    """(name, dtype code, shape, raw bytes) of every tensor in a weight file, as stored: a safetensors file's bytes
+    straight from the file (its header gives each tensor's byte range), a pickled one's through
+    ``torch.load(weights_only=True)``."""
+    import struct
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            try:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError) as e:
+                raise FlashDMDError(f"{path} is not a readable safetensors file ({e})") from None
+            base = 8 + n
+            for name in sorted(k for k in header if k != "__metadata__"):
+                info = header[name]
+                start, end = info["data_offsets"]
+                f.seek(base + start)
+                yield name, info["dtype"], info["shape"], f.read(end - start)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with other objects, a truncated file
+        raise FlashDMDError(f"cannot read {path} as weights only: {type(e).__name__}") from None
+    for name in sorted(state):
+        t = state[name].detach().contiguous().reshape(-1)
+        yield name, str(t.dtype).removeprefix("torch."), list(state[name].shape), t.view(torch.uint8).numpy().tobytes()
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """First 16 hex digits of sha256 over the tensors of a model folder's weight files AS STORED (every tensor's
+    name, stored dtype, shape and bytes, by name): independent of the dtype and device a run loads the network in
+    -- fp32, fp16 and bf16 loads of one folder agree exactly. (Rounding the loaded values to a common precision
+    cannot promise that: fp32 -> fp16 -> bf16 differs from fp32 -> bf16 for values near a rounding boundary, and no
+    rounding rule avoids double rounding for every value.) A folder re-saved in another dtype holds other weights
+    and gets another fingerprint. Hashed once per process and file version (path, size, mtime)."""
+    files = weight_files(Path(folder))
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            for name, dtype, shape, data in _stored_tensors(f):
+                h.update(f"{name}|{dtype}|{shape}|".encode())
+                h.update(data)
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def read_config(d: Path) -> dict:
