@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
+from flashdmd.families import network_call
 
 TAPS = (2, 5, 8)  # LPO's down_block_res_samples indices (multi-scale)
 STATE_NAME = "state_dict.pt"
@@ -259,6 +260,10 @@ class LPORewardModel(nn.Module):
         if prompts is None or len(prompts) != x_t.shape[0] or x_t.ndim != 4:
             raise FlashDMDError(f"LPO LRM score needs x_t (B,C,h,w) and B prompts; got {tuple(x_t.shape)} and "
                                 f"{None if prompts is None else len(prompts)} prompts")
+        with network_call("LPO reward model", self, x_t):
+            return self._score(x_t, t, prompts)
+
+    def _score(self, x_t: Tensor, t: Tensor, prompts: list[str]) -> Tensor:
         b = x_t.shape[0]
         dtype = next(self.unet.parameters()).dtype  # the frozen dtype: inputs go to the networks in it, as LPO's fp16
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, plugins
-from flashdmd.families import LORA_TARGETS
+from flashdmd.families import LORA_TARGETS, network_call
 
 FORMAT = "flashdmd-lrm"
 VERSION = 1
@@ -123,9 +123,11 @@ class LatentRewardModel(nn.Module):
         if self.train_backbone is False:
             net.requires_grad_(False)
         else:
-            net = copy.deepcopy(net) if backbone is None else net
+            if backbone is None:  # a trained copy: weights in the model dtype, not the (lower) frozen one
+                full = self.train_backbone is True and family.frozen_dtype != family.dtype
+                net = family.load_denoiser(family.dtype) if full else copy.deepcopy(net)
             if self.train_backbone == "lora":
-                self._add_lora(net, lora_rank)
+                self._add_lora(net, lora_rank, family.dtype)
             else:
                 net.requires_grad_(True)
         self.backbone = net
@@ -152,12 +154,17 @@ class LatentRewardModel(nn.Module):
     # -- construction helpers ----------------------------------------------------------------------
 
     @staticmethod
-    def _add_lora(net: nn.Module, rank: int) -> None:
+    def _add_lora(net: nn.Module, rank: int, dtype: torch.dtype | None = None) -> None:
+        """LoRA adapters on the attention projections, in ``dtype`` (peft makes them in the base's, which may be
+        a lower frozen dtype)."""
         from peft import LoraConfig
         net.requires_grad_(False)
         net.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         if not any(p.requires_grad for p in net.parameters()):
             raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")
+        for p in net.parameters():
+            if p.requires_grad and dtype is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
     @torch.no_grad()
     def _probe(self) -> tuple[int, list[int], int]:
@@ -233,8 +240,9 @@ class LatentRewardModel(nn.Module):
         if x_t.ndim != 4 or len(cond) != x_t.shape[0]:
             raise FlashDMDError(f"LRM.score needs x_t (B,C,h,w) and a conditioning of B rows; got x_t "
                                 f"{tuple(x_t.shape)} and {len(cond)} conditioning rows")
-        v = self.embed_latent(x_t, t, cond)
-        u = self.embed_text(cond)
+        with network_call("reward model (LRM)", self, x_t):
+            v = self.embed_latent(x_t, t, cond)
+            u = self.embed_text(cond)
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() * (v * u).sum(dim=-1)
 
     forward = score
