@@ -144,14 +144,23 @@ def test_half_precision_run_samples_and_exports(world, family, method, lora, set
     # SDXL's (and these tiny) VAEs set force_upcast: in float16 the VAE is held in float32, as diffusers decodes it
     assert _dtypes(ctx.family.vae) == {F32 if frozen == F16 else frozen}
     before = tm.snapshot_roles(ctx)
+    # whether the student's layers ran under bf16 autocast: inside the training steps' autocast and, through the
+    # forward accelerate wraps, in evaluations and sample grids too -- as on a GPU
+    autocast = []
+    first_layer = next(m for m in ctx.accelerator.unwrap_model(ctx.student).modules()
+                       if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+    hook = first_layer.register_forward_pre_hook(
+        lambda *_: autocast.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == BF16))
 
     result = train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    hook.remove()
 
     history = result["history"]
     assert result["rl_steps"] == 1 and any("rl/loss" in h for h in history)
     losses = {k: v for h in history for k, v in h.items() if k.startswith(("loss/", "dm_loss", "gan_", "rl/"))}
     assert losses and all(math.isfinite(v) for v in losses.values()), losses
     tm.assert_roles_trained(ctx, before, lora=bool(lora), exempt=_constant_head(ctx))
+    assert autocast and all(autocast) if cfg.model_mixed_precision == "bf16" else not any(autocast)
     for role in ("student", "fake_score", "disc"):
         assert {p.dtype for p in getattr(ctx, role).parameters() if p.requires_grad} == {F32}, role
     states = [t for o in ctx.opt.values() for s in o.state.values() for t in s.values() if t.is_floating_point()]
@@ -160,10 +169,13 @@ def test_half_precision_run_samples_and_exports(world, family, method, lora, set
         assert isinstance(ctx.reward, LatentRewardModel) and ctx.reward.backbone is ctx.teacher
     elif reward == "lpo":
         assert isinstance(ctx.reward, LPORewardModel) and _dtypes(ctx.reward) == {frozen}
-    if evals:
-        got = result["evals"][-1]
-        assert {"clip_score", *(["fid"] if "fid" in evals else [])} <= set(got)
-        assert all(math.isfinite(got[k]) for k in ("clip_score", "fid") if k in got)
+    if evals:  # the evaluations during the run (its student in the run's dtypes), then `flashdmd eval --dtype`
+        assert [e["step"] for e in result["evals"]][:2] == [0, 1]
+        assert all(math.isfinite(e["clip_score"]) for e in result["evals"])
+        assert main(["eval", "--model", str(tmp_path / "run"), "--prompts", str(world["prompts"]), "--clip",
+                     str(world["clip"]), "--num-images", "2", "--dtype", EXPORT_DTYPE[setting], "--json",
+                     str(tmp_path / "eval.json")]) == 0
+        assert math.isfinite(json.loads((tmp_path / "eval.json").read_text())["clip_score"])
 
     # `flashdmd sample` with the networks in the run's frozen dtype
     export_dtype = EXPORT_DTYPE[setting]
@@ -186,11 +198,14 @@ def test_half_precision_run_samples_and_exports(world, family, method, lora, set
     assert err <= EXPORT_FACTOR * U[frozen] * scale, (err, scale)
 
 
-# The exported pipeline and flashdmd's sampler run the same network on the same inputs in the same dtype; they
-# differ in the order of the float32 / half operations between the network calls (diffusers' scheduler step vs
-# flashdmd's renoise, the pipelines' casts). Each of the K = 4 steps rounds the latent to the half dtype once on each
-# side (relative error <= u) and the next network call sees inputs differing by up to 2u relative ... (filled in)
-EXPORT_FACTOR = 64
+# The exported pipeline and flashdmd's sampler run the same network weights on the same noise in the same dtype; they
+# differ only in where the arithmetic between two network calls rounds to the half dtype (diffusers' scheduler step
+# keeps the latents in the half dtype, flashdmd's x0 / renoise mixes them with float32 schedule tensors). Per step
+# that is at most 4 roundings on each side (the network output's cast, the x0 conversion, the re-noised sum, the
+# latent's cast): the two latents differ by <= 8 u |x| after a step, and over K = 4 steps these add up to 8 K = 32
+# u max|x| as long as a network call does not amplify a relative difference of its input (normalised blocks, and the
+# step x' = alpha x0 + sigma eps that keeps |x| at the noise's scale). Measured: <= 4.6 u max|x| over the six cells.
+EXPORT_FACTOR = 32
 
 
 def _pipeline_latents(folder: Path, prompts, seed: int):
