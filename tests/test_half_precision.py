@@ -7,11 +7,11 @@ FLUX folders through Stage 1 (Flash-DMD and DMD2, LoRA and full fine-tune), Stag
 `flashdmd sample` and `flashdmd export`. Six runs, one per (family, setting), cover every pair of factors:
 
     family  method    weights  precision                   Stage-2 reward
-    sdxl    flashdmd  LoRA     bf16 frozen + bf16 autocast  LRM trained with a float16 teacher; CLIP evaluation
-    sdxl    dmd2      full     fp16 frozen                  LPO's layout
-    sd3     dmd2      LoRA     fp16 frozen                  LRM trained with a float32 teacher
-    sd3     flashdmd  full     bf16 frozen + bf16 autocast  CLIP judge
-    flux    flashdmd  full     fp16 frozen                  CLIP judge; CLIP evaluation
+    sdxl    flashdmd  LoRA     bf16 frozen + bf16 autocast  LPO's layout; CLIP evaluation, sample grids
+    sdxl    dmd2      full     fp16 frozen                  LRM trained (reward train) with a float32 teacher
+    sd3     dmd2      LoRA     fp16 frozen                  CLIP judge
+    sd3     flashdmd  full     bf16 frozen + bf16 autocast  LRM trained (reward train) with a float16 teacher
+    flux    flashdmd  full     fp16 frozen                  CLIP judge; CLIP evaluation, sample grids
     flux    dmd2      LoRA     bf16 frozen + bf16 autocast  CLIP judge
 
 Each asserts: the run finishes with finite losses; trained weights and every optimiser state in float32, frozen parts
@@ -51,10 +51,10 @@ SETTINGS = {"bf16": dict(model_frozen_dtype="bfloat16", model_mixed_precision="b
             "fp16": dict(model_frozen_dtype="float16", model_mixed_precision="no")}
 EXPORT_DTYPE = {"bf16": "bf16", "fp16": "fp16"}
 CELLS = [  # (family, method, LoRA rank, setting, Stage-2 reward, evaluation backends)
-    ("sdxl", "flashdmd", 2, "bf16", "lrm", ("clip",)),
-    ("sdxl", "dmd2", 0, "fp16", "lpo", ()),
-    ("sd3", "dmd2", 2, "fp16", "lrm", ()),
-    ("sd3", "flashdmd", 0, "bf16", "judge", ()),
+    ("sdxl", "flashdmd", 2, "bf16", "lpo", ("clip",)),
+    ("sdxl", "dmd2", 0, "fp16", "lrm", ()),
+    ("sd3", "dmd2", 2, "fp16", "judge", ()),
+    ("sd3", "flashdmd", 0, "bf16", "lrm", ()),
     ("flux", "flashdmd", 0, "fp16", "judge", ("clip",)),
     ("flux", "dmd2", 2, "bf16", "judge", ()),
 ]
@@ -71,15 +71,16 @@ def _pairs(folder: Path, family, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def world(tiny_run_folders, tmp_path_factory, clip_dir, inception_file):
     """The tiny teachers and SAM (session), a CLIP folder, FID weights and reference statistics, a prompt file,
-    LPO's layout for SDXL, and an LRM per SDXL / SD3 made by `flashdmd reward train` -- the SDXL one with a float16
-    teacher, the SD3 one with a float32 teacher -- each used below by a run in another frozen dtype."""
+    LPO's layout for SDXL, and an LRM per SDXL / SD3 made by `flashdmd reward train` -- the SDXL one with a float32
+    teacher (used by a float16 run: what issue 28 found refused), the SD3 one with a float16 teacher (used by a
+    bfloat16 run)."""
     from flashdmd.evaluation.backends.fid import save_stats
     tmp = tmp_path_factory.mktemp("half")
     out = dict(tiny_run_folders, clip=clip_dir, inception=inception_file, prompts=tmp / "prompts.txt",
                fid_ref=tmp / "ref.safetensors", lpo=write_lpo(tmp / "lpo"))
     out["prompts"].write_text("\n".join(PROMPTS) + "\n")
     save_stats(out["fid_ref"], torch.zeros(2048, dtype=torch.float64), torch.eye(2048, dtype=torch.float64), 10)
-    for name, frozen in (("sdxl", "float16"), ("sd3", "float32")):
+    for name, frozen in (("sdxl", "float32"), ("sd3", "float16")):
         pairs = _pairs(out[name], load_family(out[name]), tmp / f"pairs_{name}.jsonl")
         assert main(["reward", "train", "--pairs", str(pairs), "--family-model", str(out[name]), "--out",
                      str(tmp / f"lrm_{name}"), "--steps", "1", "--batch", "2", "--eval-draws", "1", "--proj-dim", "8",
@@ -101,7 +102,7 @@ def _config(world, family, method, lora, setting, reward, evals) -> DistillConfi
         kw.update(rl_judge="clip", rl_judge_model=str(world["clip"]))
     if evals:
         kw.update(eval_prompts=str(world["prompts"]), eval_every_steps=1, eval_num_images=2, eval_batch_size=2,
-                  eval_clip_model=str(world["clip"]))
+                  eval_clip_model=str(world["clip"]), sample_every_steps=1)
     return tm.run_config(world, family, method, **kw)
 
 
@@ -169,8 +170,9 @@ def test_half_precision_run_samples_and_exports(world, family, method, lora, set
         assert isinstance(ctx.reward, LatentRewardModel) and ctx.reward.backbone is ctx.teacher
     elif reward == "lpo":
         assert isinstance(ctx.reward, LPORewardModel) and _dtypes(ctx.reward) == {frozen}
-    if evals:  # the evaluations during the run (its student in the run's dtypes), then `flashdmd eval --dtype`
+    if evals:  # evaluations and sample grids during the run (its student in the run's dtypes), `flashdmd eval --dtype`
         assert [e["step"] for e in result["evals"]][:2] == [0, 1]
+        assert (tmp_path / "run" / "samples" / "step_000001.png").is_file()
         assert all(math.isfinite(e["clip_score"]) for e in result["evals"])
         assert main(["eval", "--model", str(tmp_path / "run"), "--prompts", str(world["prompts"]), "--clip",
                      str(world["clip"]), "--num-images", "2", "--dtype", EXPORT_DTYPE[setting], "--json",

@@ -40,7 +40,7 @@ class DistillConfig:
     model_teacher: str = _f("world-sdxl", "teacher: local diffusers pipeline folder, hub id (fetched by "
                             "huggingface_hub into its cache when HF_HUB_OFFLINE=0; offline it must be cached "
                             "already), or a plug-in's model name (world-sdxl / world-sd3)")
-    model_family: str | None = _f(None, "sdxl or sd3; default: detected from model_index.json")
+    model_family: str | None = _f(None, "sdxl, sd3 or flux; default: detected from model_index.json")
     model_lora_rank: int = _f(0, "0 = full fine-tune of student and fake score; >0 = LoRA of this rank (peft) "
                               "on the attention projections of both (SD3 in the paper is trained as a LoRA)")
     model_lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
@@ -276,7 +276,8 @@ class DistillConfig:
             if not ok:
                 raise FlashDMDError(f"config: {msg}")
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.model_family in (None, "sdxl", "sd3"), f"model_family must be sdxl, sd3 or null, got {self.model_family!r}")
+        need(self.model_family in (None, "sdxl", "sd3", "flux"),
+             f"model_family must be sdxl, sd3, flux or null, got {self.model_family!r}")
         need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
         need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
         need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
