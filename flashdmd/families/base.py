@@ -201,14 +201,15 @@ def input_dtype(net: nn.Module) -> torch.dtype:
 
 
 # what torch says when tensors of different dtypes meet inside an op (or an op has no kernel for a dtype)
-DTYPE_ERROR = re.compile(r"same dtype|should be the same|expected scalar type|scalar type of|mixed dtype|expected dtype|"
-                         r"found dtype|dtypes match|ScalarType|can't be cast to the desired output type|"
+DTYPE_ERROR = re.compile(r"same dtype|should be the same|expected scalar type|scalar type of|mixed dtype|"
+                         r"expected dtype|found dtype|dtypes match|ScalarType|can't be cast to the desired output type|"
                          r"not implemented for '(Half|BFloat16|Float|Double)'", re.IGNORECASE)
 _PART_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
 def name_part(net: nn.Module, name: str) -> nn.Module:
-    """Record what ``net`` is in the run ("student", "fake score", ...): a dtype error inside it names it. Returns net."""
+    """Record what ``net`` is in the run ("student", "fake score", ...), which a dtype error inside it names; returns
+    ``net``."""
     _PART_NAMES[unwrap(net)] = name
     return net
 

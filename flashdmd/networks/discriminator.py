@@ -269,7 +269,8 @@ class LatentClassifierHead(nn.Module):
 
     def forward(self, f: Tensor) -> Tensor:
         with network_call("DMD2 latent classifier head", self, f):
-            f = self.down(f.to(self.out.weight.dtype))  # a lower-precision (frozen-dtype) fake-score base gives its features
+            # a lower-precision (frozen-dtype) fake-score base gives its features in that dtype
+            f = self.down(f.to(self.out.weight.dtype))
             if tuple(f.shape[-2:]) != (4, 4):
                 f = F.adaptive_avg_pool2d(f, 4)
             return self.out(self.last(f)).flatten(1)
