@@ -61,7 +61,7 @@ CELLS = [  # (family, method, LoRA rank, setting, Stage-2 reward, evaluation bac
 RES = 32  # every family at 32 px (FLUX's default would be 256 px: 4096 tokens)
 
 
-def _pairs(folder: Path, family, out: Path) -> Path:
+def _pairs(family, out: Path) -> Path:
     from flashdmd.rewards.pairs import write_pairs
     shape = family.latent_shape(family.default_resolution, family.default_resolution)
     records = [{"prompt": p, "a": 2 * i, "b": 2 * i + 1, "preferred": "a"} for i, p in enumerate(PROMPTS)]
@@ -81,7 +81,7 @@ def world(tiny_run_folders, tmp_path_factory, clip_dir, inception_file):
     out["prompts"].write_text("\n".join(PROMPTS) + "\n")
     save_stats(out["fid_ref"], torch.zeros(2048, dtype=torch.float64), torch.eye(2048, dtype=torch.float64), 10)
     for name, frozen in (("sdxl", "float32"), ("sd3", "float16")):
-        pairs = _pairs(out[name], load_family(out[name]), tmp / f"pairs_{name}.jsonl")
+        pairs = _pairs(load_family(out[name]), tmp / f"pairs_{name}.jsonl")
         assert main(["reward", "train", "--pairs", str(pairs), "--family-model", str(out[name]), "--out",
                      str(tmp / f"lrm_{name}"), "--steps", "1", "--batch", "2", "--eval-draws", "1", "--proj-dim", "8",
                      "--hidden-dim", "8", "--frozen-dtype", frozen]) == 0

@@ -43,8 +43,9 @@ class Model:
 
 def load_model(spec: str, device="cpu", dtype: torch.dtype | None = None) -> Model:
     """The model ``spec`` names, its networks (teacher or student, text encoders, VAE) loaded in ``dtype`` (default
-    float32; a float16 VAE that asks for ``force_upcast`` stays float32, see ``Family.vae_dtype``). Latents and the
-    sampler's arithmetic stay float32 (``Family.dtype``)."""
+    float32; a float16 VAE that asks for ``force_upcast`` stays float32, see ``Family.vae_dtype``). The networks take
+    and give the caller's latents' dtype: float32 in :func:`sample_images`; `flashdmd sample` draws them in the text
+    embeddings' dtype, as a diffusers pipeline loaded in ``dtype`` does."""
     path = resolve_path(spec)
     if (path / "run.json").is_file():
         return load_student(path, device=device, dtype=dtype)

@@ -24,7 +24,7 @@ LPO ranks the candidates x_{t-1} of a step from t with ``t`` (the step's current
 :attr:`scores_at` = "current" here. LPO runs the model in fp16; here the UNet, the text encoders and the projection
 are held and run in the teacher's frozen dtype (``model_frozen_dtype``: fp16 is LPO's own arithmetic), the pooling,
 the feature CFG and the cosine in float32 (one rounding less than LPO's fp16; within the half-precision bound of
-tests/test_lpo_lrm.py).
+tests/test_half_precision.py).
 
 Only ``state_dict.pt`` is read with ``torch.load(..., weights_only=True)``; the networks load from safetensors
 (``use_safetensors=True``), nothing else is unpickled.

@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -363,7 +364,6 @@ def _stored_tensors(path: Path):
     """(name, dtype code, shape, raw bytes) of every tensor in a weight file, as stored: a safetensors file's bytes
     straight from the file (its header gives each tensor's byte range), a pickled one's through
     ``torch.load(weights_only=True)``."""
-    import struct
     if path.suffix == ".safetensors":
         with open(path, "rb") as f:
             try:
