@@ -6,12 +6,12 @@ FLUX folders through Stage 1 (Flash-DMD and DMD2, LoRA and full fine-tune), Stag
 `flashdmd reward train`, LPO's LRM layout, an image judge), the evaluation backends (CLIP score, FID),
 `flashdmd sample` and `flashdmd export`. Six runs, one per (family, setting), cover every pair of factors:
 
-    family  method    weights  precision                   Stage-2 reward
-    sdxl    flashdmd  LoRA     bf16 frozen + bf16 autocast  LPO's layout; CLIP evaluation, sample grids
+    family  method    weights  precision                   Stage-2 reward; evaluation
+    sdxl    flashdmd  LoRA     bf16 frozen + bf16 autocast  LPO's layout; CLIP evaluation, grids; CLIP + FID eval
     sdxl    dmd2      full     fp16 frozen                  LRM trained (reward train) with a float32 teacher
     sd3     dmd2      LoRA     fp16 frozen                  CLIP judge
     sd3     flashdmd  full     bf16 frozen + bf16 autocast  LRM trained (reward train) with a float16 teacher
-    flux    flashdmd  full     fp16 frozen                  CLIP judge; CLIP evaluation, sample grids
+    flux    flashdmd  full     fp16 frozen                  CLIP judge; CLIP evaluation, grids; CLIP eval
     flux    dmd2      LoRA     bf16 frozen + bf16 autocast  CLIP judge
 
 Each asserts: the run finishes with finite losses; trained weights and every optimiser state in float32, frozen parts
@@ -49,9 +49,8 @@ U = {BF16: 2.0 ** -8, F16: 2.0 ** -11, F32: 2.0 ** -24}  # unit round-off
 PROMPTS = ["a red shoe", "a small bag", "a striped shirt", "a boot"]
 SETTINGS = {"bf16": dict(model_frozen_dtype="bfloat16", model_mixed_precision="bf16"),
             "fp16": dict(model_frozen_dtype="float16", model_mixed_precision="no")}
-EXPORT_DTYPE = {"bf16": "bf16", "fp16": "fp16"}
 CELLS = [  # (family, method, LoRA rank, setting, Stage-2 reward, evaluation backends)
-    ("sdxl", "flashdmd", 2, "bf16", "lpo", ("clip",)),
+    ("sdxl", "flashdmd", 2, "bf16", "lpo", ("clip", "fid")),
     ("sdxl", "dmd2", 0, "fp16", "lrm", ()),
     ("sd3", "dmd2", 2, "fp16", "judge", ()),
     ("sd3", "flashdmd", 0, "bf16", "lrm", ()),
@@ -174,20 +173,21 @@ def test_half_precision_run_samples_and_exports(world, family, method, lora, set
         assert [e["step"] for e in result["evals"]][:2] == [0, 1]
         assert (tmp_path / "run" / "samples" / "step_000001.png").is_file()
         assert all(math.isfinite(e["clip_score"]) for e in result["evals"])
+        fid = ["--fid-inception", str(world["inception"]), "--fid-ref", str(world["fid_ref"])] if "fid" in evals else []
         assert main(["eval", "--model", str(tmp_path / "run"), "--prompts", str(world["prompts"]), "--clip",
-                     str(world["clip"]), "--num-images", "2", "--dtype", EXPORT_DTYPE[setting], "--json",
-                     str(tmp_path / "eval.json")]) == 0
-        assert math.isfinite(json.loads((tmp_path / "eval.json").read_text())["clip_score"])
+                     str(world["clip"]), "--num-images", "2", "--dtype", setting, "--json",
+                     str(tmp_path / "eval.json")] + fid) == 0
+        metrics = json.loads((tmp_path / "eval.json").read_text())
+        assert all(math.isfinite(metrics[k]) for k in ("clip_score", *(["fid"] if fid else [])))
 
     # `flashdmd sample` with the networks in the run's frozen dtype
-    export_dtype = EXPORT_DTYPE[setting]
     assert main(["sample", "--model", str(tmp_path / "run"), "--prompt", PROMPTS[0], "--out", str(tmp_path / "png"),
-                 "--dtype", export_dtype]) == 0
+                 "--dtype", setting]) == 0
     assert (tmp_path / "png" / "0000_seed0.png").is_file()
 
     # `flashdmd export --dtype`: plain diffusers in that dtype reproduces flashdmd's sampler in that dtype
     out = tmp_path / "exported"
-    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(out), "--dtype", export_dtype]
+    assert main(["export", "--run", str(tmp_path / "run"), "--out", str(out), "--dtype", setting]
                 + (["--lora"] if lora and family == "sd3" else [])) == 0
     got, record = _pipeline_latents(out, PROMPTS[:2], seed=3)
     model = load_model(str(tmp_path / "run"), dtype=frozen)
