@@ -156,6 +156,10 @@ def add_arguments(p):
     p.add_argument("--num-per-prompt", type=int, default=1, help="images per prompt")
     p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per network batch")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="dtype of the networks (student or teacher, text encoders, VAE; a float16 VAE whose config "
+                        "sets force_upcast stays float32, as in diffusers' pipelines); latents and the sampler's "
+                        "steps follow the text embeddings, as a diffusers pipeline loaded in that dtype. Default fp32")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same name")
 
 
@@ -212,9 +216,9 @@ def run(args):
                             "pass --overwrite to replace them")
     earlier = read_prompt_log(out)  # a broken log stops the call before any work
     _check_not_export(args.model)
-    from flashdmd.inference import load_model
+    from flashdmd.inference import DTYPES, load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
     steps = len(plan(model, args.steps)[0])
     guidance = args.cfg if args.cfg is not None else model.guidance_scale
     records = []

@@ -49,7 +49,7 @@ from flashdmd.data import read_prompt_file
 from flashdmd.evaluation.backends import METRIC_KEYS, load_scorer, require_folder, scorer_class, score_batched
 from flashdmd.evaluation.backends.fid import FIDInception, folder_features, image_files, reference_stats, save_stats
 from flashdmd.evaluation.metrics import feature_stats, frechet_distance
-from flashdmd.inference import load_model, nfe, sample_images
+from flashdmd.inference import DTYPES, load_model, nfe, sample_images
 
 CHUNK = 100
 SEED_STRIDE = 1_000_000
@@ -228,7 +228,7 @@ def run_eval(args) -> dict:
         args.prompts, args.num_images, clip=args.clip, pickscore=args.pickscore, hpsv2=args.hpsv2,
         imagereward=args.imagereward, fid_inception=args.fid_inception, fid_ref=args.fid_ref, device=device,
         batch_size=args.batch_size, metric_batch_size=args.metric_batch_size, progress=True)
-    model = load_model(args.model, device=device)
+    model = load_model(args.model, device=device, dtype=DTYPES[getattr(args, "dtype", "fp32")])
     metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=True)
     if not evaluator.higher_is_better:
         print("note: no metric backend given (--fid-inception/--fid-ref, --clip, --pickscore, --hpsv2, "

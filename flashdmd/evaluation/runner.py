@@ -11,7 +11,7 @@ from pathlib import Path
 
 from flashdmd import FlashDMDError, plugins
 from flashdmd.families import resolve_path
-from flashdmd.inference import load_model, teacher_spec
+from flashdmd.inference import DTYPES, load_model, teacher_spec
 
 # ---------------------------------------------------------------------------------------------------
 # CLI
@@ -40,6 +40,9 @@ def add_arguments(p):
     real.add_argument("--batch-size", type=int, default=16, help="sampling batch size (images do not depend on it)")
     real.add_argument("--metric-batch-size", type=int, default=50, help="batch size of the metric networks")
     real.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32",
+                   help="dtype the sampled model's networks are loaded in (the metric networks stay float32); "
+                        "default fp32")
 
 
 REAL_FLAGS = ("prompts", "fid_inception", "fid_ref", "clip", "pickscore", "hpsv2", "imagereward")
@@ -69,7 +72,7 @@ def run(args):
     evaluator = owner.evaluator(args.num_images)
     if args.floor and not hasattr(evaluator, "floor"):
         raise FlashDMDError(f"--floor: plug-in {owner.name!r} has no real-data floor")
-    model = load_model(args.model, device=getattr(args, "device", None) or "cpu")
+    model = load_model(args.model, device=getattr(args, "device", None) or "cpu", dtype=DTYPES[args.dtype])
     metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=True)
     metrics.update(model=args.model, kind=model.kind, steps=args.steps, cfg=args.cfg)
     if args.floor:

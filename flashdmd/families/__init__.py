@@ -13,7 +13,8 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError, plugins
-from flashdmd.families.base import LORA_TARGETS, Conditioning, Family, read_model_index
+from flashdmd.families.base import (LORA_TARGETS, Conditioning, Family, name_part, network_call, part_name,
+                                   read_model_index)
 from flashdmd.families.flux import FluxFamily
 from flashdmd.families.hub import hub_snapshot
 from flashdmd.families.sd3 import SD3Family
@@ -23,7 +24,7 @@ FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 
 __all__ = ["LORA_TARGETS", "Conditioning", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES", "load_family", "resolve_path",
-           "detect_family"]
+           "detect_family", "name_part", "network_call", "part_name"]
 
 
 def resolve_path(path_or_name: str | Path) -> Path:

@@ -28,7 +28,10 @@ is missing.
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import re
+import weakref
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
@@ -197,6 +200,55 @@ def input_dtype(net: nn.Module) -> torch.dtype:
     return next(net.parameters()).dtype
 
 
+# what torch says when tensors of different dtypes meet inside an op (or an op has no kernel for a dtype)
+DTYPE_ERROR = re.compile(r"same dtype|should be the same|expected scalar type|scalar type of|mixed dtype|"
+                         r"expected dtype|found dtype|dtypes match|ScalarType|can't be cast to the desired output type|"
+                         r"not implemented for '(Half|BFloat16|Float|Double)'", re.IGNORECASE)
+_PART_NAMES: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
+
+
+def name_part(net: nn.Module, name: str) -> nn.Module:
+    """Record what ``net`` is in the run ("student", "fake score", ...), which a dtype error inside it names; returns
+    ``net``."""
+    _PART_NAMES[unwrap(net)] = name
+    return net
+
+
+def part_name(net: nn.Module, default: str | None = None) -> str:
+    """The name :func:`name_part` gave ``net`` (else ``default``, else its class name)."""
+    return _PART_NAMES.get(unwrap(net)) or default or type(unwrap(net)).__name__
+
+
+def _dtypes(tensors) -> str:
+    found = []
+    for t in tensors:
+        if isinstance(t, Tensor) and t.is_floating_point() and str(t.dtype) not in found:
+            found.append(str(t.dtype))
+    return " + ".join(d.removeprefix("torch.") for d in found) or "none"
+
+
+@contextmanager
+def network_call(part: str, net: nn.Module | Sequence[nn.Module] | None = None, *inputs):
+    """Around one call of a network: a RuntimeError that is a dtype mismatch inside it (torch's "mat1 and mat2 must
+    have the same dtype", "Input type (float) and bias type (c10::BFloat16) should be the same", ...) becomes a one-line
+    FlashDMDError that names ``part``, the inputs' and weights' dtypes and autocast's, instead of a traceback from
+    deep inside diffusers. Any other error passes unchanged; a FlashDMDError from an inner call (a part inside this
+    one) is already the one line."""
+    try:
+        yield
+    except RuntimeError as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if not DTYPE_ERROR.search(first):
+            raise
+        nets = [] if net is None else [net] if isinstance(net, nn.Module) else [m for m in net if m is not None]
+        weights = _dtypes(p for m in nets for p in m.parameters())
+        cast = [f"autocast {str(torch.get_autocast_dtype(d)).removeprefix('torch.')}" for d in ("cpu", "cuda")
+                if torch.is_autocast_enabled(d)]
+        raise FlashDMDError(f"{part}: dtype mismatch inside the network (input {_dtypes(inputs)}, weights {weights}"
+                            f"{', ' + cast[0] if cast else ''}): {first[:200]}; check model_frozen_dtype / "
+                            "model_mixed_precision, or report it") from None
+
+
 def unwrap(net: nn.Module) -> nn.Module:
     """The bare network inside a DDP / compile wrapper (``.module`` / ``._orig_mod``)."""
     for attr in ("module", "_orig_mod"):
@@ -328,8 +380,24 @@ class Family(ABC):
         from the files, not up-cast from the teacher."""
         return self._load(self.denoiser_subfolder, dtype=dtype)
 
+    def vae_dtype(self) -> torch.dtype:
+        """The VAE's dtype: the frozen dtype, except float32 where that is float16 and the VAE's config sets
+        ``force_upcast`` (SDXL's VAE overflows in float16; diffusers' pipelines upcast it to float32 to decode). Float32
+        rather than bfloat16 (which would not overflow either): the pixels are then what the exported pipeline decodes,
+        and the VAE is small (SDXL's: 84 M parameters, 0.17 GB more than in float16)."""
+        if self.frozen_dtype != torch.float16:
+            return self.frozen_dtype
+        cls = component_class(self.path, self.index, "vae")
+        config = self.path / "vae" / "config.json"
+        default = inspect.signature(cls.__init__).parameters.get("force_upcast") if cls is not None else None
+        try:
+            force = json.loads(config.read_text()).get("force_upcast", default.default if default else False)
+        except (OSError, ValueError):  # load_component reports the missing / broken folder
+            force = False
+        return torch.float32 if force else self.frozen_dtype
+
     def _load_parts(self) -> None:
-        self.vae = self._load("vae")
+        self.vae = self._load("vae", dtype=self.vae_dtype())
         self.denoiser = self._load(self.denoiser_subfolder)
         self.scheduler = self._load("scheduler")
         self.text_encoders = [self._load(n) for n in self.text_parts]
@@ -396,7 +464,8 @@ class Family(ABC):
         if cache is not None and (self.text_encoders_released or cache.holds(prompts)):
             embeds, pooled = cache.lookup(prompts, self.device)
         else:
-            embeds, pooled = self._encode_text(prompts)
+            with network_call("text encoders", self.text_encoders):
+                embeds, pooled = self._encode_text(prompts)
         return Conditioning(embeds, pooled, self._time_ids(len(prompts), *self._hw(height, width)))
 
     @torch.no_grad()
@@ -414,7 +483,8 @@ class Family(ABC):
         todo = [p for p in dict.fromkeys(prompts) if p not in cache.index]
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
-            embeds, pooled = self._encode_text(chunk + [chunk[-1]] * (batch - len(chunk)))
+            with network_call("text encoders", self.text_encoders):
+                embeds, pooled = self._encode_text(chunk + [chunk[-1]] * (batch - len(chunk)))
             cache.add(chunk, embeds[:len(chunk)], pooled[:len(chunk)])
         return len(cache.index)
 
@@ -441,7 +511,8 @@ class Family(ABC):
         """The unconditional (CFG) conditioning for ``batch`` rows, as the family's pipeline builds it when
         no negative prompt is given (the "" prompt; SDXL with ``force_zeros_for_empty_prompt``: zeros)."""
         if self._null_cache is None:
-            self._null_cache = Conditioning(*self._null_text())
+            with network_call("text encoders", self.text_encoders):
+                self._null_cache = Conditioning(*self._null_text())
         null = self._null_cache.repeat(batch)
         return replace(null, add_time_ids=self._time_ids(batch, *self._hw(height, width)))
 
@@ -480,7 +551,9 @@ class Family(ABC):
         disables them. ``x_t = alpha*x0 + sigma*eps`` holds for the returned pair.
         """
         t = self._timesteps(t, x_t)
-        raw = self.raw_prediction(net, x_t, t, cond, guidance_scale, uncond)
+        with network_call(part_name(net, "teacher" if unwrap(net) is unwrap(self.denoiser) else None), net, x_t,
+                          cond.prompt_embeds):
+            raw = self.raw_prediction(net, x_t, t, cond, guidance_scale, uncond)
         alpha, sigma = self.schedule.alpha_sigma(t)
         return to_x0_eps(raw, self.prediction_type, x_t, bcast(alpha, x_t), bcast(sigma, x_t))
 
@@ -593,14 +666,16 @@ class Family(ABC):
                       generator: torch.Generator | None = None) -> Tensor:
         """Pixels (B,3,H,W) in [-1,1] -> latents (z - shift_factor) * scaling_factor; z is the posterior mean
         (mode) unless ``sample``, then a draw with ``generator``."""
-        dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
+        with network_call("VAE encoder", self.vae, pixels):
+            dist = self.vae.encode(pixels.to(self.device, self.vae.dtype)).latent_dist
         z = dist.sample(generator) if sample else dist.mode()
         return (z.to(pixels.dtype) - self.shift_factor) * self.scaling_factor
 
     def decode_latents(self, latents: Tensor) -> Tensor:
         """Latents (B,C,h,w) -> pixels (B,3,H,W), nominally in [-1,1] (not clamped)."""
         z = latents / self.scaling_factor + self.shift_factor
-        return self.vae.decode(z.to(self.device, self.vae.dtype)).sample.to(latents.dtype)
+        with network_call("VAE decoder", self.vae, latents):
+            return self.vae.decode(z.to(self.device, self.vae.dtype)).sample.to(latents.dtype)
 
     # -- feature taps --------------------------------------------------------------------------------
 
@@ -613,7 +688,9 @@ class Family(ABC):
         expects every parameter on the path to the output to receive a gradient).
         """
         modules = self._feature_modules(unwrap(net))
-        with forward_hooks(modules, lambda out: self._feature_map(out, x_t)) as outputs:
+        with forward_hooks(modules, lambda out: self._feature_map(out, x_t)) as outputs, \
+                network_call(part_name(net, "teacher" if unwrap(net) is unwrap(self.denoiser) else None), net, x_t,
+                             cond.prompt_embeds):
             raw = self._forward(net, x_t, self._timesteps(t, x_t), cond)
         return (list(outputs), raw) if return_output else list(outputs)
 

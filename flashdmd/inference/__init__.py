@@ -17,11 +17,13 @@ import torch
 from torch import Tensor
 
 from flashdmd import FlashDMDError
-from flashdmd.families import LORA_TARGETS, load_family, resolve_path
+from flashdmd.families import LORA_TARGETS, load_family, name_part, resolve_path
 
 RUN_KIND = "flashdmd-distill-run"
 TEACHER_DEFAULT_STEPS = 50
 TEACHER_DEFAULT_CFG = 5.0  # diffusers' SDXL / SD3 pipeline default; a folder's flashdmd.json may override
+# `--dtype` of sample / eval (export's names): the dtype the networks are loaded in
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclass
@@ -39,11 +41,15 @@ class Model:
         return int(self.resolution or self.family.default_resolution)
 
 
-def load_model(spec: str, device="cpu") -> Model:
+def load_model(spec: str, device="cpu", dtype: torch.dtype | None = None) -> Model:
+    """The model ``spec`` names, its networks (teacher or student, text encoders, VAE) loaded in ``dtype`` (default
+    float32; a float16 VAE that asks for ``force_upcast`` stays float32, see ``Family.vae_dtype``). The networks take
+    and give the caller's latents' dtype: float32 in :func:`sample_images`; `flashdmd sample` draws them in the text
+    embeddings' dtype, as a diffusers pipeline loaded in ``dtype`` does."""
     path = resolve_path(spec)
     if (path / "run.json").is_file():
-        return load_student(path, device=device)
-    fam = load_family(spec, device=device)
+        return load_student(path, device=device, dtype=dtype)
+    fam = load_family(spec, device=device, frozen_dtype=dtype)
     extra = path / "flashdmd.json"
     cfg = json.loads(extra.read_text()).get("guidance_scale", TEACHER_DEFAULT_CFG) if extra.is_file() \
         else TEACHER_DEFAULT_CFG
@@ -117,15 +123,16 @@ def nfe(model: Model, steps: int | None, guidance_scale: float | None) -> int:
 
 
 
-def load_student(run_dir: str | Path, device="cpu"):
-    """A distill run folder -> evaluation Model with the student's weights and its K steps."""
+def load_student(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None):
+    """A distill run folder -> evaluation Model with the student's weights and its K steps, every network in
+    ``dtype`` (default float32; LoRA adapters in their base's)."""
     run_dir = Path(run_dir)
     info = read_run_info(run_dir)
-    fam = load_family(info["teacher"], family=info["family"], device=device)
+    fam = load_family(info["teacher"], family=info["family"], device=device, frozen_dtype=dtype)
     if info.get("resolution"):
         fam.use_resolution(int(info["resolution"]), int(info["resolution"]))  # FLUX: the run's noise shift
     fam.embedded_guidance = float(info.get("embedded_guidance", fam.embedded_guidance))
-    net = _load_student_net(fam, run_dir / "student", info)
+    net = name_part(_load_student_net(fam, run_dir / "student", info), "student")
     return Model(fam, net, "student", [float(t) for t in info["student_timesteps"]], 1.0, True,
                  info.get("resolution"))
 
@@ -148,6 +155,6 @@ def _load_student_net(fam, folder: Path, info: dict):
         return net.eval()
     cls = type(fam.denoiser)
     try:
-        return cls.from_pretrained(folder, use_safetensors=True).to(fam.device).eval()
+        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=fam.frozen_dtype).to(fam.device).eval()
     except (OSError, ValueError) as e:
         raise FlashDMDError(f"student weights in {folder} cannot be loaded: {str(e).splitlines()[0]}") from None

@@ -25,6 +25,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, plugins
+from flashdmd.families import network_call
 
 # SAM's image processor normalisation (pixel values in [0, 1] space).
 SAM_MEAN = (0.485, 0.456, 0.406)
@@ -213,15 +214,18 @@ class PixelDiscriminator(nn.Module):
         if self.head != "pooled":
             return
         device = self.heads[0].mean.device
-        pooled = [PooledHead.pool(self.backbone(chunk.to(device, self.backbone_dtype()))) for chunk in real_chunks]
+        with network_call("Pixel-GAN backbone", self.backbone):
+            pooled = [PooledHead.pool(self.backbone(chunk.to(device, self.backbone_dtype()))) for chunk in real_chunks]
         self.heads[0].calibrate(torch.cat(pooled))
 
     def forward(self, pixels: Tensor, cond: Tensor | None = None) -> list[Tensor]:
         """Logits per head; ``cond`` (B, cond_dim): the condition of a conditional head (required there)."""
-        feats = self.backbone(pixels.to(self.backbone_dtype()))
-        if self.head == "pooled":
-            return [self.heads[0](feats, cond)]
-        return [h(f.to(next(h.parameters()).dtype)) for h, f in zip(self.heads, feats)]
+        with network_call("Pixel-GAN backbone", self.backbone, pixels):
+            feats = self.backbone(pixels.to(self.backbone_dtype()))
+        with network_call("Pixel-GAN heads", self.heads, *feats):
+            if self.head == "pooled":
+                return [self.heads[0](feats, cond)]
+            return [h(f.to(next(h.parameters()).dtype)) for h, f in zip(self.heads, feats)]
 
 
 def build_pixel_discriminator(backbone: str, path: str | None = None, layers: Sequence[int] | None = None,
@@ -264,7 +268,9 @@ class LatentClassifierHead(nn.Module):
         self.out = nn.Conv2d(c, 1, 1)
 
     def forward(self, f: Tensor) -> Tensor:
-        f = self.down(f.to(self.out.weight.dtype))  # a lower-precision (frozen-dtype) fake-score base gives its features
-        if tuple(f.shape[-2:]) != (4, 4):
-            f = F.adaptive_avg_pool2d(f, 4)
-        return self.out(self.last(f)).flatten(1)
+        with network_call("DMD2 latent classifier head", self, f):
+            # a lower-precision (frozen-dtype) fake-score base gives its features in that dtype
+            f = self.down(f.to(self.out.weight.dtype))
+            if tuple(f.shape[-2:]) != (4, 4):
+                f = F.adaptive_avg_pool2d(f, 4)
+            return self.out(self.last(f)).flatten(1)

@@ -21,7 +21,10 @@ and scores a noisy latent x at timestep t against a prompt as
     score        = exp(logit_scale) * cos(V, T)       (no clamp)
 
 LPO ranks the candidates x_{t-1} of a step from t with ``t`` (the step's current timestep), not t-1: so does
-:attr:`scores_at` = "current" here. LPO runs the model in fp16; here it runs in the teacher's frozen dtype.
+:attr:`scores_at` = "current" here. LPO runs the model in fp16; here the UNet, the text encoders and the projection
+are held and run in the teacher's frozen dtype (``model_frozen_dtype``: fp16 is LPO's own arithmetic), the pooling,
+the feature CFG and the cosine in float32 (one rounding less than LPO's fp16; within the half-precision bound of
+tests/test_half_precision.py).
 
 Only ``state_dict.pt`` is read with ``torch.load(..., weights_only=True)``; the networks load from safetensors
 (``use_safetensors=True``), nothing else is unpickled.
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
+from flashdmd.families import network_call
 
 TAPS = (2, 5, 8)  # LPO's down_block_res_samples indices (multi-scale)
 STATE_NAME = "state_dict.pt"
@@ -141,7 +145,9 @@ class LPORewardModel(nn.Module):
         super().__init__()
         self.unet, self.text_encoder, self.text_encoder_2 = unet, text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2 = tokenizer, tokenizer_2
-        self.visual_projection = nn.Linear(projection.shape[1], projection.shape[0], bias=False)
+        # in the projection's own dtype (the UNet's: load() casts it), so that the whole model is held in one dtype
+        self.visual_projection = nn.Linear(projection.shape[1], projection.shape[0], bias=False,
+                                           dtype=projection.dtype, device=projection.device)
         with torch.no_grad():
             self.visual_projection.weight.copy_(projection)
         self.register_buffer("logit_scale", torch.tensor(float(logit_scale)))
@@ -254,11 +260,15 @@ class LPORewardModel(nn.Module):
         if prompts is None or len(prompts) != x_t.shape[0] or x_t.ndim != 4:
             raise FlashDMDError(f"LPO LRM score needs x_t (B,C,h,w) and B prompts; got {tuple(x_t.shape)} and "
                                 f"{None if prompts is None else len(prompts)} prompts")
+        with network_call("LPO reward model", self, x_t):
+            return self._score(x_t, t, prompts)
+
+    def _score(self, x_t: Tensor, t: Tensor, prompts: list[str]) -> Tensor:
         b = x_t.shape[0]
-        dtype = self.visual_projection.weight.dtype
+        dtype = next(self.unet.parameters()).dtype  # the frozen dtype: inputs go to the networks in it, as LPO's fp16
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device)
         t = t.expand(b) if t.ndim == 0 else t
-        context, pooled = self.encode_text(list(prompts) + [""])
+        context, pooled = (e.to(dtype) for e in self.encode_text(list(prompts) + [""]))
         ctx_c, ctx_u = context[:b], context[b:].expand(b, -1, -1)
         pool_c, pool_u = pooled[:b], pooled[b:].expand(b, -1)
         use_cfg = self.feature_cfg > 1.0
@@ -274,7 +284,7 @@ class LPORewardModel(nn.Module):
             m_c, m_u = m.chunk(2)
             m = m_u + self.feature_cfg * (m_c - m_u)
         feats = [gap(res[i])[:b] for i in TAPS] + [m] if self.multi_scale else [m]
-        v = self.visual_projection(torch.cat(feats, dim=1).to(dtype)).float()
+        v = self.visual_projection(torch.cat(feats, dim=1).to(self.visual_projection.weight.dtype)).float()
         return self.logit_scale.float().exp() * (F.normalize(v, dim=-1) * F.normalize(pool_c.float(), dim=-1)).sum(-1)
 
     forward = score

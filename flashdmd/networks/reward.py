@@ -41,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+import struct
 from dataclasses import replace
 from pathlib import Path
 
@@ -49,7 +50,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, plugins
-from flashdmd.families import LORA_TARGETS
+from flashdmd.families import LORA_TARGETS, network_call
 
 FORMAT = "flashdmd-lrm"
 VERSION = 1
@@ -123,9 +124,11 @@ class LatentRewardModel(nn.Module):
         if self.train_backbone is False:
             net.requires_grad_(False)
         else:
-            net = copy.deepcopy(net) if backbone is None else net
+            if backbone is None:  # a trained copy: weights in the model dtype, not the (lower) frozen one
+                full = self.train_backbone is True and family.frozen_dtype != family.dtype
+                net = family.load_denoiser(family.dtype) if full else copy.deepcopy(net)
             if self.train_backbone == "lora":
-                self._add_lora(net, lora_rank)
+                self._add_lora(net, lora_rank, family.dtype)
             else:
                 net.requires_grad_(True)
         self.backbone = net
@@ -152,12 +155,17 @@ class LatentRewardModel(nn.Module):
     # -- construction helpers ----------------------------------------------------------------------
 
     @staticmethod
-    def _add_lora(net: nn.Module, rank: int) -> None:
+    def _add_lora(net: nn.Module, rank: int, dtype: torch.dtype | None = None) -> None:
+        """LoRA adapters on the attention projections, in ``dtype`` (peft makes them in the base's, which may be
+        a lower frozen dtype)."""
         from peft import LoraConfig
         net.requires_grad_(False)
         net.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
         if not any(p.requires_grad for p in net.parameters()):
             raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")
+        for p in net.parameters():
+            if p.requires_grad and dtype is not None and p.dtype != dtype:
+                p.data = p.data.to(dtype)
 
     @torch.no_grad()
     def _probe(self) -> tuple[int, list[int], int]:
@@ -233,8 +241,9 @@ class LatentRewardModel(nn.Module):
         if x_t.ndim != 4 or len(cond) != x_t.shape[0]:
             raise FlashDMDError(f"LRM.score needs x_t (B,C,h,w) and a conditioning of B rows; got x_t "
                                 f"{tuple(x_t.shape)} and {len(cond)} conditioning rows")
-        v = self.embed_latent(x_t, t, cond)
-        u = self.embed_text(cond)
+        with network_call("reward model (LRM)", self, x_t):
+            v = self.embed_latent(x_t, t, cond)
+            u = self.embed_text(cond)
         return self.logit_scale.clamp(max=LOGIT_SCALE_MAX).exp() * (v * u).sum(dim=-1)
 
     forward = score
@@ -260,10 +269,11 @@ class LatentRewardModel(nn.Module):
 
     def teacher_fingerprint(self) -> str | None:
         """sha256 (16 hex) of the teacher weights the stored heads depend on (frozen or LoRA backbone; None
-        for a fully stored backbone), so :meth:`load` refuses heads trained on a different teacher."""
+        for a fully stored backbone), so :meth:`load` refuses heads trained on a different teacher: the teacher
+        folder's denoiser files as stored (:func:`weights_fingerprint`), whatever ``model_frozen_dtype`` loads."""
         if self.train_backbone is True:
             return None
-        return weights_fingerprint(self.family.denoiser)
+        return weights_fingerprint(Path(self.family.path) / self.family.denoiser_subfolder)
 
     def state_to_save(self) -> dict[str, Tensor]:
         """Heads always; the backbone in full (``True``), its LoRA weights (``"lora"``) or not at all."""
@@ -326,20 +336,74 @@ class LatentRewardModel(nn.Module):
         return model.to(device or family.device)
 
 
-def weights_fingerprint(net: nn.Module) -> str:
-    """First 16 hex digits of sha256 over the network's parameter names and values rounded to bfloat16
-    (LoRA weights excluded; DDP / compile wrappers unwrapped). Rounding makes it independent of the device
-    and of the dtype a checkpoint was loaded in (fp32, fp16 or bf16 loads of one file agree)."""
-    from flashdmd.families.base import unwrap
-    h = hashlib.sha256()
-    for name, t in sorted(unwrap(net).state_dict().items()):
-        if "lora_" in name:
-            continue
-        h.update(name.encode())
-        v = t.detach().to("cpu")
-        v = v.to(torch.bfloat16).view(torch.int16) if v.is_floating_point() else v
-        h.update(v.contiguous().numpy().tobytes())
-    return h.hexdigest()[:16]
+# the files diffusers' / transformers' from_pretrained reads from a model folder (no variant), in their order of choice
+WEIGHT_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "model.safetensors")
+PICKLED_WEIGHT_FILES = ("diffusion_pytorch_model.bin", "pytorch_model.bin")
+_FINGERPRINTS: dict[tuple, str] = {}
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files ``from_pretrained(folder)`` loads (a shard index's shards, or the one file; never a
+    ``.fp16`` variant beside them); FlashDMDError when the folder holds none."""
+    for name in WEIGHT_INDEXES:
+        index = folder / name
+        if index.is_file():
+            try:
+                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (OSError, ValueError, KeyError, AttributeError) as e:
+                raise FlashDMDError(f"{index} is not a readable shard index ({e})") from None
+            return [folder / f for f in shards]
+    for name in WEIGHT_FILES + PICKLED_WEIGHT_FILES:
+        if (folder / name).is_file():
+            return [folder / name]
+    raise FlashDMDError(f"{folder} holds no weight file ({', '.join(WEIGHT_FILES)}) to fingerprint")
+
+
+def _stored_tensors(path: Path):
+    """(name, dtype code, shape, raw bytes) of every tensor in a weight file, as stored: a safetensors file's bytes
+    straight from the file (its header gives each tensor's byte range), a pickled one's through
+    ``torch.load(weights_only=True)``."""
+    if path.suffix == ".safetensors":
+        with open(path, "rb") as f:
+            try:
+                n = struct.unpack("<Q", f.read(8))[0]
+                header = json.loads(f.read(n))
+            except (struct.error, ValueError) as e:
+                raise FlashDMDError(f"{path} is not a readable safetensors file ({e})") from None
+            base = 8 + n
+            for name in sorted(k for k in header if k != "__metadata__"):
+                info = header[name]
+                start, end = info["data_offsets"]
+                f.seek(base + start)
+                yield name, info["dtype"], info["shape"], f.read(end - start)
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a pickle with other objects, a truncated file
+        raise FlashDMDError(f"cannot read {path} as weights only: {type(e).__name__}") from None
+    for name in sorted(state):
+        t = state[name].detach().contiguous().reshape(-1)
+        yield name, str(t.dtype).removeprefix("torch."), list(state[name].shape), t.view(torch.uint8).numpy().tobytes()
+
+
+def weights_fingerprint(folder: str | Path) -> str:
+    """First 16 hex digits of sha256 over the tensors of a model folder's weight files AS STORED (every tensor's
+    name, stored dtype, shape and bytes, by name): independent of the dtype and device a run loads the network in
+    -- fp32, fp16 and bf16 loads of one folder agree exactly. (Rounding the loaded values to a common precision
+    cannot promise that: fp32 -> fp16 -> bf16 differs from fp32 -> bf16 for values near a rounding boundary, and no
+    rounding rule avoids double rounding for every value.) A folder re-saved in another dtype holds other weights
+    and gets another fingerprint. Hashed once per process and file version (path, size, mtime)."""
+    files = weight_files(Path(folder))
+    key = tuple((str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    if key not in _FINGERPRINTS:
+        h = hashlib.sha256()
+        for f in files:
+            for name, dtype, shape, data in _stored_tensors(f):
+                h.update(f"{name}|{dtype}|{shape}|".encode())
+                h.update(data)
+        _FINGERPRINTS[key] = h.hexdigest()[:16]
+    return _FINGERPRINTS[key]
 
 
 def read_config(d: Path) -> dict:

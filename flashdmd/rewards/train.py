@@ -23,6 +23,7 @@ from torch import Tensor
 
 from flashdmd import FlashDMDError
 
+FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_BANDS = {"low": (0.1, 0.3), "mid": (0.4, 0.6), "high": (0.7, 0.95)}
 TRAIN_T_RANGE = (0.02, 0.98)
 
@@ -222,6 +223,12 @@ def add_train_arguments(p) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--frozen-dtype", choices=FROZEN_DTYPES, default="auto",
+                   help="dtype of the frozen teacher parts (backbone, text encoders, VAE), as distill's "
+                        "model_frozen_dtype: auto = bfloat16 on CUDA, else float32. The heads, a trained backbone "
+                        "copy or its LoRA adapters and the optimiser state stay float32; the LRM loads under any "
+                        "frozen dtype later (its teacher fingerprint is the weight files')")
 
 
 def run_train(args) -> dict:
@@ -239,7 +246,10 @@ def run_train(args) -> dict:
     paths = [Path(p) for p in args.pairs]
     for p in paths:
         read_records(p)  # a missing / empty / malformed file fails before the (slow) model load
-    family = load_family(args.family_model)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    frozen = torch.bfloat16 if args.frozen_dtype == "auto" and device.type == "cuda" else \
+        getattr(torch, "float32" if args.frozen_dtype == "auto" else args.frozen_dtype)
+    family = load_family(args.family_model, device=device, frozen_dtype=frozen)
     pairs = PairSet.cat([load_pairs(p, family) for p in paths])
     expected = tuple(family.latent_shape(family.default_resolution, family.default_resolution))
     if tuple(pairs.winners.shape[1:]) != expected:

@@ -40,7 +40,7 @@ class DistillConfig:
     model_teacher: str = _f("world-sdxl", "teacher: local diffusers pipeline folder, hub id (fetched by "
                             "huggingface_hub into its cache when HF_HUB_OFFLINE=0; offline it must be cached "
                             "already), or a plug-in's model name (world-sdxl / world-sd3)")
-    model_family: str | None = _f(None, "sdxl or sd3; default: detected from model_index.json")
+    model_family: str | None = _f(None, "sdxl, sd3 or flux; default: detected from model_index.json")
     model_lora_rank: int = _f(0, "0 = full fine-tune of student and fake score; >0 = LoRA of this rank (peft) "
                               "on the attention projections of both (SD3 in the paper is trained as a LoRA)")
     model_lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
@@ -54,7 +54,11 @@ class DistillConfig:
                                             "at 1024 px); same gradients, less memory, about one more forward of "
                                             "each. Off by default (the embedded world is tiny); on in the real-"
                                             "checkpoint presets")
-    model_mixed_precision: str = _f("no", "no | bf16 (autocast; only on GPU -- CPU runs keep fp32)")
+    model_mixed_precision: str = _f("no", "no | bf16: torch.autocast to bfloat16 around every training step (Stage 1 "
+                                    "and Stage 2) and the prepared roles' forwards (through accelerate), on GPU and "
+                                    "on CPU alike, so that a CPU run takes the path a GPU run takes; weights, "
+                                    "gradients and optimiser states stay in model_dtype. Not with model_frozen_dtype "
+                                    "float16 (autocast mixes only float32 and bfloat16)")
     model_dtype: str = _f("float32", "dtype of the trainable weights (student and fake score, or their LoRA adapters; "
                           "discriminator heads, DMD2's latent head), of every optimiser state and of the latents and "
                           "losses: float32, or float64 (exact numerical checks, e.g. tests/test_distributed.py "
@@ -272,12 +276,17 @@ class DistillConfig:
             if not ok:
                 raise FlashDMDError(f"config: {msg}")
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.model_family in (None, "sdxl", "sd3"), f"model_family must be sdxl, sd3 or null, got {self.model_family!r}")
+        need(self.model_family in (None, "sdxl", "sd3", "flux"),
+             f"model_family must be sdxl, sd3, flux or null, got {self.model_family!r}")
         need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
         need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
         need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
         need(self.model_frozen_dtype in FROZEN_DTYPES,
              f"model_frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.model_frozen_dtype!r}")
+        need(not (self.model_mixed_precision == "bf16" and self.model_frozen_dtype == "float16"),
+             "model_mixed_precision bf16 autocasts to bfloat16, which cannot run float16 frozen weights (torch's "
+             "autocast promotes only float32 and bfloat16 tensors): set model_frozen_dtype bfloat16 (or auto), or "
+             "model_mixed_precision no")
         need(self.student_timesteps is None or len(self.student_timesteps) >= 1, "student_timesteps must not be empty")
         if self.student_timesteps is not None:
             ts = list(self.student_timesteps)

@@ -24,6 +24,7 @@ from torch import Tensor
 from flashdmd import FlashDMDError, plugins
 from flashdmd.data import RealImageStream, open_image_source, open_prompt_source, read_prompt_file
 from flashdmd.diffusion.samplers import renoise
+from flashdmd.families import network_call
 from flashdmd.training import steps
 from flashdmd.training.config import DistillConfig
 from flashdmd.training.parallel import reshard
@@ -116,13 +117,10 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     ``shard``: a callable applied to the student and the fake score before their optimisers exist (tests
     shard them with FSDP2's ``fully_shard`` on CPU, where accelerate's FSDP plugin is not available).
     ``log``: a callable receiving one line per check (``flashdmd distill --dry-run`` prints them)."""
-    from accelerate import Accelerator
-
     from flashdmd.families import load_family
     log = log or (lambda line: None)
     check_trackers(cfg)
-    acc = accelerator or Accelerator(mixed_precision=cfg.model_mixed_precision if torch.cuda.is_available() else "no",
-                                     cpu=not torch.cuda.is_available())
+    acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.seed + acc.process_index)
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device,
                          dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, acc.device))
@@ -168,6 +166,19 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     if cfg.student_ema > 0:
         ctx.student_ema = StudentEMA(acc.unwrap_model(ctx.student), cfg.student_ema)
     return ctx
+
+
+def make_accelerator(cfg: DistillConfig):
+    """The run's Accelerator, with ``model_mixed_precision`` on GPU and on CPU alike (bf16: torch.autocast to
+    bfloat16, which torch runs on CPU too), so that a CPU run takes the half-precision path of a GPU run. accelerate
+    holds one mixed-precision setting per process; in a single process that ran another setting before (tests,
+    benchmarks running several configs one after the other) it is reset to this run's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, PartialState
+    held = AcceleratorState._shared_state.get("_mixed_precision")
+    if held not in (None, cfg.model_mixed_precision) and PartialState._shared_state.get("num_processes", 1) == 1:
+        AcceleratorState._reset_state()
+    return Accelerator(mixed_precision=cfg.model_mixed_precision, cpu=not torch.cuda.is_available())
 
 
 def _check_captioned(real) -> None:
@@ -376,7 +387,8 @@ def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) 
     role = roles[0]
     for r in roles:
         ctx.opt[r].zero_grad(set_to_none=True)
-    ctx.accelerator.backward(loss)
+    with network_call(f"{role} update (backward)", None, loss):
+        ctx.accelerator.backward(loss)
     norm = clip_grad_norm_(params, ctx.cfg.optim_grad_clip)
     finite = bool(torch.isfinite(loss) and torch.isfinite(norm))
     if finite:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from flashdmd import FlashDMDError
-from flashdmd.families import LORA_TARGETS
+from flashdmd.families import LORA_TARGETS, name_part
 
 
 @dataclass
@@ -87,7 +87,8 @@ def build_roles(cfg, family) -> Roles:
         clone = copy_sharing_frozen if shares_base(cfg) else copy.deepcopy
         student = clone(teacher)
         fake_score = clone(teacher)
-    for net in (student, fake_score):
+    for net, name in ((student, "student"), (fake_score, "fake score")):
+        name_part(net, name)
         net.train()
         if lora:
             add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha, family.dtype)

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError, plugins
+from flashdmd.families import name_part
 from flashdmd.losses import lcm_step_log_prob, step_dpo_loss, step_kl
 from flashdmd.training import steps
 
@@ -88,6 +89,7 @@ def setup_stage2(ctx) -> None:
     # under LoRA the copy shares the student's frozen base (the teacher's): only the adapters are copied
     from flashdmd.training.roles import copy_sharing_frozen
     ctx.reference = (ref if is_sharded(ctx.student) else copy_sharing_frozen(ref)).requires_grad_(False).eval()
+    name_part(ctx.reference, "Stage-2 reference")
     if cfg.rl_judge is not None:
         from flashdmd.evaluation.judges import load_judge
         ctx.reward = JudgeReward(load_judge(cfg.rl_judge, cfg.rl_judge_model, device=acc.device), ctx,

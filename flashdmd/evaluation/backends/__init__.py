@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashdmd import FlashDMDError
+from flashdmd.families import network_call
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -189,6 +190,8 @@ def load_transformers_model(cls, folder: Path, what: str, device, model_type: st
 @torch.no_grad()
 def score_batched(scorer, images: Tensor, prompts: list[str], batch_size: int = 32) -> Tensor:
     """``scorer.score`` over batches; (N,) float32 on CPU."""
-    out = [scorer.score(images[i:i + batch_size], prompts[i:i + batch_size])
-           for i in range(0, images.shape[0], batch_size)]
+    nets = [m for m in (getattr(scorer, a, None) for a in ("model", "blip", "head")) if isinstance(m, torch.nn.Module)]
+    with network_call(getattr(scorer, "WHAT", type(scorer).__name__), nets, images):
+        out = [scorer.score(images[i:i + batch_size], prompts[i:i + batch_size])
+               for i in range(0, images.shape[0], batch_size)]
     return torch.cat(out) if out else torch.zeros(0)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
 from flashdmd.evaluation.backends import quantize
+from flashdmd.families import network_call
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
@@ -219,9 +220,10 @@ class FIDInception:
     def features_01(self, x01: Tensor, batch_size: int = 50) -> Tensor:
         """Images already in [0, 1] (any size, resized here) -> (N, 2048)."""
         out = []
-        for i in range(0, x01.shape[0], batch_size):
-            x = resize_299(x01[i:i + batch_size].to(self.device, torch.float32))
-            out.append(self.net(2 * x - 1).float().cpu())
+        with network_call("FID Inception", self.net, x01):
+            for i in range(0, x01.shape[0], batch_size):
+                x = resize_299(x01[i:i + batch_size].to(self.device, torch.float32))
+                out.append(self.net(2 * x - 1).float().cpu())
         return torch.cat(out) if out else torch.zeros(0, FEATURE_DIM)
 
     @torch.no_grad()
