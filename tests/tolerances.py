@@ -78,6 +78,53 @@ def assert_rel_close(got, want, *, factor: float, u: float = U32, what: str = ""
                                msg=lambda m: f"{m}\n(bound {factor:g} u relative{'; ' + what if what else ''})")
 
 
+def network_factor(*modules) -> int:
+    """The round-off factor of a float32 forward pass through ``modules`` relative to its output, for two float
+    paths (another batch size, another CPU's kernels): the sum over the weight layers of their fan-in n (each a dot
+    product of n terms, gamma_n = n u of its Higham scale |W| |x|). For random weights |W| |x| is ~sqrt(n) times
+    |W x| and the typical error ~sqrt(n) times below gamma_n, so n u per layer relative to the output holds; summed
+    over every layer (not one path: conservative where branches merge). Normalisations keep each layer's output
+    O(1) relative to its input, so the layers' errors add."""
+    convs = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
+    return sum(m.weight[0].numel() for mod in modules for m in mod.modules()
+               if isinstance(m, convs) and getattr(m, "weight", None) is not None)
+
+
+def sampling_factor(family, steps: int, guidance_scale: float = 1.0, decode: bool = True) -> int:
+    """The round-off factor (network_factor) of float32 latents or images sampled by ``family`` along two float
+    paths (two batchings): its text encoders once, its denoiser ``steps`` times -- with guidance, the combination
+    u + w (c - u) multiplies the two predictions' errors by up to |w| + |w - 1| --, its VAE once."""
+    w = float(guidance_scale)
+    cfg = abs(w) + abs(w - 1) if w != 1.0 else 1.0
+    return (network_factor(*family.text_encoders) + int(steps * cfg * network_factor(family.denoiser))
+            + (network_factor(family.vae) if decode else 0))
+
+
+def fd_roundoff(cov) -> float:
+    """What float64 round-off can add to flashdmd's frechet_distance(mu, cov, mu', cov') when cov' is cov or
+    near it (D x D): the square root S^1/2, the product S^1/2 S' S^1/2 and its eigenvalues are backward stable, so
+    each eigenvalue lam_i^2 of the product moves by at most e = 3 D u64 lam_max^2 (three D x D steps), and its
+    square root lam_i down by at most min(lam_i, e / lam_i) (a square root near 0 is clamped there, moving it by
+    at most lam_i); the two traces add 4 D u64 tr S. Only downward moves raise FD, so this bounds FD from above;
+    FD of equal statistics is exactly 0 otherwise."""
+    cov = torch.as_tensor(cov).double()
+    d = cov.shape[0]
+    lam = torch.linalg.eigvalsh(cov)
+    lam_max = float(lam.max())
+    lam = lam.clamp_min(0) + d * U64 * lam_max  # eigvalsh's own error on the eigenvalues of S
+    e = 3 * d * U64 * lam_max ** 2
+    return float(2 * torch.minimum(lam, e / lam).sum() + 4 * d * U64 * cov.trace())
+
+
+def fd_perturbation(mu1, cov1, mu2, cov2) -> float:
+    """An upper bound on the Frechet distance between N(mu1, cov1) and N(mu2, cov2) for nearby statistics:
+    |mu1 - mu2|^2 + ||cov1 - cov2||_1 (the covariance term is the squared Bures distance, at most
+    ||S1^1/2 - S2^1/2||_F^2 <= ||S1 - S2||_1 by the Powers-Stormer inequality), plus round-off."""
+    mu1, mu2, cov1, cov2 = (torch.as_tensor(t).double() for t in (mu1, mu2, cov1, cov2))
+    nuclear = float(torch.linalg.eigvalsh((cov1 - cov2 + (cov1 - cov2).T) / 2).abs().sum())
+    return float((mu1 - mu2).square().sum()) + nuclear + fd_roundoff(cov1)
+
+
 def within(err: float, tol: float, what: str = "") -> bool:
     """err <= tol, logged (for scalar comparisons written as plain asserts)."""
     _log(float(err), float(tol), what)
