@@ -116,13 +116,23 @@ def fd_roundoff(cov) -> float:
     return float(2 * torch.minimum(lam, e / lam).sum() + 4 * d * U64 * cov.trace())
 
 
-def fd_perturbation(mu1, cov1, mu2, cov2) -> float:
+def fd_perturbation(mu1, cov1, mu2, cov2, roundoff: bool = True) -> float:
     """An upper bound on the Frechet distance between N(mu1, cov1) and N(mu2, cov2) for nearby statistics:
     |mu1 - mu2|^2 + ||cov1 - cov2||_1 (the covariance term is the squared Bures distance, at most
-    ||S1^1/2 - S2^1/2||_F^2 <= ||S1 - S2||_1 by the Powers-Stormer inequality), plus round-off."""
+    ||S1^1/2 - S2^1/2||_F^2 <= ||S1 - S2||_1 by the Powers-Stormer inequality), plus, with ``roundoff``, what
+    float64 round-off can add to the computed value (fd_roundoff)."""
     mu1, mu2, cov1, cov2 = (torch.as_tensor(t).double() for t in (mu1, mu2, cov1, cov2))
     nuclear = float(torch.linalg.eigvalsh((cov1 - cov2 + (cov1 - cov2).T) / 2).abs().sum())
-    return float((mu1 - mu2).square().sum()) + nuclear + fd_roundoff(cov1)
+    return float((mu1 - mu2).square().sum()) + nuclear + (fd_roundoff(cov1) if roundoff else 0.0)
+
+
+def fd_error(cov1, cov2) -> float:
+    """What float64 round-off can do to frechet_distance(., cov1, ., cov2) either way: each of the D eigenvalues of
+    S1^1/2 S2 S1^1/2 moves by e = 3 D u64 |S1| |S2|, its square root by at most sqrt(e); the traces by D u64 each."""
+    cov1, cov2 = (torch.as_tensor(t).double() for t in (cov1, cov2))
+    d = cov1.shape[0]
+    top = float(torch.linalg.eigvalsh(cov1).max()) * float(torch.linalg.eigvalsh(cov2).max())
+    return 2 * d * (3 * d * U64 * abs(top)) ** 0.5 + 4 * d * U64 * float(cov1.trace() + cov2.trace())
 
 
 def within(err: float, tol: float, what: str = "") -> bool:
