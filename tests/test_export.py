@@ -20,18 +20,13 @@ from flashdmd.inference import load_model  # noqa: E402
 from flashdmd.sample import sample_latents  # noqa: E402
 from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.training.distill import train  # noqa: E402
-from tolerances import fp32_bound, magnitude  # noqa: E402
+from tolerances import contract_bound, fp32_bound  # noqa: E402
 
 PROMPTS = ["a photo of the digit seven", "a drawing of a cat"]
 SEED = 7
-# The export's contract: the exported pipeline reproduces the student sampler's latents within 1e-4 -- for latents of
-# size ~1; relative (1e-4 of the largest |latent|) where they are larger. Same ops in another order (diffusers'
-# schedulers and pipelines): float32 round-off, far below it (~1e-6 measured).
-TOL = 1e-4
-
-
-def contract(ref) -> float:
-    return TOL * max(1.0, magnitude(ref))
+# The export's contract: the exported pipeline reproduces the student sampler's latents within 1e-4 of latents of
+# size ~1 (tests/tolerances.py: PIPELINE_CONTRACT, relative to the largest |latent| where that is larger).
+contract = contract_bound
 
 
 @pytest.fixture(scope="module")
