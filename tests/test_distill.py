@@ -12,7 +12,7 @@ import tiny_models as tm  # noqa: E402
 from flashdmd.training import steps  # noqa: E402
 from flashdmd.training.distill import rollout, setup, train  # noqa: E402
 from flashdmd.training.roles import ema_pull_  # noqa: E402
-from tolerances import U32, assert_close, k_se, magnitude  # noqa: E402
+from tolerances import assert_close, k_se, magnitude  # noqa: E402
 
 
 @pytest.fixture(scope="module")

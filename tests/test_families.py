@@ -18,8 +18,7 @@ import tiny_models as tm
 from flashdmd import FlashDMDError
 from flashdmd.diffusion import samplers, to_x0_eps, bcast
 from flashdmd.families import Conditioning, load_family, resolve_path
-from tolerances import (U32, assert_close, assert_within_contract, contract_bound, magnitude, network_factor,
-                        sampling_factor)
+from tolerances import U32, assert_close, assert_within_contract, contract_bound, magnitude, network_factor
 
 PROMPTS = ["a photo of the cat", "in the digit seven"]
 SIZE = 32  # pixels; latents are 16x16
