@@ -83,8 +83,9 @@ def network_factor(*modules) -> int:
     paths (another batch size, another CPU's kernels): the sum over the weight layers of their fan-in n (each a dot
     product of n terms, gamma_n = n u of its Higham scale |W| |x|). For random weights |W| |x| is ~sqrt(n) times
     |W x| and the typical error ~sqrt(n) times below gamma_n, so n u per layer relative to the output holds; summed
-    over every layer (not one path: conservative where branches merge). Normalisations keep each layer's output
-    O(1) relative to its input, so the layers' errors add."""
+    over every layer (not one path: conservative where branches merge), since another batch size or CPU can change
+    every layer's summation order, and normalisations keep each layer's output O(1) relative to its input, so the
+    layers' errors add. Measured differences are far smaller (the log's margins): the bound is meant to hold on every CPU."""
     convs = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     return sum(m.weight[0].numel() for mod in modules for m in mod.modules()
                if isinstance(m, convs) and getattr(m, "weight", None) is not None)
@@ -105,8 +106,8 @@ def fd_roundoff(cov) -> float:
     near it (D x D): the square root S^1/2, the product S^1/2 S' S^1/2 and its eigenvalues are backward stable, so
     each eigenvalue lam_i^2 of the product moves by at most e = 3 D u64 lam_max^2 (three D x D steps), and its
     square root lam_i down by at most min(lam_i, e / lam_i) (a square root near 0 is clamped there, moving it by
-    at most lam_i); the two traces add 4 D u64 tr S. Only downward moves raise FD, so this bounds FD from above;
-    FD of equal statistics is exactly 0 otherwise."""
+    at most lam_i); the two traces add 4 D u64 tr S. Only downward moves raise FD, so the FD computed for equal
+    statistics (exactly 0) is at most this."""
     cov = torch.as_tensor(cov).double()
     d = cov.shape[0]
     lam = torch.linalg.eigvalsh(cov)
