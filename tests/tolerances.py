@@ -85,7 +85,8 @@ def network_factor(*modules) -> int:
     |W x| and the typical error ~sqrt(n) times below gamma_n, so n u per layer relative to the output holds; summed
     over every layer (not one path: conservative where branches merge), since another batch size or CPU can change
     every layer's summation order, and normalisations keep each layer's output O(1) relative to its input, so the
-    layers' errors add. Measured differences are far smaller (the log's margins): the bound is meant to hold on every CPU."""
+    layers' errors add. Measured differences are far smaller (the log's margins): the bound is meant to hold on
+    every CPU."""
     convs = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d)
     return sum(m.weight[0].numel() for mod in modules for m in mod.modules()
                if isinstance(m, convs) and getattr(m, "weight", None) is not None)
