@@ -15,6 +15,7 @@ from flashdmd.training.distill import train  # noqa: E402
 from flashdmd.training.run import RunWriter  # noqa: E402
 
 STALL = "the Pixel-GAN is not learning"
+BAND = 0.2  # disc_stall_band: the run's own threshold, which the assertions read back (not a float tolerance)
 
 
 def test_degenerate_backbone_triggers_the_warning_and_a_learning_disc_does_not(tmp_path, tiny_run_folders):
@@ -24,19 +25,19 @@ def test_degenerate_backbone_triggers_the_warning_and_a_learning_disc_does_not(t
     for name, sam in (("healthy", folders["sam"]), ("degenerate", degenerate)):
         # a high head lr so that the healthy tiny discriminator separates within the run's few steps
         cfg = tm.run_config(folders, "sdxl", "flashdmd", disc_backbone_path=str(sam), disc_lr=1e-2, max_steps=6,
-                            disc_stall_logs=4, disc_stall_band=0.2)
+                            disc_stall_logs=4, disc_stall_band=BAND)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             runs[name] = (train(cfg, tmp_path / name, progress=False), [str(w.message) for w in caught])
     result, caught = runs["degenerate"]
     gaps = [h["disc/D_real"] - h["disc/D_fake"] for h in result["history"]]
-    assert all(abs(g) < 0.2 for g in gaps)
+    assert all(abs(g) < BAND for g in gaps)
     stalls = [w for w in result["warnings"] if w.startswith(STALL)]
     assert len(stalls) == 1 and "to step 4" in stalls[0] and "\n" not in stalls[0]
     assert "disc_head: pooled" in stalls[0] and "initializer_range" in stalls[0] and "disc_lr" in stalls[0]
     assert any(m.startswith(STALL) for m in caught)
     result, caught = runs["healthy"]
-    assert max(h["disc/D_real"] - h["disc/D_fake"] for h in result["history"]) > 0.2
+    assert max(h["disc/D_real"] - h["disc/D_fake"] for h in result["history"]) > BAND
     assert not any(w.startswith(STALL) for w in result["warnings"]) and not any(m.startswith(STALL) for m in caught)
 
 

@@ -20,10 +20,13 @@ from flashdmd.inference import load_model  # noqa: E402
 from flashdmd.sample import sample_latents  # noqa: E402
 from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.training.distill import train  # noqa: E402
+from tolerances import contract_bound, fp32_bound  # noqa: E402
 
 PROMPTS = ["a photo of the digit seven", "a drawing of a cat"]
 SEED = 7
-TOL = 1e-4
+# The export's contract: the exported pipeline reproduces the student sampler's latents within 1e-4 of latents of
+# size ~1 (tests/tolerances.py: PIPELINE_CONTRACT, relative to the largest |latent| where that is larger).
+contract = contract_bound
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +131,10 @@ def test_exported_pipeline_reproduces_the_student_sampler(runs, family, tmp_path
     ref = flashdmd_latents(run, PROMPTS, SEED)
     assert lat.shape == ref.shape == (2, 4, 16, 16)
     err = maxdiff(lat, ref)
-    assert err <= TOL
-    # the exported denoiser is the student: the teacher's network in the same sampler lands elsewhere
-    assert maxdiff(flashdmd_latents(run, PROMPTS, SEED, teacher=True), ref) > max(100 * err, 1e-4)
+    assert err <= contract(ref)
+    # the exported denoiser is the student: the teacher's network in the same sampler lands elsewhere -- outside the
+    # contract, and two orders of magnitude above the agreement just measured (other weights, not round-off)
+    assert maxdiff(flashdmd_latents(run, PROMPTS, SEED, teacher=True), ref) > max(100 * err, contract(ref))
     assert "guidance_scale=1.0" in (out / "README.md").read_text()
     assert not list(tmp_path.glob(".*export-tmp*"))
 
@@ -141,7 +145,7 @@ def test_exported_pipeline_reproduces_the_student_sampler(runs, family, tmp_path
     noise = torch.randn((2, 4, 16, 16), generator=g)
     again = fam.sample_latents(model.net, fam.encode_prompts(PROMPTS), noise, model.timesteps, stochastic=True,
                                generator=g, init="noise")
-    torch.testing.assert_close(again, ref, rtol=0, atol=0)
+    assert torch.equal(again, ref)  # the same sampler, the same draws
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
@@ -156,9 +160,9 @@ def test_lora_export_loads_with_load_lora_weights(runs, family, tmp_path):
     lat, _, _ = pipeline_latents(pipe, out, PROMPTS, SEED)
     ref = flashdmd_latents(run, PROMPTS, SEED)
     err = maxdiff(lat, ref)
-    assert err <= TOL
+    assert err <= contract(ref)
     # the adapter matters: the bare teacher with the same scheduler and seed lands elsewhere
-    assert maxdiff(bare, ref) > max(100 * err, 1e-4)
+    assert maxdiff(bare, ref) > max(100 * err, contract(ref))
 
 
 def test_lora_run_without_flag_is_fused_into_a_full_denoiser(runs, tmp_path):
@@ -168,7 +172,8 @@ def test_lora_run_without_flag_is_fused_into_a_full_denoiser(runs, tmp_path):
     assert not (out / "pytorch_lora_weights.safetensors").exists()
     lat, _, record = diffusers_latents(out, PROMPTS, SEED)
     assert record["lora_fused"]
-    assert maxdiff(lat, flashdmd_latents(run, PROMPTS, SEED)) <= TOL
+    ref = flashdmd_latents(run, PROMPTS, SEED)
+    assert maxdiff(lat, ref) <= contract(ref)
 
 
 def _one_line_error(capsys, argv):
@@ -197,17 +202,20 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
 
 
 def test_flow_fit_hits_shifted_uniform_steps_for_other_k():
-    """The FlowMatchLCM config fit is exact for the SD3-shifted uniform grids of other K and shifts too."""
+    """The FlowMatchLCM config fit is exact for the SD3-shifted uniform grids of other K and shifts too: up to the
+    float32 round-off of timesteps near 1000 (the shift and * 1000 here, diffusers' sigmas and * 1000 there: ~10
+    roundings)."""
+    exact = fp32_bound(1000.0, 10)
     from flashdmd.diffusion.schedules import FlowSchedule
     from flashdmd.export import flow_lcm_scheduler
     for k, shift in ((1, 3.0), (2, 3.0), (3, 3.0), (6, 3.0), (4, 1.0), (4, 6.0)):
         unshifted = torch.tensor([1 - i / k for i in range(k)])
         target = FlowSchedule(shift=shift).shifted_timesteps(unshifted).tolist()
         _, call, err = flow_lcm_scheduler({"num_train_timesteps": 1000, "shift": shift}, target)
-        assert call == {"num_inference_steps": k} and err <= 1e-3, (k, shift, err)
+        assert call == {"num_inference_steps": k} and err <= exact, (k, shift, err)
     # steps that are no Moebius image of a uniform grid fall back to the pipeline's sigmas= argument
     _, call, err = flow_lcm_scheduler({"num_train_timesteps": 1000, "shift": 3.0}, [1000.0, 990.0, 400.0, 10.0])
-    assert "sigmas" in call and err <= 1e-3
+    assert "sigmas" in call and err <= exact
 
 
 def test_lcm_grid_search_and_fallback():

@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 
 from flashdmd.training.distill import setup, train  # noqa: E402
+from tolerances import U64, contract_bound, fp32_bound  # noqa: E402
 
 RES = 32  # the tiny FLUX VAE's factor is 2: 16x16 latents, 64 tokens (its default resolution, 256 px, is slow)
 
@@ -54,8 +55,9 @@ def test_a_saved_student_loads_with_the_runs_resolution_and_guidance(tiny_run_fo
     train(cfg, tmp_path / "run", progress=False, ctx=ctx)
     model = load_model(str(tmp_path / "run"))
     assert model.image_size == RES and model.family.embedded_guidance == 2.5
-    assert model.family.schedule.shift == pytest.approx(ctx.family.schedule.shift)
-    assert model.family.schedule.shift != pytest.approx(tm_default_shift(tiny_run_folders))
+    assert model.family.schedule.shift == ctx.family.schedule.shift  # the same resolution, the same float64 formula
+    # ... not the default resolution's: farther than float64 round-off of the formula (a few u64, relative)
+    assert model.family.schedule.shift != pytest.approx(tm_default_shift(tiny_run_folders), rel=16 * U64)
 
 
 def tm_default_shift(folders):
@@ -119,7 +121,8 @@ def test_export_runs_in_a_plain_flux_pipeline_and_reproduces_the_student(tiny_ru
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(out)] + (["--lora"] if lora else [])) == 0
     import json
     record = json.loads((out / "flashdmd_export.json").read_text())
-    assert record["guidance_scale"] == 2.5 and record["max_timestep_error"] <= 1e-3  # float32 rounding of the fit
+    # the fit is exact up to float32 rounding of timesteps near 1000 (~10 roundings, tests/test_export.py)
+    assert record["guidance_scale"] == 2.5 and record["max_timestep_error"] <= fp32_bound(1000.0, 10)
     assert "guidance_scale=2.5 is required" in (out / "README.md").read_text()
     pipe = FluxPipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
@@ -128,12 +131,13 @@ def test_export_runs_in_a_plain_flux_pipeline_and_reproduces_the_student(tiny_ru
     prompts = ["a red shoe", "a small bag"]
     lat = pipe(prompts, height=RES, width=RES, guidance_scale=record["guidance_scale"], output_type="latent",
                max_sequence_length=512, generator=torch.manual_seed(11), **record["pipeline_kwargs"]).images
-    assert [float(t) for t in pipe.scheduler.timesteps] == pytest.approx(record["student_timesteps"], abs=1e-3)
+    assert [float(t) for t in pipe.scheduler.timesteps] == pytest.approx(record["student_timesteps"],
+                                                                         abs=fp32_bound(1000.0, 10))
     model = load_model(str(tmp_path / "run"))
     ref = sample_latents(model, prompts, torch.manual_seed(11))
     got = unpack(lat, *ref.shape[-2:])
-    assert (got - ref).abs().max().item() <= 1e-4
-    # the exported network is the student: the teacher in the same sampler lands elsewhere
+    assert (got - ref).abs().max().item() <= contract_bound(ref)  # the export contract, tests/tolerances.py
+    # the exported network is the student: the teacher in the same sampler lands elsewhere (outside the contract)
     from dataclasses import replace
     teacher = sample_latents(replace(model, net=model.family.denoiser), prompts, torch.manual_seed(11))
-    assert (teacher - ref).abs().max().item() > 1e-3
+    assert (teacher - ref).abs().max().item() > contract_bound(ref)

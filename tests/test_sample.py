@@ -12,6 +12,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
+from tolerances import U32, assert_close, magnitude, sampling_factor  # noqa: E402
 
 from flashdmd.cli import main  # noqa: E402
 
@@ -75,6 +76,8 @@ def test_teacher_pngs_count_size_seeds_and_overwrite(teacher, tmp_path, capsys):
     pipe = StableDiffusionXLPipeline.from_pretrained(teacher)
     pipe.set_progress_bar_config(disable=True)
     expected = _pipe_png(pipe, "a cat", 4, num_inference_steps=2)
+    # one 8-bit level: the two float images agree to round-off (~1e-6, far below a level, 1/127.5), so they
+    # quantise to the same level or, next to a rounding boundary, its neighbour
     assert np.abs(_png(out / "0001_seed4.png") - expected).max() <= 1
     # no silent overwrite; --overwrite replaces
     before = (out / "0000_seed3.png").read_bytes()
@@ -99,7 +102,7 @@ def test_student_png_is_the_exported_pipeline_image(student_run, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(exported)
     pipe.set_progress_bar_config(disable=True)
     expected = _pipe_png(pipe, "a drawing of a cat", 11, num_inference_steps=4)
-    assert np.abs(_png(out / "0001_seed11.png") - expected).max() <= 1
+    assert np.abs(_png(out / "0001_seed11.png") - expected).max() <= 1  # one 8-bit level, as above
     # flashdmd refuses to treat the exported folder as a teacher
     assert main(["sample", "--model", str(exported), "--prompt", "x", "--out", str(tmp_path / "x")]) == 2
 
@@ -111,9 +114,12 @@ def test_per_image_generators_make_batching_irrelevant(student_run):
     prompts = ["a photo of the digit seven", "a drawing of a cat"]
     both = sample_latents(model, prompts, [torch.Generator().manual_seed(s) for s in (5, 6)])
     second = sample_latents(model, prompts[1:], [torch.Generator().manual_seed(6)])
-    torch.testing.assert_close(both[1:], second, rtol=0, atol=1e-4)  # batch-size float noise only
+    # batch-size float noise only: the text encoders and the student's steps on another batch size
+    k = sampling_factor(model.family, len(model.timesteps), model.guidance_scale, decode=False)
+    assert_close(both[1:], second, factor=k)
     one_gen = sample_latents(model, prompts, torch.Generator().manual_seed(5))
-    assert not torch.allclose(one_gen, both)  # one generator for the batch is diffusers' other convention
+    # one generator for the batch is diffusers' other convention: other noise, beyond that round-off
+    assert (one_gen - both).abs().max() > k * U32 * magnitude(both)
 
 
 def test_bad_input_is_a_one_line_error(teacher, tmp_path, capsys):

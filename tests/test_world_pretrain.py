@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 from flashdmd import FlashDMDError  # noqa: E402
 from flashdmd.world import models as M  # noqa: E402
 from flashdmd.world import pretrain  # noqa: E402
+from tests.tolerances import assert_close, network_factor  # noqa: E402
 from flashdmd.world.prompts import vocabulary  # noqa: E402
 from flashdmd.world.tokenizer import load_tokenizer, make_tokenizer, write_tokenizer_files  # noqa: E402
 
@@ -70,7 +71,9 @@ def test_sd3_pad_count_attention_equals_pipeline_zero_t5_tokens():
         ctx, bias = M.pad_count_context(clip, M.image_tokens(net), counts)
         out = net(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                   joint_attention_kwargs={"attention_mask": bias}).sample
-    torch.testing.assert_close(out, torch.cat(ref), atol=1e-4, rtol=1e-4)
+    # mathematically equal (c zero tokens = one zero token with log c added to its attention logit), other float
+    # paths (batch 2 with a bias, batch 1 with c keys): the transformer's float32 round-off, tests/tolerances.py
+    assert_close(out, torch.cat(ref), factor=network_factor(net) + 4)
 
 
 def test_filler_augmentation_keeps_class_and_fits_context(tmp_path):
@@ -93,9 +96,9 @@ def test_checkpoint_round_trip(tmp_path):
     model2, ema2 = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)
     assert ck.load(model2, ema2, opt2) == (7, 12.5, 0.25)
-    torch.testing.assert_close(model2.weight, model.weight)
-    torch.testing.assert_close(ema2.bias, ema.bias)
-    torch.testing.assert_close(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert torch.equal(model2.weight, model.weight)  # float32 saved and read back: bitwise
+    assert torch.equal(ema2.bias, ema.bias)
+    assert torch.equal(opt2.state_dict()["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
 
 
 def test_quick_pretrain_writes_log_and_folders(quick_run):
