@@ -28,7 +28,7 @@ from flashdmd import FlashDMDError
 
 # the errnos of "the disk cannot take these bytes", with what to tell the user
 SPACE_ERRNOS = {
-    errno.ENOSPC: "no space left on the device",
+    errno.ENOSPC: "no space left on device",
     errno.EDQUOT: "disk quota exceeded",
     errno.EFBIG: "file too large for a file-size limit (ulimit -f) or the filesystem",
 }

@@ -148,7 +148,7 @@ def test_student_sample_grid_metrics_and_pngs_on_a_full_disk(run, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "no space left on the device"),
+@pytest.mark.parametrize("code,reason", [(errno.ENOSPC, "no space left on device"),
                                          (errno.EDQUOT, "disk quota exceeded")])
 def test_enospc_and_edquot_read_as_a_full_disk(tmp_path, code, reason):
     """The errno decides the wording, from an OSError or from the text safetensors gives its SafetensorError."""
