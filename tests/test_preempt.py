@@ -54,7 +54,8 @@ def run(tmp_path_factory):
                         disc_loss="ns", data_real=str(tmp / "real"), eval_every_steps=0, sample_every_steps=0,
                         checkpoint_every_steps=2, checkpoint_keep_last=20, log_every_steps=1, seed=5,
                         student_timesteps=[999, 499], generator_lr=1e-3, fake_score_lr=1e-3, rl_enabled=True,
-                        rl_reward_model=str(tmp / "lrm"), rl_steps=2, rl_distill_ratio=1, rl_num_candidates=2, rl_step_indices=[0])
+                        rl_reward_model=str(tmp / "lrm"), rl_steps=2, rl_distill_ratio=1, rl_num_candidates=2,
+                        rl_step_indices=[0])
     (tmp / "config.yaml").write_text(cfg.to_yaml())
     ctx = setup(cfg)
     result = train(cfg, tmp / "reference", progress=False, ctx=ctx)
@@ -81,7 +82,7 @@ def resume_and_compare(run, out: Path, folder: Path):
     (signal.SIGUSR1, ("iteration", 1), ("step_00000001_iter00000002", 1, 2, 0)),
     # the first RL update (global step 3), which a distillation cycle follows: the resume must run that cycle
     (signal.SIGTERM, ("rl_update", 0), ("step_00000003", 3, 4, 1)),
-])
+], ids=["SIGUSR1-critic-iteration", "SIGTERM-RL-update"])
 def test_a_signal_checkpoints_the_iteration_and_resume_is_bitwise(run, tmp_path, monkeypatch, sig, where, expect):
     kind, at = where
     real_iteration, real_rl_step = distill.distill_iteration, stage2.rl_step
@@ -123,14 +124,20 @@ def test_sigterm_to_a_running_distill(run, tmp_path):
            "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "flashdmd.cli", "--threads", str(torch.get_num_threads()), "distill", "--config",
            str(run["tmp"] / "config.yaml"), "--out", str(out), "--no-progress", "--no-plan"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    logs = {name: tmp_path / f"{name}.txt" for name in ("stdout", "stderr")}  # files: a full pipe would block it
+    with open(logs["stdout"], "w") as o, open(logs["stderr"], "w") as e:
+        proc = subprocess.Popen(cmd, stdout=o, stderr=e, text=True, env=env, cwd=REPO)
     first = out / "checkpoints" / "step_00000002"
     end = time.monotonic() + 300
     while not first.is_dir() and proc.poll() is None and time.monotonic() < end:
         time.sleep(0.02)
-    assert first.is_dir(), f"no first checkpoint; stderr:\n{proc.stderr.read()[-3000:] if proc.poll() is not None else ''}"
-    proc.send_signal(signal.SIGTERM)  # 5 iterations and 2 RL updates are left: the run is still going
-    stdout, stderr = proc.communicate(timeout=300)
+    if not first.is_dir():
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"no checkpoint of step 2; stderr:\n{logs['stderr'].read_text()[-3000:]}")
+    proc.send_signal(signal.SIGTERM)  # 1 iteration, 2 RL updates and their 4 iterations are left: it is still going
+    proc.wait(timeout=300)
+    stdout, stderr = logs["stdout"].read_text(), logs["stderr"].read_text()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     lines = [ln for ln in (stdout + stderr).splitlines() if ln.startswith("preempted by")]
     assert len(lines) == 1 and "Traceback" not in stderr and "error:" not in stderr, stderr[-3000:]

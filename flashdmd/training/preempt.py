@@ -5,8 +5,8 @@ flag (the handlers are restored when the loop returns; installed from the main t
 iteration and every RL update the loop calls :func:`stop_if_signalled`, which takes the largest flag over the
 processes -- one all-reduce of one integer per iteration, as a scheduler may signal only some ranks -- and when any
 process was signalled, on every process: writes a checkpoint of the state after that iteration (and the student),
-closes the trackers and raises :class:`flashdmd.Preempted`. The CLI prints its one line on the main process and
-exits with 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1).
+closes the trackers and the data workers and raises :class:`flashdmd.Preempted`. The CLI prints its one line on the
+main process and exits with 128 + the signal's number (143 for SIGTERM, 138 for SIGUSR1).
 
 The checkpoint is named by :func:`flashdmd.training.checkpoint.checkpoint_name`: ``step_XXXXXXXX`` right after a
 student update (when the periodic checkpoint of that step was written at this very state, it is not written
@@ -69,6 +69,8 @@ def stop_if_signalled(ctx, writer, flag: Flag | None) -> None:
         writer.maybe_checkpoint(ctx, force=True, name=name)
     written = ctx.last_checkpoint is not None and Path(ctx.last_checkpoint).name == name
     writer.close()
+    if ctx.real is not None:  # its DataLoader workers; a later next_batch would restart them at the same position
+        ctx.real.close()
     where = (f"checkpoint written to {ctx.last_checkpoint}" if written else
              f"no checkpoint written (non-finite weights); the last good one is {ctx.last_checkpoint or 'none'}")
     rl = f", RL update {ctx.rl_steps}" if ctx.stage == 2 else ""
