@@ -64,7 +64,7 @@ class RunWriter:
         self.cfg = cfg
         self.acc = ctx.accelerator
         self.main = ctx.accelerator.is_main_process
-        self.out = prepare_run_dir(out_dir) if self.main else Path(out_dir)
+        self.out = Path(out_dir)
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.history: list[dict] = []
@@ -78,9 +78,12 @@ class RunWriter:
         self.higher_is_better = dict(getattr(ctx.evaluator, "higher_is_better", {}) or {})
         self.t0 = time.time()
         self.trackers = []
-        if self.main:
-            io.atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
-            self.trackers = open_trackers(cfg, self.out)
+        self._on_main(lambda: self._start(cfg))
+
+    def _start(self, cfg):
+        prepare_run_dir(self.out)
+        io.atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        self.trackers = open_trackers(cfg, self.out)
 
     # -- scalars ------------------------------------------------------------------------------------
     def accumulate(self, logs: dict):
