@@ -2,7 +2,7 @@
 (1 process), then rank 0 writes every trainable tensor of every role (full tensors, gathered under FSDP) to
 OUT/weights.safetensors.
 
-usage: dist_worker.py TEACHER OUT BATCH METHOD [ddp|fsdp]      (the run: config(); a checkpoint every generator step)
+usage: dist_worker.py TEACHER OUT BATCH METHOD [ddp|fsdp]      (the run: config(); without a mode: one process)
 fsdp: the student and the fake score are sharded with FSDP2's fully_shard (per transformer / resnet block and at
 the root); a checkpoint of the final state is written, and a fresh sharded context restored from that checkpoint must
 hold exactly the trained weights and optimiser state.
@@ -23,13 +23,18 @@ from flashdmd.world import plugin as _world
 _world.register()  # the worker chooses the embedded world, as the CLI does
 
 
-def config(teacher: str, batch: int, method: str) -> DistillConfig:
-    """The run; a checkpoint after every generator step (tests/test_distributed.py resumes the 2-process run's
-    first one on one process)."""
+# the runs whose step-1 checkpoint tests/test_distributed.py resumes on one process (elastic resume): both methods,
+# both ways of distributing, in two runs
+ELASTIC = {("dmd2", "ddp"), ("flashdmd", "fsdp")}
+
+
+def config(teacher: str, batch: int, method: str, mode: str = "ddp") -> DistillConfig:
+    """The run: a checkpoint after every generator step for the ELASTIC runs, the last one under fsdp."""
     extra = dict(disc_kind="pixel", disc_backbone="world") if method == "flashdmd" else \
         dict(disc_kind="latent", disc_loss="ns", fake_score_ttur=2, fake_score_ema=0.0)
+    every = 1 if (method, mode) in ELASTIC else 2 if mode == "fsdp" else 0
     return DistillConfig(method=method, model_teacher=teacher, batch_size=batch, max_steps=2, eval_every_steps=0,
-                         sample_every_steps=0, checkpoint_every_steps=1, log_every_steps=1, seed=1,
+                         sample_every_steps=0, checkpoint_every_steps=every, log_every_steps=1, seed=1,
                          student_timesteps=[999, 499], model_dtype="float64", **extra)
 
 
@@ -54,7 +59,7 @@ def trainable(c):
 def main():
     teacher, out, batch, method = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     mode = sys.argv[5] if len(sys.argv) > 5 else "ddp"
-    cfg = config(teacher, batch, method)
+    cfg = config(teacher, batch, method, mode if len(sys.argv) > 5 else "one")
     ctx = setup(cfg, shard=shard if mode == "fsdp" else None)
     init = trainable(ctx)
     dtypes = {p.dtype for role in ("teacher", "student", "fake_score", "disc") for p in getattr(ctx, role).parameters()}
