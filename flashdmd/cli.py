@@ -6,7 +6,7 @@ import argparse
 import os
 import sys
 
-from flashdmd import FlashDMDError, __version__
+from flashdmd import FlashDMDError, Preempted, __version__
 
 # Offline by default: the embedded world and the tests never need the network. A user who wants hub
 # downloads sets HF_HUB_OFFLINE=0 explicitly.
@@ -268,6 +268,10 @@ def main(argv: list[str] | None = None) -> int:
         set_threads(args.global_threads)
     try:
         args.func(args)
+    except Preempted as e:  # a checkpoint is written: one line (main process), the signal's exit status
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(str(e), file=sys.stderr, flush=True)
+        return 128 + e.signum
     except FlashDMDError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

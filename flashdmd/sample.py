@@ -26,7 +26,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 DEFAULT_BATCH = 8
 PROMPT_LOG = "prompts.jsonl"
@@ -89,10 +89,10 @@ def to_uint8(pixels: Tensor) -> Tensor:
 
 
 def save_png(pixels: Tensor, path: Path) -> None:
+    """One PNG, written atomically; a full disk is one line naming the folder (at most the raw pixels needed)."""
     from PIL import Image
-    tmp = path.with_name(path.name + ".tmp")
-    Image.fromarray(to_uint8(pixels).numpy()).save(tmp, format="PNG")
-    tmp.replace(path)
+    im = Image.fromarray(to_uint8(pixels).numpy())
+    io.atomic_write(path, lambda f: im.save(f, format="PNG"), f"image {path.name}", im.width * im.height * 3)
 
 
 def image_name(prompt_index: int, seed: int) -> str:
@@ -123,9 +123,7 @@ def write_prompt_log(out: Path, earlier: list[dict], new: list[dict]) -> None:
     again = {r["file"] for r in new}
     lines = [json.dumps(r, ensure_ascii=False) for r in earlier if r["file"] not in again]
     lines += [json.dumps(r, ensure_ascii=False) for r in new]
-    tmp = out / f"{PROMPT_LOG}.tmp"
-    tmp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
-    tmp.replace(out / PROMPT_LOG)
+    io.atomic_write_text(out / PROMPT_LOG, "".join(line + "\n" for line in lines))
 
 
 def generate(model, prompts: list[str], seed: int = 0, num_per_prompt: int = 1, steps: int | None = None,

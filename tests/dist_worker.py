@@ -2,7 +2,7 @@
 (1 process), then rank 0 writes every trainable tensor of every role (full tensors, gathered under FSDP) to
 OUT/weights.safetensors.
 
-usage: dist_worker.py TEACHER OUT BATCH METHOD [ddp|fsdp]
+usage: dist_worker.py TEACHER OUT BATCH METHOD [ddp|fsdp]      (the run: config(); without a mode: one process)
 fsdp: the student and the fake score are sharded with FSDP2's fully_shard (per transformer / resnet block and at
 the root); a checkpoint of the final state is written, and a fresh sharded context restored from that checkpoint must
 hold exactly the trained weights and optimiser state.
@@ -22,13 +22,20 @@ from flashdmd.world import plugin as _world
 
 _world.register()  # the worker chooses the embedded world, as the CLI does
 
-teacher, out, batch, method = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-mode = sys.argv[5] if len(sys.argv) > 5 else "ddp"
-extra = dict(disc_kind="pixel", disc_backbone="world") if method == "flashdmd" else \
-    dict(disc_kind="latent", disc_loss="ns", fake_score_ttur=2, fake_score_ema=0.0)
-cfg = DistillConfig(method=method, model_teacher=teacher, batch_size=batch, max_steps=2, eval_every_steps=0,
-                    sample_every_steps=0, checkpoint_every_steps=2 if mode == "fsdp" else 0, log_every_steps=1,
-                    seed=1, student_timesteps=[999, 499], model_dtype="float64", **extra)
+
+# the runs whose step-1 checkpoint tests/test_distributed.py resumes on one process (elastic resume): both methods,
+# both ways of distributing, in two runs
+ELASTIC = {("dmd2", "ddp"), ("flashdmd", "fsdp")}
+
+
+def config(teacher: str, batch: int, method: str, mode: str = "ddp") -> DistillConfig:
+    """The run: a checkpoint after every generator step for the ELASTIC runs, the last one under fsdp."""
+    extra = dict(disc_kind="pixel", disc_backbone="world") if method == "flashdmd" else \
+        dict(disc_kind="latent", disc_loss="ns", fake_score_ttur=2, fake_score_ema=0.0)
+    every = 1 if (method, mode) in ELASTIC else 2 if mode == "fsdp" else 0
+    return DistillConfig(method=method, model_teacher=teacher, batch_size=batch, max_steps=2, eval_every_steps=0,
+                         sample_every_steps=0, checkpoint_every_steps=every, log_every_steps=1, seed=1,
+                         student_timesteps=[999, 499], model_dtype="float64", **extra)
 
 
 def shard(net):
@@ -37,9 +44,6 @@ def shard(net):
         if type(m).__name__ in ("BasicTransformerBlock", "JointTransformerBlock", "ResnetBlock2D"):
             fully_shard(m)
     fully_shard(net)
-
-
-ctx = setup(cfg, shard=shard if mode == "fsdp" else None)
 
 
 def trainable(c):
@@ -52,33 +56,42 @@ def trainable(c):
     return out
 
 
-init = trainable(ctx)
-dtypes = {p.dtype for role in ("teacher", "student", "fake_score", "disc") for p in getattr(ctx, role).parameters()}
-assert dtypes == {torch.float64}, f"parameters in {dtypes}: model_dtype float64 no longer reaches every role"
-train(cfg, out / "run", progress=False, ctx=ctx)
-final = trainable(ctx)
-if mode == "fsdp":
-    from flashdmd.training.checkpoint import load_checkpoint, save_checkpoint
-    from flashdmd.training.distill import _WriterState
+def main():
+    teacher, out, batch, method = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    mode = sys.argv[5] if len(sys.argv) > 5 else "ddp"
+    cfg = config(teacher, batch, method, mode if len(sys.argv) > 5 else "one")
+    ctx = setup(cfg, shard=shard if mode == "fsdp" else None)
+    init = trainable(ctx)
+    dtypes = {p.dtype for role in ("teacher", "student", "fake_score", "disc") for p in getattr(ctx, role).parameters()}
+    assert dtypes == {torch.float64}, f"parameters in {dtypes}: model_dtype float64 no longer reaches every role"
+    train(cfg, out / "run", progress=False, ctx=ctx)
+    final = trainable(ctx)
+    if mode == "fsdp":
+        from flashdmd.training.checkpoint import load_checkpoint, save_checkpoint
+        from flashdmd.training.distill import _WriterState
 
-    class _Writer:  # a checkpoint of the final state (with TTUR 2 the last iteration updates the critics only)
-        def state_dict(self):
-            return {}
-    folder = save_checkpoint(ctx, _Writer(), out / "final", keep_last=1)
-    sharded = sum(hasattr(p, "to_local") for p in ctx.student.parameters())
-    restored = setup(cfg, shard=shard)
-    load_checkpoint(restored, _WriterState(), folder)
-    again = trainable(restored)
-    opt_a = full_optimizer_state(ctx.student, ctx.opt["generator"])
-    opt_b = full_optimizer_state(restored.student, restored.opt["generator"])
+        class _Writer:  # a checkpoint of the final state (with TTUR 2 the last iteration updates the critics only)
+            def state_dict(self):
+                return {}
+        folder = save_checkpoint(ctx, _Writer(), out / "final", keep_last=1)
+        sharded = sum(hasattr(p, "to_local") for p in ctx.student.parameters())
+        restored = setup(cfg, shard=shard)
+        load_checkpoint(restored, _WriterState(), folder)
+        again = trainable(restored)
+        opt_a = full_optimizer_state(ctx.student, ctx.opt["generator"])
+        opt_b = full_optimizer_state(restored.student, restored.opt["generator"])
+        if ctx.accelerator.is_main_process:
+            same = all(torch.equal(final[k], again[k]) for k in final)
+            same_opt = all(torch.equal(opt_a["state"][n][k], opt_b["state"][n][k]) for n in opt_a["state"]
+                           for k in opt_a["state"][n])
+            print(f"sharded params {sharded} restored-equal {same} optimizer-equal {same_opt} "
+                  f"optimizer-tensors {len(opt_a['state'])}")
     if ctx.accelerator.is_main_process:
-        same = all(torch.equal(final[k], again[k]) for k in final)
-        same_opt = all(torch.equal(opt_a["state"][n][k], opt_b["state"][n][k]) for n in opt_a["state"]
-                       for k in opt_a["state"][n])
-        print(f"sharded params {sharded} restored-equal {same} optimizer-equal {same_opt} "
-              f"optimizer-tensors {len(opt_a['state'])}")
-if ctx.accelerator.is_main_process:
-    save_file(final, str(out / "weights.safetensors"))
-    save_file(init, str(out / "init.safetensors"))
-    updates = {role: int(next(iter(o.state.values()))["step"]) for role, o in ctx.opt.items()}
-    print("processes", ctx.accelerator.num_processes, ctx.accelerator.distributed_type, "updates", updates)
+        save_file(final, str(out / "weights.safetensors"))
+        save_file(init, str(out / "init.safetensors"))
+        updates = {role: int(next(iter(o.state.values()))["step"]) for role, o in ctx.opt.items()}
+        print("processes", ctx.accelerator.num_processes, ctx.accelerator.distributed_type, "updates", updates)
+
+
+if __name__ == "__main__":
+    main()

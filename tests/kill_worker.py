@@ -71,8 +71,8 @@ def install_hooks():
 
     real_save = ck.save_checkpoint
 
-    def save_and_report(ctx, writer, root, keep_last):
-        folder = real_save(ctx, writer, root, keep_last)
+    def save_and_report(ctx, writer, root, keep_last, **kwargs):
+        folder = real_save(ctx, writer, root, keep_last, **kwargs)
         if folder is not None:
             say(f"saved {Path(folder).name}")
         return folder

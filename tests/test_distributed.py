@@ -30,6 +30,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
+from dist_worker import ELASTIC  # noqa: E402
 
 WORKER = Path(__file__).parent / "dist_worker.py"
 TOLERANCE = 1e-6  # float64 round-off reaches ~4e-11; any error of the distributed path is far above (docstring)
@@ -45,7 +46,8 @@ def _run(cmd, env):
 def test_two_processes_equal_one(tmp_path, method, mode):
     """ddp: accelerate's DDP. fsdp: the student and fake score sharded by FSDP2 (fully_shard, gloo), which also
     exercises the gathered checkpoints: a fresh sharded run restored from the last checkpoint must hold exactly
-    the trained weights and the generator's optimiser state."""
+    the trained weights and the generator's optimiser state. Then, for dist_worker.ELASTIC (dmd2-ddp, flashdmd-fsdp),
+    the 2-process run's first checkpoint resumed on one process (resumed_on_one_process)."""
     teacher = tm.save_pipeline(tm.sdxl_pipeline(tmp_path), tmp_path / "sdxl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = _run([sys.executable, str(WORKER), str(teacher), str(tmp_path / "one"), "2", method], env)
@@ -73,4 +75,47 @@ def test_two_processes_equal_one(tmp_path, method, mode):
         assert da.norm() > 0
         rel = ((da - db).norm() / da.norm()).item()
         worst = ((da - db).abs().max() / da.abs().max()).item()
+        assert rel < TOLERANCE and worst < TOLERANCE, (role, f"relative {rel:.2e}, largest element {worst:.2e}")
+    if (method, mode) in ELASTIC:
+        resumed_on_one_process(teacher, method, mode, tmp_path, b, w0)
+
+
+def resumed_on_one_process(teacher, method, mode, tmp_path, two: dict, w0: dict):
+    """Elastic resume: the 2-process run's first checkpoint (global batch 2 x 1) continued on one process with
+    batch_size 2 ends where the uninterrupted 2-process run ended, within the same float64 bound; the learning-rate
+    schedules keep advancing by the first launch's 2 processes; the data stream's counts are the old ranks' sums.
+    With batch_size 1 (global batch 1) the resume is refused in one line, before the run folder is written (checked
+    once: the check does not depend on the method or the sharding)."""
+    import json
+
+    from dist_worker import config, trainable
+
+    from flashdmd import FlashDMDError
+    from flashdmd.training.checkpoint import load_checkpoint
+    from flashdmd.training.distill import STAGE1_SCHEDULERS, _WriterState, setup, train
+    folder = tmp_path / "two" / "run" / "checkpoints" / "step_00000001"
+    if (method, mode) == ("dmd2", "ddp"):
+        with pytest.raises(FlashDMDError, match=r"global batch of 2 \(2 processes x 1\), this run has 1 x 1 = 1: "
+                                                r"set batch_size=2 to continue on 1 process"):
+            train(config(str(teacher), 1, method, mode), tmp_path / "refused", progress=False, resume=str(folder))
+        assert not (tmp_path / "refused").exists()
+    cfg = config(str(teacher), 2, method, mode)
+    ctx = setup(cfg)
+    load_checkpoint(ctx, _WriterState(), folder)  # what train's resume loads; looked at before it trains on
+    ranks = [json.loads((folder / f"rng_rank{r}.json").read_text()) for r in range(2)]
+    assert ctx.real.stats()["reads"] == sum(r["data"]["reads"] for r in ranks) > ranks[0]["data"]["reads"]
+    assert ctx.rng.offset == 0 and ranks[1]["sample_rng"]["offset"] == 1  # this process's place in the global batch
+    train(cfg, tmp_path / "elastic", progress=False, ctx=ctx, resume=str(folder))
+    assert ctx.schedule_processes == 2
+    assert all(ctx.sched[k].last_epoch == 2 * ctx.iteration for k in STAGE1_SCHEDULERS if k in ctx.sched)
+    one = trainable(ctx)
+    assert one.keys() == two.keys()
+    for role in ("student", "fake_score", "disc"):
+        keys = [k for k in two if k.startswith(role + ".")]
+        if not keys:
+            continue
+        d2 = torch.cat([(two[k] - w0[k]).flatten() for k in keys])
+        d1 = torch.cat([(one[k] - w0[k]).flatten() for k in keys])
+        rel = ((d1 - d2).norm() / d2.norm()).item()
+        worst = ((d1 - d2).abs().max() / d2.abs().max()).item()
         assert rel < TOLERANCE and worst < TOLERANCE, (role, f"relative {rel:.2e}, largest element {worst:.2e}")

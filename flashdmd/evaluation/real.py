@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.data import read_prompt_file
 from flashdmd.evaluation.backends import METRIC_KEYS, load_scorer, require_folder, scorer_class, score_batched
 from flashdmd.evaluation.backends.fid import FIDInception, folder_features, image_files, reference_stats, save_stats
@@ -242,9 +242,7 @@ def run_eval(args) -> dict:
 
 
 def write_json(out: Path, metrics: dict) -> None:
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out)
+    io.atomic_write_text(out, json.dumps(metrics, indent=2), f"the metrics {out.name}")
     print(json.dumps(metrics, indent=2))
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 
 def grid(images: Tensor, nrow: int = 10, pad: int = 2) -> np.ndarray:
@@ -29,15 +29,16 @@ def grid(images: Tensor, nrow: int = 10, pad: int = 2) -> np.ndarray:
 
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 10, scale: int = 2):
+    """A PNG grid of ``images`` (B, 3, H, W) in [-1, 1], written atomically (a full disk: one line, nothing left)."""
     from PIL import Image
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with io.writing("a sample grid", path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
     im = Image.fromarray(grid(images, nrow))
     if scale > 1:
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-    tmp = path.with_name(path.name + ".tmp.png")
-    im.save(tmp)
-    tmp.replace(path)
+    # at most the raw pixels (PNG compresses): what the message reports as needed
+    io.atomic_write(path, lambda f: im.save(f, format="PNG"), f"sample grid {path.name}", im.width * im.height * 3)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -356,7 +357,5 @@ def write_report(run_dir: str | Path, comparison: list[dict] | None = None, grid
     page = f"<!doctype html><meta charset=utf-8><title>{html.escape(title)}</title><style>{style}</style>" + \
         "\n".join(p for p in parts if p)
     out = run_dir / "report.html"
-    tmp = out.with_name("report.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(out)
+    io.atomic_write_text(out, page)
     return out

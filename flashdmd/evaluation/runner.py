@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from flashdmd import FlashDMDError, plugins
+from flashdmd import FlashDMDError, io, plugins
 from flashdmd.families import resolve_path
 from flashdmd.inference import DTYPES, load_model, teacher_spec
 
@@ -77,7 +77,5 @@ def run(args):
     metrics.update(model=args.model, kind=model.kind, steps=args.steps, cfg=args.cfg)
     if args.floor:
         metrics["fd_floor"] = evaluator.floor(args.num_images, args.seed)
-    tmp = out.with_suffix(out.suffix + ".tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out)
+    io.atomic_write_text(out, json.dumps(metrics, indent=2), f"the metrics {out.name}")
     print(json.dumps(metrics, indent=2))

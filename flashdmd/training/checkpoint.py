@@ -1,19 +1,23 @@
-"""Checkpoints that a crash or a kill never leaves half-written, and exact resume.
+"""Checkpoints that a crash, a kill or a full disk never leaves half-written, and exact resume.
 
-A checkpoint is a folder ``DIR/checkpoints/step_XXXXXXXX/`` holding
+A checkpoint is a folder ``DIR/checkpoints/step_XXXXXXXX/`` (``step_XXXXXXXX_iterYYYYYYYY`` when a preemption
+wrote it after a critic-only iteration of global step X) holding
 
     roles.safetensors      student, fake score, discriminator heads, (Stage 2) reference -- trainable state
     optim.safetensors      every optimiser's tensors;  optim.json  their scalars and param groups
     rng_rank{r}.safetensors / rng_rank{r}.json   the run's draw counter, the real-image stream's position,
                                                   torch / python RNGs
-    state.json             counters (iteration, generator / RL / global steps, stage), lr-scheduler states,
-                           the run writer's history
+    state.json             counters (iteration, generator / RL / global steps, stage), the launch (processes,
+                           batch size, the process count the learning-rate schedules advance by), lr-scheduler
+                           states, the run writer's history
     manifest.json          sha256 and size of every file above -- written last
 
 It is written into ``.tmp-step_XXXXXXXX`` (each file fsynced), then renamed: a reader never sees a partial
 folder, and a folder without a matching manifest is ignored. ``latest`` resolves to the newest checkpoint whose
-manifest verifies; a corrupt one is reported in one line and the previous good one is used.
-Nothing is unpickled: tensors go through safetensors, everything else through JSON.
+manifest verifies; a corrupt one is reported in one line and the previous good one is used. A write that fails
+(full disk, quota, file-size limit) removes the temporary folder and is one line (:mod:`flashdmd.io`).
+A checkpoint resumes on another number of processes with the same global batch (:func:`check_global_batch`,
+:func:`_load_rng`). Nothing is unpickled: tensors go through safetensors, everything else through JSON.
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 PREFIX = "step_"
 
@@ -197,59 +201,97 @@ def _all_finite(ctx) -> bool:
 # ---------------------------------------------------------------------------------------------------
 # save / load
 
-def save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
-    """Write a checkpoint of every role, optimiser, scheduler, RNG and counter. Returns its folder, or None when
-    a role holds a non-finite value (a non-finite checkpoint is never written). A failed write (disk full,
-    read-only, quota) leaves nothing of the new checkpoint and is one FlashDMDError."""
-    try:
-        return _save_checkpoint(ctx, writer, root, keep_last)
-    except OSError as e:
-        name = f"{PREFIX}{ctx.global_step:08d}"
-        shutil.rmtree(root / f".tmp-{name}", ignore_errors=True)
-        raise FlashDMDError(f"cannot write checkpoint {name} to {root}: {e.strerror or e}; nothing of it was kept "
-                            f"(last good checkpoint: {ctx.last_checkpoint or 'none'})") from None
+def checkpoint_name(ctx, at_step_boundary: bool = True) -> str:
+    """``step_XXXXXXXX`` (global step) for a checkpoint written right after a student update -- the periodic
+    ones; ``step_XXXXXXXX_iterYYYYYYYY`` for one written later in the same global step (a preemption after a
+    critic-only iteration), so that it never replaces the one of that step. Names sort in the order written."""
+    name = f"{PREFIX}{ctx.global_step:08d}"
+    return name if at_step_boundary else f"{name}_iter{ctx.iteration:08d}"
 
 
-def _save_checkpoint(ctx, writer, root: Path, keep_last: int) -> Path | None:
-    from flashdmd.training.parallel import full_optimizer_state
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
+
+
+def save_checkpoint(ctx, writer, root: Path, keep_last: int, name: str | None = None) -> Path | None:
+    """Write a checkpoint of every role, optimiser, scheduler, RNG and counter into ``root/name`` (default
+    :func:`checkpoint_name`). Returns its folder, or None when a role holds a non-finite value (a non-finite
+    checkpoint is never written). A failed write on any process (disk full, quota, file-size limit, read-only)
+    leaves nothing of the new checkpoint, keeps the previous ones, and is one FlashDMDError on every process
+    (the main process's names the folder and about how many bytes a checkpoint needs)."""
+    from flashdmd.training.parallel import all_true, full_optimizer_state
     acc = ctx.accelerator
     if not _all_finite(ctx):
         warnings.warn(f"step {ctx.global_step}: non-finite weights, checkpoint not written", stacklevel=2)
         return None
-    name = f"{PREFIX}{ctx.global_step:08d}"
-    tmp = root / f".tmp-{name}"
-    if acc.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    acc.wait_for_everyone()
-    rng_t, rng_py = _rng_state(ctx)
-    _write_tensors(tmp / f"rng_rank{acc.process_index}.safetensors", rng_t)
-    _write_json(tmp / f"rng_rank{acc.process_index}.json", rng_py)
-    acc.wait_for_everyone()
-    roles = _role_tensors(ctx)  # collectives first, on every rank
+    name = name or checkpoint_name(ctx)
+    tmp, final = root / f".tmp-{name}", root / name
+    # every collective first, on every rank: nothing below may leave a rank waiting for one that failed
+    roles = _role_tensors(ctx)
     optims = {role: full_optimizer_state(getattr(ctx, _OPT_MODULE[role]), opt) for role, opt in ctx.opt.items()}
+    writer_state = writer.state_dict()  # RunWriter: this interval's scalars summed over processes (a collective)
+    rng_t, rng_py = _rng_state(ctx)
+    need = tensor_bytes(rng_t.values()) * acc.num_processes + tensor_bytes(
+        [v for part in roles.values() for v in part.values()]
+        + [v for sd in optims.values() for st in sd.get("state", {}).values() for v in st.values()])
+    hint = (f"nothing of it was kept; the last good checkpoint is {ctx.last_checkpoint or 'none'}: free some space "
+            "(or raise the limit) and continue with --resume latest")
+    error = None
+    try:
+        with io.writing(f"checkpoint {name}", root, need, cleanup=[tmp] if acc.is_main_process else [], hint=hint):
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+    except Exception as e:  # noqa: BLE001 -- every rank must reach the agreement below, whatever went wrong
+        error = e
+    if all_true(error is None, acc.device):
+        try:
+            with io.writing(f"checkpoint {name}", root, need, cleanup=[tmp] if acc.is_main_process else [],
+                            hint=hint):
+                _write_tensors(tmp / f"rng_rank{acc.process_index}.safetensors", rng_t)
+                _write_json(tmp / f"rng_rank{acc.process_index}.json", rng_py)
+                if acc.is_main_process:
+                    _write_main_files(ctx, tmp, roles, optims, writer_state)
+        except Exception as e:  # noqa: BLE001
+            error = e
+        ok = all_true(error is None, acc.device)
+    else:
+        ok = False
+    if not ok:
+        if acc.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise FlashDMDError(f"checkpoint {name} was not written: another process could not write its part (its "
+                            "error says why)")
     if acc.is_main_process:
-        _write_tensors(tmp / "roles.safetensors", {f"{r}/{k}": v for r, part in roles.items() for k, v in part.items()})
-        opt_t, opt_s = {}, {}
-        for role, sd in optims.items():
-            t, s = _optim_split(sd)
-            opt_t.update({f"{role}/{k}": v for k, v in t.items()})
-            opt_s[role] = s
-        _write_tensors(tmp / "optim.safetensors", opt_t)
-        _write_json(tmp / "optim.json", opt_s)
-        _write_json(tmp / "state.json", {
-            "iteration": ctx.iteration, "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps,
-            "global_step": ctx.global_step, "stage": ctx.stage, "num_processes": acc.num_processes,
-            "sched": {k: s.state_dict() for k, s in ctx.sched.items()}, "writer": writer.state_dict()})
-        files = sorted(p for p in tmp.iterdir() if p.is_file())
-        _write_json(tmp / "manifest.json", {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files})
-        final = root / name
         _remove(final)
         os.replace(tmp, final)
         _fsync_dir(root)
         _prune(root, keep_last)
     acc.wait_for_everyone()
-    return root / name
+    return final
+
+
+def _write_main_files(ctx, tmp: Path, roles: dict, optims: dict, writer_state: dict) -> None:
+    """The main process's files of a checkpoint (everything but the per-rank RNG files), manifest last."""
+    acc = ctx.accelerator
+    _write_tensors(tmp / "roles.safetensors", {f"{r}/{k}": v for r, part in roles.items() for k, v in part.items()})
+    opt_t, opt_s = {}, {}
+    for role, sd in optims.items():
+        t, s = _optim_split(sd)
+        opt_t.update({f"{role}/{k}": v for k, v in t.items()})
+        opt_s[role] = s
+    _write_tensors(tmp / "optim.safetensors", opt_t)
+    _write_json(tmp / "optim.json", opt_s)
+    _write_json(tmp / "state.json", {
+        "iteration": ctx.iteration, "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps,
+        "global_step": ctx.global_step, "stage": ctx.stage, "stage2_start_iteration": ctx.stage2_start_iteration,
+        "num_processes": acc.num_processes, "batch_size": ctx.cfg.batch_size,
+        "schedule_processes": ctx.schedule_processes,
+        "sched": {k: s.state_dict() for k, s in ctx.sched.items()}, "writer": writer_state})
+    files = sorted(p for p in tmp.iterdir() if p.is_file())
+    _write_json(tmp / "manifest.json", {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files})
 
 
 def _prune(root: Path, keep_last: int):
@@ -312,9 +354,7 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
     """Restore every role, optimiser, scheduler, RNG and counter from a verified checkpoint folder."""
     acc = ctx.accelerator
     state = json.loads((folder / "state.json").read_text())
-    if state["num_processes"] != acc.num_processes:
-        raise FlashDMDError(f"checkpoint {folder} was written by {state['num_processes']} processes, this run has "
-                            f"{acc.num_processes}: resume with the same launch")
+    check_global_batch(folder, state, ctx.cfg.batch_size, acc.num_processes)
     if state["stage"] == 2 and ctx.reference is None:
         from flashdmd.training.stage2 import setup_stage2
         setup_stage2(ctx)
@@ -350,15 +390,63 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FlashDMDError(f"checkpoint {folder} does not match this run's optimisers ({first}): was it written "
                             "with a different config?") from None
-    rng_t = load_file(str(folder / f"rng_rank{acc.process_index}.safetensors"))
-    rng_py = json.loads((folder / f"rng_rank{acc.process_index}.json").read_text())
-    torch.set_rng_state(rng_t["torch_cpu"])
-    if "torch_cuda" in rng_t and torch.cuda.is_available():
-        torch.cuda.set_rng_state(rng_t["torch_cuda"])
-    ctx.rng.load_state_dict(rng_py["sample_rng"])
-    if ctx.real is not None and "data" in rng_py:
-        ctx.real.load_state_dict(rng_py["data"])
-    random.setstate(_pystate(rng_py["python"]))
+    _load_rng(ctx, folder, state["num_processes"])
     for k in ("iteration", "generator_steps", "rl_steps", "global_step", "stage"):
         setattr(ctx, k, state[k])
+    ctx.stage2_start_iteration = state.get("stage2_start_iteration")
+    if ctx.stage == 2 and ctx.stage2_start_iteration is None:  # written before this was recorded
+        ctx.stage2_start_iteration = ctx.cfg.max_steps * ctx.cfg.fake_score_ttur
+    # the learning-rate schedules advance by the process count of the run's first launch, forever (see
+    # distill.step_schedulers); checkpoints from before this was recorded were written by that launch
+    ctx.schedule_processes = state.get("schedule_processes", state["num_processes"])
     writer.load_state_dict(state["writer"])
+
+
+def check_global_batch(folder: Path, state: dict, batch_size: int, num_processes: int) -> None:
+    """A run resumes on any number of processes with the global batch (batch_size x processes) it was written
+    with: every draw is indexed by global sample and the data position is global. Another global batch is one
+    line saying which batch_size continues it."""
+    n_old = state["num_processes"]
+    if "batch_size" not in state:  # written before elastic resume: its batch_size is not recorded
+        if n_old != num_processes:
+            raise FlashDMDError(f"checkpoint {folder} was written by {n_old} processes and records no batch size; "
+                                f"this run has {num_processes}: resume it on {n_old} processes")
+        return
+    b_old = state["batch_size"]
+    g_old, g_new = b_old * n_old, batch_size * num_processes
+    if g_old == g_new:
+        return
+    fix = (f"set batch_size={g_old // num_processes} to continue on {num_processes} process(es)"
+           if g_old % num_processes == 0 else f"continue on a number of processes that divides {g_old}")
+    raise FlashDMDError(f"checkpoint {folder} was written with a global batch of {g_old} ({n_old} processes x "
+                        f"{b_old}), this run has {num_processes} x {batch_size} = {g_new}: {fix}")
+
+
+def _load_rng(ctx, folder: Path, old_processes: int) -> None:
+    """Restore the draws. Global, from rank 0's file: the run's draw counter (this rank's offset in the global
+    batch stays the one setup gave it) and the real-image stream's position. Per process, from this rank's own
+    file when the checkpoint has one: torch's and python's generators; a rank the checkpoint did not have keeps
+    the seeding setup gave it (seed + rank). The stream's read / bad-file counts are per process: on the same
+    number of processes each rank gets its own back; on another, rank 0 gets the sums over the old ranks (the
+    others start from 0), so the totals and the bad-file fraction carry over."""
+    acc = ctx.accelerator
+    rank, same = acc.process_index, old_processes == acc.num_processes
+    first = json.loads((folder / "rng_rank0.json").read_text())
+    ctx.rng.load_state_dict(first["sample_rng"])
+    if ctx.real is not None and "data" in first:
+        data = dict(first["data"])
+        if same:
+            own = json.loads((folder / f"rng_rank{rank}.json").read_text())["data"]
+            data.update(reads=own["reads"], bad_files=own["bad_files"])
+        else:
+            olds = [json.loads((folder / f"rng_rank{r}.json").read_text())["data"] for r in range(old_processes)]
+            data.update(reads=sum(o["reads"] for o in olds) if rank == 0 else 0,
+                        bad_files=sum(o["bad_files"] for o in olds) if rank == 0 else 0)
+        ctx.real.load_state_dict(data)
+    if rank < old_processes:
+        rng_t = load_file(str(folder / f"rng_rank{rank}.safetensors"))
+        rng_py = json.loads((folder / f"rng_rank{rank}.json").read_text())
+        torch.set_rng_state(rng_t["torch_cpu"])
+        if "torch_cuda" in rng_t and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng_t["torch_cuda"])
+        random.setstate(_pystate(rng_py["python"]))

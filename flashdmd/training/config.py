@@ -163,7 +163,9 @@ class DistillConfig:
     optim_warmup_steps: int = _f(0, "linear warm-up of the Stage-1 learning rates as DMD2 counts it: the schedule "
                                  "advances once per iteration and process, also on iterations where TTUR skips the "
                                  "generator, from lr 0 at the first update (DMD2: 500, stepped by accelerate 64 times "
-                                 "an iteration on its 64 GPUs, so about 8 iterations)")
+                                 "an iteration on its 64 GPUs, so about 8 iterations). A run resumed on another "
+                                 "number of processes keeps advancing by its first launch's count, so its schedule "
+                                 "per iteration does not change")
     optim_lr_decay: str = _f("none", "decay of the Stage-1 learning rates after the warm-up: none (DMD2: constant), "
                              "cosine or linear, reaching optim_lr_final x lr at max_steps and staying there (Stage 2's "
                              "distillation runs at the final rate). Counted like the warm-up, per iteration and "
@@ -236,7 +238,8 @@ class DistillConfig:
                                       "reads (after 64 reads) the run stops with an error naming one of them")
 
     # ---- run control ------------------------------------------------------------------------------------
-    batch_size: int = _f(32, "images per generator update (per process)")
+    batch_size: int = _f(32, "images per generator update (per process); a resume on another number of processes "
+                             "needs the same global batch (batch_size x processes)")
     max_steps: int = _f(400, "generator updates")
     seed: int = _f(0, "seed; each process adds its rank")
     log_every_steps: int = _f(10, "tensorboard scalars every N generator steps")

@@ -25,7 +25,7 @@ from flashdmd import FlashDMDError, plugins
 from flashdmd.data import RealImageStream, open_image_source, open_prompt_source, read_prompt_file
 from flashdmd.diffusion.samplers import renoise
 from flashdmd.families import network_call
-from flashdmd.training import steps
+from flashdmd.training import preempt, steps
 from flashdmd.training.config import DistillConfig
 from flashdmd.training.parallel import reshard
 from flashdmd.training.rng import SampleRNG
@@ -63,6 +63,10 @@ class Context:
     nonfinite: dict = field(default_factory=dict)
     last_checkpoint: str | None = None
     student_ema: object = None        # roles.StudentEMA when cfg.student_ema > 0
+    schedule_processes: int = 1       # the learning-rate schedules advance this many steps an iteration (the first
+                                      # launch's process count, kept by every resume: see step_schedulers)
+    stage2_start_iteration: int | None = None   # the iteration Stage 2 began at (its cycles are counted from it)
+    boundary: tuple | None = None     # (iteration, rl_steps) right after the latest student update (global step)
 
     def real_latents(self, n: int) -> Tensor:
         pixels, _ = _real_batch(self, n)
@@ -104,10 +108,12 @@ def step_schedulers(ctx) -> None:
     """After every Stage-1 iteration, each Stage-1 learning-rate schedule advances once per process, whether or not
     its role updated this iteration: DMD2 steps its generator and guidance schedulers every iteration (also when
     TTUR skips the generator) and accelerate's prepared scheduler steps ``num_processes`` times per call, so DMD2's
-    500 warm-up steps on 64 GPUs last about 8 iterations."""
+    500 warm-up steps on 64 GPUs last about 8 iterations. The process count is the first launch's
+    (``ctx.schedule_processes``, kept in every checkpoint): a run resumed on another number of processes follows
+    the same schedule per iteration."""
     for name in STAGE1_SCHEDULERS:
         if name in ctx.sched:
-            for _ in range(ctx.accelerator.num_processes):
+            for _ in range(ctx.schedule_processes):
                 ctx.sched[name].step()
 
 
@@ -368,8 +374,11 @@ def _make_optimizers(ctx: Context):
     ctx.fake_score, (ctx.opt["fake_score"],) = prepare_role(acc, ctx.fake_score, [ctx.opt["fake_score"]])
     if ctx.disc is not None:
         ctx.disc, (ctx.opt["disc"],) = prepare_role(acc, ctx.disc, [ctx.opt["disc"]])
-    iterations = cfg.max_steps * cfg.fake_score_ttur * acc.num_processes  # scheduler steps in Stage 1
-    factor = lr_factor(cfg.optim_warmup_steps, cfg.optim_lr_decay, iterations, cfg.optim_lr_final)
+    ctx.schedule_processes = acc.num_processes  # a resume restores the first launch's (load_checkpoint)
+
+    def factor(step: int) -> float:  # scheduler steps in Stage 1: iterations x the schedule's process count
+        total = cfg.max_steps * cfg.fake_score_ttur * ctx.schedule_processes
+        return lr_factor(cfg.optim_warmup_steps, cfg.optim_lr_decay, total, cfg.optim_lr_final)(step)
     ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in ctx.opt.items()}
 
 
@@ -530,6 +539,7 @@ def distill_iteration(ctx: Context, writer) -> bool:
     if gen_now:
         ctx.generator_steps += 1
         ctx.global_step += 1
+        ctx.boundary = (ctx.iteration, ctx.rl_steps)
         writer.bookkeeping(ctx)
     return gen_now
 
@@ -570,18 +580,22 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     total = cfg.max_steps * cfg.fake_score_ttur
     if max_iterations is not None:
         total = min(total, max_iterations)
-    if ctx.global_step == 0 and cfg.eval_every_steps:
-        writer.maybe_eval(ctx, force=True)  # the curve starts at the initial student (the teacher's weights)
-    bar = _progress(total, "stage 1", progress and ctx.accelerator.is_main_process, initial=ctx.iteration)
-    while ctx.iteration < total:
-        distill_iteration(ctx, writer)
-        bar.update(1)
-        bar.set_postfix(gen_step=ctx.generator_steps)
-    bar.close()
-    if cfg.rl_enabled and max_iterations is None:
-        if ctx.stage == 1:
-            setup_stage2_once(ctx, writer)
-        run_stage2(ctx, writer, progress)
+    with preempt.watch() as signalled:  # SIGTERM / SIGUSR1: checkpoint after the iteration, raise Preempted
+        if ctx.global_step == 0 and cfg.eval_every_steps:
+            writer.maybe_eval(ctx, force=True)  # the curve starts at the initial student (the teacher's weights)
+        bar = _progress(total, "stage 1", progress and ctx.accelerator.is_main_process, initial=ctx.iteration)
+        try:
+            while ctx.stage == 1 and ctx.iteration < total:
+                distill_iteration(ctx, writer)
+                bar.update(1)
+                bar.set_postfix(gen_step=ctx.generator_steps)
+                preempt.stop_if_signalled(ctx, writer, signalled)
+        finally:
+            bar.close()
+        if cfg.rl_enabled and max_iterations is None:
+            if ctx.stage == 1:
+                setup_stage2_once(ctx, writer)
+            run_stage2(ctx, writer, progress, signalled)
     return writer.finish(ctx, wall_seconds=time.time() - t0)
 
 
@@ -633,6 +647,7 @@ def setup_stage2_once(ctx: Context, writer) -> None:
         ctx.student_ema.copy_to(ctx.accelerator.unwrap_model(ctx.student))
     setup_stage2(ctx)
     ctx.stage = 2
+    ctx.stage2_start_iteration = ctx.iteration
     writer.start_stage2(ctx)
 
 
@@ -641,25 +656,42 @@ def _holds_run(out: Path) -> bool:
     return (out / "run.json").is_file() or (ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()))
 
 
-def run_stage2(ctx: Context, writer, progress: bool) -> None:
+def run_stage2(ctx: Context, writer, progress: bool, signalled=None) -> None:
     """RL updates, with one Stage-1 distillation cycle (one generator update and its TTUR critic updates)
-    after every ``rl_distill_ratio`` of them."""
+    after every ``rl_distill_ratio`` of them. ``signalled``: a :class:`flashdmd.training.preempt.Flag` checked
+    after every RL update and every iteration of a cycle. The cycles owed are counted from the iterations (see
+    :func:`stage2_iterations_due`), so a checkpoint written anywhere -- after an RL update that a cycle follows,
+    inside a cycle -- resumes exactly where it was."""
     from flashdmd.training.stage2 import rl_step
     cfg = ctx.cfg
     bar = _progress(cfg.rl_steps, "stage 2", progress and ctx.accelerator.is_main_process, initial=ctx.rl_steps)
-    while ctx.rl_steps < cfg.rl_steps:
-        prompts = ctx.prompts.sample(cfg.batch_size, ctx.rng)
-        with ctx.accelerator.autocast():
-            logs = rl_step(ctx, _encode(ctx, prompts), prompts)
-        writer.accumulate(logs)
-        ctx.rl_steps += 1
-        ctx.global_step += 1
-        writer.bookkeeping(ctx)
-        if cfg.rl_distill_ratio and ctx.rl_steps % cfg.rl_distill_ratio == 0:
-            for _ in range(cfg.fake_score_ttur):  # Stage 1 ended on a cycle boundary: the first one updates G
+    try:
+        while True:
+            while ctx.iteration < stage2_iterations_due(ctx):  # Stage 1 ended on a cycle boundary: G updates first
                 distill_iteration(ctx, writer)
-        bar.update(1)
-    bar.close()
+                preempt.stop_if_signalled(ctx, writer, signalled)
+            if ctx.rl_steps >= cfg.rl_steps:
+                break
+            prompts = ctx.prompts.sample(cfg.batch_size, ctx.rng)
+            with ctx.accelerator.autocast():
+                logs = rl_step(ctx, _encode(ctx, prompts), prompts)
+            writer.accumulate(logs)
+            ctx.rl_steps += 1
+            ctx.global_step += 1
+            ctx.boundary = (ctx.iteration, ctx.rl_steps)
+            writer.bookkeeping(ctx)
+            bar.update(1)
+            preempt.stop_if_signalled(ctx, writer, signalled)
+    finally:
+        bar.close()
+
+
+def stage2_iterations_due(ctx: Context) -> int:
+    """The Stage-1 iterations a Stage-2 run has made once the distillation cycles of its RL updates so far are
+    done: one cycle of ``fake_score_ttur`` iterations per ``rl_distill_ratio`` RL updates."""
+    cfg = ctx.cfg
+    cycles = ctx.rl_steps // cfg.rl_distill_ratio if cfg.rl_distill_ratio else 0
+    return ctx.stage2_start_iteration + cycles * cfg.fake_score_ttur
 
 
 def _progress(total: int, desc: str, enabled: bool, initial: int = 0):

@@ -173,6 +173,15 @@ def all_true(flag: bool, device) -> bool:
     return bool(t.item() > 0)
 
 
+def max_across(value: int, device) -> int:
+    """The largest of the processes' ``value`` (one all-reduce of one integer; in one process: ``value``)."""
+    if not _distributed():
+        return int(value)
+    t = torch.tensor([int(value)], dtype=torch.int64, device=device)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return int(t.item())
+
+
 def local_tensors(module: nn.Module, trainable_only: bool = True):
     """This rank's part of each (trainable) parameter: the local shard under FSDP2."""
     for p in module.parameters():

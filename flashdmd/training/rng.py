@@ -60,4 +60,7 @@ class SampleRNG:
         return {"seed": self.seed, "offset": self.offset, "draw": self.draw}
 
     def load_state_dict(self, s: dict):
-        self.seed, self.offset, self.draw = s["seed"], s["offset"], s["draw"]
+        """Continue the draws of ``s``. The offset (where this process's samples sit in the global batch) stays
+        this generator's own: a run resumed on another number of processes with the same global batch draws
+        what the saved run would have drawn."""
+        self.seed, self.draw = s["seed"], s["draw"]

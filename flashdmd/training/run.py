@@ -5,7 +5,9 @@
     DIR/student/        the student (diffusers folder  DIR/samples/prompts.json  the grids' prompts, row-major
                         of the denoiser; LoRA: adapter safetensors)
     DIR/metrics.json    evaluations over training and the final one, with each metric's direction
-Only the main process writes. Files are written to a temporary name and renamed (atomic on POSIX).
+Only the main process writes. Files are written to a temporary name and renamed (atomic on POSIX); a write that
+fails (full disk, quota, file-size limit) leaves the previous version, removes the partial one and stops every
+process with one line naming the folder and about how many bytes it needed (flashdmd/io.py).
 Scalars go to tensorboard and/or wandb (``report_to``; wandb through accelerate's WandBTracker).
 """
 from __future__ import annotations
@@ -18,25 +20,12 @@ from pathlib import Path
 
 import torch
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.evaluation import worsened
 from flashdmd.inference import RUN_KIND, Model, sample_images
 
 RUN_STATE = ("run.json", "config.yaml", "metrics.json", "report.html", "student", "student.tmp", "student.old",
              "checkpoints", "tb", "samples", "wandb")
-
-
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except OSError as e:  # disk full / read-only: the old file stays as it was
-        tmp.unlink(missing_ok=True)
-        raise FlashDMDError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 def prepare_run_dir(out_dir: str | Path) -> Path:
@@ -73,8 +62,9 @@ def clear_run_dir(out_dir: str | Path) -> list[str]:
 class RunWriter:
     def __init__(self, out_dir, cfg, ctx):
         self.cfg = cfg
+        self.acc = ctx.accelerator
         self.main = ctx.accelerator.is_main_process
-        self.out = prepare_run_dir(out_dir) if self.main else Path(out_dir)
+        self.out = Path(out_dir)
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
         self.history: list[dict] = []
@@ -88,9 +78,12 @@ class RunWriter:
         self.higher_is_better = dict(getattr(ctx.evaluator, "higher_is_better", {}) or {})
         self.t0 = time.time()
         self.trackers = []
-        if self.main:
-            _atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
-            self.trackers = open_trackers(cfg, self.out)
+        self._on_main(lambda: self._start(cfg))
+
+    def _start(self, cfg):
+        prepare_run_dir(self.out)
+        io.atomic_write_text(self.out / "config.yaml", cfg.to_yaml())
+        self.trackers = open_trackers(cfg, self.out)
 
     # -- scalars ------------------------------------------------------------------------------------
     def accumulate(self, logs: dict):
@@ -180,8 +173,22 @@ class RunWriter:
         if not (force or (n and ctx.global_step % n == 0)):
             return
         student = self._student_model(ctx)
-        if not self.main:
-            return
+        self._on_main(lambda: self._sample(ctx, student))
+
+    def _on_main(self, work) -> None:
+        """``work()`` on the main process; a FlashDMDError there (a full disk) stops every process, not only the
+        main one (one all-reduce of one flag), so that no other process waits for it in a collective."""
+        from flashdmd.training.parallel import all_true
+        error = None
+        if self.main:
+            try:
+                work()
+            except FlashDMDError as e:
+                error = e
+        if not all_true(error is None, self.acc.device):
+            raise error or FlashDMDError("the main process stopped on an error (its message says why)")
+
+    def _sample(self, ctx, student):
         from flashdmd.evaluation.report import save_grid
         prompts = ctx.grid_prompts
         was = student.net.training
@@ -191,8 +198,8 @@ class RunWriter:
         folder = self.out / "samples"
         save_grid(imgs, folder / f"step_{ctx.global_step:06d}.png", nrow=GRID_ROW)
         if not (folder / "prompts.json").is_file():
-            _atomic_write_text(folder / "prompts.json", json.dumps({"prompts": prompts, "nrow": GRID_ROW, "seed": 1234},
-                                                                   indent=2))
+            io.atomic_write_text(folder / "prompts.json",
+                                 json.dumps({"prompts": prompts, "nrow": GRID_ROW, "seed": 1234}, indent=2))
         grid = ((imgs[:GRID_IMAGES] + 1) / 2).clamp(0, 1)
         for tracker in self.trackers:  # tensorboard takes an (N, C, H, W) batch, wandb a list of HWC arrays
             images = grid if tracker.name == "tensorboard" else list(grid.permute(0, 2, 3, 1).numpy())
@@ -248,64 +255,79 @@ class RunWriter:
             self._warn(msg)
 
     # -- checkpoints ----------------------------------------------------------------------------------
-    def maybe_checkpoint(self, ctx, force: bool = False):
+    def maybe_checkpoint(self, ctx, force: bool = False, name: str | None = None):
+        """A checkpoint (and the student) on the checkpoint interval, or now with ``force``; ``name``: the
+        checkpoint's folder name (default: the global step's)."""
         n = self.cfg.checkpoint_every_steps
         if force or (n and ctx.global_step % n == 0):
             from flashdmd.training.checkpoint import save_checkpoint
-            folder = save_checkpoint(ctx, self, self.out / "checkpoints", self.cfg.checkpoint_keep_last)
+            folder = save_checkpoint(ctx, self, self.out / "checkpoints", self.cfg.checkpoint_keep_last, name=name)
             if folder is not None:
                 ctx.last_checkpoint = str(folder)
             self.save_student(ctx)
 
     def state_dict(self) -> dict:
+        """What a checkpoint keeps of the writer. A collective with several processes: the scalars accumulated
+        since the last log are summed over the processes (the main process keeps them; see load_state_dict)."""
+        sums, counts = self.sums, self.counts
+        if self.acc.num_processes > 1:
+            keys = sorted(self.sums)  # the same keys on every process: every process runs the same phases
+            local = torch.tensor([[self.sums[k], self.counts[k]] for k in keys] or [[0.0, 0.0]], dtype=torch.float64,
+                                 device=self.acc.device)
+            total = self.acc.reduce(local, reduction="sum").cpu()
+            sums = {k: float(total[i, 0]) for i, k in enumerate(keys)}
+            counts = {k: int(total[i, 1]) for i, k in enumerate(keys)}
         return {"history": self.history, "evals": self.evals, "lrm_scores": self.lrm_scores,
                 "stage2_baseline": self.stage2_baseline, "stage2_start_step": self.stage2_start_step,
                 "warnings": self.warnings, "disc_flat_logs": self.disc_flat_logs,
-                "elapsed": time.time() - self.t0, "sums": self.sums, "counts": self.counts,
+                "elapsed": time.time() - self.t0, "sums": sums, "counts": counts,
                 "last_eval_step": self.last_eval_step}
 
     def load_state_dict(self, s: dict):
+        """The saved sums of the interval being logged are totals over the processes: the main process continues
+        them and the others start from zero under the same keys, so the next log's all-reduce gives the totals on
+        any number of processes."""
         self.history, self.evals, self.lrm_scores = s["history"], s["evals"], s["lrm_scores"]
         self.stage2_baseline, self.warnings = s["stage2_baseline"], s["warnings"]
         self.stage2_start_step = s.get("stage2_start_step")
         self.disc_flat_logs = s.get("disc_flat_logs", 0)
-        self.sums, self.counts = s["sums"], s["counts"]
+        self.sums, self.counts = dict(s["sums"]), dict(s["counts"])
+        if not self.main:
+            self.sums, self.counts = dict.fromkeys(self.sums, 0.0), dict.fromkeys(self.counts, 0)
         self.last_eval_step = s.get("last_eval_step")
         self.t0 = time.time() - s["elapsed"]
+
+    def close(self) -> None:
+        """Flush and close the trackers (the run stops here without finish: preemption)."""
+        for tracker in self.trackers:
+            tracker.finish()
+        self.trackers = []
 
     def save_student(self, ctx):
         ctx.accelerator.wait_for_everyone()
         student = self._student_model(ctx)
-        if not self.main:
-            return
+        self._on_main(lambda: self._write_student(ctx, student))
+
+    def _write_student(self, ctx, student):
+        """DIR/student written whole (the previous one stays until the new one is complete), then DIR/run.json."""
         net = student.net
-        tmp = self.out / "student.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            if self.cfg.model_lora_rank > 0:
-                from peft.utils import get_peft_model_state_dict
-                from safetensors.torch import save_file
-                tmp.mkdir(parents=True)
-                save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()},
-                          str(tmp / "adapter.safetensors"))
-            else:
-                net.save_pretrained(tmp, safe_serialization=True)
-        except OSError as e:  # disk full / read-only: the previous student (if any) stays in place
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FlashDMDError(f"cannot write the student to {tmp}: {e.strerror or e}") from None
-        final = self.out / "student"
-        old = self.out / "student.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if final.exists():
-            final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
+        if self.cfg.model_lora_rank > 0:
+            from peft.utils import get_peft_model_state_dict
+            from safetensors.torch import save_file
+            adapters = {k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()}
+            need = sum(v.numel() * v.element_size() for v in adapters.values())
+            io.write_folder(self.out / "student", lambda tmp: save_file(adapters, str(tmp / "adapter.safetensors")),
+                            "the student", need)
+        else:
+            need = sum(v.numel() * v.element_size() for v in net.state_dict().values())
+            io.write_folder(self.out / "student", lambda tmp: net.save_pretrained(tmp, safe_serialization=True),
+                            "the student", need)
         info = {"kind": RUN_KIND, "teacher": self.cfg.model_teacher, "family": ctx.family.name,
                 "teacher_path": str(ctx.family.path), "student_timesteps": ctx.timesteps,
                 "resolution": ctx.resolution, "embedded_guidance": self.cfg.model_embedded_guidance,
                 "lora_rank": self.cfg.model_lora_rank, "lora_alpha": self.cfg.model_lora_alpha,
                 "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "method": self.cfg.method}
-        _atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
+        io.atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
 
     def finish(self, ctx, wall_seconds: float) -> dict:
         self.save_student(ctx)
@@ -316,10 +338,8 @@ class RunWriter:
         result = {"generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "wall_seconds": wall_seconds,
                   "history": self.history, "evals": self.evals, "warnings": self.warnings,
                   "higher_is_better": self.higher_is_better, "stage2_start_step": self.stage2_start_step}
-        if self.main:
-            _atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2))
-            for tracker in self.trackers:
-                tracker.finish()
+        self._on_main(lambda: io.atomic_write_text(self.out / "metrics.json", json.dumps(result, indent=2)))
+        self.close()
         return result
 
 
