@@ -83,7 +83,8 @@ starting parts after ``--budget-s`` (450 s).
     total               ~285 s    450 s  + ~10 s for the diffusers wheel install (see BENCHMARKS.md)
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
-with T5, SAM; 32 px images), in about a minute on 2 cores. Where the CPU cannot measure what the GPU run does the
+with T5, SAM; 32 px images), in about 35 s on 2 cores; its CPU parts and the plans share one process (on a GPU
+each group is a process of its own, so that every peak starts from an empty card). Where the CPU cannot measure what the GPU run does the
 JSON says so: a CUDA peak is null with a reason and the process's peak RSS beside it (the plan is still computed,
 for the CPU, and its ratio to the RSS given for information only); accelerate does not enable FSDP on a CPU, so the
 launch runs one plain process and ``fsdp2_enabled`` is false. tests/test_gpu_check.py runs it.
@@ -119,6 +120,11 @@ PARTS = ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2"
          "compile")
 GROUPS = {"build": ("build",), "sdxl": ("peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2"),
           "sd3": ("peak_sd3",), "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
+# --smoke: the CPU parts share one process, which also makes the plans after them (on a GPU the groups are apart so
+# that each peak starts from an empty card, and the plans run in a CPU process beside them); what differs is only
+# the number of interpreter starts, each ~4 s of imports on a small CPU
+SMOKE_GROUPS = {"cpu": ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3"),
+                "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
 PEAK_PARTS = {"peak_sdxl": "sdxl_flashdmd", "peak_sd3": "sd3_flashdmd"}  # part -> the config it measures
 OK = ("passed", "not offered")
 
@@ -136,7 +142,7 @@ MODES = {
                                                   "fsdp2_resume": 90, "compile": 60},
               "estimate_s": {"build": 6, "peak_sdxl": 8, "step_flashdmd": 2, "images_per_second": 2,
                              "step_dmd2": 3, "peak_sd3": 7, "fsdp2_resume": 25, "compile": 0},
-              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 2, "sdxl_flashdmd_compile": 2},
+              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2},
               "student_images": 4, "teacher_images": 2, "sample_batch": 2, "data_workers": 0, "plan_threads": 1,
               "threads": 1, "child_start_s": 10},
 }
@@ -477,6 +483,8 @@ def child_main(group: str, parts: list[str], state_path: Path) -> int:
         return plan_main(parts, state)
     ch = Child(state)
     ch.environment(group)
+    if group == "cpu":  # --smoke: this process makes the plans too, after the parts they are compared with
+        parts = parts + ["plans"]
     for name in parts:
         if name == "build":
             ch.run_part(name, lambda d: build(state, ch.cuda, state["selected"]))
@@ -497,6 +505,8 @@ def child_main(group: str, parts: list[str], state_path: Path) -> int:
                 res["compile_note"] = "warmup_cycle_seconds includes the compilation"
                 return res
             ch.run_part(name, compiled)
+        elif name == "plans":
+            plan_main([x for x in PEAK_PARTS if x in state["selected"]], state)
     return 0
 
 
@@ -864,7 +874,7 @@ def main() -> int:
                                      env=_child_env(state, threads=state["settings"]["plan_threads"], cuda=False),
                                      cwd=REPO, start_new_session=True)
 
-    for group, members in GROUPS.items():
+    for group, members in (SMOKE_GROUPS if mode == "smoke" else GROUPS).items():
         todo = [x for x in members if x in selected]
         if not todo:
             continue
