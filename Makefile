@@ -31,8 +31,10 @@ data:
 demo: setup
 	$(VENV)/bin/flashdmd demo --out runs/demo
 
-# One thread per process: several tests start 2-process runs, and tiny models gain nothing from more. Two pytest
-# workers (pytest-xdist) use both cores; --dist loadfile keeps each file on one worker (test_distributed.py's
-# 2-process runs share a port, its module fixtures are built once).
+# One thread per process: several tests start 2-process runs, and tiny models gain nothing from more. Three pytest
+# workers (pytest-xdist) on two cores: many tests wait on subprocesses (imports, torchrun, a signalled distill) or on
+# deliberate sleeps, and a third worker fills those gaps (2 cores: 269 s against ~300 s with two workers, near the
+# CPU-time bound of ~255 s). --dist loadfile keeps each file on one worker (test_distributed.py's 2-process runs
+# share a port, module fixtures are built once).
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 2 --dist loadfile tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 3 --dist loadfile tests
