@@ -42,6 +42,21 @@ def _run(cmd, env):
     return r.stdout
 
 
+def assert_same_updates(want: dict, got: dict, w0: dict) -> None:
+    """Per role, the total update of ``got`` (its weights minus ``w0``) equals that of ``want`` within TOLERANCE:
+    the norm of the difference relative to the update's norm, and its largest element relative to the update's."""
+    for role in ("student", "fake_score", "disc"):
+        keys = [k for k in want if k.startswith(role + ".")]
+        if not keys:
+            continue
+        dw = torch.cat([(want[k] - w0[k]).flatten() for k in keys])
+        dg = torch.cat([(got[k] - w0[k]).flatten() for k in keys])
+        assert dw.norm() > 0
+        rel = ((dw - dg).norm() / dw.norm()).item()
+        worst = ((dw - dg).abs().max() / dw.abs().max()).item()
+        assert rel < TOLERANCE and worst < TOLERANCE, (role, f"relative {rel:.2e}, largest element {worst:.2e}")
+
+
 @pytest.mark.parametrize("method,mode", [("flashdmd", "ddp"), ("dmd2", "ddp"), ("flashdmd", "fsdp"), ("dmd2", "fsdp")])
 def test_two_processes_equal_one(tmp_path, method, mode):
     """ddp: accelerate's DDP. fsdp: the student and fake score sharded by FSDP2 (fully_shard, gloo), which also
@@ -66,16 +81,7 @@ def test_two_processes_equal_one(tmp_path, method, mode):
                        torch.cat([v.flatten() for v in load_file(str(tmp_path / "two" / "init.safetensors")).values()]))
     assert a.keys() == b.keys() and len(a) > 10
     assert {v.dtype for v in a.values()} == {torch.float64}
-    for role in ("student", "fake_score", "disc"):
-        keys = [k for k in a if k.startswith(role + ".")]
-        if not keys:
-            continue
-        da = torch.cat([(a[k] - w0[k]).flatten() for k in keys])
-        db = torch.cat([(b[k] - w0[k]).flatten() for k in keys])
-        assert da.norm() > 0
-        rel = ((da - db).norm() / da.norm()).item()
-        worst = ((da - db).abs().max() / da.abs().max()).item()
-        assert rel < TOLERANCE and worst < TOLERANCE, (role, f"relative {rel:.2e}, largest element {worst:.2e}")
+    assert_same_updates(a, b, w0)
     if (method, mode) in ELASTIC:
         resumed_on_one_process(teacher, method, mode, tmp_path, b, w0)
 
@@ -110,12 +116,4 @@ def resumed_on_one_process(teacher, method, mode, tmp_path, two: dict, w0: dict)
     assert all(ctx.sched[k].last_epoch == 2 * ctx.iteration for k in STAGE1_SCHEDULERS if k in ctx.sched)
     one = trainable(ctx)
     assert one.keys() == two.keys()
-    for role in ("student", "fake_score", "disc"):
-        keys = [k for k in two if k.startswith(role + ".")]
-        if not keys:
-            continue
-        d2 = torch.cat([(two[k] - w0[k]).flatten() for k in keys])
-        d1 = torch.cat([(one[k] - w0[k]).flatten() for k in keys])
-        rel = ((d1 - d2).norm() / d2.norm()).item()
-        worst = ((d1 - d2).abs().max() / d2.abs().max()).item()
-        assert rel < TOLERANCE and worst < TOLERANCE, (role, f"relative {rel:.2e}, largest element {worst:.2e}")
+    assert_same_updates(two, one, w0)
