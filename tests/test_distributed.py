@@ -90,8 +90,8 @@ def resumed_on_one_process(teacher, method, mode, tmp_path, two: dict, w0: dict)
     """Elastic resume: the 2-process run's first checkpoint (global batch 2 x 1) continued on one process with
     batch_size 2 ends where the uninterrupted 2-process run ended, within the same float64 bound; the learning-rate
     schedules keep advancing by the first launch's 2 processes; the data stream's counts are the old ranks' sums.
-    With batch_size 1 (global batch 1) the resume is refused in one line, before the run folder is written (checked
-    once: the check does not depend on the method or the sharding)."""
+    With batch_size 1 (global batch 1) the resume is refused in one line, before any model is loaded or the run folder
+    is written (checked once: the check does not depend on the method or the sharding)."""
     import json
 
     from dist_worker import config, trainable
@@ -101,8 +101,12 @@ def resumed_on_one_process(teacher, method, mode, tmp_path, two: dict, w0: dict)
     from flashdmd.training.distill import STAGE1_SCHEDULERS, _WriterState, setup, train
     folder = tmp_path / "two" / "run" / "checkpoints" / "step_00000001"
     if (method, mode) == ("dmd2", "ddp"):
+        from unittest import mock
+
+        from flashdmd.training import distill
         with pytest.raises(FlashDMDError, match=r"global batch of 2 \(2 processes x 1\), this run has 1 x 1 = 1: "
-                                                r"set batch_size=2 to continue on 1 process"):
+                                                r"set batch_size=2 to continue on 1 process"), \
+                mock.patch.object(distill, "setup", side_effect=AssertionError("a model was loaded first")):
             train(config(str(teacher), 1, method, mode), tmp_path / "refused", progress=False, resume=str(folder))
         assert not (tmp_path / "refused").exists()
     cfg = config(str(teacher), 2, method, mode)

@@ -353,7 +353,7 @@ def resolve(run_dir: Path, spec: str) -> Path:
 def load_checkpoint(ctx, writer, folder: Path) -> None:
     """Restore every role, optimiser, scheduler, RNG and counter from a verified checkpoint folder."""
     acc = ctx.accelerator
-    state = json.loads((folder / "state.json").read_text())
+    state = read_state(folder)
     check_global_batch(folder, state, ctx.cfg.batch_size, acc.num_processes)
     if state["stage"] == 2 and ctx.reference is None:
         from flashdmd.training.stage2 import setup_stage2
@@ -400,6 +400,11 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
     # distill.step_schedulers); checkpoints from before this was recorded were written by that launch
     ctx.schedule_processes = state.get("schedule_processes", state["num_processes"])
     writer.load_state_dict(state["writer"])
+
+
+def read_state(folder: Path) -> dict:
+    """A verified checkpoint's state.json: counters, schedules, the process count and batch size it was written with."""
+    return json.loads((folder / "state.json").read_text())
 
 
 def check_global_batch(folder: Path, state: dict, batch_size: int, num_processes: int) -> None:

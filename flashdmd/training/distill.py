@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -551,7 +552,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     ``cfg.rl_enabled``, into ``out_dir``. ``resume``: "latest" or a checkpoint folder. A folder that already
     holds a run is refused unless ``resume`` or ``overwrite``. ``ctx`` lets a caller (tests) pass a context
     built by :func:`setup`."""
-    from flashdmd.training.checkpoint import load_checkpoint, resolve
+    from flashdmd.training.checkpoint import check_global_batch, load_checkpoint, read_state, resolve
     from flashdmd.training.run import RunWriter, clear_run_dir
 
     if resume and overwrite:
@@ -561,6 +562,10 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
                             "or pass --overwrite to replace it")
     # a bad --resume fails before anything is loaded or written into the run folder
     folder = resolve(Path(out_dir), resume) if resume else None
+    if folder is not None:  # another global batch fails before any model is loaded (the launcher sets WORLD_SIZE)
+        acc = ctx.accelerator if ctx is not None else accelerator
+        processes = acc.num_processes if acc is not None else int(os.environ.get("WORLD_SIZE", "1"))
+        check_global_batch(folder, read_state(folder), cfg.batch_size, processes)
     ctx = ctx or setup(cfg, accelerator)
     if overwrite and ctx.accelerator.is_main_process:  # every check passed: now the old run's state goes
         removed = clear_run_dir(out_dir)
