@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -585,7 +586,9 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     total = cfg.max_steps * cfg.fake_score_ttur
     if max_iterations is not None:
         total = min(total, max_iterations)
-    with preempt.watch() as signalled:  # SIGTERM / SIGUSR1: checkpoint after the iteration, raise Preempted
+    # SIGTERM / SIGUSR1: checkpoint after the iteration, raise Preempted; the data-loader workers stop when training
+    # ends, however it ends (left to the interpreter's exit, their shutdown took seconds)
+    with preempt.watch() as signalled, contextlib.nullcontext() if ctx.real is None else ctx.real:
         if ctx.global_step == 0 and cfg.eval_every_steps:
             writer.maybe_eval(ctx, force=True)  # the curve starts at the initial student (the teacher's weights)
         bar = _progress(total, "stage 1", progress and ctx.accelerator.is_main_process, initial=ctx.iteration)
@@ -601,7 +604,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
             if ctx.stage == 1:
                 setup_stage2_once(ctx, writer)
             run_stage2(ctx, writer, progress, signalled)
-    return writer.finish(ctx, wall_seconds=time.time() - t0)
+        return writer.finish(ctx, wall_seconds=time.time() - t0)
 
 
 def dry_run(cfg: DistillConfig, log=print, accelerator=None) -> None:
