@@ -2,8 +2,11 @@
 (1 process), then rank 0 writes every trainable tensor of every role (full tensors, gathered under FSDP) to
 OUT/weights.safetensors.
 
-usage: dist_worker.py TEACHER OUT BATCH METHOD [ddp|fsdp]      (the run: config(); without a mode: one process)
-fsdp: the student and the fake score are sharded with FSDP2's fully_shard (per transformer / resnet block and at
+usage: dist_worker.py TEACHER OUT BATCH JOB [JOB ...]      JOB = METHOD-MODE, MODE one | ddp | fsdp
+
+Each job is one run (config()) into OUT/JOB/, one after the other in the same processes (one interpreter start for
+all of them: the imports cost more than the tiny runs); every line a job prints starts with "[JOB]".
+one: a single process (plain python); ddp / fsdp: under torchrun. fsdp: the student and the fake score are sharded with FSDP2's fully_shard (per transformer / resnet block and at
 the root); a checkpoint of the final state is written, and a fresh sharded context restored from that checkpoint must
 hold exactly the trained weights and optimiser state.
 
@@ -56,10 +59,8 @@ def trainable(c):
     return out
 
 
-def main():
-    teacher, out, batch, method = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    mode = sys.argv[5] if len(sys.argv) > 5 else "ddp"
-    cfg = config(teacher, batch, method, mode if len(sys.argv) > 5 else "one")
+def run(teacher: str, out: Path, batch: int, method: str, mode: str, say) -> None:
+    cfg = config(teacher, batch, method, mode)
     ctx = setup(cfg, shard=shard if mode == "fsdp" else None)
     init = trainable(ctx)
     dtypes = {p.dtype for role in ("teacher", "student", "fake_score", "disc") for p in getattr(ctx, role).parameters()}
@@ -84,13 +85,20 @@ def main():
             same = all(torch.equal(final[k], again[k]) for k in final)
             same_opt = all(torch.equal(opt_a["state"][n][k], opt_b["state"][n][k]) for n in opt_a["state"]
                            for k in opt_a["state"][n])
-            print(f"sharded params {sharded} restored-equal {same} optimizer-equal {same_opt} "
-                  f"optimizer-tensors {len(opt_a['state'])}")
+            say(f"sharded params {sharded} restored-equal {same} optimizer-equal {same_opt} "
+                f"optimizer-tensors {len(opt_a['state'])}")
     if ctx.accelerator.is_main_process:
         save_file(final, str(out / "weights.safetensors"))
         save_file(init, str(out / "init.safetensors"))
         updates = {role: int(next(iter(o.state.values()))["step"]) for role, o in ctx.opt.items()}
-        print("processes", ctx.accelerator.num_processes, ctx.accelerator.distributed_type, "updates", updates)
+        say(f"processes {ctx.accelerator.num_processes} {ctx.accelerator.distributed_type} updates {updates}")
+
+
+def main():
+    teacher, out, batch = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+    for job in sys.argv[4:]:
+        method, mode = job.split("-")
+        run(teacher, out / job, batch, method, mode, lambda line, job=job: print(f"[{job}] {line}", flush=True))
 
 
 if __name__ == "__main__":

@@ -57,36 +57,57 @@ def assert_same_updates(want: dict, got: dict, w0: dict) -> None:
         assert rel < TOLERANCE and worst < TOLERANCE, (role, f"relative {rel:.2e}, largest element {worst:.2e}")
 
 
-@pytest.mark.parametrize("method,mode", [("flashdmd", "ddp"), ("dmd2", "ddp"), ("flashdmd", "fsdp"), ("dmd2", "fsdp")])
-def test_two_processes_equal_one(tmp_path, method, mode):
+COMBOS = [("flashdmd", "ddp"), ("dmd2", "ddp"), ("flashdmd", "fsdp"), ("dmd2", "fsdp")]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Every run of this file, launched once: the one-process references of both methods (one python process) and
+    the four 2-process runs (one torchrun: the jobs run one after the other in the same two processes -- the
+    interpreter starts and imports cost more than the tiny runs). Returns the teacher, the output folder and each
+    job's printed lines."""
+    tmp = tmp_path_factory.mktemp("distributed")
+    teacher = tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    one = _run([sys.executable, str(WORKER), str(teacher), str(tmp / "one"), "2", "flashdmd-one", "dmd2-one"], env)
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                str(WORKER), str(teacher), str(tmp / "two"), "1"] + [f"{m}-{d}" for m, d in COMBOS], env)
+    lines = {}
+    for ln in (one + two).splitlines():
+        if ln.startswith("["):
+            job, _, rest = ln[1:].partition("] ")
+            lines.setdefault(job, []).append(rest)
+    return teacher, tmp, lines
+
+
+@pytest.mark.parametrize("method,mode", COMBOS)
+def test_two_processes_equal_one(runs, tmp_path, method, mode):
     """ddp: accelerate's DDP. fsdp: the student and fake score sharded by FSDP2 (fully_shard, gloo), which also
     exercises the gathered checkpoints: a fresh sharded run restored from the last checkpoint must hold exactly
     the trained weights and the generator's optimiser state. Then, for dist_worker.ELASTIC (dmd2-ddp, flashdmd-fsdp),
     the 2-process run's first checkpoint resumed on one process (resumed_on_one_process)."""
-    teacher = tm.save_pipeline(tm.sdxl_pipeline(tmp_path), tmp_path / "sdxl")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    one = _run([sys.executable, str(WORKER), str(teacher), str(tmp_path / "one"), "2", method], env)
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
-                str(WORKER), str(teacher), str(tmp_path / "two"), "1", method, mode], env)
-    assert "processes 1" in one and "processes 2" in two and "MULTI_CPU" in two
+    teacher, tmp, lines = runs
+    job, ref = f"{method}-{mode}", f"{method}-one"
+    one, two = "\n".join(lines.get(ref, [])), "\n".join(lines.get(job, []))
+    assert "processes 1" in one and "processes 2" in two and "MULTI_CPU" in two, (one, two)
     if mode == "fsdp":
         line = next(ln for ln in two.splitlines() if ln.startswith("sharded params"))
         assert int(line.split()[2]) > 10, line  # the student really is sharded (DTensor parameters)
         assert "restored-equal True optimizer-equal True" in line, line
         assert int(line.split()[-1]) > 10, line
-    a = load_file(str(tmp_path / "one" / "weights.safetensors"))
-    b = load_file(str(tmp_path / "two" / "weights.safetensors"))
-    w0 = load_file(str(tmp_path / "one" / "init.safetensors"))
+    a = load_file(str(tmp / "one" / ref / "weights.safetensors"))
+    b = load_file(str(tmp / "two" / job / "weights.safetensors"))
+    w0 = load_file(str(tmp / "one" / ref / "init.safetensors"))
     assert torch.equal(torch.cat([v.flatten() for v in w0.values()]),
-                       torch.cat([v.flatten() for v in load_file(str(tmp_path / "two" / "init.safetensors")).values()]))
+                       torch.cat([v.flatten() for v in load_file(str(tmp / "two" / job / "init.safetensors")).values()]))
     assert a.keys() == b.keys() and len(a) > 10
     assert {v.dtype for v in a.values()} == {torch.float64}
     assert_same_updates(a, b, w0)
     if (method, mode) in ELASTIC:
-        resumed_on_one_process(teacher, method, mode, tmp_path, b, w0)
+        resumed_on_one_process(teacher, method, mode, tmp_path, tmp / "two" / job, b, w0)
 
 
-def resumed_on_one_process(teacher, method, mode, tmp_path, two: dict, w0: dict):
+def resumed_on_one_process(teacher, method, mode, tmp_path, run_dir, two: dict, w0: dict):
     """Elastic resume: the 2-process run's first checkpoint (global batch 2 x 1) continued on one process with
     batch_size 2 ends where the uninterrupted 2-process run ended, within the same float64 bound; the learning-rate
     schedules keep advancing by the first launch's 2 processes; the data stream's counts are the old ranks' sums.
@@ -99,7 +120,7 @@ def resumed_on_one_process(teacher, method, mode, tmp_path, two: dict, w0: dict)
     from flashdmd import FlashDMDError
     from flashdmd.training.checkpoint import load_checkpoint
     from flashdmd.training.distill import STAGE1_SCHEDULERS, _WriterState, setup, train
-    folder = tmp_path / "two" / "run" / "checkpoints" / "step_00000001"
+    folder = run_dir / "run" / "checkpoints" / "step_00000001"
     if (method, mode) == ("dmd2", "ddp"):
         from unittest import mock
 
