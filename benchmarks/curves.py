@@ -5,7 +5,7 @@ it goes. This collects, for every run folder under the given roots (any folder h
 evaluations by generator step and the Pixel-GAN's D(real) - D(fake) per logged interval, so that runs still in
 progress can be reported as what they are.
 
-    .venv/bin/python benchmarks/curves.py benchmarks/runs/sweep_sdxl benchmarks/runs/convergence_sdxl_v16 \\
+    .venv/bin/python benchmarks/curves.py benchmarks/runs/sweep_sdxl benchmarks/runs/dmd2_sdxl \\
         --out benchmarks/results/curves.json
 
 --plot draws every run's FD curve, with --reference curves from earlier results files (convergence.py's summary,

@@ -8,7 +8,7 @@ resumes row by row; two invocations with disjoint --rows can share one --out (tw
     .venv/bin/python benchmarks/sweep.py --family sdxl --steps 200 --rows base glr_2x flr_2x \\
         --out benchmarks/runs/sweep_sdxl
     .venv/bin/python benchmarks/sweep.py --family sdxl --no-run --out benchmarks/runs/sweep_sdxl \\
-        --target-run benchmarks/runs/convergence_sdxl_v16/dmd2
+        --target-run benchmarks/runs/dmd2_sdxl/dmd2
 
 Rows are ROW_OVERRIDES' keys; a row runs at --seed (folder OUT/<row>/seed<N>). The base is the best setting
 measured before the sweep (BENCHMARKS.md section 3: TTUR 2 with the pooled Pixel-GAN head, width 256, lr 1e-3).
@@ -178,7 +178,7 @@ def main():
     p.add_argument("--eval-every", type=int, default=25)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--target-run", nargs="+", help="DMD2 run folders or JSONs holding their evals (e.g. "
-                   "benchmarks/results/convergence_sdxl_dmd2_v16.json): the first one's best FD is the target; "
+                   "benchmarks/results/dmd2_sdxl_seed0.json): the first one's best FD is the target; "
                    "the others are drawn too (other seeds)")
     p.add_argument("--plot", help="write a figure of every curve here")
     p.add_argument("--title", help="the figure's title")

@@ -1,4 +1,4 @@
-"""The VRAM table of BENCHMARKS.md section 9, made by `flashdmd plan` (issue 15, item 5).
+"""The VRAM table of BENCHMARKS.md section 8, made by `flashdmd plan` (issue 15, item 5).
 
 For each row: the real-checkpoint preset (configs/sdxl_flashdmd.yaml, sdxl_dmd2.yaml, sd3_flashdmd.yaml) pointed at a
 config-only full-size folder (benchmarks/fullsize.py: SDXL-base, SD3-medium with T5-XXL, FLUX.1-dev, SAM ViT-B; no weights are
