@@ -1,0 +1,864 @@
+"""The tables of BENCHMARKS.md, made from the result files in benchmarks/results/ and nothing else.
+
+    python benchmarks/tables.py              # print every table (Markdown)
+    python benchmarks/tables.py NAME ...     # print these tables
+    python benchmarks/tables.py --list       # the tables' names
+    python benchmarks/tables.py --write      # rewrite every table in BENCHMARKS.md in place
+    python benchmarks/tables.py --check      # exit 1 when a table in BENCHMARKS.md differs from what this makes
+
+In BENCHMARKS.md a generated table sits between ``<!-- table: NAME -->`` and ``<!-- end table -->``; the block
+ends with the result files it was read from. Every number in a table is read (or computed, as its header says)
+from those files: a number cannot drift from its file, and a new result file changes the document only through
+this script. Pure JSON reading (no torch): tests/test_benchmarks_doc.py runs --check.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import re
+import statistics
+import sys
+from functools import lru_cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+DOC = ROOT / "BENCHMARKS.md"
+BATCH = 32            # the world runs' batch: images seen / BATCH = generator steps (convergence.py's summaries)
+TABLES: dict = {}     # name -> function returning (header, rows, source files, notes)
+
+
+def table(name: str):
+    def register(fn):
+        TABLES[name] = fn
+        return fn
+    return register
+
+
+@lru_cache(maxsize=None)
+def load(name: str):
+    return json.loads((RESULTS / name).read_text())
+
+
+def f(x, nd: int = 2) -> str:
+    """A number as the tables print it: fixed decimals, "–" for a missing one."""
+    return "–" if x is None else f"{x:.{nd}f}"
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.0f} %"
+
+
+def mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Curves: [(generator step, FD, alignment)] from each kind of result file
+
+def evals_curve(evals) -> list[tuple]:
+    """A run's metrics.json "evals" (or curves.py's), Stage 1 only."""
+    return [(e["step"], e["fd"], e.get("alignment")) for e in evals if e.get("stage", 1) == 1]
+
+
+def curve(file: str, *keys: str) -> list[tuple]:
+    """The FD curve at file[keys...]: an "evals" list, a sweep seed's "curve" or convergence.py's "curve" by images."""
+    node = load(file)
+    for k in keys:
+        node = node[k]
+    if "evals" in node:
+        return evals_curve(node["evals"])
+    points = node["curve"]
+    if points and isinstance(points[0], dict):        # convergence.py: images seen, batch 32
+        return [(p["images"] // BATCH, p["fd"], p.get("alignment")) for p in points]
+    return [(p[0], p[1], p[2] if len(p) > 2 else None) for p in points]
+
+
+def at(c, step: int):
+    return next((fd for s, fd, _ in c if s == step), None)
+
+
+def best(c) -> tuple:
+    s, fd, _ = min(c[1:] or c, key=lambda p: p[1])
+    return s, fd
+
+
+def last3(c) -> float:
+    return mean([fd for _, fd, _ in c[-3:]])
+
+
+def late(c, first: int) -> float:
+    """Mean FD of the evaluations from step ``first`` on."""
+    return mean([fd for s, fd, _ in c if s >= first])
+
+
+def first_below(c, target: float):
+    return next(((s, fd) for s, fd, _ in c if fd < target), (None, None))
+
+
+def align_range(c) -> str:
+    a = [al for s, _, al in c if s > 0 and al is not None]
+    return f"{min(a):.3f}-{max(a):.3f}"
+
+
+def best_cell(c) -> str:
+    s, fd = best(c)
+    return f"{fd:.2f} ({s})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The runs each table compares (file, keys, label)
+
+PRESET_SDXL = [("preset_sdxl.json", ("cond_gan/seed0",), 0), ("preset_sdxl.json", ("cond_gan/seed1",), 1)]
+DMD2_SDXL = [("dmd2_sdxl_seed0.json", (), 0), ("dmd2_sdxl_seed1.json", (), 1)]
+PRESET_SD3 = [("preset_sd3_and_dmd2_sd3.json", ("seed0",), 0), ("preset_sd3_and_dmd2_sd3.json", ("seed1",), 1)]
+DMD2_SD3 = [("preset_sd3_and_dmd2_sd3.json", ("dmd2",), 0)]
+DMD2_SDXL_LATE_FROM = 650   # DMD2's late level on world-sdxl: the mean of its evaluations from 650 to 800 steps
+
+
+def dmd2_best(runs) -> tuple:
+    return best(curve(runs[0][0], *runs[0][1]))
+
+
+@table("headline")
+def headline():
+    t = load("teachers.json")["rows"]
+    fd = {(r["model"], r["steps"]): r["fd"] for r in t}
+    p_sdxl = [best(curve(fl, *k))[1] for fl, k, _ in PRESET_SDXL]
+    d_sdxl = [best(curve(fl, *k))[1] for fl, k, _ in DMD2_SDXL]
+    p_sd3 = [best(curve(fl, *k))[1] for fl, k, _ in PRESET_SD3]
+    d_sd3 = [best(curve(fl, *k))[1] for fl, k, _ in DMD2_SD3]
+    frac = compute_rows()
+    demo = load("demo_seeds.json")
+    speed = load("speed_cpu.json")
+    vram = {(r["row"], r["batch"]): r for r in load("vram_table.json")["rows"]}
+    lora = vram[("SDXL Flash-DMD LoRA 64", 1)]["single"]["peak_gib"]
+    plan = [load(x)["plan"]["ratio_measured_over_planned"]["main_ru_maxrss_mib"]
+            for x in ("plan_check_sdxl_bf16.json", "plan_check_sd3_bf16.json")]
+    rows = [
+        ["teachers (1)", f"4-step / 50-step FD: world-sdxl {fd[('world-sdxl', 4)]:.2f} / {fd[('world-sdxl', 50)]:.2f}, "
+                         f"world-sd3 {fd[('world-sd3', 4)]:.2f} / {fd[('world-sd3', 50)]:.2f}"],
+        ["Stage 1 against DMD2, world-sdxl (3)",
+         f"best FD {' / '.join(f(x) for x in p_sdxl)} (two seeds) against DMD2's {' / '.join(f(x) for x in d_sdxl)}; "
+         f"below DMD2's best after {' / '.join(pct(r['images']) for r in frac if r['family'] == 'sdxl')} of its "
+         f"images, {' / '.join(pct(r['time']) for r in frac if r['family'] == 'sdxl')} of its CPU time"],
+        ["Stage 1 against DMD2, world-sd3 (3)",
+         f"best FD {' / '.join(f(x) for x in p_sd3)} (two seeds) against DMD2's {f(d_sd3[0])} (one seed)"],
+        ["Stage 2 (4)", "RL alone, joint and post-hoc RL move along one oracle-against-FD line on both teachers; "
+                        "ongoing distillation shrinks RL's step and adds its own FD drift, it does not regularise"],
+        ["the demo (5)", f"student FD {demo['student_fd_mean']:.2f} ± {demo['student_fd_sd']:.2f} over three seeds "
+                         f"(teacher: {fd[('world-sdxl', 4)]:.2f} at 4 steps, {fd[('world-sdxl', 50)]:.2f} at 50); "
+                         f"every target met: {'yes' if demo['all_targets_met'] else 'no'}"],
+        ["speed, CPU (6)", f"4-step student {speed['speedup_vs_50_step_teacher']:.1f}x the 50-step teacher's images/s"],
+        ["memory (8)", f"plan within {pct(max(plan) - 1)} of a measured full-size iteration (CPU); SDXL LoRA 64 at "
+                       f"1024 px planned at {lora:.1f} GiB on one GPU (not measured on a GPU)"],
+    ]
+    return ["claim (section)", "current result"], rows, [
+        "teachers.json", "preset_sdxl.json", "dmd2_sdxl_seed0.json", "dmd2_sdxl_seed1.json",
+        "preset_sd3_and_dmd2_sd3.json", "step_cost_sdxl.json", "step_cost_sdxl_pooled.json", "demo_seeds.json",
+        "speed_cpu.json", "vram_table.json", "plan_check_sdxl_bf16.json", "plan_check_sd3_bf16.json"], []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. Teachers
+
+@table("teachers")
+def teachers():
+    d = load("teachers.json")
+    rows = [[r["model"], r["steps"], r["nfe"], f(r["fd"]), f(r["alignment"], 3), f(r["diversity"], 3),
+             f(r["oracle"]), f(r["seconds_per_image"], 4)] for r in d["rows"]]
+    notes = [f"FD floor (300 train-split images against the test split): {d['fd_floor']:.2f}. "
+             f"N = {d['num_images']} images per row, CFG {d['rows'][0]['cfg']:g}."]
+    return (["teacher", "steps", "NFE", "FD ↓", "alignment ↑", "diversity", "oracle ↑", "s / image"], rows,
+            ["teachers.json"], notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. Stage 1: the preset's settings, one at a time (world-sdxl)
+
+def seeds_cell(curves, fn) -> str:
+    return " / ".join(fn(c) for c in curves)
+
+
+@table("stage1_settings_sdxl")
+def stage1_settings_sdxl():
+    paper = [curve("flash_sdxl_450_metrics.json"), curve("flash_sdxl_seed1_metrics.json"),
+             curve("flash_sdxl_seed2_metrics.json")]
+    ttur2 = [curve("convergence_sdxl.json", "flash_ttur2")]
+    pooled = [curve("issue16_base_long_sdxl.json", "rows", "base", "seeds", f"seed{s}") for s in (0, 1, 2)]
+    preset = [curve(fl, *k) for fl, k, _ in PRESET_SDXL]
+    dmd2 = [curve(fl, *k) for fl, k, _ in DMD2_SDXL]
+    at300 = lambda c: f(at(c, 300))  # noqa: E731
+    rows = [
+        ["the paper's: TTUR 1, patch heads", "`world_sdxl_flashdmd_paper.yaml`", "0 / 1 / 2",
+         seeds_cell(paper, at300), seeds_cell(paper, best_cell), "–", f"{paper[0][-1][0]} / 300 / 300"],
+        ["TTUR 2, patch heads", "the paper's + `fake_score_ttur: 2`", "0", seeds_cell(ttur2, at300),
+         seeds_cell(ttur2, best_cell), "–", f"{ttur2[0][-1][0]}"],
+        ["TTUR 2, pooled head", "the sweep's `base` row", "0 / 1 / 2", seeds_cell(pooled, at300),
+         seeds_cell(pooled, best_cell), seeds_cell(pooled, lambda c: f(last3(c))),
+         " / ".join(str(c[-1][0]) for c in pooled)],
+        ["**TTUR 2, text-conditioned pooled head (the preset)**", "`world_sdxl_flashdmd.yaml`", "0 / 1",
+         seeds_cell(preset, at300), seeds_cell(preset, best_cell), seeds_cell(preset, lambda c: f(last3(c))),
+         " / ".join(str(c[-1][0]) for c in preset)],
+        ["DMD2, for reference (TTUR 5, latent GAN)", "`world_sdxl_dmd2.yaml`", "0 / 1", seeds_cell(dmd2, at300),
+         seeds_cell(dmd2, best_cell), seeds_cell(dmd2, lambda c: f(late(c, DMD2_SDXL_LATE_FROM))),
+         " / ".join(str(c[-1][0]) for c in dmd2)],
+    ]
+    notes = ["Late level: the mean FD of a run's last three evaluations; DMD2's: of its seven evaluations from "
+             f"{DMD2_SDXL_LATE_FROM} to 800 steps. Best FD (generator step)."]
+    return (["Pixel-GAN setting", "config", "seeds", "FD at 300 steps", "best FD (step)", "late level",
+             "steps run"], rows,
+            ["flash_sdxl_450_metrics.json", "flash_sdxl_seed1_metrics.json", "flash_sdxl_seed2_metrics.json",
+             "convergence_sdxl.json", "issue16_base_long_sdxl.json", "preset_sdxl.json", "dmd2_sdxl_seed0.json",
+             "dmd2_sdxl_seed1.json"], notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. Stage 1: the preset against DMD2
+
+def versus_rows(preset, dmd2, late_fn, dmd2_late_fn) -> list[list]:
+    target_step, target = dmd2_best(dmd2)
+    rows = []
+    for label, runs, late_of in (("Flash-DMD preset", preset, late_fn), ("DMD2", dmd2, dmd2_late_fn)):
+        for fl, keys, seed in runs:
+            c = curve(fl, *keys)
+            s, fd = first_below(c, target)
+            below = "–" if label == "DMD2" else ("not reached" if s is None else f"{s} ({fd:.2f})")
+            rows.append([label, seed, best_cell(c), below, f(late_of(c)), align_range(c), c[-1][0]])
+    return rows
+
+
+@table("stage1_vs_dmd2_sdxl")
+def stage1_vs_dmd2_sdxl():
+    s, target = dmd2_best(DMD2_SDXL)
+    rows = versus_rows(PRESET_SDXL, DMD2_SDXL, last3, lambda c: late(c, DMD2_SDXL_LATE_FROM))
+    notes = [f"DMD2's best single evaluation (seed 0): {target:.2f} at {s} steps. Late level: the preset's last three "
+             f"evaluations (575-625 steps), DMD2's seven from {DMD2_SDXL_LATE_FROM} to 800."]
+    return (["method", "seed", "best FD (step)", f"first below DMD2's best {target:.2f} (step, FD)", "late level",
+             "alignment", "steps run"], rows, ["preset_sdxl.json", "dmd2_sdxl_seed0.json", "dmd2_sdxl_seed1.json"],
+            notes)
+
+
+@table("stage1_vs_dmd2_sd3")
+def stage1_vs_dmd2_sd3():
+    s, target = dmd2_best(DMD2_SD3)
+    rows = versus_rows(PRESET_SD3, DMD2_SD3, last3, last3)
+    notes = [f"DMD2's best: {target:.2f} at {s} steps, its last evaluation (still falling slowly). Late level: the "
+             "mean of the last three evaluations. N = 200 images per evaluation (FD reads higher than at 300)."]
+    return (["method", "seed", "best FD (step)", f"first below DMD2's best {target:.2f} (step, FD)", "late level",
+             "alignment", "steps run"], rows, ["preset_sd3_and_dmd2_sd3.json"], notes)
+
+
+def cost_ratio(family: str) -> float:
+    """Seconds per generator update of the preset's Flash-DMD over DMD2's, measured in one process on 1 thread.
+    world-sdxl: the pooled head's cost (step_cost_sdxl_pooled.json, against TTUR 2 with patch heads measured beside
+    it) times TTUR 2's over DMD2's (step_cost_sdxl.json), the less favourable of the two measurements (the other,
+    step_cost_sdxl_dmd2_faithful.json, gives 0.36). world-sd3: TTUR 2 with patch heads over DMD2, an upper bound
+    (the pooled head is cheaper). The text projection is not timed separately (a dot product per image)."""
+    if family == "sdxl":
+        pooled = load("step_cost_sdxl_pooled.json")["rows"]
+        base = load("step_cost_sdxl.json")["rows"]
+        return (pooled["flash_ttur2_pooled_d"]["seconds_per_generator_update"]
+                / pooled["flash_ttur2"]["seconds_per_generator_update"]
+                * base["flash_ttur2"]["seconds_per_generator_update"] / base["dmd2"]["seconds_per_generator_update"])
+    rows = load("step_cost_sd3.json")["rows"]
+    return rows["flash_ttur2"]["seconds_per_generator_update"] / rows["dmd2"]["seconds_per_generator_update"]
+
+
+def compute_rows() -> list[dict]:
+    out = []
+    for family, preset, dmd2 in (("sdxl", PRESET_SDXL, DMD2_SDXL), ("sd3", PRESET_SD3, DMD2_SD3)):
+        target_step, target = dmd2_best(dmd2)
+        r = cost_ratio(family)
+        for fl, keys, seed in preset:
+            s, fd = first_below(curve(fl, *keys), target)
+            out.append({"family": family, "seed": seed, "step": s, "fd": fd, "target_step": target_step,
+                        "target": target, "ratio": r, "images": s / target_step, "time": s * r / target_step})
+    return out
+
+
+@table("stage1_compute")
+def stage1_compute():
+    rows = [[f"world-{r['family']}", r["seed"], f"{r['step']} ({r['fd']:.2f})",
+             f"{r['target_step']} ({r['target']:.2f})", pct(r["images"]), f"{r['ratio']:.2f}x", pct(r["time"])]
+            for r in compute_rows()]
+    notes = ["Images = generator steps x batch 32, the paper's unit (its 2.1 % is counted so). CPU time = steps x "
+             "seconds per generator update, 1 thread, both methods measured in one process (`step_cost` table)."]
+    return (["teacher", "preset seed", "preset: first evaluation below DMD2's best (step, FD)",
+             "DMD2's best (step, FD)", "images, preset / DMD2", "cost per step, preset / DMD2",
+             "CPU time, preset / DMD2"], rows,
+            ["preset_sdxl.json", "dmd2_sdxl_seed0.json", "preset_sd3_and_dmd2_sd3.json", "step_cost_sdxl.json",
+             "step_cost_sdxl_pooled.json", "step_cost_sd3.json"], notes)
+
+
+@table("step_cost")
+def step_cost():
+    files = [("step_cost_sdxl.json", "world-sdxl"), ("step_cost_sdxl_pooled.json", "world-sdxl"),
+             ("step_cost_sdxl_dmd2_faithful.json", "world-sdxl"), ("step_cost_sd3.json", "world-sd3")]
+    names = {"dmd2": "DMD2 (TTUR 5)", "flash_ttur1": "Flash-DMD TTUR 1, patch heads",
+             "flash_ttur2": "Flash-DMD TTUR 2, patch heads", "flash_ttur2_pooled_d": "Flash-DMD TTUR 2, pooled head"}
+    rows = []
+    for fl, teacher in files:
+        d = load(fl)["rows"]
+        ref = d.get("dmd2", d.get("flash_ttur2"))["seconds_per_generator_update"]
+        for key, r in d.items():
+            rows.append([f"`{fl}`", teacher, names[key], f(r["seconds_per_generator_update"]),
+                         f"{r['seconds_per_generator_update'] / ref:.3f}"])
+    notes = ["Relative: to DMD2 in the same file (to TTUR 2 with patch heads in `step_cost_sdxl_pooled.json`, "
+             "which has no DMD2 row). Batch 32, 1 thread, the median of three rounds; the files differ in how many "
+             "other jobs shared the machine, so compare within a file."]
+    return ["file", "teacher", "row", "s / generator update", "relative"], rows, [x for x, _ in files], notes
+
+
+@table("eval_noise")
+def eval_noise():
+    d = load("eval_noise_teacher4.json")
+    rows = []
+    for n in sorted({r["num_images"] for r in d["rows"]}):
+        fds = [r["fd"] for r in d["rows"] if r["num_images"] == n]
+        s = d[f"N{n}"]
+        rows.append([n, " / ".join(f(x) for x in fds), f(s["mean"]), f(s["sd"])])
+    notes = ["One fixed model, the world-sdxl teacher at 4 steps with CFG 2, evaluated with evaluation seeds 0, 1, 2 "
+             "(3): the spread of FD that is the evaluation's own draw."]
+    return ["images", "FD by evaluation seed", "mean", "sd"], rows, ["eval_noise_teacher4.json"], notes
+
+
+@table("disc_probe")
+def disc_probe():
+    d = load("disc_probe.json")
+    names = {"benchmarks/runs/convergence_sdxl/flash_ttur1": "Flash-DMD, TTUR 1, patch heads (450 steps)",
+             "benchmarks/runs/convergence_sdxl/dmd2": "DMD2, old latent head (350 steps)"}
+    rows = []
+    for run, r in d["runs"].items():
+        heads = {h["lr"]: h["final_test_accuracy"] for h in r["heads"]}
+        var = {(v["head"], v["lr"]): v["test_accuracy"] for v in r["variants"]}
+        rows.append([names.get(run, run), " / ".join(pct(heads[lr]) for lr in (1e-4, 1e-3)),
+                     " / ".join(pct(var[("patch heads (as in a run)", lr)]) for lr in (1e-4, 1e-3)),
+                     " / ".join(pct(var[("pooled standardised MLP", lr)]) for lr in (1e-4, 1e-3)),
+                     pct(r["linear_probe_disc_encoder"]), pct(r["linear_probe_eval_classifier"])])
+    notes = [f"Held-out accuracy at telling real from student images ({d['num']} of each, a quarter held out); "
+             "heads at lr 1e-4 / 1e-3, trained as in a run (hinge loss, batch 32)."]
+    return (["student", "patch heads, 300 updates", "patch heads, 1 500 updates", "pooled standardised head, 300 updates",
+             "linear probe, Pixel-GAN encoder", "linear probe, evaluation classifier"], rows, ["disc_probe.json"], notes)
+
+
+# What did not work (section 3)
+
+@table("convergence_paper")
+def convergence_paper():
+    rows = []
+    for fl, teacher in (("convergence_sdxl.json", "world-sdxl"), ("convergence_sd3.json", "world-sd3")):
+        d = load(fl)
+        for key, r in d.items():
+            if key.startswith("_"):
+                continue
+            c = curve(fl, key)
+            rows.append([teacher, r["label"], r["critic_iterations"] // r["generator_steps"], r["generator_steps"],
+                         best_cell(c), f(r["final_fd"]), f(r["final_alignment"], 3)])
+    c = curve("convergence_sdxl_pooled_seed1.json", "flash_ttur2_pooled_d")
+    r = load("convergence_sdxl_pooled_seed1.json")["flash_ttur2_pooled_d"]
+    rows.append(["world-sdxl", r["label"] + ", seed 1", 2, r["generator_steps"], best_cell(c), f(r["final_fd"]),
+                 f(r["final_alignment"], 3)])
+    notes = ["Seed 0 unless stated; world-sdxl N = 300, world-sd3 N = 200. The DMD2 rows here have the old latent "
+             "head (not DMD2's) and the DM-loss range 20..979; the faithful DMD2 is in the tables above."]
+    return (["teacher", "row", "TTUR", "generator steps", "best FD (step)", "final FD", "final alignment"], rows,
+            ["convergence_sdxl.json", "convergence_sd3.json", "convergence_sdxl_pooled_seed1.json"], notes)
+
+
+def override_text(o: dict) -> str:
+    return ", ".join(f"`{k}: {v:g}`" if isinstance(v, float) else f"`{k}: {v}`" for k, v in o.items()) or "–"
+
+
+@table("sweep_sdxl")
+def sweep_sdxl():
+    d = load("sweep_sdxl.json")
+    rows = []
+    for name, r in d["rows"].items():
+        for seed, s in r["seeds"].items():
+            c = curve("sweep_sdxl.json", "rows", name, "seeds", seed)
+            pts = [at(c, k) for k in (150, 175, 200)]
+            rows.append([name, override_text(r["overrides"]), seed[4:], " / ".join(f(x) for x in pts), f(mean(pts)),
+                         f(at(c, 100)), f(next(a for st, _, a in c if st == 200), 3)])
+    c = curve("dmd2_sdxl_seed0.json")
+    pts = [at(c, k) for k in (150, 175, 200)]
+    rows.append(["DMD2 (reference)", "`world_sdxl_dmd2.yaml`", "0", " / ".join(f(x) for x in pts), f(mean(pts)),
+                 f(at(c, 100)), f(next(a for st, _, a in c if st == 200), 3)])
+    notes = [f"Base: {override_text(d['base'])}, the preset's other values. Score: the mean FD at 150, 175 and 200 "
+             "steps."]
+    return (["row", "change", "seed", "FD at 150 / 175 / 200", "mean", "FD at 100", "alignment at 200"], rows,
+            ["sweep_sdxl.json", "dmd2_sdxl_seed0.json"], notes)
+
+
+@table("long_runs_sdxl")
+def long_runs_sdxl():
+    base = "issue16_base_long_sdxl.json"
+    stall = "sweep_sd3_stall_sdxl_lr.json"
+    runs = [("TTUR 2, pooled head (base)", "–", base, lambda s: ("rows", "base", "seeds", f"seed{s}"), (0, 1, 2)),
+            ("slower generator", "`generator_lr: 2.5e-5`", base, lambda s: ("rows", "glr_half", "seeds", f"seed{s}"),
+             (1,)),
+            ("faster fake score", "`fake_score_lr: 4e-4`", "sweep_sdxl.json",
+             lambda s: ("rows", "flr_2x", "seeds", f"seed{s}"), (0, 1)),
+            ("cosine decay of every rate to 10 %", "`optim_lr_decay: cosine`", stall,
+             lambda s: (f"sweep_sdxl/lr_cosine/seed{s}",), (0, 1, 2)),
+            ("Adam beta1 0.9 (DMD2's)", "`optim_betas: [0.9, 0.999]`", stall,
+             lambda s: (f"sweep_sdxl/betas_0.9/seed{s}",), (1,)),
+            ("**text-conditioned head (the preset)**", "`disc_condition: text`", "preset_sdxl.json",
+             lambda s: (f"cond_gan/seed{s}",), (0, 1))]
+    rows = []
+    for label, change, fl, keys, seeds in runs:
+        for s in seeds:
+            c = curve(fl, *keys(s))
+            rows.append([label, change, s, f(at(c, 300)), best_cell(c), f(last3(c)), c[-1][0]])
+    notes = ["All from the TTUR 2 pooled-head base (`benchmarks/sweep.py --family sdxl --rows ROW --seeds S --steps "
+             "625`); late level = the mean of the last three evaluations."]
+    return (["row", "change", "seed", "FD at 300", "best FD (step)", "late level", "steps run"], rows,
+            ["issue16_base_long_sdxl.json", "sweep_sdxl.json", "sweep_sd3_stall_sdxl_lr.json", "preset_sdxl.json"],
+            notes)
+
+
+@table("sweep_sd3")
+def sweep_sd3():
+    runs = [("pooled head, TTUR 2 (base)", "–", "convergence_sd3.json", ("flash_ttur2_pooled_d",)),
+            ("EMA pull off", "`fake_score_ema: 0`", "issue16_curves.json", ("sweep_sd3/pull_off/seed0",)),
+            ("uniform DM-loss sigma", "`dm_t_shifted: false`", "issue16_curves.json", ("sweep_sd3/dm_unshifted/seed0",)),
+            ("faster fake score", "`fake_score_lr: 4e-4`", "issue16_sd3.json", ("rows", "flr_2x", "seeds", "seed0")),
+            ("TTUR 3", "`fake_score_ttur: 3`", "issue16_sd3.json", ("rows", "ttur_3", "seeds", "seed0")),
+            ("TTUR 5", "`fake_score_ttur: 5`", "sweep_sd3_critic.json", ("sweep_sd3/ttur_5/seed0",)),
+            ("DM at every step", "`student_dm_steps: 4`", "sweep_sd3_stall_sdxl_lr.json", ("sweep_sd3/dm_all/seed0",)),
+            ("GAN weight 0.15", "`disc_gen_weight: 0.15`", "sweep_sd3_stall_sdxl_lr.json",
+             ("sweep_sd3/gan_0.15/seed0",)),
+            ("GAN weight 0.02", "`disc_gen_weight: 0.02`", "sweep_sd3_stall_sdxl_lr.json",
+             ("sweep_sd3/gan_0.02/seed0",)),
+            ("no generator GAN loss (DM only)", "`disc_gen_weight: 0`", "sweep_sd3_stall_sdxl_lr.json",
+             ("sweep_sd3/gan_off/seed0",)),
+            ("cosine decay to 10 % at 240", "`optim_lr_decay: cosine`", "sweep_sd3_stall_sdxl_lr.json",
+             ("sweep_sd3/lr_cosine/seed0",)),
+            ("**text-conditioned head (the preset)**", "`disc_condition: text`", "preset_sd3_and_dmd2_sd3.json",
+             ("seed0",)),
+            ("DMD2, old latent head (reference)", "–", "convergence_sd3.json", ("dmd2",)),
+            ("DMD2, faithful (reference)", "–", "preset_sd3_and_dmd2_sd3.json", ("dmd2",))]
+    rows = []
+    for label, change, fl, keys in runs:
+        c = curve(fl, *keys)
+        rows.append([label, change, " / ".join(f(at(c, s), 1) for s in (64, 96, 128, 160)), best_cell(c), c[-1][0]])
+    notes = ["Seed 0, N = 200, FD every 16 generator steps; \"–\": not evaluated there (the run stopped earlier). "
+             "Rows other than the references start from the unconditional pooled head at TTUR 2."]
+    return (["row", "change", "FD at 64 / 96 / 128 / 160", "best FD (step)", "steps run"], rows,
+            sorted({r[2] for r in runs}), notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. Stage 2: the RL frontier
+
+def cell_mean(cell: dict) -> str:
+    seeds = list(cell.values())
+    w = sum(s.get("hacking_warnings", 0) for s in seeds)
+    out = f"{mean([s['fd'] for s in seeds]):.2f} / {mean([s['oracle'] for s in seeds]):.3f}"
+    return out + (f" ({w}w)" if w else "")
+
+
+def cell_seeds(cell: dict) -> str:
+    parts = []
+    for s in cell.values():
+        w = s.get("hacking_warnings", 0)
+        parts.append(f"{s['fd']:.2f} / {s['oracle']:.3f}" + (f" ({w}w)" if w else ""))
+    return " ; ".join(parts)
+
+
+RL_LABELS = {"joint_5": "joint 5:1 (the paper's)", "no_distill": "RL alone", "kl_anchor": "RL alone + KL anchor (w 1)",
+             "joint_1": "joint 1:1", "joint_2": "joint 2:1", "joint_10": "joint 10:1", "posthoc": "post-hoc",
+             "all_steps": "joint 5:1, RL at 999/749/499", "distill_2": "**control: joint 2:1, no RL**",
+             "distill_5": "**control: joint 5:1, no RL**", "posthoc_distill": "**control: post-hoc, no RL**"}
+
+
+def frontier(fl: str, cell) -> tuple:
+    d = load(fl)
+    lrs = list(d)
+    names = []
+    for lr in lrs:
+        names += [n for n in d[lr] if n != "stage1" and n not in names]
+    order = [n for n in RL_LABELS if n in names]
+    rows = [[RL_LABELS[n]] + [cell(d[lr][n]) if n in d[lr] else "–" for lr in lrs] for n in order]
+    s1 = next(iter(d[lrs[0]]["stage1"].values()))
+    note = f"Stage 1 (the base): FD {s1['fd']:.2f} / oracle {s1['oracle']:.3f}."
+    return ["row"] + [f"lr {lr}" for lr in lrs], rows, [fl], [note]
+
+
+@table("rl_frontier_sdxl_base0")
+def rl_frontier_sdxl_base0():
+    return frontier("rl_frontier_sdxl_base0.json", cell_mean)
+
+
+@table("rl_frontier_sdxl_base1")
+def rl_frontier_sdxl_base1():
+    return frontier("rl_frontier_sdxl_base1.json", cell_mean)
+
+
+@table("rl_frontier_sd3")
+def rl_frontier_sd3():
+    return frontier("rl_frontier_sd3.json", cell_seeds)
+
+
+@table("rl_first_student")
+def rl_first_student():
+    a, b = load("rl_sdxl_lr2e-6.json"), load("rl_sdxl_lr2e-5.json")
+
+    def cell(c):
+        seeds = list(c.values())
+        w = sum(s.get("hacking_warnings", 0) for s in seeds)
+        return (f"{mean([s['oracle'] for s in seeds]):.3f} / {mean([s['fd'] for s in seeds]):.2f} / "
+                f"{mean([s['diversity'] for s in seeds]):.3f}" + (f" ({w}w)" if w else ""))
+    rows = [["Stage 1" if n == "stage1" else RL_LABELS[n], cell(a[n]), cell(b[n])] for n in a]
+    notes = ["Cells: held-out oracle / FD / diversity, the mean of two Stage-2 seeds; (Nw): guard warnings in the two."]
+    return (["row", "lr 2e-6, 40 RL updates", "lr 2e-5, 60 RL updates"], rows,
+            ["rl_sdxl_lr2e-6.json", "rl_sdxl_lr2e-5.json"], notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. The demo
+
+@table("demo_seeds")
+def demo_seeds():
+    d = load("demo_seeds.json")
+    rows = []
+    for seed, r in d["seeds"].items():
+        rows.append([seed + (" (`make demo`)" if seed == "0" else ""), f"{r['stage1_fd']:.2f} / {r['stage1_oracle']:.3f}",
+                     f"**{r['student_fd']:.2f}** / {r['stage2_oracle']:.3f}", f"{r['ratio_to_teacher_50']:.2f}x",
+                     f(r["student_alignment"], 3), "quiet" if not r["warnings"] else f"{len(r['warnings'])} warning(s)",
+                     f"{r['demo_minutes']:.1f} min", f"{r['speedup_vs_teacher_50']:.1f}x"])
+    r0 = next(iter(d["seeds"].values()))
+    notes = [f"Student FD {d['student_fd_mean']:.2f} ± {d['student_fd_sd']:.2f} (range {d['student_fd_range'][0]:.2f}-"
+             f"{d['student_fd_range'][1]:.2f}); teacher {r0['teacher_4_fd']:.2f} at 4 steps, {r0['teacher_50_fd']:.2f} "
+             f"at 50; every target met in every seed: {'yes' if d['all_targets_met'] else 'no'} (code "
+             f"{d['commit'][:7]})."]
+    return (["seed", "end of Stage 1 (FD / oracle)", "after Stage 2 (FD / oracle)", "FD / teacher's 50-step",
+             "alignment", "guard", "demo wall", "images/s vs 50-step teacher"], rows, ["demo_seeds.json"], notes)
+
+
+@table("demo_history")
+def demo_history():
+    def row(label, fl, d, seeds):
+        fds = [seeds[s]["student_fd"] for s in seeds]
+        s1 = [seeds[s]["stage1_fd"] for s in seeds]
+        met = all(all(r["targets"].values()) for r in seeds.values())
+        sd = f" ± {statistics.stdev(fds):.2f}" if len(fds) > 1 else ""
+        return [label, f"`{fl}`", d["commit"][:7], " / ".join(f(x) for x in s1), " / ".join(f(x) for x in fds),
+                f"{mean(fds):.2f}{sd}", "yes" if met else "no"]
+    cur = load("demo_seeds.json")
+    j01, j2 = load("demo_seeds_joint5_seed01.json"), load("demo_seeds_joint5_seed2.json")
+    pooled = load("demo_seeds_pooled_head.json")
+    cand = load("demo_seed2_candidates.json")
+    rows = [row("the demo now: text-conditioned head; RL alone at 2.5e-7", "demo_seeds.json", cur, cur["seeds"]),
+            row("text-conditioned head; joint 5:1 at 2e-6", "demo_seeds_joint5_seed01.json", j01,
+                {**j01["seeds"], **j2["seeds"]}),
+            row("unconditional pooled head; joint 5:1 at 2e-6", "demo_seeds_pooled_head.json", pooled,
+                pooled["seeds"])]
+    for key, r in cand.items():
+        rows.append(row(f"the pooled-head demo, seed 2, `{key}`", "demo_seed2_candidates.json", r, {"2": r["seed2"]}))
+    notes = ["Seeds 0 / 1 / 2 (one seed where a single value is shown); sd over seeds. Targets: issue 16's "
+             "(beats the 4-step teacher, within 1.1x of the 50-step teacher, Stage 2 raises the oracle with FD within "
+             "5 % and no guard warning, within 15 minutes). The joint 5:1 row's seed 2 is in "
+             "`demo_seeds_joint5_seed2.json`."]
+    return (["demo setting", "file", "code", "FD at the end of Stage 1", "FD after Stage 2", "mean", "targets met"],
+            rows, ["demo_seeds.json", "demo_seeds_joint5_seed01.json", "demo_seeds_joint5_seed2.json",
+                   "demo_seeds_pooled_head.json", "demo_seed2_candidates.json"], notes)
+
+
+@table("demo_paper_setting")
+def demo_paper_setting():
+    rows = []
+    for fl, label in (("demo_metrics.json", "seed 0, before issue 14's data stream"),
+                      ("demo_issue14_metrics.json", "seed 0, after issue 14's data stream")):
+        d = load(fl)
+        comp = {c["model"] + str(c["steps"]): c for c in d["comparison"]}
+        s1 = next(e for e in d["evals"] if e["stage"] == 1 and e["generator_steps"] == 300)
+        stu = comp["student (Flash-DMD)4"]
+        rows.append([label, f"`{fl}`", f(s1["fd"]), f(stu["fd"]), f(stu["alignment"], 3), f(stu["oracle"]),
+                     f"{comp['teacher, CFG 250']['seconds_per_image'] / stu['seconds_per_image']:.1f}x",
+                     f"{d['demo_wall_seconds'] / 60:.1f} min"])
+    notes = ["The demo with the paper's Pixel-GAN setting (TTUR 1, patch heads; RL:distillation 5:1 at 2e-6), "
+             "300 Stage-1 and 40 Stage-2 updates. Images/s against the 50-step teacher in the same run."]
+    return (["run", "file", "FD at the end of Stage 1", "FD after Stage 2", "alignment", "oracle",
+             "images/s vs 50-step teacher", "demo wall"], rows, ["demo_metrics.json", "demo_issue14_metrics.json"],
+            notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. Speed
+
+@table("speed_images")
+def speed_images():
+    d = load("speed_cpu.json")
+    ips = d["images_per_second"]
+    ref = ips["teacher 50 steps CFG"]
+    nfe = {"student 4 steps": 4, "teacher 25 steps CFG": 50, "teacher 50 steps CFG": 100}
+    rows = [[k, nfe[k], f(v), f"{v / ref:.1f}x"] for k, v in ips.items()]
+    return ["model", "NFE", "images / s", "vs the 50-step teacher"], rows, ["speed_cpu.json"], [
+        f"Device: {d['device']}; peak RSS {d['peak_rss_mib']:.0f} MiB."]
+
+
+@table("speed_iteration")
+def speed_iteration():
+    it = load("speed_cpu.json")["stage1_iteration"]
+    total = it["seconds_per_iteration"]
+    names = {"generator backward+step": "generator backward + step (through the VAE decoder and the Pixel-GAN)",
+             "student forward": "student forwards (both branches, finish-to-clean)", "vae decode": "VAE decode",
+             "('fake_score',) backward+step": "fake-score backward + step",
+             "fake_score forward": "fake-score forwards (DM loss + diffusion loss)",
+             "teacher forward": "teacher forward (CFG, batched)", "discriminator forward": "Pixel-GAN forward",
+             "disc backward+step": "Pixel-GAN backward + step", "text encoders": "text encoders",
+             "outside network passes": "**outside network passes**",
+             "backward simulation": "the backward simulation's own overhead"}
+    rows = [[names.get(k, k), f(v, 3 if v >= 0.01 else 4), pct(v / total)]
+            for k, v in sorted(it["breakdown_seconds"].items(), key=lambda kv: -kv[1])]
+    notes = [f"One Stage-1 iteration at batch {it['batch_size']}, mean of 10: {total:.2f} s; nested calls are charged "
+             f"to the innermost. Outside network passes: {pct(it['outside_share'])}."]
+    return ["part", "seconds", "share"], rows, ["speed_cpu.json"], notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. A user's own model and data
+
+@table("run_memory")
+def run_memory():
+    d = load("run_memory.json")
+    keys = [("tree_peak_rss_mib", "peak RSS, process tree"), ("main_ru_maxrss_mib", "main process ru_maxrss"),
+            ("largest_worker_peak_rss_mib", "largest DataLoader worker")]
+    a, b = d["rows"]["1000"], d["rows"]["20000"]
+    rows = [[label, f(a[k], 0), f(b[k], 0), f(d["ratio_20000_over_1000"][k], 3)] for k, label in keys]
+    rows.append(["images read / wall seconds", f"{a['images_read']} / {a['wall_seconds']:.0f}",
+                 f"{b['images_read']} / {b['wall_seconds']:.0f}", "–"])
+    notes = [f"Within 10 %: {'yes' if d['within_10_percent'] else 'no'}."]
+    return ["MiB", "1 000 images", "20 000 images", "ratio"], rows, ["run_memory.json"], notes
+
+
+@table("data_memory")
+def data_memory():
+    d = load("data_memory.json")
+    keys = [("tree_peak_rss_mib", "peak RSS, process tree"), ("tree_peak_anon_pss_mib", "anonymous memory (Pss_Anon)"),
+            ("self_maxrss_mib", "main process ru_maxrss"), ("workers_maxrss_mib", "largest worker ru_maxrss"),
+            ("tree_peak_pss_mib", "total PSS (not in the verdict)")]
+    a, b = d["rows"]["1000"], d["rows"]["20000"]
+    rows = [[label, f(a[k], 0), f(b[k], 0), f(d["ratio_20000_over_1000"][k], 3)] for k, label in keys]
+    rows.append(["images / s", f(a["images_per_s"], 0), f(b["images_per_s"], 0), "–"])
+    notes = [f"Within 10 %: {'yes' if d['within_10_percent'] else 'no'}."]
+    return ["MiB", "1 000 images", "20 000 images", "ratio"], rows, ["data_memory.json"], notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Memory
+
+@table("plan_check")
+def plan_check():
+    files = [("plan_check_sdxl_bf16.json", "SDXL, bf16 frozen parts"), ("plan_check_sd3_bf16.json",
+             "SD3-medium (no T5), bf16 frozen parts"), ("plan_check_sdxl.json", "SDXL, fp32 (mmap'd weights)"),
+             ("plan_check_sd3.json", "SD3-medium (no T5), fp32"),
+             ("plan_check_sdxl_three_copies.json", "SDXL, three fp32 copies (before one shared base)")]
+    rows = []
+    for fl, label in files:
+        d = load(fl)
+        m, p = d["measured"], d["plan"]
+        planned = f(p["peak_mib_per_device"], 0) if p.get("available") else "–"
+        ratio = f(p["ratio_measured_over_planned"]["main_ru_maxrss_mib"], 3) if p.get("available") else "–"
+        anon = f(p["ratio_measured_over_planned"]["main_peak_rss_anon_mib"], 3) if p.get("available") else "–"
+        rows.append([label, d["commit"][:7], "yes" if d["completed"] else "no (memory)", f(m["main_ru_maxrss_mib"], 0),
+                     f(m["main_peak_rss_anon_mib"], 0), planned, ratio, anon, f(m["wall_seconds"], 0)])
+    notes = ["One Stage-1 Flash-DMD iteration, 512 px, batch 1, LoRA 64 on a shared base, gradient checkpointing, "
+             "random weights from the published configs, 2 threads. Peak: ru_maxrss (MiB); ratio = measured / "
+             "planned (`flashdmd plan --device cpu` on the same YAML)."]
+    return (["run", "code", "completed", "measured peak RSS", "anonymous", "planned", "measured / planned",
+             "anonymous / planned", "wall s"], rows, [x for x, _ in files], notes)
+
+
+@table("vram_table")
+def vram_table():
+    d = load("vram_table.json")
+    cards = (24, 48, 80, 141)      # benchmarks/vram_table.py's cards; a card's nominal GB read as GiB, as
+    headroom = 0.95                # flashdmd plan does (flashdmd.training.plan.FIT_HEADROOM)
+
+    def card(gib: float) -> str:
+        fits = [c for c in cards if gib <= headroom * c]
+        return f"{fits[0]}+ GB" if fits else "none"
+
+    rows = []
+    for r in d["rows"]:
+        s = r["single"]
+        split = " / ".join(f(s[k], 1) for k in ("weights_gib", "gradients_gib", "optimizer_gib", "activations_gib",
+                                                 "other_gib"))
+        rows.append([r["row"], r["batch"], f"{s['peak_gib']:.1f} ({split})", card(s["peak_gib"]),
+                     f(r["ddp"]["peak_gib"], 1), f(r["fsdp2"]["peak_gib"], 1), card(r["fsdp2"]["peak_gib"])])
+    notes = [f"Planned for {d['device']} at {d['resolution']} px (`flashdmd plan --device cuda --processes 8`); a card "
+             "fits when the peak stays under 95 % of it."]
+    return (["run", "batch / GPU", "one GPU: peak GiB (weights / grads / AdamW / act. / other)", "smallest card",
+             "DDP x8", "FSDP2 x8", "smallest card (FSDP2)"], rows, ["vram_table.json"], notes)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The result files
+
+RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when it entered the repository
+    "teachers.json": ("both world teachers at 1-50 steps, CFG 2 (benchmarks/teachers.py)", "1", "2026-11-26"),
+    "flash_sdxl_450_metrics.json": ("the paper's setting on world-sdxl, seed 0, to 450 steps (metrics.json)", "2",
+                                    "2026-11-26"),
+    "flash_sdxl_seed1_metrics.json": ("the paper's setting on world-sdxl, seed 1, 300 steps", "2", "2026-11-26"),
+    "flash_sdxl_seed2_metrics.json": ("the paper's setting on world-sdxl, seed 2, 300 steps", "2", "2026-11-26"),
+    "disc_probe.json": ("can a Pixel-GAN head tell real from student images (benchmarks/disc_probe.py)", "2",
+                        "2026-11-26"),
+    "issue16_base_long_sdxl.json": ("the unconditional pooled head (sweep base), three seeds, and the slower "
+                                    "generator, to 625 steps", "2, 3", "2026-12-02"),
+    "preset_sdxl.json": ("the preset (text-conditioned head) on world-sdxl, seeds 0 and 1, to 625 steps", "2, 3",
+                         "2026-12-03"),
+    "dmd2_sdxl_seed0.json": ("the faithful DMD2 on world-sdxl, seed 0, to 800 steps", "2, 3", "2026-12-02"),
+    "dmd2_sdxl_seed1.json": ("the faithful DMD2 on world-sdxl, seed 1, to 800 steps (code c758761)", "2, 3",
+                             "2026-12-02"),
+    "preset_sd3_and_dmd2_sd3.json": ("the preset on world-sd3 (seeds 0, 1; 240 steps) and the faithful DMD2 "
+                                     "(seed 0; 320 steps)", "3", "2026-12-02"),
+    "dmd2_sd3_first128.json": ("the faithful DMD2 on world-sd3, its first 128 steps (the run later finished in "
+                               "preset_sd3_and_dmd2_sd3.json)", "3", "2026-12-02"),
+    "step_cost_sdxl.json": ("seconds per generator update on world-sdxl: DMD2 (old head), TTUR 1, TTUR 2", "3",
+                            "2026-11-26"),
+    "step_cost_sdxl_pooled.json": ("the pooled head against TTUR 2 with patch heads, world-sdxl", "3", "2026-11-26"),
+    "step_cost_sdxl_dmd2_faithful.json": ("seconds per generator update with the faithful DMD2, world-sdxl", "3",
+                                          "2026-12-02"),
+    "step_cost_sd3.json": ("seconds per generator update on world-sd3", "3", "2026-11-26"),
+    "eval_noise_teacher4.json": ("FD of one fixed model under different evaluation seeds", "3", "2026-12-02"),
+    "convergence_sdxl.json": ("the paper's Pixel-GAN rows and ablations against the old DMD2, world-sdxl "
+                              "(benchmarks/convergence.py)", "3", "2026-11-26"),
+    "convergence_sdxl_pooled_seed1.json": ("the pooled-head row of convergence_sdxl.json, seed 1", "3", "2026-11-26"),
+    "convergence_sd3.json": ("the paper's Pixel-GAN rows against the old DMD2, world-sd3", "3", "2026-11-26"),
+    "sweep_sdxl.json": ("one factor at a time around the pooled head, world-sdxl, 200 steps (benchmarks/sweep.py)",
+                        "3", "2026-12-02"),
+    "issue16_curves.json": ("curves of the first sweep round, its long fake-score-lr rows, two world-sd3 rows and the "
+                            "faithful DMD2 (benchmarks/curves.py)", "3", "2026-12-02"),
+    "issue16_sd3.json": ("world-sd3: faster fake score, TTUR 3", "3", "2026-12-02"),
+    "sweep_sd3_stall_sdxl_lr.json": ("world-sd3: routing, GAN weight, DM only, lr decay; world-sdxl: lr decay, "
+                                     "Adam beta1 0.9", "3", "2026-12-02"),
+    "sweep_sd3_critic.json": ("world-sd3: the text-conditioned head's first runs, TTUR 5", "3", "2026-12-02"),
+    "rl_frontier_sdxl_base0.json": ("the RL frontier on world-sdxl from the demo's seed-0 Stage 1 (benchmarks/rl.py)",
+                                    "4", "2026-12-03"),
+    "rl_frontier_sdxl_base1.json": ("the RL frontier on world-sdxl from the demo's seed-1 Stage 1", "4", "2026-12-03"),
+    "rl_frontier_sd3.json": ("the RL frontier on world-sd3", "4", "2026-12-03"),
+    "rl_sdxl_lr2e-6.json": ("the first frontier (the paper's Stage-1 student), RL lr 2e-6", "4", "2026-11-26"),
+    "rl_sdxl_lr2e-5.json": ("the first RL frontier (the paper's Stage-1 student), RL lr 2e-5, 60 updates", "4", "2026-11-26"),
+    "demo_seeds.json": ("the demo as shipped, three seeds from a fresh clone (benchmarks/demo_seeds.py)", "5",
+                        "2026-12-03"),
+    "demo_seeds_joint5_seed01.json": ("the demo with the text-conditioned head and joint 5:1, seeds 0 and 1", "5",
+                                      "2026-12-03"),
+    "demo_seeds_joint5_seed2.json": ("the demo with the text-conditioned head and joint 5:1, seed 2", "5", "2026-12-03"),
+    "demo_seeds_pooled_head.json": ("the demo with the unconditional pooled head, three seeds", "5", "2026-12-02"),
+    "demo_seed2_candidates.json": ("three settings tried on the pooled-head demo's seed 2", "5", "2026-12-02"),
+    "demo_metrics.json": ("the demo with the paper's setting, seed 0 (metrics.json)", "5", "2026-11-26"),
+    "demo_fresh_threads_auto_metrics.json": ("the paper's-setting demo, seed 0, from a fresh clone with --threads auto", "5", "2026-11-26"),
+    "demo_issue14_metrics.json": ("the paper's-setting demo, seed 0, after the real-image stream changed", "5", "2026-12-02"),
+    "speed_cpu.json": ("images per second and a Stage-1 iteration's parts (benchmarks/speed.py)", "6", "2026-11-26"),
+    "run_memory.json": ("a whole distill run's memory at 1 000 and 20 000 images (benchmarks/run_memory.py)", "7",
+                        "2026-12-02"),
+    "data_memory.json": ("the real-image stream's memory at 1 000 and 20 000 images (benchmarks/data_memory.py)", "7",
+                         "2026-12-02"),
+    "plan_check_sdxl_bf16.json": ("a full-size SDXL iteration's peak RSS against the plan (benchmarks/plan_check.py)",
+                                  "8", "2026-12-02"),
+    "plan_check_sd3_bf16.json": ("a full-size SD3-medium iteration's peak RSS against the plan", "8", "2026-12-02"),
+    "plan_check_sdxl.json": ("a full-size SDXL iteration's peak RSS with fp32 frozen parts", "8", "2026-12-02"),
+    "plan_check_sd3.json": ("a full-size SD3-medium iteration's peak RSS with fp32 frozen parts", "8", "2026-12-02"),
+    "plan_check_sdxl_three_copies.json": ("a full-size SDXL iteration before one shared base (three fp32 copies)", "8", "2026-12-02"),
+    "vram_table.json": ("the planned VRAM table (benchmarks/vram_table.py)", "8", "2026-12-02"),
+}
+
+
+@table("results_index")
+def results_index():
+    rows = []
+    for path in sorted(RESULTS.glob("*.json")):
+        what, where, date = RESULT_FILES.get(path.name, ("not described: add it to RESULT_FILES in "
+                                                         "benchmarks/tables.py", "–", "–"))
+        d = load(path.name)
+        code = d.get("commit", "") if isinstance(d, dict) else ""
+        rows.append([f"[`{path.name}`](benchmarks/results/{path.name})", what, where, date,
+                     code[:7] if isinstance(code, str) and code else "–"])
+    gone = sorted(set(RESULT_FILES) - {p.name for p in RESULTS.glob("*.json")})
+    notes = [f"Described but missing: {', '.join(gone)}."] if gone else []
+    return ["file", "what it holds", "section", "recorded", "code (where the file says)"], rows, [], notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rendering, --write and --check
+
+def render(name: str) -> str:
+    header, rows, sources, notes = TABLES[name]()
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        assert len(r) == len(header), (name, r)
+        lines.append("| " + " | ".join(str(x) for x in r) + " |")
+    lines.append("")
+    lines += notes
+    if sources:
+        links = ", ".join(f"[`{s}`](benchmarks/results/{s})" for s in sources)
+        lines.append(("Source: " if len(sources) == 1 else "Sources: ") + links + ".")
+    return "\n".join(lines)
+
+
+START = re.compile(r"^<!-- table: ([\w-]+) -->$", re.M)
+BLOCK = re.compile(r"^(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>(?:(?!<!-- table: ).)*?)^(<!-- end table -->)$",
+                   re.S | re.M)
+
+
+def regenerate(text: str) -> tuple[str, list[str], list[str]]:
+    """BENCHMARKS.md with every table block remade; the names of the blocks whose text changed; the problems
+    (a start marker without its end marker, a name this script does not make)."""
+    changed, problems = [], []
+    if len(START.findall(text)) != len(BLOCK.findall(text)):
+        problems.append("a `<!-- table: NAME -->` line without its `<!-- end table -->`")
+
+    def sub(m):
+        name = m.group("name")
+        if name not in TABLES:
+            problems.append(f"unknown table {name!r}")
+            return m.group(0)
+        new = render(name) + "\n"
+        if new != m.group("body"):
+            changed.append(name)
+        return m.group(1) + new + m.group(4)
+    return BLOCK.sub(sub, text), changed, problems
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("names", nargs="*", help="tables to print (default: all)")
+    p.add_argument("--write", action="store_true", help="rewrite the tables in BENCHMARKS.md in place")
+    p.add_argument("--check", action="store_true", help="exit 1 when a table in BENCHMARKS.md is not what this makes")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--doc", default=str(DOC))
+    a = p.parse_args(argv)
+    if a.list:
+        print("\n".join(TABLES))
+        return 0
+    if a.write or a.check:
+        doc = Path(a.doc)
+        text = doc.read_text()
+        new, changed, problems = regenerate(text)
+        present = {m.group("name") for m in BLOCK.finditer(text)}
+        missing = [n for n in TABLES if n not in present]
+        if problems:
+            print(f"{doc}: {'; '.join(problems)}", file=sys.stderr)
+            return 1
+        if a.check:
+            for line in difflib.unified_diff(text.splitlines(), new.splitlines(), "BENCHMARKS.md", "generated",
+                                             lineterm="", n=1):
+                print(line)
+            if changed or missing:
+                print(f"tables out of date: {', '.join(changed) or '-'}; not in the document: "
+                      f"{', '.join(missing) or '-'} (python benchmarks/tables.py --write)", file=sys.stderr)
+                return 1
+            return 0
+        doc.write_text(new)
+        print(f"rewrote {len(changed)} table(s): {', '.join(changed) or '-'}; not in the document: "
+              f"{', '.join(missing) or '-'}")
+        return 0
+    for name in a.names or TABLES:
+        print(f"<!-- table: {name} -->\n{render(name)}\n<!-- end table -->\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
