@@ -339,8 +339,10 @@ def disc_probe():
                      pct(r["linear_probe_disc_encoder"]), pct(r["linear_probe_eval_classifier"])])
     notes = [f"Held-out accuracy at telling real from student images ({d['num']} of each, a quarter held out); "
              "heads at lr 1e-4 / 1e-3, trained as in a run (hinge loss, batch 32)."]
-    return (["student", "patch heads, 300 updates", "patch heads, 1 500 updates", "pooled standardised head, 300 updates",
-             "linear probe, Pixel-GAN encoder", "linear probe, evaluation classifier"], rows, ["disc_probe.json"], notes)
+    header = ["student", "patch heads, 300 updates", "patch heads, 1 500 updates",
+              "pooled standardised head, 300 updates", "linear probe, Pixel-GAN encoder",
+              "linear probe, evaluation classifier"]
+    return header, rows, ["disc_probe.json"], notes
 
 
 # What did not work (section 3)
@@ -421,7 +423,8 @@ def long_runs_sdxl():
 def sweep_sd3():
     runs = [("pooled head, TTUR 2 (base)", "–", "convergence_sd3.json", ("flash_ttur2_pooled_d",)),
             ("EMA pull off", "`fake_score_ema: 0`", "issue16_curves.json", ("sweep_sd3/pull_off/seed0",)),
-            ("uniform DM-loss sigma", "`dm_t_shifted: false`", "issue16_curves.json", ("sweep_sd3/dm_unshifted/seed0",)),
+            ("uniform DM-loss sigma", "`dm_t_shifted: false`", "issue16_curves.json",
+             ("sweep_sd3/dm_unshifted/seed0",)),
             ("faster fake score", "`fake_score_lr: 4e-4`", "issue16_sd3.json", ("rows", "flr_2x", "seeds", "seed0")),
             ("TTUR 3", "`fake_score_ttur: 3`", "issue16_sd3.json", ("rows", "ttur_3", "seeds", "seed0")),
             ("TTUR 5", "`fake_score_ttur: 5`", "sweep_sd3_critic.json", ("sweep_sd3/ttur_5/seed0",)),
@@ -523,7 +526,8 @@ def demo_seeds():
     d = load("demo_seeds.json")
     rows = []
     for seed, r in d["seeds"].items():
-        rows.append([seed + (" (`make demo`)" if seed == "0" else ""), f"{r['stage1_fd']:.2f} / {r['stage1_oracle']:.3f}",
+        rows.append([seed + (" (`make demo`)" if seed == "0" else ""),
+                     f"{r['stage1_fd']:.2f} / {r['stage1_oracle']:.3f}",
                      f"**{r['student_fd']:.2f}** / {r['stage2_oracle']:.3f}", f"{r['ratio_to_teacher_50']:.2f}x",
                      f(r["student_alignment"], 3), "quiet" if not r["warnings"] else f"{len(r['warnings'])} warning(s)",
                      f"{r['demo_minutes']:.1f} min", f"{r['speedup_vs_teacher_50']:.1f}x"])
@@ -740,17 +744,21 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
     "rl_frontier_sdxl_base1.json": ("the RL frontier on world-sdxl from the demo's seed-1 Stage 1", "4", "2026-12-03"),
     "rl_frontier_sd3.json": ("the RL frontier on world-sd3", "4", "2026-12-03"),
     "rl_sdxl_lr2e-6.json": ("the first frontier (the paper's Stage-1 student), RL lr 2e-6", "4", "2026-11-26"),
-    "rl_sdxl_lr2e-5.json": ("the first RL frontier (the paper's Stage-1 student), RL lr 2e-5, 60 updates", "4", "2026-11-26"),
+    "rl_sdxl_lr2e-5.json": ("the first RL frontier (the paper's Stage-1 student), RL lr 2e-5, 60 updates", "4",
+                            "2026-11-26"),
     "demo_seeds.json": ("the demo as shipped, three seeds from a fresh clone (benchmarks/demo_seeds.py)", "5",
                         "2026-12-03"),
     "demo_seeds_joint5_seed01.json": ("the demo with the text-conditioned head and joint 5:1, seeds 0 and 1", "5",
                                       "2026-12-03"),
-    "demo_seeds_joint5_seed2.json": ("the demo with the text-conditioned head and joint 5:1, seed 2", "5", "2026-12-03"),
+    "demo_seeds_joint5_seed2.json": ("the demo with the text-conditioned head and joint 5:1, seed 2", "5",
+                                     "2026-12-03"),
     "demo_seeds_pooled_head.json": ("the demo with the unconditional pooled head, three seeds", "5", "2026-12-02"),
     "demo_seed2_candidates.json": ("three settings tried on the pooled-head demo's seed 2", "5", "2026-12-02"),
     "demo_metrics.json": ("the demo with the paper's setting, seed 0 (metrics.json)", "5", "2026-11-26"),
-    "demo_fresh_threads_auto_metrics.json": ("the paper's-setting demo, seed 0, from a fresh clone with --threads auto", "5", "2026-11-26"),
-    "demo_issue14_metrics.json": ("the paper's-setting demo, seed 0, after the real-image stream changed", "5", "2026-12-02"),
+    "demo_fresh_threads_auto_metrics.json": ("the paper's-setting demo, seed 0, from a fresh clone with --threads "
+                                             "auto", "5", "2026-11-26"),
+    "demo_issue14_metrics.json": ("the paper's-setting demo, seed 0, after the real-image stream changed", "5",
+                                  "2026-12-02"),
     "speed_cpu.json": ("images per second and a Stage-1 iteration's parts (benchmarks/speed.py)", "6", "2026-11-26"),
     "run_memory.json": ("a whole distill run's memory at 1 000 and 20 000 images (benchmarks/run_memory.py)", "7",
                         "2026-12-02"),
@@ -761,7 +769,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
     "plan_check_sd3_bf16.json": ("a full-size SD3-medium iteration's peak RSS against the plan", "8", "2026-12-02"),
     "plan_check_sdxl.json": ("a full-size SDXL iteration's peak RSS with fp32 frozen parts", "8", "2026-12-02"),
     "plan_check_sd3.json": ("a full-size SD3-medium iteration's peak RSS with fp32 frozen parts", "8", "2026-12-02"),
-    "plan_check_sdxl_three_copies.json": ("a full-size SDXL iteration before one shared base (three fp32 copies)", "8", "2026-12-02"),
+    "plan_check_sdxl_three_copies.json": ("a full-size SDXL iteration before one shared base (three fp32 copies)",
+                                          "8", "2026-12-02"),
     "vram_table.json": ("the planned VRAM table (benchmarks/vram_table.py)", "8", "2026-12-02"),
 }
 
@@ -790,11 +799,11 @@ def render(name: str) -> str:
     for r in rows:
         assert len(r) == len(header), (name, r)
         lines.append("| " + " | ".join(str(x) for x in r) + " |")
-    lines.append("")
-    lines += notes
+    for note in notes:
+        lines += ["", note]
     if sources:
         links = ", ".join(f"[`{s}`](benchmarks/results/{s})" for s in sources)
-        lines.append(("Source: " if len(sources) == 1 else "Sources: ") + links + ".")
+        lines += ["", ("Source: " if len(sources) == 1 else "Sources: ") + links + "."]
     return "\n".join(lines)
 
 
