@@ -566,7 +566,7 @@ def demo_history():
     j01, j2 = load("demo_seeds_joint5_seed01.json"), load("demo_seeds_joint5_seed2.json")
     pooled = load("demo_seeds_pooled_head.json")
     cand = load("demo_seed2_candidates.json")
-    rows = [row("the demo now: text-conditioned head; RL alone at 2.5e-7", "demo_seeds.json", cur, cur["seeds"]),
+    rows = [row("the demo as shipped: text-conditioned head; RL alone at 2.5e-7", "demo_seeds.json", cur, cur["seeds"]),
             row("text-conditioned head; joint 5:1 at 2e-6", "demo_seeds_joint5_seed01.json", j01,
                 {**j01["seeds"], **j2["seeds"]}),
             row("unconditional pooled head; joint 5:1 at 2e-6", "demo_seeds_pooled_head.json", pooled,
