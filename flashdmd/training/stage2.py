@@ -55,14 +55,17 @@ def reference_policy(run) -> nn.Module:
     return name_part(ref, "Stage-2 reference")
 
 
-def setup_stage2(run) -> None:
+def setup_stage2(run, judge=None) -> None:
     """Freeze the reference policy, load the reward model (both join the set-up), give RL its own optimiser state.
-    Entering Stage 2 from Stage 1 (:func:`enter`) or before a Stage-2 checkpoint is restored into the run."""
+    Entering Stage 2 from Stage 1 (:func:`enter`) or before a Stage-2 checkpoint is restored into the run.
+    ``judge``: an already built ``rl_judge`` (`flashdmd plan`'s on the meta device, where there is no accelerator and
+    the plan counts the RL optimiser's state itself)."""
     s = run.setup
     check_step_indices(s.cfg, s.timesteps)
     run.setup = dataclasses.replace(s, reference=reference_policy(run))
-    run.setup = dataclasses.replace(run.setup, reward=reward_model(run))
-    run.state.opt["rl"], run.state.sched["rl"] = rl_optimizer(s.cfg, s.accelerator, s.student)
+    run.setup = dataclasses.replace(run.setup, reward=reward_model(run, judge))
+    if s.accelerator is not None:
+        run.state.opt["rl"], run.state.sched["rl"] = rl_optimizer(s.cfg, s.accelerator, s.student)
 
 
 def enter(run, writer) -> None:
