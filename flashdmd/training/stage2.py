@@ -27,7 +27,8 @@ from flashdmd.losses import lcm_step_log_prob, step_dpo_loss, step_kl
 from flashdmd.training import preempt, steps
 from flashdmd.training.optim import optimise, rl_optimizer
 from flashdmd.training.parallel import is_sharded, replica
-from flashdmd.training.reward_model import reward_model
+from flashdmd.training.reward_model import (JudgeReward, load_reward_model, resolve_reward_model,  # noqa: F401
+                                            reward_model)  # (the first three re-exported: their home until now)
 from flashdmd.training.roles import copy_sharing_frozen
 from flashdmd.training.stage1 import distill_iteration, progress_bar
 
