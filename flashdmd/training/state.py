@@ -1,10 +1,11 @@
 """What changes during a run, apart from what does not.
 
-* :class:`TrainState` -- everything a run changes as it trains and a checkpoint saves and restores: the counters,
-  the optimisers and their learning-rate schedules, the random draws (one counter: training/rng.py), the student's
-  EMA, the non-finite update counts and the latest checkpoint. The trained weights themselves live in the set-up's
-  modules (their objects do not change, their tensors do) and the data position in its real-image stream; a
-  checkpoint saves those too (training/checkpoint.py), and nothing else.
+* :class:`TrainState` -- everything a run changes as it trains: the counters, the optimisers and their
+  learning-rate schedules, the random draws (one counter: training/rng.py), the student's EMA -- what a checkpoint
+  saves and restores, together with the trained tensors of the set-up's modules (their objects do not change,
+  their tensors do) and the data position of its real-image stream (training/checkpoint.py) -- and this process's
+  bookkeeping, which a resume starts afresh: non-finite updates in a row, the latest checkpoint, the last step
+  boundary.
 * :class:`Run` -- a run being trained: its frozen :class:`flashdmd.training.setup.RunSetup` and its
   :class:`TrainState`. Reading ``run.student`` or ``run.iteration`` reaches whichever part holds the name; writing
   goes to the state by name (``run.state.iteration += 1``) -- the set-up cannot be reassigned. Entering Stage 2

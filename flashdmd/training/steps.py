@@ -195,7 +195,8 @@ def rollout(run, cond, uncond, with_grad: bool, k: int | None = None, j: int | N
 
     Returns detached ``x0_fake_score`` (what the fake score learns from), ``x0_disc`` (what the discriminator sees
     as fake), ``loss`` (with grad: the generator's) and ``logs`` (detached scalars). ``k`` (the high-noise step) and
-    ``j`` (Flash-DMD's low-noise GAN step) are drawn from the run's RNG unless given."""
+    ``j`` (Flash-DMD's low-noise GAN step) are the run's random draws unless given (drawn either way, so that the
+    run's sequence of draws does not depend on them)."""
     s, rng = run.setup, run.state.rng
     cfg, fam = s.cfg, s.family
     b = len(cond)
