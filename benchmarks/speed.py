@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 
 from flashdmd.inference import Model, load_model, sample_images  # noqa: E402
-from flashdmd.training import distill, steps  # noqa: E402
+from flashdmd.training import distill, stage1, steps  # noqa: E402
 from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.world import plugin as _world  # noqa: E402
 
@@ -89,18 +89,18 @@ def instrument(ctx, timer):
         with timer("backward simulation"):
             return bs(*a, **k)
     steps.backward_simulate = timed_bs
-    opt = distill._optimise
+    opt = steps.optimise  # the Stage-1 steps' optimiser update (training/optim.py)
 
     def timed_opt(c, role, loss, params):
         with timer(f"{role} backward+step"):
             return opt(c, role, loss, params)
-    distill._optimise = timed_opt
-    enc = distill._encode
+    steps.optimise = timed_opt
+    enc = stage1.encode  # the Stage-1 loop's prompt encoding
 
     def timed_enc(*a, **k):
         with timer("text encoders"):
             return enc(*a, **k)
-    distill._encode = timed_enc
+    stage1.encode = timed_enc
 
 
 def iteration_breakdown(cfg, iterations, out_dir):

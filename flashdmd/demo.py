@@ -9,6 +9,13 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError
+from flashdmd.evaluation.report import save_grid, write_report
+from flashdmd.inference import load_model, sample_images
+from flashdmd.training.config import DistillConfig
+from flashdmd.training.distill import train
+from flashdmd.world import plugin
+from flashdmd.world.metrics import evaluate_world
+from flashdmd.world.prompts import eval_prompts
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "world_sdxl_demo.yaml"
 GRID_PROMPTS = 10   # one per class
@@ -16,14 +23,6 @@ GRID_SEEDS = 2
 
 
 def run(args):
-    from flashdmd.evaluation.report import save_grid, write_report
-    from flashdmd.inference import load_model, sample_images
-    from flashdmd.training.config import DistillConfig
-    from flashdmd.training.distill import train
-    from flashdmd.world import plugin
-    from flashdmd.world.metrics import evaluate_world
-    from flashdmd.world.prompts import eval_prompts
-
     plugin.register()  # the demo chooses the embedded world
 
     if not PRESET.is_file():

@@ -24,9 +24,16 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
+from PIL import Image
 from torch import Tensor
 
 from flashdmd import FlashDMDError, io
+from flashdmd.data import read_prompt_file
+from flashdmd.diffusion import samplers
+from flashdmd.export import EXPORT_INFO
+from flashdmd.families import resolve_path
+from flashdmd.inference import DTYPES, TEACHER_DEFAULT_STEPS, load_model, teacher_timesteps
 
 DEFAULT_BATCH = 8
 PROMPT_LOG = "prompts.jsonl"
@@ -35,7 +42,6 @@ PROMPT_LOG = "prompts.jsonl"
 def plan(model, steps: int | None = None) -> tuple[list[float], str]:
     """(timesteps, initial-latent rule) exactly as sample_images chooses them: a student's own K steps
     (initial latent = the noise), else ``steps`` (default 50) of the folder's own scheduler."""
-    from flashdmd.inference import TEACHER_DEFAULT_STEPS, teacher_timesteps
     if model.timesteps is not None and steps in (None, len(model.timesteps)):
         return [float(t) for t in model.timesteps], "noise"
     return teacher_timesteps(model.family, steps or TEACHER_DEFAULT_STEPS), "pipeline"
@@ -56,9 +62,6 @@ def sample_latents(model, prompts: Sequence[str], generator: torch.Generator | l
     stochastic sampler (:func:`flashdmd.diffusion.samplers.trajectory` with fresh noise); a teacher its
     deterministic one, which draws only the initial noise.
     """
-    from diffusers.utils.torch_utils import randn_tensor
-
-    from flashdmd.diffusion import samplers
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     n = _n_images(generator)
     if n is not None and n != len(prompts):
@@ -90,7 +93,6 @@ def to_uint8(pixels: Tensor) -> Tensor:
 
 def save_png(pixels: Tensor, path: Path) -> None:
     """One PNG, written atomically; a full disk is one line naming the folder (at most the raw pixels needed)."""
-    from PIL import Image
     im = Image.fromarray(to_uint8(pixels).numpy())
     io.atomic_write(path, lambda f: im.save(f, format="PNG"), f"image {path.name}", im.width * im.height * 3)
 
@@ -162,7 +164,6 @@ def add_arguments(p):
 
 
 def collect_prompts(args) -> list[str]:
-    from flashdmd.data import read_prompt_file
     prompts = []
     for p in args.prompt:
         if not p.strip():
@@ -188,8 +189,6 @@ def prepare_out(out: Path) -> None:
 
 
 def _check_not_export(spec: str) -> None:
-    from flashdmd.export import EXPORT_INFO
-    from flashdmd.families import resolve_path
     path = resolve_path(spec)
     if (path / EXPORT_INFO).is_file():
         raise FlashDMDError(f"{path} was written by `flashdmd export` for diffusers; sample it with diffusers "
@@ -214,7 +213,6 @@ def run(args):
                             "pass --overwrite to replace them")
     earlier = read_prompt_log(out)  # a broken log stops the call before any work
     _check_not_export(args.model)
-    from flashdmd.inference import DTYPES, load_model
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
     steps = len(plan(model, args.steps)[0])

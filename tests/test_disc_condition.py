@@ -69,7 +69,7 @@ def test_a_text_conditioned_run_judges_real_images_with_their_captions(tiny_run_
     assert head.embed is not None and head.embed.in_features == ctx.family.null_conditioning(1).pooled_embeds.shape[-1]
     assert not head.embed.weight.any()
     seen = []
-    real_batch, encode, pixel_loss = distill._real_batch, distill._encode, steps.pixel_disc_loss
+    real_batch, encode, pixel_loss = steps.real_batch, steps.encode, steps.pixel_disc_loss
 
     def spy_real(ctx_, n):
         pixels, captions = real_batch(ctx_, n)
@@ -80,7 +80,7 @@ def test_a_text_conditioned_run_judges_real_images_with_their_captions(tiny_run_
         seen.append(("disc", cond_real, cond))
         return pixel_loss(ctx_, real, x0, cond_real, cond)
 
-    monkeypatch.setattr(distill, "_real_batch", spy_real)
+    monkeypatch.setattr(steps, "real_batch", spy_real)
     monkeypatch.setattr(steps, "pixel_disc_loss", spy_loss)
     distill.train(cfg, tmp_path / "run", progress=False, ctx=ctx)
     discs = [s for s in seen if s[0] == "disc"]

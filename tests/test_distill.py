@@ -11,7 +11,7 @@ import tiny_models as tm  # noqa: E402
 
 from flashdmd.training import steps  # noqa: E402
 from flashdmd.training.distill import rollout, setup, train  # noqa: E402
-from flashdmd.training.roles import ema_pull_  # noqa: E402
+from flashdmd.training.ema import ema_pull_  # noqa: E402
 from tolerances import assert_close, k_se, magnitude  # noqa: E402
 
 
@@ -97,12 +97,12 @@ def test_backward_simulation_matches_student_sampler(folders):
     z = torch.randn((2,) + fam.latent_shape(32, 32))
     from flashdmd.diffusion.samplers import trajectory
     from flashdmd.training.rng import SampleRNG
-    ctx.rng = SampleRNG(5)
+    ctx.state.rng = SampleRNG(5)
     with torch.no_grad():
         ref = [x for _, x, _ in trajectory(fam.denoiser_fn(ctx.student, cond), z, ctx.timesteps, fam.schedule,
                                            stochastic=True, generator=SampleRNG(5))]
     for k in range(len(ctx.timesteps)):
-        ctx.rng = SampleRNG(5)
+        ctx.state.rng = SampleRNG(5)
         assert torch.equal(steps.student_input(ctx, z, k, cond), ref[k])  # the same loop and draws: bitwise
     # each re-noising draws fresh noise: consecutive draws are uncorrelated (within 5 standard errors 1 / sqrt(n)
     # of 0; reused noise would give 1)

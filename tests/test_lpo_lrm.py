@@ -188,11 +188,14 @@ def test_stage2_scores_lpo_candidates_at_the_steps_own_timestep(folders, tmp_pat
 
 
 def test_plan_counts_lpos_networks(folders):
+    """The reward model Stage 2 loads, on the meta family `flashdmd plan` builds: LPO's networks without weights."""
     from flashdmd.training.config import DistillConfig
-    from flashdmd.training.plan import _meta_reward
+    from flashdmd.training.plan import meta_family
+    from flashdmd.training.reward_model import load_reward_model
     fam = load_family(folders["teacher"])
     cfg = DistillConfig(model_teacher=str(folders["teacher"]), rl_enabled=True, rl_reward_model=str(folders["lpo"]))
-    meta, real = _meta_reward(cfg, fam), LPORewardModel.load(folders["lpo"], fam)
+    on_meta = meta_family(cfg.model_teacher, None, torch.float32, torch.float32)
+    meta, real = load_reward_model(Path(folders["lpo"]), on_meta, cfg), LPORewardModel.load(folders["lpo"], fam)
     shapes = lambda m: sorted((n, tuple(p.shape)) for n, p in m.state_dict().items())  # noqa: E731
     assert shapes(meta) == shapes(real) and next(meta.parameters()).is_meta
 

@@ -169,6 +169,33 @@ def test_frozen_dtype_and_shared_base_change_the_plan_as_they_change_the_run(fol
     assert bf16["student"] == shared["student"]  # the adapters stay in model_dtype
 
 
+def test_the_plan_follows_the_runs_networks_the_text_conditioned_head(folders):
+    """The plan builds the discriminator the run builds (build_roles on the meta family): disc_condition text gives
+    the pooled head its projection of the pooled text embedding, and the plan's discriminator weights and AdamW
+    states are the real run's to the byte, with the projection and without."""
+    from flashdmd.families import load_family
+    from flashdmd.training.roles import build_roles
+    planned, real = {}, {}
+    for condition in ("none", "text"):
+        cfg = _cfg(folders, "sdxl", "flashdmd", disc_head="pooled", disc_condition=condition)
+        train, frozen = P.dtypes(cfg, "cpu")
+        planned[condition] = P.meta_roles(cfg, P.meta_family(cfg.model_teacher, None, train, frozen))["disc"]
+        real[condition] = build_roles(cfg, load_family(cfg.model_teacher)).disc
+        assert planned[condition].conditional == (condition == "text")
+        assert P.weights_by_role({"disc": planned[condition]}) == P.weights_by_role({"disc": real[condition]})
+        assert P.adamw_state_bytes(planned[condition], "cpu") == P.adamw_state_bytes(real[condition], "cpu")
+    grown = P.trainable_bytes(real["text"]) - P.trainable_bytes(real["none"])
+    assert grown > 0 and P.trainable_bytes(planned["text"]) - P.trainable_bytes(planned["none"]) == grown
+
+
+def test_plan_runs_on_the_shipped_text_conditioned_preset(capsys):
+    """configs/world_sdxl_flashdmd.yaml as shipped (a pooled, text-conditioned Pixel-GAN head): the plan builds and
+    traces it (a discriminator phase that encodes the real images' captions)."""
+    preset = Path(__file__).resolve().parent.parent / "configs" / "world_sdxl_flashdmd.yaml"
+    assert main(["plan", "--config", str(preset)]) == 0
+    assert "memory plan (single, 1 process(es), cuda)" in capsys.readouterr().out
+
+
 def test_stage2_plan_matches_a_real_rl_update():
     """Stage 2 on the world teacher (its shipped LRM): reference and reward-model weights, the RL optimiser's state
     and the RL update's traced peak against the real update's."""

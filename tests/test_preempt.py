@@ -29,7 +29,7 @@ from kill_worker import final_tensors  # noqa: E402
 from flashdmd import Preempted  # noqa: E402
 from flashdmd.families import load_family  # noqa: E402
 from flashdmd.networks.reward import LatentRewardModel  # noqa: E402
-from flashdmd.training import distill, stage2  # noqa: E402
+from flashdmd.training import distill, stage1, stage2  # noqa: E402
 from flashdmd.training.checkpoint import resolve, verify  # noqa: E402
 from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.training.distill import setup, train  # noqa: E402
@@ -96,7 +96,8 @@ def test_a_signal_checkpoints_the_iteration_and_resume_is_bitwise(run, tmp_path,
         if kind == "rl_update" and ctx.rl_steps == at:
             os.kill(os.getpid(), sig)
         return real_rl_step(ctx, *args, **kwargs)
-    monkeypatch.setattr(distill, "distill_iteration", iteration)
+    monkeypatch.setattr(stage1, "distill_iteration", iteration)  # the Stage-1 loop's
+    monkeypatch.setattr(stage2, "distill_iteration", iteration)  # Stage 2's distillation cycles
     monkeypatch.setattr(stage2, "rl_step", rl_step)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR1)}
     out = tmp_path / "run"

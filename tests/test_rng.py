@@ -59,13 +59,15 @@ def test_a_rank_without_rng_files_keeps_its_seeding_and_takes_the_global_counter
             self.state = s
     torch.manual_seed(123)
     before = torch.get_rng_state()
-    ctx = SimpleNamespace(accelerator=SimpleNamespace(process_index=1, num_processes=2),
-                          rng=SampleRNG(3, rank=1, local_batch=1), real=Stream())
+    def run_on(rank):  # what _load_rng reads of a run: its set-up's accelerator and stream, its state's draws
+        return SimpleNamespace(setup=SimpleNamespace(accelerator=SimpleNamespace(process_index=rank, num_processes=2),
+                                                     real=Stream()),
+                               state=SimpleNamespace(rng=SampleRNG(3, rank=rank, local_batch=1)))
+    ctx = run_on(1)
     _load_rng(ctx, tmp_path, old_processes=1)
-    assert (ctx.rng.offset, ctx.rng.draw) == (1, saved.draw)
-    assert ctx.real.state == {"position": 8, "reads": 0, "bad_files": 0}
+    assert (ctx.state.rng.offset, ctx.state.rng.draw) == (1, saved.draw)
+    assert ctx.setup.real.state == {"position": 8, "reads": 0, "bad_files": 0}
     assert torch.equal(torch.get_rng_state(), before)
-    ctx0 = SimpleNamespace(accelerator=SimpleNamespace(process_index=0, num_processes=2),
-                           rng=SampleRNG(3, rank=0, local_batch=1), real=Stream())
+    ctx0 = run_on(0)
     _load_rng(ctx0, tmp_path, old_processes=1)
-    assert ctx0.real.state == data and (ctx0.rng.offset, ctx0.rng.draw) == (0, saved.draw)
+    assert ctx0.setup.real.state == data and (ctx0.state.rng.offset, ctx0.state.rng.draw) == (0, saved.draw)

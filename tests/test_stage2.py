@@ -144,7 +144,6 @@ def test_kl_anchor_adds_the_penalty_and_pulls_the_student_back(world, monkeypatc
     g . d = 2 * weight * beta * KL > 0 whatever state x_t the update draws. (The DPO term's share of g is of order
     1 / weight -- 7 % of g . d at weight 3 -- so a large weight isolates the anchor; a sign error in the penalty
     makes g . d negative.)"""
-    from flashdmd.training import distill
     cfg = _cfg(world, "sdxl", rl_kl_weight=300.0, rl_beta=5.0)
     ctx = setup(cfg)
     stage2.setup_stage2(ctx)
@@ -160,7 +159,7 @@ def test_kl_anchor_adds_the_penalty_and_pulls_the_student_back(world, monkeypatc
         loss.backward()
         grads["g"] = [p.grad.clone() if p.grad is not None else torch.zeros_like(p) for p in ps]
         return 0.0
-    monkeypatch.setattr(distill, "_optimise", capture)
+    monkeypatch.setattr(stage2, "optimise", capture)
     first = stage2.rl_step(ctx, cond, ["a small bag", "a dress"])
     assert first["rl/kl"] == 0.0 and first["rl/loss"] == first["rl/dpo"]   # the student starts as the reference
     ref = [p.detach().clone() for p in params]

@@ -116,10 +116,8 @@ def test_judge_settings_are_checked(folders, tmp_path):
 def test_plan_counts_the_judges_stored_weights(folders):
     from safetensors.torch import load_file
 
-    from flashdmd.families import load_family
-    from flashdmd.training.plan import _meta_reward
-    fam = load_family(folders["sdxl"])
-    meta = _meta_reward(_cfg(folders, "sdxl"), fam)
+    from flashdmd.training.plan import MetaJudge
+    meta = MetaJudge(_cfg(folders, "sdxl"))
     stored = sum(t.numel() * t.element_size() for f in folders["clip"].glob("*.safetensors")
                  for t in load_file(str(f)).values())
     assert sum(b.numel() for b in meta.buffers()) == stored > 0

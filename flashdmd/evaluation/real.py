@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from flashdmd import FlashDMDError, io
 from flashdmd.data import read_prompt_file
@@ -99,7 +100,6 @@ def load_backends(fid_inception=None, fid_ref=None, scorers: dict[str, str | Non
 
 
 def _bar(desc, total, enabled):
-    from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, unit="img", disable=not enabled)
 
 

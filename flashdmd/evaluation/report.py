@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 
 from flashdmd import FlashDMDError, io
@@ -30,7 +31,6 @@ def grid(images: Tensor, nrow: int = 10, pad: int = 2) -> np.ndarray:
 
 def save_grid(images: Tensor, path: str | Path, nrow: int = 10, scale: int = 2):
     """A PNG grid of ``images`` (B, 3, H, W) in [-1, 1], written atomically (a full disk: one line, nothing left)."""
-    from PIL import Image
     path = Path(path)
     with io.writing("a sample grid", path.parent):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,6 +109,7 @@ def stage2_start(metrics: dict) -> int | None:
 
 
 def _plt():
+    # lazy: matplotlib only where a report draws its curves, and its Agg backend is chosen then, not at import
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

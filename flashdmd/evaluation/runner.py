@@ -11,6 +11,7 @@ from pathlib import Path
 
 from flashdmd import FlashDMDError, io, plugins
 from flashdmd.families import resolve_path
+from flashdmd.evaluation.real import run_eval
 from flashdmd.inference import DTYPES, load_model, teacher_spec
 
 # ---------------------------------------------------------------------------------------------------
@@ -50,7 +51,6 @@ REAL_FLAGS = ("prompts", "fid_inception", "fid_ref", "clip", "pickscore", "hpsv2
 
 def run(args):
     if any(getattr(args, k, None) is not None for k in REAL_FLAGS):
-        from flashdmd.evaluation.real import run_eval
         if args.floor:
             raise FlashDMDError("--floor is a world metric; it does not combine with --prompts / metric backends")
         run_eval(args)

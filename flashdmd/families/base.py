@@ -184,6 +184,26 @@ def load_component(path: Path, index: dict, name: str, dtype: torch.dtype, requi
     return part
 
 
+def meta_component(path: Path, index: dict, name: str, dtype: torch.dtype, required: bool = True) -> Any:
+    """:func:`load_component` without weights: a network built on the meta device from its config file (in
+    ``dtype``), tokenizers and schedulers loaded as they are (they hold no weights). What a :class:`Family` on the
+    meta device loads (`flashdmd plan`)."""
+    cls = component_class(path, index, name)
+    if cls is None or not issubclass(cls, nn.Module):
+        return load_component(path, index, name, dtype, required=required)
+    folder = path / name
+    if not (folder / "config.json").is_file():
+        raise FlashDMDError(f"{folder}/config.json is missing: {name} has no model config")
+    with torch.device("meta"):
+        if cls.__module__.startswith("diffusers"):
+            net = cls.from_config(cls.load_config(folder))
+        else:
+            net = cls(cls.config_class.from_pretrained(folder))
+    if next(net.parameters()).dtype != dtype:
+        net = net.to(dtype)
+    return net.requires_grad_(False).eval()
+
+
 def check_tokenizer(tok, folder: Path) -> None:
     if len(tok) <= MIN_TOKENIZER_LEN:
         raise FlashDMDError(f"tokenizer at {folder} has only {len(tok)} tokens (an empty placeholder); "
@@ -371,7 +391,9 @@ class Family(ABC):
                                 "omit family= to detect it from model_index.json")
 
     def _load(self, name: str, required: bool = True, dtype: torch.dtype | None = None):
-        part = load_component(self.path, self.index, name, dtype or self.frozen_dtype, required=required)
+        # on the meta device (`flashdmd plan`): every network from its config file alone, no weight read
+        load = meta_component if self.device.type == "meta" else load_component
+        part = load(self.path, self.index, name, dtype or self.frozen_dtype, required=required)
         return part.to(self.device) if isinstance(part, nn.Module) else part
 
     def load_denoiser(self, dtype: torch.dtype) -> nn.Module:

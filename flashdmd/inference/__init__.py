@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from peft import LoraConfig
+from peft.utils import set_peft_model_state_dict
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor
 
 from flashdmd import FlashDMDError
@@ -141,10 +145,6 @@ def _load_student_net(fam, folder: Path, info: dict):
     if not folder.is_dir():
         raise FlashDMDError(f"{folder} is missing: the run has not saved a student yet")
     if info.get("lora_rank", 0) > 0:
-        from peft import LoraConfig
-        from peft.utils import set_peft_model_state_dict
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
         net = copy.deepcopy(fam.denoiser)
         net.add_adapter(LoraConfig(r=info["lora_rank"], lora_alpha=info.get("lora_alpha") or info["lora_rank"],
                                    target_modules=LORA_TARGETS))

@@ -16,6 +16,7 @@ same gradients, fewer saved activations).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from transformers import SamConfig, SamModel, SamVisionConfig, SamVisionModel
 
 from flashdmd import FlashDMDError, plugins
 from flashdmd.families import network_call
@@ -54,16 +56,22 @@ class SamBackbone(nn.Module):
         self.register_buffer("std", torch.tensor(SAM_STD).reshape(1, 3, 1, 1), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, layers: Sequence[int] | None = None) -> "SamBackbone":
-        from transformers import SamModel, SamVisionModel
+    def from_pretrained(cls, path: str | Path, layers: Sequence[int] | None = None,
+                        on_meta: bool = False) -> "SamBackbone":
+        """From a local SamModel or SamVisionModel folder (by its config's ``architectures``). ``on_meta``: the
+        same encoder built on the meta device from the config alone (no weights read: `flashdmd plan`)."""
         p = Path(path)
         if not (p / "config.json").is_file():
             raise FlashDMDError(f"SAM encoder folder {p} has no config.json: give a local transformers "
                                 "SamModel or SamVisionModel folder (e.g. a download of facebook/sam-vit-base)")
-        import json
         arch = json.loads((p / "config.json").read_text()).get("architectures") or []
+        whole = "SamModel" in arch  # the full SAM (its vision encoder is the backbone), else its vision model
         try:
-            if "SamModel" in arch:
+            if on_meta:
+                with torch.device("meta"):
+                    model = SamModel(SamConfig.from_pretrained(p)).vision_encoder if whole else \
+                        SamVisionModel(SamVisionConfig.from_pretrained(p))
+            elif whole:
                 model = SamModel.from_pretrained(p, use_safetensors=True).vision_encoder
             else:
                 model = SamVisionModel.from_pretrained(p, use_safetensors=True)
@@ -229,17 +237,24 @@ class PixelDiscriminator(nn.Module):
 
 
 def build_pixel_discriminator(backbone: str, path: str | None = None, layers: Sequence[int] | None = None,
-                              head_channels: int = 64, head: str = "patch", cond_dim: int = 0) -> PixelDiscriminator:
+                              head_channels: int = 64, head: str = "patch", cond_dim: int = 0,
+                              on_meta: bool = False) -> PixelDiscriminator:
     """``backbone``: "sam" (``path`` = local SamModel / SamVisionModel folder) or the name of a plug-in that
     provides a frozen encoder (the embedded world's, ``world``; ``path`` overrides its folder). ``head``:
-    "patch" or "pooled"; ``cond_dim`` > 0: a conditional (projection) pooled head."""
+    "patch" or "pooled"; ``cond_dim`` > 0: a conditional (projection) pooled head. ``on_meta``: built on the meta
+    device without weights (`flashdmd plan`; a plug-in's encoder is built, then moved there)."""
     if backbone == "sam":
         if not path:
             raise FlashDMDError("disc_backbone 'sam' needs disc_backbone_path: a local SAM folder "
                                 "(e.g. facebook/sam-vit-base downloaded with huggingface-cli)")
-        return PixelDiscriminator(SamBackbone.from_pretrained(path, layers), head_channels, head, cond_dim)
-    encoder = plugins.provider(backbone, "disc_backbone", "disc_backbone")(path)
-    return PixelDiscriminator(encoder, head_channels, head, cond_dim)
+        encoder = SamBackbone.from_pretrained(path, layers, on_meta=on_meta)
+    else:
+        encoder = plugins.provider(backbone, "disc_backbone", "disc_backbone")(path)
+    if not on_meta:
+        return PixelDiscriminator(encoder, head_channels, head, cond_dim)
+    encoder = encoder.to("meta")
+    with torch.device("meta"):
+        return PixelDiscriminator(encoder, head_channels, head, cond_dim)
 
 
 class LatentClassifierHead(nn.Module):

@@ -335,6 +335,22 @@ class LatentRewardModel(nn.Module):
         model.load_state_dict(state, strict=False)
         return model.to(device or family.device)
 
+    @classmethod
+    def on_meta(cls, directory, family) -> "LatentRewardModel":
+        """The saved LRM's architecture on ``family`` (a Family on the meta device) without its weights: what
+        `flashdmd plan` counts. Only ``lrm.json`` is read (the backbone is the teacher itself, a full copy or a LoRA
+        copy, as it says)."""
+        d = Path(directory)
+        config = d / CONFIG_NAME
+        if not config.is_file():
+            raise FlashDMDError(f"rl_reward_model {d}: no {CONFIG_NAME} (the folder `flashdmd reward train` writes)")
+        c = json.loads(config.read_text())
+        with torch.device("meta"):
+            model = cls(family, proj_dim=c["proj_dim"], hidden_dim=c["hidden_dim"], train_backbone=c["train_backbone"],
+                        taps=c["taps"], time_embed_dim=c["time_embed_dim"], feature_cfg_scale=c["feature_cfg_scale"],
+                        lora_rank=c.get("lora_rank", 8), teacher=c.get("teacher"))
+        return model.requires_grad_(False).eval()
+
 
 # the files diffusers' / transformers' from_pretrained reads from a model folder (no variant), in their order of choice
 WEIGHT_INDEXES = ("diffusion_pytorch_model.safetensors.index.json", "model.safetensors.index.json")

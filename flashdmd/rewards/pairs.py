@@ -32,13 +32,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from flashdmd import FlashDMDError, plugins
 from flashdmd.data import read_prompt_file
-from flashdmd.inference import load_model, sample_latent_chunks, teacher_spec
 from flashdmd.evaluation.judges import JUDGES, Judge, choose, load_judge
+from flashdmd.inference import load_model, sample_latent_chunks, teacher_spec
 
 LATENTS_KEY = "latents"
 REQUIRED = ("prompt", "a", "b", "preferred")
@@ -79,7 +83,6 @@ def companion_path(path: str | Path) -> Path:
 
 def write_pairs(path: str | Path, records: list[dict], latents: Tensor | None) -> Path:
     """Write ``records`` (dicts of the schema) as JSONL and ``latents`` (M, C, h, w) to the companion file."""
-    from safetensors.torch import save_file
     path = Path(path)
     if not path.parent.is_dir():
         raise FlashDMDError(f"folder {path.parent} for the pairs file does not exist")
@@ -163,7 +166,6 @@ def _ints(r: dict) -> list[int]:
 
 
 def _read_latents(path: Path) -> Tensor:
-    from safetensors.torch import load_file
     comp = companion_path(path)
     if not comp.is_file():
         raise FlashDMDError(f"{path} refers to latent rows but its companion {comp.name} is missing")
@@ -179,8 +181,6 @@ def _read_latents(path: Path) -> Tensor:
 @torch.no_grad()
 def _encode_pngs(names: list[str], root: Path, family) -> dict[str, Tensor]:
     """PNG paths -> clean latents (C, h, w) through the family's VAE (posterior mean)."""
-    import numpy as np
-    from PIL import Image
     if family is None:
         raise FlashDMDError("the pairs file names PNG samples; pass the teacher (--family-model) to VAE-encode them")
     res = family.default_resolution
@@ -242,7 +242,6 @@ def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], 
     drawing from a generator seeded ``seed + 2``), i.e. ``judge.prefer``. Records carry ``label`` only when the
     judge has ``label_of``. The summary (also written to FILE.meta.json) names the judge and the prompts.
     """
-    from tqdm.auto import tqdm
 
     out = _check_request(num, out)
     if not prompts:

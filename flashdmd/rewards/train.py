@@ -22,6 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flashdmd import FlashDMDError
+from flashdmd.families import Conditioning, load_family
+from flashdmd.networks.reward import LatentRewardModel
+from flashdmd.rewards.pairs import PairSet, load_pairs, read_records
 
 FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_BANDS = {"low": (0.1, 0.3), "mid": (0.4, 0.6), "high": (0.7, 0.95)}
@@ -42,7 +45,6 @@ def pair_scores(model, x_w: Tensor, x_l: Tensor, t: Tensor, noise: Tensor, cond,
                 noise_l: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(s_w, s_l), each (B,): the LRM's scores of a noised pair, one batched forward of 2B rows. Both members
     get ``noise`` (LPO) unless ``noise_l`` is given for the loser (independent-noise evaluation)."""
-    from flashdmd.families import Conditioning
     if noise_l is None:
         xw_t, xl_t = noised_pair(model.family.schedule, x_w, x_l, t, noise)
     else:
@@ -56,7 +58,6 @@ class PromptBank:
     """Text conditioning of a pair set, encoded once (frozen text encoders): unique prompts + row index."""
 
     def __init__(self, family, prompts: list[str], batch_size: int = 256):
-        from flashdmd.families import Conditioning
         unique = sorted(set(prompts))
         pos = {p: i for i, p in enumerate(unique)}
         self.rows = torch.tensor([pos[p] for p in prompts], dtype=torch.long)
@@ -232,9 +233,6 @@ def add_train_arguments(p) -> None:
 
 
 def run_train(args) -> dict:
-    from flashdmd.families import load_family
-    from flashdmd.networks.reward import LatentRewardModel
-    from flashdmd.rewards.pairs import PairSet, load_pairs, read_records
     lo, hi = args.t_range
     if not 0 <= lo < hi <= 1:
         raise FlashDMDError(f"--t-range must satisfy 0 <= LO < HI <= 1, got {lo} {hi}")

@@ -33,6 +33,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flashdmd import FlashDMDError, io
+from flashdmd.training.parallel import (all_true, canonical, full_optimizer_state, full_state_dict,
+                                        load_full_optimizer_state, load_full_state_dict, local_tensors)
 
 PREFIX = "step_"
 
@@ -94,7 +96,6 @@ def _saved_names(module) -> set[str]:
     role in SD3-medium -- or a frozen backbone's): a buffer belongs to the nearest module around it that holds
     parameters, and is saved when all of that module's parameters are trainable (a full fine-tune, a
     discriminator head's statistics). A LoRA run's checkpoint is therefore its adapters and heads only."""
-    from flashdmd.training.parallel import canonical
     frozen: dict[str, bool] = {}   # module path -> holds a frozen parameter (paths without parameters absent)
     names = set()
     for n, p in module.named_parameters():
@@ -119,27 +120,26 @@ def _saved_names(module) -> set[str]:
     return names
 
 
-def _roles(ctx) -> dict:
-    """role -> (module as prepared, names of its saved tensors). The reference (Stage 2's frozen copy of the
-    student) saves the tensors the student trains."""
-    roles = {"student": ctx.student, "fake_score": ctx.fake_score}
-    if ctx.disc is not None:
-        roles["disc"] = ctx.disc
+def _roles(setup) -> dict:
+    """role -> (module as prepared, names of its saved tensors): the set-up's trained roles. The reference (Stage 2's
+    frozen copy of the student) saves the tensors the student trains."""
+    roles = {"student": setup.student, "fake_score": setup.fake_score}
+    if setup.disc is not None:
+        roles["disc"] = setup.disc
     out = {r: (m, _saved_names(m)) for r, m in roles.items()}
-    if ctx.reference is not None:
-        out["reference"] = (ctx.reference, out["student"][1])
+    if setup.reference is not None:
+        out["reference"] = (setup.reference, out["student"][1])
     return out
 
 
-def _role_tensors(ctx) -> dict:
+def _role_tensors(run) -> dict:
     """role -> {name: full tensor}. A collective under FSDP (every rank calls it; rank 0 gets the tensors)."""
-    from flashdmd.training.parallel import full_state_dict
     out = {}
-    for role, (module, names) in _roles(ctx).items():
+    for role, (module, names) in _roles(run.setup).items():
         full = full_state_dict(module)
         out[role] = {k: v for k, v in full.items() if k in names}
-    if ctx.student_ema is not None:
-        out["student_ema"] = ctx.student_ema.full_state()
+    if run.state.student_ema is not None:
+        out["student_ema"] = run.state.student_ema.full_state()
     return out
 
 
@@ -167,15 +167,15 @@ def _optim_join(tensors: dict, scalars: dict) -> dict:
     return {"state": state, "param_groups": scalars["param_groups"]}
 
 
-def _rng_state(ctx) -> tuple[dict, dict]:
+def _rng_state(run) -> tuple[dict, dict]:
     """The run's own draws are one counter (training/rng.py); torch's and python's global generators are saved
     too, for anything outside flashdmd that draws from them."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         tensors["torch_cuda"] = torch.cuda.get_rng_state()
-    py = {"sample_rng": ctx.rng.state_dict(), "python": _jsonable(random.getstate())}
-    if ctx.real is not None:  # the real-image stream's position (global samples consumed) and bad-file counts
-        py["data"] = ctx.real.state_dict()
+    py = {"sample_rng": run.state.rng.state_dict(), "python": _jsonable(random.getstate())}
+    if run.setup.real is not None:  # the real-image stream's position (global samples consumed) and bad-file counts
+        py["data"] = run.setup.real.state_dict()
     return tensors, py
 
 
@@ -187,58 +187,59 @@ def _pystate(obj):
     return (obj[0], tuple(obj[1]), obj[2])
 
 
-def _all_finite(ctx) -> bool:
+def _all_finite(run) -> bool:
     """Every trainable tensor of every role finite, on every rank (this rank's shards under FSDP)."""
-    from flashdmd.training.parallel import all_true, local_tensors
-    ok = all(bool(torch.isfinite(t).all()) for m, _ in _roles(ctx).values()
+    ok = all(bool(torch.isfinite(t).all()) for m, _ in _roles(run.setup).values()
              for t in local_tensors(m) if t.is_floating_point())
-    if ctx.student_ema is not None:
+    ema = run.state.student_ema
+    if ema is not None:
         ok = ok and all(bool(torch.isfinite(t.to_local() if hasattr(t, "to_local") else t).all())
-                        for t in ctx.student_ema.params.values())
-    return all_true(ok, ctx.accelerator.device)
+                        for t in ema.params.values())
+    return all_true(ok, run.setup.device)
 
 
 # ---------------------------------------------------------------------------------------------------
 # save / load
 
-def checkpoint_name(ctx, at_step_boundary: bool = True) -> str:
+def checkpoint_name(state, at_step_boundary: bool = True) -> str:
     """``step_XXXXXXXX`` (global step) for a checkpoint written right after a student update -- the periodic
     ones; ``step_XXXXXXXX_iterYYYYYYYY`` for one written later in the same global step (a preemption after a
     critic-only iteration), so that it never replaces the one of that step. Names sort in the order written."""
-    name = f"{PREFIX}{ctx.global_step:08d}"
-    return name if at_step_boundary else f"{name}_iter{ctx.iteration:08d}"
+    name = f"{PREFIX}{state.global_step:08d}"
+    return name if at_step_boundary else f"{name}_iter{state.iteration:08d}"
 
 
 def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if torch.is_tensor(t))
 
 
-def save_checkpoint(ctx, writer, root: Path, keep_last: int, name: str | None = None) -> Path | None:
-    """Write a checkpoint of every role, optimiser, scheduler, RNG and counter into ``root/name`` (default
-    :func:`checkpoint_name`). Returns its folder, or None when a role holds a non-finite value (a non-finite
-    checkpoint is never written). A failed write on any process (disk full, quota, file-size limit, read-only)
-    leaves nothing of the new checkpoint, keeps the previous ones, and is one FlashDMDError on every process
-    (the main process's names the folder and about how many bytes a checkpoint needs)."""
-    from flashdmd.training.parallel import all_true, full_optimizer_state
-    acc = ctx.accelerator
-    if not _all_finite(ctx):
-        warnings.warn(f"step {ctx.global_step}: non-finite weights, checkpoint not written", stacklevel=2)
+def save_checkpoint(run, writer, root: Path, keep_last: int, name: str | None = None) -> Path | None:
+    """Write a checkpoint of the run's state -- every trained role, optimiser, scheduler, RNG and counter -- into
+    ``root/name`` (default :func:`checkpoint_name`). Returns its folder, or None when a role holds a non-finite value
+    (a non-finite checkpoint is never written). A failed write on any process (disk full, quota, file-size limit,
+    read-only) leaves nothing of the new checkpoint, keeps the previous ones, and is one FlashDMDError on every
+    process (the main process's names the folder and about how many bytes a checkpoint needs)."""
+    acc, state = run.setup.accelerator, run.state
+    if not _all_finite(run):
+        warnings.warn(f"step {state.global_step}: non-finite weights, checkpoint not written", stacklevel=2)
         return None
-    name = name or checkpoint_name(ctx)
+    name = name or checkpoint_name(state)
     tmp, final = root / f".tmp-{name}", root / name
     # every collective first, on every rank: nothing below may leave a rank waiting for one that failed
-    roles = _role_tensors(ctx)
-    optims = {role: full_optimizer_state(getattr(ctx, _OPT_MODULE[role]), opt) for role, opt in ctx.opt.items()}
-    writer_state = writer.state_dict()  # RunWriter: this interval's scalars summed over processes (a collective)
-    rng_t, rng_py = _rng_state(ctx)
+    parts = {"roles": _role_tensors(run),
+             "optims": {role: full_optimizer_state(getattr(run.setup, _OPT_MODULE[role]), opt)
+                        for role, opt in state.opt.items()},
+             "writer": writer.state_dict()}  # RunWriter: this interval's scalars summed over processes (a collective)
+    rng_t, rng_py = _rng_state(run)
     need = tensor_bytes(rng_t.values()) * acc.num_processes + tensor_bytes(
-        [v for part in roles.values() for v in part.values()]
-        + [v for sd in optims.values() for st in sd.get("state", {}).values() for v in st.values()])
-    hint = (f"nothing of it was kept; the last good checkpoint is {ctx.last_checkpoint or 'none'}: free some space "
+        [v for part in parts["roles"].values() for v in part.values()]
+        + [v for sd in parts["optims"].values() for st in sd.get("state", {}).values() for v in st.values()])
+    hint = (f"nothing of it was kept; the last good checkpoint is {state.last_checkpoint or 'none'}: free some space "
             "(or raise the limit) and continue with --resume latest")
+    cleanup = [tmp] if acc.is_main_process else []
     error = None
     try:
-        with io.writing(f"checkpoint {name}", root, need, cleanup=[tmp] if acc.is_main_process else [], hint=hint):
+        with io.writing(f"checkpoint {name}", root, need, cleanup=cleanup, hint=hint):
             if acc.is_main_process:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)
@@ -246,23 +247,30 @@ def save_checkpoint(ctx, writer, root: Path, keep_last: int, name: str | None = 
         error = e
     if all_true(error is None, acc.device):
         try:
-            with io.writing(f"checkpoint {name}", root, need, cleanup=[tmp] if acc.is_main_process else [],
-                            hint=hint):
+            with io.writing(f"checkpoint {name}", root, need, cleanup=cleanup, hint=hint):
                 _write_tensors(tmp / f"rng_rank{acc.process_index}.safetensors", rng_t)
                 _write_json(tmp / f"rng_rank{acc.process_index}.json", rng_py)
                 if acc.is_main_process:
-                    _write_main_files(ctx, tmp, roles, optims, writer_state)
+                    _write_main_files(run, tmp, parts)
         except Exception as e:  # noqa: BLE001
             error = e
         ok = all_true(error is None, acc.device)
     else:
         ok = False
+    _finish(run, tmp, final, root, keep_last, ok, error)
+    return final
+
+
+def _finish(run, tmp: Path, final: Path, root: Path, keep_last: int, ok: bool, error) -> None:
+    """Rename the written folder into place and prune old checkpoints -- or, when any process failed, remove it and
+    raise on every process."""
+    acc = run.setup.accelerator
     if not ok:
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
         if error is not None:
             raise error
-        raise FlashDMDError(f"checkpoint {name} was not written: another process could not write its part (its "
+        raise FlashDMDError(f"checkpoint {final.name} was not written: another process could not write its part (its "
                             "error says why)")
     if acc.is_main_process:
         _remove(final)
@@ -270,26 +278,26 @@ def save_checkpoint(ctx, writer, root: Path, keep_last: int, name: str | None = 
         _fsync_dir(root)
         _prune(root, keep_last)
     acc.wait_for_everyone()
-    return final
 
 
-def _write_main_files(ctx, tmp: Path, roles: dict, optims: dict, writer_state: dict) -> None:
+def _write_main_files(run, tmp: Path, parts: dict) -> None:
     """The main process's files of a checkpoint (everything but the per-rank RNG files), manifest last."""
-    acc = ctx.accelerator
-    _write_tensors(tmp / "roles.safetensors", {f"{r}/{k}": v for r, part in roles.items() for k, v in part.items()})
+    state = run.state
+    _write_tensors(tmp / "roles.safetensors",
+                   {f"{r}/{k}": v for r, part in parts["roles"].items() for k, v in part.items()})
     opt_t, opt_s = {}, {}
-    for role, sd in optims.items():
+    for role, sd in parts["optims"].items():
         t, s = _optim_split(sd)
         opt_t.update({f"{role}/{k}": v for k, v in t.items()})
         opt_s[role] = s
     _write_tensors(tmp / "optim.safetensors", opt_t)
     _write_json(tmp / "optim.json", opt_s)
     _write_json(tmp / "state.json", {
-        "iteration": ctx.iteration, "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps,
-        "global_step": ctx.global_step, "stage": ctx.stage, "stage2_start_iteration": ctx.stage2_start_iteration,
-        "num_processes": acc.num_processes, "batch_size": ctx.cfg.batch_size,
-        "schedule_processes": ctx.schedule_processes,
-        "sched": {k: s.state_dict() for k, s in ctx.sched.items()}, "writer": writer_state})
+        "iteration": state.iteration, "generator_steps": state.generator_steps, "rl_steps": state.rl_steps,
+        "global_step": state.global_step, "stage": state.stage, "stage2_start_iteration": state.stage2_start_iteration,
+        "num_processes": run.setup.accelerator.num_processes, "batch_size": run.setup.cfg.batch_size,
+        "schedule_processes": state.schedule_processes,
+        "sched": {k: s.state_dict() for k, s in state.sched.items()}, "writer": parts["writer"]})
     files = sorted(p for p in tmp.iterdir() if p.is_file())
     _write_json(tmp / "manifest.json", {p.name: {"sha256": _sha256(p), "bytes": p.stat().st_size} for p in files})
 
@@ -350,18 +358,19 @@ def resolve(run_dir: Path, spec: str) -> Path:
     raise FlashDMDError(f"no intact checkpoint under {root} to resume from; start without --resume")
 
 
-def load_checkpoint(ctx, writer, folder: Path) -> None:
-    """Restore every role, optimiser, scheduler, RNG and counter from a verified checkpoint folder."""
-    acc = ctx.accelerator
-    state = read_state(folder)
-    check_global_batch(folder, state, ctx.cfg.batch_size, acc.num_processes)
-    if state["stage"] == 2 and ctx.reference is None:
-        from flashdmd.training.stage2 import setup_stage2
-        setup_stage2(ctx)
-        ctx.stage = 2
-    from flashdmd.training.parallel import load_full_optimizer_state, load_full_state_dict
+def load_checkpoint(run, writer, folder: Path) -> dict:
+    """Restore the run's state -- every trained role, optimiser, scheduler, RNG and counter -- from a verified
+    checkpoint folder. The run must hold what the checkpoint's stage has (a Stage-2 checkpoint: the reference and
+    the RL optimiser, :func:`flashdmd.training.stage2.setup_stage2`); nothing is built here. Returns the run
+    writer's saved state (``writer``, when given, gets it through its load_state_dict)."""
+    setup, state = run.setup, run.state
+    saved = read_state(folder)
+    check_global_batch(folder, saved, setup.cfg.batch_size, setup.accelerator.num_processes)
+    if saved["stage"] == 2 and setup.reference is None:
+        raise FlashDMDError(f"checkpoint {folder} is of Stage 2 and this run has not entered it: call "
+                            "stage2.setup_stage2(run) before loading it")
     tensors = load_file(str(folder / "roles.safetensors"))  # CPU; loading copies onto the params
-    for role, (module, names) in _roles(ctx).items():
+    for role, (module, names) in _roles(setup).items():
         part = {k[len(role) + 1:]: v for k, v in tensors.items() if k.startswith(role + "/")}
         missing = names - set(part)
         if missing:
@@ -370,36 +379,48 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
         # only the saved names: an older checkpoint's frozen tensors are never written back (under LoRA the
         # student's frozen base may be the teacher's own tensors)
         load_full_state_dict(module, {k: v for k, v in part.items() if k in names})
-    if ctx.student_ema is not None:
+    if state.student_ema is not None:
         part = {k[len("student_ema/"):]: v for k, v in tensors.items() if k.startswith("student_ema/")}
-        if set(part) != set(ctx.student_ema.params):
+        if set(part) != set(state.student_ema.params):
             raise FlashDMDError(f"checkpoint {folder} holds no student EMA matching this run's student_ema setting: "
                                 "was it written with a different config?")
-        ctx.student_ema.load_full_state(part)
+        state.student_ema.load_full_state(part)
+    _load_optimizers(run, folder, saved)
+    _load_rng(run, folder, saved["num_processes"])
+    _load_counters(run, saved)
+    if writer is not None:
+        writer.load_state_dict(saved["writer"])
+    return saved["writer"]
+
+
+def _load_optimizers(run, folder: Path, saved: dict) -> None:
+    state = run.state
     opt_t = load_file(str(folder / "optim.safetensors"))
     opt_s = json.loads((folder / "optim.json").read_text())
     try:
-        if set(opt_s) != set(ctx.opt):
-            raise KeyError(f"optimisers {sorted(opt_s)} in the checkpoint, {sorted(ctx.opt)} in this run")
-        for role, opt in ctx.opt.items():
+        if set(opt_s) != set(state.opt):
+            raise KeyError(f"optimisers {sorted(opt_s)} in the checkpoint, {sorted(state.opt)} in this run")
+        for role, opt in state.opt.items():
             t = {k[len(role) + 1:]: v for k, v in opt_t.items() if k.startswith(role + "/")}
-            load_full_optimizer_state(getattr(ctx, _OPT_MODULE[role]), opt, _optim_join(t, opt_s[role]))
-        for k, s in ctx.sched.items():
-            ctx.sched[k].load_state_dict(state["sched"][k])
+            load_full_optimizer_state(getattr(run.setup, _OPT_MODULE[role]), opt, _optim_join(t, opt_s[role]))
+        for k, s in state.sched.items():
+            s.load_state_dict(saved["sched"][k])
     except (KeyError, ValueError) as e:  # another config: other optimisers / parameter groups
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FlashDMDError(f"checkpoint {folder} does not match this run's optimisers ({first}): was it written "
                             "with a different config?") from None
-    _load_rng(ctx, folder, state["num_processes"])
+
+
+def _load_counters(run, saved: dict) -> None:
+    state, cfg = run.state, run.setup.cfg
     for k in ("iteration", "generator_steps", "rl_steps", "global_step", "stage"):
-        setattr(ctx, k, state[k])
-    ctx.stage2_start_iteration = state.get("stage2_start_iteration")
-    if ctx.stage == 2 and ctx.stage2_start_iteration is None:  # written before this was recorded
-        ctx.stage2_start_iteration = ctx.cfg.max_steps * ctx.cfg.fake_score_ttur
+        setattr(state, k, saved[k])
+    state.stage2_start_iteration = saved.get("stage2_start_iteration")
+    if state.stage == 2 and state.stage2_start_iteration is None:  # written before this was recorded
+        state.stage2_start_iteration = cfg.max_steps * cfg.fake_score_ttur
     # the learning-rate schedules advance by the process count of the run's first launch, forever (see
-    # distill.step_schedulers); checkpoints from before this was recorded were written by that launch
-    ctx.schedule_processes = state.get("schedule_processes", state["num_processes"])
-    writer.load_state_dict(state["writer"])
+    # optim.step_schedulers); checkpoints from before this was recorded were written by that launch
+    state.schedule_processes = saved.get("schedule_processes", saved["num_processes"])
 
 
 def read_state(folder: Path) -> dict:
@@ -427,18 +448,18 @@ def check_global_batch(folder: Path, state: dict, batch_size: int, num_processes
                         f"{b_old}), this run has {num_processes} x {batch_size} = {g_new}: {fix}")
 
 
-def _load_rng(ctx, folder: Path, old_processes: int) -> None:
+def _load_rng(run, folder: Path, old_processes: int) -> None:
     """Restore the draws. Global, from rank 0's file: the run's draw counter (this rank's offset in the global
     batch stays the one setup gave it) and the real-image stream's position. Per process, from this rank's own
     file when the checkpoint has one: torch's and python's generators; a rank the checkpoint did not have keeps
     the seeding setup gave it (seed + rank). The stream's read / bad-file counts are per process: on the same
     number of processes each rank gets its own back; on another, rank 0 gets the sums over the old ranks (the
     others start from 0), so the totals and the bad-file fraction carry over."""
-    acc = ctx.accelerator
+    acc, real = run.setup.accelerator, run.setup.real
     rank, same = acc.process_index, old_processes == acc.num_processes
     first = json.loads((folder / "rng_rank0.json").read_text())
-    ctx.rng.load_state_dict(first["sample_rng"])
-    if ctx.real is not None and "data" in first:
+    run.state.rng.load_state_dict(first["sample_rng"])
+    if real is not None and "data" in first:
         data = dict(first["data"])
         if same:
             own = json.loads((folder / f"rng_rank{rank}.json").read_text())["data"]
@@ -447,7 +468,7 @@ def _load_rng(ctx, folder: Path, old_processes: int) -> None:
             olds = [json.loads((folder / f"rng_rank{r}.json").read_text())["data"] for r in range(old_processes)]
             data.update(reads=sum(o["reads"] for o in olds) if rank == 0 else 0,
                         bad_files=sum(o["bad_files"] for o in olds) if rank == 0 else 0)
-        ctx.real.load_state_dict(data)
+        real.load_state_dict(data)
     if rank < old_processes:
         rng_t = load_file(str(folder / f"rng_rank{rank}.safetensors"))
         rng_py = json.loads((folder / f"rng_rank{rank}.json").read_text())

@@ -21,26 +21,31 @@ from __future__ import annotations
 import copy
 
 import torch
+from accelerate.utils import DistributedType
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 from flashdmd import FlashDMDError
+from flashdmd.training.roles import add_lora, copy_sharing_frozen, shares_base
+
+try:  # FSDP2's public API (torch >= 2.6); with an older torch nothing is sharded by it
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import distribute_tensor
+except ImportError:  # pragma: no cover
+    FSDPModule, distribute_tensor = (), None
 
 _WRAPPERS = {"module", "_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}  # DDP, compile, AC, FSDP1
 
 
 def is_sharded(module: nn.Module) -> bool:
     """True when ``module`` (or a submodule) is sharded by FSDP2's ``fully_shard``."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch without FSDP2
-        return False
     return any(isinstance(m, FSDPModule) for m in module.modules())
 
 
 def reshard(*modules: nn.Module) -> None:
     """Put FSDP2 modules back into their sharded state (a root stays unsharded after a no-grad forward), so that
     parameter-wise updates such as the EMA pull see matching DTensors. A no-op for unsharded modules."""
-    from torch.distributed.fsdp import FSDPModule
     for module in modules:
         for m in module.modules():
             if isinstance(m, FSDPModule):
@@ -48,7 +53,6 @@ def reshard(*modules: nn.Module) -> None:
 
 
 def check_supported(accelerator) -> None:
-    from accelerate.utils import DistributedType
     if accelerator.distributed_type == DistributedType.FSDP and not accelerator.is_fsdp2:
         raise FlashDMDError("FSDP1 is not supported: set fsdp_version: 2 in your accelerate config "
                             "(flashdmd relies on FSDP2's plain parameter names for the EMA pull and checkpoints)")
@@ -72,7 +76,6 @@ def canonical(name: str) -> str:
 
 
 def _options(**kw):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
     return StateDictOptions(**kw)
 
 
@@ -85,7 +88,6 @@ def full_state_dict(module: nn.Module, all_ranks: bool = False) -> dict:
     only rank 0 gets the tensors unless ``all_ranks``. In one process / DDP: the plain state dict."""
     if not is_sharded(module):
         return {canonical(k): v.detach() for k, v in module.state_dict().items()}
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict
     sd = get_model_state_dict(module, options=_options(full_state_dict=True, cpu_offload=not all_ranks))
     return {canonical(k): v.detach().cpu() if torch.is_tensor(v) else v for k, v in sd.items()}
 
@@ -96,7 +98,6 @@ def load_full_state_dict(module: nn.Module, state: dict) -> None:
         target = module.module if hasattr(module, "module") and isinstance(module.module, nn.Module) else module
         target.load_state_dict(state, strict=False)
         return
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict
     set_model_state_dict(module, state, options=_options(full_state_dict=True, strict=False))
 
 
@@ -111,7 +112,6 @@ def full_optimizer_state(module: nn.Module, opt) -> dict:
         sd = inner.state_dict()
         return {"state": {order[i]: st for i, st in sd["state"].items()},
                 "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]}
-    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
     sd = get_optimizer_state_dict(module, inner, options=_options(full_state_dict=True, cpu_offload=True))
     if "state" not in sd:  # FSDP: ranks other than 0 get nothing
         return {}
@@ -137,7 +137,6 @@ def load_full_optimizer_state(module: nn.Module, opt, state: dict) -> None:
             start += len(g)
         inner.load_state_dict({"state": {index[n]: st for n, st in state["state"].items()}, "param_groups": groups})
         return
-    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
     set_optimizer_state_dict(module, inner, state, options=_options(full_state_dict=True, strict=False))
 
 
@@ -197,28 +196,27 @@ def full_tensor(t: torch.Tensor) -> torch.Tensor:
 def like(full: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``full`` laid out like ``ref``: sharded the same way when ``ref`` is a DTensor."""
     if hasattr(ref, "device_mesh"):
-        from torch.distributed.tensor import distribute_tensor
         return distribute_tensor(full.to(ref.device, ref.dtype), ref.device_mesh, ref.placements)
     return full.to(ref.device, ref.dtype)
 
 
-def replica(ctx, module: nn.Module, all_ranks: bool = False) -> nn.Module | None:
-    """An unsharded copy of the student-like ``module`` (student or fake score) for rank-0-only work.
+def replica(setup, module: nn.Module, all_ranks: bool = False) -> nn.Module | None:
+    """An unsharded copy of the student-like ``module`` (student or fake score) for rank-0-only work; ``setup``: the
+    run's :class:`flashdmd.training.setup.RunSetup` (its accelerator, config, teacher and family).
 
     Not sharded: the module itself (unwrapped from DDP), no copy. Sharded: a collective; rank 0 (every rank with
     ``all_ranks``) gets a fresh copy of the teacher's architecture (with the run's LoRA adapters) holding the
     gathered weights; other ranks get None."""
-    acc = ctx.accelerator
+    acc, cfg = setup.accelerator, setup.cfg
     if not is_sharded(module):
         return acc.unwrap_model(module)
     state = full_state_dict(module, all_ranks=all_ranks)
     if not (all_ranks or acc.is_main_process):
         return None
-    from flashdmd.training.roles import add_lora, copy_sharing_frozen, shares_base
-    net = copy_sharing_frozen(ctx.teacher) if shares_base(ctx.cfg) else copy.deepcopy(ctx.teacher)
-    if ctx.cfg.model_lora_rank > 0:
-        add_lora(net, ctx.cfg.model_lora_rank, ctx.cfg.model_lora_alpha, ctx.family.dtype)
-    if shares_base(ctx.cfg):  # the base is the teacher's own tensors: load only the adapters
+    net = copy_sharing_frozen(setup.teacher) if shares_base(cfg) else copy.deepcopy(setup.teacher)
+    if cfg.model_lora_rank > 0:
+        add_lora(net, cfg.model_lora_rank, cfg.model_lora_alpha, setup.family.dtype)
+    if shares_base(cfg):  # the base is the teacher's own tensors: load only the adapters
         trainable = {n for n, p in net.named_parameters() if p.requires_grad}
         state = {k: v for k, v in state.items() if k in trainable}
     missing = set(state) - set(net.state_dict())

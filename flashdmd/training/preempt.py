@@ -1,6 +1,6 @@
 """Preemption: a scheduler's SIGTERM or SIGUSR1 ends a run with a checkpoint of the iteration it was in.
 
-The loops (training/distill.py ``train``, ``run_stage2``) run inside :func:`watch`: the two signals only set a
+The loops (training/stage1.py ``run_stage1``, training/stage2.py ``run_stage2``) run inside :func:`watch`: the two signals only set a
 flag (the handlers are restored when the loop returns; installed from the main thread only). After every Stage-1
 iteration and every RL update the loop calls :func:`stop_if_signalled`, which takes the largest flag over the
 processes -- one all-reduce of one integer per iteration, as a scheduler may signal only some ranks -- and when any
@@ -56,23 +56,24 @@ def watch():
             signal.signal(sig, handler)
 
 
-def stop_if_signalled(ctx, writer, flag: Flag | None) -> None:
+def stop_if_signalled(run, writer, flag: Flag | None) -> None:
     """After an iteration or RL update: when any process got a preemption signal, checkpoint and raise
     :class:`flashdmd.Preempted` on every process. A collective (every rank calls it at the same point)."""
     if flag is None:
         return
-    signum = max_across(flag.signum, ctx.accelerator.device)
+    state, real = run.state, run.setup.real
+    signum = max_across(flag.signum, run.setup.device)
     if not signum:
         return
-    name = checkpoint_name(ctx, at_step_boundary=ctx.boundary == (ctx.iteration, ctx.rl_steps))
-    if ctx.last_checkpoint is None or Path(ctx.last_checkpoint).name != name:
-        writer.maybe_checkpoint(ctx, force=True, name=name)
-    written = ctx.last_checkpoint is not None and Path(ctx.last_checkpoint).name == name
+    name = checkpoint_name(state, at_step_boundary=state.boundary == (state.iteration, state.rl_steps))
+    if state.last_checkpoint is None or Path(state.last_checkpoint).name != name:
+        writer.maybe_checkpoint(run, force=True, name=name)
+    written = state.last_checkpoint is not None and Path(state.last_checkpoint).name == name
     writer.close()
-    if ctx.real is not None:  # its DataLoader workers; a later next_batch would restart them at the same position
-        ctx.real.close()
-    where = (f"checkpoint written to {ctx.last_checkpoint}" if written else
-             f"no checkpoint written (non-finite weights); the last good one is {ctx.last_checkpoint or 'none'}")
-    rl = f", RL update {ctx.rl_steps}" if ctx.stage == 2 else ""
-    raise Preempted(f"preempted by {signal.Signals(signum).name} at step {ctx.global_step} (iteration "
-                    f"{ctx.iteration}{rl}): {where}; continue with --resume latest", signum)
+    if real is not None:  # its DataLoader workers; a later next_batch would restart them at the same position
+        real.close()
+    where = (f"checkpoint written to {state.last_checkpoint}" if written else
+             f"no checkpoint written (non-finite weights); the last good one is {state.last_checkpoint or 'none'}")
+    rl = f", RL update {state.rl_steps}" if state.stage == 2 else ""
+    raise Preempted(f"preempted by {signal.Signals(signum).name} at step {state.global_step} (iteration "
+                    f"{state.iteration}{rl}): {where}; continue with --resume latest", signum)

@@ -9,13 +9,16 @@ optimiser state are in the model dtype."""
 from __future__ import annotations
 
 import copy
+import warnings
 from dataclasses import dataclass
 
 import torch
+from peft import LoraConfig
 from torch import nn
 
 from flashdmd import FlashDMDError
 from flashdmd.families import LORA_TARGETS, name_part
+from flashdmd.networks.discriminator import LatentClassifierHead, build_pixel_discriminator
 
 
 @dataclass
@@ -32,7 +35,6 @@ def add_lora(net: nn.Module, rank: int, alpha: float | None, dtype: torch.dtype 
     layer's dtype). peft
     creates them in the base's dtype; with a lower-precision frozen base they are cast up to the model dtype here
     (the gaussian init is then rounded once to the base's precision; lora_B starts at zero either way)."""
-    from peft import LoraConfig
     net.requires_grad_(False)
     net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
                                target_modules=LORA_TARGETS))
@@ -109,7 +111,6 @@ def build_roles(cfg, family) -> Roles:
         if hasattr(family.vae, "enable_gradient_checkpointing"):
             family.vae.enable_gradient_checkpointing()
         if cfg.disc_kind == "pixel" and not disc.enable_gradient_checkpointing():
-            import warnings
             warnings.warn(f"disc_backbone {cfg.disc_backbone}: its backbone offers no gradient checkpointing "
                           "(enable_gradient_checkpointing); it runs without", stacklevel=2)
     return Roles(family=family, teacher=teacher, student=student, fake_score=fake_score, disc=disc)
@@ -131,12 +132,14 @@ def _new_disc(cfg, family, fake_score) -> nn.Module | None:
     if cfg.disc_kind == "none":
         return None
     if cfg.disc_kind == "pixel":
-        from flashdmd.networks.discriminator import build_pixel_discriminator
         cond_dim = family.null_conditioning(1).pooled_embeds.shape[-1] if cfg.disc_condition == "text" else 0
         return build_pixel_discriminator(cfg.disc_backbone, cfg.disc_backbone_path, head_channels=cfg.disc_head_channels,
-                                         head=cfg.disc_head, cond_dim=cond_dim)
-    from flashdmd.networks.discriminator import LatentClassifierHead
-    return LatentClassifierHead(*bottleneck(family, fake_score, cfg.data_resolution or family.default_resolution))
+                                         head=cfg.disc_head, cond_dim=cond_dim, on_meta=family.device.type == "meta")
+    shape = bottleneck(family, fake_score, cfg.data_resolution or family.default_resolution)
+    if family.device.type == "meta":  # `flashdmd plan`: the head without weights
+        with torch.device("meta"):
+            return LatentClassifierHead(*shape)
+    return LatentClassifierHead(*shape)
 
 
 @torch.no_grad()
@@ -148,50 +151,3 @@ def bottleneck(family, net, resolution: int | None = None) -> tuple[int, int]:
     t = torch.full((1,), float(family.default_student_timesteps[0]), device=family.device)
     f = family.features(net, x, t, family.null_conditioning(1))[-1]
     return int(f.shape[1]), int(min(f.shape[-2:]))
-
-
-@torch.no_grad()
-def ema_pull_(target: nn.Module, source: nn.Module, lam: float) -> None:
-    """Flash-DMD's stabilised score estimator: psi <- lam * psi + (1 - lam) * theta over the trainable
-    parameters (all weights for a full fine-tune, the LoRA weights for LoRA), matched by name."""
-    src = dict(source.named_parameters())
-    for name, p in target.named_parameters():
-        if p.requires_grad:
-            p.lerp_(src[name].detach().to(p.dtype), 1.0 - lam)
-
-
-class StudentEMA:
-    """Exponential moving average of the student's trainable weights (``student_ema``), by canonical name; under
-    FSDP2 each rank keeps the EMA of its own shards. Training continues on the raw weights; evaluations, grids
-    and the saved student use these."""
-
-    def __init__(self, student: nn.Module, decay: float):
-        from flashdmd.training.parallel import canonical
-        self.decay = decay
-        self.params = {canonical(n): p.detach().clone() for n, p in student.named_parameters() if p.requires_grad}
-
-    @torch.no_grad()
-    def update(self, student: nn.Module) -> None:
-        from flashdmd.training.parallel import canonical
-        for n, p in student.named_parameters():
-            if p.requires_grad:
-                self.params[canonical(n)].lerp_(p.detach().to(self.params[canonical(n)].dtype), 1.0 - self.decay)
-
-    @torch.no_grad()
-    def copy_to(self, student: nn.Module) -> None:
-        """Load the EMA weights into the student's trainable ones (each rank its own shards under FSDP2)."""
-        from flashdmd.training.parallel import canonical
-        for n, p in student.named_parameters():
-            if p.requires_grad:
-                p.copy_(self.params[canonical(n)].to(p.dtype))
-
-    def full_state(self) -> dict:
-        """Full CPU tensors (a collective under FSDP: every rank calls it)."""
-        from flashdmd.training.parallel import full_tensor
-        return {n: full_tensor(t) for n, t in self.params.items()}
-
-    @torch.no_grad()
-    def load_full_state(self, state: dict) -> None:
-        from flashdmd.training.parallel import like
-        for n, t in self.params.items():
-            t.copy_(like(state[n], t))

@@ -16,13 +16,21 @@ import json
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
+from accelerate.tracking import TensorBoardTracker
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
 
 from flashdmd import FlashDMDError, io
 from flashdmd.evaluation import worsened
+from flashdmd.evaluation.report import save_grid
 from flashdmd.inference import RUN_KIND, Model, sample_images
+from flashdmd.training.checkpoint import save_checkpoint
+from flashdmd.training.parallel import all_true, is_sharded, replica
+from flashdmd.training.roles import copy_sharing_frozen
 
 RUN_STATE = ("run.json", "config.yaml", "metrics.json", "report.html", "student", "student.tmp", "student.old",
              "checkpoints", "tb", "samples", "wandb")
@@ -60,6 +68,9 @@ def clear_run_dir(out_dir: str | Path) -> list[str]:
 
 
 class RunWriter:
+    """Everything a run writes into its folder. ``ctx`` in every method: the :class:`flashdmd.training.state.Run`
+    being trained (read; the writer records the latest checkpoint in its state)."""
+
     def __init__(self, out_dir, cfg, ctx):
         self.cfg = cfg
         self.acc = ctx.accelerator
@@ -137,7 +148,6 @@ class RunWriter:
     def _warn(self, msg: str):
         """A run-level warning: kept in metrics.json (and the checkpoint) and shown once."""
         self.warnings.append(msg)
-        import warnings
         warnings.warn(msg, stacklevel=3)
 
     def _log_scalars(self, values: dict, step: int):
@@ -157,10 +167,8 @@ class RunWriter:
     def _student_model(self, ctx):
         """The student for rank-0-only work: the module itself, or under FSDP a gathered replica (a collective:
         call on every rank; other ranks get None)."""
-        from flashdmd.training.parallel import is_sharded, replica
-        from flashdmd.training.roles import copy_sharing_frozen
         ema = ctx.student_ema.full_state() if ctx.student_ema is not None else None  # collective under FSDP
-        net = replica(ctx, ctx.student)
+        net = replica(ctx.setup, ctx.student)
         if net is None:
             return None
         if ema is not None:  # the EMA weights in a copy; training continues on the raw ones
@@ -178,7 +186,6 @@ class RunWriter:
     def _on_main(self, work) -> None:
         """``work()`` on the main process; a FlashDMDError there (a full disk) stops every process, not only the
         main one (one all-reduce of one flag), so that no other process waits for it in a collective."""
-        from flashdmd.training.parallel import all_true
         error = None
         if self.main:
             try:
@@ -189,7 +196,6 @@ class RunWriter:
             raise error or FlashDMDError("the main process stopped on an error (its message says why)")
 
     def _sample(self, ctx, student):
-        from flashdmd.evaluation.report import save_grid
         prompts = ctx.grid_prompts
         was = student.net.training
         student.net.eval()
@@ -230,7 +236,6 @@ class RunWriter:
         """Evaluate the Stage-1 student once: the baseline the reward-hacking guard compares against."""
         self.stage2_start_step = ctx.global_step  # the report marks it
         if ctx.evaluator is None:
-            import warnings
             warnings.warn("Stage 2 without held-out metrics: the reward-hacking guard has nothing to compare the "
                           "training reward with (set eval_prompts and a metric backend)", stacklevel=2)
             return
@@ -260,10 +265,9 @@ class RunWriter:
         checkpoint's folder name (default: the global step's)."""
         n = self.cfg.checkpoint_every_steps
         if force or (n and ctx.global_step % n == 0):
-            from flashdmd.training.checkpoint import save_checkpoint
             folder = save_checkpoint(ctx, self, self.out / "checkpoints", self.cfg.checkpoint_keep_last, name=name)
             if folder is not None:
-                ctx.last_checkpoint = str(folder)
+                ctx.state.last_checkpoint = str(folder)
             self.save_student(ctx)
 
     def state_dict(self) -> dict:
@@ -312,8 +316,6 @@ class RunWriter:
         """DIR/student written whole (the previous one stays until the new one is complete), then DIR/run.json."""
         net = student.net
         if self.cfg.model_lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-            from safetensors.torch import save_file
             adapters = {k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()}
             need = sum(v.numel() * v.element_size() for v in adapters.values())
             io.write_folder(self.out / "student", lambda tmp: save_file(adapters, str(tmp / "adapter.safetensors")),
@@ -350,13 +352,12 @@ GRID_IMAGES = 20   # images per sample grid (two rows of ten); training/distill.
 def open_trackers(cfg, out: Path) -> list:
     """accelerate's trackers for ``report_to``: TensorBoardTracker writing DIR/tb (the default) and/or WandBTracker
     (project ``wandb_project``, run name = the run folder's name, files under DIR/wandb)."""
-    from accelerate.tracking import TensorBoardTracker
     trackers = []
     if "tensorboard" in cfg.report_to:
         trackers.append(TensorBoardTracker("tb", str(out)))
         trackers[-1].start()
     if "wandb" in cfg.report_to:
-        try:
+        try:  # lazy: wandb is an optional package (and accelerate's tracker imports it)
             from accelerate.tracking import WandBTracker
             import wandb  # noqa: F401
         except ImportError:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
+from flashdmd.training.ema import lerp_ as ema_lerp_
 from flashdmd.world.tokenizer import MODEL_MAX_LENGTH
 
 STAGES = ("text", "vae", "sdxl", "sd3", "eval")
@@ -101,8 +102,7 @@ def _lr_at(cfg: StageConfig, step: int) -> float:
 def _ema_update(ema: nn.Module, model: nn.Module, decay: float, step: int) -> None:
     """EMA with warmup: decay_t = min(decay, (1 + t) / (10 + t))."""
     d = min(decay, (1 + step) / (10 + step))
-    with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - d)
+    ema_lerp_(ema.parameters(), model.parameters(), d)
 
 
 def _training_data(limit: int | None):

@@ -16,12 +16,15 @@ What each backend expects on disk is in its module docstring and in docs/EVALUAT
 """
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from flashdmd import FlashDMDError
 from flashdmd.families import network_call
@@ -40,7 +43,8 @@ METRIC_KEYS = {"clip": "clip_score", "pickscore": "pickscore", "hpsv2": "hpsv2",
 
 
 def scorer_class(name: str):
-    import importlib
+    # by name (a lazy import: each scorer module imports its transformers model, which a run that does not use
+    # that metric never needs; the modules import this package's helpers)
     if name not in SCORERS:
         raise FlashDMDError(f"unknown metric backend {name!r}; known: {', '.join(SCORERS)}")
     module, cls = SCORERS[name]
@@ -150,7 +154,6 @@ class ImagePreprocess:
 
 
 def load_tokenizer(folder: Path, what: str):
-    from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(folder))
     except (OSError, ValueError, TypeError) as e:
@@ -168,7 +171,6 @@ def load_transformers_model(cls, folder: Path, what: str, device, model_type: st
     if cfg.get("model_type") != model_type:
         raise FlashDMDError(f"{what} folder {folder} holds a {cfg.get('model_type')!r} model, expected a "
                             f"transformers {cls.__name__} (model_type {model_type!r})")
-    from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from transformers import CLIPModel
 
 from flashdmd.evaluation.backends import (ImagePreprocess, check_images, load_tokenizer, load_transformers_model,
                                           require_folder)
@@ -43,7 +44,6 @@ class CLIPEmbedder:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu"):
-        from transformers import CLIPModel
         folder = require_folder(path, cls.WHAT, cls.NEEDS, cls.HINT)
         model = load_transformers_model(CLIPModel, folder, cls.WHAT, device, "clip")
         tok = load_tokenizer(folder, cls.WHAT)

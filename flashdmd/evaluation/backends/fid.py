@@ -22,12 +22,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
 from flashdmd.evaluation.backends import quantize
+from flashdmd.evaluation.metrics import feature_stats
 from flashdmd.families import network_call
 
 FID_WEIGHTS_NAME = "pt_inception-2015-12-05-6726825d.pth"
@@ -242,7 +246,6 @@ def load_inception_state_dict(path: str | Path, net: FIDInceptionV3 | None = Non
         raise FlashDMDError(f"FID Inception weights {p} not found ({hint})")
     try:
         if p.suffix == ".safetensors":
-            from safetensors.torch import load_file
             sd = load_file(str(p))
         else:
             sd = torch.load(p, map_location="cpu", weights_only=True)
@@ -285,8 +288,6 @@ def image_files(folder: str | Path) -> list[Path]:
 
 def iter_image_batches(files: list[Path], batch_size: int = 50) -> Iterator[Tensor]:
     """(B, 3, 299, 299) in [0, 1]: each image RGB, /255, resized to 299 on its own (as pytorch-fid does)."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
     for i in range(0, len(files), batch_size):
         batch = []
         for f in files[i:i + batch_size]:
@@ -315,11 +316,9 @@ def save_stats(path: str | Path, mu: Tensor, sigma: Tensor, num_images: int) -> 
         raise FlashDMDError(f"folder {p.parent} for the statistics does not exist")
     tmp = p.with_name(p.name + ".tmp")
     if p.suffix == ".npz":
-        import numpy as np
         with open(tmp, "wb") as fh:
             np.savez_compressed(fh, mu=mu.double().numpy(), sigma=sigma.double().numpy())
     elif p.suffix == ".safetensors":
-        from safetensors.torch import save_file
         save_file({"mu": mu.double().contiguous(), "sigma": sigma.double().contiguous()}, str(tmp),
                   metadata={"num_images": str(num_images), "features": "pytorch-fid inception pool3 2048"})
     else:
@@ -335,11 +334,9 @@ def load_stats(path: str | Path) -> tuple[Tensor, Tensor]:
         raise FlashDMDError(f"FID reference statistics {p} not found")
     try:
         if p.suffix == ".npz":
-            import numpy as np
             with np.load(p, allow_pickle=False) as z:
                 mu, sigma = torch.from_numpy(z["mu"].copy()), torch.from_numpy(z["sigma"].copy())
         elif p.suffix == ".safetensors":
-            from safetensors.torch import load_file
             t = load_file(str(p))
             mu, sigma = t["mu"], t["sigma"]
         else:
@@ -358,7 +355,6 @@ def load_stats(path: str | Path) -> tuple[Tensor, Tensor]:
 def reference_stats(ref: str | Path, inception: FIDInception | None = None, batch_size: int = 50,
                     progress=None) -> tuple[Tensor, Tensor]:
     """A folder of images (needs ``inception``) or a statistics file -> (mu, sigma)."""
-    from flashdmd.evaluation.metrics import feature_stats
     p = Path(ref).expanduser()
     if p.is_dir():
         if inception is None:

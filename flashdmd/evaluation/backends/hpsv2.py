@@ -28,7 +28,9 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import Tensor
+from transformers import CLIPConfig, CLIPModel
 
 from flashdmd import FlashDMDError
 from flashdmd.evaluation.backends.clip_score import CLIPEmbedder
@@ -99,8 +101,6 @@ def convert_open_clip_state_dict(sd: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def convert_checkpoint(checkpoint: str | Path, base: str | Path, out: str | Path) -> Path:
     """Write OUT = BASE's config/tokenizer/processor + the converted open_clip weights (a CLIPModel folder)."""
-    from safetensors.torch import save_file
-    from transformers import CLIPConfig, CLIPModel
     ckpt, base, out = Path(checkpoint), Path(base), Path(out)
     if not ckpt.is_file():
         raise FlashDMDError(f"HPSv2 checkpoint {ckpt} not found")

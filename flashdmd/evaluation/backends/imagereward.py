@@ -42,10 +42,14 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import Tensor, nn
+from transformers import BlipForImageTextRetrieval
 
 from flashdmd import FlashDMDError
-from flashdmd.evaluation.backends import (ImagePreprocess, check_images, load_tokenizer, require_folder)
+from flashdmd.evaluation.backends import (ImagePreprocess, check_images, load_tokenizer, load_transformers_model,
+                                          require_folder)
 
 MEAN = 0.16717362830052426
 STD = 1.0333394966054072
@@ -79,11 +83,6 @@ class ImageReward:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device="cpu"):
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-        from transformers import BlipForImageTextRetrieval
-
-        from flashdmd.evaluation.backends import load_transformers_model
         folder = require_folder(path, cls.WHAT, cls.NEEDS, cls.HINT)
         blip = load_transformers_model(BlipForImageTextRetrieval, folder, cls.WHAT, device, "blip")
         head = RewardMLP(int(blip.config.text_config.hidden_size))

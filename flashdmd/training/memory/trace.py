@@ -1,0 +1,112 @@
+"""The tracer: live bytes of the tensors a step creates on the meta device, with fused attention as the kernels hold
+it. Nothing here knows the step: it runs whatever function it is given (:func:`trace_phase`)."""
+from __future__ import annotations
+
+import weakref
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class LiveBytes(TorchDispatchMode):
+    """Counts the bytes of the distinct storages that ops create on ``device`` while active, each until it is
+    freed; ``peak`` is the largest total seen. Storages that existed before (weights, inputs) are not counted: an
+    op's output is new only when it shares no storage with the op's inputs."""
+
+    def __init__(self, device: str = "meta"):
+        super().__init__()
+        self.device = torch.device(device)
+        self.live = 0
+        self.peak = 0
+        self._held: dict[int, object] = {}
+
+    def _track(self, t: torch.Tensor) -> None:
+        if t.device != self.device:
+            return
+        st = t.untyped_storage()
+        key = st._cdata
+        if key in self._held:
+            return
+        n = st.nbytes()
+        self.live += n
+        self.peak = max(self.peak, self.live)
+
+        def freed(_ref, key=key, n=n):
+            if self._held.pop(key, None) is not None:
+                self.live -= n
+        self._held[key] = weakref.ref(st, freed)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        # an output sharing an input's storage (a view, an in-place op) allocates nothing: only new storages count
+        inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                  if isinstance(t, torch.Tensor)}
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                self._track(t)
+        return out
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+
+class _FusedAttention(torch.autograd.Function):
+    """Shapes and saved tensors of a fused (flash / memory-efficient) attention kernel, for meta tensors."""
+
+    @staticmethod
+    def forward(ctx, q, k, v):
+        out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+        lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(q, k, v, out, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        q, k, v, _, _ = ctx.saved_tensors
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+@contextmanager
+def fused_attention():
+    """Inside: F.scaled_dot_product_attention on meta tensors without a mask counts as a fused kernel."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
+        # torch's own parameter names: diffusers' attention dispatcher (FLUX) passes them as keywords
+        if query.device.type == "meta" and attn_mask is None:
+            return _FusedAttention.apply(query, key, value)
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        **kw)
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def grad_bytes(modules) -> int:
+    return sum(p.grad.untyped_storage().nbytes() for m in modules if m is not None for p in m.parameters()
+               if p.grad is not None)
+
+
+def clear_grads(modules) -> None:
+    for m in modules:
+        if m is not None:
+            for p in m.parameters():
+                p.grad = None
+
+
+def trace_phase(fn, *args) -> tuple[int, int, object]:
+    """Run ``fn(*args) -> (the modules it updates, its outputs)`` under the tracer: (the peak bytes its tensors
+    reach, the bytes of the gradients it leaves on those modules, its outputs). The gradients are then freed, as
+    the run's optimiser step frees them (training/optim.py)."""
+    tracker = LiveBytes("meta")
+    with fused_attention(), tracker:
+        updated, outputs = fn(*args)
+    modules = list({id(m): m for m in updated if m is not None}.values())
+    grads = grad_bytes(modules)
+    clear_grads(modules)
+    return tracker.peak, grads, outputs
