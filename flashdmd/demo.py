@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 PRESET = Path(__file__).resolve().parent.parent / "configs" / "world_sdxl_demo.yaml"
 GRID_PROMPTS = 10   # one per class
@@ -57,13 +57,11 @@ def run(args):
                 "student_4": "Flash-DMD student, 4 steps, no CFG (same prompts and noise seeds)"}
     grids = [(f"grid_{k}.png", v) for k, v in captions.items()]
     metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
+    metrics = io.read_json(metrics_path)
     metrics["comparison"] = rows
     metrics["demo_wall_seconds"] = time.time() - t0
     metrics["demo_seed"] = cfg.seed
-    tmp = metrics_path.with_name("metrics.json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(metrics_path)
+    io.atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
     s, t50, t4 = rows[2], rows[0], rows[1]
     summary = (f"A {len(student.timesteps)}-step student distilled (training seed {cfg.seed}) from the embedded "
                f"SDXL-architecture teacher in "

@@ -41,7 +41,7 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.diffusion import bcast, cfg_combine, samplers, to_x0_eps
 
 MIN_TOKENIZER_LEN = 100
@@ -115,10 +115,7 @@ def read_model_index(path: Path) -> dict:
     index = path / "model_index.json"
     if not index.is_file():
         raise FlashDMDError(f"{path} is not a diffusers pipeline folder: model_index.json is missing")
-    try:
-        data = json.loads(index.read_text())
-    except (OSError, ValueError) as e:
-        raise FlashDMDError(f"{index} is not readable JSON ({e})") from None
+    data = io.read_json(index, want=None)
     if not isinstance(data, dict):
         raise FlashDMDError(f"{index} is not a JSON object of pipeline components (got {type(data).__name__})")
     return data
@@ -391,7 +388,7 @@ class Family(ABC):
         config = self.path / "vae" / "config.json"
         default = inspect.signature(cls.__init__).parameters.get("force_upcast") if cls is not None else None
         try:
-            force = json.loads(config.read_text()).get("force_upcast", default.default if default else False)
+            force = io.read_json(config).get("force_upcast", default.default if default else False)
         except (OSError, ValueError):  # load_component reports the missing / broken folder
             force = False
         return torch.float32 if force else self.frozen_dtype

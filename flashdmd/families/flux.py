@@ -24,12 +24,13 @@ Conventions, matching ``FluxPipeline`` (diffusers 0.42):
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.diffusion import FlowSchedule
 from flashdmd.families.base import Conditioning, Family, input_dtype, unwrap
 
@@ -72,9 +73,7 @@ class FluxFamily(Family):
     @classmethod
     def exported_guidance(cls, info: dict, teacher) -> float:
         """A guidance-distilled student is called with the embedded guidance it was trained with; others with 1."""
-        import json
-        from pathlib import Path
-        config = json.loads((Path(teacher) / cls.denoiser_subfolder / "config.json").read_text())
+        config = io.read_json(Path(teacher) / cls.denoiser_subfolder / "config.json")
         return float(info.get("embedded_guidance", DEFAULT_EMBEDDED_GUIDANCE)) if config.get("guidance_embeds") \
             else 1.0
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.families import LORA_TARGETS, load_family, name_part, resolve_path
 
 RUN_KIND = "flashdmd-distill-run"
@@ -51,8 +51,7 @@ def load_model(spec: str, device="cpu", dtype: torch.dtype | None = None) -> Mod
         return load_student(path, device=device, dtype=dtype)
     fam = load_family(spec, device=device, frozen_dtype=dtype)
     extra = path / "flashdmd.json"
-    cfg = json.loads(extra.read_text()).get("guidance_scale", TEACHER_DEFAULT_CFG) if extra.is_file() \
-        else TEACHER_DEFAULT_CFG
+    cfg = io.read_json(extra).get("guidance_scale", TEACHER_DEFAULT_CFG) if extra.is_file() else TEACHER_DEFAULT_CFG
     return Model(fam, fam.denoiser, "teacher", None, float(cfg), False)
 
 

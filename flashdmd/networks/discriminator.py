@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError, plugins
+from flashdmd import FlashDMDError, io, plugins
 from flashdmd.families import network_call
 
 # SAM's image processor normalisation (pixel values in [0, 1] space).
@@ -60,8 +60,7 @@ class SamBackbone(nn.Module):
         if not (p / "config.json").is_file():
             raise FlashDMDError(f"SAM encoder folder {p} has no config.json: give a local transformers "
                                 "SamModel or SamVisionModel folder (e.g. a download of facebook/sam-vit-base)")
-        import json
-        arch = json.loads((p / "config.json").read_text()).get("architectures") or []
+        arch = io.read_json(p / "config.json").get("architectures") or []
         try:
             if "SamModel" in arch:
                 model = SamModel.from_pretrained(p, use_safetensors=True).vision_encoder

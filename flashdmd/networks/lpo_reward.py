@@ -31,14 +31,13 @@ Only ``state_dict.pt`` is read with ``torch.load(..., weights_only=True)``; the 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.families import network_call
 
 TAPS = (2, 5, 8)  # LPO's down_block_res_samples indices (multi-scale)
@@ -99,13 +98,13 @@ def _checked(path: str | Path, family) -> tuple[dict, Tensor, float]:
     if family.name != "sdxl":
         raise FlashDMDError(f"rl_reward_model {d} is LPO's LRM (an SDXL UNet scoring SDXL latents); the teacher is "
                             f"{family.name}: train an LRM for it with `flashdmd reward train` (docs/PAIRS.md)")
-    unet_cfg = json.loads((d / "unet" / "config.json").read_text())
     for sub in ("unet", "text_encoder", "text_encoder_2"):
         if (d / sub).is_dir() and not any((d / sub).glob("*.safetensors")):
             raise FlashDMDError(f"{d / sub} holds no .safetensors weights; flashdmd loads no pickled weights: save "
                                 f"it with save_pretrained(..., safe_serialization=True) first")
     if not (d / "unet").is_dir():
         raise FlashDMDError(f"{d} has no unet/ folder")
+    unet_cfg = io.read_json(d / "unet" / "config.json")
     if unet_cfg.get("in_channels") != family.latent_channels:
         raise FlashDMDError(f"LPO LRM {d}: its UNet takes {unet_cfg.get('in_channels')} latent channels, the teacher's "
                             f"latents have {family.latent_channels}")
@@ -125,7 +124,7 @@ def _checked(path: str | Path, family) -> tuple[dict, Tensor, float]:
                                                    (Path(family.path) / "text_encoder" / "config.json").is_file()):
         raise FlashDMDError(f"LPO LRM {d}: no text_encoder/ and text_encoder_2/ in it nor in the teacher folder "
                             f"{family.path}")
-    text_dim = json.loads((te2 / "config.json").read_text()).get("projection_dim")
+    text_dim = io.read_json(te2 / "config.json").get("projection_dim")
     if weight.shape[0] != text_dim:
         raise FlashDMDError(f"LPO LRM {d}: visual_projection gives {weight.shape[0]}-d embeddings, its text encoder "
                             f"{te2} {text_dim}-d ones")

@@ -49,7 +49,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError, plugins
+from flashdmd import FlashDMDError, io, plugins
 from flashdmd.families import LORA_TARGETS, network_call
 
 FORMAT = "flashdmd-lrm"
@@ -286,15 +286,18 @@ class LatentRewardModel(nn.Module):
         return state
 
     def save(self, directory, extra_config: dict | None = None) -> Path:
-        """Write ``lrm.json`` + ``lrm.safetensors`` into ``directory`` (created); return the folder."""
+        """Write ``lrm.json`` + ``lrm.safetensors`` into ``directory`` (created), each atomically; return the
+        folder."""
         from safetensors.torch import save_file
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_to_save(), str(d / WEIGHTS_NAME))
+        state = self.state_to_save()
+        io.atomic_save(d / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)), "the reward model",
+                       sum(v.numel() * v.element_size() for v in state.values()))
         cfg = self.config()
         if extra_config:
             cfg.update(extra_config)
-        (d / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        io.atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
         return d
 
     @classmethod
@@ -349,10 +352,10 @@ def weight_files(folder: Path) -> list[Path]:
     for name in WEIGHT_INDEXES:
         index = folder / name
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as e:
-                raise FlashDMDError(f"{index} is not a readable shard index ({e})") from None
+            shards = io.read_json(index).get("weight_map")
+            if not isinstance(shards, dict):
+                raise FlashDMDError(f"{index} is not a shard index (no weight_map)")
+            shards = sorted(set(shards.values()))
             return [folder / f for f in shards]
     for name in WEIGHT_FILES + PICKLED_WEIGHT_FILES:
         if (folder / name).is_file():
@@ -413,10 +416,7 @@ def read_config(d: Path) -> dict:
         raise FlashDMDError(f"LRM folder {d} does not exist; pass a folder written by `flashdmd reward train`")
     if not (c.is_file() and w.is_file()):
         raise FlashDMDError(f"{d} is not an LRM folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        cfg = json.loads(c.read_text())
-    except ValueError as e:
-        raise FlashDMDError(f"{c} is not valid JSON ({e})") from None
+    cfg = io.read_json(c, want=None)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise FlashDMDError(f"{c} is not a flashdmd LRM config (format is not {FORMAT!r})")
     needed = ("family", "teacher", "proj_dim", "hidden_dim", "train_backbone", "taps", "tap_channels", "text_dim",

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from flashdmd import FlashDMDError, plugins
+from flashdmd import FlashDMDError, io, plugins
 from flashdmd.data import read_prompt_file
 from flashdmd.inference import load_model, sample_latent_chunks, teacher_spec
 from flashdmd.evaluation.judges import JUDGES, Judge, choose, load_judge
@@ -84,10 +84,10 @@ def write_pairs(path: str | Path, records: list[dict], latents: Tensor | None) -
     if not path.parent.is_dir():
         raise FlashDMDError(f"folder {path.parent} for the pairs file does not exist")
     if latents is not None:
-        save_file({LATENTS_KEY: latents.detach().float().cpu().contiguous()}, str(companion_path(path)))
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        tensors = {LATENTS_KEY: latents.detach().float().cpu().contiguous()}
+        io.atomic_save(companion_path(path), lambda tmp: save_file(tensors, str(tmp)), "the pairs' latents",
+                       tensors[LATENTS_KEY].numel() * 4)
+    io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records), "the pairs file")
     return path
 
 
@@ -291,7 +291,7 @@ def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], 
                "judge": judge_info(judge), "prompts": prompts_source, "a_preferred": sum(pref) / num,
                "temperature": temperature, "mean_score_a": sum(score_a) / num, "mean_score_b": sum(score_b) / num,
                "wall_seconds": time.perf_counter() - t0}
-    out.with_suffix(".meta.json").write_text(json.dumps(summary, indent=2) + "\n")
+    io.atomic_write_text(out.with_suffix(".meta.json"), json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 FROZEN_DTYPES = ("auto", "float32", "bfloat16", "float16")
 NOISE_BANDS = {"low": (0.1, 0.3), "mid": (0.4, 0.6), "high": (0.7, 0.95)}
@@ -268,7 +268,7 @@ def run_train(args) -> dict:
     metrics.update(pairs=[str(p) for p in paths], family_model=args.family_model, backbone=args.backbone)
     model.save(out, extra_config={"training": {k: metrics[k] for k in ("steps", "batch_size", "lr", "num_pairs",
                                                                           "heldout_accuracy")}})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    io.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({"heldout_accuracy": metrics["heldout_accuracy"], "out": str(out),
                       "wall_seconds": round(metrics["wall_seconds"], 1)}, indent=2))
     return metrics

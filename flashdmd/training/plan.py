@@ -47,7 +47,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 GiB = 2 ** 30
 CUDA_RUNTIME_BYTES = 1 * GiB
@@ -212,7 +212,7 @@ def _meta_disc(cfg, family, fake_score):
         folder = Path(cfg.disc_backbone_path or "")
         if not (folder / "config.json").is_file():
             raise FlashDMDError(f"disc_backbone_path {folder}: no config.json (a SamModel / SamVisionModel folder)")
-        raw = json.loads((folder / "config.json").read_text())
+        raw = io.read_json(folder / "config.json")
         vision = SamConfig.from_pretrained(folder).vision_config if "vision_config" in raw else \
             SamVisionConfig.from_pretrained(folder)
         with torch.device("meta"):
@@ -581,7 +581,7 @@ def _meta_reward(cfg, family):
     config = path / CONFIG_NAME
     if not config.is_file():
         raise FlashDMDError(f"rl_reward_model {path}: no {CONFIG_NAME} (the folder `flashdmd reward train` writes)")
-    c = json.loads(config.read_text())
+    c = io.read_json(config)
     with torch.device("meta"):
         model = LatentRewardModel(family, proj_dim=c["proj_dim"], hidden_dim=c["hidden_dim"],
                                   train_backbone=c["train_backbone"], taps=c["taps"],
@@ -717,9 +717,7 @@ def run(args) -> None:
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2) + "\n")
-        tmp.replace(out)
+        io.atomic_write_text(out, json.dumps(result, indent=2) + "\n")
     if result["fits"] is False:
         raise FlashDMDError(f"the run does not fit {args.device_memory} per device (plan: "
                             f"{result['peak_bytes_per_device'] / GiB:.1f} GiB); see the split above")

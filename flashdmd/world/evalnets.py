@@ -20,11 +20,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 EVAL_DIR = Path(__file__).parent / "assets" / "eval"
 NAMES = ("eval_classifier", "oracle_judge", "disc_encoder")
@@ -45,8 +46,8 @@ def save_net(net: nn.Module, config: dict, directory, name: str) -> None:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(d / f"{name}.safetensors"))
-    (d / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    io.atomic_save(d / f"{name}.safetensors", lambda tmp: save_file(state, str(tmp)))
+    io.atomic_write_text(d / f"{name}.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def read_net(directory, name: str) -> tuple[dict, dict[str, Tensor]]:
@@ -56,9 +57,10 @@ def read_net(directory, name: str) -> tuple[dict, dict[str, Tensor]]:
     if not (w.is_file() and c.is_file()):
         raise FlashDMDError(f"evaluation network {name!r} not found in {d} (need {w.name} and {c.name}): "
                             f"{PRETRAIN_HINT}")
+    config = io.read_json(c, f"evaluation network {name!r}: {c}", PRETRAIN_HINT)
     try:
-        return json.loads(c.read_text()), load_file(str(w))
-    except Exception as e:  # corrupt json / safetensors header
+        return config, load_file(str(w))
+    except (OSError, SafetensorError) as e:  # a corrupt safetensors header
         raise FlashDMDError(f"cannot read evaluation network {name!r} from {d}: {e}; {PRETRAIN_HINT}") from None
 
 

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.world.tokenizer import MODEL_MAX_LENGTH
 
 STAGES = ("text", "vae", "sdxl", "sd3", "eval")
@@ -132,9 +132,8 @@ class Checkpoint:
         for i, st in opt.state_dict()["state"].items():
             tensors.update({f"opt.{i}.{n}": torch.as_tensor(v).contiguous() for n, v in st.items()})
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".tmp")
-        save_file(tensors, str(tmp), metadata={"step": str(step), "wall": str(wall), "loss": str(loss)})
-        os.replace(tmp, self.path)
+        meta = {"step": str(step), "wall": str(wall), "loss": str(loss)}
+        io.atomic_save(self.path, lambda tmp: save_file(tensors, str(tmp), metadata=meta), "a pretraining checkpoint")
 
     def load(self, model: nn.Module, ema: nn.Module | None, opt: torch.optim.Optimizer) -> tuple[int, float, float]:
         """Restore into the given objects; returns (step, wall seconds, loss), or (0, 0, nan) if none."""
@@ -608,7 +607,7 @@ def load_pipeline(folder: Path):
     index = Path(folder) / "model_index.json"
     if not index.is_file():
         raise FlashDMDError(f"{folder} has no model_index.json: run `flashdmd world pretrain` for it first")
-    cls = json.loads(index.read_text())["_class_name"]
+    cls = io.read_json(index).get("_class_name")
     if cls == "StableDiffusionXLPipeline":
         return StableDiffusionXLPipeline.from_pretrained(folder)
     if cls == "StableDiffusion3Pipeline":
@@ -649,11 +648,11 @@ def _parse_stages(only: str | None) -> tuple[list[str], bool]:
 
 def _read_log(out: Path) -> dict:
     p = out / "pretrain_log.json"
-    return json.loads(p.read_text()) if p.is_file() else {}
+    return io.read_json(p) if p.is_file() else {}
 
 
 def _write_log(out: Path, log: dict) -> None:
-    (out / "pretrain_log.json").write_text(json.dumps(log, indent=2, sort_keys=True) + "\n")
+    io.atomic_write_text(out / "pretrain_log.json", json.dumps(log, indent=2, sort_keys=True) + "\n")
 
 
 def _run_eval(out: Path, seed: int, quick: bool) -> dict:

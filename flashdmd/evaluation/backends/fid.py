@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.evaluation.backends import quantize
 from flashdmd.families import network_call
 
@@ -313,18 +313,17 @@ def save_stats(path: str | Path, mu: Tensor, sigma: Tensor, num_images: int) -> 
     p = Path(path)
     if not p.parent.is_dir():
         raise FlashDMDError(f"folder {p.parent} for the statistics does not exist")
-    tmp = p.with_name(p.name + ".tmp")
     if p.suffix == ".npz":
         import numpy as np
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, mu=mu.double().numpy(), sigma=sigma.double().numpy())
+        io.atomic_write(p, lambda fh: np.savez_compressed(fh, mu=mu.double().numpy(), sigma=sigma.double().numpy()),
+                        "the FID statistics")
     elif p.suffix == ".safetensors":
         from safetensors.torch import save_file
-        save_file({"mu": mu.double().contiguous(), "sigma": sigma.double().contiguous()}, str(tmp),
-                  metadata={"num_images": str(num_images), "features": "pytorch-fid inception pool3 2048"})
+        stats = {"mu": mu.double().contiguous(), "sigma": sigma.double().contiguous()}
+        meta = {"num_images": str(num_images), "features": "pytorch-fid inception pool3 2048"}
+        io.atomic_save(p, lambda tmp: save_file(stats, str(tmp), metadata=meta), "the FID statistics")
     else:
         raise FlashDMDError(f"statistics file {p} must end in .safetensors or .npz")
-    tmp.replace(p)
     return p
 
 
