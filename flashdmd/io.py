@@ -161,16 +161,21 @@ def write_folder(folder: str | Path, fill: Callable[[Path], None], what: str | N
                  need_bytes: int | None = None) -> None:
     """A folder written whole: ``fill(tmp)`` writes into ``FOLDER.tmp``, which then replaces ``folder`` (the old
     one renamed to ``FOLDER.old`` first and deleted last, so that some complete version exists at every moment).
-    On a write error the partial ``FOLDER.tmp`` is removed, the old folder is untouched, and the error is one line."""
+    On a write error the partial ``FOLDER.tmp`` is removed, the old folder is untouched, and the error is one line;
+    any other exception out of ``fill`` removes it too and passes through."""
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    with writing(what or folder.name, folder.parent, need_bytes, cleanup=[tmp]):
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
+    try:
+        with writing(what or folder.name, folder.parent, need_bytes, cleanup=[tmp]):
+            tmp.mkdir(parents=True)
+            fill(tmp)
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+    except BaseException:
+        _remove(tmp)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)

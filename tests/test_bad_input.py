@@ -593,7 +593,7 @@ def export_not_a_run(e):
 @case
 def export_garbage_run_json(e):
     (e.out / "run.json").write_bytes(b"\x89PNG\r\n")
-    return Case(["export", "--run", str(e.out), "--out", str(e.tmp / "exported")], r"run.json is unreadable", [e.out])
+    return Case(["export", "--run", str(e.out), "--out", str(e.tmp / "exported")], r"run.json is not readable JSON", [e.out])
 
 
 @case

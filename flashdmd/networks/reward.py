@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, io, plugins
-from flashdmd.families import LORA_TARGETS, network_call
+from flashdmd.families import network_call
+from flashdmd.networks import lora
 
 FORMAT = "flashdmd-lrm"
 VERSION = 1
@@ -128,7 +129,7 @@ class LatentRewardModel(nn.Module):
                 full = self.train_backbone is True and family.frozen_dtype != family.dtype
                 net = family.load_denoiser(family.dtype) if full else copy.deepcopy(net)
             if self.train_backbone == "lora":
-                self._add_lora(net, lora_rank, family.dtype)
+                lora.attach(net, lora_rank, lora_rank, family.dtype)
             else:
                 net.requires_grad_(True)
         self.backbone = net
@@ -153,19 +154,6 @@ class LatentRewardModel(nn.Module):
         self.to(family.device)
 
     # -- construction helpers ----------------------------------------------------------------------
-
-    @staticmethod
-    def _add_lora(net: nn.Module, rank: int, dtype: torch.dtype | None = None) -> None:
-        """LoRA adapters on the attention projections, in ``dtype`` (peft makes them in the base's, which may be
-        a lower frozen dtype)."""
-        from peft import LoraConfig
-        net.requires_grad_(False)
-        net.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        if not any(p.requires_grad for p in net.parameters()):
-            raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")
-        for p in net.parameters():
-            if p.requires_grad and dtype is not None and p.dtype != dtype:
-                p.data = p.data.to(dtype)
 
     @torch.no_grad()
     def _probe(self) -> tuple[int, list[int], int]:

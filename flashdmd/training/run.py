@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from flashdmd import FlashDMDError, io
+from flashdmd import FlashDMDError, io, runfolder
 from flashdmd.evaluation import worsened
-from flashdmd.inference import RUN_KIND, Model, sample_images
+from flashdmd.inference import Model, sample_images
 
 RUN_STATE = ("run.json", "config.yaml", "metrics.json", "report.html", "student", "student.tmp", "student.old",
              "checkpoints", "tb", "samples", "wandb")
@@ -310,24 +310,12 @@ class RunWriter:
 
     def _write_student(self, ctx, student):
         """DIR/student written whole (the previous one stays until the new one is complete), then DIR/run.json."""
-        net = student.net
-        if self.cfg.model_lora_rank > 0:
-            from peft.utils import get_peft_model_state_dict
-            from safetensors.torch import save_file
-            adapters = {k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()}
-            need = sum(v.numel() * v.element_size() for v in adapters.values())
-            io.write_folder(self.out / "student", lambda tmp: save_file(adapters, str(tmp / "adapter.safetensors")),
-                            "the student", need)
-        else:
-            need = sum(v.numel() * v.element_size() for v in net.state_dict().values())
-            io.write_folder(self.out / "student", lambda tmp: net.save_pretrained(tmp, safe_serialization=True),
-                            "the student", need)
-        info = {"kind": RUN_KIND, "teacher": self.cfg.model_teacher, "family": ctx.family.name,
-                "teacher_path": str(ctx.family.path), "student_timesteps": ctx.timesteps,
-                "resolution": ctx.resolution, "embedded_guidance": self.cfg.model_embedded_guidance,
-                "lora_rank": self.cfg.model_lora_rank, "lora_alpha": self.cfg.model_lora_alpha,
-                "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "method": self.cfg.method}
-        io.atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
+        runfolder.write_student(self.out, student.net, self.cfg.model_lora_rank)
+        runfolder.write_record(self.out, teacher=self.cfg.model_teacher, family=ctx.family.name,
+                               teacher_path=str(ctx.family.path), student_timesteps=ctx.timesteps,
+                               resolution=ctx.resolution, embedded_guidance=self.cfg.model_embedded_guidance,
+                               lora_rank=self.cfg.model_lora_rank, lora_alpha=self.cfg.model_lora_alpha,
+                               generator_steps=ctx.generator_steps, rl_steps=ctx.rl_steps, method=self.cfg.method)
 
     def finish(self, ctx, wall_seconds: float) -> dict:
         self.save_student(ctx)
