@@ -44,8 +44,9 @@ def run_distill_row(label: str, preset, overrides: dict, folder, a, steps: int, 
         print(f"{label}: already done, reading {folder / 'metrics.json'}", flush=True)
         return json.loads((folder / "metrics.json").read_text())
     sets = [f"{k}={v}" for k, v in overrides.items()] + [
-        f"max_steps={steps}", f"eval_every_steps={a.eval_every}", f"eval_num_images={a.num_images}",
-        f"batch_size={a.batch}", f"seed={seed}", "sample_every_steps=0", f"checkpoint_every_steps={steps}",
+        f"run_max_steps={steps}", f"eval_every_steps={a.eval_every}", f"eval_num_images={a.num_images}",
+        f"run_batch_size={a.batch}", f"run_seed={seed}", "run_sample_every_steps=0",
+        f"run_checkpoint_every_steps={steps}",
         "rl_enabled=false"] + list(a.set)
     cfg = DistillConfig.from_sources(str(preset), sets)
     print(f"{label}: {Path(preset).name} {' '.join(sets)}", flush=True)

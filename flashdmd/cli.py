@@ -122,11 +122,15 @@ def _cmd_reward_train(args):
 
 def _cmd_config_help(args):
     import dataclasses
+    import textwrap
 
-    from flashdmd.training.config import DistillConfig
+    from flashdmd.training.config import RESOLUTION, DistillConfig
+    print(textwrap.fill(RESOLUTION, 116) + "\n")
+    helps = DistillConfig.field_help()
     for f in dataclasses.fields(DistillConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        print(f"{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+        shown = "the method's" if f.metadata.get("method_default") else repr(default)
+        print(f"{f.name} = {shown}\n    {helps[f.name]}")
 
 
 def _threads_arg(value: str) -> str | int:

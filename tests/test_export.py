@@ -42,9 +42,9 @@ def runs(tmp_path_factory):
         kinds = (("full", {}), ("lora", {"model_lora_rank": 2, "model_lora_alpha": 4.0})) if family == "sd3" \
             else (("full", {}),)
         for kind, kw in kinds:
-            cfg = DistillConfig(model_teacher=str(teacher), batch_size=2, max_steps=1, disc_kind="none",
-                                eval_every_steps=0, sample_every_steps=0, checkpoint_every_steps=0, seed=0,
-                                generator_lr=1e-3, **kw)
+            cfg = DistillConfig(model_teacher=str(teacher), run_batch_size=2, run_max_steps=1, disc_kind="none",
+                                eval_every_steps=0, run_sample_every_steps=0, run_checkpoint_every_steps=0, run_seed=0,
+                                student_lr=1e-3, **kw)
             train(cfg, tmp / f"run_{family}_{kind}", progress=False)
             out[family, kind] = tmp / f"run_{family}_{kind}"
     out["sdxl", "lora"] = _lora_run_folder(out["sdxl", "full"], tmp / "run_sdxl_lora", rank=2, alpha=4.0)

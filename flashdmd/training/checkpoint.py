@@ -287,7 +287,7 @@ def _write_main_files(ctx, tmp: Path, roles: dict, optims: dict, writer_state: d
     _write_json(tmp / "state.json", {
         "iteration": ctx.iteration, "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps,
         "global_step": ctx.global_step, "stage": ctx.stage, "stage2_start_iteration": ctx.stage2_start_iteration,
-        "num_processes": acc.num_processes, "batch_size": ctx.cfg.batch_size,
+        "num_processes": acc.num_processes, "batch_size": ctx.cfg.run_batch_size,
         "schedule_processes": ctx.schedule_processes,
         "sched": {k: s.state_dict() for k, s in ctx.sched.items()}, "writer": writer_state})
     files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -354,7 +354,7 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
     """Restore every role, optimiser, scheduler, RNG and counter from a verified checkpoint folder."""
     acc = ctx.accelerator
     state = read_state(folder)
-    check_global_batch(folder, state, ctx.cfg.batch_size, acc.num_processes)
+    check_global_batch(folder, state, ctx.cfg.run_batch_size, acc.num_processes)
     if state["stage"] == 2 and ctx.reference is None:
         from flashdmd.training.stage2 import setup_stage2
         setup_stage2(ctx)
@@ -395,7 +395,7 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
         setattr(ctx, k, state[k])
     ctx.stage2_start_iteration = state.get("stage2_start_iteration")
     if ctx.stage == 2 and ctx.stage2_start_iteration is None:  # written before this was recorded
-        ctx.stage2_start_iteration = ctx.cfg.max_steps * ctx.cfg.fake_score_ttur
+        ctx.stage2_start_iteration = ctx.cfg.run_max_steps * ctx.cfg.fake_score_ttur
     # the learning-rate schedules advance by the process count of the run's first launch, forever (see
     # distill.step_schedulers); checkpoints from before this was recorded were written by that launch
     ctx.schedule_processes = state.get("schedule_processes", state["num_processes"])
@@ -421,7 +421,7 @@ def check_global_batch(folder: Path, state: dict, batch_size: int, num_processes
     g_old, g_new = b_old * n_old, batch_size * num_processes
     if g_old == g_new:
         return
-    fix = (f"set batch_size={g_old // num_processes} to continue on {num_processes} process(es)"
+    fix = (f"set run_batch_size={g_old // num_processes} to continue on {num_processes} process(es)"
            if g_old % num_processes == 0 else f"continue on a number of processes that divides {g_old}")
     raise FlashDMDError(f"checkpoint {folder} was written with a global batch of {g_old} ({n_old} processes x "
                         f"{b_old}), this run has {num_processes} x {batch_size} = {g_new}: {fix}")

@@ -129,7 +129,7 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
     log = log or (lambda line: None)
     check_trackers(cfg)
     acc = accelerator or make_accelerator(cfg)
-    torch.manual_seed(cfg.seed + acc.process_index)
+    torch.manual_seed(cfg.run_seed + acc.process_index)
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=acc.device,
                          dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, acc.device))
     resolution = cfg.data_resolution or family.default_resolution
@@ -164,12 +164,12 @@ def setup(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Context
         shard(net.to(acc.device))
     ctx = Context(cfg=cfg, family=family, teacher=roles.teacher, student=roles.student, fake_score=roles.fake_score,
                   disc=roles.disc, timesteps=timesteps, n_dm=n_dm,
-                  rng=SampleRNG(cfg.seed, acc.process_index, cfg.batch_size),
+                  rng=SampleRNG(cfg.run_seed, acc.process_index, cfg.run_batch_size),
                   prompts=prompts, real=real, accelerator=acc, resolution=resolution, evaluator=evaluator,
                   grid_prompts=grid)
     # pooled heads: fix their standardisation before they are prepared (a resume restores the same statistics)
     if cfg.disc_kind == "pixel" and cfg.disc_head == "pooled":
-        ctx.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.batch_size))
+        ctx.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.run_batch_size))
     _make_optimizers(ctx)
     if cfg.student_ema > 0:
         ctx.student_ema = StudentEMA(acc.unwrap_model(ctx.student), cfg.student_ema)
@@ -213,18 +213,18 @@ def _student_steps(cfg: DistillConfig, family) -> tuple[list[float], int]:
 
 
 def check_trackers(cfg: DistillConfig) -> None:
-    """report_to's trackers can be imported (wandb is an optional package)."""
+    """run_report_to's trackers can be imported (wandb is an optional package)."""
     import importlib.util
-    if "wandb" in cfg.report_to and importlib.util.find_spec("wandb") is None:
-        raise FlashDMDError("report_to has wandb but wandb is not installed: `pip install wandb`, or drop it from "
-                            "report_to (tensorboard is the default)")
+    if "wandb" in cfg.run_report_to and importlib.util.find_spec("wandb") is None:
+        raise FlashDMDError("run_report_to has wandb but wandb is not installed: `pip install wandb`, or drop it "
+                            "from run_report_to (tensorboard is the default)")
 
 
 def _real_stream(cfg: DistillConfig, acc, resolution: int) -> RealImageStream:
     source = open_image_source(cfg.data_real)
     check_readable(source)
     workers = cfg.data_workers if cfg.data_workers is not None else (0 if plugins.find(cfg.data_real) else 2)
-    return RealImageStream(source, resolution, cfg.batch_size, crop=cfg.data_crop, seed=cfg.seed,
+    return RealImageStream(source, resolution, cfg.run_batch_size, crop=cfg.data_crop, seed=cfg.run_seed,
                            process_index=acc.process_index, num_processes=acc.num_processes, num_workers=workers,
                            max_bad_fraction=cfg.data_max_bad_fraction)
 
@@ -313,7 +313,7 @@ def cache_text(cfg: DistillConfig, family, prompts, evaluator, grid: list[str], 
             if cfg.disc_condition == "text":
                 raise
             pass
-    family.cache_prompts(todo, cfg.batch_size)
+    family.cache_prompts(todo, cfg.run_batch_size)
     family.release_text_encoders()
     return family.cached_prompts
 
@@ -365,7 +365,7 @@ def _make_optimizers(ctx: Context):
     for net in (ctx.student, ctx.fake_score, ctx.disc):
         if net is not None:
             net.to(acc.device)
-    ctx.opt = {"generator": _adamw(trainable_parameters(ctx.student), cfg.generator_lr, cfg),
+    ctx.opt = {"generator": _adamw(trainable_parameters(ctx.student), cfg.student_lr, cfg),
                "fake_score": _adamw(trainable_parameters(ctx.fake_score), cfg.fake_score_lr, cfg)}
     if cfg.disc_kind == "pixel":
         ctx.opt["disc"] = _adamw(list(ctx.disc.trainable_parameters()), cfg.disc_lr, cfg)
@@ -379,7 +379,7 @@ def _make_optimizers(ctx: Context):
     ctx.schedule_processes = acc.num_processes  # a resume restores the first launch's (load_checkpoint)
 
     def factor(step: int) -> float:  # scheduler steps in Stage 1: iterations x the schedule's process count
-        total = cfg.max_steps * cfg.fake_score_ttur * ctx.schedule_processes
+        total = cfg.run_max_steps * cfg.fake_score_ttur * ctx.schedule_processes
         return lr_factor(cfg.optim_warmup_steps, cfg.optim_lr_decay, total, cfg.optim_lr_final)(step)
     ctx.sched = {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in ctx.opt.items()}
 
@@ -391,7 +391,7 @@ def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) 
     """Backward, clip ``params`` jointly, step the optimiser(s) of ``roles``, then free every gradient (also those
     the backward left on other roles: DMD2's generator loss reaches the fake score's weights), so that no phase
     carries the previous phase's gradients (what `flashdmd plan` assumes). A non-finite loss or gradient norm
-    skips the update with a warning; after ``max_nonfinite_in_row`` in a row for this role the run stops with a
+    skips the update with a warning; after ``run_max_nonfinite_in_row`` in a row for this role the run stops with a
     clear error."""
     from flashdmd.training.parallel import clip_grad_norm_
     roles = (roles,) if isinstance(roles, str) else roles
@@ -413,7 +413,7 @@ def _optimise(ctx: Context, roles: str | tuple[str, ...], loss: Tensor, params) 
     n = ctx.nonfinite[role] = ctx.nonfinite.get(role, 0) + 1
     what = "loss" if not torch.isfinite(loss) else "gradient"
     warnings.warn(f"{role}: non-finite {what} at step {ctx.global_step}; update skipped ({n} in a row)", stacklevel=2)
-    if n >= ctx.cfg.max_nonfinite_in_row:
+    if n >= ctx.cfg.run_max_nonfinite_in_row:
         raise FlashDMDError(f"{role}: {n} non-finite updates in a row at step {ctx.global_step}; lower the learning "
                             f"rates or check the data (last good checkpoint: {ctx.last_checkpoint or 'none'})")
     return float("nan")
@@ -524,8 +524,9 @@ def discriminator_step(ctx: Context, x0_fake: Tensor, cond) -> dict:
 def distill_iteration(ctx: Context, writer) -> bool:
     """One Stage-1 iteration; True when it updated the generator."""
     cfg = ctx.cfg
-    prompts = ctx.prompts.sample(cfg.batch_size, ctx.rng)
-    cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.batch_size, ctx.resolution, ctx.resolution)
+    prompts = ctx.prompts.sample(cfg.run_batch_size, ctx.rng)
+    cond, uncond = _encode(ctx, prompts), ctx.family.null_conditioning(cfg.run_batch_size, ctx.resolution,
+                                                                       ctx.resolution)
     gen_now = ctx.iteration % cfg.fake_score_ttur == 0
     with ctx.accelerator.autocast():
         # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
@@ -549,7 +550,7 @@ def distill_iteration(ctx: Context, writer) -> bool:
 def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
           max_iterations: int | None = None, ctx: Context | None = None, resume: str | None = None,
           overwrite: bool = False) -> dict:
-    """Stage 1 for ``cfg.max_steps`` generator steps (or ``max_iterations`` iterations), then Stage 2 when
+    """Stage 1 for ``cfg.run_max_steps`` generator steps (or ``max_iterations`` iterations), then Stage 2 when
     ``cfg.rl_enabled``, into ``out_dir``. ``resume``: "latest" or a checkpoint folder. A folder that already
     holds a run is refused unless ``resume`` or ``overwrite``. ``ctx`` lets a caller (tests) pass a context
     built by :func:`setup`."""
@@ -566,7 +567,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     if folder is not None:  # another global batch fails before any model is loaded (the launcher sets WORLD_SIZE)
         acc = ctx.accelerator if ctx is not None else accelerator
         processes = acc.num_processes if acc is not None else int(os.environ.get("WORLD_SIZE", "1"))
-        check_global_batch(folder, read_state(folder), cfg.batch_size, processes)
+        check_global_batch(folder, read_state(folder), cfg.run_batch_size, processes)
     ctx = ctx or setup(cfg, accelerator)
     if overwrite and ctx.accelerator.is_main_process:  # every check passed: now the old run's state goes
         removed = clear_run_dir(out_dir)
@@ -583,7 +584,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
         if ctx.accelerator.is_main_process:
             print(f"resumed from {folder} at step {ctx.global_step} (stage {ctx.stage})")
     t0 = time.time()
-    total = cfg.max_steps * cfg.fake_score_ttur
+    total = cfg.run_max_steps * cfg.fake_score_ttur
     if max_iterations is not None:
         total = min(total, max_iterations)
     # SIGTERM / SIGUSR1: checkpoint after the iteration, raise Preempted; the data-loader workers stop when training
@@ -613,7 +614,7 @@ def dry_run(cfg: DistillConfig, log=print, accelerator=None) -> None:
     nothing written. Raises FlashDMDError on the first problem."""
     import dataclasses
     t0 = time.time()
-    small = dataclasses.replace(cfg, batch_size=1, disc_calibration_images=min(cfg.disc_calibration_images, 4))
+    small = dataclasses.replace(cfg, run_batch_size=1, disc_calibration_images=min(cfg.disc_calibration_images, 4))
     ctx = setup(small, accelerator, log=log)
     sink = _NullWriter()
     for _ in range(small.fake_score_ttur):  # the first iteration updates the generator, the rest the critics
@@ -680,7 +681,7 @@ def run_stage2(ctx: Context, writer, progress: bool, signalled=None) -> None:
                 preempt.stop_if_signalled(ctx, writer, signalled)
             if ctx.rl_steps >= cfg.rl_steps:
                 break
-            prompts = ctx.prompts.sample(cfg.batch_size, ctx.rng)
+            prompts = ctx.prompts.sample(cfg.run_batch_size, ctx.rng)
             with ctx.accelerator.autocast():
                 logs = rl_step(ctx, _encode(ctx, prompts), prompts)
             writer.accumulate(logs)

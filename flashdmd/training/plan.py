@@ -307,7 +307,7 @@ def _trace_context(cfg, family, roles, timesteps, n_dm, resolution):
     meta = torch.device("meta")
     ctx = SimpleNamespace(cfg=cfg, family=family, teacher=roles["teacher"], student=roles["student"],
                           fake_score=roles["fake_score"], disc=roles["disc"], timesteps=timesteps, n_dm=n_dm,
-                          rng=SampleRNG(cfg.seed, 0, cfg.batch_size), resolution=resolution,
+                          rng=SampleRNG(cfg.run_seed, 0, cfg.run_batch_size), resolution=resolution,
                           accelerator=SimpleNamespace(device=meta))
     shape = tuple(family.latent_shape(resolution, resolution))
     ctx.real_latents = lambda n: torch.empty((n,) + shape, device=meta, dtype=family.dtype)
@@ -453,7 +453,7 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
     text_cache = bool(getattr(cfg, "model_text_cache", False))
     ctx = _trace_context(cfg, family, roles, timesteps, n_dm, resolution)
 
-    b = cfg.batch_size
+    b = cfg.run_batch_size
     tracker = LiveBytes("meta")
     with fused_attention(), tracker, torch.no_grad():
         cond = family.encode_prompts(["a prompt"] * b, resolution, resolution)

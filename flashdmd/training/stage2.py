@@ -48,7 +48,7 @@ class JudgeReward(torch.nn.Module):
     @torch.no_grad()
     def score(self, x_t: torch.Tensor, t: torch.Tensor, cond, prompts: list[str] | None = None) -> torch.Tensor:
         ctx = self._ctx[0]
-        fam, b = ctx.family, ctx.cfg.batch_size
+        fam, b = ctx.family, ctx.cfg.run_batch_size
         if prompts is None or len(prompts) != x_t.shape[0]:
             raise FlashDMDError("the judge reward needs one prompt per candidate")
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])
@@ -98,7 +98,7 @@ def setup_stage2(ctx) -> None:
         path = resolve_reward_model(cfg.rl_reward_model, ctx.family.name)
         ctx.reward = load_reward_model(path, ctx.family, cfg).to(acc.device).requires_grad_(False).eval()
     params = [p for p in ctx.student.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.rl_lr or cfg.generator_lr, betas=tuple(cfg.optim_betas),
+    opt = torch.optim.AdamW(params, lr=cfg.rl_lr or cfg.student_lr, betas=tuple(cfg.optim_betas),
                             weight_decay=cfg.optim_weight_decay)
     ctx.opt["rl"] = acc.prepare(opt)  # the student is prepared already: this only wraps the optimiser
     ctx.sched["rl"] = torch.optim.lr_scheduler.LambdaLR(ctx.opt["rl"], lambda _: 1.0)
