@@ -34,7 +34,7 @@ from flashdmd.export.weights import (DTYPES, LORA_WEIGHTS, SAFETENSORS_FLOAT, ca
                                          folder_float_dtypes, ignore_pickled, safetensors_dtypes, write_lora_weights,
                                          write_merged_lora_student)
 from flashdmd.families import FAMILIES, detect_family, resolve_path
-from flashdmd.families.base import read_model_index
+from flashdmd.families.parts import read_model_index
 
 __all__ = ["export", "load_kwargs", "readme", "lcm_scheduler", "flow_lcm_fit", "flow_lcm_scheduler",
            "student_scheduler", "cast_folder", "safetensors_dtypes", "write_merged_lora_student", "SAFETENSORS_FLOAT",

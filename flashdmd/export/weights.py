@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 
 from flashdmd import FlashDMDError, io, runfolder
 from flashdmd.families import FAMILIES
-from flashdmd.families.base import component_class
+from flashdmd.families.parts import component_class
 from flashdmd.networks import lora
 
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"

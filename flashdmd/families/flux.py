@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, io
 from flashdmd.diffusion import FlowSchedule
-from flashdmd.families.base import Conditioning, Family, input_dtype, unwrap
+from flashdmd.families.base import Family
+from flashdmd.families.parts import Conditioning, input_dtype, unwrap
 
 STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE
