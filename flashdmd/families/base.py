@@ -27,6 +27,8 @@ is missing.
 """
 from __future__ import annotations
 
+import copy
+import gc
 import inspect
 from abc import ABC, abstractmethod
 from dataclasses import replace
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, io
@@ -224,7 +227,6 @@ class Family(ABC):
         """Drop the text encoders and tokenizers (their memory goes with the last reference); afterwards
         :meth:`encode_prompts` answers only prompts cached by :meth:`cache_prompts` and raises a one-line
         FlashDMDError for any other. The null conditioning stays available."""
-        import gc
         self.null_conditioning(1)
         self._text_cache = self._text_cache or TextCache()
         self.text_encoders, self.tokenizers = [], []
@@ -302,7 +304,6 @@ class Family(ABC):
         """The fresh N(0, I) noise of one stochastic sampler step, drawn as the family's pipeline's scheduler draws it
         (``randn_tensor`` of the latents' shape; FLUX: of its packed tokens), so that an exported pipeline and
         flashdmd's sampler consume one generator stream identically."""
-        from diffusers.utils.torch_utils import randn_tensor
         return randn_tensor(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
 
     def initial_latents(self, noise: Tensor, t0: float, init: str = "pipeline") -> Tensor:
@@ -377,7 +378,6 @@ class Family(ABC):
 
     def scheduler_timesteps(self, steps: int) -> list[float]:
         """The folder's own scheduler's timesteps for ``steps`` steps (what its diffusers pipeline uses)."""
-        import copy
         sched = copy.deepcopy(self.scheduler)
         sched.set_timesteps(steps)
         return [float(t) for t in sched.timesteps]

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+from safetensors import SafetensorError
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, io
@@ -145,7 +146,6 @@ def load_component(path: Path, index: dict, name: str, dtype: torch.dtype, requi
     kwargs = {}
     if is_net:
         kwargs = {"torch_dtype": dtype} if cls.__module__.startswith("diffusers") else {"dtype": dtype}
-    from safetensors import SafetensorError
     try:
         part = cls.from_pretrained(folder, **kwargs)
     except (OSError, ValueError, RuntimeError, KeyError, SafetensorError) as e:

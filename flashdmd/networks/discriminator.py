@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
+from transformers import SamModel, SamVisionModel
 
 from flashdmd import FlashDMDError, io, plugins
 from flashdmd.families import network_call
@@ -55,7 +56,6 @@ class SamBackbone(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | Path, layers: Sequence[int] | None = None) -> "SamBackbone":
-        from transformers import SamModel, SamVisionModel
         p = Path(path)
         if not (p / "config.json").is_file():
             raise FlashDMDError(f"SAM encoder folder {p} has no config.json: give a local transformers "

@@ -35,7 +35,9 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
+from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from flashdmd import FlashDMDError, io
 from flashdmd.families import network_call
@@ -163,8 +165,6 @@ class LPORewardModel(nn.Module):
     def load(cls, directory, family, feature_cfg: float = DEFAULT_FEATURE_CFG) -> "LPORewardModel":
         """From LPO's folder; text encoders absent from it (trained frozen) come from the teacher's folder, the
         tokenizers are the teacher's (LPO's come from its base SDXL, whose tokenizers an SDXL teacher shares)."""
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
         d = Path(directory)
         _, weight, scale = _checked(d, family)
         dtype = family.frozen_dtype
@@ -190,8 +190,6 @@ class LPORewardModel(nn.Module):
     def on_meta(cls, directory, family, feature_cfg: float = DEFAULT_FEATURE_CFG) -> "LPORewardModel":
         """The same model on the meta device, built from the folder's configs and state_dict.pt's shapes (no
         weights loaded): what `flashdmd plan` counts."""
-        from diffusers import UNet2DConditionModel
-        from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
         d = Path(directory)
         _, weight, scale = _checked(d, family)
 

@@ -47,10 +47,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError, io, plugins
-from flashdmd.families import network_call
+from flashdmd.families import Conditioning, load_family, network_call
+from flashdmd.families.parts import forward_hooks, unwrap
 from flashdmd.networks import lora
 
 FORMAT = "flashdmd-lrm"
@@ -174,7 +176,6 @@ class LatentRewardModel(nn.Module):
         Same maps as ``family.features(backbone, ...)``, but the forward stops right after the deepest
         selected tap (the UNet's up blocks never run: ~2.4x cheaper on the tiny SDXL UNet).
         """
-        from flashdmd.families.base import forward_hooks, unwrap
         fam = self.family
         modules = fam._feature_modules(unwrap(self.backbone))[: max(self.taps) + 1]
 
@@ -201,7 +202,6 @@ class LatentRewardModel(nn.Module):
         with torch.set_grad_enabled(need_graph):
             if self.feature_cfg_scale is None:
                 return torch.cat([f.float().mean(dim=(2, 3)) for f in self.tap_features(x_t, t, cond)], dim=1)
-            from flashdmd.families import Conditioning
             null = fam.null_conditioning(len(cond)).to(cond.prompt_embeds.device)
             null = replace(null, add_time_ids=cond.add_time_ids)
             feats = self.tap_features(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([null, cond]))
@@ -276,7 +276,6 @@ class LatentRewardModel(nn.Module):
     def save(self, directory, extra_config: dict | None = None) -> Path:
         """Write ``lrm.json`` + ``lrm.safetensors`` into ``directory`` (created), each atomically; return the
         folder."""
-        from safetensors.torch import save_file
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
         state = self.state_to_save()
@@ -292,11 +291,9 @@ class LatentRewardModel(nn.Module):
     def load(cls, directory, family=None, device=None) -> "LatentRewardModel":
         """Load a saved LRM. ``family``: a loaded Family (its teacher is the frozen backbone / the base of
         the stored one), a folder or world name, or None to load the teacher the config points to."""
-        from safetensors.torch import load_file
         d = Path(directory)
         cfg = read_config(d)
         if family is None or isinstance(family, (str, os.PathLike)):
-            from flashdmd.families import load_family
             spec = family if family is not None else resolve_teacher(cfg["teacher"], d)
             family = load_family(spec, device=device or "cpu")
         if family.name != cfg["family"]:
