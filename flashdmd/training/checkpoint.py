@@ -318,8 +318,8 @@ def verify(folder: Path) -> str | None:
     if not man.is_file():
         return "no manifest (incomplete write)"
     try:
-        entries = json.loads(man.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        entries = io.read_json(man)
+    except FlashDMDError:
         return "manifest is corrupt"
     for name, meta in entries.items():
         p = folder / name
@@ -377,7 +377,7 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
                                 "was it written with a different config?")
         ctx.student_ema.load_full_state(part)
     opt_t = load_file(str(folder / "optim.safetensors"))
-    opt_s = json.loads((folder / "optim.json").read_text())
+    opt_s = io.read_json(folder / "optim.json")
     try:
         if set(opt_s) != set(ctx.opt):
             raise KeyError(f"optimisers {sorted(opt_s)} in the checkpoint, {sorted(ctx.opt)} in this run")
@@ -404,7 +404,7 @@ def load_checkpoint(ctx, writer, folder: Path) -> None:
 
 def read_state(folder: Path) -> dict:
     """A verified checkpoint's state.json: counters, schedules, the process count and batch size it was written with."""
-    return json.loads((folder / "state.json").read_text())
+    return io.read_json(folder / "state.json")
 
 
 def check_global_batch(folder: Path, state: dict, batch_size: int, num_processes: int) -> None:
@@ -436,21 +436,21 @@ def _load_rng(ctx, folder: Path, old_processes: int) -> None:
     others start from 0), so the totals and the bad-file fraction carry over."""
     acc = ctx.accelerator
     rank, same = acc.process_index, old_processes == acc.num_processes
-    first = json.loads((folder / "rng_rank0.json").read_text())
+    first = io.read_json(folder / "rng_rank0.json")
     ctx.rng.load_state_dict(first["sample_rng"])
     if ctx.real is not None and "data" in first:
         data = dict(first["data"])
         if same:
-            own = json.loads((folder / f"rng_rank{rank}.json").read_text())["data"]
+            own = io.read_json(folder / f"rng_rank{rank}.json")["data"]
             data.update(reads=own["reads"], bad_files=own["bad_files"])
         else:
-            olds = [json.loads((folder / f"rng_rank{r}.json").read_text())["data"] for r in range(old_processes)]
+            olds = [io.read_json(folder / f"rng_rank{r}.json")["data"] for r in range(old_processes)]
             data.update(reads=sum(o["reads"] for o in olds) if rank == 0 else 0,
                         bad_files=sum(o["bad_files"] for o in olds) if rank == 0 else 0)
         ctx.real.load_state_dict(data)
     if rank < old_processes:
         rng_t = load_file(str(folder / f"rng_rank{rank}.safetensors"))
-        rng_py = json.loads((folder / f"rng_rank{rank}.json").read_text())
+        rng_py = io.read_json(folder / f"rng_rank{rank}.json")
         torch.set_rng_state(rng_t["torch_cpu"])
         if "torch_cuda" in rng_t and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng_t["torch_cuda"])
