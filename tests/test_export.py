@@ -33,8 +33,8 @@ contract = contract_bound
 def runs(tmp_path_factory):
     """Tiny teachers; 1-step distill runs (full SDXL and SD3; LoRA SD3 with rank 2, alpha 4 so the scale
     alpha/r matters; a large student learning rate so the one step moves the student visibly). The SDXL LoRA
-    run folder is written directly in the run layout (run.json + student/adapter.safetensors from peft's
-    get_peft_model_state_dict, random LoRA B) to save a distill run: export only reads those files."""
+    run folder is written directly by the run folder's writer (flashdmd.runfolder: run.json + the adapters of
+    flashdmd.networks.lora, random LoRA B) to save a distill run: export only reads those files."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
     for family, make in (("sdxl", tm.sdxl_pipeline), ("sd3", tm.sd3_pipeline)):
@@ -53,24 +53,20 @@ def runs(tmp_path_factory):
 
 def _lora_run_folder(full_run: Path, folder: Path, rank: int, alpha: float) -> Path:
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    from flashdmd.training.roles import LORA_TARGETS
-    info = json.loads((full_run / "run.json").read_text())
+    from flashdmd import runfolder
+    from flashdmd.networks import lora
+    info = runfolder.read_record(full_run)
     info.update(lora_rank=rank, lora_alpha=alpha)
-    unet = UNet2DConditionModel.from_pretrained(info["teacher_path"], subfolder="unet")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet = lora.attach(UNet2DConditionModel.from_pretrained(info["teacher_path"], subfolder="unet"), rank, alpha)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    (folder / "student").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()},
-              str(folder / "student" / "adapter.safetensors"))
-    (folder / "run.json").write_text(json.dumps(info))
+    folder.mkdir(parents=True)
+    runfolder.write_student(folder, unet, rank)
+    runfolder.write_record(folder, **{k: v for k, v in info.items() if k != "kind"})
     return folder
 
 
