@@ -31,7 +31,7 @@ def run_distill_row(label: str, preset, overrides: dict, folder, a, steps: int, 
     """One convergence-style `flashdmd distill` run: the preset plus ``overrides``, ``steps`` generator updates
     evaluated every a.eval_every (N = a.num_images), no samples, Stage 1 only, a checkpoint at the end, then
     a.set; a folder that already holds metrics.json is read instead (benchmarks resume row by row), and one that
-    holds checkpoints but no metrics.json (an interrupted row: pass --set checkpoint_every_steps=K to leave some)
+    holds checkpoints but no metrics.json (an interrupted row: pass --set run_checkpoint_every_steps=K to leave some)
     continues from its newest intact checkpoint, its curve so far kept."""
     import json
     import time
