@@ -87,3 +87,12 @@ def test_old_names_work_with_one_warning_naming_the_new_one(tmp_path):
         DistillConfig.from_sources(both)
     with pytest.raises(FlashDMDError, match=r"unknown key 'max_step' \(did you mean run_max_steps\?\)"):
         DistillConfig.from_sources(None, ["max_step=3"])
+
+
+def test_config_help_says_how_a_value_is_resolved(capsys):
+    from flashdmd.cli import main
+    assert main(["config-help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("A value is resolved in this order, later wins: the field's default; the method's default")
+    assert "\nfake_score_ttur = the method's\n" in out and "flashdmd 1, dmd2 5" in out
+    assert "\nrun_batch_size = 32\n" in out and "batch_size -> run_batch_size" in " ".join(out.split())
