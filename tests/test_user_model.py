@@ -62,8 +62,7 @@ def user_config(user, family: str, tmp: Path, **extra) -> Path:
                   disc_backbone="sam", disc_backbone_path=str(user["sam"]), eval_prompts=str(user["eval_prompts"]),
                   eval_clip_model=str(user["clip"]), eval_every_steps=1, eval_num_images=3, eval_batch_size=2,
                   run_sample_every_steps=1, run_checkpoint_every_steps=1, run_batch_size=2, run_max_steps=2,
-                      data_workers=2,
-                  data_crop="random", run_seed=3)
+                  data_workers=2, data_crop="random", run_seed=3)
     fields.update(extra)
     return write_config(tmp / f"{family}.yaml", **fields)
 
@@ -111,12 +110,12 @@ def test_overwrite_removes_the_old_run_and_resume_continues_the_new_one(user, tm
     base = dict(model_teacher=str(user["sdxl"]), data_real=str(user["images"]), data_prompts="captions",
                 disc_kind="none", eval_every_steps=0, run_sample_every_steps=1, run_checkpoint_every_steps=1,
                 run_checkpoint_keep_last=10, run_log_every_steps=1, run_batch_size=2, student_timesteps=[999, 499])
-    old = write_config(tmp_path / "old.yaml", **base, max_steps=3, seed=1)
+    old = write_config(tmp_path / "old.yaml", **base, run_max_steps=3, run_seed=1)
     assert main(["distill", "--no-plan", "--config", str(old), "--out", str(run), "--no-progress"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]
     (run / "notes.txt").write_text("mine")  # not the run's state: kept
 
-    new = write_config(tmp_path / "new.yaml", **base, max_steps=1, seed=2)
+    new = write_config(tmp_path / "new.yaml", **base, run_max_steps=1, run_seed=2)
     assert main(["distill", "--no-plan", "--config", str(new), "--out", str(run), "--no-progress"]) == 2  # refused without a flag
     assert main(["distill", "--no-plan", "--config", str(new), "--out", str(run), "--no-progress", "--overwrite"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
@@ -124,7 +123,7 @@ def test_overwrite_removes_the_old_run_and_resume_continues_the_new_one(user, tm
     assert (run / "notes.txt").read_text() == "mine"
     assert yaml.safe_load((run / "config.yaml").read_text())["run_seed"] == 2
 
-    longer = write_config(tmp_path / "longer.yaml", **base, max_steps=2, seed=2)
+    longer = write_config(tmp_path / "longer.yaml", **base, run_max_steps=2, run_seed=2)
     assert main(["distill", "--no-plan", "--config", str(longer), "--out", str(run), "--no-progress", "--resume", "latest"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["generator_steps"] == 2 and [h["step"] for h in metrics["history"]][-1] == 2
@@ -147,7 +146,7 @@ def test_training_at_another_resolution(user, tmp_path):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", model_teacher=str(user["sdxl"]), data_real=str(user["images"]),
                        data_prompts="captions", disc_kind="latent", data_resolution=48, eval_every_steps=0,
-                       sample_every_steps=1, checkpoint_every_steps=0, batch_size=2, max_steps=1,
+                       run_sample_every_steps=1, run_checkpoint_every_steps=0, run_batch_size=2, run_max_steps=1,
                        student_timesteps=[999, 499])
     assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     assert json.loads((run / "run.json").read_text())["resolution"] == 48
@@ -159,7 +158,7 @@ def test_training_at_another_resolution(user, tmp_path):
 def test_stage2_on_a_users_teacher_without_a_reward_model_fails_at_start(user, tmp_path, capsys):
     """The default rl_reward_model (the world's) fits only the world's teachers: the error comes before any
     training and says how to get one."""
-    cfg = user_config(user, "sdxl", tmp_path, rl_enabled=True, checkpoint_every_steps=0)
+    cfg = user_config(user, "sdxl", tmp_path, rl_enabled=True, run_checkpoint_every_steps=0)
     assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "flashdmd reward make-pairs" in err[0] and "flashdmd reward train" in err[0], err
@@ -184,8 +183,8 @@ def test_wandb_is_an_option_through_accelerate(user, tmp_path, monkeypatch, caps
     import importlib.machinery
     import importlib.util
     import types
-    cfg = user_config(user, "sdxl", tmp_path, report_to=["tensorboard", "wandb"], disc_kind="none",
-                      eval_every_steps=0, max_steps=1, log_every_steps=1)
+    cfg = user_config(user, "sdxl", tmp_path, run_report_to=["tensorboard", "wandb"], disc_kind="none",
+                      eval_every_steps=0, run_max_steps=1, run_log_every_steps=1)
     if importlib.util.find_spec("wandb") is None:
         assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "none")]) == 2
         assert "pip install wandb" in capsys.readouterr().err
