@@ -31,7 +31,7 @@ def run_distill_row(label: str, preset, overrides: dict, folder, a, steps: int, 
     """One convergence-style `flashdmd distill` run: the preset plus ``overrides``, ``steps`` generator updates
     evaluated every a.eval_every (N = a.num_images), no samples, Stage 1 only, a checkpoint at the end, then
     a.set; a folder that already holds metrics.json is read instead (benchmarks resume row by row), and one that
-    holds checkpoints but no metrics.json (an interrupted row: pass --set checkpoint_every_steps=K to leave some)
+    holds checkpoints but no metrics.json (an interrupted row: pass --set run_checkpoint_every_steps=K to leave some)
     continues from its newest intact checkpoint, its curve so far kept."""
     import json
     import time
@@ -44,8 +44,9 @@ def run_distill_row(label: str, preset, overrides: dict, folder, a, steps: int, 
         print(f"{label}: already done, reading {folder / 'metrics.json'}", flush=True)
         return json.loads((folder / "metrics.json").read_text())
     sets = [f"{k}={v}" for k, v in overrides.items()] + [
-        f"max_steps={steps}", f"eval_every_steps={a.eval_every}", f"eval_num_images={a.num_images}",
-        f"batch_size={a.batch}", f"seed={seed}", "sample_every_steps=0", f"checkpoint_every_steps={steps}",
+        f"run_max_steps={steps}", f"eval_every_steps={a.eval_every}", f"eval_num_images={a.num_images}",
+        f"run_batch_size={a.batch}", f"run_seed={seed}", "run_sample_every_steps=0",
+        f"run_checkpoint_every_steps={steps}",
         "rl_enabled=false"] + list(a.set)
     cfg = DistillConfig.from_sources(str(preset), sets)
     print(f"{label}: {Path(preset).name} {' '.join(sets)}", flush=True)

@@ -233,12 +233,12 @@ def settings(a: argparse.Namespace) -> dict:
     if a.smoke:  # every model tiny: the full-size names point at tiny folders
         f.update(sdxl=work / "tiny-sdxl", sd3=work / "tiny-sd3-t5", sam=work / "tiny-sam")
     images, prompts = f["data"] / "images", f["data"] / "prompts.txt"
-    common = ["model_lora_rank=64", "batch_size=1", "model_frozen_dtype=bfloat16", "model_mixed_precision=bf16",
+    common = ["model_lora_rank=64", "run_batch_size=1", "model_frozen_dtype=bfloat16", "model_mixed_precision=bf16",
               f"data_real={images}", f"data_prompts={prompts}", f"data_workers={m['data_workers']}",
-              "eval_every_steps=0", "eval_prompts=null", "eval_clip_model=null", "sample_every_steps=0",
-              "checkpoint_every_steps=0", "log_every_steps=1000000", "rl_enabled=false",
+              "eval_every_steps=0", "eval_prompts=null", "eval_clip_model=null", "run_sample_every_steps=0",
+              "run_checkpoint_every_steps=0", "run_log_every_steps=1000000", "rl_enabled=false",
               # random weights may give a non-finite update now and then; a timing run must not stop for it
-              "max_nonfinite_in_row=1000000"]
+              "run_max_nonfinite_in_row=1000000"]
     sam = f"disc_backbone_path={f['sam']}"
     configs = {
         "sdxl_flashdmd": {"preset": str(REPO / "configs/sdxl_flashdmd.yaml"),
@@ -248,11 +248,11 @@ def settings(a: argparse.Namespace) -> dict:
                          "sets": [f"model_teacher={f['sd3']}", sam] + common + ["model_text_cache=true"]},
         # the FSDP2 launch: the SDXL preset as it is (full fine-tune) on the tiny folders, 2 updates + a checkpoint
         "fsdp2": {"preset": str(REPO / "configs/sdxl_flashdmd.yaml"),
-                  "sets": [f"model_teacher={f['tiny_sdxl']}", f"disc_backbone_path={f['tiny_sam']}", "batch_size=1",
+                  "sets": [f"model_teacher={f['tiny_sdxl']}", f"disc_backbone_path={f['tiny_sam']}", "run_batch_size=1",
                            f"data_real={images}", f"data_prompts={prompts}", "data_workers=0",
                            "eval_every_steps=0", "eval_prompts=null", "eval_clip_model=null",
-                           "sample_every_steps=0", "log_every_steps=1", "checkpoint_every_steps=2", "max_steps=2",
-                           "max_nonfinite_in_row=1000000"]},
+                           "run_sample_every_steps=0", "run_log_every_steps=1", "run_checkpoint_every_steps=2",
+                           "run_max_steps=2", "run_max_nonfinite_in_row=1000000"]},
     }
     configs["sdxl_flashdmd_compile"] = {"preset": configs["sdxl_flashdmd"]["preset"],
                                         "sets": configs["sdxl_flashdmd"]["sets"] + ["model_compile=true"]}
@@ -418,7 +418,7 @@ class Child:
     def step_time(self, config: str, deadline: float) -> dict:
         ctx, writer, setup_s, fresh = self.context(config)
         res = {"config": self.state["configs"][config], "setup_seconds": setup_s, "ttur": ctx.cfg.fake_score_ttur,
-               "resolution": ctx.resolution, "batch_size": ctx.cfg.batch_size,
+               "resolution": ctx.resolution, "batch_size": ctx.cfg.run_batch_size,
                "frozen_dtype": str(ctx.family.frozen_dtype).removeprefix("torch."),
                "mixed_precision": str(ctx.accelerator.mixed_precision)}
         if ctx.iteration == 0:  # warm-up: the first cycle (lazy AdamW states, kernel selection, compilation)
@@ -681,7 +681,7 @@ def fsdp2_resume(state: dict, deadline: float, log: Path) -> dict:
         else []
     res["run"] = {"command": " ".join(run1), "exit_code": code1, "seconds": round(s1, 1), "checkpoints": ckpts,
                   "log_tail": _tail(log1, 6)}
-    run2 = [x for x in run1 if x != "--overwrite"] + ["--resume", "latest", "--set", "max_steps=3"]
+    run2 = [x for x in run1 if x != "--overwrite"] + ["--resume", "latest", "--set", "run_max_steps=3"]
     log2 = log.with_name(log.stem + "_resume.log")
     log2.unlink(missing_ok=True)
     code2, s2 = _run_logged(run2, log2, env, max(deadline - time.time(), 1))

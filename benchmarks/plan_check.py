@@ -189,10 +189,11 @@ def ensure_built(a: argparse.Namespace, env: dict) -> dict:
 def config(a: argparse.Namespace, paths: dict) -> dict:
     import yaml
     # batch_size 1: what the dry run runs whatever the file says, written so that a plan of this file plans it
-    cfg = {"model_teacher": str(paths["model"]), "method": "flashdmd", "batch_size": 1, "model_lora_rank": a.lora_rank,
+    cfg = {"model_teacher": str(paths["model"]), "method": "flashdmd", "run_batch_size": 1,
+           "model_lora_rank": a.lora_rank,
            "model_gradient_checkpointing": True, "data_resolution": a.resolution, "disc_kind": "pixel",
            "disc_backbone": "sam", "disc_backbone_path": str(paths["sam"]), "data_real": str(paths["data"] / "images"),
-           "data_prompts": str(paths["data"] / "prompts.txt"), "eval_every_steps": 0, "sample_every_steps": 0,
+           "data_prompts": str(paths["data"] / "prompts.txt"), "eval_every_steps": 0, "run_sample_every_steps": 0,
            "rl_enabled": False}
     for item in a.set:
         if "=" not in item:

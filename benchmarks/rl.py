@@ -75,9 +75,10 @@ def run_row(name: str, seed: int, args, base: Path, base_steps: int, lr: str | N
         overrides["rl_lr"] = lr
     extra = args.rl_steps // 5 if name.startswith("posthoc") else 0   # joint 5:1's distillation updates, done first
     sets = [f"{k}={v}" for k, v in overrides.items()] + [
-        "rl_enabled=true", f"rl_steps={args.rl_steps}", f"max_steps={base_steps + extra}", "eval_every_steps=1000000",
-        f"eval_num_images={args.num_images}", "sample_every_steps=0", "checkpoint_every_steps=0",
-        f"seed={seed}", f"log_every_steps={max(1, args.rl_steps // 20)}"] + list(args.set)
+        "rl_enabled=true", f"rl_steps={args.rl_steps}", f"run_max_steps={base_steps + extra}",
+        "eval_every_steps=1000000",
+        f"eval_num_images={args.num_images}", "run_sample_every_steps=0", "run_checkpoint_every_steps=0",
+        f"run_seed={seed}", f"run_log_every_steps={max(1, args.rl_steps // 20)}"] + list(args.set)
     cfg = DistillConfig.from_sources(str(ROOT / "configs" / args.preset), sets)
     ctx = setup(cfg)
     load_checkpoint(ctx, _WriterState(), base)

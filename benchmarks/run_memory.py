@@ -77,10 +77,10 @@ def build_teacher(folder: Path, seed: int = 0) -> Path:
 def config(a: argparse.Namespace, teacher: Path, data: Path) -> dict:
     return {"method": a.method, "model_teacher": str(teacher), "disc_kind": "latent",
             "data_real": str(data), "data_prompts": "captions", "data_crop": "random", "data_workers": a.workers,
-            "student_timesteps": [999, 499], "batch_size": a.batch, "fake_score_ttur": a.ttur,
-            "max_steps": a.max_steps, "log_every_steps": a.log_every, "eval_every_steps": 0,
-            "sample_every_steps": 0, "checkpoint_every_steps": a.checkpoint_every or a.max_steps,
-            "checkpoint_keep_last": 1}
+            "student_timesteps": [999, 499], "run_batch_size": a.batch, "fake_score_ttur": a.ttur,
+            "run_max_steps": a.max_steps, "run_log_every_steps": a.log_every, "eval_every_steps": 0,
+            "run_sample_every_steps": 0, "run_checkpoint_every_steps": a.checkpoint_every or a.max_steps,
+            "run_checkpoint_keep_last": 1}
 
 
 def measure(n: int, a: argparse.Namespace, teacher: Path) -> dict:

@@ -119,7 +119,7 @@ def iteration_breakdown(cfg, iterations, out_dir):
     per = {k: v / iterations for k, v in timer.total.items()}
     incl = {k: v / iterations for k, v in timer.inclusive.items() if k != "outside network passes"}
     return {"seconds_per_iteration": wall, "breakdown_seconds": per, "inclusive_seconds": incl,
-            "outside_share": per.get("outside network passes", 0.0) / wall, "batch_size": cfg.batch_size}
+            "outside_share": per.get("outside network passes", 0.0) / wall, "batch_size": cfg.run_batch_size}
 
 
 def throughput(model: Model, prompts, steps_, reps=1):
@@ -141,8 +141,8 @@ def main():
     p.add_argument("--set", action="append", default=[])
     p.add_argument("--out", default="benchmarks/results/speed.json")
     a = p.parse_args()
-    cfg = DistillConfig.from_sources(a.config, a.set + ["eval_every_steps=0", "sample_every_steps=0",
-                                                       "checkpoint_every_steps=0"])
+    cfg = DistillConfig.from_sources(a.config, a.set + ["eval_every_steps=0", "run_sample_every_steps=0",
+                                                       "run_checkpoint_every_steps=0"])
     teacher = load_model(cfg.model_teacher)
     if a.student:
         student = load_model(a.student)

@@ -42,8 +42,9 @@ def main():
     for name in a.rows:
         preset, overrides = ROWS[name]
         sets = [f"{k}={v}" for k, v in overrides.items()] + [
-            f"batch_size={a.batch}", "eval_every_steps=0", "sample_every_steps=0", "checkpoint_every_steps=0",
-            "log_every_steps=1000000", "rl_enabled=false"]
+            f"run_batch_size={a.batch}", "eval_every_steps=0", "run_sample_every_steps=0",
+                "run_checkpoint_every_steps=0",
+            "run_log_every_steps=1000000", "rl_enabled=false"]
         cfg = DistillConfig.from_sources(str(ROOT / "configs" / f"world_{a.family}_{preset}.yaml"), sets)
         ctx = distill.setup(cfg)
         writer = RunWriter(tmp / name, cfg, ctx)

@@ -63,7 +63,7 @@ def config(row, paths: dict, batch: int):
     from flashdmd.training.config import DistillConfig
     _, family, preset, extra = row
     sets = {"model_teacher": str(paths[family]), "disc_backbone_path": str(paths["sam"]), "data_resolution": 1024,
-            "batch_size": batch, "eval_prompts": None, "eval_clip_model": None, "eval_every_steps": 0}
+            "run_batch_size": batch, "eval_prompts": None, "eval_clip_model": None, "eval_every_steps": 0}
     for k, v in extra.items():
         sets[k] = v.format(prompts=paths["prompts"]) if isinstance(v, str) else v
     overrides = [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" if v is not None else f"{k}=null"

@@ -3,8 +3,12 @@ parses, dispatches and turns user errors into one line on stderr with exit statu
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import sys
+import textwrap
+from pathlib import Path
 
 from flashdmd import FlashDMDError, Preempted, __version__
 
@@ -16,8 +20,6 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
 def _cmd_info(args):
-    import json
-
     from flashdmd.families import load_family
 
     fam = load_family(args.model, family=args.family)
@@ -66,8 +68,6 @@ def _cmd_distill(args):
 def _print_plan(cfg) -> None:
     """The memory plan's headline before the run loads anything (main process only). A plan that cannot be made
     is reported in one line and the run goes on: setup's own checks give the precise error."""
-    import os
-
     import torch
     if int(os.environ.get("RANK", "0")) != 0:
         return
@@ -99,7 +99,6 @@ def _cmd_export(args):
 
 def _cmd_report(args):
     from flashdmd.evaluation.report import write_report
-    from pathlib import Path
     if not (Path(args.run) / "metrics.json").is_file():
         raise FlashDMDError(f"{args.run} has no metrics.json: give a finished flashdmd distill or demo run folder")
     print(write_report(args.run))
@@ -121,12 +120,13 @@ def _cmd_reward_train(args):
 
 
 def _cmd_config_help(args):
-    import dataclasses
-
-    from flashdmd.training.config import DistillConfig
+    from flashdmd.training.config import RESOLUTION, DistillConfig
+    print(textwrap.fill(RESOLUTION, 116) + "\n")
+    helps = DistillConfig.field_help()
     for f in dataclasses.fields(DistillConfig):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-        print(f"{f.name} = {default!r}\n    {f.metadata.get('help', '')}")
+        shown = "the method's" if f.metadata.get("method_default") else repr(default)
+        print(f"{f.name} = {shown}\n    {helps[f.name]}")
 
 
 def _threads_arg(value: str) -> str | int:
@@ -173,12 +173,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default auto: the cores this process may run on, os.sched_getaffinity, "
                    "shared among a launch's local processes; OMP_NUM_THREADS when set)")
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_info, _add_world, _add_eval, _add_distill, _add_plan, _add_reward, _add_sample_export,
+                _add_run_commands):
+        add(sub)
+    return p
 
+
+# The subcommands' modules are imported where their parsers are built or their commands run, not at the top: this
+# module is the face, and `import flashdmd.cli` (the console script) stays as cheap as its lightest command.
+
+def _add_info(sub) -> None:
+    from flashdmd.families import FAMILIES
     info = sub.add_parser("info", help="load a model folder through its family adapter and describe it")
     info.add_argument("--model", required=True, help="diffusers folder, hub id, or a plug-in model name (world-sdxl / world-sd3)")
-    info.add_argument("--family", choices=["sdxl", "sd3"], default=None, help="default: from model_index.json")
+    info.add_argument("--family", choices=sorted(FAMILIES), default=None, help="default: from model_index.json")
     info.set_defaults(func=_cmd_info)
 
+
+def _add_world(sub) -> None:
     world = sub.add_parser("world", help="the embedded default world")
     wsub = world.add_subparsers(dest="world_command", required=True)
     pre = wsub.add_parser("pretrain", help="train the world's VAE, text encoders, teachers and eval nets")
@@ -186,17 +198,20 @@ def build_parser() -> argparse.ArgumentParser:
     _pretrain.add_arguments(pre)
     pre.set_defaults(func=_cmd_world_pretrain)
 
+
+def _add_eval(sub) -> None:
     ev = sub.add_parser("eval", help="sample a model and measure its metrics and speed (the world's FD, alignment, "
                         "diversity; or FID, CLIP score, PickScore, HPSv2, ImageReward from local weights)")
     from flashdmd.evaluation import runner as _runner
     _runner.add_arguments(ev)
     ev.set_defaults(func=_cmd_eval)
-
     est = sub.add_parser("eval-stats", help="FID reference statistics (mu, sigma) of a folder of real images")
     from flashdmd.evaluation import real as _real
     _real.add_stats_arguments(est)
     est.set_defaults(func=_cmd_eval_stats)
 
+
+def _add_distill(sub) -> None:
     dist = sub.add_parser("distill", help="Stage 1 (and Stage 2 when configured): distil a teacher into a K-step student")
     dist.add_argument("--config", default=None, help="YAML preset (see configs/); default: built-in defaults")
     dist.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -214,12 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "iteration (and one RL update with Stage 2) at batch 1, print what was checked; writes nothing")
     dist.set_defaults(func=_cmd_distill)
 
+
+def _add_plan(sub) -> None:
     pl = sub.add_parser("plan", help="peak memory per device of a configured run (weights, gradients, optimiser "
                         "state, activations per role; one process, DDP, FSDP2), from config files alone")
     from flashdmd.training import plan as _plan
     _plan.add_arguments(pl)
     pl.set_defaults(func=_cmd_plan)
 
+
+def _add_reward(sub) -> None:
     reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")
     rsub = reward.add_subparsers(dest="reward_command", required=True)
     mk = rsub.add_parser("make-pairs", help="sample two models' images for the same prompts and let a judge pick "
@@ -232,23 +251,24 @@ def build_parser() -> argparse.ArgumentParser:
     mk.set_defaults(func=_cmd_reward_make_pairs)
     rt.set_defaults(func=_cmd_reward_train)
 
+
+def _add_sample_export(sub) -> None:
     smp = sub.add_parser("sample", help="write PNGs from a student run (its K steps) or a teacher (its defaults)")
     from flashdmd import sample as _sample
     _sample.add_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
-
     exp = sub.add_parser("export", help="write a distill run as a standard diffusers pipeline folder (or LoRA file)")
     from flashdmd import export as _export
     _export.add_arguments(exp)
     exp.set_defaults(func=_cmd_export)
 
+
+def _add_run_commands(sub) -> None:
     ch = sub.add_parser("config-help", help="list every config field with its default and help text")
     ch.set_defaults(func=_cmd_config_help)
-
     rep = sub.add_parser("report", help="(re)write DIR/report.html for a run folder")
     rep.add_argument("run", help="run folder")
     rep.set_defaults(func=_cmd_report)
-
     demo = sub.add_parser("demo", help="the main job: distil the embedded teacher and write a report")
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0,
@@ -256,7 +276,6 @@ def build_parser() -> argparse.ArgumentParser:
                            "seeds 0, 1, 2 show the spread of training alone)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a preset field")
     demo.set_defaults(func=_cmd_demo)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

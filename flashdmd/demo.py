@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.evaluation.report import save_grid, write_report
 from flashdmd.inference import load_model, sample_images
 from flashdmd.training.config import DistillConfig
@@ -31,11 +31,11 @@ def run(args):
     seed = getattr(args, "seed", 0)
     # --seed chooses the training run (initial heads, noise, data order); the evaluation's noise stays seed 0 so
     # that the runs of different seeds are compared on the same images' noise
-    cfg = DistillConfig.from_sources(PRESET, [f"seed={seed}"] + list(getattr(args, "set", None) or []))
+    cfg = DistillConfig.from_sources(PRESET, [f"run_seed={seed}"] + list(getattr(args, "set", None) or []))
     t0 = time.time()
     print(f"[demo] Stage 1 + Stage 2 distillation of {cfg.model_teacher} into a {len(cfg.student_timesteps or [0]*4)}"
           f"-step student on {torch.get_num_threads()} CPU thread(s) (flashdmd --threads N to choose), "
-          f"training seed {cfg.seed}")
+          f"training seed {cfg.run_seed}")
     train(cfg, out, progress=True, overwrite=True)  # the demo folder is regenerated on every `make demo`
     t_train = time.time() - t0
 
@@ -56,15 +56,13 @@ def run(args):
                 "student_4": "Flash-DMD student, 4 steps, no CFG (same prompts and noise seeds)"}
     grids = [(f"grid_{k}.png", v) for k, v in captions.items()]
     metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text())
+    metrics = io.read_json(metrics_path)
     metrics["comparison"] = rows
     metrics["demo_wall_seconds"] = time.time() - t0
-    metrics["demo_seed"] = cfg.seed
-    tmp = metrics_path.with_name("metrics.json.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(metrics_path)
+    metrics["demo_seed"] = cfg.run_seed
+    io.atomic_write_text(metrics_path, json.dumps(metrics, indent=2))
     s, t50, t4 = rows[2], rows[0], rows[1]
-    summary = (f"A {len(student.timesteps)}-step student distilled (training seed {cfg.seed}) from the embedded "
+    summary = (f"A {len(student.timesteps)}-step student distilled (training seed {cfg.run_seed}) from the embedded "
                f"SDXL-architecture teacher in "
                f"{t_train / 60:.1f} min on this machine: FD {s['fd']:.2f} vs the teacher's {t4['fd']:.2f} at 4 steps and "
                f"{t50['fd']:.2f} at 50 steps, {t50['seconds_per_image'] / s['seconds_per_image']:.0f}x faster than the "

@@ -2,7 +2,9 @@
 
 * :func:`atomic_write` / :func:`atomic_write_text`: a file written to ``NAME.tmp`` beside it, fsynced, then renamed
   over ``NAME`` (atomic on POSIX): a reader sees the old file or the new one, never a part.
+* :func:`atomic_save`: the same for a library that writes to a path itself (safetensors' ``save_file``, numpy).
 * :func:`write_folder`: a folder filled into ``NAME.tmp`` by a callback, then swapped in for ``NAME``.
+* :func:`read_json`: a JSON record read back, or one line saying which file is unreadable and what to do.
 * :func:`writing`: the one translation of a failed write -- an ``OSError`` or safetensors' ``SafetensorError``
   (raised from its Rust code; it wraps the ``io::Error`` as text, "... (os error 28)") -- into a
   :class:`~flashdmd.FlashDMDError` of one line naming what was written, where, and for a full disk, a quota or a
@@ -10,12 +12,14 @@
   free. The partial output is removed first.
 
 The bottom layer: imports nothing of flashdmd but FlashDMDError (checkpoints, the run folder, sample grids,
-``flashdmd sample`` and the evaluation reports all write through it).
+``flashdmd sample``, export, the evaluation reports and the world's pretraining all write through it; every JSON
+file flashdmd reads -- run records, model folders' configs, metrics -- is read through :func:`read_json`).
 """
 from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import re
 import shutil
@@ -134,6 +138,19 @@ def atomic_write(path: str | Path, write: Callable[[object], None], what: str | 
         os.replace(tmp, path)
 
 
+def atomic_save(path: str | Path, save: Callable[[Path], None], what: str | None = None,
+                need_bytes: int | None = None) -> None:
+    """``save(tmp_path)`` writes the file (a library's own writer, e.g. safetensors' ``save_file``) at ``path.tmp``,
+    which is fsynced and renamed over ``path``: the same guarantees as :func:`atomic_write`."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with writing(what or path.name, path.parent, need_bytes, cleanup=[tmp]):
+        save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+
 def atomic_write_text(path: str | Path, text: str, what: str | None = None) -> None:
     """``text`` (UTF-8) into ``path`` atomically (see :func:`atomic_write`)."""
     data = text.encode("utf-8")
@@ -144,19 +161,45 @@ def write_folder(folder: str | Path, fill: Callable[[Path], None], what: str | N
                  need_bytes: int | None = None) -> None:
     """A folder written whole: ``fill(tmp)`` writes into ``FOLDER.tmp``, which then replaces ``folder`` (the old
     one renamed to ``FOLDER.old`` first and deleted last, so that some complete version exists at every moment).
-    On a write error the partial ``FOLDER.tmp`` is removed, the old folder is untouched, and the error is one line."""
+    On a write error the partial ``FOLDER.tmp`` is removed, the old folder is untouched, and the error is one line;
+    any other exception out of ``fill`` removes it too and passes through."""
     folder = Path(folder)
     tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
     shutil.rmtree(tmp, ignore_errors=True)
-    with writing(what or folder.name, folder.parent, need_bytes, cleanup=[tmp]):
-        tmp.mkdir(parents=True)
-        fill(tmp)
-        for f in tmp.rglob("*"):
-            if f.is_file():
-                _fsync(f)
+    try:
+        with writing(what or folder.name, folder.parent, need_bytes, cleanup=[tmp]):
+            tmp.mkdir(parents=True)
+            fill(tmp)
+            for f in tmp.rglob("*"):
+                if f.is_file():
+                    _fsync(f)
+    except BaseException:
+        _remove(tmp)
+        raise
     shutil.rmtree(old, ignore_errors=True)
     if folder.exists():
         folder.rename(old)
     tmp.rename(folder)
     _fsync(folder.parent)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def read_json(path: str | Path, what: str | None = None, hint: str | None = None, want: type | None = dict):
+    """The JSON value in ``path`` (a ``want``, default a dict; None: any). A missing, unreadable, non-UTF-8 or
+    malformed file, or another JSON type, is one FlashDMDError line: "WHAT is not readable JSON (reason)" --
+    ``what`` defaults to the path -- ending in ``; hint`` (what to do) when given."""
+    path = Path(path)
+    what = what or str(path)
+    tail = f"; {hint}" if hint else ""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise FlashDMDError(f"{what} is not readable JSON ({e.strerror or e}){tail}") from None
+    except UnicodeDecodeError:
+        raise FlashDMDError(f"{what} is not readable JSON (not UTF-8 text){tail}") from None
+    except ValueError as e:
+        raise FlashDMDError(f"{what} is not readable JSON ({str(e).splitlines()[0]}){tail}") from None
+    if want is not None and not isinstance(data, want):
+        kind = {dict: "an object", list: "a list"}.get(want, want.__name__)
+        raise FlashDMDError(f"{what} is not {kind} in JSON (it holds a {type(data).__name__}){tail}")
+    return data

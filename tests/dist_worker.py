@@ -36,8 +36,9 @@ def config(teacher: str, batch: int, method: str, mode: str = "ddp") -> DistillC
     extra = dict(disc_kind="pixel", disc_backbone="world") if method == "flashdmd" else \
         dict(disc_kind="latent", disc_loss="ns", fake_score_ttur=2, fake_score_ema=0.0)
     every = 1 if (method, mode) in ELASTIC else 2 if mode == "fsdp" else 0
-    return DistillConfig(method=method, model_teacher=teacher, batch_size=batch, max_steps=2, eval_every_steps=0,
-                         sample_every_steps=0, checkpoint_every_steps=every, log_every_steps=1, seed=1,
+    return DistillConfig(method=method, model_teacher=teacher, run_batch_size=batch, run_max_steps=2,
+                         eval_every_steps=0,
+                         run_sample_every_steps=0, run_checkpoint_every_steps=every, run_log_every_steps=1, run_seed=1,
                          student_timesteps=[999, 499], model_dtype="float64", **extra)
 
 

@@ -83,10 +83,11 @@ def config(teacher: str, data_real: str):
     from flashdmd.training.config import DistillConfig
     from flashdmd.world import plugin
     plugin.register()  # the worker chooses the embedded world, as the CLI does
-    return DistillConfig(model_teacher=teacher, batch_size=2, max_steps=6, student_timesteps=[999, 499],
+    return DistillConfig(model_teacher=teacher, run_batch_size=2, run_max_steps=6, student_timesteps=[999, 499],
                          disc_kind="latent", disc_loss="ns", data_real=data_real, eval_every_steps=0,
-                         sample_every_steps=0, checkpoint_every_steps=1, checkpoint_keep_last=2, log_every_steps=1,
-                         generator_lr=1e-3, fake_score_lr=1e-3, seed=11)
+                         run_sample_every_steps=0, run_checkpoint_every_steps=1, run_checkpoint_keep_last=2,
+                             run_log_every_steps=1,
+                         student_lr=1e-3, fake_score_lr=1e-3, run_seed=11)
 
 
 def final_tensors(ctx) -> dict:

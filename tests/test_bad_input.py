@@ -58,8 +58,9 @@ def latent_run(teacher, tmp_path_factory):
 
 
 def base_config(teacher) -> dict:
-    return dict(model_teacher=str(teacher), batch_size=2, max_steps=1, disc_kind="none", eval_every_steps=0,
-                sample_every_steps=0, student_timesteps=[999, 499], checkpoint_every_steps=1, log_every_steps=1)
+    return dict(model_teacher=str(teacher), run_batch_size=2, run_max_steps=1, disc_kind="none", eval_every_steps=0,
+                run_sample_every_steps=0, student_timesteps=[999, 499], run_checkpoint_every_steps=1,
+                    run_log_every_steps=1)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -146,19 +147,19 @@ def config_unknown_key_via_set(e):
 
 @case
 def config_non_string_key(e):
-    cfg = e.file("c.yaml", "1: 2\nseed: 3\n")
+    cfg = e.file("c.yaml", "1: 2\nrun_seed: 3\n")
     return Case(e.distill(config=cfg), r"unknown key 1", [cfg, e.out])
 
 
 @case
 def config_wrong_type_int(e):
-    cfg = e.file("c.yaml", "seed: two\n")  # (a field the tiny base --set overrides do not set)
-    return Case(e.distill(config=cfg), r"seed must be an integer, got 'two'", [cfg, e.out])
+    cfg = e.file("c.yaml", "run_seed: two\n")  # (a field the tiny base --set overrides do not set)
+    return Case(e.distill(config=cfg), r"run_seed must be an integer, got 'two'", [cfg, e.out])
 
 
 @case
 def config_wrong_type_float_int(e):
-    return Case(e.distill("batch_size=2.5"), r"batch_size must be an integer, got 2.5", [e.out])
+    return Case(e.distill("run_batch_size=2.5"), r"run_batch_size must be an integer, got 2.5", [e.out])
 
 
 @case
@@ -179,8 +180,8 @@ def config_wrong_type_bool(e):
 
 @case
 def config_wrong_type_mapping(e):
-    cfg = e.file("c.yaml", "seed: {a: 1}\n")
-    return Case(e.distill(config=cfg), r"seed must be an integer", [cfg, e.out])
+    cfg = e.file("c.yaml", "run_seed: {a: 1}\n")
+    return Case(e.distill(config=cfg), r"run_seed must be an integer", [cfg, e.out])
 
 
 @case
@@ -201,7 +202,7 @@ def config_student_ema_out_of_range(e):
 
 @case
 def config_null_required(e):
-    return Case(e.distill("batch_size=null"), r"batch_size must not be null", [e.out])
+    return Case(e.distill("run_batch_size=null"), r"run_batch_size must not be null", [e.out])
 
 
 @case
@@ -211,7 +212,7 @@ def config_nan(e):
 
 @case
 def config_out_of_range_batch(e):
-    return Case(e.distill("batch_size=0"), r"batch_size must be >= 1", [e.out])
+    return Case(e.distill("run_batch_size=0"), r"run_batch_size must be >= 1", [e.out])
 
 
 @case
@@ -241,7 +242,7 @@ def config_bad_choice(e):
 
 @case
 def config_malformed_yaml(e):
-    cfg = e.file("c.yaml", "batch_size: [1, 2\nseed: 3\n")
+    cfg = e.file("c.yaml", "run_batch_size: [1, 2\nrun_seed: 3\n")
     return Case(e.distill(config=cfg), r"config file .*c\.yaml is not valid YAML", [cfg, e.out], subprocess=True)
 
 
@@ -253,7 +254,7 @@ def config_yaml_list(e):
 
 @case
 def config_not_utf8(e):
-    cfg = e.file("c.yaml", b"seed: 3\nmethod: \xff\xfe\n")
+    cfg = e.file("c.yaml", b"run_seed: 3\nmethod: \xff\xfe\n")
     return Case(e.distill(config=cfg), r"config file .*c\.yaml is not valid YAML", [cfg, e.out])
 
 
@@ -504,7 +505,7 @@ def disk_full_at_student_save(e):
     def after(e):
         _no_partial_checkpoint(e)
         assert not (e.out / "student").exists() and not (e.out / "student.tmp").exists()
-    return Case(e.distill("checkpoint_every_steps=0"), r"(?i)student.*no space left on device", [e.out],
+    return Case(e.distill("run_checkpoint_every_steps=0"), r"(?i)student.*no space left on device", [e.out],
                 new_files_ok=True, patch=lambda mp: mp.setattr(st, "save_file", _enospc_after_half(st.save_file)),
                 after=after)
 
@@ -513,7 +514,7 @@ def disk_full_at_student_save(e):
 
 def _previous_run_files(e):
     """An --out that holds an earlier run's config and metrics (no checkpoints)."""
-    (e.out / "config.yaml").write_text("seed: 1\n")
+    (e.out / "config.yaml").write_text("run_seed: 1\n")
     (e.out / "metrics.json").write_text('{"history": []}')
 
 
@@ -593,7 +594,7 @@ def export_not_a_run(e):
 @case
 def export_garbage_run_json(e):
     (e.out / "run.json").write_bytes(b"\x89PNG\r\n")
-    return Case(["export", "--run", str(e.out), "--out", str(e.tmp / "exported")], r"run.json is unreadable", [e.out])
+    return Case(["export", "--run", str(e.out), "--out", str(e.tmp / "exported")], r"run.json is not readable JSON", [e.out])
 
 
 @case
@@ -612,7 +613,7 @@ def sample_no_prompts(e):
 
 @case
 def usage_distill_without_out(e):
-    return Case(["distill", "--set", "seed=1"], r"the following arguments are required: --out", usage=True)
+    return Case(["distill", "--set", "run_seed=1"], r"the following arguments are required: --out", usage=True)
 
 
 @case
@@ -652,7 +653,7 @@ def test_table_is_large_enough():
 
 @case
 def set_infinite_lr(e):
-    return Case(e.distill("generator_lr=inf"), r"generator_lr must be a finite number, got inf", [e.out])
+    return Case(e.distill("student_lr=inf"), r"student_lr must be a finite number, got inf", [e.out])
 
 
 @case

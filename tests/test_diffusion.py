@@ -4,7 +4,7 @@ import torch
 from diffusers import DDPMScheduler, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler
 
 from flashdmd import FlashDMDError
-from flashdmd.diffusion import (FlowSchedule, VPSchedule, bcast, cfg_combine, from_x0_eps, shift_sigma,
+from flashdmd.diffusion import (FlowSchedule, Schedule, VPSchedule, bcast, cfg_combine, from_x0_eps, shift_sigma,
                                 to_x0_eps)
 from flashdmd.diffusion.samplers import backward_simulate, sample, trajectory
 from tests.tolerances import U64, assert_close, assert_rel_close, fp32_bound, k_se, magnitude
@@ -112,6 +112,21 @@ def test_flow_training_timesteps_in_range():
     assert float(t.min()) >= lo - fp32_bound(lo, 8) and float(t.max()) <= hi + fp32_bound(hi, 8)
     t = VPSchedule().sample_timesteps(10_000, 0.02, 0.98, generator=torch.Generator().manual_seed(0))
     assert int(t.min()) == 20 and int(t.max()) == 979  # exclusive by default; the DM loss asks for inclusive
+
+
+def test_both_schedules_take_every_flag_of_the_base():
+    """One Schedule interface: a flag one implementation has no use for gives the same timesteps there -- VP has no
+    shift (shift 1), a continuous flow draw has the same distribution with or without its upper end -- and
+    sample_timesteps is timesteps_from_uniform of the generator's next uniform numbers on both."""
+    u = torch.rand(1000, generator=torch.Generator().manual_seed(1))
+    for sched in (VPSchedule(), FlowSchedule(shift=3.0)):
+        assert isinstance(sched, Schedule) and sched.t_min == 0.0
+        draws = sched.sample_timesteps(1000, 0.02, 0.98, generator=torch.Generator().manual_seed(1))
+        assert torch.equal(draws, sched.timesteps_from_uniform(u, 0.02, 0.98))
+    vp, fl = VPSchedule(), FlowSchedule(shift=3.0)
+    assert vp.shift == 1.0
+    assert torch.equal(vp.timesteps_from_uniform(u, 0.02, 0.98, shifted=False), vp.timesteps_from_uniform(u, 0.02, 0.98))
+    assert torch.equal(fl.timesteps_from_uniform(u, 0.02, 0.98, inclusive=True), fl.timesteps_from_uniform(u, 0.02, 0.98))
 
 
 # --- samplers ------------------------------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_a_text_conditioned_run_judges_real_images_with_their_captions(tiny_run_
     student's prompts, and the projection learns (leaves zero)."""
     from flashdmd.training import distill, steps
     cfg = tm.run_config(tiny_run_folders, family, "flashdmd", disc_head="pooled", disc_condition="text",
-                        disc_calibration_images=8, max_steps=2, student_timesteps=[999, 499])
+                        disc_calibration_images=8, run_max_steps=2, student_timesteps=[999, 499])
     ctx = distill.setup(cfg)
     head = ctx.disc.heads[0]
     assert head.embed is not None and head.embed.in_features == ctx.family.null_conditioning(1).pooled_embeds.shape[-1]

@@ -24,7 +24,7 @@ def test_degenerate_backbone_triggers_the_warning_and_a_learning_disc_does_not(t
     runs = {}
     for name, sam in (("healthy", folders["sam"]), ("degenerate", degenerate)):
         # a high head lr so that the healthy tiny discriminator separates within the run's few steps
-        cfg = tm.run_config(folders, "sdxl", "flashdmd", disc_backbone_path=str(sam), disc_lr=1e-2, max_steps=6,
+        cfg = tm.run_config(folders, "sdxl", "flashdmd", disc_backbone_path=str(sam), disc_lr=1e-2, run_max_steps=6,
                             disc_stall_logs=4, disc_stall_band=BAND)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")

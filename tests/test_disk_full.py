@@ -65,9 +65,10 @@ def run(tmp_path_factory):
     (tmp / "real").mkdir()
     for i in range(4):
         Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)).save(tmp / "real" / f"{i}.png")
-    cfg = DistillConfig(model_teacher=str(teacher), batch_size=1, max_steps=1, disc_kind="latent", disc_loss="ns",
-                        data_real=str(tmp / "real"), eval_every_steps=0, sample_every_steps=0,
-                        checkpoint_every_steps=1, log_every_steps=1, seed=2, student_timesteps=[999, 499])
+    cfg = DistillConfig(model_teacher=str(teacher), run_batch_size=1, run_max_steps=1, disc_kind="latent",
+                        disc_loss="ns",
+                        data_real=str(tmp / "real"), eval_every_steps=0, run_sample_every_steps=0,
+                        run_checkpoint_every_steps=1, run_log_every_steps=1, run_seed=2, student_timesteps=[999, 499])
     out = tmp / "run"
     ctx = setup(cfg)
     train(cfg, out, progress=False, ctx=ctx)
@@ -91,7 +92,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_one_resume
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, "-m", "flashdmd.cli", "--threads", "1", "distill", "--config", str(config), "--out",
-           str(out), "--set", "max_steps=2", "--resume", "latest", "--no-progress", "--no-plan"]
+           str(out), "--set", "run_max_steps=2", "--resume", "latest", "--no-progress", "--no-plan"]
 
     def limited():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
@@ -106,7 +107,7 @@ def test_a_full_disk_during_a_checkpoint_is_one_line_and_the_previous_one_resume
     assert abs(stated_need(errors[0]) - size) < NEED_RTOL * size, (errors[0], size)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000001"]
     assert verify(previous) is None and resolve(out, "latest") == previous
-    cfg = DistillConfig.from_sources(str(config), ["max_steps=2"])
+    cfg = DistillConfig.from_sources(str(config), ["run_max_steps=2"])
     result = train(cfg, out, progress=False, resume="latest")
     assert result["generator_steps"] == 2 and verify(out / "checkpoints" / "step_00000002") is None
 

@@ -128,7 +128,7 @@ def test_ema_pull_matches_formula():
 
 @pytest.mark.parametrize("ttur", [1, 3])
 def test_ttur_counts_updates(folders, tmp_path, ttur):
-    cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ttur=ttur, max_steps=2, student_timesteps=[999, 499])
+    cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ttur=ttur, run_max_steps=2, student_timesteps=[999, 499])
     ctx = setup(cfg)
     result = train(cfg, tmp_path / "run", progress=False, ctx=ctx)
     step_count = {role: int(next(iter(o.state.values()))["step"]) for role, o in ctx.opt.items()}
@@ -142,7 +142,7 @@ def test_student_ema_follows_its_formula_and_is_what_is_evaluated_and_saved(fold
     from flashdmd.training.distill import generator_step
     from flashdmd.inference import load_student
     from flashdmd.training.run import RunWriter
-    cfg = _cfg(folders, "sdxl", "flashdmd", student_ema=0.75, max_steps=1)
+    cfg = _cfg(folders, "sdxl", "flashdmd", student_ema=0.75, run_max_steps=1)
     ctx = setup(cfg)
     cond = ctx.family.encode_prompts(ctx.prompts.sample(2, ctx.rng))
     theta0 = _snapshot(ctx.student)
@@ -166,7 +166,7 @@ def test_student_ema_follows_its_formula_and_is_what_is_evaluated_and_saved(fold
 
 
 def test_ema_pull_happens_after_each_generator_step(folders, tmp_path):
-    cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ema=0.5, max_steps=1)
+    cfg = _cfg(folders, "sdxl", "flashdmd", fake_score_ema=0.5, run_max_steps=1)
     ctx = setup(cfg)
     prompts = ctx.prompts.sample(2, ctx.rng)
     cond = ctx.family.encode_prompts(prompts)
@@ -199,12 +199,12 @@ def test_pooled_disc_head_is_calibrated_on_real_images_trains_and_is_checkpointe
     from safetensors.torch import load_file
 
     from flashdmd.networks.discriminator import PooledHead
-    cfg = _cfg(folders, "sdxl", "flashdmd", disc_head="pooled", disc_calibration_images=16, max_steps=2,
-               checkpoint_every_steps=2, student_timesteps=[999, 499])
+    cfg = _cfg(folders, "sdxl", "flashdmd", disc_head="pooled", disc_calibration_images=16, run_max_steps=2,
+               run_checkpoint_every_steps=2, student_timesteps=[999, 499])
     ctx = setup(cfg)
     head = ctx.disc.heads[0]
     with torch.no_grad():  # the calibration's own chunks: bitwise the pooled features it saw
-        p = torch.cat([PooledHead.pool(ctx.disc.backbone(c)) for c in ctx.real.evenly_spaced(16, cfg.batch_size)])
+        p = torch.cat([PooledHead.pool(ctx.disc.backbone(c)) for c in ctx.real.evenly_spaced(16, cfg.run_batch_size)])
     z = (p - head.mean) / head.std
     # float32 means and standard deviations of 16 values: the calibration's mean is within 16 u of max |p| (a sum of
     # 16), which standardising divides by std; z itself rounds twice, and its mean (16 terms) and std (16 squares,

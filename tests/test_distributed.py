@@ -126,7 +126,7 @@ def resumed_on_one_process(teacher, method, mode, tmp_path, run_dir, two: dict, 
 
         from flashdmd.training import distill
         with pytest.raises(FlashDMDError, match=r"global batch of 2 \(2 processes x 1\), this run has 1 x 1 = 1: "
-                                                r"set batch_size=2 to continue on 1 process"), \
+                                                r"set run_batch_size=2 to continue on 1 process"), \
                 mock.patch.object(distill, "setup", side_effect=AssertionError("a model was loaded first")):
             train(config(str(teacher), 1, method, mode), tmp_path / "refused", progress=False, resume=str(folder))
         assert not (tmp_path / "refused").exists()

@@ -70,7 +70,7 @@ def test_warmup_counts_iterations_and_starts_at_zero_as_dmd2(tiny_run_folders, t
         distill_iteration(ctx, _Sink())
     # diffusers' constant_with_warmup: step / warmup, advanced every iteration (also when TTUR skips the generator)
     expected = [min(1.0, i / 4) for i in range(6)]
-    assert [g for g, _ in lrs] == pytest.approx([e * cfg.generator_lr for e in expected], rel=LR_REL)
+    assert [g for g, _ in lrs] == pytest.approx([e * cfg.student_lr for e in expected], rel=LR_REL)
     assert [f for _, f in lrs] == pytest.approx([e * cfg.fake_score_lr for e in expected], rel=LR_REL)
 
 
@@ -85,14 +85,14 @@ def test_lr_decay_after_warmup_reaches_the_final_fraction_at_max_steps(tiny_run_
     assert [lin(s) for s in (0, 2, 8, 9)] == pytest.approx([1.0, 0.75, 0.0, 0.0], rel=LR_REL)
     assert lr_factor(0, "none", 8, 0.1)(8) == 1.0
     cfg = tm.run_config(tiny_run_folders, "sdxl", "flashdmd", optim_lr_decay="linear", optim_lr_final=0.2,
-                        fake_score_ttur=2, max_steps=2, student_timesteps=[999, 499])
+                        fake_score_ttur=2, run_max_steps=2, student_timesteps=[999, 499])
     ctx = setup(cfg)
     for _ in range(3):
         distill_iteration(ctx, _Sink())
     assert ctx.opt["fake_score"].param_groups[0]["lr"] == pytest.approx((0.2 + 0.8 * 0.25) * cfg.fake_score_lr,
                                                                         rel=LR_REL)
     distill_iteration(ctx, _Sink())  # the 4th of max_steps x TTUR iterations: the final rate from here on
-    assert ctx.opt["generator"].param_groups[0]["lr"] == pytest.approx(0.2 * cfg.generator_lr, rel=LR_REL)
+    assert ctx.opt["generator"].param_groups[0]["lr"] == pytest.approx(0.2 * cfg.student_lr, rel=LR_REL)
     assert ctx.opt["disc"].param_groups[0]["lr"] == pytest.approx(0.2 * cfg.disc_lr, rel=LR_REL)
 
 

@@ -33,8 +33,8 @@ contract = contract_bound
 def runs(tmp_path_factory):
     """Tiny teachers; 1-step distill runs (full SDXL and SD3; LoRA SD3 with rank 2, alpha 4 so the scale
     alpha/r matters; a large student learning rate so the one step moves the student visibly). The SDXL LoRA
-    run folder is written directly in the run layout (run.json + student/adapter.safetensors from peft's
-    get_peft_model_state_dict, random LoRA B) to save a distill run: export only reads those files."""
+    run folder is written directly by the run folder's writer (flashdmd.runfolder: run.json + the adapters of
+    flashdmd.networks.lora, random LoRA B) to save a distill run: export only reads those files."""
     tmp = tmp_path_factory.mktemp("export")
     out = {}
     for family, make in (("sdxl", tm.sdxl_pipeline), ("sd3", tm.sd3_pipeline)):
@@ -42,9 +42,9 @@ def runs(tmp_path_factory):
         kinds = (("full", {}), ("lora", {"model_lora_rank": 2, "model_lora_alpha": 4.0})) if family == "sd3" \
             else (("full", {}),)
         for kind, kw in kinds:
-            cfg = DistillConfig(model_teacher=str(teacher), batch_size=2, max_steps=1, disc_kind="none",
-                                eval_every_steps=0, sample_every_steps=0, checkpoint_every_steps=0, seed=0,
-                                generator_lr=1e-3, **kw)
+            cfg = DistillConfig(model_teacher=str(teacher), run_batch_size=2, run_max_steps=1, disc_kind="none",
+                                eval_every_steps=0, run_sample_every_steps=0, run_checkpoint_every_steps=0, run_seed=0,
+                                student_lr=1e-3, **kw)
             train(cfg, tmp / f"run_{family}_{kind}", progress=False)
             out[family, kind] = tmp / f"run_{family}_{kind}"
     out["sdxl", "lora"] = _lora_run_folder(out["sdxl", "full"], tmp / "run_sdxl_lora", rank=2, alpha=4.0)
@@ -53,24 +53,20 @@ def runs(tmp_path_factory):
 
 def _lora_run_folder(full_run: Path, folder: Path, rank: int, alpha: float) -> Path:
     from diffusers import UNet2DConditionModel
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-    from safetensors.torch import save_file
 
-    from flashdmd.training.roles import LORA_TARGETS
-    info = json.loads((full_run / "run.json").read_text())
+    from flashdmd import runfolder
+    from flashdmd.networks import lora
+    info = runfolder.read_record(full_run)
     info.update(lora_rank=rank, lora_alpha=alpha)
-    unet = UNet2DConditionModel.from_pretrained(info["teacher_path"], subfolder="unet")
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
+    unet = lora.attach(UNet2DConditionModel.from_pretrained(info["teacher_path"], subfolder="unet"), rank, alpha)
     torch.manual_seed(1)
     with torch.no_grad():
         for name, p in unet.named_parameters():
             if "lora_B" in name:
                 p.normal_(0, 0.02)
-    (folder / "student").mkdir(parents=True)
-    save_file({k: v.contiguous() for k, v in get_peft_model_state_dict(unet).items()},
-              str(folder / "student" / "adapter.safetensors"))
-    (folder / "run.json").write_text(json.dumps(info))
+    folder.mkdir(parents=True)
+    runfolder.write_student(folder, unet, rank)
+    runfolder.write_record(folder, **{k: v for k, v in info.items() if k != "kind"})
     return folder
 
 
@@ -136,7 +132,7 @@ def test_exported_pipeline_reproduces_the_student_sampler(runs, family, tmp_path
     # contract, and two orders of magnitude above the agreement just measured (other weights, not round-off)
     assert maxdiff(flashdmd_latents(run, PROMPTS, SEED, teacher=True), ref) > max(100 * err, contract(ref))
     assert "guidance_scale=1.0" in (out / "README.md").read_text()
-    assert not list(tmp_path.glob(".*export-tmp*"))
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))]
 
     # sample_latents is flashdmd's stochastic student sampler with diffusers' draw order
     model = _loaded(run)
@@ -198,7 +194,7 @@ def test_bad_input_is_a_one_line_error(runs, tmp_path, capsys):
     (busy / "keep.txt").write_text("mine")
     err = _one_line_error(capsys, ["export", "--run", str(runs["sd3", "full"]), "--out", str(busy)])
     assert "not empty" in err and [p.name for p in busy.iterdir()] == ["keep.txt"]
-    assert not [p for p in tmp_path.iterdir() if "export-tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith((".tmp", ".old"))]
 
 
 def test_flow_fit_hits_shifted_uniform_steps_for_other_k():

@@ -42,8 +42,8 @@ def sd3_world(tmp_path_factory):
 def _every_role_cfg(world, lora_rank: int) -> DistillConfig:
     """Every role a checkpoint can hold: student + EMA, fake score, pixel discriminator on a frozen backbone,
     and (Stage 2) the frozen reference and the RL optimiser. One generator step, one RL step."""
-    return DistillConfig(model_teacher=str(world["teacher"]), batch_size=2, max_steps=1, eval_every_steps=0,
-                         sample_every_steps=0, checkpoint_every_steps=1, log_every_steps=1, seed=0,
+    return DistillConfig(model_teacher=str(world["teacher"]), run_batch_size=2, run_max_steps=1, eval_every_steps=0,
+                         run_sample_every_steps=0, run_checkpoint_every_steps=1, run_log_every_steps=1, run_seed=0,
                          method="flashdmd", disc_kind="pixel", disc_backbone="sam",
                          disc_backbone_path=str(world["sam"]), student_ema=0.9, model_lora_rank=lora_rank,
                          rl_enabled=True, rl_reward_model=str(world["lrm"]), rl_steps=1, rl_distill_ratio=1,
@@ -126,8 +126,9 @@ def sdxl_lora_run(tmp_path_factory):
     """A tiny SDXL LoRA distill run (rank 2, alpha 4; a large lr so the one step moves the adapters visibly)."""
     tmp = tmp_path_factory.mktemp("sdxl")
     teacher = tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl")
-    cfg = DistillConfig(model_teacher=str(teacher), batch_size=2, max_steps=1, disc_kind="none", eval_every_steps=0,
-                        sample_every_steps=0, checkpoint_every_steps=0, seed=0, generator_lr=1e-2,
+    cfg = DistillConfig(model_teacher=str(teacher), run_batch_size=2, run_max_steps=1, disc_kind="none",
+                        eval_every_steps=0,
+                        run_sample_every_steps=0, run_checkpoint_every_steps=0, run_seed=0, student_lr=1e-2,
                         model_lora_rank=2, model_lora_alpha=4.0)
     train(cfg, tmp / "run", progress=False)
     return tmp / "run"

@@ -34,7 +34,7 @@ def test_every_role_trains_and_not_the_teacher(tiny_run_folders, method, lora, t
 def test_guidance_reaches_the_embedding(tiny_run_folders, tmp_path):
     """The DM loss's teacher forward gets dm_guidance_scale, the student's and the fake score's the fixed
     model_embedded_guidance."""
-    cfg = _cfg(tiny_run_folders, "flashdmd", dm_guidance_scale=4.5, model_embedded_guidance=2.5, max_steps=1)
+    cfg = _cfg(tiny_run_folders, "flashdmd", dm_guidance_scale=4.5, model_embedded_guidance=2.5, run_max_steps=1)
     ctx = setup(cfg)
     seen = {}
     hooks = [getattr(ctx, r).register_forward_pre_hook(
@@ -50,7 +50,7 @@ def test_guidance_reaches_the_embedding(tiny_run_folders, tmp_path):
 
 def test_a_saved_student_loads_with_the_runs_resolution_and_guidance(tiny_run_folders, tmp_path):
     from flashdmd.inference import load_model
-    cfg = _cfg(tiny_run_folders, "flashdmd", model_embedded_guidance=2.5, max_steps=1)
+    cfg = _cfg(tiny_run_folders, "flashdmd", model_embedded_guidance=2.5, run_max_steps=1)
     ctx = setup(cfg)
     train(cfg, tmp_path / "run", progress=False, ctx=ctx)
     model = load_model(str(tmp_path / "run"))
@@ -67,11 +67,11 @@ def tm_default_shift(folders):
 
 @pytest.mark.parametrize("method", ["flashdmd"])  # DMD2's roles resume the same way on every family (test_resume.py)
 def test_resume_is_bitwise_identical(tiny_run_folders, method, tmp_path):
-    kw = dict(max_steps=4, fake_score_ttur=2, checkpoint_every_steps=2, seed=3)
+    kw = dict(run_max_steps=4, fake_score_ttur=2, run_checkpoint_every_steps=2, run_seed=3)
     cfg = _cfg(tiny_run_folders, method, **kw)
     full = setup(cfg)
     train(cfg, tmp_path / "full", progress=False, ctx=full)
-    train(_cfg(tiny_run_folders, method, **{**kw, "max_steps": 2}), tmp_path / "half", progress=False)
+    train(_cfg(tiny_run_folders, method, **{**kw, "run_max_steps": 2}), tmp_path / "half", progress=False)
     resumed = setup(cfg)
     train(cfg, tmp_path / "half", progress=False, ctx=resumed, resume="latest")
     for role in ("student", "fake_score", "disc"):
@@ -96,7 +96,7 @@ def test_stage2_runs_with_an_lrm_trained_by_flashdmds_commands(tiny_run_folders,
                                                                generator=torch.Generator().manual_seed(0)))
     assert main(["reward", "train", "--pairs", str(tmp_path / "pairs.jsonl"), "--family-model", str(teacher),
                  "--out", str(tmp_path / "lrm"), "--steps", "1", "--batch", "2", "--eval-draws", "1"]) == 0
-    cfg = _cfg(tiny_run_folders, "flashdmd", model_teacher=str(teacher), max_steps=1, rl_enabled=True,
+    cfg = _cfg(tiny_run_folders, "flashdmd", model_teacher=str(teacher), run_max_steps=1, rl_enabled=True,
                rl_reward_model=str(tmp_path / "lrm"), rl_steps=2, rl_distill_ratio=2, rl_num_candidates=2)
     result = train(cfg, tmp_path / "run", progress=False)
     assert result["rl_steps"] == 2 and any("rl/loss" in h for h in result["history"])
@@ -114,8 +114,8 @@ def test_export_runs_in_a_plain_flux_pipeline_and_reproduces_the_student(tiny_ru
     from flashdmd.inference import load_model
     from flashdmd.sample import sample_latents
     kw = {"model_lora_rank": lora, "model_lora_alpha": 4.0} if lora else {}
-    cfg = tm.run_config(tiny_run_folders, "flux", "flashdmd", data_resolution=RES, disc_kind="none", max_steps=1,
-                        generator_lr=1e-3, model_embedded_guidance=2.5, **kw)
+    cfg = tm.run_config(tiny_run_folders, "flux", "flashdmd", data_resolution=RES, disc_kind="none", run_max_steps=1,
+                        student_lr=1e-3, model_embedded_guidance=2.5, **kw)
     train(cfg, tmp_path / "run", progress=False)
     out = tmp_path / "exported"
     assert main(["export", "--run", str(tmp_path / "run"), "--out", str(out)] + (["--lora"] if lora else [])) == 0

@@ -37,7 +37,7 @@ def folders(tmp_path_factory):
 
 
 def _cfg(folders, family, method, **kw):
-    base = dict(max_steps=2, student_timesteps=[999, 499] if family == "sdxl" else None,
+    base = dict(run_max_steps=2, student_timesteps=[999, 499] if family == "sdxl" else None,
                 **({"fake_score_ttur": 2} if method == "dmd2" else {}))
     return tm.run_config(folders, family, method, **{**base, **kw})
 
@@ -98,7 +98,7 @@ def test_bf16_frozen_parts_around_fp32_lora_on_a_shared_base(folders, family, me
 
 
 def test_full_finetune_starts_from_the_folders_weights_in_fp32_next_to_a_bf16_teacher(folders, tmp_path):
-    cfg = _cfg(folders, "sdxl", "flashdmd", model_frozen_dtype="bfloat16", max_steps=1)
+    cfg = _cfg(folders, "sdxl", "flashdmd", model_frozen_dtype="bfloat16", run_max_steps=1)
     ctx = setup(cfg)
     reference = load_family(folders["sdxl"]).denoiser.state_dict()  # the folder's weights at float32
     teacher_ptrs = {p.data_ptr() for p in ctx.teacher.parameters()}
@@ -117,7 +117,7 @@ def test_full_finetune_starts_from_the_folders_weights_in_fp32_next_to_a_bf16_te
 
 def test_stage2_with_bf16_frozen_parts_shares_the_base_with_reference_and_reward_model(folders, tmp_path):
     cfg = _cfg(folders, "sdxl", "flashdmd", model_lora_rank=2, model_frozen_dtype="bfloat16", disc_kind="none",
-               max_steps=1, rl_enabled=True, rl_reward_model=str(folders["lrm"]), rl_steps=2, rl_distill_ratio=1,
+               run_max_steps=1, rl_enabled=True, rl_reward_model=str(folders["lrm"]), rl_steps=2, rl_distill_ratio=1,
                rl_num_candidates=2, rl_step_indices=[0])
     ctx = setup(cfg)
     result = train(cfg, tmp_path / "run", progress=False, ctx=ctx)
@@ -133,8 +133,8 @@ def test_stage2_with_bf16_frozen_parts_shares_the_base_with_reference_and_reward
 
 
 def test_text_cache_trains_without_text_encoders_and_gives_the_same_losses(folders, tmp_path, monkeypatch):
-    kw = dict(data_prompts=str(folders["prompts"]), disc_backbone="world", disc_backbone_path=None, max_steps=2,
-              eval_prompts=str(folders["prompts"]), eval_every_steps=2, eval_num_images=4, sample_every_steps=2)
+    kw = dict(data_prompts=str(folders["prompts"]), disc_backbone="world", disc_backbone_path=None, run_max_steps=2,
+              eval_prompts=str(folders["prompts"]), eval_every_steps=2, eval_num_images=4, run_sample_every_steps=2)
     encoders = []
     release = Family.release_text_encoders
 

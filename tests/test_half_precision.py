@@ -89,8 +89,8 @@ def world(tiny_run_folders, tmp_path_factory, clip_dir, inception_file):
 
 
 def _config(world, family, method, lora, setting, reward, evals) -> DistillConfig:
-    kw = dict(SETTINGS[setting], data_resolution=RES, max_steps=1, batch_size=2, rl_enabled=True, rl_steps=1,
-              rl_distill_ratio=0, rl_num_candidates=2, rl_step_indices=[0], generator_lr=1e-3)
+    kw = dict(SETTINGS[setting], data_resolution=RES, run_max_steps=1, run_batch_size=2, rl_enabled=True, rl_steps=1,
+              rl_distill_ratio=0, rl_num_candidates=2, rl_step_indices=[0], student_lr=1e-3)
     if lora:
         kw.update(model_lora_rank=lora, model_lora_alpha=4.0)
     if reward == "lrm":
@@ -101,7 +101,7 @@ def _config(world, family, method, lora, setting, reward, evals) -> DistillConfi
         kw.update(rl_judge="clip", rl_judge_model=str(world["clip"]))
     if evals:
         kw.update(eval_prompts=str(world["prompts"]), eval_every_steps=1, eval_num_images=2, eval_batch_size=2,
-                  eval_clip_model=str(world["clip"]), sample_every_steps=1)
+                  eval_clip_model=str(world["clip"]), run_sample_every_steps=1)
     return tm.run_config(world, family, method, **kw)
 
 
@@ -348,7 +348,7 @@ def test_bf16_autocast_with_float16_frozen_weights_is_refused():
 
 def test_a_dtype_mismatch_inside_a_role_names_the_role(world):
     from flashdmd.training import steps
-    ctx = setup(tm.run_config(world, "sdxl", "flashdmd", disc_kind="none", max_steps=1))
+    ctx = setup(tm.run_config(world, "sdxl", "flashdmd", disc_kind="none", run_max_steps=1))
     ctx.fake_score.conv_in.to(BF16)  # a part left in another dtype
     x0 = torch.randn(2, 4, 16, 16)
     with pytest.raises(FlashDMDError) as e:

@@ -160,8 +160,9 @@ def test_stage2_scores_lpo_candidates_at_the_steps_own_timestep(folders, tmp_pat
     from flashdmd.training import stage2
     from flashdmd.training.config import DistillConfig
     from flashdmd.training.distill import train
-    cfg = DistillConfig(model_teacher=str(folders["teacher"]), batch_size=2, max_steps=1, disc_kind="none",
-                        eval_every_steps=0, sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1,
+    cfg = DistillConfig(model_teacher=str(folders["teacher"]), run_batch_size=2, run_max_steps=1, disc_kind="none",
+                        eval_every_steps=0, run_sample_every_steps=0, run_checkpoint_every_steps=0,
+                            run_log_every_steps=1,
                         rl_enabled=True, rl_reward_model=str(folders["lpo"]), rl_steps=2, rl_distill_ratio=2,
                         rl_num_candidates=3, rl_step_indices=[0, 1])
     calls = []

@@ -19,10 +19,9 @@ import pytest
 import torch
 
 import tiny_models as tm  # tests/ is on sys.path (pytest prepend import mode)
-from flashdmd import FlashDMDError, plugins
+from flashdmd import FlashDMDError, plugins, runfolder
 from flashdmd.cli import main
 from flashdmd.families import load_family
-from flashdmd.inference import RUN_KIND
 from flashdmd.rewards import pairs
 from flashdmd.evaluation.judges import JUDGES, Judge, ScorerJudge, choose, load_judge
 from flashdmd.rewards.pairs import companion_path, load_pairs, read_records
@@ -209,7 +208,7 @@ def test_world_judge_resolution(world, sdxl_dir, clip_dir, prompt_file, tmp_path
     from flashdmd.world.judge import WorldJudge, world_pair_prompts
     run = tmp_path / "run"
     run.mkdir()
-    (run / "run.json").write_text(json.dumps({"kind": RUN_KIND, "teacher": "world-sdxl", "family": "sdxl"}))
+    runfolder.write_record(run, teacher="world-sdxl", family="sdxl", student_timesteps=[999, 499])
     judge, prompts, source = pairs.judge_and_prompts(str(run), None, None, None, 4, 0)
     assert isinstance(judge, WorldJudge) and prompts == world_pair_prompts(4, 0) and source == "plug-in world"
     # a local judge for a world model keeps the world's prompts; a prompt file replaces them

@@ -24,7 +24,7 @@ def folders(tiny_run_folders):
 
 
 def _cfg(folders, family, method, **kw):
-    base = dict(batch_size=4, data_real="world", model_gradient_checkpointing=True, max_steps=3)
+    base = dict(run_batch_size=4, data_real="world", model_gradient_checkpointing=True, run_max_steps=3)
     if method == "flashdmd":
         base["fake_score_ema"] = 0.95  # the default
     else:
@@ -72,8 +72,8 @@ def test_plan_split_matches_a_real_run(folders, family, method, lora):
     for o in ctx.opt.values():
         o.zero_grad(set_to_none=True)
     ctx.rng.shared_randrange = lambda n: n - 1  # the plan traces the last DM step
-    cond = _encode(ctx, ctx.prompts.sample(cfg.batch_size, ctx.rng))
-    uncond = ctx.family.null_conditioning(cfg.batch_size, ctx.resolution, ctx.resolution)
+    cond = _encode(ctx, ctx.prompts.sample(cfg.run_batch_size, ctx.rng))
+    uncond = ctx.family.null_conditioning(cfg.run_batch_size, ctx.resolution, ctx.resolution)
     real = {}
     with P.LiveBytes("cpu") as tr:
         out = generator_step(ctx, cond, uncond)
@@ -127,7 +127,7 @@ def test_live_bytes_agrees_with_torch_memtracker():
 
 def test_plan_command_writes_json_and_says_when_it_does_not_fit(folders, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
-    cfg.write_text(f"model_teacher: {folders['sdxl']}\nmodel_lora_rank: 2\nbatch_size: 2\ndisc_kind: latent\n"
+    cfg.write_text(f"model_teacher: {folders['sdxl']}\nmodel_lora_rank: 2\nrun_batch_size: 2\ndisc_kind: latent\n"
                    "method: dmd2\ndata_real: world\n")
     out = tmp_path / "plan.json"
     # a card that is too small: non-zero exit with one line -- and the plan is still written
@@ -149,7 +149,7 @@ def test_plan_command_writes_json_and_says_when_it_does_not_fit(folders, tmp_pat
 
 
 def test_fsdp_shards_a_full_fine_tune(folders):
-    cfg = _cfg(folders, "sdxl", "dmd2", model_lora_rank=0, batch_size=1)
+    cfg = _cfg(folders, "sdxl", "dmd2", model_lora_rank=0, run_batch_size=1)
     result = P.plan(cfg, P.Settings(device="cuda", processes=8, strategy="fsdp2"))
     single = result["strategies"]["single"]["stages"]["stage1"]["split"]
     fsdp = result["strategies"]["fsdp2"]["stages"]["stage1"]["split"]
@@ -160,7 +160,7 @@ def test_fsdp_shards_a_full_fine_tune(folders):
 
 def test_frozen_dtype_and_shared_base_change_the_plan_as_they_change_the_run(folders):
     def weights(device="cpu", **kw):  # the plan's exact counts, without its traces
-        cfg = _cfg(folders, "sdxl", "dmd2", model_lora_rank=2, batch_size=1, **kw)
+        cfg = _cfg(folders, "sdxl", "dmd2", model_lora_rank=2, run_batch_size=1, **kw)
         train, frozen = P.dtypes(cfg, device)
         return P.weights_by_role(P.meta_roles(cfg, P.meta_family(cfg.model_teacher, None, train, frozen)))
     shared, copies, bf16 = weights(), weights(model_shared_base=False), weights("cuda")
@@ -200,12 +200,12 @@ def test_stage2_plan_matches_a_real_rl_update():
     """Stage 2 on the world teacher (its shipped LRM): reference and reward-model weights, the RL optimiser's state
     and the RL update's traced peak against the real update's."""
     from flashdmd.training.stage2 import rl_step, setup_stage2
-    cfg = DistillConfig(model_teacher="world-sdxl", batch_size=2, rl_enabled=True, eval_every_steps=0,
-                        sample_every_steps=0, checkpoint_every_steps=0, disc_calibration_images=4)
+    cfg = DistillConfig(model_teacher="world-sdxl", run_batch_size=2, rl_enabled=True, eval_every_steps=0,
+                        run_sample_every_steps=0, run_checkpoint_every_steps=0, disc_calibration_images=4)
     planned = P.plan(cfg, P.Settings(device="cpu"))["detail"]["stage2"]
     ctx = setup(cfg)
     setup_stage2(ctx)
-    cond = _encode(ctx, ctx.prompts.sample(cfg.batch_size, ctx.rng))
+    cond = _encode(ctx, ctx.prompts.sample(cfg.run_batch_size, ctx.rng))
     rl_step(ctx, cond)  # AdamW state
     roles = {"teacher": ctx.teacher, "student": ctx.student, "fake_score": ctx.fake_score,
              "text_encoders": torch.nn.ModuleList(ctx.family.text_encoders), "vae": ctx.family.vae, "disc": ctx.disc,

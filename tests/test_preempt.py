@@ -50,10 +50,11 @@ def run(tmp_path_factory):
     (tmp / "real").mkdir()
     for i in range(4):
         Image.new("RGB", (32, 32), (40 * i, 90, 200 - 30 * i)).save(tmp / "real" / f"{i}.png")
-    cfg = DistillConfig(model_teacher=str(teacher), batch_size=1, max_steps=2, fake_score_ttur=2, disc_kind="latent",
-                        disc_loss="ns", data_real=str(tmp / "real"), eval_every_steps=0, sample_every_steps=0,
-                        checkpoint_every_steps=2, checkpoint_keep_last=20, log_every_steps=1, seed=5,
-                        student_timesteps=[999, 499], generator_lr=1e-3, fake_score_lr=1e-3, rl_enabled=True,
+    cfg = DistillConfig(model_teacher=str(teacher), run_batch_size=1, run_max_steps=2, fake_score_ttur=2,
+                        disc_kind="latent",
+                        disc_loss="ns", data_real=str(tmp / "real"), eval_every_steps=0, run_sample_every_steps=0,
+                        run_checkpoint_every_steps=2, run_checkpoint_keep_last=20, run_log_every_steps=1, run_seed=5,
+                        student_timesteps=[999, 499], student_lr=1e-3, fake_score_lr=1e-3, rl_enabled=True,
                         rl_reward_model=str(tmp / "lrm"), rl_steps=2, rl_distill_ratio=1, rl_num_candidates=2,
                         rl_step_indices=[0])
     (tmp / "config.yaml").write_text(cfg.to_yaml())

@@ -22,9 +22,9 @@ def teacher(tmp_path_factory):
 
 
 def _cfg(teacher, **kw):
-    base = dict(model_teacher=str(teacher), batch_size=2, max_steps=4, fake_score_ttur=2, disc_kind="latent",
-                disc_loss="ns", eval_every_steps=0, sample_every_steps=0, checkpoint_every_steps=2,
-                log_every_steps=1, seed=3, student_timesteps=[999, 499])
+    base = dict(model_teacher=str(teacher), run_batch_size=2, run_max_steps=4, fake_score_ttur=2, disc_kind="latent",
+                disc_loss="ns", eval_every_steps=0, run_sample_every_steps=0, run_checkpoint_every_steps=2,
+                run_log_every_steps=1, run_seed=3, student_timesteps=[999, 499])
     base.update(kw)
     return DistillConfig(**base)
 
@@ -40,7 +40,7 @@ def test_resume_is_bitwise_identical(teacher, tmp_path, ema):
     full = setup(cfg)
     train(cfg, tmp_path / "full", progress=False, ctx=full)
 
-    half_cfg = _cfg(teacher, max_steps=2, student_ema=ema)
+    half_cfg = _cfg(teacher, run_max_steps=2, student_ema=ema)
     train(half_cfg, tmp_path / "half", progress=False)
     assert (tmp_path / "half" / "checkpoints" / "step_00000002").is_dir()
     resumed = setup(cfg)
@@ -59,7 +59,7 @@ def test_resume_is_bitwise_identical(teacher, tmp_path, ema):
 
 
 def test_corrupt_checkpoint_is_detected_and_previous_used(teacher, tmp_path):
-    cfg = _cfg(teacher, checkpoint_every_steps=1, max_steps=2)
+    cfg = _cfg(teacher, run_checkpoint_every_steps=1, run_max_steps=2)
     train(cfg, tmp_path / "run", progress=False)
     root = tmp_path / "run" / "checkpoints"
     newest = root / "step_00000002"
@@ -77,8 +77,8 @@ def test_corrupt_checkpoint_is_detected_and_previous_used(teacher, tmp_path):
 
 
 def test_nonfinite_updates_are_skipped_then_stop(teacher, tmp_path):
-    cfg = _cfg(teacher, generator_lr=1e30, fake_score_lr=1e30, max_nonfinite_in_row=2, checkpoint_every_steps=0,
-               max_steps=20, optim_grad_clip=1e30)
+    cfg = _cfg(teacher, student_lr=1e30, fake_score_lr=1e30, run_max_nonfinite_in_row=2, run_checkpoint_every_steps=0,
+               run_max_steps=20, optim_grad_clip=1e30)
     ctx = setup(cfg)
     with pytest.warns(UserWarning, match="non-finite"):
         with pytest.raises(FlashDMDError, match="non-finite updates in a row"):

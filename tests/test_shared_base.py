@@ -67,11 +67,11 @@ def test_shared_base_equals_three_copies(folders, family, method, tmp_path):
 
 
 def test_resume_with_a_shared_base_is_bit_exact(folders, tmp_path):
-    kw = dict(max_steps=4, checkpoint_every_steps=2, fake_score_ttur=2)
+    kw = dict(run_max_steps=4, run_checkpoint_every_steps=2, fake_score_ttur=2)
     cfg = _cfg(folders, "sdxl", "flashdmd", **kw)
     full = setup(cfg)
     train(cfg, tmp_path / "full", progress=False, ctx=full)
-    train(_cfg(folders, "sdxl", "flashdmd", **{**kw, "max_steps": 2}), tmp_path / "half", progress=False)
+    train(_cfg(folders, "sdxl", "flashdmd", **{**kw, "run_max_steps": 2}), tmp_path / "half", progress=False)
     resumed = setup(cfg)
     train(cfg, tmp_path / "half", progress=False, ctx=resumed, resume="latest")
     a, b = _trained(full), _trained(resumed)

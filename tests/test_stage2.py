@@ -31,9 +31,9 @@ def world(tmp_path_factory):
 
 def _cfg(world, fam, **kw):
     folder, lrm = world[fam]
-    base = dict(model_teacher=str(folder), batch_size=2, max_steps=1, disc_kind="none", eval_every_steps=0,
-                sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1, rl_enabled=True,
-                rl_reward_model=str(lrm), rl_steps=3, rl_distill_ratio=1, rl_num_candidates=3, generator_lr=1e-3,
+    base = dict(model_teacher=str(folder), run_batch_size=2, run_max_steps=1, disc_kind="none", eval_every_steps=0,
+                run_sample_every_steps=0, run_checkpoint_every_steps=0, run_log_every_steps=1, rl_enabled=True,
+                rl_reward_model=str(lrm), rl_steps=3, rl_distill_ratio=1, rl_num_candidates=3, student_lr=1e-3,
                 rl_beta=50.0)
     base.update(kw)
     return DistillConfig(**base)
@@ -81,7 +81,7 @@ def test_stage2_starts_from_the_evaluated_ema_student(world, tmp_path, monkeypat
     """With student_ema, the Stage-1 student that is evaluated and saved is the EMA: rl_from_ema starts Stage 2 (and
     its DPO reference) there; off, from the raw weights, which differ from the EMA after two generator updates."""
     from flashdmd.training.parallel import canonical
-    cfg = _cfg(world, "sdxl", max_steps=2, student_ema=0.5, rl_steps=1, rl_from_ema=from_ema)
+    cfg = _cfg(world, "sdxl", run_max_steps=2, student_ema=0.5, rl_steps=1, rl_from_ema=from_ema)
     ctx = setup(cfg)
     seen = {}
     real_setup = stage2.setup_stage2

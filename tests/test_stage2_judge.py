@@ -24,8 +24,10 @@ def folders(tmp_path_factory):
 
 
 def _cfg(folders, fam, **kw):
-    base = dict(model_teacher=str(folders[fam]), batch_size=2, max_steps=1, disc_kind="none", eval_every_steps=0,
-                sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1, rl_enabled=True, rl_steps=2,
+    base = dict(model_teacher=str(folders[fam]), run_batch_size=2, run_max_steps=1, disc_kind="none",
+                eval_every_steps=0,
+                run_sample_every_steps=0, run_checkpoint_every_steps=0, run_log_every_steps=1, rl_enabled=True,
+                    rl_steps=2,
                 rl_distill_ratio=2, rl_num_candidates=3, rl_judge="clip", rl_judge_model=str(folders["clip"]),
                 rl_reward_model="/nowhere")  # unused with a judge
     base.update(kw)

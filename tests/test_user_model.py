@@ -61,8 +61,8 @@ def user_config(user, family: str, tmp: Path, **extra) -> Path:
     fields = dict(model_teacher=str(user[family]), data_real=str(user["images"]), data_prompts="captions",
                   disc_backbone="sam", disc_backbone_path=str(user["sam"]), eval_prompts=str(user["eval_prompts"]),
                   eval_clip_model=str(user["clip"]), eval_every_steps=1, eval_num_images=3, eval_batch_size=2,
-                  sample_every_steps=1, checkpoint_every_steps=1, batch_size=2, max_steps=2, data_workers=2,
-                  data_crop="random", seed=3)
+                  run_sample_every_steps=1, run_checkpoint_every_steps=1, run_batch_size=2, run_max_steps=2,
+                  data_workers=2, data_crop="random", run_seed=3)
     fields.update(extra)
     return write_config(tmp / f"{family}.yaml", **fields)
 
@@ -108,22 +108,22 @@ def test_user_folder_distill_report_sample_export(user, family, tmp_path, capsys
 def test_overwrite_removes_the_old_run_and_resume_continues_the_new_one(user, tmp_path):
     run = tmp_path / "run"
     base = dict(model_teacher=str(user["sdxl"]), data_real=str(user["images"]), data_prompts="captions",
-                disc_kind="none", eval_every_steps=0, sample_every_steps=1, checkpoint_every_steps=1,
-                checkpoint_keep_last=10, log_every_steps=1, batch_size=2, student_timesteps=[999, 499])
-    old = write_config(tmp_path / "old.yaml", **base, max_steps=3, seed=1)
+                disc_kind="none", eval_every_steps=0, run_sample_every_steps=1, run_checkpoint_every_steps=1,
+                run_checkpoint_keep_last=10, run_log_every_steps=1, run_batch_size=2, student_timesteps=[999, 499])
+    old = write_config(tmp_path / "old.yaml", **base, run_max_steps=3, run_seed=1)
     assert main(["distill", "--no-plan", "--config", str(old), "--out", str(run), "--no-progress"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001", "step_00000002", "step_00000003"]
     (run / "notes.txt").write_text("mine")  # not the run's state: kept
 
-    new = write_config(tmp_path / "new.yaml", **base, max_steps=1, seed=2)
+    new = write_config(tmp_path / "new.yaml", **base, run_max_steps=1, run_seed=2)
     assert main(["distill", "--no-plan", "--config", str(new), "--out", str(run), "--no-progress"]) == 2  # refused without a flag
     assert main(["distill", "--no-plan", "--config", str(new), "--out", str(run), "--no-progress", "--overwrite"]) == 0
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
     assert sorted(p.name for p in (run / "samples").glob("*.png")) == ["step_000001.png"]
     assert (run / "notes.txt").read_text() == "mine"
-    assert yaml.safe_load((run / "config.yaml").read_text())["seed"] == 2
+    assert yaml.safe_load((run / "config.yaml").read_text())["run_seed"] == 2
 
-    longer = write_config(tmp_path / "longer.yaml", **base, max_steps=2, seed=2)
+    longer = write_config(tmp_path / "longer.yaml", **base, run_max_steps=2, run_seed=2)
     assert main(["distill", "--no-plan", "--config", str(longer), "--out", str(run), "--no-progress", "--resume", "latest"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["generator_steps"] == 2 and [h["step"] for h in metrics["history"]][-1] == 2
@@ -146,7 +146,7 @@ def test_training_at_another_resolution(user, tmp_path):
     run = tmp_path / "run"
     cfg = write_config(tmp_path / "c.yaml", model_teacher=str(user["sdxl"]), data_real=str(user["images"]),
                        data_prompts="captions", disc_kind="latent", data_resolution=48, eval_every_steps=0,
-                       sample_every_steps=1, checkpoint_every_steps=0, batch_size=2, max_steps=1,
+                       run_sample_every_steps=1, run_checkpoint_every_steps=0, run_batch_size=2, run_max_steps=1,
                        student_timesteps=[999, 499])
     assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(run), "--no-progress"]) == 0
     assert json.loads((run / "run.json").read_text())["resolution"] == 48
@@ -158,7 +158,7 @@ def test_training_at_another_resolution(user, tmp_path):
 def test_stage2_on_a_users_teacher_without_a_reward_model_fails_at_start(user, tmp_path, capsys):
     """The default rl_reward_model (the world's) fits only the world's teachers: the error comes before any
     training and says how to get one."""
-    cfg = user_config(user, "sdxl", tmp_path, rl_enabled=True, checkpoint_every_steps=0)
+    cfg = user_config(user, "sdxl", tmp_path, rl_enabled=True, run_checkpoint_every_steps=0)
     assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "run")]) == 2
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(err) == 1 and "flashdmd reward make-pairs" in err[0] and "flashdmd reward train" in err[0], err
@@ -178,13 +178,13 @@ def test_unreadable_images_fail_before_training(user, tmp_path, capsys):
 
 
 def test_wandb_is_an_option_through_accelerate(user, tmp_path, monkeypatch, capsys):
-    """report_to: [tensorboard, wandb] logs the same scalars to accelerate's WandBTracker (here a stand-in wandb
+    """run_report_to: [tensorboard, wandb] logs the same scalars to accelerate's WandBTracker (here a stand-in wandb
     module: the tests never need the package); without wandb installed the run stops at start with one line."""
     import importlib.machinery
     import importlib.util
     import types
-    cfg = user_config(user, "sdxl", tmp_path, report_to=["tensorboard", "wandb"], disc_kind="none",
-                      eval_every_steps=0, max_steps=1, log_every_steps=1)
+    cfg = user_config(user, "sdxl", tmp_path, run_report_to=["tensorboard", "wandb"], disc_kind="none",
+                      eval_every_steps=0, run_max_steps=1, run_log_every_steps=1)
     if importlib.util.find_spec("wandb") is None:
         assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "none")]) == 2
         assert "pip install wandb" in capsys.readouterr().err
@@ -200,7 +200,7 @@ def test_wandb_is_an_option_through_accelerate(user, tmp_path, monkeypatch, caps
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: fake.__spec__ if name == "wandb" else
                         _find_spec(name, *a))
     assert main(["distill", "--no-plan", "--config", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"]) == 0
-    assert inits[0]["project"] == "flashdmd" and inits[0]["name"] == "run" and inits[1]["max_steps"] == 1
+    assert inits[0]["project"] == "flashdmd" and inits[0]["name"] == "run" and inits[1]["run_max_steps"] == 1
     scalars = [values for step, values in logged if step == 1 and "loss/generator" in values]
     assert scalars and list((tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
 

@@ -18,7 +18,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from flashdmd import FlashDMDError  # noqa: E402
 from flashdmd.world import models as M  # noqa: E402
-from flashdmd.world import pretrain  # noqa: E402
+from flashdmd.world import pretrain, pretrain_loop  # noqa: E402
 from tests.tolerances import assert_close, network_factor  # noqa: E402
 from flashdmd.world.prompts import vocabulary  # noqa: E402
 from flashdmd.world.tokenizer import load_tokenizer, make_tokenizer, write_tokenizer_files  # noqa: E402
@@ -79,9 +79,9 @@ def test_sd3_pad_count_attention_equals_pipeline_zero_t5_tokens():
 def test_filler_augmentation_keeps_class_and_fits_context(tmp_path):
     from flashdmd.world.prompts import class_of_prompt, prompts_for
     labels = [i % 10 for i in range(400)]
-    aug = pretrain.augment_prompts(prompts_for(labels, seed=3), torch.Generator().manual_seed(0), p=1.0)
+    aug = pretrain_loop.augment_prompts(prompts_for(labels, seed=3), torch.Generator().manual_seed(0), p=1.0)
     assert [class_of_prompt(p) for p in aug] == labels
-    assert not set(pretrain.filler_words()) & {"shirt", "boot", "pants", "shoe", "bag", "coat"}
+    assert not set(pretrain_loop.filler_words()) & {"shirt", "boot", "pants", "shoe", "bag", "coat"}
     tok = make_tokenizer(tmp_path)
     assert max(len(tok(p).input_ids) for p in aug) <= tok.model_max_length
 
@@ -91,7 +91,7 @@ def test_checkpoint_round_trip(tmp_path):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.randn(4, 3)).sum().backward()
     opt.step()
-    ck = pretrain.Checkpoint(tmp_path, "stage")
+    ck = pretrain_loop.Checkpoint(tmp_path, "stage")
     ck.save(7, 12.5, 0.25, model, ema, opt)
     model2, ema2 = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
     opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-3)

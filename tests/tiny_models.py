@@ -283,8 +283,8 @@ def run_config(folders: dict, family: str, method: str, **kw):
     """A short distill config on a tiny teacher: Flash-DMD with the SAM pixel discriminator, or DMD2 with its latent
     classifier (DMD2's GAN weights), TTUR 1, no evaluation, samples or checkpoints; ``kw`` overrides any field."""
     from flashdmd.training.config import DistillConfig
-    base = dict(model_teacher=str(folders[family]), batch_size=2, max_steps=3, eval_every_steps=0,
-                sample_every_steps=0, checkpoint_every_steps=0, log_every_steps=1, seed=0)
+    base = dict(model_teacher=str(folders[family]), run_batch_size=2, run_max_steps=3, eval_every_steps=0,
+                run_sample_every_steps=0, run_checkpoint_every_steps=0, run_log_every_steps=1, run_seed=0)
     if method == "flashdmd":
         base.update(method="flashdmd", disc_kind="pixel", disc_backbone="sam", disc_backbone_path=str(folders["sam"]),
                     fake_score_ttur=1, fake_score_ema=0.9)

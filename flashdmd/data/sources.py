@@ -191,7 +191,7 @@ class HFDiskSource:
 
 def _load_train_split(path: Path):
     """The Dataset at ``path``, or the "train" split of a DatasetDict there."""
-    import datasets
+    import datasets  # imported here, as in HFDiskSource: only this source pays for it
     try:
         ds = datasets.load_from_disk(str(path))
     except (FileNotFoundError, ValueError, OSError) as e:

@@ -290,7 +290,7 @@ def _sample_grids(run_dir: Path) -> str:
 def _prompt_list(path: Path) -> str:
     if not path.is_file():
         return ""
-    try:
+    try:   # a broken prompt list costs the page its captions, not the report
         info = json.loads(path.read_text())
         prompts, nrow = [str(p) for p in info["prompts"]], int(info.get("nrow") or len(info["prompts"]) or 1)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -314,10 +314,7 @@ def write_report(run_dir: str | Path, comparison: list[dict] | None = None, grid
     e.g. teacher vs student, and extra image ``grids`` [(png name in DIR, caption)]). Works on any run: the
     metrics shown are whatever keys its evaluations hold."""
     run_dir = Path(run_dir)
-    try:
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError) as e:
-        raise FlashDMDError(f"{run_dir}/metrics.json is not readable JSON ({e})") from None
+    metrics = io.read_json(run_dir / "metrics.json", want=None)
     if not isinstance(metrics, dict):
         raise FlashDMDError(f"{run_dir}/metrics.json is not a flashdmd metrics record")
     hib = metrics.get("higher_is_better") if isinstance(metrics.get("higher_is_better"), dict) else None

@@ -13,8 +13,9 @@ from pathlib import Path
 import torch
 
 from flashdmd import FlashDMDError, plugins
-from flashdmd.families.base import (LORA_TARGETS, Conditioning, Family, name_part, network_call, part_name,
-                                   read_model_index)
+from flashdmd.families.base import Family
+from flashdmd.families.parts import (LORA_TARGETS, Conditioning, name_part, network_call, part_name,
+                                    read_model_index)
 from flashdmd.families.flux import FluxFamily
 from flashdmd.families.hub import hub_snapshot
 from flashdmd.families.sd3 import SD3Family

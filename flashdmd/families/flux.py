@@ -23,15 +23,20 @@ Conventions, matching ``FluxPipeline`` (diffusers 0.42):
 """
 from __future__ import annotations
 
+import copy
 import math
+from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.diffusion import FlowSchedule
-from flashdmd.families.base import Conditioning, Family, input_dtype, unwrap
+from flashdmd.families.base import Family
+from flashdmd.families.parts import Conditioning, input_dtype, unwrap
 
 STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 DEFAULT_SAMPLE_SIZE = 128  # FluxPipeline.default_sample_size: 1024 px with the 8x VAE
@@ -72,9 +77,7 @@ class FluxFamily(Family):
     @classmethod
     def exported_guidance(cls, info: dict, teacher) -> float:
         """A guidance-distilled student is called with the embedded guidance it was trained with; others with 1."""
-        import json
-        from pathlib import Path
-        config = json.loads((Path(teacher) / cls.denoiser_subfolder / "config.json").read_text())
+        config = io.read_json(Path(teacher) / cls.denoiser_subfolder / "config.json")
         return float(info.get("embedded_guidance", DEFAULT_EMBEDDED_GUIDANCE)) if config.get("guidance_embeds") \
             else 1.0
 
@@ -114,9 +117,7 @@ class FluxFamily(Family):
     def scheduler_timesteps(self, steps: int) -> list[float]:
         """FluxPipeline's: sigmas linspace(1, 1/steps, steps) through the scheduler with mu = ln(shift) at the
         current resolution (``use_resolution``)."""
-        import copy
 
-        import numpy as np
         sched = copy.deepcopy(self.scheduler)
         kwargs = {"mu": math.log(self.schedule.shift)} if self._scheduler_config.get("use_dynamic_shifting") else {}
         sched.set_timesteps(sigmas=np.linspace(1.0, 1 / steps, steps), **kwargs)
@@ -179,7 +180,6 @@ class FluxFamily(Family):
 
     def step_noise(self, x0: Tensor, generator=None) -> Tensor:
         """FluxPipeline's scheduler draws each step's noise in the packed token layout."""
-        from diffusers.utils.torch_utils import randn_tensor
         b, c, h, w = x0.shape
         return unpack(randn_tensor((b, (h // 2) * (w // 2), 4 * c), generator=generator, device=x0.device,
                                    dtype=x0.dtype), h, w)

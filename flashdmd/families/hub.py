@@ -22,7 +22,6 @@ cached, incomplete snapshot), which become one-line :class:`flashdmd.FlashDMDErr
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HfHubHTT
                                     IncompleteSnapshotError, LocalEntryNotFoundError, RepositoryNotFoundError)
 from huggingface_hub.utils import validate_repo_id
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 
 MODEL_INDEX = "model_index.json"
 # per component folder: configs, tokenizer files and shard indexes; CLIP merges / vocab texts; T5 sentencepiece
@@ -92,10 +91,7 @@ def hub_snapshot(spec: str | Path) -> Path | None:
 
 def _components(spec: str, index_file: Path) -> list[str]:
     """The folders model_index.json names: entries ``name: [library, class]`` with both set."""
-    try:
-        index = json.loads(index_file.read_text())
-    except (OSError, ValueError) as e:
-        raise FlashDMDError(f"hub repo {spec}: {MODEL_INDEX} is not readable JSON ({e})") from None
+    index = io.read_json(index_file, f"hub repo {spec}: {MODEL_INDEX}", want=None)
     if not isinstance(index, dict):
         raise FlashDMDError(f"hub repo {spec}: {MODEL_INDEX} is not a JSON object of pipeline components")
     return sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, list) and len(v) == 2

@@ -24,7 +24,8 @@ from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
 from flashdmd.diffusion import FlowSchedule
-from flashdmd.families.base import Conditioning, Family, input_dtype, unwrap
+from flashdmd.families.base import Family
+from flashdmd.families.parts import Conditioning, input_dtype, unwrap
 
 STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 

@@ -22,7 +22,8 @@ from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
 from flashdmd.diffusion import VPSchedule
-from flashdmd.families.base import Conditioning, Family, input_dtype
+from flashdmd.families.base import Family
+from flashdmd.families.parts import Conditioning, input_dtype
 
 # diffusers schedulers that work in sigma space (x = x0 + sigma*eps) and set init_noise_sigma by spacing
 SIGMA_SPACE_SCHEDULERS = ("EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",

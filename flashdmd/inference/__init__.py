@@ -3,27 +3,20 @@
 A *model spec* is a diffusers pipeline folder, a hub id, a plug-in's model name (``world-sdxl``), or a run
 folder of `flashdmd distill` (holds run.json). :func:`load_model` returns the family adapter, the network
 to sample with and that model's own defaults (a student: its K steps, stochastic student sampler, no CFG;
-a teacher: 50 steps of its own scheduler, deterministic, its recommended CFG). This layer sits below
-training/ and evaluation/ and imports neither.
+a teacher: 50 steps of its own scheduler, deterministic, its recommended CFG). A run folder's record and student
+are read by :mod:`flashdmd.runfolder`. This layer sits below training/ and evaluation/ and imports neither.
 """
 from __future__ import annotations
 
-import copy
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig
-from peft.utils import set_peft_model_state_dict
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import Tensor
 
-from flashdmd import FlashDMDError
-from flashdmd.families import LORA_TARGETS, load_family, name_part, resolve_path
+from flashdmd import io, runfolder
+from flashdmd.families import load_family, name_part, resolve_path
 
-RUN_KIND = "flashdmd-distill-run"
 TEACHER_DEFAULT_STEPS = 50
 TEACHER_DEFAULT_CFG = 5.0  # diffusers' SDXL / SD3 pipeline default; a folder's flashdmd.json may override
 # `--dtype` of sample / eval (export's names): the dtype the networks are loaded in
@@ -51,32 +44,19 @@ def load_model(spec: str, device="cpu", dtype: torch.dtype | None = None) -> Mod
     and give the caller's latents' dtype: float32 in :func:`sample_images`; `flashdmd sample` draws them in the text
     embeddings' dtype, as a diffusers pipeline loaded in ``dtype`` does."""
     path = resolve_path(spec)
-    if (path / "run.json").is_file():
+    if runfolder.is_run(path):
         return load_student(path, device=device, dtype=dtype)
     fam = load_family(spec, device=device, frozen_dtype=dtype)
     extra = path / "flashdmd.json"
-    cfg = json.loads(extra.read_text()).get("guidance_scale", TEACHER_DEFAULT_CFG) if extra.is_file() \
-        else TEACHER_DEFAULT_CFG
+    cfg = io.read_json(extra).get("guidance_scale", TEACHER_DEFAULT_CFG) if extra.is_file() else TEACHER_DEFAULT_CFG
     return Model(fam, fam.denoiser, "teacher", None, float(cfg), False)
-
-
-def read_run_info(run_dir: str | Path) -> dict:
-    """run.json of a `flashdmd distill` run folder; one-line FlashDMDError for anything else."""
-    run_dir = Path(run_dir)
-    try:
-        info = json.loads((run_dir / "run.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FlashDMDError(f"{run_dir}/run.json is unreadable ({e}); is this a flashdmd distill run folder?") from None
-    if not isinstance(info, dict) or info.get("kind") != RUN_KIND:
-        raise FlashDMDError(f"{run_dir}/run.json is not a flashdmd distill run")
-    return info
 
 
 def teacher_spec(spec: str) -> str:
     """The teacher a model spec stands for: a run folder's run.json ``teacher``, else ``spec`` itself."""
     path = resolve_path(spec)
-    if (path / "run.json").is_file():
-        return str(read_run_info(path)["teacher"])
+    if runfolder.is_run(path):
+        return str(runfolder.read_record(path)["teacher"])
     return spec
 
 
@@ -126,35 +106,15 @@ def nfe(model: Model, steps: int | None, guidance_scale: float | None) -> int:
     return k * (2 if w != 1.0 else 1)
 
 
-
 def load_student(run_dir: str | Path, device="cpu", dtype: torch.dtype | None = None):
     """A distill run folder -> evaluation Model with the student's weights and its K steps, every network in
     ``dtype`` (default float32; LoRA adapters in their base's)."""
     run_dir = Path(run_dir)
-    info = read_run_info(run_dir)
+    info = runfolder.read_record(run_dir)
     fam = load_family(info["teacher"], family=info["family"], device=device, frozen_dtype=dtype)
     if info.get("resolution"):
         fam.use_resolution(int(info["resolution"]), int(info["resolution"]))  # FLUX: the run's noise shift
     fam.embedded_guidance = float(info.get("embedded_guidance", fam.embedded_guidance))
-    net = name_part(_load_student_net(fam, run_dir / "student", info), "student")
+    net = name_part(runfolder.load_student_net(fam, run_dir, info), "student")
     return Model(fam, net, "student", [float(t) for t in info["student_timesteps"]], 1.0, True,
                  info.get("resolution"))
-
-
-def _load_student_net(fam, folder: Path, info: dict):
-    if not folder.is_dir():
-        raise FlashDMDError(f"{folder} is missing: the run has not saved a student yet")
-    if info.get("lora_rank", 0) > 0:
-        net = copy.deepcopy(fam.denoiser)
-        net.add_adapter(LoraConfig(r=info["lora_rank"], lora_alpha=info.get("lora_alpha") or info["lora_rank"],
-                                   target_modules=LORA_TARGETS))
-        try:
-            set_peft_model_state_dict(net, load_file(str(folder / "adapter.safetensors")))
-        except (OSError, SafetensorError) as e:
-            raise FlashDMDError(f"{folder}/adapter.safetensors cannot be read: {e}") from None
-        return net.eval()
-    cls = type(fam.denoiser)
-    try:
-        return cls.from_pretrained(folder, use_safetensors=True, torch_dtype=fam.frozen_dtype).to(fam.device).eval()
-    except (OSError, ValueError) as e:
-        raise FlashDMDError(f"student weights in {folder} cannot be loaded: {str(e).splitlines()[0]}") from None

@@ -16,7 +16,6 @@ same gradients, fewer saved activations).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -26,7 +25,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 from transformers import SamConfig, SamModel, SamVisionConfig, SamVisionModel
 
-from flashdmd import FlashDMDError, plugins
+from flashdmd import FlashDMDError, io, plugins
 from flashdmd.families import network_call
 
 # SAM's image processor normalisation (pixel values in [0, 1] space).
@@ -64,7 +63,7 @@ class SamBackbone(nn.Module):
         if not (p / "config.json").is_file():
             raise FlashDMDError(f"SAM encoder folder {p} has no config.json: give a local transformers "
                                 "SamModel or SamVisionModel folder (e.g. a download of facebook/sam-vit-base)")
-        arch = json.loads((p / "config.json").read_text()).get("architectures") or []
+        arch = io.read_json(p / "config.json").get("architectures") or []
         whole = "SamModel" in arch  # the full SAM (its vision encoder is the backbone), else its vision model
         try:
             if on_meta:

@@ -31,14 +31,15 @@ Only ``state_dict.pt`` is read with ``torch.load(..., weights_only=True)``; the 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DConditionModel
 from torch import Tensor, nn
+from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.families import network_call
 
 TAPS = (2, 5, 8)  # LPO's down_block_res_samples indices (multi-scale)
@@ -99,13 +100,13 @@ def _checked(path: str | Path, family) -> tuple[dict, Tensor, float]:
     if family.name != "sdxl":
         raise FlashDMDError(f"rl_reward_model {d} is LPO's LRM (an SDXL UNet scoring SDXL latents); the teacher is "
                             f"{family.name}: train an LRM for it with `flashdmd reward train` (docs/PAIRS.md)")
-    unet_cfg = json.loads((d / "unet" / "config.json").read_text())
     for sub in ("unet", "text_encoder", "text_encoder_2"):
         if (d / sub).is_dir() and not any((d / sub).glob("*.safetensors")):
             raise FlashDMDError(f"{d / sub} holds no .safetensors weights; flashdmd loads no pickled weights: save "
                                 f"it with save_pretrained(..., safe_serialization=True) first")
     if not (d / "unet").is_dir():
         raise FlashDMDError(f"{d} has no unet/ folder")
+    unet_cfg = io.read_json(d / "unet" / "config.json")
     if unet_cfg.get("in_channels") != family.latent_channels:
         raise FlashDMDError(f"LPO LRM {d}: its UNet takes {unet_cfg.get('in_channels')} latent channels, the teacher's "
                             f"latents have {family.latent_channels}")
@@ -125,7 +126,7 @@ def _checked(path: str | Path, family) -> tuple[dict, Tensor, float]:
                                                    (Path(family.path) / "text_encoder" / "config.json").is_file()):
         raise FlashDMDError(f"LPO LRM {d}: no text_encoder/ and text_encoder_2/ in it nor in the teacher folder "
                             f"{family.path}")
-    text_dim = json.loads((te2 / "config.json").read_text()).get("projection_dim")
+    text_dim = io.read_json(te2 / "config.json").get("projection_dim")
     if weight.shape[0] != text_dim:
         raise FlashDMDError(f"LPO LRM {d}: visual_projection gives {weight.shape[0]}-d embeddings, its text encoder "
                             f"{te2} {text_dim}-d ones")
@@ -164,8 +165,6 @@ class LPORewardModel(nn.Module):
     def load(cls, directory, family, feature_cfg: float = DEFAULT_FEATURE_CFG) -> "LPORewardModel":
         """From LPO's folder; text encoders absent from it (trained frozen) come from the teacher's folder, the
         tokenizers are the teacher's (LPO's come from its base SDXL, whose tokenizers an SDXL teacher shares)."""
-        from diffusers import UNet2DConditionModel
-        from transformers import CLIPTextModel, CLIPTextModelWithProjection
         d = Path(directory)
         _, weight, scale = _checked(d, family)
         dtype = family.frozen_dtype
@@ -191,8 +190,6 @@ class LPORewardModel(nn.Module):
     def on_meta(cls, directory, family, feature_cfg: float = DEFAULT_FEATURE_CFG) -> "LPORewardModel":
         """The same model on the meta device, built from the folder's configs and state_dict.pt's shapes (no
         weights loaded): what `flashdmd plan` counts."""
-        from diffusers import UNet2DConditionModel
-        from transformers import AutoConfig, CLIPTextModel, CLIPTextModelWithProjection
         d = Path(directory)
         _, weight, scale = _checked(d, family)
 

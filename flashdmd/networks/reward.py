@@ -47,10 +47,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError, plugins
-from flashdmd.families import LORA_TARGETS, network_call
+from flashdmd import FlashDMDError, io, plugins
+from flashdmd.families import Conditioning, load_family, network_call
+from flashdmd.families.parts import forward_hooks, unwrap
+from flashdmd.networks import lora
 
 FORMAT = "flashdmd-lrm"
 VERSION = 1
@@ -128,7 +131,7 @@ class LatentRewardModel(nn.Module):
                 full = self.train_backbone is True and family.frozen_dtype != family.dtype
                 net = family.load_denoiser(family.dtype) if full else copy.deepcopy(net)
             if self.train_backbone == "lora":
-                self._add_lora(net, lora_rank, family.dtype)
+                lora.attach(net, lora_rank, lora_rank, family.dtype)
             else:
                 net.requires_grad_(True)
         self.backbone = net
@@ -154,19 +157,6 @@ class LatentRewardModel(nn.Module):
 
     # -- construction helpers ----------------------------------------------------------------------
 
-    @staticmethod
-    def _add_lora(net: nn.Module, rank: int, dtype: torch.dtype | None = None) -> None:
-        """LoRA adapters on the attention projections, in ``dtype`` (peft makes them in the base's, which may be
-        a lower frozen dtype)."""
-        from peft import LoraConfig
-        net.requires_grad_(False)
-        net.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS))
-        if not any(p.requires_grad for p in net.parameters()):
-            raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")
-        for p in net.parameters():
-            if p.requires_grad and dtype is not None and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-
     @torch.no_grad()
     def _probe(self) -> tuple[int, list[int], int]:
         """(number of feature taps, channels of each, pooled text dim) from one forward on a zero latent."""
@@ -186,7 +176,6 @@ class LatentRewardModel(nn.Module):
         Same maps as ``family.features(backbone, ...)``, but the forward stops right after the deepest
         selected tap (the UNet's up blocks never run: ~2.4x cheaper on the tiny SDXL UNet).
         """
-        from flashdmd.families.base import forward_hooks, unwrap
         fam = self.family
         modules = fam._feature_modules(unwrap(self.backbone))[: max(self.taps) + 1]
 
@@ -213,7 +202,6 @@ class LatentRewardModel(nn.Module):
         with torch.set_grad_enabled(need_graph):
             if self.feature_cfg_scale is None:
                 return torch.cat([f.float().mean(dim=(2, 3)) for f in self.tap_features(x_t, t, cond)], dim=1)
-            from flashdmd.families import Conditioning
             null = fam.null_conditioning(len(cond)).to(cond.prompt_embeds.device)
             null = replace(null, add_time_ids=cond.add_time_ids)
             feats = self.tap_features(torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([null, cond]))
@@ -286,26 +274,26 @@ class LatentRewardModel(nn.Module):
         return state
 
     def save(self, directory, extra_config: dict | None = None) -> Path:
-        """Write ``lrm.json`` + ``lrm.safetensors`` into ``directory`` (created); return the folder."""
-        from safetensors.torch import save_file
+        """Write ``lrm.json`` + ``lrm.safetensors`` into ``directory`` (created), each atomically; return the
+        folder."""
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_to_save(), str(d / WEIGHTS_NAME))
+        state = self.state_to_save()
+        io.atomic_save(d / WEIGHTS_NAME, lambda tmp: save_file(state, str(tmp)), "the reward model",
+                       sum(v.numel() * v.element_size() for v in state.values()))
         cfg = self.config()
         if extra_config:
             cfg.update(extra_config)
-        (d / CONFIG_NAME).write_text(json.dumps(cfg, indent=2) + "\n")
+        io.atomic_write_text(d / CONFIG_NAME, json.dumps(cfg, indent=2) + "\n")
         return d
 
     @classmethod
     def load(cls, directory, family=None, device=None) -> "LatentRewardModel":
         """Load a saved LRM. ``family``: a loaded Family (its teacher is the frozen backbone / the base of
         the stored one), a folder or world name, or None to load the teacher the config points to."""
-        from safetensors.torch import load_file
         d = Path(directory)
         cfg = read_config(d)
         if family is None or isinstance(family, (str, os.PathLike)):
-            from flashdmd.families import load_family
             spec = family if family is not None else resolve_teacher(cfg["teacher"], d)
             family = load_family(spec, device=device or "cpu")
         if family.name != cfg["family"]:
@@ -365,10 +353,10 @@ def weight_files(folder: Path) -> list[Path]:
     for name in WEIGHT_INDEXES:
         index = folder / name
         if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (OSError, ValueError, KeyError, AttributeError) as e:
-                raise FlashDMDError(f"{index} is not a readable shard index ({e})") from None
+            shards = io.read_json(index).get("weight_map")
+            if not isinstance(shards, dict):
+                raise FlashDMDError(f"{index} is not a shard index (no weight_map)")
+            shards = sorted(set(shards.values()))
             return [folder / f for f in shards]
     for name in WEIGHT_FILES + PICKLED_WEIGHT_FILES:
         if (folder / name).is_file():
@@ -429,10 +417,7 @@ def read_config(d: Path) -> dict:
         raise FlashDMDError(f"LRM folder {d} does not exist; pass a folder written by `flashdmd reward train`")
     if not (c.is_file() and w.is_file()):
         raise FlashDMDError(f"{d} is not an LRM folder: it needs {CONFIG_NAME} and {WEIGHTS_NAME}")
-    try:
-        cfg = json.loads(c.read_text())
-    except ValueError as e:
-        raise FlashDMDError(f"{c} is not valid JSON ({e})") from None
+    cfg = io.read_json(c, want=None)
     if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
         raise FlashDMDError(f"{c} is not a flashdmd LRM config (format is not {FORMAT!r})")
     needed = ("family", "teacher", "proj_dim", "hidden_dim", "train_backbone", "taps", "tap_channels", "text_dim",

@@ -39,7 +39,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from flashdmd import FlashDMDError, plugins
+from flashdmd import FlashDMDError, io, plugins
 from flashdmd.data import read_prompt_file
 from flashdmd.evaluation.judges import JUDGES, Judge, choose, load_judge
 from flashdmd.inference import load_model, sample_latent_chunks, teacher_spec
@@ -87,10 +87,10 @@ def write_pairs(path: str | Path, records: list[dict], latents: Tensor | None) -
     if not path.parent.is_dir():
         raise FlashDMDError(f"folder {path.parent} for the pairs file does not exist")
     if latents is not None:
-        save_file({LATENTS_KEY: latents.detach().float().cpu().contiguous()}, str(companion_path(path)))
-    with path.open("w") as f:
-        for r in records:
-            f.write(json.dumps(r) + "\n")
+        tensors = {LATENTS_KEY: latents.detach().float().cpu().contiguous()}
+        io.atomic_save(companion_path(path), lambda tmp: save_file(tensors, str(tmp)), "the pairs' latents",
+                       tensors[LATENTS_KEY].numel() * 4)
+    io.atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in records), "the pairs file")
     return path
 
 
@@ -263,21 +263,41 @@ def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], 
     lat_a = sample_model_latents(model_a, prompts, 2 * seed, steps_a, cfg_a, batch_size, progress=bar)
     lat_b = sample_model_latents(model_b, prompts, 2 * seed + 1, steps_b, cfg_b, batch_size, progress=bar)
     bar.close()
-    pref, score_a, score_b = [], [], []
-    rater = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for start in range(0, num, batch_size):
-            sl, chunk = slice(start, start + batch_size), prompts[start:start + batch_size]
-            pa = fam.decode_latents(lat_a[sl].to(fam.device)).clamp(-1, 1)
-            pb = model_b.family.decode_latents(lat_b[sl].to(fam.device)).clamp(-1, 1)
-            sa, sb = judge.score(pa, chunk), judge.score(pb, chunk)
-            score_a += sa.tolist()
-            score_b += sb.tolist()
-            pref += choose(sa, sb, temperature, generator=rater).tolist()
+    pref, score_a, score_b = _judge_pairs(fam, model_b.family, lat_a, lat_b, prompts, judge, temperature,
+                                          torch.Generator().manual_seed(seed + 2), batch_size)
     latents = torch.stack([lat_a, lat_b], dim=1).flatten(0, 1)  # rows 2i (a), 2i+1 (b)
     src_a = {"model": model_a_spec, "kind": model_a.kind, "steps": steps_a, "cfg": cfg_a, "seed": seed * 2}
     src_b = {"model": model_b_spec or model_a_spec, "kind": model_b.kind, "steps": steps_b, "cfg": cfg_b,
              "seed": seed * 2 + 1}
+    write_pairs(out, _pair_records(prompts, labels, pref, score_a, score_b), latents)
+    summary = {"pairs": num, "out": str(out), "latents": str(companion_path(out)), "a": src_a, "b": src_b,
+               "judge": judge_info(judge), "prompts": prompts_source, "a_preferred": sum(pref) / num,
+               "temperature": temperature, "mean_score_a": sum(score_a) / num, "mean_score_b": sum(score_b) / num,
+               "wall_seconds": time.perf_counter() - t0}
+    io.atomic_write_text(out.with_suffix(".meta.json"), json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+@torch.no_grad()
+def _judge_pairs(fam_a, fam_b, lat_a: Tensor, lat_b: Tensor, prompts: list[str], judge: Judge, temperature: float,
+                 rater: torch.Generator, batch_size: int) -> tuple[list[bool], list[float], list[float]]:
+    """(a preferred, score of a, score of b) per pair: both sides decoded (clamped to [-1, 1]) and scored in chunks
+    of ``batch_size``, the choice drawn from ``rater`` (see :func:`flashdmd.evaluation.judges.choose`)."""
+    pref, score_a, score_b = [], [], []
+    for start in range(0, len(prompts), batch_size):
+        sl, chunk = slice(start, start + batch_size), prompts[start:start + batch_size]
+        pa = fam_a.decode_latents(lat_a[sl].to(fam_a.device)).clamp(-1, 1)
+        pb = fam_b.decode_latents(lat_b[sl].to(fam_a.device)).clamp(-1, 1)
+        sa, sb = judge.score(pa, chunk), judge.score(pb, chunk)
+        score_a += sa.tolist()
+        score_b += sb.tolist()
+        pref += choose(sa, sb, temperature, generator=rater).tolist()
+    return pref, score_a, score_b
+
+
+def _pair_records(prompts: list[str], labels: list | None, pref: list[bool], score_a: list[float],
+                  score_b: list[float]) -> list[dict]:
+    """The pairs file's records: pair i is latents 2i (a) and 2i+1 (b)."""
     records = []
     for i, p in enumerate(prompts):
         r = {"prompt": p, "a": 2 * i, "b": 2 * i + 1, "preferred": "a" if pref[i] else "b"}
@@ -285,13 +305,7 @@ def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], 
             r["label"] = labels[i]
         r["meta"] = {"score_a": round(score_a[i], 5), "score_b": round(score_b[i], 5)}
         records.append(r)
-    write_pairs(out, records, latents)
-    summary = {"pairs": num, "out": str(out), "latents": str(companion_path(out)), "a": src_a, "b": src_b,
-               "judge": judge_info(judge), "prompts": prompts_source, "a_preferred": sum(pref) / num,
-               "temperature": temperature, "mean_score_a": sum(score_a) / num, "mean_score_b": sum(score_b) / num,
-               "wall_seconds": time.perf_counter() - t0}
-    out.with_suffix(".meta.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+    return records
 
 
 def add_make_pairs_arguments(p) -> None:

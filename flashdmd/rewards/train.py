@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.families import Conditioning, load_family
 from flashdmd.networks.reward import LatentRewardModel
 from flashdmd.rewards.pairs import PairSet, load_pairs, read_records
@@ -136,41 +136,9 @@ def train_lrm(model, pairs, steps: int = 500, batch_size: int = 32, lr: float = 
     if before is not None:
         print_fn("held-out accuracy before training: " + _fmt(before))
 
-    head, back = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (back if name.startswith("backbone.") else head).append(p)
-    groups = [{"params": head, "lr": lr}]
-    if back:
-        groups.append({"params": back, "lr": backbone_lr if backbone_lr is not None else lr / 10})
-    opt = torch.optim.AdamW(groups, weight_decay=weight_decay)
-    g = torch.Generator().manual_seed(seed + 1)
-    dev = fam.device
-    curve, window = [], []
-    model.train()
-    for step in range(1, steps + 1):
-        rows = train_idx[torch.randint(0, len(train_idx), (batch_size,), generator=g)]
-        x_w, x_l = pairs.winners[rows].to(dev), pairs.losers[rows].to(dev)
-        t = fam.schedule.sample_timesteps(batch_size, *t_range, generator=g).float().to(dev)
-        noise = torch.randn(x_w.shape, generator=g).to(dev)
-        s_w, s_l = pair_scores(model, x_w, x_l, t, noise, bank[rows])
-        loss = bradley_terry_loss(s_w, s_l).mean()
-        if not torch.isfinite(loss):
-            raise FlashDMDError(f"LRM loss became {loss.item()} at step {step}; lower --lr")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if grad_clip:
-            torch.nn.utils.clip_grad_norm_(head + back, grad_clip)
-        opt.step()
-        window.append((loss.item(), float((s_w > s_l).float().mean())))
-        if step % log_every == 0 or step == steps:
-            l, a = (sum(v) / len(window) for v in zip(*window))
-            curve.append({"step": step, "loss": l, "train_batch_accuracy": a,
-                          "logit_scale": model.logit_scale.detach().exp().item(), "seconds": time.perf_counter() - t0})
-            print_fn(f"step {step}/{steps}  loss {l:.4f}  batch acc {a:.3f}  scale {curve[-1]['logit_scale']:.1f}  "
-                     f"{curve[-1]['seconds']:.0f}s")
-            window = []
-    model.eval()
+    opt, params = _optimizer(model, lr, backbone_lr, weight_decay)
+    curve = _fit(model, pairs, bank, train_idx, opt, params, steps, batch_size, t_range,
+                 torch.Generator().manual_seed(seed + 1), grad_clip, log_every, t0, print_fn)
     after = band_accuracies(model, pairs, bank, eval_idx, eval_draws, seed + 100)
     n_check = len(eval_idx)
     train_acc = band_accuracies(model, pairs, bank, train_idx[:n_check], eval_draws, seed + 200) \
@@ -185,6 +153,51 @@ def train_lrm(model, pairs, steps: int = 500, batch_size: int = 32, lr: float = 
             "eval_draws": eval_draws, "steps": steps, "batch_size": batch_size, "lr": lr,
             "backbone_lr": backbone_lr, "t_range": list(t_range), "seed": seed, "loss_curve": curve,
             "wall_seconds": time.perf_counter() - t0}
+
+
+def _optimizer(model, lr: float, backbone_lr: float | None, weight_decay: float):
+    """AdamW with the heads at ``lr`` and the trainable backbone weights at ``backbone_lr`` (default lr/10); returns
+    it and the parameters it trains (heads first)."""
+    head, back = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (back if name.startswith("backbone.") else head).append(p)
+    groups = [{"params": head, "lr": lr}]
+    if back:
+        groups.append({"params": back, "lr": backbone_lr if backbone_lr is not None else lr / 10})
+    return torch.optim.AdamW(groups, weight_decay=weight_decay), head + back
+
+
+def _fit(model, pairs, bank, train_idx: Tensor, opt, params, steps: int, batch_size: int, t_range,
+         g: torch.Generator, grad_clip: float, log_every: int, t0: float, print_fn) -> list[dict]:
+    """``steps`` updates on batches of train pairs noised at t ~ ``t_range`` (draws from ``g``); the loss curve."""
+    fam, dev = model.family, model.family.device
+    curve, window = [], []
+    model.train()
+    for step in range(1, steps + 1):
+        rows = train_idx[torch.randint(0, len(train_idx), (batch_size,), generator=g)]
+        x_w, x_l = pairs.winners[rows].to(dev), pairs.losers[rows].to(dev)
+        t = fam.schedule.sample_timesteps(batch_size, *t_range, generator=g).float().to(dev)
+        noise = torch.randn(x_w.shape, generator=g).to(dev)
+        s_w, s_l = pair_scores(model, x_w, x_l, t, noise, bank[rows])
+        loss = bradley_terry_loss(s_w, s_l).mean()
+        if not torch.isfinite(loss):
+            raise FlashDMDError(f"LRM loss became {loss.item()} at step {step}; lower --lr")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, grad_clip)
+        opt.step()
+        window.append((loss.item(), float((s_w > s_l).float().mean())))
+        if step % log_every == 0 or step == steps:
+            l, a = (sum(v) / len(window) for v in zip(*window))
+            curve.append({"step": step, "loss": l, "train_batch_accuracy": a,
+                          "logit_scale": model.logit_scale.detach().exp().item(), "seconds": time.perf_counter() - t0})
+            print_fn(f"step {step}/{steps}  loss {l:.4f}  batch acc {a:.3f}  scale {curve[-1]['logit_scale']:.1f}  "
+                     f"{curve[-1]['seconds']:.0f}s")
+            window = []
+    model.eval()
+    return curve
 
 
 def _fmt(acc: dict[str, float]) -> str:
@@ -266,7 +279,7 @@ def run_train(args) -> dict:
     metrics.update(pairs=[str(p) for p in paths], family_model=args.family_model, backbone=args.backbone)
     model.save(out, extra_config={"training": {k: metrics[k] for k in ("steps", "batch_size", "lr", "num_pairs",
                                                                           "heldout_accuracy")}})
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    io.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     print(json.dumps({"heldout_accuracy": metrics["heldout_accuracy"], "out": str(out),
                       "wall_seconds": round(metrics["wall_seconds"], 1)}, indent=2))
     return metrics

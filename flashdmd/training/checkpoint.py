@@ -295,7 +295,7 @@ def _write_main_files(run, tmp: Path, parts: dict) -> None:
     _write_json(tmp / "state.json", {
         "iteration": state.iteration, "generator_steps": state.generator_steps, "rl_steps": state.rl_steps,
         "global_step": state.global_step, "stage": state.stage, "stage2_start_iteration": state.stage2_start_iteration,
-        "num_processes": run.setup.accelerator.num_processes, "batch_size": run.setup.cfg.batch_size,
+        "num_processes": run.setup.accelerator.num_processes, "batch_size": run.setup.cfg.run_batch_size,
         "schedule_processes": state.schedule_processes,
         "sched": {k: s.state_dict() for k, s in state.sched.items()}, "writer": parts["writer"]})
     files = sorted(p for p in tmp.iterdir() if p.is_file())
@@ -326,8 +326,8 @@ def verify(folder: Path) -> str | None:
     if not man.is_file():
         return "no manifest (incomplete write)"
     try:
-        entries = json.loads(man.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        entries = io.read_json(man)
+    except FlashDMDError:
         return "manifest is corrupt"
     for name, meta in entries.items():
         p = folder / name
@@ -365,7 +365,7 @@ def load_checkpoint(run, writer, folder: Path) -> dict:
     writer's saved state (``writer``, when given, gets it through its load_state_dict)."""
     setup, state = run.setup, run.state
     saved = read_state(folder)
-    check_global_batch(folder, saved, setup.cfg.batch_size, setup.accelerator.num_processes)
+    check_global_batch(folder, saved, setup.cfg.run_batch_size, setup.accelerator.num_processes)
     if saved["stage"] == 2 and setup.reference is None:
         raise FlashDMDError(f"checkpoint {folder} is of Stage 2 and this run has not entered it: call "
                             "stage2.setup_stage2(run) before loading it")
@@ -396,7 +396,7 @@ def load_checkpoint(run, writer, folder: Path) -> dict:
 def _load_optimizers(run, folder: Path, saved: dict) -> None:
     state = run.state
     opt_t = load_file(str(folder / "optim.safetensors"))
-    opt_s = json.loads((folder / "optim.json").read_text())
+    opt_s = io.read_json(folder / "optim.json")
     try:
         if set(opt_s) != set(state.opt):
             raise KeyError(f"optimisers {sorted(opt_s)} in the checkpoint, {sorted(state.opt)} in this run")
@@ -417,7 +417,7 @@ def _load_counters(run, saved: dict) -> None:
         setattr(state, k, saved[k])
     state.stage2_start_iteration = saved.get("stage2_start_iteration")
     if state.stage == 2 and state.stage2_start_iteration is None:  # written before this was recorded
-        state.stage2_start_iteration = cfg.max_steps * cfg.fake_score_ttur
+        state.stage2_start_iteration = cfg.run_max_steps * cfg.fake_score_ttur
     # the learning-rate schedules advance by the process count of the run's first launch, forever (see
     # optim.step_schedulers); checkpoints from before this was recorded were written by that launch
     state.schedule_processes = saved.get("schedule_processes", saved["num_processes"])
@@ -425,7 +425,7 @@ def _load_counters(run, saved: dict) -> None:
 
 def read_state(folder: Path) -> dict:
     """A verified checkpoint's state.json: counters, schedules, the process count and batch size it was written with."""
-    return json.loads((folder / "state.json").read_text())
+    return io.read_json(folder / "state.json")
 
 
 def check_global_batch(folder: Path, state: dict, batch_size: int, num_processes: int) -> None:
@@ -442,7 +442,7 @@ def check_global_batch(folder: Path, state: dict, batch_size: int, num_processes
     g_old, g_new = b_old * n_old, batch_size * num_processes
     if g_old == g_new:
         return
-    fix = (f"set batch_size={g_old // num_processes} to continue on {num_processes} process(es)"
+    fix = (f"set run_batch_size={g_old // num_processes} to continue on {num_processes} process(es)"
            if g_old % num_processes == 0 else f"continue on a number of processes that divides {g_old}")
     raise FlashDMDError(f"checkpoint {folder} was written with a global batch of {g_old} ({n_old} processes x "
                         f"{b_old}), this run has {num_processes} x {batch_size} = {g_new}: {fix}")
@@ -457,21 +457,21 @@ def _load_rng(run, folder: Path, old_processes: int) -> None:
     others start from 0), so the totals and the bad-file fraction carry over."""
     acc, real = run.setup.accelerator, run.setup.real
     rank, same = acc.process_index, old_processes == acc.num_processes
-    first = json.loads((folder / "rng_rank0.json").read_text())
+    first = io.read_json(folder / "rng_rank0.json")
     run.state.rng.load_state_dict(first["sample_rng"])
     if real is not None and "data" in first:
         data = dict(first["data"])
         if same:
-            own = json.loads((folder / f"rng_rank{rank}.json").read_text())["data"]
+            own = io.read_json(folder / f"rng_rank{rank}.json")["data"]
             data.update(reads=own["reads"], bad_files=own["bad_files"])
         else:
-            olds = [json.loads((folder / f"rng_rank{r}.json").read_text())["data"] for r in range(old_processes)]
+            olds = [io.read_json(folder / f"rng_rank{r}.json")["data"] for r in range(old_processes)]
             data.update(reads=sum(o["reads"] for o in olds) if rank == 0 else 0,
                         bad_files=sum(o["bad_files"] for o in olds) if rank == 0 else 0)
         real.load_state_dict(data)
     if rank < old_processes:
         rng_t = load_file(str(folder / f"rng_rank{rank}.safetensors"))
-        rng_py = json.loads((folder / f"rng_rank{rank}.json").read_text())
+        rng_py = io.read_json(folder / f"rng_rank{rank}.json")
         torch.set_rng_state(rng_t["torch_cpu"])
         if "torch_cuda" in rng_t and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng_t["torch_cuda"])

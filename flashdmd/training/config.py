@@ -1,25 +1,40 @@
 """Run configuration: one dataclass, fields grouped by role prefix, validated when built.
 
-Fields are grouped as ``model_*`` / ``student_*`` (the generator), ``dm_*`` (distribution matching),
-``fake_score_*``, ``disc_*`` (the GAN), ``rl_*`` (Stage 2), ``data_*``, ``optim_*`` and run control.
-Every field's help text says where its default comes from (the paper, DMD2's code, or our choice
-where the sources are silent -- see ../shared/reference/flash-dmd-method.md §14).
+Every field but ``method`` carries its role's prefix: ``model_*`` (teacher, dtypes, LoRA), ``student_*`` (the
+generator), ``dm_*`` (distribution matching), ``fake_score_*``, ``disc_*`` (the GAN), ``optim_*``, ``rl_*`` (Stage
+2), ``data_*``, ``eval_*`` and ``run_*`` (batch, length, seed, logging, checkpoints). Every field's help text says
+where its default comes from (the paper, DMD2's code, or our choice where the sources are silent).
 
-YAML presets live in configs/; ``--set key=value`` overrides any field; the resolved config is
-printed and saved as ``config.yaml`` in the run folder.
+How a value is resolved, later wins:
+
+1. the field's default;
+2. the method's default (:data:`METHOD_DEFAULTS`) for the fields whose value is the method's -- ``method: dmd2``
+   is DMD2's TTUR 5, latent GAN with its loss and weights, and no EMA pull; ``method: flashdmd`` the paper's
+   values -- applied to such a field only where no source below sets it (or sets it to null);
+3. the YAML file (``--config``; presets in configs/ say only what differs from 1 and 2);
+4. ``--set key=value``, in order.
+
+The resolved config is printed and saved as ``config.yaml`` in the run folder (every value explicit, so that the
+file resolves to itself whatever the defaults become). Fields renamed to carry their prefix (:data:`RENAMED`)
+keep working under their old names for one release -- in YAML, ``--set``, as keyword or attribute -- with a
+one-time warning naming the new name.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 import difflib
+import functools
+import math
+import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from flashdmd import FlashDMDError
+from flashdmd.families import FAMILIES
 
 
 def _f(default, help: str, **kw):
@@ -28,7 +43,33 @@ def _f(default, help: str, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
 
+def _m(help: str):
+    """A field whose default is the method's (METHOD_DEFAULTS); null until the config is built."""
+    return field(default=None, metadata={"help": help, "method_default": True})
+
+
 METHODS = ("flashdmd", "dmd2")
+# The fields whose value is the method's (a null field takes it): Flash-DMD's from the paper (TTUR 1, pixel GAN with
+# hinge loss) and our choices where it is silent (EMA pull 0.95, GAN weights); DMD2's from its code
+# (dfake_gen_update_ratio 5, no EMA pull, the classifier on the fake score's bottleneck with softplus losses,
+# gen_cls_loss_weight 5e-3 and guidance_cls_loss_weight 1e-2 of its SDXL scripts).
+METHOD_DEFAULTS = {
+    "flashdmd": {"fake_score_ttur": 1, "fake_score_ema": 0.95, "disc_kind": "pixel", "disc_loss": "hinge",
+                 "disc_gen_weight": 0.05, "disc_weight": 1.0},
+    "dmd2": {"fake_score_ttur": 5, "fake_score_ema": 0.0, "disc_kind": "latent", "disc_loss": "ns",
+             "disc_gen_weight": 5e-3, "disc_weight": 1e-2},
+}
+# old name -> new name (the role prefix); the old names work until the next release, with a one-time warning
+RENAMED = {"generator_lr": "student_lr", "batch_size": "run_batch_size", "max_steps": "run_max_steps",
+           "seed": "run_seed", "log_every_steps": "run_log_every_steps", "sample_every_steps": "run_sample_every_steps",
+           "report_to": "run_report_to", "wandb_project": "run_wandb_project",
+           "checkpoint_every_steps": "run_checkpoint_every_steps", "checkpoint_keep_last": "run_checkpoint_keep_last",
+           "max_nonfinite_in_row": "run_max_nonfinite_in_row"}
+# how `flashdmd config-help` says a value is resolved (the module docstring in full)
+RESOLUTION = ("A value is resolved in this order, later wins: the field's default; the method's default (fields marked "
+              "[null: the method's default], where no source below sets them); the YAML file (--config); --set "
+              "key=value, in order. Renamed fields keep working under their old names for one release, with a "
+              "warning: " + ", ".join(f"{old} -> {new}" for old, new in RENAMED.items()) + ".")
 FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 
 
@@ -36,11 +77,13 @@ FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 class DistillConfig:
     # ---- what is distilled --------------------------------------------------------------------------
     method: str = _f("flashdmd", "flashdmd (timestep-aware DM/GAN split, Pixel-GAN, EMA-pulled fake score) "
-                     "or dmd2 (DM + latent GAN summed at every step, TTUR 5, no EMA pull)")
+                     "or dmd2 (DM + latent GAN summed at every step, TTUR 5, no EMA pull). Sets the default of every "
+                     "field marked [null: the method's default] that the config does not set")
     model_teacher: str = _f("world-sdxl", "teacher: local diffusers pipeline folder, hub id (fetched by "
                             "huggingface_hub into its cache when HF_HUB_OFFLINE=0; offline it must be cached "
                             "already), or a plug-in's model name (world-sdxl / world-sd3)")
-    model_family: str | None = _f(None, "sdxl, sd3 or flux; default: detected from model_index.json")
+    model_family: str | None = _f(None, "a registered model family (sdxl, sd3, flux: flashdmd.families.FAMILIES); "
+                                  "default: detected from model_index.json")
     model_lora_rank: int = _f(0, "0 = full fine-tune of student and fake score; >0 = LoRA of this rank (peft) "
                               "on the attention projections of both (SD3 in the paper is trained as a LoRA)")
     model_lora_alpha: float | None = _f(None, "LoRA alpha; default = rank")
@@ -82,8 +125,8 @@ class DistillConfig:
                                 "prompt), keep the embeddings (CPU memory, model_frozen_dtype) and free the text "
                                 "encoders: on SDXL ~0.3 MB and on SD3 ~2.7 MB per prompt in bfloat16, against "
                                 "~1.6 GB (SDXL) / ~11 GB with T5 (SD3) of encoders. Embeddings are computed in "
-                                "batches of batch_size, as training encodes them (the same numbers). Our choice; off "
-                                "by default")
+                                "batches of run_batch_size, as training encodes them (the same numbers). Our "
+                                "choice; off by default")
 
     # ---- the student (generator) -----------------------------------------------------------------------
     student_timesteps: list[float] | None = _f(None, "the K student steps in model timesteps; default from the "
@@ -110,26 +153,27 @@ class DistillConfig:
     dm_weight: float = _f(1.0, "weight of the DM loss in the generator objective")
 
     # ---- fake score -------------------------------------------------------------------------------------
-    fake_score_ttur: int = _f(1, "fake-score (and discriminator) updates per generator update. Flash-DMD: 1-2; "
-                              "DMD2: 5")
-    fake_score_ema: float = _f(0.95, "EMA pull after each generator step: fake <- lam*fake + (1-lam)*student. "
-                               "0 disables (DMD2). Value not stated in the paper; 0.95 as a third-party port used; "
-                               "our choice")
+    fake_score_ttur: int | None = _m("fake-score (and discriminator) updates per generator update. Flash-DMD: 1-2; "
+                                     "DMD2: 5")
+    fake_score_ema: float | None = _m("EMA pull after each generator step: fake <- lam*fake + (1-lam)*student. "
+                                      "0 disables (DMD2). Value not stated in the paper; 0.95 as a third-party port "
+                                      "used; our choice")
     fake_score_target: str = _f("native", "diffusion-loss target: native (eps for eps-UNets as in DMD2, flow "
                                 "velocity for flow models) or x0 (the Algorithm-1 transcription)")
     fake_score_lr: float = _f(1e-4, "fake-score learning rate (DMD2 SDXL full fine-tune: 5e-7 at batch 128; our "
                               "tiny world uses a larger one)")
 
     # ---- discriminator ----------------------------------------------------------------------------------
-    disc_kind: str = _f("pixel", "pixel (frozen image encoder + heads on VAE-decoded pixels; Flash-DMD), latent "
-                        "(DMD2's classifier on the fake score's bottleneck), or none")
+    disc_kind: str | None = _m("pixel (frozen image encoder + heads on VAE-decoded pixels; Flash-DMD), latent "
+                               "(DMD2's classifier on the fake score's bottleneck), or none")
     disc_backbone: str = _f("world", "pixel backbone: sam (transformers SamVisionModel from disc_backbone_path) or "
                             "a plug-in's frozen encoder (world: the embedded world's)")
     disc_backbone_path: str | None = _f(None, "local folder of the backbone (required for sam)")
-    disc_loss: str = _f("hinge", "hinge (Algorithm 1, ADM) or ns (non-saturating, Eq. 10 / DMD2)")
-    disc_gen_weight: float = _f(0.05, "weight of the generator's GAN loss (lambda; not stated in the paper; DMD2 "
-                                "latent GAN: 5e-3)")
-    disc_weight: float = _f(1.0, "weight of the discriminator loss (DMD2 latent GAN: 1e-2, added to the fake-score loss)")
+    disc_loss: str | None = _m("hinge (Algorithm 1, ADM) or ns (non-saturating, Eq. 10 / DMD2)")
+    disc_gen_weight: float | None = _m("weight of the generator's GAN loss (lambda; not stated in the paper; DMD2 "
+                                       "latent GAN: 5e-3)")
+    disc_weight: float | None = _m("weight of the discriminator loss (DMD2 latent GAN: 1e-2, added to the fake-score "
+                                   "loss)")
     disc_lr: float = _f(1e-4, "discriminator-head learning rate")
     disc_head_channels: int = _f(64, "hidden channels of each pixel-discriminator head (pooled: the MLP's width)")
     disc_head: str = _f("patch", "pixel-discriminator heads: patch (the paper's, as far as stated: a conv head per "
@@ -156,7 +200,7 @@ class DistillConfig:
                               "logged intervals in a row (log_every_steps apart); 0: never")
 
     # ---- generator optimisation -------------------------------------------------------------------------
-    generator_lr: float = _f(2e-5, "student learning rate (DMD2 SDXL: 5e-7 full / 5e-5 LoRA at batch 128)")
+    student_lr: float = _f(2e-5, "student learning rate (DMD2 SDXL: 5e-7 full / 5e-5 LoRA at batch 128)")
     optim_betas: list[float] = _f([0.0, 0.999], "AdamW betas for all roles (DMD2 code: 0.9, 0.999; beta1 = 0 is "
                                   "common in GAN/DMD ports and is our default)")
     optim_weight_decay: float = _f(0.01, "AdamW weight decay (DMD2: 0.01)")
@@ -215,7 +259,7 @@ class DistillConfig:
                            "~1/(1 - student_ema) updates, so Stage 2's evaluations measure the raw student, not "
                            "Stage 1's (on the demo that alone raised FD by up to 12 %, BENCHMARKS.md section 4). "
                            "The paper is silent (it does not say whether it keeps a generator EMA)")
-    rl_lr: float | None = _f(None, "student learning rate for RL updates (own AdamW state); default generator_lr")
+    rl_lr: float | None = _f(None, "student learning rate for RL updates (own AdamW state); default student_lr")
     rl_guard_tolerance: float = _f(0.1, "warn of reward hacking when the LRM score rises while the held-out oracle "
                                    "falls, or FD rises / diversity falls by more than this fraction vs Stage-2 start")
 
@@ -237,13 +281,7 @@ class DistillConfig:
     data_max_bad_fraction: float = _f(0.01, "unreadable real images are skipped and counted; above this share of "
                                       "reads (after 64 reads) the run stops with an error naming one of them")
 
-    # ---- run control ------------------------------------------------------------------------------------
-    batch_size: int = _f(32, "images per generator update (per process); a resume on another number of processes "
-                             "needs the same global batch (batch_size x processes)")
-    max_steps: int = _f(400, "generator updates")
-    seed: int = _f(0, "seed; each process adds its rank")
-    log_every_steps: int = _f(10, "tensorboard scalars every N generator steps")
-    sample_every_steps: int = _f(100, "image grid every N generator steps (0 = never)")
+    # ---- evaluation -------------------------------------------------------------------------------------
     eval_every_steps: int = _f(100, "held-out metrics of the K-step student every N generator steps (0 = never): "
                                "the backends below on eval_prompts, or a plug-in teacher's own metrics (world: "
                                "FD, alignment, diversity, oracle); metrics.json evals, tensorboard eval/*")
@@ -261,89 +299,120 @@ class DistillConfig:
     eval_fid_ref: str | None = _f(None, "FID reference: statistics file (.npz pytorch-fid / .safetensors from "
                                   "`flashdmd eval-stats`) or a folder of real images")
     eval_batch_size: int = _f(16, "sampling batch size of evaluations (images do not depend on it)")
-    report_to: list[str] = _f(["tensorboard"], "trackers for training scalars: tensorboard (DIR/tb) and/or wandb "
-                              "(through accelerate's WandBTracker; needs `pip install wandb`, off by default)")
-    wandb_project: str = _f("flashdmd", "wandb project when report_to has wandb (run name: the run folder's name)")
-    checkpoint_every_steps: int = _f(200, "full checkpoint (every role, optimiser, RNG, counter) every N student "
-                                     "updates; 0 = only the final student")
-    checkpoint_keep_last: int = _f(3, "checkpoints kept (older ones deleted after a newer one is complete)")
-    max_nonfinite_in_row: int = _f(5, "a NaN/Inf loss or gradient skips that update with a warning; after this many "
-                                   "in a row for one role the run stops")
+
+    # ---- run control ------------------------------------------------------------------------------------
+    run_batch_size: int = _f(32, "images per generator update (per process); a resume on another number of "
+                             "processes needs the same global batch (run_batch_size x processes)")
+    run_max_steps: int = _f(400, "generator updates")
+    run_seed: int = _f(0, "seed; each process adds its rank")
+    run_log_every_steps: int = _f(10, "tensorboard scalars every N generator steps")
+    run_sample_every_steps: int = _f(100, "image grid every N generator steps (0 = never)")
+    run_report_to: list[str] = _f(["tensorboard"], "trackers for training scalars: tensorboard (DIR/tb) and/or wandb "
+                                  "(through accelerate's WandBTracker; needs `pip install wandb`, off by default)")
+    run_wandb_project: str = _f("flashdmd", "wandb project when run_report_to has wandb (run name: the run folder's "
+                                "name)")
+    run_checkpoint_every_steps: int = _f(200, "full checkpoint (every role, optimiser, RNG, counter) every N student "
+                                         "updates; 0 = only the final student")
+    run_checkpoint_keep_last: int = _f(3, "checkpoints kept (older ones deleted after a newer one is complete)")
+    run_max_nonfinite_in_row: int = _f(5, "a NaN/Inf loss or gradient skips that update with a warning; after this "
+                                       "many in a row for one role the run stops")
 
     # -------------------------------------------------------------------------------------------------
     def __post_init__(self):
+        for name, value in METHOD_DEFAULTS.get(self.method, {}).items():  # what no source set is the method's
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
+    def __getattr__(self, name: str):
+        """An old field name (RENAMED) reads the new field, with a one-time warning."""
+        if name in RENAMED:
+            return getattr(self, _renamed(name))
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def validate(self):
-        def need(ok, msg):
-            if not ok:
-                raise FlashDMDError(f"config: {msg}")
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        need(self.model_family in (None, "sdxl", "sd3", "flux"),
-             f"model_family must be sdxl, sd3, flux or null, got {self.model_family!r}")
-        need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
-        need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
-        need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
-        need(self.model_frozen_dtype in FROZEN_DTYPES,
-             f"model_frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.model_frozen_dtype!r}")
-        need(not (self.model_mixed_precision == "bf16" and self.model_frozen_dtype == "float16"),
-             "model_mixed_precision bf16 autocasts to bfloat16, which cannot run float16 frozen weights (torch's "
-             "autocast promotes only float32 and bfloat16 tensors): set model_frozen_dtype bfloat16 (or auto), or "
-             "model_mixed_precision no")
-        need(self.student_timesteps is None or len(self.student_timesteps) >= 1, "student_timesteps must not be empty")
+        """Every field's own range, then the combinations; one FlashDMDError line naming the field."""
+        self._validate_model()
+        self._validate_losses()
+        self._validate_disc()
+        self._validate_optim_and_run()
+        self._validate_rl()
+
+    def _validate_model(self):
+        _need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        _need(self.model_family is None or self.model_family in FAMILIES,
+              f"model_family must be one of {', '.join(sorted(FAMILIES))} or null, got {self.model_family!r}")
+        _need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
+        _need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
+        _need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
+        _need(self.model_frozen_dtype in FROZEN_DTYPES,
+              f"model_frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.model_frozen_dtype!r}")
+        _need(not (self.model_mixed_precision == "bf16" and self.model_frozen_dtype == "float16"),
+              "model_mixed_precision bf16 autocasts to bfloat16, which cannot run float16 frozen weights (torch's "
+              "autocast promotes only float32 and bfloat16 tensors): set model_frozen_dtype bfloat16 (or auto), or "
+              "model_mixed_precision no")
+
+    def _validate_losses(self):
+        _need(self.student_timesteps is None or len(self.student_timesteps) >= 1, "student_timesteps must not be empty")
         if self.student_timesteps is not None:
             ts = list(self.student_timesteps)
-            need(all(a > b for a, b in zip(ts, ts[1:])), f"student_timesteps must be strictly decreasing, got {ts}")
-        need(self.student_dm_steps is None or self.student_dm_steps >= 1, "student_dm_steps must be >= 1")
-        need(0.0 <= self.dm_t_min < self.dm_t_max <= 1.0, "need 0 <= dm_t_min < dm_t_max <= 1")
-        need(self.dm_guidance_scale >= 0, "dm_guidance_scale must be >= 0")
-        need(self.fake_score_ttur >= 1, "fake_score_ttur must be >= 1")
-        need(0.0 <= self.fake_score_ema < 1.0, "fake_score_ema must be in [0, 1)")
-        need(0.0 <= self.student_ema < 1.0, "student_ema must be in [0, 1)")
-        need(self.fake_score_target in ("native", "x0"), "fake_score_target must be native or x0")
-        need(self.disc_kind in ("pixel", "latent", "none"), "disc_kind must be pixel, latent or none")
-        need(self.disc_loss in ("hinge", "ns"), "disc_loss must be hinge or ns")
-        need(self.disc_head in ("patch", "pooled"), "disc_head must be patch or pooled")
-        need(self.disc_condition in ("none", "text"), "disc_condition must be none or text")
-        need(self.disc_condition == "none" or (self.disc_kind == "pixel" and self.disc_head == "pooled"),
-             "disc_condition: text needs disc_kind: pixel and disc_head: pooled")
-        need(self.disc_calibration_images >= 2, "disc_calibration_images must be >= 2")
-        need(self.disc_stall_band >= 0 and self.disc_stall_logs >= 0, "disc_stall_band and disc_stall_logs must be >= 0")
-        need(self.optim_lr_decay in ("none", "cosine", "linear"), "optim_lr_decay must be none, cosine or linear")
-        need(0.0 <= self.optim_lr_final <= 1.0, "optim_lr_final must be in [0, 1]")
-        need(len(self.optim_betas) == 2 and all(0 <= b < 1 for b in self.optim_betas), "optim_betas: two numbers in [0, 1)")
-        for name in ("fake_score_lr", "disc_lr", "generator_lr"):
-            need(getattr(self, name) > 0, f"{name} must be > 0")
-        for name in ("batch_size", "max_steps"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1")
-        for name in ("log_every_steps", "checkpoint_keep_last", "max_nonfinite_in_row"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1")
-        for name in ("sample_every_steps", "eval_every_steps", "checkpoint_every_steps", "optim_warmup_steps"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0")
-        need(self.eval_num_images >= 2, "eval_num_images must be >= 2")
-        need(self.eval_batch_size >= 1, "eval_batch_size must be >= 1")
-        need(self.data_resolution is None or self.data_resolution >= 8, "data_resolution must be >= 8 pixels or null")
-        need(self.data_crop in ("center", "random"), "data_crop must be center or random")
-        need(self.data_workers is None or self.data_workers >= 0, "data_workers must be >= 0 or null")
-        need(0.0 <= self.data_max_bad_fraction < 1.0, "data_max_bad_fraction must be in [0, 1)")
-        need(len(self.report_to) >= 1 and set(self.report_to) <= {"tensorboard", "wandb"},
-             f"report_to: a list of tensorboard and/or wandb, got {self.report_to}")
-        need(not (self.disc_backbone == "sam" and self.disc_kind == "pixel" and not self.disc_backbone_path),
-             "disc_backbone sam needs disc_backbone_path: a local SAM folder (e.g. facebook/sam-vit-base)")
-        need(self.rl_steps >= 0, "rl_steps must be >= 0")
-        need(self.rl_judge is None or self.rl_judge in ("pickscore", "hpsv2", "imagereward", "clip"),
-             "rl_judge must be pickscore, hpsv2, imagereward or clip (or unset: the LRM in rl_reward_model)")
-        need((self.rl_judge is None) == (self.rl_judge_model is None),
-             "rl_judge and rl_judge_model go together: the judge's name and its local folder")
-        need(self.rl_judge_image in ("predict", "finish"), "rl_judge_image must be predict or finish")
-        need(self.rl_num_candidates >= 2, "rl_num_candidates must be >= 2 (a best and a worst)")
-        need(self.rl_beta > 0, "rl_beta must be > 0")
-        need(self.rl_ratio_clip is None or 0 < self.rl_ratio_clip < 1, "rl_ratio_clip must be in (0, 1) or null")
-        need(self.rl_distill_ratio >= 0, "rl_distill_ratio must be >= 0")
-        need(self.rl_lr is None or self.rl_lr > 0, "rl_lr must be > 0")
-        need(self.rl_kl_weight >= 0, "rl_kl_weight must be >= 0 (0 = no KL anchor)")
-        need(len(self.rl_step_indices) >= 1 and all(i >= 0 for i in self.rl_step_indices),
-             "rl_step_indices: a non-empty list of student-step indices")
+            _need(all(a > b for a, b in zip(ts, ts[1:])), f"student_timesteps must be strictly decreasing, got {ts}")
+        _need(self.student_dm_steps is None or self.student_dm_steps >= 1, "student_dm_steps must be >= 1")
+        _need(0.0 <= self.dm_t_min < self.dm_t_max <= 1.0, "need 0 <= dm_t_min < dm_t_max <= 1")
+        _need(self.dm_guidance_scale >= 0, "dm_guidance_scale must be >= 0")
+        _need(self.fake_score_ttur >= 1, "fake_score_ttur must be >= 1")
+        _need(0.0 <= self.fake_score_ema < 1.0, "fake_score_ema must be in [0, 1)")
+        _need(0.0 <= self.student_ema < 1.0, "student_ema must be in [0, 1)")
+        _need(self.fake_score_target in ("native", "x0"), "fake_score_target must be native or x0")
+
+    def _validate_disc(self):
+        _need(self.disc_kind in ("pixel", "latent", "none"), "disc_kind must be pixel, latent or none")
+        _need(self.disc_loss in ("hinge", "ns"), "disc_loss must be hinge or ns")
+        _need(self.disc_head in ("patch", "pooled"), "disc_head must be patch or pooled")
+        _need(self.disc_condition in ("none", "text"), "disc_condition must be none or text")
+        _need(self.disc_condition == "none" or (self.disc_kind == "pixel" and self.disc_head == "pooled"),
+              "disc_condition: text needs disc_kind: pixel and disc_head: pooled")
+        _need(self.disc_calibration_images >= 2, "disc_calibration_images must be >= 2")
+        _need(self.disc_stall_band >= 0 and self.disc_stall_logs >= 0,
+              "disc_stall_band and disc_stall_logs must be >= 0")
+        _need(not (self.disc_backbone == "sam" and self.disc_kind == "pixel" and not self.disc_backbone_path),
+              "disc_backbone sam needs disc_backbone_path: a local SAM folder (e.g. facebook/sam-vit-base)")
+
+    def _validate_optim_and_run(self):
+        _need(self.optim_lr_decay in ("none", "cosine", "linear"), "optim_lr_decay must be none, cosine or linear")
+        _need(0.0 <= self.optim_lr_final <= 1.0, "optim_lr_final must be in [0, 1]")
+        _need(len(self.optim_betas) == 2 and all(0 <= b < 1 for b in self.optim_betas),
+              "optim_betas: two numbers in [0, 1)")
+        for name in ("fake_score_lr", "disc_lr", "student_lr"):
+            _need(getattr(self, name) > 0, f"{name} must be > 0")
+        for name in ("run_batch_size", "run_max_steps", "run_log_every_steps", "run_checkpoint_keep_last",
+                     "run_max_nonfinite_in_row", "eval_batch_size"):
+            _need(getattr(self, name) >= 1, f"{name} must be >= 1")
+        for name in ("run_sample_every_steps", "eval_every_steps", "run_checkpoint_every_steps", "optim_warmup_steps"):
+            _need(getattr(self, name) >= 0, f"{name} must be >= 0")
+        _need(self.eval_num_images >= 2, "eval_num_images must be >= 2")
+        _need(self.data_resolution is None or self.data_resolution >= 8, "data_resolution must be >= 8 pixels or null")
+        _need(self.data_crop in ("center", "random"), "data_crop must be center or random")
+        _need(self.data_workers is None or self.data_workers >= 0, "data_workers must be >= 0 or null")
+        _need(0.0 <= self.data_max_bad_fraction < 1.0, "data_max_bad_fraction must be in [0, 1)")
+        _need(len(self.run_report_to) >= 1 and set(self.run_report_to) <= {"tensorboard", "wandb"},
+              f"run_report_to: a list of tensorboard and/or wandb, got {self.run_report_to}")
+
+    def _validate_rl(self):
+        _need(self.rl_steps >= 0, "rl_steps must be >= 0")
+        _need(self.rl_judge is None or self.rl_judge in ("pickscore", "hpsv2", "imagereward", "clip"),
+              "rl_judge must be pickscore, hpsv2, imagereward or clip (or unset: the LRM in rl_reward_model)")
+        _need((self.rl_judge is None) == (self.rl_judge_model is None),
+              "rl_judge and rl_judge_model go together: the judge's name and its local folder")
+        _need(self.rl_judge_image in ("predict", "finish"), "rl_judge_image must be predict or finish")
+        _need(self.rl_num_candidates >= 2, "rl_num_candidates must be >= 2 (a best and a worst)")
+        _need(self.rl_beta > 0, "rl_beta must be > 0")
+        _need(self.rl_ratio_clip is None or 0 < self.rl_ratio_clip < 1, "rl_ratio_clip must be in (0, 1) or null")
+        _need(self.rl_distill_ratio >= 0, "rl_distill_ratio must be >= 0")
+        _need(self.rl_lr is None or self.rl_lr > 0, "rl_lr must be > 0")
+        _need(self.rl_kl_weight >= 0, "rl_kl_weight must be >= 0 (0 = no KL anchor)")
+        _need(len(self.rl_step_indices) >= 1 and all(i >= 0 for i in self.rl_step_indices),
+              "rl_step_indices: a non-empty list of student-step indices")
 
     # ---- I/O ------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -354,14 +423,17 @@ class DistillConfig:
 
     @classmethod
     def field_help(cls) -> dict[str, str]:
-        return {f.name: f.metadata.get("help", "") for f in dataclasses.fields(cls)}
+        """name -> help text; a method-dependent field's ends with each method's default."""
+        return {f.name: f.metadata.get("help", "") + (_method_note(f.name) if f.metadata.get("method_default")
+                                                       else "") for f in dataclasses.fields(cls)}
 
     @classmethod
     def from_sources(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> "DistillConfig":
-        """Defaults <- YAML file <- ``key=value`` overrides (values parsed as YAML scalars/lists)."""
+        """Defaults <- the method's defaults <- YAML file <- ``key=value`` overrides (values parsed as YAML
+        scalars/lists); see the module docstring."""
         raw: dict = {}
         if path is not None:
-            raw.update(_load_yaml(Path(path)))
+            raw.update(_current_names(_load_yaml(Path(path)), f"config file {path}"))
         for item in overrides or []:
             if "=" not in item:
                 raise FlashDMDError(f"--set {item!r}: expected key=value")
@@ -370,12 +442,56 @@ class DistillConfig:
                 value = yaml.safe_load(v)
             except yaml.YAMLError:
                 raise FlashDMDError(f"--set {item!r}: value is not valid YAML") from None
-            if isinstance(value, bool) and k.strip() in _STRING_FIELDS:  # YAML 1.1 reads no / off / yes as booleans
+            k = _renamed(k.strip()) if k.strip() in RENAMED else k.strip()
+            if isinstance(value, bool) and k in _STRING_FIELDS:  # YAML 1.1 reads no / off / yes as booleans
                 value = v.strip()
-            raw[k.strip()] = value
+            raw[k] = value
         return cls(**_coerce_all(cls, raw))
 
 
+def _need(ok: bool, msg: str) -> None:
+    if not ok:
+        raise FlashDMDError(f"config: {msg}")
+
+
+def _method_note(name: str) -> str:
+    return " [null: the method's default -- " + ", ".join(f"{m} {d[name]!r}" for m, d in METHOD_DEFAULTS.items()) + "]"
+
+
+_WARNED: set[str] = set()
+
+
+def _renamed(old: str) -> str:
+    """The new name of the renamed field ``old``; warns once per process that the old name is deprecated."""
+    new = RENAMED[old]
+    if old not in _WARNED:
+        _WARNED.add(old)
+        warnings.warn(f"config: {old} is renamed {new}; the old name works until the next release", FutureWarning,
+                      stacklevel=3)
+    return new
+
+
+def _current_names(raw: dict, where: str) -> dict:
+    """``raw`` with old field names replaced by the new ones; a field set under both names is an error."""
+    out = {}
+    for k, v in raw.items():
+        new = _renamed(k) if k in RENAMED else k
+        if new in out:
+            old = k if k != new else next(o for o, n in RENAMED.items() if n == new)
+            raise FlashDMDError(f"{where} sets {new} twice (also as its old name {old}): keep {new}")
+        out[new] = v
+    return out
+
+
+def _accept_old_names(init):
+    """DistillConfig(...) keyword arguments under old field names (RENAMED) go to the new ones, with the warning."""
+    @functools.wraps(init)
+    def __init__(self, **kwargs):
+        init(self, **_current_names(kwargs, "DistillConfig(...)"))
+    return __init__
+
+
+DistillConfig.__init__ = _accept_old_names(DistillConfig.__init__)
 _STRING_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)
                   if str in (typing.get_args(typing.get_type_hints(DistillConfig)[f.name]) or
                              (typing.get_type_hints(DistillConfig)[f.name],))}
@@ -402,8 +518,8 @@ def _coerce_all(cls, raw: dict) -> dict:
     out = {}
     for k, v in raw.items():
         if k not in names:
-            close = difflib.get_close_matches(str(k), names, n=1)  # YAML keys may be ints / bools
-            hint = f" (did you mean {close[0]}?)" if close else ""
+            close = difflib.get_close_matches(str(k), names + list(RENAMED), n=1)  # YAML keys may be ints / bools
+            hint = f" (did you mean {RENAMED.get(close[0], close[0])}?)" if close else ""
             raise FlashDMDError(f"config: unknown key {k!r}{hint}")
         out[k] = _coerce(k, v, hints[k])
     return out
@@ -415,7 +531,7 @@ def _coerce(name, value, tp):
         if type(None) in args:
             return None
         raise FlashDMDError(f"config: {name} must not be null")
-    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+    if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return _coerce(name, value, inner[0])
     if origin is list:

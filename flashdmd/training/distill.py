@@ -41,7 +41,7 @@ _real_batch = real_batch
 def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
           max_iterations: int | None = None, ctx: Run | None = None, resume: str | None = None,
           overwrite: bool = False) -> dict:
-    """Stage 1 for ``cfg.max_steps`` generator steps (or ``max_iterations`` iterations), then Stage 2 when
+    """Stage 1 for ``cfg.run_max_steps`` generator steps (or ``max_iterations`` iterations), then Stage 2 when
     ``cfg.rl_enabled``, into ``out_dir``. ``resume``: "latest" or a checkpoint folder. A folder that already
     holds a run is refused unless ``resume`` or ``overwrite``. ``ctx`` lets a caller (tests) pass a run built by
     :func:`setup`."""
@@ -61,7 +61,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
         if acc.is_main_process:
             print(f"resumed from {folder} at step {run.state.global_step} (stage {run.state.stage})")
     t0 = time.time()
-    total = cfg.max_steps * cfg.fake_score_ttur
+    total = cfg.run_max_steps * cfg.fake_score_ttur
     if max_iterations is not None:
         total = min(total, max_iterations)
     real = run.setup.real
@@ -91,7 +91,7 @@ def _check_out_dir(cfg: DistillConfig, out_dir, resume: str | None, overwrite: b
     folder = resolve(Path(out_dir), resume)
     # another global batch fails before any model is loaded (the launcher sets WORLD_SIZE)
     processes = accelerator.num_processes if accelerator is not None else int(os.environ.get("WORLD_SIZE", "1"))
-    check_global_batch(folder, read_state(folder), cfg.batch_size, processes)
+    check_global_batch(folder, read_state(folder), cfg.run_batch_size, processes)
     return folder
 
 
@@ -108,7 +108,7 @@ def dry_run(cfg: DistillConfig, log=print, accelerator=None) -> None:
     (a generator update with its critic updates) and, with Stage 2 enabled, one RL update, all at batch 1 with
     nothing written. Raises FlashDMDError on the first problem."""
     t0 = time.time()
-    small = dataclasses.replace(cfg, batch_size=1, disc_calibration_images=min(cfg.disc_calibration_images, 4))
+    small = dataclasses.replace(cfg, run_batch_size=1, disc_calibration_images=min(cfg.disc_calibration_images, 4))
     run = build(small, accelerator, log=log)
     sink = _NullWriter()
     for _ in range(small.fake_score_ttur):  # the first iteration updates the generator, the rest the critics

@@ -50,7 +50,7 @@ def make_optimizers(cfg, accelerator, student, fake_score, disc) -> tuple[tuple,
     for net in (student, fake_score, disc):
         if net is not None:
             net.to(accelerator.device)
-    opt = {"generator": adamw(trainable_parameters(student), cfg.generator_lr, cfg),
+    opt = {"generator": adamw(trainable_parameters(student), cfg.student_lr, cfg),
            "fake_score": adamw(trainable_parameters(fake_score), cfg.fake_score_lr, cfg)}
     if cfg.disc_kind == "pixel":
         opt["disc"] = adamw(list(disc.trainable_parameters()), cfg.disc_lr, cfg)
@@ -68,7 +68,7 @@ def make_schedulers(cfg, state) -> dict:
     """{role: LambdaLR} for the Stage-1 optimisers in ``state.opt``. Scheduler steps in Stage 1 are iterations x
     ``state.schedule_processes``, read at every step (a resume restores the first launch's count)."""
     def factor(step: int) -> float:
-        total = cfg.max_steps * cfg.fake_score_ttur * state.schedule_processes
+        total = cfg.run_max_steps * cfg.fake_score_ttur * state.schedule_processes
         return lr_factor(cfg.optim_warmup_steps, cfg.optim_lr_decay, total, cfg.optim_lr_final)(step)
     return {k: torch.optim.lr_scheduler.LambdaLR(o, factor) for k, o in state.opt.items()}
 
@@ -90,7 +90,7 @@ def rl_optimizer(cfg, accelerator, student) -> tuple:
     """(Stage 2's AdamW over the student's trainable weights, its constant schedule). The student is prepared
     already: accelerate only wraps the optimiser."""
     params = [p for p in student.parameters() if p.requires_grad]
-    opt = accelerator.prepare(adamw(params, cfg.rl_lr or cfg.generator_lr, cfg))
+    opt = accelerator.prepare(adamw(params, cfg.rl_lr or cfg.student_lr, cfg))
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
 
 
@@ -120,7 +120,7 @@ def optimise(run, roles: str | tuple[str, ...], loss: Tensor, params) -> float:
     n = state.nonfinite[role] = state.nonfinite.get(role, 0) + 1
     what = "loss" if not torch.isfinite(loss) else "gradient"
     warnings.warn(f"{role}: non-finite {what} at step {state.global_step}; update skipped ({n} in a row)", stacklevel=2)
-    if n >= cfg.max_nonfinite_in_row:
+    if n >= cfg.run_max_nonfinite_in_row:
         raise FlashDMDError(f"{role}: {n} non-finite updates in a row at step {state.global_step}; lower the learning "
                             f"rates or check the data (last good checkpoint: {state.last_checkpoint or 'none'})")
     return float("nan")

@@ -95,7 +95,7 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
     runtime = CUDA_RUNTIME_BYTES if s.device == "cuda" else _rss_bytes()
     t0 = time.time()
     run = meta_run(cfg, s.device)
-    family, b, res = run.setup.family, cfg.batch_size, run.setup.resolution
+    family, b, res = run.setup.family, cfg.run_batch_size, run.setup.resolution
     tracker = LiveBytes("meta")
     with fused_attention(), tracker, torch.no_grad():
         cond = family.encode_prompts(["a prompt"] * b, res, res)
@@ -145,7 +145,7 @@ def _result(cfg, s: Settings, run, roles: dict, stage1: dict, stage2: dict | Non
         "peak_phase": strategies[chosen]["peak_phase"],
         "strategies": strategies,
         "setting": {"teacher": str(family.path), "family": family.name, "method": cfg.method,
-                    "resolution": run.setup.resolution, "batch_size": cfg.batch_size,
+                    "resolution": run.setup.resolution, "batch_size": cfg.run_batch_size,
                     "lora_rank": cfg.model_lora_rank, "shared_base": cfg.model_lora_rank > 0 and cfg.model_shared_base,
                     "trainable_dtype": str(family.dtype).replace("torch.", ""),
                     "frozen_dtype": str(family.frozen_dtype).replace("torch.", ""),

@@ -95,7 +95,7 @@ class JudgeReward(torch.nn.Module):
     @torch.no_grad()
     def score(self, x_t: torch.Tensor, t: torch.Tensor, cond, prompts: list[str] | None = None) -> torch.Tensor:
         run = self._run[0]
-        fam, b, timesteps = run.setup.family, run.setup.cfg.batch_size, run.setup.timesteps
+        fam, b, timesteps = run.setup.family, run.setup.cfg.run_batch_size, run.setup.timesteps
         if prompts is None or len(prompts) != x_t.shape[0]:
             raise FlashDMDError("the judge reward needs one prompt per candidate")
         t = torch.as_tensor(t, dtype=torch.float32, device=x_t.device).expand(x_t.shape[0])

@@ -13,12 +13,12 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from peft import LoraConfig
 from torch import nn
 
 from flashdmd import FlashDMDError
 from flashdmd.families import LORA_TARGETS, name_part
 from flashdmd.networks.discriminator import LatentClassifierHead, build_pixel_discriminator
+from flashdmd.networks.lora import attach as attach_lora
 
 
 @dataclass
@@ -35,13 +35,7 @@ def add_lora(net: nn.Module, rank: int, alpha: float | None, dtype: torch.dtype 
     layer's dtype). peft
     creates them in the base's dtype; with a lower-precision frozen base they are cast up to the model dtype here
     (the gaussian init is then rounded once to the base's precision; lora_B starts at zero either way)."""
-    net.requires_grad_(False)
-    net.add_adapter(LoraConfig(r=rank, lora_alpha=alpha or rank, init_lora_weights="gaussian",
-                               target_modules=LORA_TARGETS))
-    if dtype is not None:
-        for p in net.parameters():
-            if p.requires_grad and p.dtype != dtype:
-                p.data = p.data.to(dtype)
+    attach_lora(net, rank, alpha, dtype)
 
 
 def trainable_parameters(net: nn.Module) -> list[nn.Parameter]:

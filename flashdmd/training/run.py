@@ -8,7 +8,7 @@
 Only the main process writes. Files are written to a temporary name and renamed (atomic on POSIX); a write that
 fails (full disk, quota, file-size limit) leaves the previous version, removes the partial one and stops every
 process with one line naming the folder and about how many bytes it needed (flashdmd/io.py).
-Scalars go to tensorboard and/or wandb (``report_to``; wandb through accelerate's WandBTracker).
+Scalars go to tensorboard and/or wandb (``run_report_to``; wandb through accelerate's WandBTracker).
 """
 from __future__ import annotations
 
@@ -21,13 +21,11 @@ from pathlib import Path
 
 import torch
 from accelerate.tracking import TensorBoardTracker
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 
-from flashdmd import FlashDMDError, io
+from flashdmd import FlashDMDError, io, runfolder
 from flashdmd.evaluation import worsened
 from flashdmd.evaluation.report import save_grid
-from flashdmd.inference import RUN_KIND, Model, sample_images
+from flashdmd.inference import Model, sample_images
 from flashdmd.training.checkpoint import save_checkpoint
 from flashdmd.training.parallel import all_true, is_sharded, replica
 from flashdmd.training.roles import copy_sharing_frozen
@@ -111,7 +109,7 @@ class RunWriter:
 
     def maybe_log(self, ctx):
         s = ctx.global_step
-        if s % self.cfg.log_every_steps:
+        if s % self.cfg.run_log_every_steps:
             return
         means = self._reduce(ctx)
         for role, opt in ctx.opt.items():
@@ -177,7 +175,7 @@ class RunWriter:
         return Model(ctx.family, net, "student", ctx.timesteps, 1.0, True, ctx.resolution)
 
     def maybe_sample(self, ctx, force=False):
-        n = self.cfg.sample_every_steps
+        n = self.cfg.run_sample_every_steps
         if not (force or (n and ctx.global_step % n == 0)):
             return
         student = self._student_model(ctx)
@@ -223,7 +221,7 @@ class RunWriter:
         m = ctx.evaluator.evaluate(student, seed=0)
         student.net.train()
         m.update(step=ctx.global_step, stage=ctx.stage, generator_steps=ctx.generator_steps, rl_steps=ctx.rl_steps,
-                 images_seen=ctx.generator_steps * self.cfg.batch_size * ctx.accelerator.num_processes,
+                 images_seen=ctx.generator_steps * self.cfg.run_batch_size * ctx.accelerator.num_processes,
                  wall_seconds=time.time() - self.t0)
         if ctx.stage == 2:
             self._guard(m)
@@ -263,9 +261,9 @@ class RunWriter:
     def maybe_checkpoint(self, ctx, force: bool = False, name: str | None = None):
         """A checkpoint (and the student) on the checkpoint interval, or now with ``force``; ``name``: the
         checkpoint's folder name (default: the global step's)."""
-        n = self.cfg.checkpoint_every_steps
+        n = self.cfg.run_checkpoint_every_steps
         if force or (n and ctx.global_step % n == 0):
-            folder = save_checkpoint(ctx, self, self.out / "checkpoints", self.cfg.checkpoint_keep_last, name=name)
+            folder = save_checkpoint(ctx, self, self.out / "checkpoints", self.cfg.run_checkpoint_keep_last, name=name)
             if folder is not None:
                 ctx.state.last_checkpoint = str(folder)
             self.save_student(ctx)
@@ -314,26 +312,16 @@ class RunWriter:
 
     def _write_student(self, ctx, student):
         """DIR/student written whole (the previous one stays until the new one is complete), then DIR/run.json."""
-        net = student.net
-        if self.cfg.model_lora_rank > 0:
-            adapters = {k: v.contiguous() for k, v in get_peft_model_state_dict(net).items()}
-            need = sum(v.numel() * v.element_size() for v in adapters.values())
-            io.write_folder(self.out / "student", lambda tmp: save_file(adapters, str(tmp / "adapter.safetensors")),
-                            "the student", need)
-        else:
-            need = sum(v.numel() * v.element_size() for v in net.state_dict().values())
-            io.write_folder(self.out / "student", lambda tmp: net.save_pretrained(tmp, safe_serialization=True),
-                            "the student", need)
-        info = {"kind": RUN_KIND, "teacher": self.cfg.model_teacher, "family": ctx.family.name,
-                "teacher_path": str(ctx.family.path), "student_timesteps": ctx.timesteps,
-                "resolution": ctx.resolution, "embedded_guidance": self.cfg.model_embedded_guidance,
-                "lora_rank": self.cfg.model_lora_rank, "lora_alpha": self.cfg.model_lora_alpha,
-                "generator_steps": ctx.generator_steps, "rl_steps": ctx.rl_steps, "method": self.cfg.method}
-        io.atomic_write_text(self.out / "run.json", json.dumps(info, indent=2))
+        runfolder.write_student(self.out, student.net, self.cfg.model_lora_rank)
+        runfolder.write_record(self.out, teacher=self.cfg.model_teacher, family=ctx.family.name,
+                               teacher_path=str(ctx.family.path), student_timesteps=ctx.timesteps,
+                               resolution=ctx.resolution, embedded_guidance=self.cfg.model_embedded_guidance,
+                               lora_rank=self.cfg.model_lora_rank, lora_alpha=self.cfg.model_lora_alpha,
+                               generator_steps=ctx.generator_steps, rl_steps=ctx.rl_steps, method=self.cfg.method)
 
     def finish(self, ctx, wall_seconds: float) -> dict:
         self.save_student(ctx)
-        if self.cfg.sample_every_steps and ctx.global_step % self.cfg.sample_every_steps:
+        if self.cfg.run_sample_every_steps and ctx.global_step % self.cfg.run_sample_every_steps:
             self.maybe_sample(ctx, force=True)
         if self.cfg.eval_every_steps and ctx.global_step % self.cfg.eval_every_steps:
             self.maybe_eval(ctx, force=True)
@@ -350,21 +338,21 @@ GRID_IMAGES = 20   # images per sample grid (two rows of ten); training/distill.
 
 
 def open_trackers(cfg, out: Path) -> list:
-    """accelerate's trackers for ``report_to``: TensorBoardTracker writing DIR/tb (the default) and/or WandBTracker
-    (project ``wandb_project``, run name = the run folder's name, files under DIR/wandb)."""
+    """accelerate's trackers for ``run_report_to``: TensorBoardTracker writing DIR/tb (the default) and/or
+    WandBTracker (project ``run_wandb_project``, run name = the run folder's name, files under DIR/wandb)."""
     trackers = []
-    if "tensorboard" in cfg.report_to:
+    if "tensorboard" in cfg.run_report_to:
         trackers.append(TensorBoardTracker("tb", str(out)))
         trackers[-1].start()
-    if "wandb" in cfg.report_to:
+    if "wandb" in cfg.run_report_to:
         try:  # lazy: wandb is an optional package (and accelerate's tracker imports it)
             from accelerate.tracking import WandBTracker
             import wandb  # noqa: F401
         except ImportError:
-            raise FlashDMDError("report_to has wandb but wandb is not installed: `pip install wandb`, or drop it "
-                                "from report_to") from None
+            raise FlashDMDError("run_report_to has wandb but wandb is not installed: `pip install wandb`, or drop it "
+                                "from run_report_to") from None
         os.environ.setdefault("WANDB_DIR", str(out))
-        tracker = WandBTracker(cfg.wandb_project, name=out.resolve().name, dir=str(out))
+        tracker = WandBTracker(cfg.run_wandb_project, name=out.resolve().name, dir=str(out))
         tracker.start()
         tracker.store_init_configuration(cfg.to_dict())
         trackers.append(tracker)

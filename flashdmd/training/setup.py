@@ -76,7 +76,7 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     log = log or (lambda line: None)
     check_trackers(cfg)
     acc = accelerator or make_accelerator(cfg)
-    torch.manual_seed(cfg.seed + acc.process_index)
+    torch.manual_seed(cfg.run_seed + acc.process_index)
     family, resolution, timesteps, n_dm = _teacher(cfg, acc.device, log)
     reward_path = check_reward_model(cfg, family)
     if reward_path is not None:
@@ -94,9 +94,9 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
         shard(net.to(acc.device))
     # pooled heads: fix their standardisation before they are prepared (a resume restores the same statistics)
     if cfg.disc_kind == "pixel" and cfg.disc_head == "pooled":
-        roles.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.batch_size))
+        roles.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.run_batch_size))
     (student, fake_score, disc), opt = make_optimizers(cfg, acc, roles.student, roles.fake_score, roles.disc)
-    state = TrainState(rng=SampleRNG(cfg.seed, acc.process_index, cfg.batch_size), opt=opt,
+    state = TrainState(rng=SampleRNG(cfg.run_seed, acc.process_index, cfg.run_batch_size), opt=opt,
                        schedule_processes=acc.num_processes)  # a resume restores the first launch's count
     state.sched = make_schedulers(cfg, state)
     if cfg.student_ema > 0:
@@ -172,7 +172,7 @@ def student_steps(cfg: DistillConfig, family) -> tuple[list[float], int]:
 
 def check_trackers(cfg: DistillConfig) -> None:
     """report_to's trackers can be imported (wandb is an optional package)."""
-    if "wandb" in cfg.report_to and importlib.util.find_spec("wandb") is None:
+    if "wandb" in cfg.run_report_to and importlib.util.find_spec("wandb") is None:
         raise FlashDMDError("report_to has wandb but wandb is not installed: `pip install wandb`, or drop it from "
                             "report_to (tensorboard is the default)")
 
@@ -181,7 +181,7 @@ def _real_stream(cfg: DistillConfig, acc, resolution: int) -> RealImageStream:
     source = open_image_source(cfg.data_real)
     check_readable(source)
     workers = cfg.data_workers if cfg.data_workers is not None else (0 if plugins.find(cfg.data_real) else 2)
-    return RealImageStream(source, resolution, cfg.batch_size, crop=cfg.data_crop, seed=cfg.seed,
+    return RealImageStream(source, resolution, cfg.run_batch_size, crop=cfg.data_crop, seed=cfg.run_seed,
                            process_index=acc.process_index, num_processes=acc.num_processes, num_workers=workers,
                            max_bad_fraction=cfg.data_max_bad_fraction)
 
@@ -275,7 +275,7 @@ def cache_text(cfg: DistillConfig, family, prompts, evaluator, grid: list[str], 
         except FlashDMDError:  # no captions: DMD2's real branch uses the null conditioning
             if cfg.disc_condition == "text":
                 raise
-    family.cache_prompts(todo, cfg.batch_size)
+    family.cache_prompts(todo, cfg.run_batch_size)
     family.release_text_encoders()
     return family.cached_prompts
 

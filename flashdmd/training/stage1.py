@@ -28,8 +28,8 @@ def distill_iteration(run, writer) -> bool:
     """One Stage-1 iteration; True when it updated the generator."""
     s, state = run.setup, run.state
     cfg = s.cfg
-    prompts = s.prompts.sample(cfg.batch_size, state.rng)
-    cond, uncond = encode(run, prompts), null_cond(run, cfg.batch_size)
+    prompts = s.prompts.sample(cfg.run_batch_size, state.rng)
+    cond, uncond = encode(run, prompts), null_cond(run, cfg.run_batch_size)
     gen_now = state.iteration % cfg.fake_score_ttur == 0
     with s.accelerator.autocast():
         # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics

@@ -186,7 +186,7 @@ def run_stage2(run, writer, progress: bool, signalled=None) -> None:
                 preempt.stop_if_signalled(run, writer, signalled)
             if state.rl_steps >= cfg.rl_steps:
                 break
-            prompts = s.prompts.sample(cfg.batch_size, state.rng)
+            prompts = s.prompts.sample(cfg.run_batch_size, state.rng)
             with s.accelerator.autocast():
                 logs = rl_step(run, steps.encode(run, prompts), prompts)
             writer.accumulate(logs)

@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from flashdmd.world.evalnets import read_net, resolve_dir
+from flashdmd.world.netstore import read_net, resolve_dir
 
 NAME = "eval_classifier"
 TEST_STATS = f"{NAME}_test_stats.safetensors"  # metrics.ReferenceStats of the test split under these weights

@@ -19,7 +19,7 @@ import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
-from flashdmd.world.evalnets import read_net, resolve_dir
+from flashdmd.world.netstore import read_net, resolve_dir
 
 NAME = "disc_encoder"
 DEFAULT_CONFIG = {"arch": "DiscEncoder", "channels": [16, 32, 64], "groups": 4, "in_channels": 3}

@@ -6,7 +6,7 @@
 - ``disc_encoder``: :class:`flashdmd.world.encoder.DiscEncoder`, the frozen Pixel-GAN discriminator backbone.
 
 Each is stored as ``<stem>.safetensors`` (weights) + ``<stem>.json`` (constructor config plus
-training facts). The three are trained separately with different seeds, architectures and objectives
+training facts; :mod:`flashdmd.world.netstore`). The three are trained separately with different seeds, architectures and objectives
 (supervised classification, supervised classification with a different net, denoising autoencoding on
 colour-jittered RGB), so the evaluation metric is not the oracle and neither is the GAN's feature space.
 
@@ -14,52 +14,20 @@ Train all three with :func:`pretrain_eval` (``flashdmd world pretrain --only eva
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from flashdmd import FlashDMDError
-
-EVAL_DIR = Path(__file__).parent / "assets" / "eval"
-NAMES = ("eval_classifier", "oracle_judge", "disc_encoder")
-PRETRAIN_HINT = "run `flashdmd world pretrain --only eval`"
-
-
-# ---------------------------------------------------------------------------------------------------
-# Storage
-
-
-def resolve_dir(directory=None) -> Path:
-    """``directory`` or the shipped ``flashdmd/world/assets/eval``."""
-    return Path(directory) if directory is not None else EVAL_DIR
-
-
-def save_net(net: nn.Module, config: dict, directory, name: str) -> None:
-    """Write ``name.safetensors`` (contiguous CPU float tensors) and ``name.json`` into ``directory``."""
-    d = Path(directory)
-    d.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    save_file(state, str(d / f"{name}.safetensors"))
-    (d / f"{name}.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def read_net(directory, name: str) -> tuple[dict, dict[str, Tensor]]:
-    """(config, state_dict) of a stored network; FlashDMDError with the fix if missing or unreadable."""
-    d = resolve_dir(directory)
-    w, c = d / f"{name}.safetensors", d / f"{name}.json"
-    if not (w.is_file() and c.is_file()):
-        raise FlashDMDError(f"evaluation network {name!r} not found in {d} (need {w.name} and {c.name}): "
-                            f"{PRETRAIN_HINT}")
-    try:
-        return json.loads(c.read_text()), load_file(str(w))
-    except Exception as e:  # corrupt json / safetensors header
-        raise FlashDMDError(f"cannot read evaluation network {name!r} from {d}: {e}; {PRETRAIN_HINT}") from None
+from flashdmd import io
+from flashdmd.world import classifier, encoder, oracle
+from flashdmd.world.data import load_split
+from flashdmd.world.metrics import compute_reference_stats
+from flashdmd.world.netstore import resolve_dir, save_net
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -94,8 +62,6 @@ def accuracy(logits_fn, images: Tensor, labels: Tensor, batch_size: int = 1000) 
 def _train_classifier(net: nn.Module, seed: int, epochs: float, batch_size: int, lr: float, desc: str,
                       max_steps: int | None, noise: float, shift: int) -> dict:
     """AdamW + one-cycle cosine lr, label smoothing 0.05, augmentation; returns facts for the json config."""
-    from flashdmd.world.data import load_split
-
     train, test = load_split("train"), load_split("test")
     g = torch.Generator().manual_seed(seed)
     steps_per_epoch = len(train) // batch_size
@@ -142,27 +108,22 @@ def train_eval_classifier(out_dir=None, seed: int = 0, epochs: float = 2.5, batc
     reference statistics of the metrics (``eval_classifier_test_stats.safetensors``).
     Returns the json config written (constructor args + seed, steps, wall time, test accuracy).
     """
-    from flashdmd.world.classifier import DEFAULT_CONFIG, NAME, build_eval_classifier
-
     torch.manual_seed(seed)
-    net = build_eval_classifier(DEFAULT_CONFIG)
+    net = classifier.build_eval_classifier(classifier.DEFAULT_CONFIG)
     facts = _train_classifier(net, seed, epochs, batch_size, lr, "eval classifier", max_steps, noise=0.1, shift=1)
-    config = {**DEFAULT_CONFIG, "training": facts, "params": sum(p.numel() for p in net.parameters())}
+    config = {**classifier.DEFAULT_CONFIG, "training": facts, "params": sum(p.numel() for p in net.parameters())}
     if out_dir is not None:
-        save_net(net, config, out_dir, NAME)
+        save_net(net, config, out_dir, classifier.NAME)
         if test_stats if test_stats is not None else max_steps is None:
             write_test_stats(net, out_dir)
     return config
 
 
-def write_test_stats(classifier: nn.Module, out_dir) -> None:
-    """Store the metrics' test-split statistics of ``classifier`` next to its weights."""
-    from flashdmd.world.classifier import TEST_STATS
-    from flashdmd.world.metrics import compute_reference_stats
-
-    classifier.eval()
-    tensors = compute_reference_stats(classifier).to_tensors()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(Path(out_dir) / TEST_STATS))
+def write_test_stats(net: nn.Module, out_dir) -> None:
+    """Store the metrics' test-split statistics of the evaluation classifier ``net`` next to its weights."""
+    net.eval()
+    tensors = {k: v.contiguous() for k, v in compute_reference_stats(net).to_tensors().items()}
+    io.atomic_save(Path(out_dir) / classifier.TEST_STATS, lambda tmp: save_file(tensors, str(tmp)))
 
 
 def train_oracle_judge(out_dir=None, seed: int = 1, epochs: float = 1.25, batch_size: int = 128, lr: float = 3e-3,
@@ -172,19 +133,16 @@ def train_oracle_judge(out_dir=None, seed: int = 1, epochs: float = 1.25, batch_
     The json also stores the real-data statistics of the oracle's pixel preference terms (for their
     standardisation), measured on the train split.
     """
-    from flashdmd.world.data import load_split
-    from flashdmd.world.oracle import DEFAULT_JUDGE_CONFIG, NAME, JudgeNet, preference_terms
-
     torch.manual_seed(seed)
-    net = JudgeNet(**DEFAULT_JUDGE_CONFIG)
+    net = oracle.JudgeNet(**oracle.DEFAULT_JUDGE_CONFIG)
     facts = _train_classifier(net, seed, epochs, batch_size, lr, "oracle judge", max_steps, noise=0.2, shift=2)
-    ink, crisp = preference_terms(load_split("train").images[:10000])
+    ink, crisp = oracle.preference_terms(load_split("train").images[:10000])
     stats = {"ink_mean": ink.mean().item(), "ink_std": ink.std().item(),
              "crisp_mean": crisp.mean().item(), "crisp_std": crisp.std().item()}
-    config = {**DEFAULT_JUDGE_CONFIG, "pixel_stats": stats, "training": facts,
+    config = {**oracle.DEFAULT_JUDGE_CONFIG, "pixel_stats": stats, "training": facts,
               "params": sum(p.numel() for p in net.parameters())}
     if out_dir is not None:
-        save_net(net, config, out_dir, NAME)
+        save_net(net, config, out_dir, oracle.NAME)
     return config
 
 
@@ -207,31 +165,43 @@ def train_disc_encoder(out_dir=None, seed: int = 2, epochs: float = 0.4, batch_s
     Objective: x_noisy = x + s*eps (s ~ U[0.05, 0.6] per image, plus random 8x8 cut-outs on a quarter of the
     images); the decoder sees only the deepest level and predicts x. Only the encoder is kept.
     """
-    from flashdmd.world.data import load_split
-    from flashdmd.world.encoder import DEFAULT_CONFIG, NAME, DiscEncoder, DiscEncoderDecoder
-
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     train, test = load_split("train"), load_split("test")
-    enc = DiscEncoder(**DEFAULT_CONFIG)
-    model = DiscEncoderDecoder(enc)
+    enc = encoder.DiscEncoder(**encoder.DEFAULT_CONFIG)
+    model = encoder.DiscEncoderDecoder(enc)
     steps_per_epoch = len(train) // batch_size
     total = max(1, int(epochs * steps_per_epoch))
     if max_steps is not None:
         total = min(total, max_steps)
+    t0 = time.time()
+    _train_dae(model, train, g, total, steps_per_epoch, batch_size, lr)
+    mse_out, mse_in = _dae_test_mse(model, test, 500 if max_steps is None else 100)
+    facts = {"seed": seed, "steps": total, "batch_size": batch_size, "epochs": round(total / steps_per_epoch, 3),
+             "lr": lr, "train_seconds": round(time.time() - t0, 1), "objective": "denoising autoencoder",
+             "test_mse_at_noise_0.3": round(mse_out, 5), "input_mse_at_noise_0.3": round(mse_in, 5)}
+    config = {**encoder.DEFAULT_CONFIG, "training": facts, "params": sum(p.numel() for p in enc.parameters())}
+    if out_dir is not None:
+        save_net(enc, config, out_dir, encoder.NAME)
+    return config
+
+
+def _corrupt(x: Tensor, g: torch.Generator) -> Tensor:
+    """The denoising autoencoder's input: x + s*eps, s ~ U[0.05, 0.6] per image, an 8x8 cut-out on a quarter."""
+    n = x.shape[0]
+    s = 0.05 + 0.55 * torch.rand(n, 1, 1, 1, generator=g)
+    xn = x + s * torch.randn(x.shape, generator=g)
+    cut = torch.rand(n, generator=g) < 0.25
+    i, j = torch.randint(0, 25, (2,), generator=g).tolist()
+    xn[cut, :, i:i + 8, j:j + 8] = 0.0
+    return xn
+
+
+def _train_dae(model: nn.Module, train, g: torch.Generator, total: int, steps_per_epoch: int, batch_size: int,
+               lr: float) -> None:
+    """``total`` AdamW steps (one-cycle cosine lr) of the DAE on colourised, flipped, shifted train images."""
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1)
-
-    def corrupt(x: Tensor) -> Tensor:
-        n = x.shape[0]
-        s = 0.05 + 0.55 * torch.rand(n, 1, 1, 1, generator=g)
-        xn = x + s * torch.randn(x.shape, generator=g)
-        cut = torch.rand(n, generator=g) < 0.25
-        i, j = torch.randint(0, 25, (2,), generator=g).tolist()
-        xn[cut, :, i:i + 8, j:j + 8] = 0.0
-        return xn
-
-    t0 = time.time()
     model.train()
     perm = torch.randperm(len(train), generator=g)
     bar = tqdm(range(total), desc="disc encoder (DAE)", leave=False)
@@ -241,7 +211,7 @@ def train_disc_encoder(out_dir=None, seed: int = 2, epochs: float = 0.4, batch_s
             perm = torch.randperm(len(train), generator=g)
         idx = perm[j * batch_size:(j + 1) * batch_size]
         x = random_colourise(_augment_grey(train.images[idx], g, noise=0, flip=True), g)
-        loss = F.mse_loss(model(corrupt(x)), x)
+        loss = F.mse_loss(model(_corrupt(x, g)), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -249,19 +219,16 @@ def train_disc_encoder(out_dir=None, seed: int = 2, epochs: float = 0.4, batch_s
         if step % 20 == 0:
             bar.set_postfix(mse=f"{loss.item():.4f}")
     model.eval()
-    with torch.no_grad():
-        gt = torch.Generator().manual_seed(12345)
-        x = random_colourise(test.images[:500 if max_steps is None else 100], gt)
-        s = 0.3
-        xn = x + s * torch.randn(x.shape, generator=gt)
-        mse_out, mse_in = F.mse_loss(model(xn), x).item(), s * s
-    facts = {"seed": seed, "steps": total, "batch_size": batch_size, "epochs": round(total / steps_per_epoch, 3),
-             "lr": lr, "train_seconds": round(time.time() - t0, 1), "objective": "denoising autoencoder",
-             "test_mse_at_noise_0.3": round(mse_out, 5), "input_mse_at_noise_0.3": round(mse_in, 5)}
-    config = {**DEFAULT_CONFIG, "training": facts, "params": sum(p.numel() for p in enc.parameters())}
-    if out_dir is not None:
-        save_net(enc, config, out_dir, NAME)
-    return config
+
+
+@torch.no_grad()
+def _dae_test_mse(model: nn.Module, test, n: int) -> tuple[float, float]:
+    """(reconstruction MSE, input MSE) of ``n`` colourised test images at noise 0.3."""
+    gt = torch.Generator().manual_seed(12345)
+    x = random_colourise(test.images[:n], gt)
+    s = 0.3
+    xn = x + s * torch.randn(x.shape, generator=gt)
+    return F.mse_loss(model(xn), x).item(), s * s
 
 
 def pretrain_eval(out_dir=None, seed: int = 0, quick: bool = False) -> dict:

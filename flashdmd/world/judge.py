@@ -15,7 +15,7 @@ from torch import Tensor
 
 from flashdmd import FlashDMDError
 from flashdmd.evaluation.judges import JudgeBase
-from flashdmd.world.evalnets import resolve_dir
+from flashdmd.world.netstore import resolve_dir
 from flashdmd.world.oracle import Oracle
 from flashdmd.world.prompts import class_of_prompt, prompts_for
 

@@ -21,12 +21,14 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from flashdmd import FlashDMDError
 from flashdmd.evaluation.metrics import alignment, diversity, feature_stats, frechet_distance, within_class_spread
 from flashdmd.inference import Model, nfe, sample_images
 from flashdmd.world.classifier import load_eval_classifier
 from flashdmd.world.data import load_split
+from flashdmd.world.oracle import Oracle
 from flashdmd.world.prompts import class_of_prompt, eval_prompts
 
 # ---------------------------------------------------------------------------------------------------
@@ -149,7 +151,6 @@ def evaluate_world(model: Model, num_images: int = 500, seed: int = 0, steps: in
                    guidance_scale: float | None = None, progress: bool = False) -> dict:
     """World metrics of a model: FD, alignment, diversity (evaluation classifier), oracle score,
     seconds per image and NFE, on the fixed evaluation prompt set (held-out templates)."""
-    from tqdm.auto import tqdm
     prompts, labels = eval_prompts(num_images)
     bar = tqdm(total=num_images, desc="eval", unit="img", disable=not progress)
     t0 = time.perf_counter()
@@ -158,7 +159,6 @@ def evaluate_world(model: Model, num_images: int = 500, seed: int = 0, steps: in
     bar.close()
     metrics = evaluate_images(images, labels)
     try:
-        from flashdmd.world.oracle import Oracle
         metrics["oracle"] = float(Oracle.load().score(images, labels).mean())
     except FlashDMDError:
         pass

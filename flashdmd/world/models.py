@@ -24,7 +24,11 @@ import math
 
 import torch
 import torch.nn.functional as F
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                       UNet2DConditionModel)
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import Tensor, nn
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from flashdmd import FlashDMDError
 
@@ -93,12 +97,10 @@ SD3_SCHEDULER_CONFIG = dict(num_train_timesteps=1000, shift=3.0)
 # ---------------------------------------------------------------------------------------------- builders
 
 def build_vae():
-    from diffusers import AutoencoderKL
     return AutoencoderKL(**VAE_CONFIG)
 
 
 def _clip_config(base: dict, tokenizer):
-    from transformers import CLIPTextConfig
     return CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
                           bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                           pad_token_id=tokenizer.pad_token_id, **base)
@@ -106,7 +108,6 @@ def _clip_config(base: dict, tokenizer):
 
 def build_text_encoders(tokenizer):
     """Two ``CLIPTextModelWithProjection`` sized for ``tokenizer`` (vocab, 16 positions, EOS id)."""
-    from transformers import CLIPTextModelWithProjection
     if len(tokenizer) <= 100:
         raise FlashDMDError(f"tokenizer has only {len(tokenizer)} tokens: build it with flashdmd.world.tokenizer")
     return (CLIPTextModelWithProjection(_clip_config(TEXT_ENCODER_CONFIG, tokenizer)),
@@ -115,7 +116,6 @@ def build_text_encoders(tokenizer):
 
 def without_projection(encoder):
     """The ``CLIPTextModel`` sharing ``encoder``'s transformer weights (SDXL's text_encoder layout)."""
-    from transformers import CLIPTextModel
     model = CLIPTextModel(encoder.config)
     target = set(model.state_dict())
     state = {}
@@ -128,22 +128,18 @@ def without_projection(encoder):
 
 
 def build_unet():
-    from diffusers import UNet2DConditionModel
     return UNet2DConditionModel(**unet_config())
 
 
 def build_transformer():
-    from diffusers import SD3Transformer2DModel
     return SD3Transformer2DModel(**transformer_config())
 
 
 def sdxl_scheduler():
-    from diffusers import EulerDiscreteScheduler
     return EulerDiscreteScheduler(**SDXL_SCHEDULER_CONFIG)
 
 
 def sd3_scheduler():
-    from diffusers import FlowMatchEulerDiscreteScheduler
     return FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER_CONFIG)
 
 
@@ -241,7 +237,6 @@ def use_pad_count_attention(transformer) -> None:
 
 
 def use_default_attention(transformer) -> None:
-    from diffusers.models.attention_processor import JointAttnProcessor2_0
     transformer.set_attn_processor(JointAttnProcessor2_0())
 
 

@@ -34,7 +34,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
-from flashdmd.world.evalnets import read_net, resolve_dir
+from flashdmd.world.netstore import read_net, resolve_dir
+from flashdmd.world.prompts import class_of_prompt
 
 NAME = "oracle_judge"
 DEFAULT_JUDGE_CONFIG = {"arch": "JudgeNet", "channels": [16, 32, 64, 128], "groups": 8, "num_classes": 10}
@@ -80,8 +81,6 @@ def _grey(images: Tensor) -> Tensor:
 def _labels(labels, n: int, device) -> Tensor:
     """Class ids (N,) from a tensor / list of ints or a list of prompts."""
     if isinstance(labels, (list, tuple)) and labels and isinstance(labels[0], str):
-        from flashdmd.world.prompts import class_of_prompt
-
         ids = [class_of_prompt(p) for p in labels]
         if None in ids:
             raise FlashDMDError(f"prompt {labels[ids.index(None)]!r} names no class of the world")

@@ -19,6 +19,10 @@ from torch import Tensor
 
 from flashdmd import FlashDMDError, plugins
 from flashdmd.world.data import load_split, to_rgb
+from flashdmd.world.encoder import load_disc_encoder
+from flashdmd.world.judge import WorldJudge, world_pair_prompts
+from flashdmd.world.metrics import evaluate_world
+from flashdmd.world.metrics import floor as world_floor
 from flashdmd.world.prompts import eval_prompts, prompt_for
 
 NAME = "world"
@@ -69,19 +73,16 @@ class WorldEvaluator:
 
     def evaluate(self, model, seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                  progress: bool = False) -> dict:
-        from flashdmd.world.metrics import evaluate_world
         if model.family.default_resolution != 32:
             raise FlashDMDError(f"{model.family.path} works at {model.family.default_resolution}px, not the embedded "
                                 "world's 32px: its metrics do not apply (give eval_prompts and metric backends)")
         return evaluate_world(model, self.num_images, seed, steps, guidance_scale, progress=progress)
 
     def floor(self, n: int, seed: int = 0) -> float:
-        from flashdmd.world.metrics import floor
-        return floor(n, seed)
+        return world_floor(n, seed)
 
 
 def _disc_backbone(path: str | None = None):
-    from flashdmd.world.encoder import load_disc_encoder
     return load_disc_encoder(path)
 
 
@@ -95,20 +96,14 @@ def _reward_model(family_name: str) -> Path:
 
 
 def _judge(device="cpu"):
-    from flashdmd.world.judge import WorldJudge
     return WorldJudge(device=device)
-
-
-def _pair_prompts(num: int, seed: int) -> list[str]:
-    from flashdmd.world.judge import world_pair_prompts
-    return world_pair_prompts(num, seed)
 
 
 def plugin() -> plugins.Plugin:
     return plugins.Plugin(
         name=NAME, models=dict(MODELS), prompt_source=WorldPromptSource, image_source=WorldImageSource,
         evaluator=WorldEvaluator, grid_prompts=lambda n: eval_prompts(n)[0], judge=_judge,
-        pair_prompts=_pair_prompts, disc_backbone=_disc_backbone, reward_model=_reward_model)
+        pair_prompts=world_pair_prompts, disc_backbone=_disc_backbone, reward_model=_reward_model)
 
 
 def register() -> plugins.Plugin:

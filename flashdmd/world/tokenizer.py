@@ -18,7 +18,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from transformers import CLIPTokenizer
+
 from flashdmd import FlashDMDError
+from flashdmd.world.prompts import vocabulary
 
 MODEL_MAX_LENGTH = 16
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -102,7 +105,6 @@ def write_tokenizer_files(directory, words=None, model_max_length: int = MODEL_M
     ``words`` defaults to :func:`flashdmd.world.prompts.vocabulary`. Output is byte-for-byte deterministic.
     """
     if words is None:
-        from flashdmd.world.prompts import vocabulary
         words = vocabulary()
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
@@ -125,7 +127,6 @@ def load_tokenizer(directory):
 
     Guards against transformers' offline behaviour of returning an empty tokenizer for a bad path.
     """
-    from transformers import CLIPTokenizer
     d = Path(directory)
     if not (d / "vocab.json").is_file() or not (d / "merges.txt").is_file():
         raise FlashDMDError(f"no vocab.json/merges.txt in {d}: run `flashdmd world pretrain --only text` first")
@@ -140,7 +141,6 @@ def make_tokenizer(directory, words=None):
     write_tokenizer_files(directory, words)
     tok = load_tokenizer(directory)
     if words is None:
-        from flashdmd.world.prompts import vocabulary
         words = vocabulary()
     bad = [w for w in words if len(tok(w, add_special_tokens=False).input_ids) != 1]
     if bad:

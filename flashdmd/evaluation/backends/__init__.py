@@ -17,7 +17,6 @@ What each backend expects on disk is in its module docstring and in docs/EVALUAT
 from __future__ import annotations
 
 import importlib
-import json
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from torch import Tensor
 from transformers import AutoTokenizer
 from transformers.utils import logging as hf_logging
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.families import network_call
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -116,10 +115,7 @@ class ImagePreprocess:
         f = folder / "preprocessor_config.json"
         if not f.is_file():
             return cls(image_size, None, (image_size, image_size), mean, std)
-        try:
-            c = json.loads(f.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise FlashDMDError(f"{f} is unreadable ({e})") from None
+        c = io.read_json(f)
         short, hw = _size(c.get("size"), image_size) if c.get("do_resize", True) else (None, None)
         crop = None
         if c.get("do_center_crop", "crop_size" in c):
@@ -164,10 +160,7 @@ def load_tokenizer(folder: Path, what: str):
 def load_transformers_model(cls, folder: Path, what: str, device, model_type: str):
     """``cls.from_pretrained(folder)`` offline, in float32, eval mode, frozen. One-line errors for a folder
     of another model type or with weights missing (never silently scores with random weights)."""
-    try:
-        cfg = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise FlashDMDError(f"{what} folder {folder}: config.json is unreadable ({e})") from None
+    cfg = io.read_json(folder / "config.json", f"{what} folder {folder}: config.json")
     if cfg.get("model_type") != model_type:
         raise FlashDMDError(f"{what} folder {folder} holds a {cfg.get('model_type')!r} model, expected a "
                             f"transformers {cls.__name__} (model_type {model_type!r})")

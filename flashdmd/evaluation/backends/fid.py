@@ -29,7 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.evaluation.backends import quantize
 from flashdmd.evaluation.metrics import feature_stats
 from flashdmd.families import network_call
@@ -314,16 +314,15 @@ def save_stats(path: str | Path, mu: Tensor, sigma: Tensor, num_images: int) -> 
     p = Path(path)
     if not p.parent.is_dir():
         raise FlashDMDError(f"folder {p.parent} for the statistics does not exist")
-    tmp = p.with_name(p.name + ".tmp")
     if p.suffix == ".npz":
-        with open(tmp, "wb") as fh:
-            np.savez_compressed(fh, mu=mu.double().numpy(), sigma=sigma.double().numpy())
+        io.atomic_write(p, lambda fh: np.savez_compressed(fh, mu=mu.double().numpy(), sigma=sigma.double().numpy()),
+                        "the FID statistics")
     elif p.suffix == ".safetensors":
-        save_file({"mu": mu.double().contiguous(), "sigma": sigma.double().contiguous()}, str(tmp),
-                  metadata={"num_images": str(num_images), "features": "pytorch-fid inception pool3 2048"})
+        stats = {"mu": mu.double().contiguous(), "sigma": sigma.double().contiguous()}
+        meta = {"num_images": str(num_images), "features": "pytorch-fid inception pool3 2048"}
+        io.atomic_save(p, lambda tmp: save_file(stats, str(tmp), metadata=meta), "the FID statistics")
     else:
         raise FlashDMDError(f"statistics file {p} must end in .safetensors or .npz")
-    tmp.replace(p)
     return p
 
 

@@ -38,7 +38,6 @@ into ``BlipForImageTextRetrieval(config)`` (strict, except the unused vision_pro
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -47,7 +46,7 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers import BlipForImageTextRetrieval
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, io
 from flashdmd.evaluation.backends import (ImagePreprocess, check_images, load_tokenizer, load_transformers_model,
                                           require_folder)
 
@@ -95,10 +94,7 @@ class ImageReward:
                                 f"(layers.{{0,2,4,6,7}}.weight/bias): {first}") from None
         extra = {}
         if (folder / "imagereward.json").is_file():
-            try:
-                extra = json.loads((folder / "imagereward.json").read_text())
-            except (OSError, json.JSONDecodeError) as e:
-                raise FlashDMDError(f"{folder / 'imagereward.json'} is unreadable ({e})") from None
+            extra = io.read_json(folder / "imagereward.json")
         tok = load_tokenizer(folder, cls.WHAT)
         pre = ImagePreprocess.from_folder(folder, int(blip.config.vision_config.image_size))
         return cls(blip, head.eval().requires_grad_(False).to(device), tok, pre, extra.get("mean", MEAN),

@@ -70,9 +70,9 @@ def meta_run(cfg, device: str) -> Run:
     roles = build_roles(cfg, family)
     setup = RunSetup(cfg=cfg, accelerator=None, device=META, family=family, teacher=roles.teacher,
                      student=roles.student, fake_score=roles.fake_score, disc=roles.disc, timesteps=timesteps,
-                     n_dm=n_dm, resolution=resolution, prompts=None, real=MetaImageStream(cfg.batch_size, resolution),
+                     n_dm=n_dm, resolution=resolution, prompts=None, real=MetaImageStream(cfg.run_batch_size, resolution),
                      evaluator=None)
-    return Run(setup, TrainState(rng=SampleRNG(cfg.seed, 0, cfg.batch_size)))
+    return Run(setup, TrainState(rng=SampleRNG(cfg.run_seed, 0, cfg.run_batch_size)))
 
 
 def role_modules(run: Run, judge: nn.Module | None = None) -> dict:

@@ -1,0 +1,169 @@
+"""`flashdmd export`: a distill run folder -> a standard diffusers pipeline folder.
+
+The exported folder is the teacher's pipeline folder (VAE, text encoders, tokenizers: copied byte for byte) with
+
+* the student as ``unet/`` (SDXL) or ``transformer/`` (SD3, FLUX) -- or, with ``--lora``, the teacher's own
+  denoiser plus ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` accepts
+  (:mod:`flashdmd.export.weights`);
+* a scheduler whose plain ``num_inference_steps=K`` run is flashdmd's stochastic student sampler: diffusers'
+  ``LCMScheduler`` (SDXL) or ``FlowMatchLCMScheduler`` (SD3, FLUX) fitted to the student's timesteps
+  (:mod:`flashdmd.export.schedulers`); a guidance-distilled (FLUX.1-dev) student is called with the embedded
+  guidance it was distilled with (run.json's ``embedded_guidance``), others with 1.
+
+What differs between families is read from the family classes' export attributes (``export_scheduler``,
+``pipeline_guidance_default``, ``pipeline_sigma_grid``, ``lora_layers_kwarg``, ``exported_guidance``).
+Timesteps a scheduler config cannot produce by itself are passed per call instead (SDXL ``timesteps=``, SD3
+``sigmas=``); the README (:mod:`flashdmd.export.readme`) and ``flashdmd_export.json`` say which.
+
+``--dtype fp16|bf16|fp32`` casts every floating-point weight of the folder (:func:`~flashdmd.export.weights.
+cast_folder`); ``flashdmd_export.json`` records the choice and the float dtypes the folder's weights hold.
+
+The folder is written whole (:func:`flashdmd.io.write_folder`: ``OUT.tmp``, fsynced, renamed at the end); an
+existing non-empty ``--out`` is never overwritten.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from flashdmd import FlashDMDError, io, runfolder
+from flashdmd.export.readme import load_kwargs, readme
+from flashdmd.export.schedulers import flow_lcm_fit, flow_lcm_scheduler, lcm_scheduler, student_scheduler
+from flashdmd.export.weights import (DTYPES, LORA_WEIGHTS, SAFETENSORS_FLOAT, cast_folder, copy_full_student,
+                                         folder_float_dtypes, ignore_pickled, safetensors_dtypes, write_lora_weights,
+                                         write_merged_lora_student)
+from flashdmd.families import FAMILIES, detect_family, resolve_path
+from flashdmd.families.parts import read_model_index
+
+__all__ = ["export", "load_kwargs", "readme", "lcm_scheduler", "flow_lcm_fit", "flow_lcm_scheduler",
+           "student_scheduler", "cast_folder", "safetensors_dtypes", "write_merged_lora_student", "SAFETENSORS_FLOAT",
+           "DTYPES", "LORA_WEIGHTS", "EXPORT_INFO", "EXPORT_KIND"]
+
+EXPORT_KIND = "flashdmd-export"
+EXPORT_INFO = "flashdmd_export.json"
+# teacher files that do not belong in the exported folder (top level only)
+SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, LORA_WEIGHTS, ".cache", ".huggingface"}
+
+
+def teacher_folder(info: dict, run: Path) -> Path:
+    """The run's teacher pipeline folder: run.json's ``teacher`` (world name or path), else ``teacher_path``."""
+    candidates = [resolve_path(info["teacher"])]
+    if info.get("teacher_path"):
+        candidates.append(Path(info["teacher_path"]))
+    for path in candidates:
+        if (path / "model_index.json").is_file():
+            found = detect_family(path)
+            if found != info["family"]:
+                raise FlashDMDError(f"teacher folder {path} holds a {found} pipeline but run {run} is {info['family']}")
+            return path
+    raise FlashDMDError(f"the teacher of run {run} ({info['teacher']}) is not a local pipeline folder any more; "
+                        "restore it at that path (export copies its VAE and text encoders)")
+
+
+def _check_out(out: Path, protected: list[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise FlashDMDError(f"--out {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise FlashDMDError(f"--out {out} exists and is not empty; refusing to overwrite it (remove it or pick another)")
+    resolved = out.resolve()
+    for p in protected:
+        p = p.resolve()
+        if resolved == p or p in resolved.parents:
+            raise FlashDMDError(f"--out {out} lies inside {p}; export to a folder outside the teacher and the student")
+
+
+def _ignore_top(root: Path, extra: set[str], pickled: bool = False):
+    """copytree's ignore: the top-level names that do not belong in the export; ``pickled``: also pickled weight
+    files (see :func:`~flashdmd.export.weights.ignore_pickled`)."""
+    skip = SKIP_TOP | extra
+
+    def ignore(directory, names):
+        out = [n for n in names if n in skip] if Path(directory) == root else []
+        kept = [n for n in names if n not in out]
+        return out + (ignore_pickled(directory, kept) if pickled else [])
+    return ignore
+
+
+def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: str | None = None) -> dict:
+    """Write the exported pipeline folder (see the module docstring); return what flashdmd_export.json holds.
+
+    ``lora``: LoRA runs only -- teacher denoiser + LoRA weights file. A LoRA run exported without ``lora``
+    gets the LoRA fused into a full denoiser. ``dtype``: "fp16", "bf16" or "fp32" casts every floating-point
+    weight of the folder; None keeps the dtypes the teacher folder and the run hold.
+    """
+    if dtype is not None and dtype not in DTYPES:
+        raise FlashDMDError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    run, out = Path(run_dir), Path(out_dir)
+    info = runfolder.read_record(run)
+    if lora and not int(info.get("lora_rank") or 0) > 0:
+        raise FlashDMDError(f"run {run} is a full fine-tune (lora_rank 0); --lora needs a LoRA run. Drop --lora "
+                            "to export the full student")
+    teacher = teacher_folder(info, run)
+    _check_out(out, [teacher, run / runfolder.STUDENT])
+    index = read_model_index(teacher)
+    teacher_sched = io.read_json(teacher / "scheduler" / "scheduler_config.json")
+    timesteps = [float(t) for t in info["student_timesteps"]]
+    sched, call, err = student_scheduler(info["family"], teacher_sched, timesteps)
+    record = {"kind": EXPORT_KIND, "run": str(run.resolve()), "family": info["family"],
+              "teacher": str(teacher.resolve()), "pipeline_class": index["_class_name"],
+              "scheduler": type(sched).__name__, "student_timesteps": timesteps, "num_inference_steps": len(timesteps),
+              "pipeline_kwargs": call, "guidance_scale": FAMILIES[info["family"]].exported_guidance(info, teacher),
+              "max_timestep_error": err, "timesteps_exact": err == 0.0, "lora": bool(lora),
+              "lora_fused": bool(int(info.get("lora_rank") or 0) > 0 and not lora),
+              "lora_weights": LORA_WEIGHTS if lora else None, "dtype": dtype,
+              "generator_steps": info.get("generator_steps"), "method": info.get("method"),
+              "missing_components": sorted(k for k, v in index.items() if isinstance(v, list) and v[0] is None)}
+
+    def fill(tmp: Path) -> None:
+        _write_pipeline(tmp, teacher, index, info, run, record)
+        sched.save_pretrained(tmp / "scheduler")
+        new_index = {**index, "scheduler": ["diffusers", type(sched).__name__]}
+        (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
+        record["weights_dtypes"] = folder_float_dtypes(tmp)
+        (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
+        (tmp / "README.md").write_text(readme(record))
+
+    io.write_folder(out, fill, "the exported pipeline")
+    return record
+
+
+def _write_pipeline(tmp: Path, teacher: Path, index: dict, info: dict, run: Path, record: dict) -> None:
+    """The teacher's folder less its scheduler (and, unless --lora, its denoiser), the student, ``--dtype``."""
+    sub = FAMILIES[info["family"]].denoiser_subfolder
+    dtype = record["dtype"]
+    shutil.copytree(teacher, tmp, ignore=_ignore_top(teacher, set() if record["lora"] else {sub},
+                                                     pickled=dtype is not None), dirs_exist_ok=True)
+    if record["lora"]:
+        write_lora_weights(info["family"], index["_class_name"], info, run, tmp, dtype=dtype)
+    elif record["lora_fused"]:
+        write_merged_lora_student(teacher, index, info, run, tmp / sub, dtype=dtype)
+    else:
+        copy_full_student(run, tmp / sub)
+    if dtype is not None:
+        cast_folder(tmp, dtype)
+
+
+# ---------------------------------------------------------------------------------------------------
+# CLI
+
+def add_arguments(p):
+    p.add_argument("--run", required=True, help="a `flashdmd distill` run folder (holds run.json and student/)")
+    p.add_argument("--out", required=True, help="the pipeline folder to write (must not exist or be empty)")
+    p.add_argument("--lora", action="store_true",
+                   help="LoRA runs: write the teacher pipeline plus pytorch_lora_weights.safetensors for "
+                        "pipe.load_lora_weights (default: a full denoiser; a LoRA run gets its LoRA fused)")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="cast every floating-point weight written (student, LoRA file, VAE, text encoders) to "
+                        "fp16, bf16 or fp32, as safetensors (a LoRA is fused in fp32 first); default: keep the "
+                        "dtypes of the teacher folder and the run")
+
+
+def run(args):
+    record = export(args.run, args.out, lora=args.lora, dtype=args.dtype)
+    how = ", ".join(f"{k}={v}" for k, v in record["pipeline_kwargs"].items())
+    exact = "exactly" if record["timesteps_exact"] else f"within {record['max_timestep_error']:.3g}"
+    print(f"exported {record['family']} student to {args.out}: {record['scheduler']} runs "
+          f"{record['student_timesteps']} {exact} with {how}, guidance_scale={record['guidance_scale']}"
+          f"{'; LoRA in ' + LORA_WEIGHTS if record['lora'] else ''}; weights {'/'.join(record['weights_dtypes'])}"
+          f" (see {args.out}/README.md)")
