@@ -22,6 +22,8 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+from flashdmd.training.config import RENAMED
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "BENCHMARKS.md"
@@ -381,8 +383,14 @@ def number_text(v) -> str:
     return f"{v:g}" if isinstance(v, float) else str(v)
 
 
+def setting_name(key: str) -> str:
+    """A setting as a config writes it today: result files made before the role prefixes keep the old field names
+    (``generator_lr``), the tables show the new ones (``student_lr``; config.RENAMED)."""
+    return re.sub(r"\b\w+\b", lambda m: RENAMED.get(m.group(0), m.group(0)), key, count=1)
+
+
 def override_text(o: dict) -> str:
-    return ", ".join(f"`{k}: {number_text(v)}`" for k, v in o.items()) or "–"
+    return ", ".join(f"`{setting_name(k)}: {number_text(v)}`" for k, v in o.items()) or "–"
 
 
 @table("sweep_sdxl")
@@ -410,7 +418,7 @@ def long_runs_sdxl():
     base = "issue16_base_long_sdxl.json"
     stall = "sweep_sd3_stall_sdxl_lr.json"
     runs = [("TTUR 2, pooled head (base)", "–", base, lambda s: ("rows", "base", "seeds", f"seed{s}"), (0, 1, 2)),
-            ("slower generator", "`generator_lr: 2.5e-5`", base, lambda s: ("rows", "glr_half", "seeds", f"seed{s}"),
+            ("slower generator", "`student_lr: 2.5e-5`", base, lambda s: ("rows", "glr_half", "seeds", f"seed{s}"),
              (1,)),
             ("faster fake score", "`fake_score_lr: 4e-4`", "sweep_sdxl.json",
              lambda s: ("rows", "flr_2x", "seeds", f"seed{s}"), (0, 1)),
@@ -572,7 +580,7 @@ def demo_history():
             row("unconditional pooled head; joint 5:1 at 2e-6", "demo_seeds_pooled_head.json", pooled,
                 pooled["seeds"])]
     for key, r in cand.items():
-        rows.append(row(f"the pooled-head demo, seed 2, `{key}`", "demo_seed2_candidates.json", r, {"2": r["seed2"]}))
+        rows.append(row(f"the pooled-head demo, seed 2, `{setting_name(key)}`", "demo_seed2_candidates.json", r, {"2": r["seed2"]}))
     notes = ["Seeds 0 / 1 / 2 (seed 2 where a single value is shown); mean ± sd over seeds. Targets: issue 16's "
              "(beats the 4-step teacher, within 1.1x of the 50-step teacher, Stage 2 raises the oracle with FD within "
              "5 % and no guard warning, within 15 minutes). The joint 5:1 row's seed 2 is in "
