@@ -291,9 +291,9 @@ def _prompt_list(path: Path) -> str:
     if not path.is_file():
         return ""
     try:   # a broken prompt list costs the page its captions, not the report
-        info = json.loads(path.read_text())
+        info = io.read_json(path)
         prompts, nrow = [str(p) for p in info["prompts"]], int(info.get("nrow") or len(info["prompts"]) or 1)
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (FlashDMDError, KeyError, TypeError) as e:
         return f"<p class=note>{html.escape(str(path))} is unreadable ({html.escape(str(e))}): no prompt list.</p>"
     items = []
     for start in range(0, len(prompts), max(nrow, 1)):

@@ -332,7 +332,7 @@ class LatentRewardModel(nn.Module):
         config = d / CONFIG_NAME
         if not config.is_file():
             raise FlashDMDError(f"rl_reward_model {d}: no {CONFIG_NAME} (the folder `flashdmd reward train` writes)")
-        c = json.loads(config.read_text())
+        c = io.read_json(config)
         with torch.device("meta"):
             model = cls(family, proj_dim=c["proj_dim"], hidden_dim=c["hidden_dim"], train_backbone=c["train_backbone"],
                         taps=c["taps"], time_embed_dim=c["time_embed_dim"], feature_cfg_scale=c["feature_cfg_scale"],
