@@ -792,7 +792,7 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
     "plan_check_sd3.json": ("a full-size SD3-medium iteration's peak RSS with fp32 frozen parts", "8", "2026-12-02"),
     "plan_check_sdxl_three_copies.json": ("a full-size SDXL iteration before one shared base (three fp32 copies)",
                                           "8", "2026-12-02"),
-    "vram_table.json": ("the planned VRAM table (benchmarks/vram_table.py)", "8", "2026-12-02"),
+    "vram_table.json": ("the planned VRAM table (benchmarks/vram_table.py)", "8", "2026-12-06"),
 }
 
 
