@@ -421,3 +421,27 @@ def test_sd35_style_transformer_loads_through_the_sd3_family(sd35):
     x = torch.randn(2, 4, 16, 16)
     feats = fam.features(fam.denoiser, x, torch.tensor([500.0, 500.0]), fam.encode_prompts(PROMPTS, SIZE, SIZE))
     assert len(feats) == 2 and all(f.shape[-2:] == (16, 16) for f in feats)
+
+
+def test_masked_conditioning_pads_caches_and_pools():
+    """Families whose token embeddings are padded (prompt_mask): cat pads to the longest with zeros and mask 0; the
+    text cache answers rows of chunks of different lengths so; masked_mean averages the real tokens only."""
+    from flashdmd.families import masked_mean
+    from flashdmd.families.parts import TextCache
+    g = torch.Generator().manual_seed(0)
+    a = Conditioning(torch.randn(2, 3, 4, generator=g), torch.randn(2, 4, generator=g), None,
+                     torch.tensor([[1, 1, 0], [1, 1, 1]]))
+    b = Conditioning(torch.randn(1, 5, 4, generator=g), torch.randn(1, 4, generator=g), None, torch.ones(1, 5, dtype=torch.long))
+    ab = Conditioning.cat([a, b])
+    assert ab.prompt_embeds.shape == (3, 5, 4) and ab.prompt_mask.tolist() == [[1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1] * 5]
+    assert torch.equal(ab.prompt_embeds[:2, :3], a.prompt_embeds) and not ab.prompt_embeds[:2, 3:].any()
+    cache = TextCache()
+    cache.add(["x", "y"], a.prompt_embeds, a.pooled_embeds, a.prompt_mask)
+    cache.add(["z"], b.prompt_embeds, b.pooled_embeds, b.prompt_mask)
+    embeds, pooled, mask = cache.lookup(["z", "x"], "cpu")
+    assert torch.equal(embeds, ab.prompt_embeds[[2, 0]]) and torch.equal(mask, ab.prompt_mask[[2, 0]])
+    assert torch.equal(pooled, ab.pooled_embeds[[2, 0]])
+    want = a.prompt_embeds[0, :2].double().mean(0)
+    assert torch.allclose(masked_mean(ab.prompt_embeds, ab.prompt_mask)[0].double(), want, rtol=0, atol=4 * 2 ** -24)
+    with pytest.raises(FlashDMDError, match="prompt_mask"):
+        Conditioning.cat([a, Conditioning(b.prompt_embeds, b.pooled_embeds)])

@@ -14,7 +14,7 @@ import torch
 
 from flashdmd import FlashDMDError, plugins
 from flashdmd.families.base import Family
-from flashdmd.families.parts import (LORA_TARGETS, Conditioning, name_part, network_call, part_name,
+from flashdmd.families.parts import (LORA_TARGETS, Conditioning, masked_mean, name_part, network_call, part_name,
                                     read_model_index)
 from flashdmd.families.flux import FluxFamily
 from flashdmd.families.hub import hub_snapshot

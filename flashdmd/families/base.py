@@ -158,8 +158,9 @@ class Family(ABC):
         """The few-step student's timesteps (model units, high noise first)."""
 
     @abstractmethod
-    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
-        """prompts -> (prompt_embeds (B,L,D), pooled_embeds (B,P)), exactly as the family's pipeline."""
+    def _encode_text(self, prompts: list[str]) -> tuple[Tensor, ...]:
+        """prompts -> (prompt_embeds (B,L,D), pooled_embeds (B,P)), exactly as the family's pipeline; a family whose
+        embeddings are padded adds their mask: (embeds, pooled, prompt_mask (B,L) integer or bool)."""
 
     @abstractmethod
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
@@ -177,8 +178,8 @@ class Family(ABC):
         """Micro-conditioning rows (B,6), or None for families without it."""
         return None
 
-    def _null_text(self) -> tuple[Tensor, Tensor]:
-        """Embeddings (1,L,D), (1,P) of the unconditional branch: the "" prompt by default."""
+    def _null_text(self) -> tuple[Tensor, ...]:
+        """Embeddings (1,L,D), (1,P) (and mask (1,L)) of the unconditional branch: the "" prompt by default."""
         return self._encode_text([""])
 
     def _pipeline_init_rule(self) -> str:
@@ -199,11 +200,11 @@ class Family(ABC):
         prompts = list(prompts)
         cache = self._text_cache
         if cache is not None and (self.text_encoders_released or cache.holds(prompts)):
-            embeds, pooled = cache.lookup(prompts, self.device)
+            embeds, pooled, mask = cache.lookup(prompts, self.device)
         else:
             with network_call("text encoders", self.text_encoders):
-                embeds, pooled = self._encode_text(prompts)
-        return Conditioning(embeds, pooled, self._time_ids(len(prompts), *self._hw(height, width)))
+                embeds, pooled, mask = _with_mask(self._encode_text(prompts))
+        return Conditioning(embeds, pooled, self._time_ids(len(prompts), *self._hw(height, width)), mask)
 
     @torch.no_grad()
     def cache_prompts(self, prompts: Sequence[str], batch: int = 32) -> int:
@@ -221,8 +222,8 @@ class Family(ABC):
         for start in range(0, len(todo), batch):
             chunk = todo[start:start + batch]
             with network_call("text encoders", self.text_encoders):
-                embeds, pooled = self._encode_text(chunk + [chunk[-1]] * (batch - len(chunk)))
-            cache.add(chunk, embeds[:len(chunk)], pooled[:len(chunk)])
+                embeds, pooled, mask = _with_mask(self._encode_text(chunk + [chunk[-1]] * (batch - len(chunk))))
+            cache.add(chunk, embeds[:len(chunk)], pooled[:len(chunk)], None if mask is None else mask[:len(chunk)])
         return len(cache.index)
 
     def release_text_encoders(self) -> None:
@@ -248,7 +249,8 @@ class Family(ABC):
         no negative prompt is given (the "" prompt; SDXL with ``force_zeros_for_empty_prompt``: zeros)."""
         if self._null_cache is None:
             with network_call("text encoders", self.text_encoders):
-                self._null_cache = Conditioning(*self._null_text())
+                embeds, pooled, mask = _with_mask(self._null_text())
+                self._null_cache = Conditioning(embeds, pooled, None, mask)
         null = self._null_cache.repeat(batch)
         return replace(null, add_time_ids=self._time_ids(batch, *self._hw(height, width)))
 
@@ -430,3 +432,8 @@ class Family(ABC):
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={str(self.path)!r}, prediction_type={self.prediction_type!r})"
+
+
+def _with_mask(text: tuple) -> tuple:
+    """A family's text encoding as (embeds, pooled, mask or None)."""
+    return tuple(text) if len(text) == 3 else (*text, None)

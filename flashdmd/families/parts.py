@@ -13,7 +13,7 @@ import importlib
 import re
 import weakref
 from contextlib import contextmanager
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -41,11 +41,17 @@ class Conditioning:
     ``pooled_embeds`` (B, P): pooled text embedding (SDXL ``text_embeds``; SD3 ``pooled_projections``).
     ``add_time_ids`` (B, 6) or None: SDXL micro-conditioning (orig_h, orig_w, crop_top, crop_left,
     target_h, target_w); None for families without it.
+    ``prompt_mask`` (B, L) or None: 1 for a real token, 0 for padding, for families whose text encoder is a
+    language model whose embeddings are padded (Qwen-Image, FLUX.2, Z-Image); None where every row is full length.
+    Families without a pooled text encoder give ``pooled_embeds`` = :func:`masked_mean` of the token embeddings
+    (flashdmd's choice: only the LRM's text branch and the text-conditioned Pixel-GAN head read it, never the
+    network).
     """
 
     prompt_embeds: Tensor
     pooled_embeds: Tensor
     add_time_ids: Tensor | None = None
+    prompt_mask: Tensor | None = None
 
     def _map(self, fn) -> "Conditioning":
         return Conditioning(*(None if getattr(self, f.name) is None else fn(getattr(self, f.name))
@@ -72,13 +78,38 @@ class Conditioning:
 
     @staticmethod
     def cat(conds: Sequence["Conditioning"]) -> "Conditioning":
-        """Concatenate along the batch; ``add_time_ids`` must be all present or all None."""
-        has_ids = {c.add_time_ids is not None for c in conds}
-        if len(has_ids) > 1:
-            raise FlashDMDError("Conditioning.cat: some conditionings have add_time_ids and some do not")
-        ids = torch.cat([c.add_time_ids for c in conds]) if has_ids == {True} else None
-        return Conditioning(torch.cat([c.prompt_embeds for c in conds]),
-                            torch.cat([c.pooled_embeds for c in conds]), ids)
+        """Concatenate along the batch; each optional field must be all present or all None. Masked token
+        embeddings of different lengths are padded to the longest (zeros, mask 0)."""
+        conds = list(conds)
+        for f in fields(Conditioning):
+            if len({getattr(c, f.name) is not None for c in conds}) > 1:
+                raise FlashDMDError(f"Conditioning.cat: some conditionings have {f.name} and some do not")
+        if conds[0].prompt_mask is not None:
+            conds = pad_tokens(conds)
+        return Conditioning(*(None if getattr(conds[0], f.name) is None else
+                              torch.cat([getattr(c, f.name) for c in conds]) for f in fields(Conditioning)))
+
+
+def pad_tokens(conds: Sequence[Conditioning]) -> list[Conditioning]:
+    """Masked conditionings padded to the longest token length (zero embeddings, mask 0)."""
+    n = max(c.prompt_embeds.shape[1] for c in conds)
+
+    def pad(c: Conditioning) -> Conditioning:
+        extra = n - c.prompt_embeds.shape[1]
+        if extra == 0:
+            return c
+        return replace(c, prompt_embeds=torch.nn.functional.pad(c.prompt_embeds, (0, 0, 0, extra)),
+                       prompt_mask=torch.nn.functional.pad(c.prompt_mask, (0, extra)))
+    return [pad(c) for c in conds]
+
+
+def masked_mean(embeds: Tensor, mask: Tensor | None) -> Tensor:
+    """(B, L, D) token embeddings -> (B, D): their mean over the real tokens (all of them without a mask), in
+    float32 and back to ``embeds``' dtype. The pooled text embedding of families without a pooled encoder."""
+    if mask is None:
+        return embeds.float().mean(dim=1).to(embeds.dtype)
+    m = mask.to(torch.float32).unsqueeze(-1)
+    return ((embeds.float() * m).sum(dim=1) / m.sum(dim=1).clamp_min(1.0)).to(embeds.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -271,36 +302,37 @@ def forward_hooks(modules: Sequence[nn.Module], transform):
 
 
 class TextCache:
-    """Prompt -> (embeds (L,D), pooled (P,)) rows, held on the CPU in the encoders' dtype (see
-    :meth:`Family.cache_prompts`)."""
+    """Prompt -> (embeds (L,D), pooled (P,), mask (L,) or None) rows, held on the CPU in the encoders' dtype (see
+    :meth:`Family.cache_prompts`). Masked rows of chunks with different token lengths are padded to the longest
+    (zero embeddings, mask 0: what a batch of them gets from the family's encoder)."""
 
     def __init__(self):
         self.index: dict[str, int] = {}
-        self._chunks: list[tuple[Tensor, Tensor]] = []
-        self._embeds: Tensor | None = None
-        self._pooled: Tensor | None = None
+        self._chunks: list[Conditioning] = []
+        self._all: Conditioning | None = None
 
-    def add(self, prompts: list[str], embeds: Tensor, pooled: Tensor) -> None:
+    def add(self, prompts: list[str], embeds: Tensor, pooled: Tensor, mask: Tensor | None = None) -> None:
         for p in prompts:
             self.index[p] = len(self.index)
-        self._chunks.append((embeds.detach().cpu(), pooled.detach().cpu()))
-        self._embeds = self._pooled = None
+        self._chunks.append(Conditioning(embeds.detach().cpu(), pooled.detach().cpu(), None,
+                                         None if mask is None else mask.detach().cpu()))
+        self._all = None
 
     def holds(self, prompts: Sequence[str]) -> bool:
         return all(p in self.index for p in prompts)
 
-    def lookup(self, prompts: Sequence[str], device) -> tuple[Tensor, Tensor]:
+    def lookup(self, prompts: Sequence[str], device) -> tuple[Tensor, Tensor, Tensor | None]:
         missing = next((p for p in prompts if p not in self.index), None)
         if missing is not None:
             shown = missing if len(missing) <= 80 else missing[:77] + "..."
             raise FlashDMDError(f"prompt {shown!r} is not in the text cache and the text encoders were released "
                                 f"(model_text_cache; {len(self.index)} prompts cached at start): only the run's "
                                 "training, evaluation and grid prompts can be encoded")
-        if self._embeds is None:
-            self._embeds = torch.cat([e for e, _ in self._chunks]) if self._chunks else None
-            self._pooled = torch.cat([p for _, p in self._chunks]) if self._chunks else None
-            self._chunks = [(self._embeds, self._pooled)] if self._chunks else []
         if not prompts:
             raise FlashDMDError("encode_prompts: no prompts given")
+        if self._all is None and self._chunks:
+            self._all = Conditioning.cat(self._chunks)
+            self._chunks = [self._all]
         rows = torch.tensor([self.index[p] for p in prompts], dtype=torch.long)
-        return self._embeds.index_select(0, rows).to(device), self._pooled.index_select(0, rows).to(device)
+        got = self._all[rows].to(device)
+        return got.prompt_embeds, got.pooled_embeds, got.prompt_mask
