@@ -382,8 +382,11 @@ def test_family_mismatch_and_unknown(sd3, tmp_path):
     with pytest.raises(FlashDMDError, match="needs a FluxPipeline"):
         load_family(sd3[1], family="flux")
     (tmp_path / "model_index.json").write_text('{"_class_name": "KandinskyV22Pipeline"}')
-    with pytest.raises(FlashDMDError, match="KandinskyV22Pipeline pipeline; supported: .*FluxPipeline"):
+    with pytest.raises(FlashDMDError, match="KandinskyV22Pipeline pipeline; supported: .*FluxPipeline") as err:
         load_family(tmp_path)
+    from flashdmd.families import PIPELINE_FAMILIES
+    line = str(err.value)
+    assert "\n" not in line and all(f"{cls} ({name})" in line for cls, name in PIPELINE_FAMILIES.items())
 
 
 def test_missing_subfolder(sdxl, tmp_path):
