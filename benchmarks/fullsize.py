@@ -8,8 +8,8 @@ The numbers are those of the published config.json files (stabilityai/stable-dif
 stabilityai/stable-diffusion-3-medium-diffusers, facebook/sam-vit-base), written out here.
 
 The same for the language-model-conditioned pipelines: Qwen-Image (20.43 B MMDiT, Qwen2.5-VL-7B-Instruct 8.29 B
-with its vision tower, the Wan VAE), FLUX.2-dev (32.2 B, Mistral-Small-3.1-24B 24.0 B with its Pixtral tower),
-FLUX.2-klein-4B / -9B (3.9 B / 9.1 B, Qwen3-4B / Qwen3-8B) and Z-Image (6.15 B, Qwen3-4B, the FLUX.1 VAE), from
+with its vision tower, the Wan VAE), FLUX.2-dev (32.22 B, Mistral-Small-3.1-24B 24.01 B with its Pixtral tower),
+FLUX.2-klein-4B / -9B (3.88 B / 9.08 B, Qwen3-4B / Qwen3-8B) and Z-Image (6.15 B, Qwen3-4B, the FLUX.1 VAE), from
 Qwen/Qwen-Image, black-forest-labs/FLUX.2-dev, -klein-4B, -klein-9B and Tongyi-MAI/Z-Image(-Turbo); each constant
 names its file. Their tokenizers (fullsize_tokenizers.py) are real-format Qwen2 / Mistral byte-level BPEs of ~270
 tokens with the chat templates the pipelines apply; FLUX.2-dev's ``tokenizer`` is a PixtralProcessor folder, which
