@@ -126,7 +126,8 @@ SAM_VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, 
                  use_rel_pos=True, num_pos_feats=128, mlp_ratio=4.0, initializer_range=0.02)
 
 
-# Qwen/Qwen-Image: transformer/config.json (20.43 B; the same values as QwenImageTransformer2DModel's defaults)
+# Qwen/Qwen-Image: transformer/config.json (20.43 B; the same values as QwenImageTransformer2DModel's defaults). Left
+# out: its pooled_projection_dim (768), which this class no longer takes and which sizes nothing
 QWEN_IMAGE_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
                               num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
                               axes_dims_rope=[16, 56, 56])
@@ -178,7 +179,9 @@ FLUX2_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBl
                  act_fn="silu", latent_channels=32, norm_num_groups=32, sample_size=1024, force_upcast=True,
                  use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True, batch_norm_eps=0.0001,
                  batch_norm_momentum=0.1, patch_size=[2, 2])
-# scheduler/scheduler_config.json of FLUX.2-klein-4B / -9B and FLUX.2-dev (the pipelines pass their own empirical mu)
+# black-forest-labs/FLUX.2-klein-4B: scheduler/scheduler_config.json (the pipelines pass their own empirical mu).
+# not found: FLUX.2-dev's own file; these values, which diffusers' FLUX.2 conversion script also writes (it copies
+# FLUX.1-dev's), are used for it and for klein-9B
 FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                        base_image_seq_len=256, max_image_seq_len=4096, shift_terminal=None,
                        time_shift_type="exponential", invert_sigmas=False, stochastic_sampling=False,
@@ -195,6 +198,8 @@ MISTRAL_SMALL_31_24B = dict(
                        num_channels=3, rope_theta=10000.0, attention_dropout=0.0, initializer_range=0.02),
     image_token_index=10, multimodal_projector_bias=False, projector_hidden_act="gelu", spatial_merge_size=2,
     vision_feature_layer=-1, tie_word_embeddings=False)
+# not found: tie_word_embeddings in the published file (False here, MistralConfig's default: Mistral-Small-3.1 has
+# its own lm_head, which the published 24.0 B counts)
 
 # Qwen/Qwen3-4B/config.json, as FLUX.2-klein-4B's and Tongyi-MAI/Z-Image's text_encoder/config.json carry it
 QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
@@ -202,7 +207,9 @@ QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, 
                 max_window_layers=36, rms_norm_eps=1e-06, rope_theta=1000000, attention_bias=False,
                 attention_dropout=0.0, sliding_window=None, use_sliding_window=False, tie_word_embeddings=True,
                 vocab_size=151936, bos_token_id=151643, eos_token_id=151645, initializer_range=0.02)
-# Qwen/Qwen3-8B/config.json, as FLUX.2-klein-9B's text_encoder/config.json carries it
+# Qwen/Qwen3-8B/config.json, as FLUX.2-klein-9B's text_encoder/config.json carries it. not found: klein-9B's own
+# text_encoder/config.json and model_index.json; BFL and diffusers name Qwen3-8B, whose file is this, and the index
+# is taken to be klein-4B's
 QWEN3_8B = dict(QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
 
 # Tongyi-MAI/Z-Image (and -Turbo): transformer/config.json (6.15 B single-stream DiT). ZImageTransformer2DModel's
@@ -462,9 +469,7 @@ def write_flux2_klein(folder: str | Path, size: str = "4b", weights: bool = True
     from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    if size not in ("4b", "9b"):
-        raise ValueError(f"size {size!r}: 4b or 9b")
-    spec, lm = (FLUX2_KLEIN_4B_TRANSFORMER, QWEN3_4B) if size == "4b" else (FLUX2_KLEIN_9B_TRANSFORMER, QWEN3_8B)
+    spec, lm = {"4b": (FLUX2_KLEIN_4B_TRANSFORMER, QWEN3_4B), "9b": (FLUX2_KLEIN_9B_TRANSFORMER, QWEN3_8B)}[size]
     folder = Path(folder)
     part = _start(folder)
     print(f"FLUX.2-klein-{'base-' if base else ''}{size.upper()} architecture, random weights "
@@ -503,8 +508,8 @@ def write_z_image(folder: str | Path, weights: bool = True, dtype: torch.dtype =
     index["vae"] = _save_net(lambda: AutoencoderKL(**Z_IMAGE_VAE), part, "vae", weights, dtype, seed + 3, counts,
                              device)
     index["tokenizer"] = _qwen_tokenizer(part, "tokenizer")
-    schedule = Z_IMAGE_TURBO_SCHEDULER if turbo else Z_IMAGE_SCHEDULER
-    index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**schedule), part, "scheduler")
+    index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**(Z_IMAGE_TURBO_SCHEDULER if turbo else
+                                                                        Z_IMAGE_SCHEDULER)), part, "scheduler")
     return _finish(folder, part, index, counts)
 
 

@@ -80,8 +80,9 @@ def mistral_tokenizer():
 
 def write_pixtral_processor(folder) -> list:
     """Write a PixtralProcessor folder as Mistral-Small-3.1 ships it (processor_config.json: patch 14, spatial merge
-    2; preprocessor_config.json: CLIP mean / std, longest edge 1540; the :func:`mistral_tokenizer` files and the
-    chat template) and return model_index.json's entry for it. Written file by file, not by
+    2; preprocessor_config.json: CLIP mean / std, longest edge 1540, the rest PixtralImageProcessor's defaults -- the
+    published files themselves were not found; the :func:`mistral_tokenizer` files and the chat template) and return
+    model_index.json's entry for it. Written file by file, not by
     ``PixtralProcessor.save_pretrained``: transformers builds a PixtralProcessor only where torchvision is installed
     (loading the folder needs it too; ``AutoTokenizer`` loads its tokenizer without)."""
     import json
