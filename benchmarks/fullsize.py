@@ -7,6 +7,14 @@ CLIP-L / CLIP-G with projection, the 16-channel VAE and optionally T5-v1.1-XXL (
 The numbers are those of the published config.json files (stabilityai/stable-diffusion-xl-base-1.0,
 stabilityai/stable-diffusion-3-medium-diffusers, facebook/sam-vit-base), written out here.
 
+The same for the language-model-conditioned pipelines: Qwen-Image (20.43 B MMDiT, Qwen2.5-VL-7B-Instruct 8.29 B
+with its vision tower, the Wan VAE), FLUX.2-dev (32.22 B, Mistral-Small-3.1-24B 24.01 B with its Pixtral tower),
+FLUX.2-klein-4B / -9B (3.88 B / 9.08 B, Qwen3-4B / Qwen3-8B) and Z-Image (6.15 B, Qwen3-4B, the FLUX.1 VAE), from
+Qwen/Qwen-Image, black-forest-labs/FLUX.2-dev, -klein-4B, -klein-9B and Tongyi-MAI/Z-Image(-Turbo); each constant
+names its file. Their tokenizers (fullsize_tokenizers.py) are real-format Qwen2 / Mistral byte-level BPEs of ~270
+tokens with the chat templates the pipelines apply; FLUX.2-dev's ``tokenizer`` is a PixtralProcessor folder, which
+transformers loads only where torchvision is installed.
+
 Tokenizers are real-format but small (tests/tiny_models.py: a 518-token CLIP BPE vocabulary, a 160-piece T5
 unigram); the text encoders keep their real vocabularies (49 408 / 32 128 rows), so every embedding table is full
 size, and their bos / eos ids are the small tokenizer's. Weights are each class's own from-config initialisation
@@ -26,6 +34,10 @@ device, which also gives their parameter counts): what a planner that reads conf
     .venv/bin/python benchmarks/fullsize.py sdxl /tmp/fs/sdxl-cfg --no-weights
     .venv/bin/python benchmarks/fullsize.py sd3 /tmp/fs/sd3 [--t5] [--dtype bfloat16]
     .venv/bin/python benchmarks/fullsize.py flux-dev /tmp/fs/flux-dev [--no-weights]   # 11.9 B + T5-XXL
+    .venv/bin/python benchmarks/fullsize.py qwen-image /tmp/fs/qwen-image --no-weights
+    .venv/bin/python benchmarks/fullsize.py flux2-dev /tmp/fs/flux2-dev --no-weights
+    .venv/bin/python benchmarks/fullsize.py flux2-klein-4b /tmp/fs/klein-4b --no-weights [--base]   # also -9b
+    .venv/bin/python benchmarks/fullsize.py z-image /tmp/fs/z-image --no-weights [--turbo]
     .venv/bin/python benchmarks/fullsize.py sam /tmp/fs/sam
     .venv/bin/python benchmarks/fullsize.py data /tmp/fs/data              # images/ (8 PNGs + captions), prompts.txt
 """
@@ -113,6 +125,104 @@ SAM_VIT_B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, 
                  num_channels=3, hidden_act="gelu", layer_norm_eps=1e-06, qkv_bias=True, use_abs_pos=True,
                  use_rel_pos=True, num_pos_feats=128, mlp_ratio=4.0, initializer_range=0.02)
 
+
+# Qwen/Qwen-Image: transformer/config.json (20.43 B; the same values as QwenImageTransformer2DModel's defaults). Left
+# out: its pooled_projection_dim (768), which this class no longer takes and which sizes nothing
+QWEN_IMAGE_TRANSFORMER = dict(patch_size=2, in_channels=64, out_channels=16, num_layers=60, attention_head_dim=128,
+                              num_attention_heads=24, joint_attention_dim=3584, guidance_embeds=False,
+                              axes_dims_rope=[16, 56, 56])
+# Qwen/Qwen-Image: vae/config.json (AutoencoderKLQwenImage, the Wan-2.1 VAE: its defaults are these values)
+QWEN_IMAGE_VAE = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                      temperal_downsample=[False, True, True], dropout=0.0,
+                      latents_mean=[-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508, 0.4134,
+                                    -0.0715, 0.5517, -0.3632, -0.1922, -0.9497, 0.2503, -0.2921],
+                      latents_std=[2.8184, 1.4541, 2.3275, 2.6558, 1.2196, 1.7708, 2.6052, 2.0743, 3.2687, 2.1526,
+                                   2.8652, 1.5579, 1.6382, 1.1253, 2.8251, 1.916])
+# Qwen/Qwen-Image: scheduler/scheduler_config.json (resolution-dependent exponential shift, terminal sigma 0.02)
+QWEN_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, shift=1.0, use_dynamic_shifting=True, base_shift=0.5,
+                            max_shift=0.9, base_image_seq_len=256, max_image_seq_len=8192, shift_terminal=0.02,
+                            time_shift_type="exponential", invert_sigmas=False, stochastic_sampling=False,
+                            use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+# Qwen/Qwen-Image: text_encoder/config.json = Qwen/Qwen2.5-VL-7B-Instruct/config.json (language model + its
+# 32-layer vision tower; Qwen2_5_VLForConditionalGeneration)
+QWEN25_VL_7B = dict(
+    text_config=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                     num_key_value_heads=4, hidden_act="silu", max_position_embeddings=128000, max_window_layers=28,
+                     rms_norm_eps=1e-06, rope_theta=1000000.0,
+                     rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, use_sliding_window=False,
+                     sliding_window=32768, vocab_size=152064, attention_dropout=0.0, initializer_range=0.02,
+                     bos_token_id=151643, eos_token_id=151645),
+    vision_config=dict(depth=32, hidden_act="silu", hidden_size=1280, intermediate_size=3420, num_heads=16,
+                       in_channels=3, out_hidden_size=3584, patch_size=14, spatial_merge_size=2,
+                       temporal_patch_size=2, tokens_per_second=2, window_size=112,
+                       fullatt_block_indexes=[7, 15, 23, 31], initializer_range=0.02),
+    image_token_id=151655, video_token_id=151656, vision_start_token_id=151652, vision_end_token_id=151653,
+    tie_word_embeddings=False)
+
+# black-forest-labs/FLUX.2-dev: transformer/config.json (32 B: 8 double- and 48 single-stream blocks, guidance
+# embedding; the same values as Flux2Transformer2DModel's defaults and BFL's Flux2Params)
+FLUX2_DEV_TRANSFORMER = dict(patch_size=1, in_channels=128, out_channels=None, num_layers=8, num_single_layers=48,
+                             attention_head_dim=128, num_attention_heads=48, joint_attention_dim=15360,
+                             timestep_guidance_channels=256, mlp_ratio=3.0, axes_dims_rope=[32, 32, 32, 32],
+                             rope_theta=2000, eps=1e-06, guidance_embeds=True)
+# black-forest-labs/FLUX.2-klein-4B: transformer/config.json (5 + 20 blocks, no guidance embedding)
+FLUX2_KLEIN_4B_TRANSFORMER = dict(FLUX2_DEV_TRANSFORMER, num_layers=5, num_single_layers=20, num_attention_heads=24,
+                                  joint_attention_dim=7680, guidance_embeds=False)
+# black-forest-labs/FLUX.2-klein-9B: transformer/config.json (8 + 24 blocks, no guidance embedding)
+FLUX2_KLEIN_9B_TRANSFORMER = dict(FLUX2_DEV_TRANSFORMER, num_layers=8, num_single_layers=24, num_attention_heads=32,
+                                  joint_attention_dim=12288, guidance_embeds=False)
+# vae/config.json of FLUX.2-dev and of both FLUX.2-klein (AutoencoderKLFlux2: 32 latent channels, 2x2 patches,
+# batch-norm latent statistics; the class defaults, plus force_upcast, which this class no longer takes: built with
+# from_config, which sets it aside)
+FLUX2_VAE = dict(in_channels=3, out_channels=3, down_block_types=["DownEncoderBlock2D"] * 4,
+                 up_block_types=["UpDecoderBlock2D"] * 4, block_out_channels=[128, 256, 512, 512], layers_per_block=2,
+                 act_fn="silu", latent_channels=32, norm_num_groups=32, sample_size=1024, force_upcast=True,
+                 use_quant_conv=True, use_post_quant_conv=True, mid_block_add_attention=True, batch_norm_eps=0.0001,
+                 batch_norm_momentum=0.1, patch_size=[2, 2])
+# black-forest-labs/FLUX.2-klein-4B: scheduler/scheduler_config.json (the pipelines pass their own empirical mu).
+# not found: FLUX.2-dev's own file; these values, which diffusers' FLUX.2 conversion script also writes (it copies
+# FLUX.1-dev's), are used for it and for klein-9B
+FLUX2_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                       base_image_seq_len=256, max_image_seq_len=4096, shift_terminal=None,
+                       time_shift_type="exponential", invert_sigmas=False, stochastic_sampling=False,
+                       use_karras_sigmas=False, use_exponential_sigmas=False, use_beta_sigmas=False)
+# black-forest-labs/FLUX.2-dev: text_encoder/config.json = mistralai/Mistral-Small-3.1-24B-Instruct-2503's
+# (Mistral3ForConditionalGeneration: the 40-layer Mistral language model + the Pixtral vision tower)
+MISTRAL_SMALL_31_24B = dict(
+    text_config=dict(model_type="mistral", hidden_size=5120, intermediate_size=32768, num_hidden_layers=40,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128, hidden_act="silu",
+                     max_position_embeddings=131072, rms_norm_eps=1e-05, rope_theta=1000000000.0,
+                     sliding_window=None, vocab_size=131072, attention_dropout=0.0, initializer_range=0.02),
+    vision_config=dict(model_type="pixtral", hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                       num_attention_heads=16, head_dim=64, hidden_act="silu", image_size=1540, patch_size=14,
+                       num_channels=3, rope_theta=10000.0, attention_dropout=0.0, initializer_range=0.02),
+    image_token_index=10, multimodal_projector_bias=False, projector_hidden_act="gelu", spatial_merge_size=2,
+    vision_feature_layer=-1, tie_word_embeddings=False)
+# not found: tie_word_embeddings in the published file (False here, MistralConfig's default: Mistral-Small-3.1 has
+# its own lm_head, which the published 24.0 B counts)
+
+# Qwen/Qwen3-4B/config.json, as FLUX.2-klein-4B's and Tongyi-MAI/Z-Image's text_encoder/config.json carry it
+QWEN3_4B = dict(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                num_key_value_heads=8, head_dim=128, hidden_act="silu", max_position_embeddings=40960,
+                max_window_layers=36, rms_norm_eps=1e-06, rope_theta=1000000, attention_bias=False,
+                attention_dropout=0.0, sliding_window=None, use_sliding_window=False, tie_word_embeddings=True,
+                vocab_size=151936, bos_token_id=151643, eos_token_id=151645, initializer_range=0.02)
+# Qwen/Qwen3-8B/config.json, as FLUX.2-klein-9B's text_encoder/config.json carries it. not found: klein-9B's own
+# text_encoder/config.json and model_index.json; BFL and diffusers name Qwen3-8B, whose file is this, and the index
+# is taken to be klein-4B's
+QWEN3_8B = dict(QWEN3_4B, hidden_size=4096, intermediate_size=12288, tie_word_embeddings=False)
+
+# Tongyi-MAI/Z-Image (and -Turbo): transformer/config.json (6.15 B single-stream DiT). ZImageTransformer2DModel's
+# defaults differ from it only in axes_lens ([1024, 512, 512]), which sizes a RoPE table, not a parameter
+Z_IMAGE_TRANSFORMER = dict(all_patch_size=[2], all_f_patch_size=[1], in_channels=16, dim=3840, n_layers=30,
+                           n_refiner_layers=2, n_heads=30, n_kv_heads=30, norm_eps=1e-05, qk_norm=True,
+                           cap_feat_dim=2560, rope_theta=256.0, t_scale=1000.0, axes_dims=[32, 48, 48],
+                           axes_lens=[1536, 512, 512])
+# Tongyi-MAI/Z-Image: vae/config.json (the FLUX.1 VAE: 16 channels, scaling 0.3611, shift 0.1159)
+Z_IMAGE_VAE = FLUX_VAE
+# Tongyi-MAI/Z-Image: scheduler/scheduler_config.json (a static shift of 6; Z-Image-Turbo's is 3)
+Z_IMAGE_SCHEDULER = dict(num_train_timesteps=1000, use_dynamic_shifting=False, shift=6.0)
+Z_IMAGE_TURBO_SCHEDULER = dict(Z_IMAGE_SCHEDULER, shift=3.0)
 
 def n_params(net: torch.nn.Module) -> int:
     return sum(p.numel() for p in net.parameters())
@@ -296,6 +406,113 @@ def write_flux_dev(folder: str | Path, weights: bool = True, dtype: torch.dtype 
     return _finish(folder, part, index, counts)
 
 
+def _qwen_tokenizer(part: Path, name: str, cls_name: str = "Qwen2Tokenizer") -> list:
+    import fullsize_tokenizers as ft
+    ft.qwen2_tokenizer().save_pretrained(part / name)
+    return ["transformers", cls_name]
+
+
+def write_qwen_image(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+                     device: str = "cpu") -> Path:
+    """A QwenImagePipeline folder with Qwen-Image's architecture (20.4 B MMDiT, Qwen2.5-VL-7B-Instruct text encoder
+    with its vision tower, the 16-channel Wan VAE, exponentially shifted flow-matching scheduler), random weights."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    folder = Path(folder)
+    part = _start(folder)
+    print(f"Qwen-Image architecture, random weights ({'weights' if weights else 'configs only'})", flush=True)
+    counts: dict[str, int] = {}
+    index = {"_class_name": "QwenImagePipeline"}
+    index["transformer"] = _save_net(lambda: QwenImageTransformer2DModel(**QWEN_IMAGE_TRANSFORMER), part,
+                                     "transformer", weights, dtype, seed, counts, device)
+    index["text_encoder"] = _save_net(lambda: Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN25_VL_7B)),
+                                      part, "text_encoder", weights, dtype, seed + 1, counts, device)
+    index["vae"] = _save_net(lambda: AutoencoderKLQwenImage(**QWEN_IMAGE_VAE), part, "vae", weights, dtype, seed + 3,
+                             counts, device)
+    index["tokenizer"] = _qwen_tokenizer(part, "tokenizer")
+    index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER), part, "scheduler")
+    return _finish(folder, part, index, counts)
+
+
+def write_flux2_dev(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+                    device: str = "cpu") -> Path:
+    """A Flux2Pipeline folder with FLUX.2-dev's architecture (32 B guidance-embedded transformer, Mistral-Small-3.1
+    24 B with its Pixtral vision tower, 32-channel VAE), random weights; ``tokenizer`` is a PixtralProcessor, as the
+    release has it."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Mistral3Config, Mistral3ForConditionalGeneration
+
+    import fullsize_tokenizers as ft
+
+    folder = Path(folder)
+    part = _start(folder)
+    print(f"FLUX.2-dev architecture, random weights ({'weights' if weights else 'configs only'})", flush=True)
+    counts: dict[str, int] = {}
+    index = {"_class_name": "Flux2Pipeline"}
+    index["transformer"] = _save_net(lambda: Flux2Transformer2DModel(**FLUX2_DEV_TRANSFORMER), part, "transformer",
+                                     weights, dtype, seed, counts, device)
+    index["text_encoder"] = _save_net(lambda: Mistral3ForConditionalGeneration(Mistral3Config(**MISTRAL_SMALL_31_24B)),
+                                      part, "text_encoder", weights, dtype, seed + 1, counts, device)
+    index["vae"] = _save_net(lambda: AutoencoderKLFlux2.from_config(FLUX2_VAE), part, "vae", weights, dtype, seed + 3, counts,
+                             device)
+    index["tokenizer"] = ft.write_pixtral_processor(part / "tokenizer")
+    index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), part, "scheduler")
+    return _finish(folder, part, index, counts)
+
+
+def write_flux2_klein(folder: str | Path, size: str = "4b", weights: bool = True, dtype: torch.dtype = torch.float32,
+                      base: bool = False, seed: int = 0, device: str = "cpu") -> Path:
+    """A Flux2KleinPipeline folder with FLUX.2-klein-4B's (``size`` "4b": Qwen3-4B) or -9B's ("9b": Qwen3-8B)
+    architecture, random weights; model_index.json says ``is_distilled`` true as the step-distilled releases do,
+    false with ``base`` (FLUX.2-klein-base-4B / -9B: the same architecture, undistilled)."""
+    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    spec, lm = {"4b": (FLUX2_KLEIN_4B_TRANSFORMER, QWEN3_4B), "9b": (FLUX2_KLEIN_9B_TRANSFORMER, QWEN3_8B)}[size]
+    folder = Path(folder)
+    part = _start(folder)
+    print(f"FLUX.2-klein-{'base-' if base else ''}{size.upper()} architecture, random weights "
+          f"({'weights' if weights else 'configs only'})", flush=True)
+    counts: dict[str, int] = {}
+    index = {"_class_name": "Flux2KleinPipeline", "is_distilled": not base}
+    index["transformer"] = _save_net(lambda: Flux2Transformer2DModel(**spec), part, "transformer", weights, dtype,
+                                     seed, counts, device)
+    index["text_encoder"] = _save_net(lambda: Qwen3ForCausalLM(Qwen3Config(**lm)), part, "text_encoder", weights,
+                                      dtype, seed + 1, counts, device)
+    index["vae"] = _save_net(lambda: AutoencoderKLFlux2.from_config(FLUX2_VAE), part, "vae", weights, dtype, seed + 3, counts,
+                             device)
+    index["tokenizer"] = _qwen_tokenizer(part, "tokenizer", "Qwen2TokenizerFast")
+    index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER), part, "scheduler")
+    return _finish(folder, part, index, counts)
+
+
+def write_z_image(folder: str | Path, weights: bool = True, dtype: torch.dtype = torch.float32, turbo: bool = False,
+                  seed: int = 0, device: str = "cpu") -> Path:
+    """A ZImagePipeline folder with Z-Image's architecture (6.15 B single-stream DiT, Qwen3-4B loaded as Qwen3Model,
+    the FLUX.1 VAE), random weights; the scheduler is Z-Image's (shift 6), Z-Image-Turbo's (shift 3) with ``turbo``
+    (the two releases share every network config)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
+    from transformers import Qwen3Config, Qwen3Model
+
+    folder = Path(folder)
+    part = _start(folder)
+    print(f"Z-Image{'-Turbo' if turbo else ''} architecture, random weights "
+          f"({'weights' if weights else 'configs only'})", flush=True)
+    counts: dict[str, int] = {}
+    index = {"_class_name": "ZImagePipeline"}
+    index["transformer"] = _save_net(lambda: ZImageTransformer2DModel(**Z_IMAGE_TRANSFORMER), part, "transformer",
+                                     weights, dtype, seed, counts, device)
+    index["text_encoder"] = _save_net(lambda: Qwen3Model(Qwen3Config(**QWEN3_4B)), part, "text_encoder", weights,
+                                      dtype, seed + 1, counts, device)
+    index["vae"] = _save_net(lambda: AutoencoderKL(**Z_IMAGE_VAE), part, "vae", weights, dtype, seed + 3, counts,
+                             device)
+    index["tokenizer"] = _qwen_tokenizer(part, "tokenizer")
+    index["scheduler"] = _save_other(FlowMatchEulerDiscreteScheduler(**(Z_IMAGE_TURBO_SCHEDULER if turbo else
+                                                                        Z_IMAGE_SCHEDULER)), part, "scheduler")
+    return _finish(folder, part, index, counts)
+
+
 def write_sam_vit_base(folder: str | Path, seed: int = 0, dtype: torch.dtype = torch.float32,
                        device: str = "cpu") -> Path:
     """A transformers SamVisionModel folder with facebook/sam-vit-base's vision config, random weights (init
@@ -348,13 +565,20 @@ def write_data(folder: str | Path, n: int = 8, size: int = 512, seed: int = 0) -
     return images, prompts
 
 
+WRITERS = {"sdxl": write_sdxl, "sd3": write_sd3_medium, "flux-dev": write_flux_dev, "qwen-image": write_qwen_image,
+           "flux2-dev": write_flux2_dev, "flux2-klein-4b": lambda *a, **k: write_flux2_klein(*a, size="4b", **k),
+           "flux2-klein-9b": lambda *a, **k: write_flux2_klein(*a, size="9b", **k), "z-image": write_z_image}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["sdxl", "sd3", "flux-dev", "sam", "data"])
+    p.add_argument("what", choices=list(WRITERS) + ["sam", "data"])
     p.add_argument("folder")
     p.add_argument("--no-weights", action="store_true", help="configs, tokenizers and model_index.json only")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--t5", action="store_true", help="sd3: include T5-v1.1-XXL (4.76 B parameters)")
+    p.add_argument("--base", action="store_true", help="flux2-klein: the undistilled release (is_distilled false)")
+    p.add_argument("--turbo", action="store_true", help="z-image: Z-Image-Turbo's scheduler (shift 3)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while initialising (default: torch's)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the networks are built and initialised (cuda: seconds instead of minutes)")
@@ -362,12 +586,10 @@ def main() -> None:
     if a.threads:
         torch.set_num_threads(a.threads)
     dtype = getattr(torch, a.dtype)
-    if a.what == "sdxl":
-        write_sdxl(a.folder, weights=not a.no_weights, dtype=dtype, device=a.device)
-    elif a.what == "sd3":
-        write_sd3_medium(a.folder, weights=not a.no_weights, dtype=dtype, t5=a.t5, device=a.device)
-    elif a.what == "flux-dev":
-        write_flux_dev(a.folder, weights=not a.no_weights, dtype=dtype, device=a.device)
+    extra = {"sd3": {"t5": a.t5}, "flux2-klein-4b": {"base": a.base}, "flux2-klein-9b": {"base": a.base},
+             "z-image": {"turbo": a.turbo}}.get(a.what, {})
+    if a.what in WRITERS:
+        WRITERS[a.what](a.folder, weights=not a.no_weights, dtype=dtype, device=a.device, **extra)
     elif a.what == "sam":
         write_sam_vit_base(a.folder, dtype=dtype, device=a.device)
     else:

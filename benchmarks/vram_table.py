@@ -1,17 +1,21 @@
 """The VRAM table of BENCHMARKS.md section 8, made by `flashdmd plan` (issue 15, item 5).
 
-For each row: the real-checkpoint preset (configs/sdxl_flashdmd.yaml, sdxl_dmd2.yaml, sd3_flashdmd.yaml) pointed at a
-config-only full-size folder (benchmarks/fullsize.py: SDXL-base, SD3-medium with T5-XXL, FLUX.1-dev, SAM ViT-B; no weights are
-written or read), at 1024 px, batch 1 and 4 per device, LoRA rank 64 or a full fine-tune, planned for CUDA
-(model_frozen_dtype auto -> bf16 frozen parts, fp32 trainable weights and AdamW) on one GPU and over 8 with DDP
-and FSDP2. Writes benchmarks/results/vram_table.json and prints the markdown table.
+For each row: the real-checkpoint preset (configs/sdxl_flashdmd.yaml, sdxl_dmd2.yaml, sd3_flashdmd.yaml,
+flux_flashdmd.yaml, qwenimage_flashdmd.yaml, flux2_klein_flashdmd.yaml, flux2_dev_flashdmd.yaml, zimage_flashdmd.yaml)
+pointed at a config-only full-size folder (benchmarks/fullsize.py: SDXL-base, SD3-medium with T5-XXL, FLUX.1-dev,
+Qwen-Image, FLUX.2-klein-4B / -9B, FLUX.2-dev, Z-Image, SAM ViT-B; no weights are written or read; a folder is
+written only when a row to plan needs it), at 1024 px, batch 1 and 4 per device, LoRA rank 64 or a full fine-tune,
+planned for CUDA (model_frozen_dtype auto -> bf16 frozen parts, fp32 trainable weights and AdamW) on one GPU and over
+8 with DDP and FSDP2. Writes benchmarks/results/vram_table.json (rows already there are kept, not replanned) and
+prints the markdown table. ``--rows REGEX`` plans only the rows whose label matches.
 
-    python benchmarks/vram_table.py [--work /tmp/flashdmd-vram] [--quick]
+    python benchmarks/vram_table.py [--work /tmp/flashdmd-vram] [--rows 'FLUX.2|Qwen|Z-Image']
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 import sys
 import time
@@ -41,18 +45,39 @@ ROWS = [
      {"model_lora_rank": 64, "student_timesteps": None, "dm_guidance_scale": 3.5, "model_text_cache": True,
       "data_prompts": "{prompts}"}),
 ]
+# the language-model-conditioned families (issue 30): their text encoders (7-24 B) are what the text cache removes
+TEXT_CACHE = {"model_lora_rank": 64, "model_text_cache": True, "data_prompts": "{prompts}"}
+ROWS += [
+    ("Qwen-Image Flash-DMD LoRA 64, text cache", "qwenimage", "qwenimage_flashdmd.yaml", TEXT_CACHE),
+    ("FLUX.2-klein-4B Flash-DMD LoRA 64, text cache", "flux2-klein-4b", "flux2_klein_flashdmd.yaml", TEXT_CACHE),
+    ("FLUX.2-klein-9B Flash-DMD LoRA 64, text cache", "flux2-klein-9b", "flux2_klein_flashdmd.yaml", TEXT_CACHE),
+    ("FLUX.2-dev Flash-DMD LoRA 64, text cache", "flux2-dev", "flux2_dev_flashdmd.yaml", TEXT_CACHE),
+    ("Z-Image Flash-DMD LoRA 64, text cache", "zimage", "zimage_flashdmd.yaml", TEXT_CACHE),
+]
 
 
-def folders(work: Path) -> dict:
+def _writers() -> dict:
+    """family -> (folder name, writer of its config-only folder)."""
     import fullsize
-    out = {"sdxl": work / "sdxl", "sd3": work / "sd3-medium", "flux": work / "flux-dev", "sam": work / "sam-vit-base",
-           "prompts": work / "prompts.txt"}
-    if not (out["sdxl"] / "model_index.json").is_file():
-        fullsize.write_sdxl(out["sdxl"], weights=False)
-    if not (out["sd3"] / "model_index.json").is_file():
-        fullsize.write_sd3_medium(out["sd3"], weights=False, t5=True)
-    if not (out["flux"] / "model_index.json").is_file():
-        fullsize.write_flux_dev(out["flux"], weights=False)
+    return {"sdxl": ("sdxl", fullsize.write_sdxl),
+            "sd3": ("sd3-medium", lambda f, **k: fullsize.write_sd3_medium(f, t5=True, **k)),
+            "flux": ("flux-dev", fullsize.write_flux_dev),
+            "qwenimage": ("qwen-image", fullsize.write_qwen_image),
+            "flux2-klein-4b": ("flux2-klein-4b", lambda f, **k: fullsize.write_flux2_klein(f, size="4b", **k)),
+            "flux2-klein-9b": ("flux2-klein-9b", lambda f, **k: fullsize.write_flux2_klein(f, size="9b", **k)),
+            "flux2-dev": ("flux2-dev", fullsize.write_flux2_dev),
+            "zimage": ("z-image", fullsize.write_z_image)}
+
+
+def folders(work: Path, families) -> dict:
+    """{family: its config-only folder (written unless already there), "sam", "prompts"} for ``families``."""
+    import fullsize
+    out = {"sam": work / "sam-vit-base", "prompts": work / "prompts.txt"}
+    for family, (name, write) in _writers().items():
+        if family in families:
+            out[family] = work / name
+            if not (out[family] / "model_index.json").is_file():
+                write(out[family], weights=False)
     if not (out["sam"] / "config.json").is_file():
         fullsize.write_sam_vit_base(out["sam"])
     out["prompts"].write_text("a photo of a cat\n")
@@ -76,17 +101,19 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/flashdmd-vram")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--out", default=str(HERE / "results" / "vram_table.json"))
+    ap.add_argument("--rows", default=None, help="plan only the rows whose label matches this regular expression")
     args = ap.parse_args()
     from flashdmd.training import plan as P
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    paths = folders(work)
+    rows = [r for r in ROWS if args.rows is None or re.search(args.rows, r[0])]
+    paths = folders(work, {r[1] for r in rows})
     out = Path(args.out)
     results = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["row"], r["batch"]) for r in results}
     commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True).stdout.strip()
-    for row in ROWS:
+    for row in rows:
         for batch in (int(b) for b in args.batches.split(",")):
             if (row[0], batch) in done:
                 continue
