@@ -153,3 +153,9 @@ def dev_pipeline(tmp: Path, seed: int = 0, vae_blocks: int = 2):
 
 def saved(pipe, folder: Path) -> Path:
     return tm.save_pipeline(pipe, folder)
+
+
+def run_folders(tmp: Path) -> dict:
+    """{"flux2-klein", "flux2"} -> tiny Flux2KleinPipeline and Flux2Pipeline folders (the runs' teachers)."""
+    tmp = Path(tmp)
+    return {"flux2-klein": saved(klein_pipeline(tmp), tmp / "flux2_klein"), "flux2": saved(dev_pipeline(tmp), tmp / "flux2")}
