@@ -237,3 +237,17 @@ def test_resolution_must_patchify(klein):
     _, _, fam = klein
     with pytest.raises(FlashDMDError, match="not a multiple of the VAE factor 4"):
         fam.use_resolution(34, 34)
+
+
+def test_info_says_family_resolution_and_latent_shape(klein, dev, capsys):
+    """`flashdmd info`: the pipeline's 1024 px default (128 latent cells of the 8x VAE) is 256 px with the tiny
+    2x VAE; its latents are the normalised 2x2 patches, 16 channels at 256 / 4 = 64 cells a side."""
+    import json
+
+    from flashdmd.cli import main
+    for (_, path, _), name in ((klein, "flux2-klein"), (dev, "flux2")):
+        capsys.readouterr()
+        assert main(["info", "--model", str(path)]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert (out["family"], out["resolution"], out["latent_shape"]) == (name, 256, [16, 64, 64])
+        assert out["denoiser"] == "Flux2Transformer2DModel"
