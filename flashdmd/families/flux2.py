@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import math
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -197,9 +198,9 @@ class Flux2Base(Family):
 
     # -- text ----------------------------------------------------------------------------------------
 
+    @abstractmethod
     def _text_inputs(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         """(input_ids, attention_mask) (B, max_sequence_length) as the pipeline tokenizes."""
-        raise NotImplementedError
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         (enc,) = self.text_encoders
