@@ -50,7 +50,9 @@ def inception_file(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_run_folders(tmp_path_factory):
-    """tests/tiny_models.run_folders once per session: the tiny SDXL and SD3 teachers and the tiny SAM that the
-    short distill runs read (read only: every run writes into its own folder)."""
+    """tests/tiny_models.run_folders (+ tests/tiny_flux2.run_folders) once per session: the tiny SDXL, SD3, FLUX and
+    FLUX.2 teachers and the tiny SAM that the short distill runs read (read only: every run writes into its own folder)."""
+    from tests.tiny_flux2 import run_folders as flux2_folders
     from tests.tiny_models import run_folders
-    return run_folders(tmp_path_factory.mktemp("tiny_run_folders"))
+    tmp = tmp_path_factory.mktemp("tiny_run_folders")
+    return {**run_folders(tmp), **flux2_folders(tmp)}

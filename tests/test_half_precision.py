@@ -2,9 +2,10 @@
 
 A GPU run holds its frozen parts in bfloat16 (``model_frozen_dtype: auto``) or float16 and autocasts to bfloat16
 (``model_mixed_precision: bf16``); torch runs all of that on CPU too. The matrix below runs the tiny SDXL, SD3 and
-FLUX folders through Stage 1 (Flash-DMD and DMD2, LoRA and full fine-tune), Stage 2 (flashdmd's LRM made by
+FLUX (and FLUX.2-klein) folders through Stage 1 (Flash-DMD and DMD2, LoRA and full fine-tune), Stage 2 (flashdmd's LRM made by
 `flashdmd reward train`, LPO's LRM layout, an image judge), the evaluation backends (CLIP score, FID),
-`flashdmd sample` and `flashdmd export`. Six runs, one per (family, setting), cover every pair of factors:
+`flashdmd sample` and `flashdmd export`. Six runs, one per (family, setting), cover every pair of factors (a seventh
+puts FLUX.2-klein through the common GPU setting):
 
     family  method    weights  precision                   Stage-2 reward; evaluation
     sdxl    flashdmd  LoRA     bf16 frozen + bf16 autocast  LPO's layout; CLIP evaluation, grids; CLIP + FID eval
@@ -13,6 +14,7 @@ FLUX folders through Stage 1 (Flash-DMD and DMD2, LoRA and full fine-tune), Stag
     sd3     flashdmd  full     bf16 frozen + bf16 autocast  LRM trained (reward train) with a float16 teacher
     flux    flashdmd  full     fp16 frozen                  CLIP judge; CLIP evaluation, grids; CLIP eval
     flux    dmd2      LoRA     bf16 frozen + bf16 autocast  CLIP judge
+    flux2-klein flashdmd LoRA  bf16 frozen + bf16 autocast  CLIP judge
 
 Each asserts: the run finishes with finite losses; trained weights and every optimiser state in float32, frozen parts
 in the frozen dtype (the VAE in float32 under float16: force_upcast); every trainable tensor moved and no frozen one;
@@ -56,6 +58,7 @@ CELLS = [  # (family, method, LoRA rank, setting, Stage-2 reward, evaluation bac
     ("sd3", "flashdmd", 0, "bf16", "lrm", ()),
     ("flux", "flashdmd", 0, "fp16", "judge", ("clip",)),
     ("flux", "dmd2", 2, "bf16", "judge", ()),
+    ("flux2-klein", "flashdmd", 2, "bf16", "judge", ()),
 ]
 RES = 32  # every family at 32 px (FLUX's default would be 256 px: 4096 tokens)
 
@@ -227,10 +230,15 @@ def _pipeline_latents(folder: Path, prompts, seed: int):
         kwargs["max_sequence_length"] = 512
     # SD3's and FLUX's pipelines do not hand their generator to scheduler.step: the global generator is the stream
     gen = torch.Generator().manual_seed(seed) if name == "StableDiffusionXLPipeline" else torch.manual_seed(seed)
-    lat = pipe(prompts, generator=gen, **kwargs).images
+    lat = pipe(prompt=prompts, generator=gen, **kwargs).images
     if name == "FluxPipeline":
         from flashdmd.families.flux import unpack
         lat = unpack(lat, RES // 2, RES // 2)
+    if name == "Flux2KleinPipeline":  # its latent output is the VAE's z: back to flashdmd's normalised patches
+        from flashdmd.families.flux2 import patchify
+        bn, eps = pipe.vae.bn, pipe.vae.config.batch_norm_eps
+        lat = ((patchify(lat.float()) - bn.running_mean.float().view(1, -1, 1, 1))
+               / torch.sqrt(bn.running_var.float().view(1, -1, 1, 1) + eps)).to(lat.dtype)
     return lat, record
 
 

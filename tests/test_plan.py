@@ -52,11 +52,11 @@ def _optimizer_bytes(opt) -> int:
 
 
 @pytest.mark.parametrize("family,method,lora", [("sdxl", "flashdmd", 2), ("sdxl", "flashdmd", 0), ("sd3", "dmd2", 2),
-                                               ("flux", "flashdmd", 2)])
+                                               ("flux", "flashdmd", 2), ("flux2-klein", "flashdmd", 2)])
 def test_plan_split_matches_a_real_run(folders, family, method, lora):
     cfg = _cfg(folders, family, method, model_lora_rank=lora,
                student_timesteps=[999, 749, 499, 249] if family == "sdxl" else None,
-               **({"data_resolution": 32} if family == "flux" else {}))  # the tiny FLUX's default is 256 px
+               **({"data_resolution": 32} if family.startswith("flux") else {}))  # the tiny FLUX's default is 256 px
     result = P.plan(cfg, P.Settings(device="cpu"))
     planned = result["detail"]["stage1"]
     ctx = setup(cfg)
@@ -191,7 +191,8 @@ def test_the_plan_follows_the_runs_networks_the_text_conditioned_head(folders):
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 # the real-checkpoint presets name a user's folders (/models/...): pointed at tiny random folders of the same family
 # (their full-size plans, on config-only folders, are benchmarks/vram_table.py's)
-REAL_PRESET_FAMILY = {"sdxl_flashdmd": "sdxl", "sdxl_dmd2": "sdxl", "sd3_flashdmd": "sd3", "flux_flashdmd": "flux"}
+REAL_PRESET_FAMILY = {"sdxl_flashdmd": "sdxl", "sdxl_dmd2": "sdxl", "sd3_flashdmd": "sd3", "flux_flashdmd": "flux",
+                      "flux2_klein_flashdmd": "flux2-klein", "flux2_dev_flashdmd": "flux2"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

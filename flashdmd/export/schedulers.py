@@ -113,9 +113,10 @@ def _flow_pipeline_timesteps(sched, call: dict, k: int, grid: str = "scheduler")
     return sched.timesteps.tolist()
 
 
-def flow_lcm_scheduler(teacher_config: dict, timesteps: list[float], grid: str = "scheduler"):
+def flow_lcm_scheduler(teacher_config: dict, timesteps: list[float], grid: str = "scheduler", dynamic: bool = True):
     """(FlowMatchLCMScheduler, pipeline call kwargs, max |timestep error|) for flow student ``timesteps`` (SD3,
-    FLUX; ``grid`` as in :func:`_flow_pipeline_timesteps`)."""
+    FLUX; ``grid`` as in :func:`_flow_pipeline_timesteps`). ``dynamic`` False (a pipeline that computes mu itself,
+    FLUX.2): the fitted shift c is the scheduler's fixed ``shift``, which ignores the pipeline's mu."""
     n_train = int(teacher_config.get("num_train_timesteps", 1000))
     target = [float(t) for t in timesteps]
     k = len(target)
@@ -124,8 +125,9 @@ def flow_lcm_scheduler(teacher_config: dict, timesteps: list[float], grid: str =
     fit = flow_lcm_fit([t / n_train for t in target], sigma_min)
     if fit is not None:
         c, st = fit
-        sched = FlowMatchLCMScheduler(num_train_timesteps=n_train, use_dynamic_shifting=True, base_shift=math.log(c),
-                                      max_shift=math.log(c), shift_terminal=st)
+        shifting = dict(use_dynamic_shifting=True, base_shift=math.log(c), max_shift=math.log(c)) if dynamic \
+            else dict(shift=c)
+        sched = FlowMatchLCMScheduler(num_train_timesteps=n_train, shift_terminal=st, **shifting)
         err = _timesteps_error(_flow_pipeline_timesteps(sched, {}, k, grid), target)
         if err <= TIMESTEP_TOLERANCE:
             return sched, {"num_inference_steps": k}, err
@@ -147,6 +149,6 @@ def student_scheduler(family: str, teacher_config: dict, timesteps: list[float])
             raise FlashDMDError(f"teacher prediction_type {teacher_config.get('prediction_type')!r} is not supported "
                                 "by LCMScheduler")
         return lcm_scheduler(teacher_config, timesteps)
-    return flow_lcm_scheduler(teacher_config, timesteps, cls.pipeline_sigma_grid)
+    return flow_lcm_scheduler(teacher_config, timesteps, cls.pipeline_sigma_grid, dynamic=not cls.pipeline_own_mu)
 
 

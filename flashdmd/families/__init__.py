@@ -17,11 +17,13 @@ from flashdmd.families.base import Family
 from flashdmd.families.parts import (LORA_TARGETS, Conditioning, masked_mean, name_part, network_call, part_name,
                                     read_model_index)
 from flashdmd.families.flux import FluxFamily
+from flashdmd.families.flux2 import Flux2Family, Flux2KleinFamily
 from flashdmd.families.hub import hub_snapshot
 from flashdmd.families.sd3 import SD3Family
 from flashdmd.families.sdxl import SDXLFamily
 
 FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
+FAMILIES.update({"flux2": Flux2Family, "flux2-klein": Flux2KleinFamily})
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 
 __all__ = ["LORA_TARGETS", "Conditioning", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES", "load_family", "resolve_path",

@@ -78,6 +78,9 @@ class Family(ABC):
     export_scheduler: ClassVar[str] = "flow_lcm"
     pipeline_guidance_default: ClassVar[float] = 1.0
     pipeline_sigma_grid: ClassVar[str] = "scheduler"
+    # True where the pipeline computes the dynamic shift's mu itself, ignoring the scheduler config's base / max shift
+    # (FLUX.2's compute_empirical_mu): the exported scheduler then carries a fixed shift instead
+    pipeline_own_mu: ClassVar[bool] = False
     lora_layers_kwarg: ClassVar[str] = "transformer"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")

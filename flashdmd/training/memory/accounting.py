@@ -16,6 +16,7 @@ CARDS_GB = (24, 48, 80, 141)
 FIT_HEADROOM = 0.95
 # configs/accelerate/fsdp2_8gpu.yaml's wrap classes: SDXL's, SD3's, FLUX's double- and single-stream blocks
 FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
+FSDP_BLOCKS += ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")  # FLUX.2's (dev and klein)
 ROLE_ORDER = ("teacher", "student", "fake_score", "text_encoders", "vae", "disc", "reference", "reward")
 
 
