@@ -20,8 +20,9 @@ from flashdmd.families.flux import FluxFamily
 from flashdmd.families.hub import hub_snapshot
 from flashdmd.families.sd3 import SD3Family
 from flashdmd.families.sdxl import SDXLFamily
+from flashdmd.families.zimage import ZImageFamily
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily, "zimage": ZImageFamily}
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 
 __all__ = ["LORA_TARGETS", "Conditioning", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES", "load_family", "resolve_path",
