@@ -49,8 +49,10 @@ TIME_SCALE = 1000.0  # ZImagePipeline's t' = (1000 - t) / 1000
 
 
 def token_list(cond: Conditioning, dtype: torch.dtype) -> list[Tensor]:
-    """The pipeline's list of per-prompt embeddings (L_i, D): each row's real tokens (all of them without a mask)."""
-    if cond.prompt_mask is None:
+    """The pipeline's list of per-prompt embeddings (L_i, D): each row's real tokens (all of them without a mask, and
+    on the meta device, whose mask holds no values: `flashdmd plan` traces every row at the batch's padded length, an
+    upper bound)."""
+    if cond.prompt_mask is None or cond.prompt_mask.device.type == "meta":
         return list(cond.prompt_embeds.to(dtype).unbind(0))
     mask = cond.prompt_mask.bool()
     return [e[m].to(dtype) for e, m in zip(cond.prompt_embeds, mask)]
@@ -132,14 +134,20 @@ class ZImageFamily(Family):
         tok, enc = self.tokenizers[0], self.text_encoders[0]
         texts = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True,
                                          enable_thinking=True) for p in prompts]
-        inputs = tok(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
-                     return_tensors="pt")
-        mask = inputs.attention_mask.to(enc.device).bool()
-        hidden = enc(input_ids=inputs.input_ids.to(enc.device), attention_mask=mask,
-                     output_hidden_states=True).hidden_states[-2]
-        rows = [h[m] for h, m in zip(hidden, mask)]  # the pipeline's list: each prompt's real tokens
+        inputs = tok(texts, padding="max_length", max_length=self.max_sequence_length, truncation=True)
+        ids, mask = torch.tensor(inputs["input_ids"]), torch.tensor(inputs["attention_mask"]).bool()
+        meta = enc.device.type == "meta"
+        # on the meta device (`flashdmd plan`) the encoder runs without its padding mask: transformers reads the
+        # mask's values to build its causal mask, which meta tensors do not hold (the trace misses that mask only)
+        kw = {} if meta else {"attention_mask": mask.to(enc.device)}
+        hidden = enc(input_ids=ids.to(enc.device), output_hidden_states=True, **kw).hidden_states[-2]
+        # the pipeline's list, hidden[i][mask[i]]: each prompt's real tokens, one run (the tokenizer pads on one
+        # side). On the meta device every prompt counts at the full text-encoder length: `flashdmd plan` sizes the
+        # longest prompt a run can meet, not the one it traces with
+        spans = [(0, len(m)) if meta else (m.index(1), sum(m)) for m in inputs["attention_mask"]]
+        rows = [h[start:start + n] for h, (start, n) in zip(hidden, spans)]
         embeds = pad_sequence(rows, batch_first=True).to(self.device)
-        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        lengths = torch.tensor([n for _, n in spans], device=self.device)
         prompt_mask = torch.arange(embeds.shape[1], device=self.device)[None] < lengths[:, None]
         return embeds, masked_mean(embeds, prompt_mask), prompt_mask
 
