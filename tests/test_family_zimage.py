@@ -90,7 +90,7 @@ def _pipeline_timesteps(pipe, size):
 
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_scheduler_timesteps_and_shift_at_two_resolutions(built, dynamic):
-    """Z-Image's scheduler has a fixed shift (3): the pipeline's mu is ignored, the same timesteps at every size. With
+    """Z-Image's scheduler has a fixed shift (6): the pipeline's mu is ignored, the same timesteps at every size. With
     use_dynamic_shifting the shift is exp(mu(image tokens)) and the timesteps move with the size. Either way
     scheduler_timesteps after use_resolution are the pipeline's own (the same float ops: equal)."""
     from diffusers import ZImagePipeline
@@ -107,7 +107,7 @@ def test_scheduler_timesteps_and_shift_at_two_resolutions(built, dynamic):
         tokens = (size // F // 2) ** 2
         m = (1.15 - 0.5) / (4096 - 256)
         # float64 either way: mu's few operations and exp, a few u64 each (relative)
-        want = math.exp(tokens * m + 0.5 - m * 256) if dynamic else 3.0
+        want = math.exp(tokens * m + 0.5 - m * 256) if dynamic else tz.SHIFT
         assert fam.schedule.shift == pytest.approx(want, rel=16 * U64)
         # the student's steps are the same shifted sigmas (1, .75, .5, .25) in float64: float32 timesteps near
         # 1000 (the shift, a division, ~6 roundings, and * 1000) on the pipeline's side

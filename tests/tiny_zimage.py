@@ -7,7 +7,7 @@ tests/test_zimage_distill.py.
 * :func:`zimage_pipeline` -- ZImagePipeline: ZImageTransformer2DModel (dim 32, 2 heads of 16 = RoPE axes 4+6+6,
   1 refiner + 2 main layers, 4 latent channels), Qwen3Model (hidden 32, 2 layers), tests/tiny_models' FLUX-style
   AutoencoderKL (scaling 0.3611, shift 0.1159; factor 2, or 1 with ``vae_blocks=1``), Z-Image's scheduler
-  (FlowMatchEulerDiscreteScheduler, fixed shift 3, no dynamic shifting).
+  (FlowMatchEulerDiscreteScheduler, fixed shift 6 -- the base model's; Z-Image-Turbo's is 3 --, no dynamic shifting).
 * :func:`session_folders` -- the saved folders, built once per test process.
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ CHAT_TEMPLATE = ("{%- for message in messages %}{{- '<|im_start|>' + message.rol
                  "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}"
                  "{%- endif %}{%- endif %}")
 TEXT_DIM = 32
+SHIFT = 6.0  # Tongyi-MAI/Z-Image's scheduler_config.json
 _BUILT: dict[str, dict] = {}
 
 
@@ -69,14 +70,14 @@ def zimage_transformer(seed: int = 0):
 
 
 def zimage_scheduler(dynamic: bool = False):
-    """Z-Image's scheduler config (fixed shift 3); ``dynamic``: resolution-dependent shift instead."""
+    """Z-Image's scheduler config (fixed shift 6); ``dynamic``: resolution-dependent shift instead."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     if dynamic:
         return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
                                                max_image_seq_len=4096)
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=False)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=SHIFT, use_dynamic_shifting=False)
 
 
 def zimage_pipeline(tmp: Path, seed: int = 0, vae_blocks: int = 2, dynamic: bool = False):

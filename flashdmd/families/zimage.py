@@ -23,7 +23,8 @@ Conventions, matching ``ZImagePipeline`` (diffusers 0.42):
   an exported student is called with ``guidance_scale=0.0`` (its guidance is distilled in);
 * the shift: ZImagePipeline always passes its scheduler mu = calculate_shift(image tokens) and sigmas
   linspace(1, 1/K, K); the scheduler uses mu only with ``use_dynamic_shifting`` (then the flow shift is exp(mu)
-  at the run's resolution, rebuilt by :meth:`use_resolution`), else its fixed ``shift`` (Z-Image's: 3.0);
+  at the run's resolution, rebuilt by :meth:`use_resolution`), else its fixed ``shift`` (Z-Image's 6.0,
+  Z-Image-Turbo's 3.0);
 * the default image side is ZImagePipeline's 1024 px: 128 latent rows of its 8x VAE (counted in latent rows, as
   FLUX's default_sample_size, so a test VAE with another factor keeps the latent size).
 """
