@@ -128,6 +128,22 @@ def test_sampling_reproduces_the_pipeline(built, g):
         assert (plain - want).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("norm,trunc", [(1.0, 1.0), (0.0, 0.1), (1.5, 0.1)])
+def test_the_pipelines_cfg_options_are_reproduced(built, norm, trunc, monkeypatch):
+    """cfg_normalization (a row's guided prediction capped at c times its conditional norm) and cfg_truncation (rows
+    past (1000 - t) / 1000 > truncation unguided; with shift 6 the 4 steps are at 0, .05, .14, .33) as the pipeline
+    runs them: off by default, reproduced when set on the family."""
+    pipe, _, fam = built
+    want = run_pipeline(pipe, guidance_scale=5.0, cfg_normalization=norm, cfg_truncation=trunc)
+    cond = fam.encode_prompts(PROMPTS, SIZE, SIZE)
+    plain = fam.sample_latents(fam.denoiser, cond, seed_noise(fam), fam.scheduler_timesteps(4), guidance_scale=6.0)
+    monkeypatch.setattr(fam, "cfg_normalization", norm)
+    monkeypatch.setattr(fam, "cfg_truncation", trunc)
+    got = fam.sample_latents(fam.denoiser, cond, seed_noise(fam), fam.scheduler_timesteps(4), guidance_scale=6.0)
+    assert_within_contract(got, want)
+    assert (plain - want).abs().max() > 1e-2  # the options changed the pipeline's latents: they are in play
+
+
 def test_the_network_sees_frames_reversed_time_and_text_lists(built):
     """_forward feeds a list of (C, 1, h, w) frames, t' = (1000 - t) / 1000 and each row's real tokens, and returns
     the negated output: the flow velocity eps - x0."""

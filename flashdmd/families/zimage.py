@@ -19,8 +19,10 @@ Conventions, matching ``ZImagePipeline`` (diffusers 0.42):
 * CFG: ZImagePipeline's ``guidance_scale`` g means ``cond + g * (cond - uncond)`` and g = 0 is no guidance (one
   forward); flashdmd's guidance w everywhere (``dm_guidance_scale``, samplers) is ``uncond + w * (cond -
   uncond)``, so w = g + 1 -- the pipeline's default g = 5.0 is w = 6.0. The pipeline's ``cfg_truncation`` (1.0)
-  and ``cfg_normalization`` (False) defaults leave every step's guidance untouched, which is what flashdmd does;
-  an exported student is called with ``guidance_scale=0.0`` (its guidance is distilled in);
+  and ``cfg_normalization`` (False) defaults leave every step's guidance untouched, and so do the adapter's
+  :attr:`ZImageFamily.cfg_truncation` / :attr:`ZImageFamily.cfg_normalization`; set, they do what the pipeline's
+  options do (:meth:`ZImageFamily.raw_prediction`). An exported student is called with ``guidance_scale=0.0``
+  (its guidance is distilled in);
 * the shift: ZImagePipeline always passes its scheduler mu = calculate_shift(image tokens) and sigmas
   linspace(1, 1/K, K); the scheduler uses mu only with ``use_dynamic_shifting`` (then the flow shift is exp(mu)
   at the run's resolution, rebuilt by :meth:`use_resolution`), else its fixed ``shift`` (Z-Image's 6.0,
@@ -39,7 +41,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from flashdmd import FlashDMDError
-from flashdmd.diffusion import FlowSchedule
+from flashdmd.diffusion import FlowSchedule, bcast, cfg_combine
 from flashdmd.families.base import Family
 from flashdmd.families.parts import Conditioning, input_dtype, masked_mean
 
@@ -71,6 +73,8 @@ class ZImageFamily(Family):
     pipeline_guidance_default = PIPELINE_GUIDANCE
     pipeline_no_guidance = 0.0  # its CFG is cond + g * (cond - uncond): g = 0 is one conditional forward
     pipeline_sigma_grid = "linspace"  # sigmas linspace(1, 1/K, K) (get_default_z_image_sigmas) and mu
+    cfg_truncation: float = 1.0  # ZImagePipeline's defaults: no truncation, no renormalisation (see raw_prediction)
+    cfg_normalization: float = 0.0
 
     def _make_schedule(self, config: dict) -> FlowSchedule:
         self.prediction_type = "flow"
@@ -153,6 +157,27 @@ class ZImageFamily(Family):
         return embeds, masked_mean(embeds, prompt_mask), prompt_mask
 
     # -- network -----------------------------------------------------------------------------------
+
+    def raw_prediction(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning,
+                       guidance_scale: float = 1.0, uncond: Conditioning | None = None) -> Tensor:
+        """The base CFG pair, then ZImagePipeline's two options where set (:attr:`cfg_truncation` below 1: rows whose
+        normalised time (1000 - t) / 1000 is above it get the conditional prediction alone; :attr:`cfg_normalization`
+        c > 0: a row's guided prediction is scaled down to at most c times the norm of its conditional one). Both are
+        off by default, as in the pipeline."""
+        t = self._timesteps(t, x_t)
+        if guidance_scale == 1.0 or (self.cfg_truncation >= 1 and not self.cfg_normalization):
+            return super().raw_prediction(net, x_t, t, cond, guidance_scale, uncond)
+        uncond = self._default_uncond(cond) if uncond is None else uncond
+        both = self._forward(net, torch.cat([x_t, x_t]), torch.cat([t, t]), Conditioning.cat([uncond, cond]))
+        pred_uncond, pred_cond = both.float().chunk(2)
+        pred = cfg_combine(pred_uncond, pred_cond, guidance_scale)
+        if self.cfg_normalization:
+            norm_cond, norm = pred_cond.flatten(1).norm(dim=1), pred.flatten(1).norm(dim=1)
+            top = norm_cond * float(self.cfg_normalization)
+            pred = torch.where((norm > top)[:, None, None, None], pred * bcast(top / norm, pred), pred)
+        late = (TIME_SCALE - t.float()) / TIME_SCALE > self.cfg_truncation
+        pred = torch.where(late[:, None, None, None], pred_cond, pred)
+        return pred.to(x_t.dtype)
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         dtype = input_dtype(net)
