@@ -73,6 +73,26 @@ def test_encode_prompts_match_pipeline(built):
     assert torch.equal(null.prompt_embeds[0][null.prompt_mask[0]], neg[0])
 
 
+def test_the_text_cache_keeps_each_prompts_tokens(built):
+    """model_text_cache: rows cached from chunks of different token lengths come back padded to the longest, with
+    masks that select exactly the tokens encoded before (the same batches, bitwise); the encoder can then go."""
+    _, folders, _ = built
+    fam = load_family(folders["zimage"])
+    fresh = fam.encode_prompts(PROMPTS)
+    longer = "the thin cat in the digit seven, then the cat in the other digit"
+    fam.cache_prompts(list(PROMPTS) + [longer], batch=2)
+    fam.release_text_encoders()
+    cached = fam.encode_prompts(PROMPTS)
+    assert cached.prompt_embeds.shape[1] > fresh.prompt_embeds.shape[1]  # padded to the longer chunk
+    assert torch.equal(cached.prompt_mask.sum(1), fresh.prompt_mask.sum(1))
+    for i in range(len(PROMPTS)):
+        assert torch.equal(cached.prompt_embeds[i][cached.prompt_mask[i]], fresh.prompt_embeds[i][fresh.prompt_mask[i]])
+    assert fam.null_conditioning(2).prompt_mask.shape[0] == 2
+    # the padding never reaches the network: the same token lists, the same prediction
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([800.0, 300.0])
+    assert torch.equal(fam.raw_prediction(fam.denoiser, x, t, cached), fam.raw_prediction(fam.denoiser, x, t, fresh))
+
+
 def _pipeline_timesteps(pipe, size):
     seen = []
     real_step = pipe.scheduler.step
