@@ -10,17 +10,19 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
+import tiny_zimage as tz  # noqa: E402
 
 from flashdmd import FlashDMDError  # noqa: E402
 from flashdmd.cli import main  # noqa: E402
+from flashdmd.families import FAMILIES  # noqa: E402
 from flashdmd.training import plan as P  # noqa: E402
 from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.training.distill import _encode, discriminator_step, distill_iteration, fake_score_step, generator_step, setup  # noqa: E402,E501
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_run_folders):
-    return tiny_run_folders
+def folders(tiny_run_folders, tmp_path_factory):
+    return dict(tiny_run_folders, zimage=tz.session_folders(tmp_path_factory)["zimage"])
 
 
 def _cfg(folders, family, method, **kw):
@@ -52,11 +54,14 @@ def _optimizer_bytes(opt) -> int:
 
 
 @pytest.mark.parametrize("family,method,lora", [("sdxl", "flashdmd", 2), ("sdxl", "flashdmd", 0), ("sd3", "dmd2", 2),
-                                               ("flux", "flashdmd", 2), ("flux2-klein", "flashdmd", 2)])
-def test_plan_split_matches_a_real_run(folders, family, method, lora):
+                                               ("flux", "flashdmd", 2), ("flux2-klein", "flashdmd", 2),
+                                               ("zimage", "flashdmd", 2)])
+def test_plan_split_matches_a_real_run(folders, family, method, lora, monkeypatch):
+    if family == "zimage":  # its plan takes every prompt at the text-encoder length: one the world's captions reach
+        monkeypatch.setattr(FAMILIES["zimage"], "max_sequence_length", 24)
     cfg = _cfg(folders, family, method, model_lora_rank=lora,
                student_timesteps=[999, 749, 499, 249] if family == "sdxl" else None,
-               **({"data_resolution": 32} if family.startswith("flux") else {}))  # the tiny FLUX's default is 256 px
+               **({"data_resolution": 32} if family.startswith("flux") or family == "zimage" else {}))  # tiny defaults: 256 px
     result = P.plan(cfg, P.Settings(device="cpu"))
     planned = result["detail"]["stage1"]
     ctx = setup(cfg)
@@ -192,18 +197,19 @@ PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 # the real-checkpoint presets name a user's folders (/models/...): pointed at tiny random folders of the same family
 # (their full-size plans, on config-only folders, are benchmarks/vram_table.py's)
 REAL_PRESET_FAMILY = {"sdxl_flashdmd": "sdxl", "sdxl_dmd2": "sdxl", "sd3_flashdmd": "sd3", "flux_flashdmd": "flux",
-                      "flux2_klein_flashdmd": "flux2-klein", "flux2_dev_flashdmd": "flux2"}
+                      "flux2_klein_flashdmd": "flux2-klein", "flux2_dev_flashdmd": "flux2",
+                      "zimage_flashdmd": "zimage"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_every_shipped_preset_plans(preset, tiny_run_folders, capsys):
+def test_every_shipped_preset_plans(preset, folders, capsys):
     """`flashdmd plan --config configs/X.yaml` succeeds on every shipped preset as shipped (the world ones include the
     text-conditioned pooled Pixel-GAN head, whose discriminator phase encodes the real images' captions)."""
     assert preset.stem.startswith("world_") or preset.stem in REAL_PRESET_FAMILY, f"{preset.name}: which folders?"
     sets = []
     if preset.stem in REAL_PRESET_FAMILY:
-        sets = ["--set", f"model_teacher={tiny_run_folders[REAL_PRESET_FAMILY[preset.stem]]}",
-                "--set", f"disc_backbone_path={tiny_run_folders['sam']}"]
+        sets = ["--set", f"model_teacher={folders[REAL_PRESET_FAMILY[preset.stem]]}",
+                "--set", f"disc_backbone_path={folders['sam']}"]
     assert main(["plan", "--config", str(preset)] + sets) == 0
     assert "memory plan (single, 1 process(es), cuda)" in capsys.readouterr().out
 

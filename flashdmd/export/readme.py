@@ -83,11 +83,11 @@ def _seed_note(record: dict, lcm: bool) -> str:
 
 def _guidance_note(record: dict, cls) -> str:
     g = float(record.get("guidance_scale", 1.0))
-    if g != 1.0:  # a guidance-distilled family: guidance is the network's input, the value the student was given
+    if g != cls.pipeline_no_guidance:  # guidance-distilled: guidance is the network's input, the student's value
         return (f"**guidance_scale={g} is required.** This {record['family']} model takes guidance as an input "
                 "embedding (no second network call); the student was distilled with this fixed value "
                 "(`model_embedded_guidance`) and other values are not what it was trained for.")
-    return ("**guidance_scale=1.0 is required.** The student was distilled with the teacher's classifier-free "
+    return (f"**guidance_scale={g} is required.** The student was distilled with the teacher's classifier-free "
             f"guidance built in; the pipeline's own default (`guidance_scale={cls.pipeline_guidance_default}`) would "
             "run CFG a second time (two network calls per step and over-saturated images).")
 

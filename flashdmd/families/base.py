@@ -74,9 +74,12 @@ class Family(ABC):
     # LCMScheduler for eps / v UNets; "flow_lcm": FlowMatchLCMScheduler), the pipeline __call__'s guidance_scale
     # default (which the export's README tells users to override), the sigma grid a flow pipeline hands its
     # scheduler ("scheduler": the scheduler's own K-step grid; "linspace": linspace(1, 1/K, K), as FluxPipeline),
-    # and the keyword prefix of the pipeline's save_lora_weights (unet_lora_layers / transformer_lora_layers)
+    # and the keyword prefix of the pipeline's save_lora_weights (unet_lora_layers / transformer_lora_layers);
+    # pipeline_no_guidance: the pipeline's guidance_scale that runs no CFG (1.0 for uncond + g * (cond - uncond);
+    # 0.0 where the pipeline's CFG is cond + g * (cond - uncond), as ZImagePipeline's)
     export_scheduler: ClassVar[str] = "flow_lcm"
     pipeline_guidance_default: ClassVar[float] = 1.0
+    pipeline_no_guidance: ClassVar[float] = 1.0
     pipeline_sigma_grid: ClassVar[str] = "scheduler"
     # True where the pipeline computes the dynamic shift's mu itself, ignoring the scheduler config's base / max shift
     # (FLUX.2's compute_empirical_mu): the exported scheduler then carries a fixed shift instead
@@ -375,8 +378,9 @@ class Family(ABC):
     @classmethod
     def exported_guidance(cls, info: dict, teacher: Path) -> float:
         """The guidance_scale an exported student's pipeline must be called with (``info``: the run's run.json):
-        1.0 -- the teacher's CFG is distilled in -- unless the family takes guidance as an input."""
-        return 1.0
+        :attr:`pipeline_no_guidance` -- the teacher's CFG is distilled in -- unless the family takes guidance as an
+        input."""
+        return cls.pipeline_no_guidance
 
     def use_resolution(self, height: int, width: int) -> None:
         """Work at (height, width) pixels from now on: a family whose noise schedule depends on the image size

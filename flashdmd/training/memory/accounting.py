@@ -14,9 +14,10 @@ CARDS_GB = (24, 48, 80, 141)
 # a plan "fits" a card when its peak stays under this share of it: the caching allocator's fragmentation and
 # kernels' workspaces are not in the plan (a margin, not a measurement; no GPU has checked it yet)
 FIT_HEADROOM = 0.95
-# configs/accelerate/fsdp2_8gpu.yaml's wrap classes: SDXL's, SD3's, FLUX's double- and single-stream blocks
-FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock")
-FSDP_BLOCKS += ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")  # FLUX.2's (dev and klein)
+# configs/accelerate/fsdp2_8gpu.yaml's wrap classes: SDXL's, SD3's, FLUX.1's and FLUX.2's double- and single-stream
+# blocks, Qwen-Image's, Z-Image's (its refiners' and main layers')
+FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
+               "Flux2TransformerBlock", "Flux2SingleTransformerBlock", "ZImageTransformerBlock")
 ROLE_ORDER = ("teacher", "student", "fake_score", "text_encoders", "vae", "disc", "reference", "reward")
 
 
