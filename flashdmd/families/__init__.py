@@ -18,10 +18,11 @@ from flashdmd.families.parts import (LORA_TARGETS, Conditioning, masked_mean, na
                                     read_model_index)
 from flashdmd.families.flux import FluxFamily
 from flashdmd.families.hub import hub_snapshot
+from flashdmd.families.qwenimage import QwenImageFamily
 from flashdmd.families.sd3 import SD3Family
 from flashdmd.families.sdxl import SDXLFamily
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily, "qwenimage": QwenImageFamily}
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 
 __all__ = ["LORA_TARGETS", "Conditioning", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES", "load_family", "resolve_path",
