@@ -73,13 +73,14 @@ def qwen_transformer(seed: int = 0, layers: int = 2):
                                        joint_attention_dim=TEXT_HIDDEN, axes_dims_rope=(2, 2, 4))
 
 
-def qwen_vae(seed: int = 0):
-    """The video VAE, factor 2 (one spatial down-sampling, none in time), with non-trivial latent statistics."""
+def qwen_vae(seed: int = 0, blocks: int = 2):
+    """The video VAE with non-trivial latent statistics; ``blocks`` 2: factor 2 (one spatial down-sampling, none in
+    time), 1: factor 1."""
     from diffusers import AutoencoderKLQwenImage
 
     torch.manual_seed(seed)
-    return AutoencoderKLQwenImage(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1, attn_scales=[],
-                                  temperal_downsample=[False], latents_mean=[-0.7571, 0.1075, 0.9653, -0.1517],
+    return AutoencoderKLQwenImage(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2][:blocks], num_res_blocks=1,
+                                  attn_scales=[], temperal_downsample=[False][:blocks - 1], latents_mean=[-0.7571, 0.1075, 0.9653, -0.1517],
                                   latents_std=[2.8184, 1.4541, 1.2196, 2.0743])
 
 
@@ -89,11 +90,27 @@ def qwen_scheduler():
     return FlowMatchEulerDiscreteScheduler(**QWEN_SCHEDULER)
 
 
-def qwenimage_pipeline(tmp: Path, seed: int = 0):
-    """A complete tiny QwenImagePipeline; ``tmp`` receives the tokenizer files."""
+def qwenimage_pipeline(tmp: Path, seed: int = 0, vae_blocks: int = 2):
+    """A complete tiny QwenImagePipeline; ``tmp`` receives the tokenizer files; ``vae_blocks`` as :func:`qwen_vae`."""
     from diffusers import QwenImagePipeline
 
     tok = qwen2_tokenizer(Path(tmp) / "qwen_vocab")
     te = qwen_text_encoder(len(tok), tok.pad_token_id, seed=seed + 50)
-    return QwenImagePipeline(scheduler=qwen_scheduler(), vae=qwen_vae(seed), text_encoder=te, tokenizer=tok,
+    return QwenImagePipeline(scheduler=qwen_scheduler(), vae=qwen_vae(seed, vae_blocks), text_encoder=te, tokenizer=tok,
                              transformer=qwen_transformer(seed))
+
+
+_BUILT: dict = {}
+
+
+def qwenimage_folders(tmp_path_factory) -> dict:
+    """{"qwenimage": a saved tiny QwenImagePipeline folder, "qwenimage128": one with a factor-1 VAE (default
+    resolution 128 px, what `flashdmd reward train` works at), "sam": a tiny SAM (the Pixel-GAN backbone)}, built
+    once per test process (read only)."""
+    if not _BUILT:
+        from tiny_models import sam_vision_folder, save_pipeline
+        tmp = tmp_path_factory.mktemp("tiny_qwenimage")
+        _BUILT.update(qwenimage=save_pipeline(qwenimage_pipeline(tmp), tmp / "qwenimage"),
+                      qwenimage128=save_pipeline(qwenimage_pipeline(tmp, vae_blocks=1), tmp / "qwenimage128"),
+                      sam=sam_vision_folder(tmp / "sam"))
+    return dict(_BUILT)
