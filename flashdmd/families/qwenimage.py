@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
-from flashdmd.families.flux import FluxFamily, pack, unpack
+from flashdmd.families.flux import STUDENT_SIGMAS, FluxFamily, pack, unpack
 from flashdmd.families.parts import Conditioning, input_dtype, masked_mean, network_call, unwrap
 
 PROMPT_TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, "
@@ -93,6 +93,14 @@ class QwenImageFamily(FluxFamily):
         if height % (2 * f) or width % (2 * f):
             raise FlashDMDError(f"image size {height}x{width} is not a multiple of {2 * f}: Qwen-Image packs 2x2 "
                                 "latent patches into tokens")
+
+    @property
+    def default_student_timesteps(self) -> list[float]:
+        """Uniform unshifted sigmas (1, 0.75, 0.5, 0.25) through the resolution's shift k = exp(mu), computed as the
+        scheduler's exponential time shift does -- k / (k + (1/s - 1)) in float64, then float32 times 1000 -- so
+        that sigma 1 stays exactly 1000 (the float32 form k s / (1 + (k - 1) s) can round it above 1000)."""
+        k, n = self.schedule.shift, self.schedule.num_train_timesteps
+        return [float(torch.tensor(k / (k + (1 / s - 1)), dtype=torch.float32) * n) for s in STUDENT_SIGMAS]
 
     # -- text --------------------------------------------------------------------------------------
 
