@@ -13,6 +13,7 @@ FLUX folders through Stage 1 (Flash-DMD and DMD2, LoRA and full fine-tune), Stag
     sd3     flashdmd  full     bf16 frozen + bf16 autocast  LRM trained (reward train) with a float16 teacher
     flux    flashdmd  full     fp16 frozen                  CLIP judge; CLIP evaluation, grids; CLIP eval
     flux    dmd2      LoRA     bf16 frozen + bf16 autocast  CLIP judge
+    qwen    flashdmd  LoRA     bf16 frozen + bf16 autocast  CLIP judge
 
 Each asserts: the run finishes with finite losses; trained weights and every optimiser state in float32, frozen parts
 in the frozen dtype (the VAE in float32 under float16: force_upcast); every trainable tensor moved and no frozen one;
@@ -32,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
+import tiny_qwenimage as tq  # noqa: E402
 from test_lpo_lrm import write_lpo  # noqa: E402
 
 from flashdmd import FlashDMDError  # noqa: E402
@@ -56,6 +58,7 @@ CELLS = [  # (family, method, LoRA rank, setting, Stage-2 reward, evaluation bac
     ("sd3", "flashdmd", 0, "bf16", "lrm", ()),
     ("flux", "flashdmd", 0, "fp16", "judge", ("clip",)),
     ("flux", "dmd2", 2, "bf16", "judge", ()),
+    ("qwenimage", "flashdmd", 2, "bf16", "judge", ()),
 ]
 RES = 32  # every family at 32 px (FLUX's default would be 256 px: 4096 tokens)
 
@@ -77,6 +80,7 @@ def world(tiny_run_folders, tmp_path_factory, clip_dir, inception_file):
     tmp = tmp_path_factory.mktemp("half")
     out = dict(tiny_run_folders, clip=clip_dir, inception=inception_file, prompts=tmp / "prompts.txt",
                fid_ref=tmp / "ref.safetensors", lpo=write_lpo(tmp / "lpo"))
+    out["qwenimage"] = tq.qwenimage_folders(tmp_path_factory)["qwenimage"]
     out["prompts"].write_text("\n".join(PROMPTS) + "\n")
     save_stats(out["fid_ref"], torch.zeros(2048, dtype=torch.float64), torch.eye(2048, dtype=torch.float64), 10)
     for name, frozen in (("sdxl", "float32"), ("sd3", "float16")):
@@ -228,7 +232,7 @@ def _pipeline_latents(folder: Path, prompts, seed: int):
     # SD3's and FLUX's pipelines do not hand their generator to scheduler.step: the global generator is the stream
     gen = torch.Generator().manual_seed(seed) if name == "StableDiffusionXLPipeline" else torch.manual_seed(seed)
     lat = pipe(prompts, generator=gen, **kwargs).images
-    if name == "FluxPipeline":
+    if name in ("FluxPipeline", "QwenImagePipeline"):  # packed latents
         from flashdmd.families.flux import unpack
         lat = unpack(lat, RES // 2, RES // 2)
     return lat, record
