@@ -10,6 +10,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
+import tiny_qwenimage as tq  # noqa: E402
 
 from flashdmd import FlashDMDError  # noqa: E402
 from flashdmd.cli import main  # noqa: E402
@@ -19,8 +20,8 @@ from flashdmd.training.distill import _encode, discriminator_step, distill_itera
 
 
 @pytest.fixture(scope="module")
-def folders(tiny_run_folders):
-    return tiny_run_folders
+def folders(tiny_run_folders, tmp_path_factory):
+    return dict(tiny_run_folders, qwenimage=tq.qwenimage_folders(tmp_path_factory)["qwenimage"])
 
 
 def _cfg(folders, family, method, **kw):
@@ -52,11 +53,12 @@ def _optimizer_bytes(opt) -> int:
 
 
 @pytest.mark.parametrize("family,method,lora", [("sdxl", "flashdmd", 2), ("sdxl", "flashdmd", 0), ("sd3", "dmd2", 2),
-                                               ("flux", "flashdmd", 2)])
+                                               ("flux", "flashdmd", 2), ("qwenimage", "flashdmd", 2)])
 def test_plan_split_matches_a_real_run(folders, family, method, lora):
     cfg = _cfg(folders, family, method, model_lora_rank=lora,
                student_timesteps=[999, 749, 499, 249] if family == "sdxl" else None,
-               **({"data_resolution": 32} if family == "flux" else {}))  # the tiny FLUX's default is 256 px
+               # the tiny FLUX's and Qwen-Image's default is 256 px
+               **({"data_resolution": 32} if family in ("flux", "qwenimage") else {}))
     result = P.plan(cfg, P.Settings(device="cpu"))
     planned = result["detail"]["stage1"]
     ctx = setup(cfg)

@@ -58,6 +58,19 @@ def rescaled_cfg(uncond: Tensor, cond: Tensor, scale: float) -> Tensor:
     return unpack(comb_t * (cond_norm / noise_norm), h, w)
 
 
+def _split_real_tokens(hidden: Tensor, attention_mask: Tensor) -> tuple[Tensor, Tensor]:
+    """QwenImagePipeline._get_qwen_prompt_embeds after the encoder: each row's real tokens less the template's first
+    DROP_IDX, zero-padded to the longest row; and their mask (1 real, 0 padding)."""
+    keep = attention_mask.bool()
+    rows = [e[DROP_IDX:] for e in torch.split(hidden[keep], keep.sum(dim=1).tolist(), dim=0)]
+    longest = max(r.size(0) for r in rows)
+    embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.size(0), r.size(1))]) for r in rows])
+    mask = torch.stack([torch.cat([torch.ones(r.size(0), dtype=torch.long, device=r.device),
+                                   torch.zeros(longest - r.size(0), dtype=torch.long, device=r.device)])
+                        for r in rows])
+    return embeds, mask
+
+
 class QwenImageFamily(FluxFamily):
     """QwenImagePipeline folders (see the module docstring for the conventions). Packing, the dynamic shift, the
     pipeline's timestep grid and per-step noise are FLUX.1's (:class:`~flashdmd.families.flux.FluxFamily`)."""
@@ -108,16 +121,19 @@ class QwenImageFamily(FluxFamily):
         """QwenImagePipeline.encode_prompt (``_get_qwen_prompt_embeds``, cut at max_sequence_length) + the mask."""
         (tok,), (enc,) = self.tokenizers, self.text_encoders
         tokens = tok([PROMPT_TEMPLATE.format(p) for p in prompts], max_length=TOKENIZER_MAX_LENGTH + DROP_IDX,
-                     padding=True, truncation=True, return_tensors="pt").to(enc.device)
-        hidden = enc(input_ids=tokens.input_ids, attention_mask=tokens.attention_mask,
+                     padding=True, truncation=True, return_tensors="pt")
+        full = bool(tokens.attention_mask.all())
+        # on the meta device (`flashdmd plan`) the language model's mask handling reads values; an unpadded batch
+        # (the plan's) needs no mask: the causal attention is the same
+        meta = enc.device.type == "meta"
+        attention = None if meta and full else tokens.attention_mask.to(enc.device)
+        hidden = enc(input_ids=tokens.input_ids.to(enc.device), attention_mask=attention,
                      output_hidden_states=True).hidden_states[-1]
-        keep = tokens.attention_mask.bool()
-        rows = [e[DROP_IDX:] for e in torch.split(hidden[keep], keep.sum(dim=1).tolist(), dim=0)]
-        longest = max(r.size(0) for r in rows)
-        embeds = torch.stack([torch.cat([r, r.new_zeros(longest - r.size(0), r.size(1))]) for r in rows])
-        mask = torch.stack([torch.cat([torch.ones(r.size(0), dtype=torch.long, device=r.device),
-                                       torch.zeros(longest - r.size(0), dtype=torch.long, device=r.device)])
-                            for r in rows])
+        if full:  # every row is its real tokens: the pipeline's split-and-stack is this slice
+            embeds = hidden[:, DROP_IDX:]
+            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
+        else:
+            embeds, mask = _split_real_tokens(hidden, tokens.attention_mask.to(hidden.device))
         embeds = embeds.to(dtype=enc.dtype)[:, :self.max_sequence_length].to(self.device)
         mask = mask[:, :self.max_sequence_length].to(self.device)
         return embeds, masked_mean(embeds, mask), mask
@@ -143,7 +159,7 @@ class QwenImageFamily(FluxFamily):
         dtype = input_dtype(net)
         b, _, h, w = x_t.shape
         mask = cond.prompt_mask
-        if mask is not None and bool(mask.all()):
+        if mask is not None and mask.device.type != "meta" and bool(mask.all()):
             mask = None  # what QwenImagePipeline.encode_prompt hands the network when no token is padding
         out = net(hidden_states=pack(x_t.to(dtype)), timestep=t.to(dtype) / 1000,
                   encoder_hidden_states=cond.prompt_embeds.to(dtype), encoder_hidden_states_mask=mask,
