@@ -193,18 +193,19 @@ def test_the_plan_follows_the_runs_networks_the_text_conditioned_head(folders):
 PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml"))
 # the real-checkpoint presets name a user's folders (/models/...): pointed at tiny random folders of the same family
 # (their full-size plans, on config-only folders, are benchmarks/vram_table.py's)
-REAL_PRESET_FAMILY = {"sdxl_flashdmd": "sdxl", "sdxl_dmd2": "sdxl", "sd3_flashdmd": "sd3", "flux_flashdmd": "flux"}
+REAL_PRESET_FAMILY = {"sdxl_flashdmd": "sdxl", "sdxl_dmd2": "sdxl", "sd3_flashdmd": "sd3", "flux_flashdmd": "flux",
+                      "qwenimage_flashdmd": "qwenimage"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)
-def test_every_shipped_preset_plans(preset, tiny_run_folders, capsys):
+def test_every_shipped_preset_plans(preset, folders, capsys):
     """`flashdmd plan --config configs/X.yaml` succeeds on every shipped preset as shipped (the world ones include the
     text-conditioned pooled Pixel-GAN head, whose discriminator phase encodes the real images' captions)."""
     assert preset.stem.startswith("world_") or preset.stem in REAL_PRESET_FAMILY, f"{preset.name}: which folders?"
     sets = []
     if preset.stem in REAL_PRESET_FAMILY:
-        sets = ["--set", f"model_teacher={tiny_run_folders[REAL_PRESET_FAMILY[preset.stem]]}",
-                "--set", f"disc_backbone_path={tiny_run_folders['sam']}"]
+        sets = ["--set", f"model_teacher={folders[REAL_PRESET_FAMILY[preset.stem]]}",
+                "--set", f"disc_backbone_path={folders['sam']}"]
     assert main(["plan", "--config", str(preset)] + sets) == 0
     assert "memory plan (single, 1 process(es), cuda)" in capsys.readouterr().out
 
