@@ -4,6 +4,7 @@ resolution-dependent shift with the scheduler's terminal stretch, and the video 
 shown by reproducing the pipeline's output latents with a tiny random QwenImageTransformer2DModel."""
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
@@ -12,6 +13,7 @@ from diffusers import QwenImagePipeline
 
 import tiny_qwenimage as tq
 from flashdmd import FlashDMDError
+from flashdmd.cli import main
 from flashdmd.families import load_family
 from flashdmd.families.base import Family
 from flashdmd.families.parts import masked_mean
@@ -188,3 +190,10 @@ def test_resolution_must_pack(built):
     _, _, fam = built
     with pytest.raises(FlashDMDError, match="not a multiple of 4"):
         fam.use_resolution(34, 34)
+
+
+def test_info_names_the_family_resolution_and_latent_shape(built, capsys):
+    assert main(["info", "--model", str(built[1])]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["family"], info["resolution"], info["latent_shape"]) == ("qwenimage", 128 * F, [4, 128, 128])
+    assert info["default_student_timesteps"][0] == 1000.0  # sigma 1 through the shift stays the schedule's top
