@@ -60,8 +60,8 @@ def test_detects_qwenimage_and_its_conventions(built):
     # float64 either way: mu's few operations and exp, a few u64 each (relative)
     assert fam.schedule.shift == pytest.approx(math.exp(mu(64)), rel=16 * U64)
     assert load_family(path).schedule.shift == pytest.approx(math.exp(mu(64 * 64)), rel=16 * U64)
-    assert (fam.pipeline_guidance_default, fam.pipeline_sigma_grid, fam.exported_guidance({}, path)) == (4.0, "linspace",
-                                                                                                       1.0)
+    export = (fam.pipeline_guidance_default, fam.pipeline_sigma_grid, fam.exported_guidance({}, path))
+    assert export == (4.0, "linspace", 1.0)
 
 
 def test_pack_matches_the_pipeline(built):
@@ -89,7 +89,8 @@ def test_encode_prompts_match_pipeline(built):
 
 
 def test_unpadded_conditioning_reaches_the_network_without_a_mask(built):
-    """QwenImagePipeline.encode_prompt drops an all-ones mask; so does the adapter's forward (a padded batch keeps it)."""
+    """QwenImagePipeline.encode_prompt drops an all-ones mask; so does the adapter's forward (a padded batch keeps
+    it)."""
     _, _, fam = built
     seen = []
     h = fam.denoiser.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["encoder_hidden_states_mask"]),

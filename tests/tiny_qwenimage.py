@@ -80,7 +80,8 @@ def qwen_vae(seed: int = 0, blocks: int = 2):
 
     torch.manual_seed(seed)
     return AutoencoderKLQwenImage(base_dim=8, z_dim=LATENT_CHANNELS, dim_mult=[1, 2][:blocks], num_res_blocks=1,
-                                  attn_scales=[], temperal_downsample=[False][:blocks - 1], latents_mean=[-0.7571, 0.1075, 0.9653, -0.1517],
+                                  attn_scales=[], temperal_downsample=[False][:blocks - 1],
+                                  latents_mean=[-0.7571, 0.1075, 0.9653, -0.1517],
                                   latents_std=[2.8184, 1.4541, 1.2196, 2.0743])
 
 
