@@ -131,13 +131,15 @@ def test_export_runs_in_a_plain_qwenimage_pipeline_and_reproduces_the_student(fo
     # the fit is exact up to float32 rounding of timesteps near 1000 (~10 roundings, tests/test_export.py)
     assert record["guidance_scale"] == 1.0 and record["max_timestep_error"] <= fp32_bound(1000.0, 10)
     assert record["lora"] == flag and record["lora_fused"] == (bool(lora) and not flag)
+    # the README names the pipeline's own CFG keyword (its guidance_scale is for guidance-distilled models only)
+    assert "**true_cfg_scale=1.0 is required.**" in (out / "README.md").read_text()
     pipe = QwenImagePipeline.from_pretrained(out)
     pipe.set_progress_bar_config(disable=True)
     if flag:
         pipe.load_lora_weights(out)
     prompts = ["a red shoe", "a small bag"]
-    lat = pipe(prompts, height=RES, width=RES, output_type="latent", generator=torch.manual_seed(11),
-               **record["pipeline_kwargs"]).images
+    lat = pipe(prompts, height=RES, width=RES, true_cfg_scale=record["guidance_scale"], output_type="latent",
+               generator=torch.manual_seed(11), **record["pipeline_kwargs"]).images
     assert [float(t) for t in pipe.scheduler.timesteps] == pytest.approx(record["student_timesteps"],
                                                                          abs=fp32_bound(1000.0, 10))
     model = load_model(str(tmp_path / "run"))

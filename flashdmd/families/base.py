@@ -77,6 +77,7 @@ class Family(ABC):
     # and the keyword prefix of the pipeline's save_lora_weights (unet_lora_layers / transformer_lora_layers)
     export_scheduler: ClassVar[str] = "flow_lcm"
     pipeline_guidance_default: ClassVar[float] = 1.0
+    pipeline_guidance_kwarg: ClassVar[str] = "guidance_scale"  # that scale's keyword (Qwen-Image: true_cfg_scale)
     pipeline_sigma_grid: ClassVar[str] = "scheduler"
     lora_layers_kwarg: ClassVar[str] = "transformer"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")

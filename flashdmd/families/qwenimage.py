@@ -82,6 +82,7 @@ class QwenImageFamily(FluxFamily):
     tokenizer_parts = ("tokenizer",)
     max_sequence_length = MAX_SEQUENCE_LENGTH
     pipeline_guidance_default = TRUE_CFG_SCALE
+    pipeline_guidance_kwarg = "true_cfg_scale"
     pipeline_sigma_grid = "linspace"  # QwenImagePipeline hands its scheduler sigmas linspace(1, 1/K, K) and mu
 
     @classmethod
