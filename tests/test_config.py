@@ -64,7 +64,8 @@ def test_the_resolved_config_file_resolves_to_itself(tmp_path):
 def test_model_family_is_any_registered_family(monkeypatch):
     for name in FAMILIES:
         assert DistillConfig(model_family=name).model_family == name
-    with pytest.raises(FlashDMDError, match=r"model_family must be one of flux, sd3, sdxl or null, got 'sd15'"):
+    names = ", ".join(sorted(FAMILIES))  # flux, qwenimage, sd3, sdxl, ...
+    with pytest.raises(FlashDMDError, match=rf"model_family must be one of {names} or null, got 'sd15'"):
         DistillConfig(model_family="sd15")
     monkeypatch.setitem(FAMILIES, "sd15", FAMILIES["sdxl"])   # a family registered later is accepted
     assert DistillConfig(model_family="sd15").model_family == "sd15"
