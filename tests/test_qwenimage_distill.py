@@ -21,7 +21,7 @@ from flashdmd.inference import load_model  # noqa: E402
 from flashdmd.rewards.pairs import write_pairs  # noqa: E402
 from flashdmd.sample import sample_latents  # noqa: E402
 from flashdmd.training.distill import setup, train  # noqa: E402
-from tolerances import contract_bound, fp32_bound  # noqa: E402
+from tolerances import assert_close, contract_bound, fp32_bound, network_factor  # noqa: E402
 
 RES = 32  # the tiny VAE's factor is 2: 16x16 latents, 64 tokens (its default resolution, 256 px, is slow)
 
@@ -149,3 +149,26 @@ def test_export_runs_in_a_plain_qwenimage_pipeline_and_reproduces_the_student(fo
     # the exported network is the student: the teacher in the same sampler lands elsewhere (outside the contract)
     teacher = sample_latents(replace(model, net=model.family.denoiser), prompts, torch.manual_seed(11))
     assert (teacher - ref).abs().max().item() > contract_bound(ref)
+
+
+def test_a_text_cached_run_trains_from_padded_cached_rows(folders, tmp_path):
+    """model_text_cache (the preset's): the masked embeddings of prompts of different lengths come from the cache,
+    padded to the longest cached row; the cached batch's prediction is the directly encoded one's (the padding is
+    masked out: the same attention up to the summation order of the longer masked rows)."""
+    (tmp_path / "prompts.txt").write_text("a boot\na small striped shirt on a dark background\nthe cat\n")
+    cfg = _cfg(folders, "flashdmd", model_lora_rank=4, run_max_steps=1, model_text_cache=True,
+               data_prompts=str(tmp_path / "prompts.txt"))
+    ctx = setup(cfg)
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    fam = ctx.family
+    assert fam.text_encoders_released and fam.cached_prompts > 2
+    prompts = ["a boot", "the cat"]  # cached in one chunk with a longer prompt: padded beyond their own longest
+    cached = fam.encode_prompts(prompts)
+    direct = load_family(folders["qwenimage"]).encode_prompts(prompts)
+    assert cached.prompt_embeds.shape[1] > direct.prompt_embeds.shape[1]
+    x = torch.randn(2, 4, RES // 2, RES // 2, generator=torch.Generator().manual_seed(5))
+    t = torch.tensor([800.0, 300.0])
+    a = fam.raw_prediction(fam.denoiser, x, t, cached)
+    b = fam.raw_prediction(fam.denoiser, x, t, direct)
+    # two float paths through the network (tests/tolerances.py's network factor)
+    assert_close(a, b, factor=network_factor(fam.denoiser))
