@@ -160,8 +160,10 @@ class QwenImageFamily(FluxFamily):
         dtype = input_dtype(net)
         b, _, h, w = x_t.shape
         mask = cond.prompt_mask
+        # no padding: no mask, as QwenImagePipeline.encode_prompt hands the network (on the meta device of `flashdmd
+        # plan` the values are unknown and the mask goes in: the planner traces masked attention as fused)
         if mask is not None and mask.device.type != "meta" and bool(mask.all()):
-            mask = None  # what QwenImagePipeline.encode_prompt hands the network when no token is padding
+            mask = None
         out = net(hidden_states=pack(x_t.to(dtype)), timestep=t.to(dtype) / 1000,
                   encoder_hidden_states=cond.prompt_embeds.to(dtype), encoder_hidden_states_mask=mask,
                   img_shapes=[[(1, h // 2, w // 2)]] * b, return_dict=False)[0]
