@@ -4,8 +4,8 @@ A GPU run holds its frozen parts in bfloat16 (``model_frozen_dtype: auto``) or f
 (``model_mixed_precision: bf16``); torch runs all of that on CPU too. The matrix below runs the tiny SDXL, SD3 and
 FLUX (and FLUX.2-klein) folders through Stage 1 (Flash-DMD and DMD2, LoRA and full fine-tune), Stage 2 (flashdmd's LRM made by
 `flashdmd reward train`, LPO's LRM layout, an image judge), the evaluation backends (CLIP score, FID),
-`flashdmd sample` and `flashdmd export`. Six runs, one per (family, setting), cover every pair of factors (two more
-put FLUX.2-klein and Z-Image through the common GPU setting):
+`flashdmd sample` and `flashdmd export`. Six runs, one per (family, setting), cover every pair of factors (three more
+put FLUX.2-klein, Z-Image and Qwen-Image through the common GPU setting):
 
     family  method    weights  precision                   Stage-2 reward; evaluation
     sdxl    flashdmd  LoRA     bf16 frozen + bf16 autocast  LPO's layout; CLIP evaluation, grids; CLIP + FID eval
@@ -16,6 +16,7 @@ put FLUX.2-klein and Z-Image through the common GPU setting):
     flux    dmd2      LoRA     bf16 frozen + bf16 autocast  CLIP judge
     flux2-klein flashdmd LoRA  bf16 frozen + bf16 autocast  CLIP judge
     zimage  flashdmd  LoRA     bf16 frozen + bf16 autocast  CLIP judge
+    qwenimage flashdmd LoRA   bf16 frozen + bf16 autocast  CLIP judge
 
 Each asserts: the run finishes with finite losses; trained weights and every optimiser state in float32, frozen parts
 in the frozen dtype (the VAE in float32 under float16: force_upcast); every trainable tensor moved and no frozen one;
@@ -36,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 import tiny_zimage as tz  # noqa: E402
+import tiny_qwenimage as tq  # noqa: E402
 from test_lpo_lrm import write_lpo  # noqa: E402
 
 from flashdmd import FlashDMDError  # noqa: E402
@@ -62,6 +64,7 @@ CELLS = [  # (family, method, LoRA rank, setting, Stage-2 reward, evaluation bac
     ("flux", "dmd2", 2, "bf16", "judge", ()),
     ("flux2-klein", "flashdmd", 2, "bf16", "judge", ()),
     ("zimage", "flashdmd", 2, "bf16", "judge", ()),
+    ("qwenimage", "flashdmd", 2, "bf16", "judge", ()),
 ]
 RES = 32  # every family at 32 px (FLUX's default would be 256 px: 4096 tokens)
 
@@ -84,6 +87,7 @@ def world(tiny_run_folders, tmp_path_factory, clip_dir, inception_file):
     out = dict(tiny_run_folders, clip=clip_dir, inception=inception_file, prompts=tmp / "prompts.txt",
                fid_ref=tmp / "ref.safetensors", lpo=write_lpo(tmp / "lpo"),
                zimage=tz.session_folders(tmp_path_factory)["zimage"])
+    out["qwenimage"] = tq.qwenimage_folders(tmp_path_factory)["qwenimage"]
     out["prompts"].write_text("\n".join(PROMPTS) + "\n")
     save_stats(out["fid_ref"], torch.zeros(2048, dtype=torch.float64), torch.eye(2048, dtype=torch.float64), 10)
     for name, frozen in (("sdxl", "float32"), ("sd3", "float16")):
@@ -237,7 +241,7 @@ def _pipeline_latents(folder: Path, prompts, seed: int):
     # SD3's and FLUX's pipelines do not hand their generator to scheduler.step: the global generator is the stream
     gen = torch.Generator().manual_seed(seed) if name == "StableDiffusionXLPipeline" else torch.manual_seed(seed)
     lat = pipe(prompt=prompts, generator=gen, **kwargs).images
-    if name == "FluxPipeline":
+    if name in ("FluxPipeline", "QwenImagePipeline"):  # packed latents
         from flashdmd.families.flux import unpack
         lat = unpack(lat, RES // 2, RES // 2)
     if name == "Flux2KleinPipeline":  # its latent output is the VAE's z: back to flashdmd's normalised patches

@@ -11,6 +11,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
 import tiny_zimage as tz  # noqa: E402
+import tiny_qwenimage as tq  # noqa: E402
 
 from flashdmd import FlashDMDError  # noqa: E402
 from flashdmd.cli import main  # noqa: E402
@@ -22,7 +23,8 @@ from flashdmd.training.distill import _encode, discriminator_step, distill_itera
 
 @pytest.fixture(scope="module")
 def folders(tiny_run_folders, tmp_path_factory):
-    return dict(tiny_run_folders, zimage=tz.session_folders(tmp_path_factory)["zimage"])
+    return dict(tiny_run_folders, zimage=tz.session_folders(tmp_path_factory)["zimage"],
+                qwenimage=tq.qwenimage_folders(tmp_path_factory)["qwenimage"])
 
 
 def _cfg(folders, family, method, **kw):
@@ -55,13 +57,14 @@ def _optimizer_bytes(opt) -> int:
 
 @pytest.mark.parametrize("family,method,lora", [("sdxl", "flashdmd", 2), ("sdxl", "flashdmd", 0), ("sd3", "dmd2", 2),
                                                ("flux", "flashdmd", 2), ("flux2-klein", "flashdmd", 2),
-                                               ("zimage", "flashdmd", 2)])
+                                               ("zimage", "flashdmd", 2), ("qwenimage", "flashdmd", 2)])
 def test_plan_split_matches_a_real_run(folders, family, method, lora, monkeypatch):
     if family == "zimage":  # its plan takes every prompt at the text-encoder length: one the world's captions reach
         monkeypatch.setattr(FAMILIES["zimage"], "max_sequence_length", 24)
     cfg = _cfg(folders, family, method, model_lora_rank=lora,
                student_timesteps=[999, 749, 499, 249] if family == "sdxl" else None,
-               **({"data_resolution": 32} if family.startswith("flux") or family == "zimage" else {}))  # tiny defaults: 256 px
+               # the tiny FLUX.1 / FLUX.2 / Qwen-Image / Z-Image folders default to 256 px
+               **({"data_resolution": 32} if family in ("flux", "flux2-klein", "qwenimage", "zimage") else {}))
     result = P.plan(cfg, P.Settings(device="cpu"))
     planned = result["detail"]["stage1"]
     ctx = setup(cfg)
@@ -198,7 +201,7 @@ PRESETS = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.ya
 # (their full-size plans, on config-only folders, are benchmarks/vram_table.py's)
 REAL_PRESET_FAMILY = {"sdxl_flashdmd": "sdxl", "sdxl_dmd2": "sdxl", "sd3_flashdmd": "sd3", "flux_flashdmd": "flux",
                       "flux2_klein_flashdmd": "flux2-klein", "flux2_dev_flashdmd": "flux2",
-                      "zimage_flashdmd": "zimage"}
+                      "zimage_flashdmd": "zimage", "qwenimage_flashdmd": "qwenimage"}
 
 
 @pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.stem)

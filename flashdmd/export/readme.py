@@ -45,7 +45,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 pipe = {load}{lora_line}
-image = pipe("a photo of ...", {steps_arg}, guidance_scale={g}, generator={gen}).images[0]
+image = pipe("a photo of ...", {steps_arg}, {cls.pipeline_guidance_kwarg}={g}, generator={gen}).images[0]
 # output_type="latent" returns the student's latents (what flashdmd's sampler returns)
 ```
 
@@ -87,8 +87,9 @@ def _guidance_note(record: dict, cls) -> str:
         return (f"**guidance_scale={g} is required.** This {record['family']} model takes guidance as an input "
                 "embedding (no second network call); the student was distilled with this fixed value "
                 "(`model_embedded_guidance`) and other values are not what it was trained for.")
-    return (f"**guidance_scale={g} is required.** The student was distilled with the teacher's classifier-free "
-            f"guidance built in; the pipeline's own default (`guidance_scale={cls.pipeline_guidance_default}`) would "
+    kw = cls.pipeline_guidance_kwarg
+    return (f"**{kw}={g} is required.** The student was distilled with the teacher's classifier-free "
+            f"guidance built in; the pipeline's own default (`{kw}={cls.pipeline_guidance_default}`) would "
             "run CFG a second time (two network calls per step and over-saturated images).")
 
 

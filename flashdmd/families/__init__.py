@@ -19,11 +19,13 @@ from flashdmd.families.parts import (LORA_TARGETS, Conditioning, masked_mean, na
 from flashdmd.families.flux import FluxFamily
 from flashdmd.families.flux2 import Flux2Family, Flux2KleinFamily
 from flashdmd.families.hub import hub_snapshot
+from flashdmd.families.qwenimage import QwenImageFamily
 from flashdmd.families.sd3 import SD3Family
 from flashdmd.families.sdxl import SDXLFamily
 from flashdmd.families.zimage import ZImageFamily
 
-FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily, "zimage": ZImageFamily}
+FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux": FluxFamily,
+                                     "qwenimage": QwenImageFamily, "zimage": ZImageFamily}
 FAMILIES.update({"flux2": Flux2Family, "flux2-klein": Flux2KleinFamily})
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 

@@ -80,6 +80,7 @@ class Family(ABC):
     export_scheduler: ClassVar[str] = "flow_lcm"
     pipeline_guidance_default: ClassVar[float] = 1.0
     pipeline_no_guidance: ClassVar[float] = 1.0
+    pipeline_guidance_kwarg: ClassVar[str] = "guidance_scale"  # that scale's keyword (Qwen-Image: true_cfg_scale)
     pipeline_sigma_grid: ClassVar[str] = "scheduler"
     # True where the pipeline computes the dynamic shift's mu itself, ignoring the scheduler config's base / max shift
     # (FLUX.2's compute_empirical_mu): the exported scheduler then carries a fixed shift instead

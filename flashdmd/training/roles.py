@@ -102,7 +102,9 @@ def build_roles(cfg, family) -> Roles:
     if cfg.model_gradient_checkpointing:
         # the generator's low-noise branch decodes x0 and runs the Pixel-GAN backbone with a graph: at 1024 px the
         # largest activations of a Flash-DMD step. Both checkpoint only while gradients are on.
-        if hasattr(family.vae, "enable_gradient_checkpointing"):
+        # (diffusers' VAEs without it -- Qwen-Image's video VAE -- raise from enable_gradient_checkpointing)
+        vae_can = hasattr(family.vae, "enable_gradient_checkpointing")
+        if getattr(family.vae, "_supports_gradient_checkpointing", vae_can):
             family.vae.enable_gradient_checkpointing()
         if cfg.disc_kind == "pixel" and not disc.enable_gradient_checkpointing():
             warnings.warn(f"disc_backbone {cfg.disc_backbone}: its backbone offers no gradient checkpointing "

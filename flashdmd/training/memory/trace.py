@@ -71,12 +71,14 @@ class _FusedAttention(torch.autograd.Function):
 
 @contextmanager
 def fused_attention():
-    """Inside: F.scaled_dot_product_attention on meta tensors without a mask counts as a fused kernel."""
+    """Inside: F.scaled_dot_product_attention on meta tensors without a mask, or with a key-padding mask (one row
+    broadcast over the queries: the padded text of Qwen-Image-style language-model encoders), counts as a fused kernel
+    (CUDA's memory-efficient and the CPU flash kernels take such masks; the mask itself is the caller's tensor)."""
     original = F.scaled_dot_product_attention
 
     def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kw):
         # torch's own parameter names: diffusers' attention dispatcher (FLUX) passes them as keywords
-        if query.device.type == "meta" and attn_mask is None:
+        if query.device.type == "meta" and (attn_mask is None or (attn_mask.dim() >= 2 and attn_mask.shape[-2] == 1)):
             return _FusedAttention.apply(query, key, value)
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         **kw)
