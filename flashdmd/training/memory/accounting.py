@@ -17,7 +17,8 @@ FIT_HEADROOM = 0.95
 # configs/accelerate/fsdp2_8gpu.yaml's wrap classes: SDXL's, SD3's, FLUX.1's and FLUX.2's double- and single-stream
 # blocks, Qwen-Image's, Z-Image's (its refiners' and main layers')
 FSDP_BLOCKS = ("BasicTransformerBlock", "JointTransformerBlock", "FluxTransformerBlock", "FluxSingleTransformerBlock",
-               "Flux2TransformerBlock", "Flux2SingleTransformerBlock", "ZImageTransformerBlock")
+               "Flux2TransformerBlock", "Flux2SingleTransformerBlock", "QwenImageTransformerBlock",
+               "ZImageTransformerBlock")
 ROLE_ORDER = ("teacher", "student", "fake_score", "text_encoders", "vae", "disc", "reference", "reward")
 
 
