@@ -200,3 +200,16 @@ def test_stochastic_sampler_uses_fresh_noise_and_backsim_matches():
 def test_backsim_rejects_bad_step():
     with pytest.raises(ValueError):
         backward_simulate(_toy_denoiser(VPSchedule()), torch.zeros(1, 1), [999, 499], VPSchedule(), 2)
+
+
+def test_flow_shift_keeps_sigma_one_at_the_top():
+    """shift k*s / (1 + (k-1)*s) maps [0, 1] onto itself, but in float32 sigma 1 rounds above 1 for some k (k =
+    1.5918966153901275 gives 1000.0001 raw), which setup would refuse as a timestep past the schedule; the schedule
+    clamps at 1 so that sigma 1 is exactly the top, and every value below 1 is the unclamped one bit for bit."""
+    from flashdmd.diffusion.schedules import FlowSchedule, shift_sigma
+    k = 1.5918966153901275
+    s = torch.tensor([1.0, 0.75, 0.5, 0.25])
+    raw = shift_sigma(s, k) * 1000
+    assert raw[0] > 1000  # the rounding this guards against
+    got = FlowSchedule(shift=k).shifted_timesteps(s)
+    assert got[0] == 1000 and torch.equal(got[1:], raw[1:])

@@ -153,8 +153,11 @@ class FlowSchedule(Schedule):
         return 1.0 - s, s
 
     def shifted_timesteps(self, unshifted_sigmas: Tensor) -> Tensor:
-        """Model timesteps (1000*sigma) of unshifted sigmas after the SD3 shift."""
-        return shift_sigma(torch.as_tensor(unshifted_sigmas, dtype=torch.float32), self.shift) * self.num_train_timesteps
+        """Model timesteps (1000*sigma) of unshifted sigmas after the SD3 shift. The shift maps [0, 1] onto itself; in
+        float32 k*1 / (1 + (k-1)*1) can round above 1 (k = 2.0008: 1.0000001), so the result is clamped to 1 -- exact
+        for sigma 1, and no other value moves."""
+        s = shift_sigma(torch.as_tensor(unshifted_sigmas, dtype=torch.float32), self.shift).clamp(max=1.0)
+        return s * self.num_train_timesteps
 
     def timesteps_from_uniform(self, u: Tensor, lo: float = 0.0, hi: float = 1.0, inclusive: bool = False,
                                shifted: bool = True) -> Tensor:
