@@ -115,6 +115,36 @@ def test_encode_prompts_match_the_pipeline(both):
     torch.testing.assert_close(null.prompt_embeds, ne, rtol=0, atol=0)
 
 
+def test_dev_folder_with_its_published_pixtral_processor_loads_without_torchvision(dev, tmp_path):
+    """FLUX.2-dev ships its tokenizer as a PixtralProcessor, which transformers builds only with torchvision; without
+    it the family loads the folder's tokenizer and the processor's chat template (chat_template.jinja) and encodes
+    exactly as the tokenizer does; a folder with no template is one line naming torchvision."""
+    import importlib.util
+    import json
+    import shutil
+    _, path, fam = dev
+    folder = tmp_path / "dev"
+    shutil.copytree(path, folder)
+    index = json.loads((folder / "model_index.json").read_text())
+    index["tokenizer"] = ["transformers", "PixtralProcessor"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    config = json.loads((folder / "tokenizer" / "tokenizer_config.json").read_text())
+    template = config.pop("chat_template", None) or fam.tokenizers[0].chat_template
+    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(config))
+    (folder / "tokenizer" / "chat_template.jinja").write_text(template)
+    (folder / "tokenizer" / "processor_config.json").write_text(json.dumps({"processor_class": "PixtralProcessor"}))
+    if importlib.util.find_spec("torchvision") is not None:
+        pytest.skip("torchvision is installed: transformers builds the PixtralProcessor itself")
+    other = load_family(folder)
+    other.use_resolution(SIZE, SIZE)
+    assert torch.equal(other.encode_prompts(PROMPTS, SIZE, SIZE).prompt_embeds,
+                       fam.encode_prompts(PROMPTS, SIZE, SIZE).prompt_embeds)
+    (folder / "tokenizer" / "chat_template.jinja").unlink()
+    with pytest.raises(FlashDMDError, match="torchvision") as err:
+        load_family(folder)
+    assert "\n" not in str(err.value)
+
+
 def _spy_timesteps(kind, pipe, size, steps, **kw):
     seen = []
     real_step = pipe.scheduler.step

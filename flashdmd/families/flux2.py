@@ -35,11 +35,13 @@ import torch
 from diffusers.pipelines.flux2.system_messages import SYSTEM_MESSAGE
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
+from transformers import AutoTokenizer
 
-from flashdmd import io
+from flashdmd import FlashDMDError, io
 from flashdmd.diffusion import FlowSchedule
 from flashdmd.families.base import Family
-from flashdmd.families.parts import Conditioning, input_dtype, masked_mean, network_call, unwrap
+from flashdmd.families.parts import (Conditioning, check_tokenizer, input_dtype, masked_mean, network_call,
+                                     unwrap)
 
 STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 DEFAULT_SAMPLE_SIZE = 128  # the pipelines' default_sample_size: 1024 px with the 8x VAE
@@ -255,6 +257,17 @@ class Flux2Family(Flux2Base):
     hidden_layers = (10, 20, 30)
     embedded_guidance: float = PIPELINE_GUIDANCE
 
+    def _load(self, name: str, required: bool = True, dtype: torch.dtype | None = None):
+        """FLUX.2-dev's tokenizer folder is a PixtralProcessor, which transformers builds only where torchvision is
+        installed; its text path is the tokenizer's own chat template, so without torchvision the folder's tokenizer
+        is loaded with AutoTokenizer and given the processor's chat template (chat_template.jinja / .json)."""
+        try:
+            return super()._load(name, required, dtype)
+        except ImportError as e:
+            if name != "tokenizer":
+                raise
+            return processor_tokenizer(self.path / name, e)
+
     @classmethod
     def exported_guidance(cls, info: dict, teacher) -> float:
         """A guidance-distilled student is called with the embedded guidance it was trained with; others with 1."""
@@ -326,3 +339,24 @@ class Flux2KleinFamily(Flux2Base):
 
 __all__ = ["Flux2Family", "Flux2KleinFamily", "empirical_mu", "patchify", "unpatchify", "pack", "unpack",
            "image_ids", "text_ids"]
+
+
+def processor_tokenizer(folder: Path, why: ImportError):
+    """The tokenizer of a processor folder, with the processor's chat template where the tokenizer has none."""
+    try:
+        tok = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as e:
+        raise FlashDMDError(f"{folder}: the processor needs torchvision ({str(why).strip().splitlines()[0]}) and its "
+                            f"tokenizer alone cannot be loaded ({str(e).splitlines()[0]}); pip install torchvision") \
+            from None
+    if tok.chat_template is None:
+        jinja, js = folder / "chat_template.jinja", folder / "chat_template.json"
+        if jinja.is_file():
+            tok.chat_template = jinja.read_text(encoding="utf-8")
+        elif js.is_file():
+            tok.chat_template = io.read_json(js)["chat_template"]
+        else:
+            raise FlashDMDError(f"{folder}: the processor needs torchvision and the folder has no chat template for "
+                                "its tokenizer (chat_template.jinja / .json); pip install torchvision")
+    check_tokenizer(tok, folder)
+    return tok
