@@ -32,7 +32,7 @@ from flashdmd.training.ema import StudentEMA
 from flashdmd.training.optim import make_optimizers, make_schedulers
 from flashdmd.training.reward_model import check_reward_model
 from flashdmd.training.rng import SampleRNG
-from flashdmd.training.roles import build_roles, frozen_dtype
+from flashdmd.training.roles import build_roles, check_quant, frozen_dtype, quantise_frozen
 from flashdmd.training.run import GRID_IMAGES
 from flashdmd.training.state import Run, TrainState
 
@@ -120,8 +120,10 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
 
 def _teacher(cfg: DistillConfig, device, log) -> tuple[object, int, list[float], int]:
     """(the teacher's family at the run's dtypes, the training resolution, the student's steps, n_dm)."""
+    quant = check_quant(cfg, device)  # fp8 without a GPU that has it fails before anything is loaded
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=device,
                          dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, device))
+    quantise_frozen(cfg, family)
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
     family.embedded_guidance = cfg.model_embedded_guidance  # read only by guidance-distilled families (FLUX.1-dev)
@@ -129,7 +131,7 @@ def _teacher(cfg: DistillConfig, device, log) -> tuple[object, int, list[float],
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
         f"{timesteps})")
     log(f"dtypes: frozen parts {str(family.frozen_dtype).removeprefix('torch.')}, trainable weights, optimiser "
-        f"states and latents {cfg.model_dtype}")
+        f"states and latents {cfg.model_dtype}" + (f"; quantised: {', '.join(quant)}" if quant else ""))
     return family, resolution, timesteps, n_dm
 
 
