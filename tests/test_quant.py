@@ -19,6 +19,7 @@ from flashdmd import FlashDMDError, runfolder  # noqa: E402
 from flashdmd.cli import main  # noqa: E402
 from flashdmd.families import load_family  # noqa: E402
 from flashdmd.networks import lora  # noqa: E402
+from flashdmd.networks.reward import LatentRewardModel  # noqa: E402
 from flashdmd.networks.quant import quantise  # noqa: E402
 from flashdmd.training.distill import setup, train  # noqa: E402
 
@@ -118,10 +119,34 @@ def test_resume_with_an_int8_base_is_bit_exact_and_export_is_unquantised(folders
     assert sorted(float(v.abs().sum()) for v in exported.values()) == trained
 
 
-def test_fp8_on_a_cpu_and_a_quantised_full_fine_tune_are_one_line(folders, capsys):
+@pytest.mark.parametrize("base", ["int8", "none"])
+def test_stage2_with_an_int8_reward_model(folders, tmp_path, base):
+    """rl_reward_quant quantises the LRM's own layers; its frozen backbone is the teacher, which keeps its own
+    field's precision (model_frozen_quant), whichever it is."""
+    torch.manual_seed(0)
+    LatentRewardModel(load_family(str(folders["sdxl"])), proj_dim=16, hidden_dim=16).save(tmp_path / "lrm")
+    cfg = _cfg(folders, disc_kind="none", run_max_steps=1, rl_enabled=True, rl_reward_model=str(tmp_path / "lrm"),
+               rl_reward_quant="int8", rl_steps=1, rl_distill_ratio=1, rl_num_candidates=2, rl_step_indices=[0],
+               model_frozen_quant=base)
+    ctx = setup(cfg)
+    before = _adapters(ctx)
+    train(cfg, tmp_path / "run", progress=False, ctx=ctx)
+    teacher = {id(w) for w in _quantised(ctx.teacher).values()}
+    assert [n for n, w in _quantised(ctx.setup.reward).items() if id(w) not in teacher]  # the LRM's own layers
+    assert bool(teacher) == (base == "int8") and bool(_quantised(ctx.setup.reference)) == (base == "int8")
+    assert any(not torch.equal(before[k], v) for k, v in _adapters(ctx).items() if k.startswith("student."))
+
+
+def test_fp8_on_a_cpu_and_a_quantised_full_fine_tune_are_one_line(folders, tmp_path, capsys):
     with pytest.raises(FlashDMDError) as e:
         setup(_cfg(folders, model_frozen_quant="fp8"))
     assert "fp8 needs a CUDA GPU" in str(e.value) and "\n" not in str(e.value)
+    capsys.readouterr()
+    assert main(["distill", "--no-plan", "--set", f"model_teacher={folders['sdxl']}", "--set", "model_lora_rank=2",
+                 "--set", "disc_kind=none", "--set", "model_text_encoder_quant=fp8", "--out", str(tmp_path / "r"),
+                 "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: model_text_encoder_quant: fp8 needs a CUDA GPU") and "\n" not in err, err
     with pytest.raises(FlashDMDError) as e:
         _cfg(folders, model_lora_rank=0)
     assert "model_frozen_quant" in str(e.value) and "full fine-tune" in str(e.value)

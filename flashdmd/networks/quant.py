@@ -32,16 +32,20 @@ def check(kind: str, device, field: str) -> None:
                             f"or newer), and this run's device is {where}: set {field} int8 or none")
 
 
-def quantise(module: nn.Module | None, kind: str) -> nn.Module | None:
-    """``module``'s linear weights quantised in place (``kind`` int8 / fp8; none: unchanged). Frozen modules only:
-    a quantised weight takes no gradient."""
+def quantise(module: nn.Module | None, kind: str, keep: tuple[nn.Module, ...] = ()) -> nn.Module | None:
+    """``module``'s linear weights quantised in place (``kind`` int8 / fp8; none: unchanged), but for those it shares
+    with the modules in ``keep`` (another part's, quantised or not by its own field). Frozen modules only: a quantised
+    weight takes no gradient."""
     if module is None or kind == "none":
         return module
     for name in ("torchao", "torch.utils._pytree"):  # its import warns of each CUDA kernel it cannot load, and of
         logging.getLogger(name).setLevel(logging.ERROR)  # its enums' registration with torch.compile
     from torchao.quantization import Float8WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     config = Int8WeightOnlyConfig() if kind == "int8" else Float8WeightOnlyConfig()
-    quantize_(module, config)
+    kept = {id(p) for k in keep for p in k.parameters()}
+    # linears only, not twice, and not another part's (an LRM whose frozen backbone is the teacher)
+    quantize_(module, config, filter_fn=lambda m, _: isinstance(m, nn.Linear) and not is_quantised(m.weight)
+              and id(m.weight) not in kept)
     return module
 
 

@@ -242,8 +242,8 @@ class DistillConfig:
                               "and train one, docs/PAIRS.md), or LPO's released LRM folder for an SDXL teacher "
                               "(unet/, text_encoder*/, state_dict.pt; detected from its contents and scored exactly "
                               "as LPO does, docs/PAIRS.md). Checked before Stage 1 starts")
-    rl_reward_quant: str = _f("none", "none | int8 | fp8: the Stage-2 reward model's linear weights, as "
-                              "model_frozen_quant")
+    rl_reward_quant: str = _f("none", "none | int8 | fp8: the Stage-2 latent reward model's linear weights "
+                              "(rl_reward_model; not an rl_judge), as model_frozen_quant")
     rl_judge: str | None = _f(None, "Stage 2 without a latent reward model: rank the K candidates with a preference "
                               "model on decoded images -- pickscore, hpsv2, imagereward or clip, from the local "
                               "folder rl_judge_model (for a teacher that has no LRM; rl_reward_model is then unused). "

@@ -87,7 +87,7 @@ def quantise_frozen(cfg, family) -> None:
     that under LoRA the student and the fake score wrap the same quantised tensors."""
     quantise(family.denoiser, cfg.model_frozen_quant)
     for encoder in family.text_encoders:
-        quantise(encoder, cfg.model_text_encoder_quant)
+        quantise(encoder, cfg.model_text_encoder_quant, keep=(family.denoiser,))
 
 
 def build_roles(cfg, family) -> Roles:
@@ -141,7 +141,7 @@ def _build_disc(cfg, family, fake_score) -> nn.Module | None:
         return None
     disc = disc.to(family.dtype)
     if cfg.disc_kind == "pixel":
-        quantise(disc.backbone.to(family.frozen_dtype), cfg.disc_backbone_quant)
+        quantise(disc.backbone.to(family.frozen_dtype), cfg.disc_backbone_quant, keep=(family.denoiser,))
     return disc
 
 
