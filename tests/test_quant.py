@@ -147,6 +147,9 @@ def test_fp8_on_a_cpu_and_a_quantised_full_fine_tune_are_one_line(folders, tmp_p
                  "--dry-run"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: model_text_encoder_quant: fp8 needs a CUDA GPU") and "\n" not in err, err
+    with pytest.raises(FlashDMDError) as e:  # FSDP2 cannot shard torchao's tensors: refused before loading
+        setup(_cfg(folders), shard=lambda net: pytest.fail("sharded"))
+    assert str(e.value).startswith("model_frozen_quant int8 with FSDP2") and "\n" not in str(e.value)
     with pytest.raises(FlashDMDError) as e:
         _cfg(folders, model_lora_rank=0)
     assert "model_frozen_quant" in str(e.value) and "full fine-tune" in str(e.value)

@@ -70,15 +70,30 @@ def frozen_dtype(cfg, device) -> torch.dtype:
     return torch.bfloat16 if torch.device(device).type == "cuda" and model == torch.float32 else model
 
 
-def check_quant(cfg, device) -> list[str]:
-    """The quantisation fields that are set, checked against ``device`` (fp8 needs a GPU with float8: one
-    FlashDMDError line, before anything is loaded); returns ``field kind`` for each that is set."""
-    fields = {"model_frozen_quant": cfg.model_frozen_quant, "model_text_encoder_quant": cfg.model_text_encoder_quant,
-              "disc_backbone_quant": cfg.disc_backbone_quant if cfg.disc_kind == "pixel" else "none",
-              "rl_reward_quant": cfg.rl_reward_quant if cfg.rl_enabled else "none"}
+def check_quant(cfg, device, sharded: bool = False) -> list[str]:
+    """The quantisation fields that are set, checked against ``device`` (fp8 needs a GPU with float8) and, when the
+    trained roles are ``sharded`` by FSDP2, against it (fully_shard cannot split torchao's quantised tensors): one
+    FlashDMDError line, before anything is loaded. Returns ``field kind`` for each that is set."""
+    fields = _quant_fields(cfg)
     for name, kind in fields.items():
         check_quant_kind(kind, device, name)
+        if sharded and name in sharded_quant(cfg):
+            raise FlashDMDError(f"{name} {kind} with FSDP2: fully_shard cannot shard torchao's quantised weights, which "
+                                f"the sharded roles hold; run on one GPU or with DDP, or set {name} none")
     return [f"{name} {kind}" for name, kind in fields.items() if kind != "none"]
+
+
+def _quant_fields(cfg) -> dict[str, str]:
+    """quantisation field -> its kind, "none" where the run has no such part."""
+    return {"model_frozen_quant": cfg.model_frozen_quant, "model_text_encoder_quant": cfg.model_text_encoder_quant,
+            "disc_backbone_quant": cfg.disc_backbone_quant if cfg.disc_kind == "pixel" else "none",
+            "rl_reward_quant": cfg.rl_reward_quant if cfg.rl_enabled else "none"}
+
+
+def sharded_quant(cfg) -> list[str]:
+    """The quantisation fields set on parts that FSDP2 would shard (the shared base, the discriminator's backbone)."""
+    fields = _quant_fields(cfg)
+    return [n for n in ("model_frozen_quant", "disc_backbone_quant") if fields[n] != "none"]
 
 
 def quantise_frozen(cfg, family) -> None:
