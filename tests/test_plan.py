@@ -169,6 +169,29 @@ def test_plan_command_writes_json_and_says_when_it_does_not_fit(folders, tmp_pat
     assert "24GB" in capsys.readouterr().err
 
 
+def test_a_text_cached_plan_counts_the_encoding_pass(folders, tmp_path):
+    """With model_text_cache the text encoders are gone while training, but the prompts are encoded at set-up with the
+    teacher, the text encoders and the VAE all on the device (setup.cache_text runs before the roles exist): the plan
+    has that stage, its weights are the loaded family's to the byte, and it is the peak when the encoders outweigh
+    the training phases' extra (FLUX.2-dev: 60 GiB transformer + 45 GiB Mistral-3 at once)."""
+    from flashdmd.families import load_family
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\na photo of a dog\n")
+    cfg = _cfg(folders, "sdxl", "flashdmd", model_lora_rank=2, model_text_cache=True, data_prompts=str(prompts))
+    result = P.plan(cfg, P.Settings(device="cpu", processes=2))
+    fam = load_family(cfg.model_teacher)
+    want = P.weights_by_role({"teacher": fam.denoiser, "text_encoders": torch.nn.ModuleList(fam.text_encoders),
+                              "vae": fam.vae})
+    for name, strat in result["strategies"].items():
+        setup_stage = strat["stages"]["setup"]
+        assert {r: v["weights"] for r, v in setup_stage["split"].items() if r in want} == want, name
+        encode = setup_stage["split"]["text_encoders"]["activations"]
+        assert encode > 0 and setup_stage["peak_bytes"] == sum(want.values()) + encode + \
+            setup_stage["split"]["runtime"]["other"]
+        assert strat["peak_bytes_per_device"] >= setup_stage["peak_bytes"]
+    assert result["detail"]["stage1"]["weights"]["text_encoders"] == 0  # released for training
+
+
 def test_fsdp_shards_a_full_fine_tune(folders):
     cfg = _cfg(folders, "sdxl", "dmd2", model_lora_rank=0, run_batch_size=1)
     result = P.plan(cfg, P.Settings(device="cuda", processes=8, strategy="fsdp2"))

@@ -103,10 +103,16 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
         uncond = family.null_conditioning(b, res, res)
     roles = role_modules(run)
     encode_peak = tracker.peak
+    setup = None
     if cfg.model_text_cache:  # the encoders are gone; the cached embeddings are a batch's worth
+        # but while the prompts are encoded (setup.cache_text, before the roles exist) the family's teacher, text
+        # encoders and VAE are all on the device: the set-up's own peak
+        setup = {"weights": weights_by_role({r: roles[r] for r in ("teacher", "text_encoders", "vae")}),
+                 "traced_peak": encode_peak}
         roles["text_encoders"] = nn.ModuleList()
         encode_peak = 0
     stage1 = trace_stage1(run, roles, cond, uncond, encode_peak, s.device)
+    stage1["setup"] = setup
     log(f"stage 1 traced in {time.time() - t0:.1f} s")
     stage2 = None
     if cfg.rl_enabled:

@@ -158,6 +158,15 @@ def per_device(stage1, stage2, roles, trainable, strategy, n, runtime) -> dict:
         out["stages"][label] = {"peak_bytes": phases[worst], "peak_phase": worst, "per_phase": phases,
                                 "split": _split(st, worst, phases[worst], weights, optimizer, extra, runtime, divide),
                                 "note": note}
+    setup = stage1.get("setup")
+    if setup is not None:  # the text cache's encoding pass, before any trainable tensor exists: nothing is sharded
+        total = sum(setup["weights"].values()) + runtime + setup["traced_peak"]
+        split = {r: {"weights": b, "gradients": 0, "optimizer": 0, "activations": 0}
+                 for r, b in setup["weights"].items()}
+        split["text_encoders"]["activations"] = setup["traced_peak"]
+        split["runtime"] = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "other": runtime}
+        out["stages"]["setup"] = {"peak_bytes": total, "peak_phase": "text_cache", "per_phase": {"text_cache": total},
+                                  "split": split, "note": "the text cache's encoding pass (all frozen parts loaded)"}
     worst_stage = max(out["stages"], key=lambda k: out["stages"][k]["peak_bytes"])
     out["peak_bytes_per_device"] = out["stages"][worst_stage]["peak_bytes"]
     out["peak_phase"] = f"{worst_stage}/{out['stages'][worst_stage]['peak_phase']}"
