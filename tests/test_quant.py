@@ -21,6 +21,7 @@ from flashdmd.families import load_family  # noqa: E402
 from flashdmd.networks import lora  # noqa: E402
 from flashdmd.networks.reward import LatentRewardModel  # noqa: E402
 from flashdmd.networks.quant import quantise  # noqa: E402
+from flashdmd.training import plan as P  # noqa: E402
 from flashdmd.training.distill import setup, train  # noqa: E402
 
 INT8_STEP = 1 / 255  # int8 symmetric, one scale per row: a weight moves by <= half a step = max|row| / 255
@@ -150,6 +151,10 @@ def test_fp8_on_a_cpu_and_a_quantised_full_fine_tune_are_one_line(folders, tmp_p
     with pytest.raises(FlashDMDError) as e:  # FSDP2 cannot shard torchao's tensors: refused before loading
         setup(_cfg(folders), shard=lambda net: pytest.fail("sharded"))
     assert str(e.value).startswith("model_frozen_quant int8 with FSDP2") and "\n" not in str(e.value)
+    plan = P.plan(_cfg(folders, disc_kind="none"), P.Settings(device="cuda", processes=8))
+    assert sorted(plan["strategies"]) == ["ddp", "single"]  # the plan offers no FSDP2 for a quantised base either
+    with pytest.raises(FlashDMDError, match="^model_frozen_quant int8 with FSDP2"):
+        P.plan(_cfg(folders, disc_kind="none"), P.Settings(device="cuda", processes=8, strategy="fsdp2"))
     with pytest.raises(FlashDMDError) as e:
         _cfg(folders, model_lora_rank=0)
     assert "model_frozen_quant" in str(e.value) and "full fine-tune" in str(e.value)
