@@ -39,7 +39,8 @@ def _cfg(folders, **kw):
 
 
 def _quantised(net: nn.Module) -> dict:
-    return {n: m.weight for n, m in net.named_modules() if isinstance(m, nn.Linear) and isinstance(m.weight, Int8Tensor)}
+    return {n: m.weight for n, m in net.named_modules()
+            if isinstance(m, nn.Linear) and isinstance(m.weight, Int8Tensor)}
 
 
 def _adapters(ctx) -> dict:

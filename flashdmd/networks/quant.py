@@ -25,7 +25,8 @@ def check(kind: str, device, field: str) -> None:
     device = torch.device(device)
     if kind != "fp8" or device.type == "meta":
         return
-    ok = device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
+    ok = device.type == "cuda" and torch.cuda.is_available() \
+        and torch.cuda.get_device_capability(device) >= FP8_CAPABILITY
     if not ok:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" and torch.cuda.is_available() else device
         raise FlashDMDError(f"{field}: fp8 needs a CUDA GPU with float8 support (compute capability 8.9+: Ada, Hopper "

@@ -123,8 +123,9 @@ class DistillConfig:
                                  "model_frozen_dtype, before the adapters: each linear weight as int8 or float8 with "
                                  "one scale per output row (about half / a quarter of bf16 / fp32 bytes); adapters, "
                                  "heads, optimiser states, latents and losses stay in model_dtype. The teacher's score "
-                                 "moves by the rounding (int8: half a step, 1/255 of each row's largest |weight|). LoRA only (a full "
-                                 "fine-tune trains the weights); fp8 needs a GPU with float8 (compute capability 8.9+). "
+                                 "moves by the rounding (int8: half a step, 1/255 of each row's largest |weight|). LoRA "
+                                 "only (a full fine-tune trains the weights); not with FSDP2; fp8 needs a GPU with "
+                                 "float8 (compute capability 8.9+). "
                                  "Never saved: a resume quantises the teacher folder again, and export fuses into the "
                                  "folder's original weights")
     model_text_encoder_quant: str = _f("none", "none | int8 | fp8: the same for the text encoders")
@@ -181,7 +182,8 @@ class DistillConfig:
                                "(DMD2's classifier on the fake score's bottleneck), or none")
     disc_backbone: str = _f("world", "pixel backbone: sam (transformers SamVisionModel from disc_backbone_path) or "
                             "a plug-in's frozen encoder (world: the embedded world's)")
-    disc_backbone_quant: str = _f("none", "none | int8 | fp8: the Pixel-GAN backbone's linear weights, as model_frozen_quant")
+    disc_backbone_quant: str = _f("none", "none | int8 | fp8: the Pixel-GAN backbone's linear weights, as "
+                                  "model_frozen_quant")
     disc_backbone_path: str | None = _f(None, "local folder of the backbone (required for sam)")
     disc_loss: str | None = _m("hinge (Algorithm 1, ADM) or ns (non-saturating, Eq. 10 / DMD2)")
     disc_gen_weight: float | None = _m("weight of the generator's GAN loss (lambda; not stated in the paper; DMD2 "
@@ -364,7 +366,8 @@ class DistillConfig:
         _need(self.model_frozen_dtype in FROZEN_DTYPES,
               f"model_frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.model_frozen_dtype!r}")
         for name in QUANT_FIELDS:
-            _need(getattr(self, name) in QUANTS, f"{name} must be one of {', '.join(QUANTS)}, got {getattr(self, name)!r}")
+            value = getattr(self, name)
+            _need(value in QUANTS, f"{name} must be one of {', '.join(QUANTS)}, got {value!r}")
         _need(self.model_frozen_quant == "none" or self.model_lora_rank > 0,
               "model_frozen_quant quantises frozen weights, and a full fine-tune (model_lora_rank 0) trains the "
               "student's: set model_lora_rank > 0, or model_frozen_quant none")

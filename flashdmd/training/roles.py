@@ -78,8 +78,8 @@ def check_quant(cfg, device, sharded: bool = False) -> list[str]:
     for name, kind in fields.items():
         check_quant_kind(kind, device, name)
         if sharded and name in sharded_quant(cfg):
-            raise FlashDMDError(f"{name} {kind} with FSDP2: fully_shard cannot shard torchao's quantised weights, which "
-                                f"the sharded roles hold; run on one GPU or with DDP, or set {name} none")
+            raise FlashDMDError(f"{name} {kind} with FSDP2: fully_shard cannot shard torchao's quantised weights, "
+                                f"which the sharded roles hold; run on one GPU or with DDP, or set {name} none")
     return [f"{name} {kind}" for name, kind in fields.items() if kind != "none"]
 
 
