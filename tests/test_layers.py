@@ -68,6 +68,8 @@ LAZY_IMPORTS = {
     ("flashdmd/training/run.py", "wandb"): "run_report_to wandb: wandb is an optional package",
     ("flashdmd/training/run.py", "accelerate.tracking"): "its WandBTracker imports wandb (the same)",
     ("flashdmd/data/sources.py", "datasets"): "a second of imports (pandas, pyarrow) only a datasets folder needs",
+    ("flashdmd/networks/quant.py", "torchao.quantization"): "a second of imports, and warnings of each CUDA kernel it "
+                                                            "cannot load, that only a quantised run needs",
     ("flashdmd/world/pretrain.py", "diffusers"): "the pipeline classes warn once per class without torchvision",
     ("flashdmd/world/pretrain_stages.py", "diffusers"): "(the same)",
 }

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torchao.quantization import Int8Tensor
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
@@ -55,22 +56,34 @@ def _optimizer_bytes(opt) -> int:
     return sum(v.untyped_storage().nbytes() for st in inner.state.values() for v in st.values() if torch.is_tensor(v))
 
 
-@pytest.mark.parametrize("family,method,lora", [("sdxl", "flashdmd", 2), ("sdxl", "flashdmd", 0), ("sd3", "dmd2", 2),
-                                               ("flux", "flashdmd", 2), ("flux2-klein", "flashdmd", 2),
-                                               ("zimage", "flashdmd", 2), ("qwenimage", "flashdmd", 2)])
-def test_plan_split_matches_a_real_run(folders, family, method, lora, monkeypatch):
+INT8 = dict(model_frozen_quant="int8", model_text_encoder_quant="int8", disc_backbone_quant="int8")
+
+
+@pytest.mark.parametrize("family,method,lora,quant", [
+    ("sdxl", "flashdmd", 2, {}), ("sdxl", "flashdmd", 0, {}), ("sd3", "dmd2", 2, {}), ("flux", "flashdmd", 2, {}),
+    ("flux2-klein", "flashdmd", 2, {}), ("zimage", "flashdmd", 2, {}), ("qwenimage", "flashdmd", 2, {}),
+    ("sdxl", "flashdmd", 2, INT8)])
+def test_plan_split_matches_a_real_run(folders, family, method, lora, quant, monkeypatch):
     if family == "zimage":  # its plan takes every prompt at the text-encoder length: one the world's captions reach
         monkeypatch.setattr(FAMILIES["zimage"], "max_sequence_length", 24)
     cfg = _cfg(folders, family, method, model_lora_rank=lora,
                student_timesteps=[999, 749, 499, 249] if family == "sdxl" else None,
                # the tiny FLUX.1 / FLUX.2 / Qwen-Image / Z-Image folders default to 256 px
-               **({"data_resolution": 32} if family in ("flux", "flux2-klein", "qwenimage", "zimage") else {}))
+               **({"data_resolution": 32} if family in ("flux", "flux2-klein", "qwenimage", "zimage") else {}), **quant)
     result = P.plan(cfg, P.Settings(device="cpu"))
     planned = result["detail"]["stage1"]
     ctx = setup(cfg)
     distill_iteration(ctx, _Sink())  # AdamW creates its state at the first step
     # weights by role and optimiser states: exactly the real tensors
     assert planned["weights"] == _real_weights(ctx)
+    if quant:  # the int8 tensors' own bytes (int8 data, float32 scales and zero points), counted without the plan
+        int8 = [m.weight for m in ctx.teacher.modules() if isinstance(m.weight if hasattr(m, "weight") else None,
+                                                                        Int8Tensor)]
+        plain = [t for t in list(ctx.teacher.parameters()) + list(ctx.teacher.buffers()) if type(t) is not Int8Tensor
+                 and not isinstance(t, Int8Tensor)]
+        own = sum(w.qdata.nbytes + w.scale.nbytes + w.zero_point.nbytes for w in int8) + sum(t.nbytes for t in plain)
+        assert int8 and planned["weights"]["teacher"] == own
+        print(f"int8 plan: teacher {own} bytes")
     roles_of = {"student": "generator", "fake_score": "fake_score", "disc": "disc"}
     for role, opt in roles_of.items():
         assert planned["optimizer"][role] == _optimizer_bytes(ctx.opt[opt]), role

@@ -9,6 +9,7 @@ fuses into the teacher's weights.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -41,7 +42,9 @@ def attach(net: nn.Module, rank: int, alpha: float | None = None, dtype: torch.d
     layer's dtype; with a lower-precision frozen base they are cast up here -- the gaussian init is then rounded once
     to the base's precision; lora_B starts at zero either way). FlashDMDError when ``net`` has none of the targets."""
     net.requires_grad_(False)
-    net.add_adapter(lora_config(rank, alpha, init))
+    with warnings.catch_warnings():  # a quantised base (flashdmd.networks.quant): peft warns that it cannot merge
+        warnings.filterwarnings("ignore", message=".*without `get_apply_tensor_subclass`")  # flashdmd never does
+        net.add_adapter(lora_config(rank, alpha, init))
     trainable = [p for p in net.parameters() if p.requires_grad]
     if not trainable:
         raise FlashDMDError(f"LoRA found none of {LORA_TARGETS} in {type(net).__name__}")

@@ -35,6 +35,7 @@ import yaml
 
 from flashdmd import FlashDMDError
 from flashdmd.families import FAMILIES
+from flashdmd.networks.quant import QUANTS
 
 
 def _f(default, help: str, **kw):
@@ -71,6 +72,7 @@ RESOLUTION = ("A value is resolved in this order, later wins: the field's defaul
               "key=value, in order. Renamed fields keep working under their old names for one release, with a "
               "warning: " + ", ".join(f"{old} -> {new}" for old, new in RENAMED.items()) + ".")
 FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+QUANT_FIELDS = ("model_frozen_quant", "model_text_encoder_quant", "disc_backbone_quant", "rl_reward_quant")
 
 
 @dataclass
@@ -115,6 +117,18 @@ class DistillConfig:
                                  "part in model_dtype, as before). A full fine-tune's student and fake score start "
                                  "from the folder's weights loaded in model_dtype, not from the lower-precision "
                                  "teacher; its Stage-2 reference (a copy of the student) stays in model_dtype")
+    model_frozen_quant: str = _f("none", "none | int8 | fp8: weight-only quantisation (torchao; peft's LoRA layers "
+                                 "wrap its quantised linears, not optimum-quanto's) of the frozen shared base -- the "
+                                 "teacher, which the student and fake score share under LoRA -- after loading in "
+                                 "model_frozen_dtype, before the adapters: each linear weight as int8 or float8 with "
+                                 "one scale per output row (about half / a quarter of bf16 / fp32 bytes); adapters, "
+                                 "heads, optimiser states, latents and losses stay in model_dtype. The teacher's score "
+                                 "moves by the rounding (int8: half a step, 1/255 of each row's largest |weight|). LoRA "
+                                 "only (a full fine-tune trains the weights); not with FSDP2; fp8 needs a GPU with "
+                                 "float8 (compute capability 8.9+). "
+                                 "Never saved: a resume quantises the teacher folder again, and export fuses into the "
+                                 "folder's original weights")
+    model_text_encoder_quant: str = _f("none", "none | int8 | fp8: the same for the text encoders")
     model_embedded_guidance: float = _f(3.5, "guidance-distilled teachers only (FLUX.1-dev: guidance is an input "
                                         "embedding, not a CFG pair): the fixed guidance value the student and the "
                                         "fake score are always given (FluxPipeline's default 3.5); the DM loss gives "
@@ -168,6 +182,8 @@ class DistillConfig:
                                "(DMD2's classifier on the fake score's bottleneck), or none")
     disc_backbone: str = _f("world", "pixel backbone: sam (transformers SamVisionModel from disc_backbone_path) or "
                             "a plug-in's frozen encoder (world: the embedded world's)")
+    disc_backbone_quant: str = _f("none", "none | int8 | fp8: the Pixel-GAN backbone's linear weights, as "
+                                  "model_frozen_quant")
     disc_backbone_path: str | None = _f(None, "local folder of the backbone (required for sam)")
     disc_loss: str | None = _m("hinge (Algorithm 1, ADM) or ns (non-saturating, Eq. 10 / DMD2)")
     disc_gen_weight: float | None = _m("weight of the generator's GAN loss (lambda; not stated in the paper; DMD2 "
@@ -228,6 +244,8 @@ class DistillConfig:
                               "and train one, docs/PAIRS.md), or LPO's released LRM folder for an SDXL teacher "
                               "(unet/, text_encoder*/, state_dict.pt; detected from its contents and scored exactly "
                               "as LPO does, docs/PAIRS.md). Checked before Stage 1 starts")
+    rl_reward_quant: str = _f("none", "none | int8 | fp8: the Stage-2 latent reward model's linear weights "
+                              "(rl_reward_model; not an rl_judge), as model_frozen_quant")
     rl_judge: str | None = _f(None, "Stage 2 without a latent reward model: rank the K candidates with a preference "
                               "model on decoded images -- pickscore, hpsv2, imagereward or clip, from the local "
                               "folder rl_judge_model (for a teacher that has no LRM; rl_reward_model is then unused). "
@@ -347,6 +365,12 @@ class DistillConfig:
         _need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
         _need(self.model_frozen_dtype in FROZEN_DTYPES,
               f"model_frozen_dtype must be one of {', '.join(FROZEN_DTYPES)}, got {self.model_frozen_dtype!r}")
+        for name in QUANT_FIELDS:
+            value = getattr(self, name)
+            _need(value in QUANTS, f"{name} must be one of {', '.join(QUANTS)}, got {value!r}")
+        _need(self.model_frozen_quant == "none" or self.model_lora_rank > 0,
+              "model_frozen_quant quantises frozen weights, and a full fine-tune (model_lora_rank 0) trains the "
+              "student's: set model_lora_rank > 0, or model_frozen_quant none")
         _need(not (self.model_mixed_precision == "bf16" and self.model_frozen_dtype == "float16"),
               "model_mixed_precision bf16 autocasts to bfloat16, which cannot run float16 frozen weights (torch's "
               "autocast promotes only float32 and bfloat16 tensors): set model_frozen_dtype bfloat16 (or auto), or "

@@ -53,6 +53,7 @@ from flashdmd.training.memory.accounting import (CARDS_GB, CUDA_RUNTIME_BYTES, F
                                                  stored_weight_bytes, table, trainable_bytes, weights_by_role)
 from flashdmd.training.memory.meta import MetaJudge, dtypes, meta_family, meta_roles, meta_run, role_modules  # noqa: F401
 from flashdmd.training.memory.phases import trace_stage1, trace_stage2
+from flashdmd.training.roles import check_quant, sharded_quant
 from flashdmd.training.memory.trace import LiveBytes, fused_attention, trace_phase  # noqa: F401
 from flashdmd.training.stage2 import setup_stage2
 
@@ -131,7 +132,9 @@ def _result(cfg, s: Settings, run, roles: dict, stage1: dict, stage2: dict | Non
     strategies = {"single": per_device(stage1, stage2, roles, trainable, "single", 1, runtime)}
     if s.processes > 1:
         strategies["ddp"] = per_device(stage1, stage2, roles, trainable, "ddp", s.processes, runtime)
-        strategies["fsdp2"] = per_device(stage1, stage2, roles, trainable, "fsdp2", s.processes, runtime)
+        check_quant(cfg, "meta", sharded=s.strategy == "fsdp2")  # FSDP2 with a quantised base: one line
+        if not sharded_quant(cfg):  # not a strategy this run can take
+            strategies["fsdp2"] = per_device(stage1, stage2, roles, trainable, "fsdp2", s.processes, runtime)
     chosen = s.strategy if s.strategy != "auto" else ("single" if s.processes == 1 else "ddp")
     if chosen not in strategies:
         raise FlashDMDError(f"--strategy {chosen}: with --processes {s.processes} choose from {sorted(strategies)}")

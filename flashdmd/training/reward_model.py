@@ -14,6 +14,7 @@ import torch
 from flashdmd import FlashDMDError, plugins
 from flashdmd.evaluation.judges import load_judge
 from flashdmd.networks.lpo_reward import LPORewardModel, check_lpo_folder, is_lpo_folder
+from flashdmd.networks.quant import quantise
 from flashdmd.networks.reward import LatentRewardModel
 from flashdmd.training import steps
 
@@ -75,7 +76,9 @@ def reward_model(run, judge=None) -> torch.nn.Module:
         judge = judge if judge is not None else load_judge(cfg.rl_judge, cfg.rl_judge_model, device=device)
         return JudgeReward(judge, run, cfg.rl_judge_image)
     path = resolve_reward_model(cfg.rl_reward_model, run.setup.family.name)
-    return load_reward_model(path, run.setup.family, cfg).to(device).requires_grad_(False).eval()
+    net = load_reward_model(path, run.setup.family, cfg).to(device).requires_grad_(False).eval()
+    # its own layers: the teacher's and the text encoders' (which an LRM may share) follow their own fields
+    return quantise(net, cfg.rl_reward_quant, keep=(run.setup.teacher, *filter(None, run.setup.family.text_encoders)))
 
 
 class JudgeReward(torch.nn.Module):

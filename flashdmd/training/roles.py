@@ -19,6 +19,7 @@ from flashdmd import FlashDMDError
 from flashdmd.families import LORA_TARGETS, name_part
 from flashdmd.networks.discriminator import LatentClassifierHead, build_pixel_discriminator
 from flashdmd.networks.lora import attach as attach_lora
+from flashdmd.networks.quant import check as check_quant_kind, quantise
 
 
 @dataclass
@@ -67,6 +68,41 @@ def frozen_dtype(cfg, device) -> torch.dtype:
     if cfg.model_frozen_dtype != "auto":
         return getattr(torch, cfg.model_frozen_dtype)
     return torch.bfloat16 if torch.device(device).type == "cuda" and model == torch.float32 else model
+
+
+def check_quant(cfg, device, sharded: bool = False) -> list[str]:
+    """The quantisation fields that are set, checked against ``device`` (fp8 needs a GPU with float8) and, when the
+    trained roles are ``sharded`` by FSDP2, against it (fully_shard cannot split torchao's quantised tensors): one
+    FlashDMDError line, before anything is loaded. Returns ``field kind`` for each that is set."""
+    fields = _quant_fields(cfg)
+    for name, kind in fields.items():
+        check_quant_kind(kind, device, name)
+        if sharded and name in sharded_quant(cfg):
+            raise FlashDMDError(f"{name} {kind} with FSDP2: fully_shard cannot shard torchao's quantised weights, "
+                                f"which the sharded roles hold; run on one GPU or with DDP, or set {name} none")
+    return [f"{name} {kind}" for name, kind in fields.items() if kind != "none"]
+
+
+def _quant_fields(cfg) -> dict[str, str]:
+    """quantisation field -> its kind, "none" where the run has no such part."""
+    return {"model_frozen_quant": cfg.model_frozen_quant, "model_text_encoder_quant": cfg.model_text_encoder_quant,
+            "disc_backbone_quant": cfg.disc_backbone_quant if cfg.disc_kind == "pixel" else "none",
+            "rl_reward_quant": cfg.rl_reward_quant if cfg.rl_enabled else "none"}
+
+
+def sharded_quant(cfg) -> list[str]:
+    """The quantisation fields set on parts that FSDP2 would shard (the shared base, the discriminator's backbone)."""
+    fields = _quant_fields(cfg)
+    return [n for n in ("model_frozen_quant", "disc_backbone_quant") if fields[n] != "none"]
+
+
+def quantise_frozen(cfg, family) -> None:
+    """The family's frozen teacher (model_frozen_quant) and text encoders (model_text_encoder_quant) quantised in
+    place, once, right after loading: before the text cache and before :func:`build_roles` clones the teacher, so
+    that under LoRA the student and the fake score wrap the same quantised tensors."""
+    quantise(family.denoiser, cfg.model_frozen_quant)
+    for encoder in family.text_encoders:
+        quantise(encoder, cfg.model_text_encoder_quant, keep=(family.denoiser,))
 
 
 def build_roles(cfg, family) -> Roles:
@@ -120,7 +156,7 @@ def _build_disc(cfg, family, fake_score) -> nn.Module | None:
         return None
     disc = disc.to(family.dtype)
     if cfg.disc_kind == "pixel":
-        disc.backbone.to(family.frozen_dtype)
+        quantise(disc.backbone.to(family.frozen_dtype), cfg.disc_backbone_quant, keep=(family.denoiser,))
     return disc
 
 

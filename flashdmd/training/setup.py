@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.state import AcceleratorState, PartialState
 from torch import Tensor, nn
 
@@ -32,7 +32,7 @@ from flashdmd.training.ema import StudentEMA
 from flashdmd.training.optim import make_optimizers, make_schedulers
 from flashdmd.training.reward_model import check_reward_model
 from flashdmd.training.rng import SampleRNG
-from flashdmd.training.roles import build_roles, frozen_dtype
+from flashdmd.training.roles import build_roles, check_quant, frozen_dtype, quantise_frozen
 from flashdmd.training.run import GRID_IMAGES
 from flashdmd.training.state import Run, TrainState
 
@@ -77,7 +77,8 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     check_trackers(cfg)
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.run_seed + acc.process_index)
-    family, resolution, timesteps, n_dm = _teacher(cfg, acc.device, log)
+    family, resolution, timesteps, n_dm = _teacher(cfg, acc.device, log,
+                                                   shard is not None or acc.distributed_type == DistributedType.FSDP)
     reward_path = check_reward_model(cfg, family)
     if reward_path is not None:
         log(f"reward model: {reward_path} (fits the teacher)")
@@ -118,10 +119,12 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
     return Accelerator(mixed_precision=cfg.model_mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def _teacher(cfg: DistillConfig, device, log) -> tuple[object, int, list[float], int]:
+def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple[object, int, list[float], int]:
     """(the teacher's family at the run's dtypes, the training resolution, the student's steps, n_dm)."""
+    quant = check_quant(cfg, device, sharded)  # fp8 without a GPU that has it fails before anything is loaded
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=device,
                          dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, device))
+    quantise_frozen(cfg, family)
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
     family.embedded_guidance = cfg.model_embedded_guidance  # read only by guidance-distilled families (FLUX.1-dev)
@@ -129,7 +132,7 @@ def _teacher(cfg: DistillConfig, device, log) -> tuple[object, int, list[float],
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
         f"{timesteps})")
     log(f"dtypes: frozen parts {str(family.frozen_dtype).removeprefix('torch.')}, trainable weights, optimiser "
-        f"states and latents {cfg.model_dtype}")
+        f"states and latents {cfg.model_dtype}" + (f"; quantised: {', '.join(quant)}" if quant else ""))
     return family, resolution, timesteps, n_dm
 
 

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flashdmd.networks.quant import inner_tensors
+
 GiB = 2 ** 30
 CUDA_RUNTIME_BYTES = 1 * GiB
 CARDS_GB = (24, 48, 80, 141)
@@ -23,7 +25,8 @@ ROLE_ORDER = ("teacher", "student", "fake_score", "text_encoders", "vae", "disc"
 
 
 def nbytes(t: torch.Tensor) -> int:
-    return t.untyped_storage().nbytes()
+    """Bytes of ``t``'s storage; a quantised weight's: those of its data and scales (flashdmd.networks.quant)."""
+    return sum(x.untyped_storage().nbytes() for x in inner_tensors(t))
 
 
 def weights_by_role(roles: dict) -> dict[str, int]:
@@ -32,7 +35,8 @@ def weights_by_role(roles: dict) -> dict[str, int]:
     for role in ROLE_ORDER:
         module = roles.get(role)
         total = 0
-        for t in list(module.parameters()) + list(module.buffers()) if module is not None else []:
+        tensors = list(module.parameters()) + list(module.buffers()) if module is not None else []
+        for t in (x for t in tensors for x in inner_tensors(t)):
             key = t.untyped_storage()._cdata
             if key not in seen:
                 seen.add(key)

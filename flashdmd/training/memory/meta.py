@@ -14,7 +14,7 @@ from torch import nn
 from flashdmd.families import load_family
 from flashdmd.training.memory.accounting import stored_weight_bytes
 from flashdmd.training.rng import SampleRNG
-from flashdmd.training.roles import build_roles, frozen_dtype
+from flashdmd.training.roles import build_roles, frozen_dtype, quantise_frozen
 from flashdmd.training.setup import RunSetup, student_steps
 from flashdmd.training.state import Run, TrainState
 
@@ -63,6 +63,7 @@ def meta_run(cfg, device: str) -> Run:
     its set-up built as :func:`flashdmd.training.setup.build` builds it, without weights, data or evaluator."""
     train, frozen = dtypes(cfg, device)
     family = meta_family(cfg.model_teacher, cfg.model_family, train, frozen)
+    quantise_frozen(cfg, family)  # as the run quantises them: the plan counts the quantised tensors' bytes
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)
     family.embedded_guidance = cfg.model_embedded_guidance
