@@ -1,6 +1,15 @@
 """flashdmd: Flash-DMD few-step distillation with joint preference RL, on HuggingFace diffusers."""
 
+import logging
+
 __version__ = "0.1.0"
+
+# torchao (the quantised frozen base, networks/quant.py) is imported by diffusers / transformers whenever a model
+# loads. On a CPU-only torch it logs "Failed to load ..._C*.so" for its CUDA kernels, torch logs a deprecation per
+# Enum it registers, and diffusers one line about torchao tensor classes it no longer finds: lines on every command
+# that say nothing to a user. Only those three loggers are lowered to errors.
+for _name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+    logging.getLogger(_name).setLevel(logging.ERROR)
 
 
 class FlashDMDError(Exception):
