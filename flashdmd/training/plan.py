@@ -53,6 +53,7 @@ from flashdmd.training.memory.accounting import (CARDS_GB, CUDA_RUNTIME_BYTES, F
                                                  stored_weight_bytes, table, trainable_bytes, weights_by_role)
 from flashdmd.training.memory.meta import MetaJudge, dtypes, meta_family, meta_roles, meta_run, role_modules  # noqa: F401
 from flashdmd.training.memory.phases import trace_stage1, trace_stage2
+from flashdmd.training.memory.suggest import describe, suggest
 from flashdmd.training.roles import check_quant, sharded_quant
 from flashdmd.training.memory.trace import LiveBytes, fused_attention, trace_phase  # noqa: F401
 from flashdmd.training.stage2 import setup_stage2
@@ -183,19 +184,33 @@ def add_arguments(p) -> None:
     p.add_argument("--device-memory", default=None, metavar="SIZE", help="memory per device, e.g. 24GB, 80GiB: say "
                    "whether the run fits (its peak under 95 %% of it: fragmentation and workspaces are not planned)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full plan here")
+    p.add_argument("--suggest", action="store_true", help="with --device-memory: if the run does not fit, the "
+                   "cheapest settings that do, as --set overrides (a cumulative ladder: text cache, gradient "
+                   "checkpointing, int8 text encoders, int8 Pixel-GAN backbone, int8 frozen base, smaller batch, "
+                   "and last a smaller LoRA rank), or by how much the best of them still misses")
 
 
 def run(args) -> None:
     cfg = DistillConfig.from_sources(args.config, args.set)
     memory = parse_bytes(args.device_memory) if args.device_memory else None
-    result = plan(cfg, Settings(processes=args.processes, device=args.device, device_memory=memory,
-                                strategy=args.strategy))
+    settings = Settings(processes=args.processes, device=args.device, device_memory=memory, strategy=args.strategy)
+    if args.suggest:
+        record = suggest(cfg, settings, plan)
+        record.pop("plan")  # the suggested settings' plan; the JSON keeps the run as configured, with the record
+        result = dict(record.pop("configured"), suggestion=record)
+    else:
+        result = plan(cfg, settings)
     print(headline(result))
     print(table(result))
+    if args.suggest:
+        print(describe(result["suggestion"]))
     if args.json:
         out = Path(args.json)
         out.parent.mkdir(parents=True, exist_ok=True)
         io.atomic_write_text(out, json.dumps(result, indent=2) + "\n")
-    if result["fits"] is False:
+    if args.suggest and not result["suggestion"]["fits"]:
+        raise FlashDMDError(f"nothing flashdmd has fits {args.device_memory} per device: the best settings miss by "
+                            f"{result['suggestion']['miss_bytes'] / GiB:.1f} GiB (see the suggestion above)")
+    if result["fits"] is False and not args.suggest:
         raise FlashDMDError(f"the run does not fit {args.device_memory} per device (plan: "
                             f"{result['peak_bytes_per_device'] / GiB:.1f} GiB); see the split above")
