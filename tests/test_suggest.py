@@ -1,6 +1,6 @@
 """flashdmd plan --suggest: the cumulative ladder on a tiny teacher -- a device memory between two rungs picks the
-first rung that fits, one below every rung reports the miss, and the suggested overrides, planned again from the
-command line's own --set form, fit."""
+first rung that fits (less the earlier rungs it does not need), one below every rung reports the miss, and the
+suggested overrides, planned again from the command line's own --set form, fit."""
 import json
 import sys
 from pathlib import Path
@@ -17,9 +17,11 @@ from flashdmd.training.config import DistillConfig  # noqa: E402
 from flashdmd.training.memory.suggest import suggest  # noqa: E402
 
 REAL_PLAN = P.plan
-# the rungs up to the int8 Pixel-GAN backbone already on: the ladder left is the frozen base, then the LoRA rank
-START = dict(model_lora_rank=16, run_batch_size=1, model_text_cache=True, model_gradient_checkpointing=True,
-             model_text_encoder_quant="int8", disc_backbone_quant="int8")
+# text cache, checkpointing, the int8 Pixel-GAN backbone, batch 1 and the smallest LoRA rank already set: the
+# ladder left is the int8 text encoders (nothing to save: the text cache frees them before training, the peak) and
+# the int8 frozen base
+START = dict(model_lora_rank=8, run_batch_size=1, model_text_cache=True, model_gradient_checkpointing=True,
+             disc_backbone_quant="int8")
 
 
 @pytest.fixture(scope="module")
@@ -45,19 +47,19 @@ def test_below_every_rung_the_miss_is_reported(setup):
     _, _, miss = setup
     assert not miss["fits"]
     # every rung left was tried, cheapest first, cumulatively; the already-set ones were passed over
-    assert [t["overrides"] for t in miss["tried"]] == [
-        {}, {"model_frozen_quant": "int8"}, {"model_frozen_quant": "int8", "model_lora_rank": 8}]
+    te = {"model_text_encoder_quant": "int8"}
+    assert [t["overrides"] for t in miss["tried"]] == [{}, te, dict(te, model_frozen_quant="int8")]
     peaks = [t["peak_bytes"] for t in miss["tried"]]
-    assert peaks[0] > peaks[1] > peaks[2]  # int8 base and a smaller adapter both save bytes
+    assert peaks[0] == peaks[1] > peaks[2]  # the int8 base saves bytes; int8 text encoders, freed, do not
     assert miss["peak_bytes"] == peaks[-1] and miss["miss_bytes"] == peaks[-1] - int(0.95 * 2 ** 20)
-    assert miss["set"] == ["model_frozen_quant=int8", "model_lora_rank=8"]
+    assert miss["set"] == ["model_text_encoder_quant=int8", "model_frozen_quant=int8"] and miss["pruned"] == []
 
 
 def test_between_two_rungs_the_first_that_fits_is_suggested(setup, tmp_path, monkeypatch, capsys):
     sets, plan, miss = setup
     peaks = [t["peak_bytes"] for t in miss["tried"]]
-    memory = int(peaks[1] / 0.95) + 1  # the int8 base fits, the run as configured does not
-    assert peaks[0] > 0.95 * memory >= peaks[1]
+    memory = int(peaks[2] / 0.95) + 1  # with the int8 base it fits, without it does not
+    assert peaks[1] > 0.95 * memory >= peaks[2]
     monkeypatch.setattr(P, "plan", plan)
     out = tmp_path / "plan.json"
     args = ["plan", "--device", "cuda", "--suggest", "--device-memory", f"{memory}B", "--json", str(out)]
@@ -67,11 +69,13 @@ def test_between_two_rungs_the_first_that_fits_is_suggested(setup, tmp_path, mon
     result = json.loads(out.read_text())
     assert result["peak_bytes_per_device"] == peaks[0] and result["fits"] is False  # the run as configured
     rec = result["suggestion"]
-    assert rec["fits"] and rec["set"] == ["model_frozen_quant=int8"] and rec["peak_bytes"] == peaks[1]
+    # the int8 text encoders saved nothing: planned without them the run still fits, so they are not suggested
+    assert rec["fits"] and rec["set"] == ["model_frozen_quant=int8"] and rec["pruned"] == ["model_text_encoder_quant"]
+    assert rec["peak_bytes"] == peaks[2] and rec["tried"][-1]["overrides"] == {"model_frozen_quant": "int8"}
     # the suggestion, planned again from the --set overrides as a user would give them (not memoised): it fits
     again = REAL_PLAN(DistillConfig.from_sources(None, sets + rec["set"]),
                       P.Settings(device="cuda", device_memory=memory))
-    assert again["fits"] and again["peak_bytes_per_device"] == peaks[1]
+    assert again["fits"] and again["peak_bytes_per_device"] == peaks[2]
 
 
 def test_suggest_needs_a_device_memory(setup, capsys):

@@ -3,7 +3,8 @@
 The search plans the configuration as given and, if it does not fit, walks a fixed ladder of settings in order of
 what they cost the run, each rung added to the ones before it (cumulative, cheapest first), planning every step
 (the planner runs on the meta device: seconds at full size). The first combination that fits is the suggestion,
-printed as the exact ``--set`` overrides; when none fits, the best (last) one says by how much it still misses.
+printed as the exact ``--set`` overrides (less any earlier rung it does not need: each is planned without, most
+expensive first); when none fits, the best (last) one says by how much it still misses.
 
 The ladder (a rung that changes nothing, or that the configuration cannot take, is passed over):
 
@@ -99,12 +100,33 @@ def suggest(cfg, settings, plan_fn, log=None) -> dict:
         tried.append({"overrides": dict(overrides), "peak_bytes": result["peak_bytes_per_device"],
                       "peak_phase": result["peak_phase"]})
         best = (nxt, result)
+    if _miss(best[1]["peak_bytes_per_device"], memory) <= 0:
+        best, overrides, pruned = _prune(configured[0], overrides, best, settings, plan_fn, tried)
+    else:
+        pruned = []
     peak = best[1]["peak_bytes_per_device"]
     miss = _miss(peak, memory)
     return {"device_memory_bytes": memory, "fit_headroom": FIT_HEADROOM, "fits": miss <= 0,
             "overrides": overrides, "set": [f"{k}={_value_text(v)}" for k, v in overrides.items()],
             "notes": {k: _NOTES[k] for k in overrides}, "peak_bytes": peak, "peak_phase": best[1]["peak_phase"],
-            "miss_bytes": max(miss, 0), "tried": tried, "plan": best[1], "configured": configured[1]}
+            "miss_bytes": max(miss, 0), "pruned": pruned, "tried": tried, "plan": best[1], "configured": configured[1]}
+
+
+def _prune(cfg, overrides: dict, best, settings, plan_fn, tried: list):
+    """Drop the rungs the fit does not need: each one before the last, most expensive first, planned without it
+    and left out when the rest still fits (a rung that saved nothing, e.g. int8 text encoders when training, not
+    the text cache's encoding pass, is the peak)."""
+    pruned = []
+    for field in list(overrides)[-2::-1]:
+        keep = {k: v for k, v in overrides.items() if k != field}
+        c = dataclasses.replace(cfg, **keep)
+        result = plan_fn(c, settings)
+        tried.append({"overrides": dict(keep), "peak_bytes": result["peak_bytes_per_device"],
+                      "peak_phase": result["peak_phase"]})
+        if _miss(result["peak_bytes_per_device"], settings.device_memory) <= 0:
+            overrides, best = keep, (c, result)
+            pruned.append(field)
+    return best, overrides, pruned
 
 
 def describe(s: dict) -> str:
