@@ -696,6 +696,28 @@ def plan_check():
              "anonymous / planned", "wall s"], rows, [x for x, _ in files], notes)
 
 
+@table("plan_targets")
+def plan_targets():
+    d = load("plan_targets.json")
+    rows = []
+    for r in d["targets"]:
+        stages = ", ".join(f"{k} {v:.1f}" for k, v in r["per_stage_gib"].items())
+        if r["fits"]:
+            result = "met"
+        else:
+            sug = r.get("suggest") or {}
+            fix = (f"; `--suggest`: `{' '.join('--set ' + x for x in sug['set'])}` -> {sug['peak_gib']:.1f} GiB"
+                   if sug.get("fits") else "")
+            result = f"misses by {r['miss_gib']:.2f} GiB{fix}"
+        rows.append([r["target"], f"{r['planned_peak_gib']:.1f}", r["peak_phase"], stages,
+                     f"{r['fit_limit_gib']:.1f}", result])
+    notes = [f"Planned at {d['commit']} for {d['device']}: Flash-DMD LoRA 64, 1024 px, batch 1, text cache, one GPU; "
+             "the int8 / fp8 targets quantise the text encoders too (`model_text_encoder_quant`), since they sit next "
+             "to the teacher while the prompts are encoded. A card fits under 95 % of it."]
+    return (["target", "planned peak GiB", "peak at", "per stage GiB", "fits under GiB", "result"], rows,
+            ["plan_targets.json"], notes)
+
+
 @table("vram_table")
 def vram_table():
     d = load("vram_table.json")
@@ -793,6 +815,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
     "plan_check_sdxl_three_copies.json": ("a full-size SDXL iteration before one shared base (three fp32 copies)",
                                           "8", "2026-12-02"),
     "vram_table.json": ("the planned VRAM table (benchmarks/vram_table.py)", "8", "2026-12-06"),
+    "plan_targets.json": ("issue 31's planned single-card targets with a quantised base (benchmarks/plan_targets.py)",
+                          "8", "2026-12-06"),
 }
 
 
