@@ -20,8 +20,8 @@ quantised:
 fp8 needs a float8 GPU; elsewhere its rows say "not run". Resumable: rows already in --out are kept; the JSON is
 rewritten atomically after each row.
 
-    python benchmarks/quant_cost.py                    # ~N min on one CPU thread; writes benchmarks/results/quant_cost.json
-    python benchmarks/quant_cost.py --quick            # a smoke run (< 1 min), written to a temporary folder
+    python benchmarks/quant_cost.py                    # ~6 min on one CPU thread (2 shared cores); writes benchmarks/results/quant_cost.json
+    python benchmarks/quant_cost.py --quick            # a smoke run (~35 s), written to a temporary folder
 """
 import argparse
 import json
