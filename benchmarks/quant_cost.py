@@ -20,8 +20,8 @@ quantised:
 fp8 needs a float8 GPU; elsewhere its rows say "not run". Resumable: rows already in --out are kept; the JSON is
 rewritten atomically after each row.
 
-    python benchmarks/quant_cost.py                    # ~6 min on one CPU thread (2 shared cores); writes benchmarks/results/quant_cost.json
-    python benchmarks/quant_cost.py --quick            # a smoke run (~35 s), written to a temporary folder
+    python benchmarks/quant_cost.py           # ~6 min, one thread (2 shared cores): benchmarks/results/quant_cost.json
+    python benchmarks/quant_cost.py --quick   # a smoke run (~35 s), written to a temporary folder
 """
 import argparse
 import json
@@ -152,7 +152,8 @@ def main() -> None:
     torch.set_num_threads(a.threads)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     tmp = tempfile.TemporaryDirectory()
-    out = Path(a.out or (Path(tmp.name) / "quant_cost.json" if a.quick else ROOT / "benchmarks/results/quant_cost.json"))
+    default = Path(tmp.name) / "quant_cost.json" if a.quick else ROOT / "benchmarks/results/quant_cost.json"
+    out = Path(a.out or default)
     teachers = ["world-sdxl", "tiny-sdxl"] if a.quick else [*WORLD, *TINY]
     nw, nt = (4, 2) if a.quick else (a.batch_world, a.batch_tiny)
     import tiny_models as tm

@@ -2,8 +2,8 @@
 
 200 generator steps (the preset's own 300 did not fit the CPU time we had). Every row is the shipped preset
 configs/world_sdxl_flashdmd.yaml with a LoRA of rank 32 (model_frozen_quant needs a LoRA: a full fine-tune trains the
-weights it would quantise) and the preset's learning rates x 10 (LoRA's usual scale), 300 evaluation images; a row differs from its pair only in model_frozen_quant. Each run (run_seed S,
-quant Q in int8 / none):
+weights it would quantise) and the preset's learning rates x 10 (LoRA's usual scale), 300 evaluation images; a row
+differs from its pair only in model_frozen_quant. Each run (run_seed S, quant Q in int8 / none):
 
     flashdmd distill --config configs/world_sdxl_flashdmd.yaml --out R/qQ_sS --set model_frozen_quant=Q \
         --set run_seed=S --set model_lora_rank=32 --set student_lr=5.0e-4 --set fake_score_lr=2.0e-3 \
