@@ -718,6 +718,45 @@ def plan_targets():
             ["plan_targets.json"], notes)
 
 
+@table("quant_cost")
+def quant_cost():
+    d = load("quant_cost.json")
+    rows = []
+    for key, r in d.items():
+        if "not_run" in r:
+            continue
+        for p in r["per_timestep"]:
+            rows.append([r["teacher"], r["quant"], f(p["t"], 0), f"{100 * p['x0_rel_rms']:.3f} %",
+                         f"{p['x0_max_abs']:.4f} ({p['x0_ref_max_abs']:.2f})",
+                         f"{p['grad_cos_fake_ref_mean']:.4f} / {p['grad_cos_fake_ref_min']:.4f}",
+                         f"{p['grad_cos_fake_same_mean']:.4f} / {p['grad_cos_fake_same_min']:.4f}"])
+    skipped = sorted({r["quant"] + ": " + r["not_run"] for r in d.values() if "not_run" in r})
+    notes = ["Against the same teacher unquantised, both frozen in float32; x0 with the teacher's CFG "
+             "(dm_guidance_scale); DM-gradient cosine per sample, mean / min, with the fake score the unquantised "
+             "teacher at CFG 1 (\"fake fp32\") or each teacher's own CFG-1 prediction (\"fake own\": an int8 run's "
+             "fake score shares the int8 base). Not run: " + "; ".join(skipped) + "."]
+    return (["teacher", "quant", "t", "x0 rel. RMS error", "x0 max abs error (max abs x0)",
+             "DM-grad cosine, fake fp32", "DM-grad cosine, fake own"], rows, ["quant_cost.json"], notes)
+
+
+@table("quant_stage1")
+def quant_stage1():
+    d = load("quant_stage1.json")
+    rows = []
+    for name, r in sorted(d.items()):
+        fds = {e["step"]: e["fd"] for e in r["evals"]}
+        late = [fds[k] for k in (160, 180, 200) if k in fds]
+        best = min((v, k) for k, v in fds.items() if k > 0)
+        base = "int8" if "int8" in name else ("bf16" if "bf16" in name else "fp32 (none)")
+        rows.append([base, name.rsplit("_s", 1)[1], f(fds[0]), f"{f(best[0])} ({best[1]})", f(mean(late)),
+                     " / ".join(f(fds[k]) for k in sorted(fds) if k > 0)])
+    notes = ["world-sdxl, configs/world_sdxl_flashdmd.yaml with a LoRA of rank 32 (a quantised base needs one) and its "
+             "learning rates x10, 200 generator steps, 300 images per evaluation; the rows differ only in the frozen "
+             "base. Step 0 is the teacher's own 4-step FD under that base."]
+    return (["frozen base", "seed", "FD at step 0", "best FD (step)", "mean FD, steps 160-200", "FD at steps 20...200"],
+            rows, ["quant_stage1.json"], notes)
+
+
 @table("vram_table")
 def vram_table():
     d = load("vram_table.json")
@@ -815,6 +854,10 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
     "plan_check_sdxl_three_copies.json": ("a full-size SDXL iteration before one shared base (three fp32 copies)",
                                           "8", "2026-12-02"),
     "vram_table.json": ("the planned VRAM table (benchmarks/vram_table.py)", "8", "2026-12-06"),
+    "quant_cost.json": ("an int8 teacher's x0 error and DM-gradient cosine (benchmarks/quant_cost.py)", "8",
+                        "2026-12-06"),
+    "quant_stage1.json": ("world-sdxl Stage 1 with an int8 / fp32 / bf16 frozen base, two seeds "
+                          "(benchmarks/quant_stage1.py)", "8", "2026-12-06"),
     "plan_targets.json": ("issue 31's planned single-card targets with a quantised base (benchmarks/plan_targets.py)",
                           "8", "2026-12-06"),
 }
