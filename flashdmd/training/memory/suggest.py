@@ -140,4 +140,5 @@ def describe(s: dict) -> str:
         return (f"suggest: {sets}  (peak {s['peak_bytes'] / GiB:.1f} GiB, fits {mem:.0f} GiB; {notes})")
     return (f"suggest: nothing flashdmd has fits {mem:.0f} GiB: the best, {sets or 'the run as configured'}, peaks "
             f"at {s['peak_bytes'] / GiB:.1f} GiB at {s['peak_phase']}, {s['miss_bytes'] / GiB:.1f} GiB over "
-            f"{FIT_HEADROOM:.0%} of the device; more devices (--processes, FSDP2) or a larger card would")
+            f"{FIT_HEADROOM:.0%} of the device: it needs a larger card, or more devices (--processes; FSDP2 shards "
+            "only an unquantised base)")
