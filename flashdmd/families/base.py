@@ -85,6 +85,9 @@ class Family(ABC):
     # True where the pipeline computes the dynamic shift's mu itself, ignoring the scheduler config's base / max shift
     # (FLUX.2's compute_empirical_mu): the exported scheduler then carries a fixed shift instead
     pipeline_own_mu: ClassVar[bool] = False
+    # the transformer's latent patch (FLUX, Qwen-Image, Z-Image: 2x2 patches as tokens): an image side must be a
+    # multiple of latent_patch * vae_scale_factor
+    latent_patch: ClassVar[int] = 1
     lora_layers_kwarg: ClassVar[str] = "transformer"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
@@ -398,6 +401,10 @@ class Family(ABC):
         """FlashDMDError (one line) when the denoiser cannot work at (height, width) pixels; the VAE factor is
         checked here, architecture limits by the family (SD3: its positional-embedding grid)."""
         self.latent_shape(height, width)
+        step = self.latent_patch * self.vae_scale_factor
+        if self.latent_patch > 1 and (height % step or width % step):
+            raise FlashDMDError(f"image size {height}x{width} is not a multiple of {step}: the {self.name} "
+                                f"transformer takes {self.latent_patch}x{self.latent_patch} latent patches as tokens")
 
     def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, H/f, W/f) of the latents of a (height, width) image."""

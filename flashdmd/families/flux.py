@@ -33,7 +33,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from torch import Tensor, nn
 
-from flashdmd import FlashDMDError, io
+from flashdmd import io
 from flashdmd.diffusion import FlowSchedule
 from flashdmd.families.base import Family
 from flashdmd.families.parts import Conditioning, input_dtype, unwrap
@@ -73,6 +73,7 @@ class FluxFamily(Family):
     embedded_guidance: float = DEFAULT_EMBEDDED_GUIDANCE
     pipeline_guidance_default = DEFAULT_EMBEDDED_GUIDANCE
     pipeline_sigma_grid = "linspace"  # FluxPipeline hands its scheduler sigmas linspace(1, 1/K, K) and mu
+    latent_patch = 2  # the transformer takes 2x2 latent patches as tokens
 
     @classmethod
     def exported_guidance(cls, info: dict, teacher) -> float:
@@ -106,13 +107,6 @@ class FluxFamily(Family):
         self.check_resolution(height, width)
         self.schedule = FlowSchedule(num_train_timesteps=self.schedule.num_train_timesteps,
                                      shift=self.shift_at(height, width))
-
-    def check_resolution(self, height: int, width: int) -> None:
-        super().check_resolution(height, width)
-        f = self.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise FlashDMDError(f"image size {height}x{width} is not a multiple of {2 * f}: FLUX packs 2x2 latent "
-                                "patches into tokens")
 
     def scheduler_timesteps(self, steps: int) -> list[float]:
         """FluxPipeline's: sigmas linspace(1, 1/steps, steps) through the scheduler with mu = ln(shift) at the

@@ -101,13 +101,6 @@ class QwenImageFamily(FluxFamily):
         """2 ** len(vae.temperal_downsample), as QwenImagePipeline (8 for Qwen-Image's VAE)."""
         return 2 ** len(self.vae.temperal_downsample)
 
-    def check_resolution(self, height: int, width: int) -> None:
-        self.latent_shape(height, width)
-        f = self.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise FlashDMDError(f"image size {height}x{width} is not a multiple of {2 * f}: Qwen-Image packs 2x2 "
-                                "latent patches into tokens")
-
     @property
     def default_student_timesteps(self) -> list[float]:
         """Uniform unshifted sigmas (1, 0.75, 0.5, 0.25) through the resolution's shift k = exp(mu), computed as the

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
-from flashdmd import FlashDMDError
 from flashdmd.diffusion import FlowSchedule, bcast, cfg_combine
 from flashdmd.families.base import Family
 from flashdmd.families.parts import Conditioning, input_dtype, masked_mean
@@ -72,6 +71,7 @@ class ZImageFamily(Family):
     tokenizer_parts = ("tokenizer",)
     pipeline_guidance_default = PIPELINE_GUIDANCE
     pipeline_no_guidance = 0.0  # its CFG is cond + g * (cond - uncond): g = 0 is one conditional forward
+    latent_patch = 2  # the transformer takes 2x2 latent patches as tokens
     pipeline_sigma_grid = "linspace"  # sigmas linspace(1, 1/K, K) (get_default_z_image_sigmas) and mu
     cfg_truncation: float = 1.0  # ZImagePipeline's defaults: no truncation, no renormalisation (see raw_prediction)
     cfg_normalization: float = 0.0
@@ -107,13 +107,6 @@ class ZImageFamily(Family):
         self._size = (height, width)
         self.schedule = FlowSchedule(num_train_timesteps=self.schedule.num_train_timesteps,
                                      shift=self.shift_at(height, width))
-
-    def check_resolution(self, height: int, width: int) -> None:
-        super().check_resolution(height, width)
-        f = self.vae_scale_factor
-        if height % (2 * f) or width % (2 * f):
-            raise FlashDMDError(f"image size {height}x{width} is not a multiple of {2 * f}: Z-Image's transformer "
-                                "takes 2x2 latent patches")
 
     def scheduler_timesteps(self, steps: int) -> list[float]:
         """ZImagePipeline's: sigmas linspace(1, 1/steps, steps) and mu of the current resolution (``use_resolution``;
