@@ -29,8 +29,8 @@ FAMILIES: dict[str, type[Family]] = {"sdxl": SDXLFamily, "sd3": SD3Family, "flux
 FAMILIES.update({"flux2": Flux2Family, "flux2-klein": Flux2KleinFamily})
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 
-__all__ = ["LORA_TARGETS", "Conditioning", "masked_mean", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES", "load_family", "resolve_path",
-           "detect_family", "name_part", "network_call", "part_name"]
+__all__ = ["LORA_TARGETS", "Conditioning", "masked_mean", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES",
+           "load_family", "resolve_path", "detect_family", "name_part", "network_call", "part_name"]
 
 
 def resolve_path(path_or_name: str | Path) -> Path:
