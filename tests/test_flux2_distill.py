@@ -62,17 +62,7 @@ def test_klein_teacher_gets_true_cfg_and_dev_the_embedding(tiny_run_folders, tmp
 
 
 def test_resume_is_bitwise_identical(tiny_run_folders, tmp_path):
-    kw = dict(run_max_steps=2, fake_score_ttur=2, run_checkpoint_every_steps=1, run_seed=3)
-    cfg = _cfg(tiny_run_folders, KLEIN, "flashdmd", **kw)
-    full = setup(cfg)
-    train(cfg, tmp_path / "full", progress=False, ctx=full)
-    train(_cfg(tiny_run_folders, KLEIN, "flashdmd", **{**kw, "run_max_steps": 1}), tmp_path / "half", progress=False)
-    resumed = setup(cfg)
-    train(cfg, tmp_path / "half", progress=False, ctx=resumed, resume="latest")
-    for role in ("student", "fake_score", "disc"):
-        a, b = dict(getattr(full, role).named_parameters()), dict(getattr(resumed, role).named_parameters())
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[n], b[n]) for n in a), role
+    tm.assert_resume_bitwise(lambda **kw: _cfg(tiny_run_folders, KLEIN, "flashdmd", **kw), tmp_path, steps=2)
 
 
 def test_stage2_runs_with_an_lrm_trained_by_flashdmds_commands(tiny_run_folders, tmp_path):

@@ -73,17 +73,7 @@ def test_the_dm_teacher_runs_true_cfg_and_the_student_does_not(folders, tmp_path
 
 
 def test_resume_is_bitwise_identical(folders, tmp_path):
-    kw = dict(run_max_steps=4, fake_score_ttur=2, run_checkpoint_every_steps=2, run_seed=3)
-    cfg = _cfg(folders, "flashdmd", **kw)
-    full = setup(cfg)
-    train(cfg, tmp_path / "full", progress=False, ctx=full)
-    train(_cfg(folders, "flashdmd", **{**kw, "run_max_steps": 2}), tmp_path / "half", progress=False)
-    resumed = setup(cfg)
-    train(cfg, tmp_path / "half", progress=False, ctx=resumed, resume="latest")
-    for role in ("student", "fake_score", "disc"):
-        a, b = dict(getattr(full, role).named_parameters()), dict(getattr(resumed, role).named_parameters())
-        assert a.keys() == b.keys()
-        assert all(torch.equal(a[n], b[n]) for n in a), role
+    tm.assert_resume_bitwise(lambda **kw: _cfg(folders, "flashdmd", **kw), tmp_path)
 
 
 def test_stage2_runs_with_an_lrm_trained_by_flashdmds_commands(folders, tmp_path):

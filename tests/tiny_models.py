@@ -321,3 +321,21 @@ def assert_roles_trained(ctx, before: dict, lora: bool = False, exempt: tuple[st
         assert not frozen_changed, f"{role}: frozen tensors changed: {frozen_changed[:3]}"
     for n, p in ctx.teacher.named_parameters():
         assert torch.equal(p, before["teacher"][n]) and not p.requires_grad
+
+
+def assert_resume_bitwise(make_cfg, tmp_path: Path, steps: int = 4) -> None:
+    """A run of ``steps`` generator steps (checkpoints every steps/2, TTUR 2) against the same run stopped at
+    steps/2 and resumed from its latest checkpoint: every parameter of student, fake score and discriminator is
+    bitwise equal. ``make_cfg(**overrides)`` builds the family's config."""
+    from flashdmd.training.distill import setup, train
+    kw = dict(run_max_steps=steps, fake_score_ttur=2, run_checkpoint_every_steps=steps // 2, run_seed=3)
+    cfg = make_cfg(**kw)
+    full = setup(cfg)
+    train(cfg, tmp_path / "full", progress=False, ctx=full)
+    train(make_cfg(**{**kw, "run_max_steps": steps // 2}), tmp_path / "half", progress=False)
+    resumed = setup(cfg)
+    train(cfg, tmp_path / "half", progress=False, ctx=resumed, resume="latest")
+    for role in ("student", "fake_score", "disc"):
+        a, b = dict(getattr(full, role).named_parameters()), dict(getattr(resumed, role).named_parameters())
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[n], b[n]) for n in a), role
