@@ -349,11 +349,9 @@ def processor_tokenizer(folder: Path, why: ImportError):
         raise FlashDMDError(f"{folder}: the processor needs torchvision ({str(why).strip().splitlines()[0]}) and its "
                             f"tokenizer alone cannot be loaded ({str(e).splitlines()[0]}); pip install torchvision") \
             from None
-    if tok.chat_template is None:
-        jinja, js = folder / "chat_template.jinja", folder / "chat_template.json"
-        if jinja.is_file():
-            tok.chat_template = jinja.read_text(encoding="utf-8")
-        elif js.is_file():
+    if tok.chat_template is None:  # transformers reads chat_template.jinja itself; a processor's .json it does not
+        js = folder / "chat_template.json"
+        if js.is_file():
             tok.chat_template = io.read_json(js)["chat_template"]
         else:
             raise FlashDMDError(f"{folder}: the processor needs torchvision and the folder has no chat template for "
