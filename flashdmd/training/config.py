@@ -22,10 +22,7 @@ one-time warning naming the new name.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import functools
-import math
-import types
 import typing
 import warnings
 from dataclasses import dataclass, field
@@ -36,6 +33,7 @@ import yaml
 from flashdmd import FlashDMDError
 from flashdmd.families import FAMILIES
 from flashdmd.networks.quant import QUANTS
+from flashdmd.training.config_parse import coerce_all, load_yaml
 
 
 def _f(default, help: str, **kw):
@@ -72,6 +70,7 @@ RESOLUTION = ("A value is resolved in this order, later wins: the field's defaul
               "key=value, in order. Renamed fields keep working under their old names for one release, with a "
               "warning: " + ", ".join(f"{old} -> {new}" for old, new in RENAMED.items()) + ".")
 FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
+OFFLOADS = ("none", "frozen", "base")
 QUANT_FIELDS = ("model_frozen_quant", "model_text_encoder_quant", "disc_backbone_quant", "rl_reward_quant")
 
 
@@ -129,6 +128,17 @@ class DistillConfig:
                                  "Never saved: a resume quantises the teacher folder again, and export fuses into the "
                                  "folder's original weights")
     model_text_encoder_quant: str = _f("none", "none | int8 | fp8: the same for the text encoders")
+    model_offload: str = _f("none", "none | frozen | base: where frozen weights wait between their uses (our choice, "
+                            "not in the paper). frozen: the text encoders, the VAE, the Pixel-GAN backbone and the "
+                            "reward model are held on the CPU and come onto the device at their first use in a phase "
+                            "(an encoding, a generator / fake-score / discriminator / RL step, an evaluation), leaving "
+                            "at its end. base: that, and the frozen base itself (the teacher, which the student and "
+                            "fake score share under LoRA) block by block with diffusers' group offloading, the next "
+                            "block prefetched on a side stream on GPU; for a base that does not fit the card at all "
+                            "-- every forward then streams it over PCIe, `flashdmd plan` says how many bytes per "
+                            "iteration. Adapters, heads and optimiser states stay on the device. base with a shared "
+                            "LoRA base needs model_gradient_checkpointing (offloaded blocks are recomputed in "
+                            "backward); not with FSDP2. Same numbers as none")
     model_embedded_guidance: float = _f(3.5, "guidance-distilled teachers only (FLUX.1-dev: guidance is an input "
                                         "embedding, not a CFG pair): the fixed guidance value the student and the "
                                         "fake score are always given (FluxPipeline's default 3.5); the DM loss gives "
@@ -371,6 +381,11 @@ class DistillConfig:
         _need(self.model_frozen_quant == "none" or self.model_lora_rank > 0,
               "model_frozen_quant quantises frozen weights, and a full fine-tune (model_lora_rank 0) trains the "
               "student's: set model_lora_rank > 0, or model_frozen_quant none")
+        _need(self.model_offload in OFFLOADS, f"model_offload must be one of {', '.join(OFFLOADS)}, "
+              f"got {self.model_offload!r}")
+        _need(self.model_offload != "base" or self.model_gradient_checkpointing or self.model_lora_rank == 0
+              or not self.model_shared_base, "model_offload base streams the shared base's blocks, which the "
+              "student's and fake score's backward must recompute: set model_gradient_checkpointing true")
         _need(not (self.model_mixed_precision == "bf16" and self.model_frozen_dtype == "float16"),
               "model_mixed_precision bf16 autocasts to bfloat16, which cannot run float16 frozen weights (torch's "
               "autocast promotes only float32 and bfloat16 tensors): set model_frozen_dtype bfloat16 (or auto), or "
@@ -457,7 +472,7 @@ class DistillConfig:
         scalars/lists); see the module docstring."""
         raw: dict = {}
         if path is not None:
-            raw.update(_current_names(_load_yaml(Path(path)), f"config file {path}"))
+            raw.update(_current_names(load_yaml(Path(path)), f"config file {path}"))
         for item in overrides or []:
             if "=" not in item:
                 raise FlashDMDError(f"--set {item!r}: expected key=value")
@@ -470,7 +485,7 @@ class DistillConfig:
             if isinstance(value, bool) and k in _STRING_FIELDS:  # YAML 1.1 reads no / off / yes as booleans
                 value = v.strip()
             raw[k] = value
-        return cls(**_coerce_all(cls, raw))
+        return cls(**coerce_all(cls, raw, RENAMED))
 
 
 def _need(ok: bool, msg: str) -> None:
@@ -519,71 +534,3 @@ DistillConfig.__init__ = _accept_old_names(DistillConfig.__init__)
 _STRING_FIELDS = {f.name for f in dataclasses.fields(DistillConfig)
                   if str in (typing.get_args(typing.get_type_hints(DistillConfig)[f.name]) or
                              (typing.get_type_hints(DistillConfig)[f.name],))}
-
-
-def _load_yaml(path: Path) -> dict:
-    if not path.is_file():
-        raise FlashDMDError(f"config file {path} not found")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise FlashDMDError(f"config file {path} is not valid YAML: {first}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise FlashDMDError(f"config file {path} must be a mapping of key: value, got {type(data).__name__}")
-    return data
-
-
-def _coerce_all(cls, raw: dict) -> dict:
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    out = {}
-    for k, v in raw.items():
-        if k not in names:
-            close = difflib.get_close_matches(str(k), names + list(RENAMED), n=1)  # YAML keys may be ints / bools
-            hint = f" (did you mean {RENAMED.get(close[0], close[0])}?)" if close else ""
-            raise FlashDMDError(f"config: unknown key {k!r}{hint}")
-        out[k] = _coerce(k, v, hints[k])
-    return out
-
-
-def _coerce(name, value, tp):
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if value is None:
-        if type(None) in args:
-            return None
-        raise FlashDMDError(f"config: {name} must not be null")
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(name, value, inner[0])
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise FlashDMDError(f"config: {name} must be a list, got {value!r}")
-        return [_coerce(name, v, args[0]) for v in value]
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise FlashDMDError(f"config: {name} must be true or false, got {value!r}")
-    if tp is int:
-        if isinstance(value, bool) or not (isinstance(value, int) or (isinstance(value, float) and value.is_integer())):
-            raise FlashDMDError(f"config: {name} must be an integer, got {value!r}")
-        return int(value)
-    if tp is float:
-        if isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as a string; accept what float() accepts
-            try:
-                value = float(value)
-            except ValueError:
-                pass
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise FlashDMDError(f"config: {name} must be a finite number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if isinstance(value, bool):
-            raise FlashDMDError(f"config: {name} must be a string, got {value!r} (YAML reads no / yes / on / off as "
-                                f"booleans: quote the value, e.g. {name}: \"no\")")
-        if not isinstance(value, str):
-            raise FlashDMDError(f"config: {name} must be a string, got {value!r}")
-        return value
-    return value
