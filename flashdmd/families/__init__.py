@@ -57,14 +57,16 @@ def detect_family(path: str | Path) -> str:
 
 
 def load_family(path_or_name: str | Path, family: str | None = None, device: str | torch.device = "cpu",
-                dtype: torch.dtype = torch.float32, frozen_dtype: torch.dtype | None = None) -> Family:
+                dtype: torch.dtype = torch.float32, frozen_dtype: torch.dtype | None = None,
+                load_device: str | torch.device | None = None) -> Family:
     """Load a pipeline folder (or a plug-in's model name, or a hub id) as its :class:`Family` adapter.
 
     ``family`` None detects it; naming one checks that the folder really is that family. ``dtype``: latents and
-    micro-conditioning; ``frozen_dtype`` (default ``dtype``): every part loaded from the folder.
+    micro-conditioning; ``frozen_dtype`` (default ``dtype``): every part loaded from the folder; ``load_device``
+    (default ``device``): where the loaded parts are put (``model_offload`` loads them on the CPU).
     """
     path = resolve_path(path_or_name)
     if family is not None and family not in FAMILIES:
         raise FlashDMDError(f"unknown family {family!r}; use one of {sorted(FAMILIES)} or omit it to detect")
     name = family or detect_family(path)
-    return FAMILIES[name](path, device=device, dtype=dtype, frozen_dtype=frozen_dtype)
+    return FAMILIES[name](path, device=device, dtype=dtype, frozen_dtype=frozen_dtype, load_device=load_device)

@@ -89,14 +89,19 @@ class Family(ABC):
     # multiple of latent_patch * vae_scale_factor
     latent_patch: ClassVar[int] = 1
     lora_layers_kwarg: ClassVar[str] = "transformer"
+    # the denoiser's blocks that gradient checkpointing wraps whole (model_offload base streams them one by one);
+    # none: the base cannot be streamed (SDXL's UNet checkpoints parts of its blocks)
+    offload_blocks: ClassVar[tuple[str, ...]] = ()
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_parts: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
     optional_text_parts: ClassVar[tuple[tuple[str, str], ...]] = ()
 
     def __init__(self, path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 frozen_dtype: torch.dtype | None = None):
+                 frozen_dtype: torch.dtype | None = None, load_device: str | torch.device | None = None):
         self.path = Path(path)
         self.device = torch.device(device)
+        # where the loaded parts are put (model_offload: the CPU, and the run places them); default the device
+        self.load_device = torch.device(load_device) if load_device is not None else self.device
         self.dtype = dtype
         self.frozen_dtype = frozen_dtype or dtype
         self.index = read_model_index(self.path)
@@ -119,7 +124,7 @@ class Family(ABC):
         # on the meta device (`flashdmd plan`): every network from its config file alone, no weight read
         load = meta_component if self.device.type == "meta" else load_component
         part = load(self.path, self.index, name, dtype or self.frozen_dtype, required=required)
-        return part.to(self.device) if isinstance(part, nn.Module) else part
+        return part.to(self.load_device) if isinstance(part, nn.Module) else part
 
     def load_denoiser(self, dtype: torch.dtype) -> nn.Module:
         """A fresh copy of the folder's denoiser in ``dtype`` on the family's device (frozen, eval mode): the

@@ -65,6 +65,7 @@ def image_ids(h: int, w: int, device, dtype) -> Tensor:
 
 class FluxFamily(Family):
     """FluxPipeline folders (see the module docstring for the conventions)."""
+    offload_blocks = ("FluxTransformerBlock", "FluxSingleTransformerBlock")
 
     name = "flux"
     pipeline_class = "FluxPipeline"
@@ -137,10 +138,10 @@ class FluxFamily(Family):
         (tok1, tok2), (clip, t5) = self.tokenizers, self.text_encoders
         ids = tok1(prompts, padding="max_length", max_length=tok1.model_max_length, truncation=True,
                    return_tensors="pt").input_ids
-        pooled = clip(ids.to(clip.device), output_hidden_states=False).pooler_output
+        pooled = clip(ids.to(self.device), output_hidden_states=False).pooler_output
         ids = tok2(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                    return_tensors="pt").input_ids
-        embeds = t5(ids.to(t5.device), output_hidden_states=False)[0]
+        embeds = t5(ids.to(self.device), output_hidden_states=False)[0]
         return embeds.to(self.device, t5.dtype), pooled.to(self.device, clip.dtype)
 
     # -- network -----------------------------------------------------------------------------------

@@ -100,6 +100,7 @@ def text_ids(batch: int, length: int, device) -> Tensor:
 
 class Flux2Base(Family):
     """What both FLUX.2 pipelines share (see the module docstring)."""
+    offload_blocks = ("Flux2TransformerBlock", "Flux2SingleTransformerBlock")
 
     denoiser_subfolder = "transformer"
     text_parts: ClassVar[tuple[str, ...]] = ("text_encoder",)
@@ -207,11 +208,11 @@ class Flux2Base(Family):
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor, Tensor]:
         (enc,) = self.text_encoders
         ids, mask = self._text_inputs(prompts)
-        attention = mask.to(enc.device)
+        attention = mask.to(self.device)
         if enc.device.type == "meta":  # `flashdmd plan`: transformers' mask builder reads the mask's values; hand it
             # the (B, 1, L, L) boolean mask it would build (the same shape and bytes), which it takes as it is
             attention = torch.ones(ids.shape[0], 1, ids.shape[1], ids.shape[1], dtype=torch.bool, device="meta")
-        out = enc(input_ids=ids.to(enc.device), attention_mask=attention, output_hidden_states=True, use_cache=False)
+        out = enc(input_ids=ids.to(self.device), attention_mask=attention, output_hidden_states=True, use_cache=False)
         stacked = torch.stack([out.hidden_states[k] for k in self.hidden_layers], dim=1).to(self.device, enc.dtype)
         b, n, seq, dim = stacked.shape
         embeds = stacked.permute(0, 2, 1, 3).reshape(b, seq, n * dim)

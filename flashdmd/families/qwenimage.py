@@ -74,6 +74,7 @@ def _split_real_tokens(hidden: Tensor, attention_mask: Tensor) -> tuple[Tensor, 
 class QwenImageFamily(FluxFamily):
     """QwenImagePipeline folders (see the module docstring for the conventions). Packing, the dynamic shift, the
     pipeline's timestep grid and per-step noise are FLUX.1's (:class:`~flashdmd.families.flux.FluxFamily`)."""
+    offload_blocks = ("QwenImageTransformerBlock",)
 
     name = "qwenimage"
     pipeline_class = "QwenImagePipeline"
@@ -120,8 +121,8 @@ class QwenImageFamily(FluxFamily):
         # on the meta device (`flashdmd plan`) the language model's mask handling reads values; an unpadded batch
         # (the plan's) needs no mask: the causal attention is the same
         meta = enc.device.type == "meta"
-        attention = None if meta and full else tokens.attention_mask.to(enc.device)
-        hidden = enc(input_ids=tokens.input_ids.to(enc.device), attention_mask=attention,
+        attention = None if meta and full else tokens.attention_mask.to(self.device)
+        hidden = enc(input_ids=tokens.input_ids.to(self.device), attention_mask=attention,
                      output_hidden_states=True).hidden_states[-1]
         if full:  # every row is its real tokens: the pipeline's split-and-stack is this slice
             embeds = hidden[:, DROP_IDX:]

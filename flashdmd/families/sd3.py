@@ -32,6 +32,7 @@ STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
 
 class SD3Family(Family):
     """StableDiffusion3Pipeline folders (see the module docstring for the conventions)."""
+    offload_blocks = ("JointTransformerBlock",)
 
     name = "sd3"
     pipeline_class = "StableDiffusion3Pipeline"
@@ -78,7 +79,7 @@ class SD3Family(Family):
         max_length = self.tokenizers[0].model_max_length  # the pipeline uses tokenizer 1's length for both
         ids = tokenizer(prompts, padding="max_length", max_length=max_length, truncation=True,
                         return_tensors="pt").input_ids
-        out = encoder(ids.to(encoder.device), output_hidden_states=True)
+        out = encoder(ids.to(self.device), output_hidden_states=True)
         return out.hidden_states[-2].to(self.device, self.text_encoders[0].dtype), out[0].to(self.device)
 
     def _t5(self, prompts: list[str]) -> Tensor:
@@ -89,7 +90,7 @@ class SD3Family(Family):
                                dtype=self.text_encoders[0].dtype)
         ids = tokenizer(prompts, padding="max_length", max_length=self.max_sequence_length, truncation=True,
                         add_special_tokens=True, return_tensors="pt").input_ids
-        return encoder(ids.to(encoder.device))[0].to(self.device, encoder.dtype)
+        return encoder(ids.to(self.device))[0].to(self.device, encoder.dtype)
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         embeds1, pooled1 = self._clip(self.tokenizers[0], self.text_encoders[0], prompts)

@@ -73,7 +73,7 @@ class SDXLFamily(Family):
     def _encode_one(self, tokenizer, encoder, prompts: list[str]):
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids
-        return encoder(ids.to(encoder.device), output_hidden_states=True)
+        return encoder(ids.to(self.device), output_hidden_states=True)
 
     def _encode_text(self, prompts: list[str]) -> tuple[Tensor, Tensor]:
         (tok1, tok2), (enc1, enc2) = self.tokenizers, self.text_encoders

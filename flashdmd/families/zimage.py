@@ -62,6 +62,7 @@ def token_list(cond: Conditioning, dtype: torch.dtype) -> list[Tensor]:
 
 class ZImageFamily(Family):
     """ZImagePipeline folders (see the module docstring for the conventions)."""
+    offload_blocks = ("ZImageTransformerBlock",)
 
     name = "zimage"
     pipeline_class = "ZImagePipeline"
@@ -137,8 +138,8 @@ class ZImageFamily(Family):
         meta = enc.device.type == "meta"
         # on the meta device (`flashdmd plan`) the encoder runs without its padding mask: transformers reads the
         # mask's values to build its causal mask, which meta tensors do not hold (the trace misses that mask only)
-        kw = {} if meta else {"attention_mask": mask.to(enc.device)}
-        hidden = enc(input_ids=ids.to(enc.device), output_hidden_states=True, **kw).hidden_states[-2]
+        kw = {} if meta else {"attention_mask": mask.to(self.device)}
+        hidden = enc(input_ids=ids.to(self.device), output_hidden_states=True, **kw).hidden_states[-2]
         # the pipeline's list, hidden[i][mask[i]]: each prompt's real tokens, one run (the tokenizer pads on one
         # side). On the meta device every prompt counts at the full text-encoder length: `flashdmd plan` sizes the
         # longest prompt a run can meet, not the one it traces with

@@ -36,7 +36,6 @@ relative to the LRM folder, or an absolute path).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import math
@@ -54,6 +53,7 @@ from flashdmd import FlashDMDError, io, plugins
 from flashdmd.families import Conditioning, load_family, network_call
 from flashdmd.families.parts import forward_hooks, unwrap
 from flashdmd.networks import lora
+from flashdmd.networks.offload import deepcopy_hooked
 
 FORMAT = "flashdmd-lrm"
 VERSION = 1
@@ -129,7 +129,7 @@ class LatentRewardModel(nn.Module):
         else:
             if backbone is None:  # a trained copy: weights in the model dtype, not the (lower) frozen one
                 full = self.train_backbone is True and family.frozen_dtype != family.dtype
-                net = family.load_denoiser(family.dtype) if full else copy.deepcopy(net)
+                net = family.load_denoiser(family.dtype) if full else deepcopy_hooked(net, {})
             if self.train_backbone == "lora":
                 lora.attach(net, lora_rank, lora_rank, family.dtype)
             else:

@@ -137,8 +137,9 @@ class DistillConfig:
                             "block prefetched on a side stream on GPU; for a base that does not fit the card at all "
                             "-- every forward then streams it over PCIe, `flashdmd plan` says how many bytes per "
                             "iteration. Adapters, heads and optimiser states stay on the device. base with a shared "
-                            "LoRA base needs model_gradient_checkpointing (offloaded blocks are recomputed in "
-                            "backward); not with FSDP2. Same numbers as none")
+                            "LoRA base needs model_gradient_checkpointing (each block is onloaded again for its "
+                            "recomputation in backward; without it, backward would keep every block's weights on the "
+                            "device); not with FSDP2 or SDXL's UNet. Same numbers as none")
     model_embedded_guidance: float = _f(3.5, "guidance-distilled teachers only (FLUX.1-dev: guidance is an input "
                                         "embedding, not a CFG pair): the fixed guidance value the student and the "
                                         "fake score are always given (FluxPipeline's default 3.5); the DM loss gives "
@@ -384,8 +385,9 @@ class DistillConfig:
         _need(self.model_offload in OFFLOADS, f"model_offload must be one of {', '.join(OFFLOADS)}, "
               f"got {self.model_offload!r}")
         _need(self.model_offload != "base" or self.model_gradient_checkpointing or self.model_lora_rank == 0
-              or not self.model_shared_base, "model_offload base streams the shared base's blocks, which the "
-              "student's and fake score's backward must recompute: set model_gradient_checkpointing true")
+              or not self.model_shared_base, "model_offload base streams the shared base's blocks, and without "
+              "gradient checkpointing the student's and fake score's backward keeps every block's weights on the "
+              "device: set model_gradient_checkpointing true")
         _need(not (self.model_mixed_precision == "bf16" and self.model_frozen_dtype == "float16"),
               "model_mixed_precision bf16 autocasts to bfloat16, which cannot run float16 frozen weights (torch's "
               "autocast promotes only float32 and bfloat16 tensors): set model_frozen_dtype bfloat16 (or auto), or "

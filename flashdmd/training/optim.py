@@ -17,6 +17,7 @@ from torch import Tensor
 from flashdmd import FlashDMDError
 from flashdmd.families import network_call
 from flashdmd.training.parallel import check_supported, clip_grad_norm_, prepare_role
+from flashdmd.training.residency import place
 from flashdmd.training.roles import trainable_parameters
 
 STAGE1_SCHEDULERS = ("generator", "fake_score", "disc")
@@ -41,15 +42,15 @@ def adamw(params, lr: float, cfg) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, lr=lr, betas=tuple(cfg.optim_betas), weight_decay=cfg.optim_weight_decay)
 
 
-def make_optimizers(cfg, accelerator, student, fake_score, disc) -> tuple[tuple, dict]:
+def make_optimizers(cfg, accelerator, student, fake_score, disc, off=None) -> tuple[tuple, dict]:
     """((student, fake score, discriminator) as prepared, {role: optimiser}). One AdamW per role. DMD2's latent
     classifier head gets its own optimiser with the fake score's lr, stepped together with the fake score's after
     one backward and one joint clip (AdamW is per parameter, so this is DMD2's single guidance optimiser exactly) --
-    accelerate's FSDP shards one model per prepare call."""
+    accelerate's FSDP shards one model per prepare call. ``off``: the run's offloading (model_offload), whose homed
+    tensors stay on the CPU (accelerate then places nothing)."""
     check_supported(accelerator)
     for net in (student, fake_score, disc):
-        if net is not None:
-            net.to(accelerator.device)
+        place(off, net, accelerator.device)
     opt = {"generator": adamw(trainable_parameters(student), cfg.student_lr, cfg),
            "fake_score": adamw(trainable_parameters(fake_score), cfg.fake_score_lr, cfg)}
     if cfg.disc_kind == "pixel":
@@ -57,10 +58,11 @@ def make_optimizers(cfg, accelerator, student, fake_score, disc) -> tuple[tuple,
     elif cfg.disc_kind == "latent":
         opt["disc"] = adamw(list(disc.parameters()), cfg.fake_score_lr, cfg)
     # accelerate: DDP / FSDP wrapping across processes (a no-op in one process), one model with its optimiser
-    student, (opt["generator"],) = prepare_role(accelerator, student, [opt["generator"]])
-    fake_score, (opt["fake_score"],) = prepare_role(accelerator, fake_score, [opt["fake_score"]])
+    placed = off is None
+    student, (opt["generator"],) = prepare_role(accelerator, student, [opt["generator"]], placed)
+    fake_score, (opt["fake_score"],) = prepare_role(accelerator, fake_score, [opt["fake_score"]], placed)
     if disc is not None:
-        disc, (opt["disc"],) = prepare_role(accelerator, disc, [opt["disc"]])
+        disc, (opt["disc"],) = prepare_role(accelerator, disc, [opt["disc"]], placed)
     return (student, fake_score, disc), opt
 
 

@@ -58,14 +58,15 @@ def check_supported(accelerator) -> None:
                             "(flashdmd relies on FSDP2's plain parameter names for the EMA pull and checkpoints)")
 
 
-def prepare_role(accelerator, module: nn.Module | None, optimizers: list):
+def prepare_role(accelerator, module: nn.Module | None, optimizers: list, placement: bool = True):
     """``accelerate.prepare`` for one model and its optimisers. A module already sharded by ``fully_shard``
-    (tests, or a caller that shards itself) keeps its sharding: only its optimisers are wrapped."""
+    (tests, or a caller that shards itself) keeps its sharding: only its optimisers are wrapped. ``placement``
+    False: accelerate does not move the module (model_offload placed it, homed tensors on the CPU)."""
     if module is None:
         return None, [accelerator.prepare(o) for o in optimizers]
     if is_sharded(module):
         return module, [accelerator.prepare(o) for o in optimizers]
-    out = accelerator.prepare(module, *optimizers)
+    out = accelerator.prepare(module, *optimizers, device_placement=[placement] * (1 + len(optimizers)))
     out = list(out) if isinstance(out, (list, tuple)) else [out]
     return out[0], out[1:]
 

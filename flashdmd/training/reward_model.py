@@ -16,7 +16,7 @@ from flashdmd.evaluation.judges import load_judge
 from flashdmd.networks.lpo_reward import LPORewardModel, check_lpo_folder, is_lpo_folder
 from flashdmd.networks.quant import quantise
 from flashdmd.networks.reward import LatentRewardModel
-from flashdmd.training import steps
+from flashdmd.training import residency, steps
 
 
 def resolve_reward_model(spec: str, family_name: str) -> Path:
@@ -76,9 +76,17 @@ def reward_model(run, judge=None) -> torch.nn.Module:
         judge = judge if judge is not None else load_judge(cfg.rl_judge, cfg.rl_judge_model, device=device)
         return JudgeReward(judge, run, cfg.rl_judge_image)
     path = resolve_reward_model(cfg.rl_reward_model, run.setup.family.name)
-    net = load_reward_model(path, run.setup.family, cfg).to(device).requires_grad_(False).eval()
+    net = load_reward_model(path, run.setup.family, cfg).requires_grad_(False).eval()
+    off = run.setup.offload
+    if off is None:
+        net = net.to(device)
     # its own layers: the teacher's and the text encoders' (which an LRM may share) follow their own fields
-    return quantise(net, cfg.rl_reward_quant, keep=(run.setup.teacher, *filter(None, run.setup.family.text_encoders)))
+    net = quantise(net, cfg.rl_reward_quant, keep=(run.setup.teacher, *filter(None, run.setup.family.text_encoders)))
+    if off is not None:  # model_offload: its own frozen tensors homed, the teacher's streamed blocks hooked
+        residency.add_part(off, "reward", net, run.setup.teacher)
+        residency.hook(off, [net])
+        off.place(net)
+    return net
 
 
 class JudgeReward(torch.nn.Module):

@@ -19,6 +19,7 @@ from flashdmd import FlashDMDError
 from flashdmd.families import LORA_TARGETS, name_part
 from flashdmd.networks.discriminator import LatentClassifierHead, build_pixel_discriminator
 from flashdmd.networks.lora import attach as attach_lora
+from flashdmd.networks.offload import deepcopy_hooked
 from flashdmd.networks.quant import check as check_quant_kind, quantise
 
 
@@ -53,7 +54,7 @@ def copy_sharing_frozen(net: nn.Module) -> nn.Module:
     are the three-copy path's to the bit (tests/test_shared_base.py)."""
     memo = {id(p): p for p in net.parameters() if not p.requires_grad}
     memo.update({id(b): b for b in net.buffers()})
-    return copy.deepcopy(net, memo)
+    return deepcopy_hooked(net, memo)  # copy.deepcopy, but the copy of a streamed base (model_offload) gets own hooks
 
 
 def shares_base(cfg) -> bool:
@@ -105,10 +106,12 @@ def quantise_frozen(cfg, family) -> None:
         quantise(encoder, cfg.model_text_encoder_quant, keep=(family.denoiser,))
 
 
-def build_roles(cfg, family) -> Roles:
+def build_roles(cfg, family, place=None) -> Roles:
     """Teacher (``family.denoiser``, frozen, in ``family.frozen_dtype``), student and fake score (trainable weights
     in ``family.dtype``), discriminator. Full fine-tune with a lower-precision teacher: the student is the folder's
-    weights loaded again in the model dtype and the fake score a copy of it."""
+    weights loaded again in the model dtype and the fake score a copy of it. ``place``: puts a role on the run's
+    device once its adapters exist (model_offload: all but the homed tensors; peft makes an adapter where its base
+    layer is, which for a streamed block is the CPU)."""
     teacher = family.denoiser
     teacher.requires_grad_(False).eval()
     lora = cfg.model_lora_rank > 0
@@ -130,6 +133,8 @@ def build_roles(cfg, family) -> Roles:
             net.requires_grad_(True)
         if cfg.model_gradient_checkpointing and hasattr(net, "enable_gradient_checkpointing"):
             net.enable_gradient_checkpointing()
+        if place is not None:
+            place(net)
     # the fake score starts at the teacher; with LoRA both adapters start identical (same seed per role)
     if lora:
         adapters = {n: p for n, p in student.named_parameters() if p.requires_grad}

@@ -26,6 +26,7 @@ from flashdmd import FlashDMDError, io, runfolder
 from flashdmd.evaluation import worsened
 from flashdmd.evaluation.report import save_grid
 from flashdmd.inference import Model, sample_images
+from flashdmd.training import residency
 from flashdmd.training.checkpoint import save_checkpoint
 from flashdmd.training.parallel import all_true, is_sharded, replica
 from flashdmd.training.roles import copy_sharing_frozen
@@ -197,7 +198,8 @@ class RunWriter:
         prompts = ctx.grid_prompts
         was = student.net.training
         student.net.eval()
-        imgs = sample_images(student, prompts, seed=1234)
+        with residency.phase(ctx.offload):
+            imgs = sample_images(student, prompts, seed=1234)
         student.net.train(was)
         folder = self.out / "samples"
         save_grid(imgs, folder / f"step_{ctx.global_step:06d}.png", nrow=GRID_ROW)
@@ -218,7 +220,8 @@ class RunWriter:
         if not self.main:
             return None
         student.net.eval()
-        m = ctx.evaluator.evaluate(student, seed=0)
+        with residency.phase(ctx.offload):  # model_offload: the VAE (and text encoders) leave after it
+            m = ctx.evaluator.evaluate(student, seed=0)
         student.net.train()
         m.update(step=ctx.global_step, stage=ctx.stage, generator_steps=ctx.generator_steps, rl_steps=ctx.rl_steps,
                  images_seen=ctx.generator_steps * self.cfg.run_batch_size * ctx.accelerator.num_processes,

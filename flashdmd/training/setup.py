@@ -28,6 +28,8 @@ from flashdmd.data import RealImageStream, open_image_source, open_prompt_source
 from flashdmd.evaluation.real import RealEvaluator
 from flashdmd.families import load_family
 from flashdmd.training.config import DistillConfig
+from flashdmd.networks.offload import Offload
+from flashdmd.training import residency
 from flashdmd.training.ema import StudentEMA
 from flashdmd.training.optim import make_optimizers, make_schedulers
 from flashdmd.training.reward_model import check_reward_model
@@ -61,6 +63,7 @@ class RunSetup:
     grid_prompts: list = field(default_factory=list)
     reference: nn.Module | None = None   # Stage 2: the student frozen at its start
     reward: nn.Module | None = None      # Stage 2: the reward model
+    offload: Offload | None = None       # model_offload: the homed frozen parts and streamed blocks (residency.py)
 
     def t(self, k: int, n: int) -> Tensor:
         """Student step k's timestep for a batch of n, (n,) float32 on the run's device."""
@@ -77,11 +80,8 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     check_trackers(cfg)
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.run_seed + acc.process_index)
-    family, resolution, timesteps, n_dm = _teacher(cfg, acc.device, log,
-                                                   shard is not None or acc.distributed_type == DistributedType.FSDP)
-    reward_path = check_reward_model(cfg, family)
-    if reward_path is not None:
-        log(f"reward model: {reward_path} (fits the teacher)")
+    family, resolution, timesteps, n_dm, off = _teacher(
+        cfg, acc.device, log, shard is not None or acc.distributed_type == DistributedType.FSDP)
     real, prompts = _data(cfg, acc, resolution, log)
     evaluator, grid = _evaluation(cfg, acc.device, prompts)
     log(f"evaluation: {type(evaluator).__name__ if evaluator else 'none'}"
@@ -89,22 +89,33 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     if cfg.model_text_cache:
         n = cache_text(cfg, family, prompts, evaluator, grid, real, resolution)
         log(f"text cache: {n} prompts encoded, text encoders released")
-    roles = build_roles(cfg, family)
+    residency.settle(off, family)  # model_offload: the denoiser reaches the device after the text encoders left
+    reward_path = check_reward_model(cfg, family)
+    if reward_path is not None:
+        log(f"reward model: {reward_path} (fits the teacher)")
+    roles = build_roles(cfg, family, place=lambda net: residency.place(off, net, acc.device))
     log(f"roles: student, fake score{', discriminator (' + cfg.disc_kind + ')' if roles.disc is not None else ''}")
     for net in (roles.student, roles.fake_score) if shard is not None else ():
         shard(net.to(acc.device))
+    if roles.disc is not None and cfg.disc_kind == "pixel":
+        residency.add_part(off, "disc_backbone", roles.disc.backbone, family.denoiser)
+        residency.place(off, roles.disc, acc.device)
     # pooled heads: fix their standardisation before they are prepared (a resume restores the same statistics)
     if cfg.disc_kind == "pixel" and cfg.disc_head == "pooled":
-        roles.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.run_batch_size))
-    (student, fake_score, disc), opt = make_optimizers(cfg, acc, roles.student, roles.fake_score, roles.disc)
+        with residency.phase(off):
+            roles.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.run_batch_size))
+    (student, fake_score, disc), opt = make_optimizers(cfg, acc, roles.student, roles.fake_score, roles.disc, off)
     state = TrainState(rng=SampleRNG(cfg.run_seed, acc.process_index, cfg.run_batch_size), opt=opt,
                        schedule_processes=acc.num_processes)  # a resume restores the first launch's count
     state.sched = make_schedulers(cfg, state)
     if cfg.student_ema > 0:
         state.student_ema = StudentEMA(acc.unwrap_model(student), cfg.student_ema)
+    if off is not None:
+        off.release()   # what the set-up used outside a phase (the null conditioning, a head's sizing) goes back
     setup = RunSetup(cfg=cfg, accelerator=acc, device=acc.device, family=family, teacher=roles.teacher,
                      student=student, fake_score=fake_score, disc=disc, timesteps=timesteps, n_dm=n_dm,
-                     resolution=resolution, prompts=prompts, real=real, evaluator=evaluator, grid_prompts=grid)
+                     resolution=resolution, prompts=prompts, real=real, evaluator=evaluator, grid_prompts=grid,
+                     offload=off)
     return Run(setup, state)
 
 
@@ -119,12 +130,18 @@ def make_accelerator(cfg: DistillConfig) -> Accelerator:
     return Accelerator(mixed_precision=cfg.model_mixed_precision, cpu=not torch.cuda.is_available())
 
 
-def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple[object, int, list[float], int]:
-    """(the teacher's family at the run's dtypes, the training resolution, the student's steps, n_dm)."""
+def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple:
+    """(the teacher's family at the run's dtypes, the training resolution, the student's steps, n_dm, the run's
+    offloading or None)."""
     quant = check_quant(cfg, device, sharded)  # fp8 without a GPU that has it fails before anything is loaded
+    residency.check(cfg, device, sharded)
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=device,
-                         dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, device))
+                         dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, device),
+                         load_device=residency.load_device(cfg, device))
     quantise_frozen(cfg, family)
+    off = residency.install(cfg, family)
+    if not cfg.model_text_cache:
+        residency.settle(off, family)
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
     family.embedded_guidance = cfg.model_embedded_guidance  # read only by guidance-distilled families (FLUX.1-dev)
@@ -133,7 +150,10 @@ def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple[ob
         f"{timesteps})")
     log(f"dtypes: frozen parts {str(family.frozen_dtype).removeprefix('torch.')}, trainable weights, optimiser "
         f"states and latents {cfg.model_dtype}" + (f"; quantised: {', '.join(quant)}" if quant else ""))
-    return family, resolution, timesteps, n_dm
+    if off is not None:
+        log(f"offload: {cfg.model_offload} ({', '.join(off.parts.groups)} homed on the CPU"
+            + (f"; {len(off.groups)} blocks of the base streamed" if off.groups else "") + ")")
+    return family, resolution, timesteps, n_dm, off
 
 
 def _data(cfg: DistillConfig, acc, resolution: int, log) -> tuple[RealImageStream | None, object]:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from flashdmd.training import preempt
 from flashdmd.training.optim import step_schedulers
-from flashdmd.training.steps import (discriminator_step, encode, fake_score_step, generator_step, null_cond,
+from flashdmd.training.steps import (discriminator_step, encode, fake_score_step, generator_step, null_cond, phase,
                                      rollout)
 
 
@@ -33,7 +33,11 @@ def distill_iteration(run, writer) -> bool:
     gen_now = state.iteration % cfg.fake_score_ttur == 0
     with s.accelerator.autocast():
         # phase 1: generator (every TTUR-th iteration), else a no-grad rollout for the critics
-        out = generator_step(run, cond, uncond) if gen_now else rollout(run, cond, uncond, with_grad=False)
+        if gen_now:
+            out = generator_step(run, cond, uncond)
+        else:
+            with phase(run):
+                out = rollout(run, cond, uncond, with_grad=False)
         # phase 2: critics -- fake score (diffusion loss only) and pixel discriminator
         logs = dict(out["logs"])
         logs.update(fake_score_step(run, out["x0_fake_score"], cond))

@@ -67,6 +67,8 @@ def setup_stage2(run, judge=None) -> None:
     run.setup = dataclasses.replace(run.setup, reward=reward_model(run, judge))
     if s.accelerator is not None:
         run.state.opt["rl"], run.state.sched["rl"] = rl_optimizer(s.cfg, s.accelerator, s.student)
+    if s.offload is not None:
+        s.offload.release()   # model_offload: what loading the reward model used goes back
 
 
 def enter(run, writer) -> None:
@@ -151,9 +153,10 @@ def rl_loss(run, cond, prompts: list[str] | None = None, k: int | None = None) -
 
 def rl_step(run, cond, prompts: list[str] | None = None) -> dict:
     """One RL update; returns the scalars to log."""
-    loss, logs = rl_loss(run, cond, prompts)
-    params = [p for g in run.state.opt["rl"].param_groups for p in g["params"]]
-    norm = optimise(run, "rl", loss, params)
+    with steps.phase(run):
+        loss, logs = rl_loss(run, cond, prompts)
+        params = [p for g in run.state.opt["rl"].param_groups for p in g["params"]]
+        norm = optimise(run, "rl", loss, params)
     steps.after_student_update(run)
     return {**{k: float(v) for k, v in logs.items()}, "grad_norm/rl": float(norm)}
 

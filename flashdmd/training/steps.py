@@ -24,6 +24,7 @@ from flashdmd.diffusion.samplers import backward_simulate, renoise
 from flashdmd.losses import d_loss, denoising_loss, dmd_loss, g_loss
 from flashdmd.training.ema import ema_pull_
 from flashdmd.training.optim import optimise
+from flashdmd.training import residency
 from flashdmd.training.parallel import reshard
 from flashdmd.training.roles import trainable_parameters
 
@@ -32,15 +33,22 @@ from flashdmd.training.roles import trainable_parameters
 # inputs
 
 
+def phase(run):
+    """One phase's context: the frozen parts it onloads go back to the CPU at its end (model_offload; else a no-op)."""
+    return residency.phase(run.setup.offload)
+
+
 def encode(run, prompts: list[str]):
-    """The prompts' conditioning at the run's resolution."""
+    """The prompts' conditioning at the run's resolution (its own phase: offloaded text encoders leave after it)."""
     res = run.setup.resolution
-    return run.setup.family.encode_prompts(prompts, res, res)
+    with phase(run):
+        return run.setup.family.encode_prompts(prompts, res, res)
 
 
 def null_cond(run, n: int):
     res = run.setup.resolution
-    return run.setup.family.null_conditioning(n, res, res)
+    with phase(run):
+        return run.setup.family.null_conditioning(n, res, res)
 
 
 def randn(run, shape) -> Tensor:
@@ -277,8 +285,9 @@ def after_student_update(run) -> None:
 def generator_step(run, cond, uncond) -> dict:
     """The generator's update (then, for Flash-DMD, the fake score's EMA pull toward the student)."""
     s = run.setup
-    out = rollout(run, cond, uncond, with_grad=True)
-    norm = optimise(run, "generator", out["loss"], trainable_parameters(s.student))
+    with phase(run):
+        out = rollout(run, cond, uncond, with_grad=True)
+        norm = optimise(run, "generator", out["loss"], trainable_parameters(s.student))
     out["logs"] = _floats(out["logs"])
     out["logs"]["grad_norm/generator"] = norm
     out["logs"]["loss/generator"] = out["loss"].item()
@@ -290,16 +299,18 @@ def generator_step(run, cond, uncond) -> dict:
 
 
 def fake_score_step(run, x0_fake: Tensor, cond) -> dict:
-    loss, logs, roles = critic_loss(run, x0_fake, cond)
-    params = [p for r in roles for g in run.state.opt[r].param_groups for p in g["params"]]
-    norm = optimise(run, roles, loss, params)
+    with phase(run):
+        loss, logs, roles = critic_loss(run, x0_fake, cond)
+        params = [p for r in roles for g in run.state.opt[r].param_groups for p in g["params"]]
+        norm = optimise(run, roles, loss, params)
     logs = _floats(logs)
     logs["grad_norm/fake_score"] = norm
     return logs
 
 
 def discriminator_step(run, x0_fake: Tensor, cond) -> dict:
-    loss, logs = discriminator_loss(run, x0_fake, cond)
-    heads = [p for g in run.state.opt["disc"].param_groups for p in g["params"]]
-    norm = optimise(run, "disc", run.setup.cfg.disc_weight * loss.mean(), heads)
+    with phase(run):
+        loss, logs = discriminator_loss(run, x0_fake, cond)
+        heads = [p for g in run.state.opt["disc"].param_groups for p in g["params"]]
+        norm = optimise(run, "disc", run.setup.cfg.disc_weight * loss.mean(), heads)
     return {"loss/disc": loss.mean().item(), "grad_norm/disc": norm, **_floats(logs)}
