@@ -1,4 +1,5 @@
-"""The first-GPU check (issue 28, item 2): one command, about 6 minutes on one 80 GB GPU, nothing downloaded.
+"""The first-GPU check (issue 28, item 2; the offload / quantisation rows: issue 31): one command, about 6.5 minutes
+on one 80 GB GPU, nothing downloaded.
 
     python benchmarks/gpu_check.py --json gpu_check.json                    # on the GPU machine
     python benchmarks/gpu_check.py --json gpu_check.json --parts peak_sdxl,fsdp2_resume
@@ -25,6 +26,20 @@ time limit still leaves the finished parts; one summary line per part at the end
     config (``plan.plan(cfg, Settings(device="cuda"))``, computed in a background CPU process while the GPU
     works) and two ratios: plan tensors (peak minus its assumed 1 GiB runtime) / max_memory_allocated, and
     plan peak / (max_memory_reserved + memory outside torch's pool). Either off by more than 15 % is flagged.
+``offload_sd3``, ``quant_sd3``
+    What offloading and quantising the frozen base cost a Stage-1 iteration, one field changed at a time in one
+    process: rows ``model_offload`` none / frozen / base (``offload_sd3``) and ``model_frozen_quant`` int8 / fp8
+    (``quant_sd3``; fp8 only on a GPU of compute capability 8.9+, else the row says "not run" and why), each a
+    fresh set-up of peak_sd3's config (``--set model_offload=... --set model_frozen_quant=...``, gradient
+    checkpointing on in every row, as base needs) on the same SD3-medium weights without T5 (a folder of links
+    to the built one: the text cache encodes every prompt at set-up and frees the encoders, so an iteration
+    computes the same with T5's zeros in its place, and a set-up reads 6 GB instead of 15). Per row: one warm-up
+    cycle, then seconds per iteration = the median of 3 timed cycles / TTUR; the CUDA peaks over those cycles
+    (set-up apart) beside the plan of the row's config (as the peaks above, 15 % flag), the bytes of the
+    teacher / VAE / discriminator on each device after set-up (where offloading left them), and every row's
+    ratios to the none/none row (offload_sd3's first): seconds per iteration, peak allocated / reserved, the
+    plan's peak. What the plan says of offloading (any entry of its result on offload / transfer / bandwidth)
+    is kept beside it, with the measured ``extra_seconds_per_iteration`` against none/none.
 ``step_flashdmd``, ``step_dmd2``
     Seconds per generator update at full size in bf16 (SDXL, the two presets with the same LoRA-64 / batch-1 /
     1024 px overrides; a TTUR-n update includes its n - 1 critic-only iterations, as benchmarks/step_cost.py
@@ -75,12 +90,20 @@ starting parts after ``--budget-s`` (450 s).
                                          real image; the generator's with teacher and fake-score passes)
     peak_sd3              50 s    100 s  ~10 s imports, ~25 s setup (15 GB incl. T5-XXL read, every prompt encoded,
                                          the text encoders released), 2 cycles (TTUR 2: 4 iterations)
+    offload_sd3           55 s     85 s  3 rows, each ~10 s setup (6 GB without T5 from the page cache, LoRA,
+                                         text cache) + a warm-up and 3 timed cycles: none and frozen ~1.5 s a
+                                         cycle; base streams ~4 GB of blocks per transformer pass (~12 passes a
+                                         generator iteration, ~0.15 s each at 25-50 GB/s): ~4 s a cycle. Each row
+                                         gets an even share of the time left; its timed cycles stop there
+    quant_sd3             35 s     55 s  int8 and fp8 rows, ~10 s setup (quantising 2 B parameters on the GPU:
+                                         ~1 s) + 4 cycles of ~1.7 s each
     fsdp2_resume          45 s     90 s  a probe launch (~5 s), then two `accelerate launch` distills of a tiny
                                          model, each ~15 s of imports and start-up plus a second of training
     compile                0 s    120 s  not offered (the limit is for when it is: a set-up, a compiling cycle
                                          and step_flashdmd's updates)
-    plans (background)    60 s      --   flashdmd plan of both peak configs on 4 CPU threads beside the GPU work
-    total               ~285 s    450 s  + ~10 s for the diffusers wheel install (see BENCHMARKS.md)
+    plans (background)   110 s      --   flashdmd plan of both peak configs (~30 s each) and of the 5 rows' (~10 s
+                                         each) on 4 CPU threads beside the GPU work
+    total               ~375 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
 with T5, SAM; 32 px images), in about 35 s on 2 cores; its CPU parts and the plans share one process (on a GPU
