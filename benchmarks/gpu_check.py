@@ -106,11 +106,14 @@ starting parts after ``--budget-s`` (450 s).
     total               ~375 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
-with T5, SAM; 32 px images), in about 35 s on 2 cores; its CPU parts and the plans share one process (on a GPU
-each group is a process of its own, so that every peak starts from an empty card). Where the CPU cannot measure what the GPU run does the
-JSON says so: a CUDA peak is null with a reason and the process's peak RSS beside it (the plan is still computed,
-for the CPU, and its ratio to the RSS given for information only); accelerate does not enable FSDP on a CPU, so the
-launch runs one plain process and ``fsdp2_enabled`` is false. tests/test_gpu_check.py runs it.
+with T5, SAM; 32 px images), in about 35 s on 2 idle cores before the offload / quantisation rows (they add ~12 s
+of parts and ~8 s of plans on 2 busy cores); its CPU parts and the plans share one process (on a GPU each group is
+a process of its own, so that every peak starts from an empty card). Where the CPU cannot measure what the GPU run
+does the JSON says so: a CUDA peak is null with a reason and the process's peak RSS beside it (the plan is still
+computed, for the CPU, and its ratio to the RSS given for information only; the rows, which share a process, get
+no RSS); the fp8 row is "not run" (no CUDA device), and the offload rows time the same computation as none (the
+weights are in CPU memory already); accelerate does not enable FSDP on a CPU, so the launch runs one plain process and
+``fsdp2_enabled`` is false. tests/test_gpu_check.py runs it.
 """
 from __future__ import annotations
 
@@ -1006,6 +1009,8 @@ def _row_bit(name: str, r: dict) -> str:
     bit = f"{name} {r['seconds_per_iteration']:.3f} s/it{x('seconds_per_iteration')}"
     if m.get("peak_allocated_bytes") is not None:
         bit += f", peak {_gib(m['peak_allocated_bytes'])} GiB{x('peak_allocated')}"
+        on_gpu = r.get("device_bytes_after_setup", {}).get("teacher", {}).get("cuda")
+        bit += f", teacher resident {_gib(on_gpu or 0)} GiB"  # on the GPU after set-up: where offloading left it
     if "plan_peak_bytes" in pl:
         bit += f", plan {_gib(pl['plan_peak_bytes'])} GiB"
         if pl.get("within_tolerance") is not None:
