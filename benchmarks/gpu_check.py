@@ -1197,11 +1197,14 @@ def main() -> int:
             def watch(todo=todo, overrun=overrun) -> bool:
                 """While the child runs: its finished parts into the JSON at once; True (kill it) when the part
                 it is in has overrun its own budget."""
+                done = []
                 for x in todo:
                     if rep.data["parts"][x].get("status") == "running" and (parts_dir / f"{x}.json").exists():
                         rep.data["parts"][x] = _read_json(parts_dir / f"{x}.json") or rep.data["parts"][x]
-                        print(summary_line(x, rep.data["parts"][x]), flush=True)
-                rep.save()
+                        done.append(x)
+                rep.save()  # first: it sets the plans and the rows' ratios beside the measurements
+                for x in done:
+                    print(summary_line(x, rep.data["parts"][x]), flush=True)
                 for x in todo:
                     started = parts_dir / f"{x}.started"
                     if started.exists() and not (parts_dir / f"{x}.json").exists():
