@@ -90,12 +90,12 @@ starting parts after ``--budget-s`` (450 s).
                                          real image; the generator's with teacher and fake-score passes)
     peak_sd3              50 s    100 s  ~10 s imports, ~25 s setup (15 GB incl. T5-XXL read, every prompt encoded,
                                          the text encoders released), 2 cycles (TTUR 2: 4 iterations)
-    offload_sd3           55 s     85 s  3 rows, each ~10 s setup (6 GB without T5 from the page cache, LoRA,
+    offload_sd3           58 s     85 s  3 rows, each ~10 s setup (6 GB without T5 from the page cache, LoRA,
                                          text cache) + a warm-up and 3 timed cycles: none and frozen ~1.5 s a
                                          cycle; base streams ~4 GB of blocks per transformer pass (~12 passes a
                                          generator iteration, ~0.15 s each at 25-50 GB/s): ~4 s a cycle. Each row
                                          gets an even share of the time left; its timed cycles stop there
-    quant_sd3             35 s     55 s  int8 and fp8 rows, ~10 s setup (quantising 2 B parameters on the GPU:
+    quant_sd3             34 s     55 s  int8 and fp8 rows, ~10 s setup (quantising 2 B parameters on the GPU:
                                          ~1 s) + 4 cycles of ~1.7 s each
     fsdp2_resume          45 s     90 s  a probe launch (~5 s), then two `accelerate launch` distills of a tiny
                                          model, each ~15 s of imports and start-up plus a second of training
@@ -103,7 +103,7 @@ starting parts after ``--budget-s`` (450 s).
                                          and step_flashdmd's updates)
     plans (background)   110 s      --   flashdmd plan of both peak configs (~30 s each) and of the 5 rows' (~10 s
                                          each) on 4 CPU threads beside the GPU work
-    total               ~375 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
+    total               ~377 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
 with T5, SAM; 32 px images), in about 35 s on 2 idle cores before the offload / quantisation rows (they add ~12 s
@@ -165,7 +165,7 @@ MODES = {
                                                 "offload_sd3": 85, "quant_sd3": 55, "fsdp2_resume": 90,
                                                 "compile": 120},
             "estimate_s": {"build": 45, "peak_sdxl": 45, "step_flashdmd": 20, "images_per_second": 25,
-                           "step_dmd2": 55, "peak_sd3": 50, "offload_sd3": 55, "quant_sd3": 32, "fsdp2_resume": 45,
+                           "step_dmd2": 55, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 34, "fsdp2_resume": 45,
                            "compile": 0},
             "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8}, "row_cycles": 3,
             "student_images": 8, "teacher_images": 2, "sample_batch": 2, "data_workers": 2, "plan_threads": 4,
