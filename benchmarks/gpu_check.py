@@ -1,4 +1,5 @@
-"""The first-GPU check (issue 28, item 2): one command, about 6 minutes on one 80 GB GPU, nothing downloaded.
+"""The first-GPU check (issue 28, item 2; the offload / quantisation rows: issue 31): one command, about 6.5 minutes
+on one 80 GB GPU, nothing downloaded.
 
     python benchmarks/gpu_check.py --json gpu_check.json                    # on the GPU machine
     python benchmarks/gpu_check.py --json gpu_check.json --parts peak_sdxl,fsdp2_resume
@@ -25,6 +26,20 @@ time limit still leaves the finished parts; one summary line per part at the end
     config (``plan.plan(cfg, Settings(device="cuda"))``, computed in a background CPU process while the GPU
     works) and two ratios: plan tensors (peak minus its assumed 1 GiB runtime) / max_memory_allocated, and
     plan peak / (max_memory_reserved + memory outside torch's pool). Either off by more than 15 % is flagged.
+``offload_sd3``, ``quant_sd3``
+    What offloading and quantising the frozen base cost a Stage-1 iteration, one field changed at a time in one
+    process: rows ``model_offload`` none / frozen / base (``offload_sd3``) and ``model_frozen_quant`` int8 / fp8
+    (``quant_sd3``; fp8 only on a GPU of compute capability 8.9+, else the row says "not run" and why), each a
+    fresh set-up of peak_sd3's config (``--set model_offload=... --set model_frozen_quant=...``, gradient
+    checkpointing on in every row, as base needs) on the same SD3-medium weights without T5 (a folder of links
+    to the built one: the text cache encodes every prompt at set-up and frees the encoders, so an iteration
+    computes the same with T5's zeros in its place, and a set-up reads 6 GB instead of 15). Per row: one warm-up
+    cycle, then seconds per iteration = the median of 3 timed cycles / TTUR; the CUDA peaks over those cycles
+    (set-up apart) beside the plan of the row's config (as the peaks above, 15 % flag), the bytes of the
+    teacher / VAE / discriminator on each device after set-up (where offloading left them), and every row's
+    ratios to the none/none row (offload_sd3's first): seconds per iteration, peak allocated / reserved, the
+    plan's peak. What the plan says of offloading (any entry of its result on offload / transfer / bandwidth)
+    is kept beside it, with the measured ``extra_seconds_per_iteration`` against none/none.
 ``step_flashdmd``, ``step_dmd2``
     Seconds per generator update at full size in bf16 (SDXL, the two presets with the same LoRA-64 / batch-1 /
     1024 px overrides; a TTUR-n update includes its n - 1 critic-only iterations, as benchmarks/step_cost.py
@@ -75,19 +90,30 @@ starting parts after ``--budget-s`` (450 s).
                                          real image; the generator's with teacher and fake-score passes)
     peak_sd3              50 s    100 s  ~10 s imports, ~25 s setup (15 GB incl. T5-XXL read, every prompt encoded,
                                          the text encoders released), 2 cycles (TTUR 2: 4 iterations)
+    offload_sd3           58 s     85 s  3 rows, each ~10 s setup (6 GB without T5 from the page cache, LoRA,
+                                         text cache) + a warm-up and 3 timed cycles: none and frozen ~1.5 s a
+                                         cycle; base streams ~4 GB of blocks per transformer pass (~12 passes a
+                                         generator iteration, ~0.15 s each at 25-50 GB/s): ~4 s a cycle. Each row
+                                         gets an even share of the time left; its timed cycles stop there
+    quant_sd3             34 s     55 s  int8 and fp8 rows, ~10 s setup (quantising 2 B parameters on the GPU:
+                                         ~1 s) + 4 cycles of ~1.7 s each
     fsdp2_resume          45 s     90 s  a probe launch (~5 s), then two `accelerate launch` distills of a tiny
                                          model, each ~15 s of imports and start-up plus a second of training
     compile                0 s    120 s  not offered (the limit is for when it is: a set-up, a compiling cycle
                                          and step_flashdmd's updates)
-    plans (background)    60 s      --   flashdmd plan of both peak configs on 4 CPU threads beside the GPU work
-    total               ~285 s    450 s  + ~10 s for the diffusers wheel install (see BENCHMARKS.md)
+    plans (background)   110 s      --   flashdmd plan of both peak configs (~30 s each) and of the 5 rows' (~10 s
+                                         each) on 4 CPU threads beside the GPU work
+    total               ~377 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
-with T5, SAM; 32 px images), in about 35 s on 2 cores; its CPU parts and the plans share one process (on a GPU
-each group is a process of its own, so that every peak starts from an empty card). Where the CPU cannot measure what the GPU run does the
-JSON says so: a CUDA peak is null with a reason and the process's peak RSS beside it (the plan is still computed,
-for the CPU, and its ratio to the RSS given for information only); accelerate does not enable FSDP on a CPU, so the
-launch runs one plain process and ``fsdp2_enabled`` is false. tests/test_gpu_check.py runs it.
+with T5, SAM; 32 px images), in about 35 s on 2 idle cores before the offload / quantisation rows (they add ~12 s
+of parts and ~8 s of plans on 2 busy cores); its CPU parts and the plans share one process (on a GPU each group is
+a process of its own, so that every peak starts from an empty card). Where the CPU cannot measure what the GPU run
+does the JSON says so: a CUDA peak is null with a reason and the process's peak RSS beside it (the plan is still
+computed, for the CPU, and its ratio to the RSS given for information only; the rows, which share a process, get
+no RSS); the fp8 row is "not run" (no CUDA device), and the offload rows time the same computation as none (the
+weights are in CPU memory already); accelerate does not enable FSDP on a CPU, so the launch runs one plain process and
+``fsdp2_enabled`` is false. tests/test_gpu_check.py runs it.
 """
 from __future__ import annotations
 
@@ -116,33 +142,42 @@ SCHEMA = 1
 
 # parts in the order they run; each group is one process sharing its set-up (the SDXL Flash-DMD run serves the
 # SDXL peak, its step time and the images per second)
-PARTS = ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3", "fsdp2_resume",
-         "compile")
+PARTS = ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3", "offload_sd3",
+         "quant_sd3", "fsdp2_resume", "compile")
 GROUPS = {"build": ("build",), "sdxl": ("peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2"),
-          "sd3": ("peak_sd3",), "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
+          "sd3": ("peak_sd3", "offload_sd3", "quant_sd3"), "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
 # --smoke: the CPU parts share one process, which also makes the plans after them (on a GPU the groups are apart so
 # that each peak starts from an empty card, and the plans run in a CPU process beside them); what differs is only
 # the number of interpreter starts, each ~4 s of imports on a small CPU
-SMOKE_GROUPS = {"cpu": ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3"),
-                "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
+SMOKE_GROUPS = {"cpu": ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3",
+                        "offload_sd3", "quant_sd3"), "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
 PEAK_PARTS = {"peak_sdxl": "sdxl_flashdmd", "peak_sd3": "sd3_flashdmd"}  # part -> the config it measures
+# the offloading / quantisation rows: part -> (row, model_offload, model_frozen_quant); one factor changed at a time
+# against the none/none row (offload_sd3's first), every row its own set-up of the same SD3 config
+ROWS = {"offload_sd3": (("none", "none", "none"), ("frozen", "frozen", "none"), ("base", "base", "none")),
+        "quant_sd3": (("int8", "none", "int8"), ("fp8", "none", "fp8"))}
+REFERENCE_ROW = ("offload_sd3", "none")
 OK = ("passed", "not offered")
 
 MODES = {
     "gpu": {"budget_s": 450, "part_budget_s": {"build": 150, "peak_sdxl": 90, "step_flashdmd": 45,
                                                 "images_per_second": 60, "step_dmd2": 100, "peak_sd3": 100,
-                                                "fsdp2_resume": 90, "compile": 120},
+                                                "offload_sd3": 85, "quant_sd3": 55, "fsdp2_resume": 90,
+                                                "compile": 120},
             "estimate_s": {"build": 45, "peak_sdxl": 45, "step_flashdmd": 20, "images_per_second": 25,
-                           "step_dmd2": 55, "peak_sd3": 50, "fsdp2_resume": 45, "compile": 0},
-            "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8},
+                           "step_dmd2": 55, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 34, "fsdp2_resume": 45,
+                           "compile": 0},
+            "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8}, "row_cycles": 3,
             "student_images": 8, "teacher_images": 2, "sample_batch": 2, "data_workers": 2, "plan_threads": 4,
             "threads": None, "child_start_s": 15},
     "smoke": {"budget_s": 240, "part_budget_s": {"build": 60, "peak_sdxl": 60, "step_flashdmd": 40,
                                                   "images_per_second": 40, "step_dmd2": 60, "peak_sd3": 60,
-                                                  "fsdp2_resume": 90, "compile": 60},
+                                                  "offload_sd3": 60, "quant_sd3": 60, "fsdp2_resume": 90,
+                                                  "compile": 60},
               "estimate_s": {"build": 6, "peak_sdxl": 8, "step_flashdmd": 2, "images_per_second": 2,
-                             "step_dmd2": 3, "peak_sd3": 7, "fsdp2_resume": 25, "compile": 0},
-              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2},
+                             "step_dmd2": 3, "peak_sd3": 7, "offload_sd3": 5, "quant_sd3": 3, "fsdp2_resume": 25,
+                             "compile": 0},
+              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2}, "row_cycles": 2,
               "student_images": 4, "teacher_images": 2, "sample_batch": 2, "data_workers": 0, "plan_threads": 1,
               "threads": 1, "child_start_s": 10},
 }
@@ -228,10 +263,11 @@ def settings(a: argparse.Namespace) -> dict:
     mode = "smoke" if a.smoke else "gpu"
     m = MODES[mode]
     work = Path(a.work or ("/tmp/flashdmd-gpu-check" + ("-smoke" if a.smoke else ""))).resolve()
-    f = {"sdxl": work / "sdxl", "sd3": work / "sd3-t5", "sam": work / "sam-vit-base", "data": work / "data",
-         "tiny_sdxl": work / "tiny-sdxl", "tiny_sam": work / "tiny-sam"}
+    f = {"sdxl": work / "sdxl", "sd3": work / "sd3-t5", "sd3_no_t5": work / "sd3-no-t5", "sam": work / "sam-vit-base",
+         "data": work / "data", "tiny_sdxl": work / "tiny-sdxl", "tiny_sam": work / "tiny-sam"}
     if a.smoke:  # every model tiny: the full-size names point at tiny folders
-        f.update(sdxl=work / "tiny-sdxl", sd3=work / "tiny-sd3-t5", sam=work / "tiny-sam")
+        f.update(sdxl=work / "tiny-sdxl", sd3=work / "tiny-sd3-t5", sd3_no_t5=work / "tiny-sd3-no-t5",
+                 sam=work / "tiny-sam")
     images, prompts = f["data"] / "images", f["data"] / "prompts.txt"
     common = ["model_lora_rank=64", "run_batch_size=1", "model_frozen_dtype=bfloat16", "model_mixed_precision=bf16",
               f"data_real={images}", f"data_prompts={prompts}", f"data_workers={m['data_workers']}",
@@ -256,11 +292,26 @@ def settings(a: argparse.Namespace) -> dict:
     }
     configs["sdxl_flashdmd_compile"] = {"preset": configs["sdxl_flashdmd"]["preset"],
                                         "sets": configs["sdxl_flashdmd"]["sets"] + ["model_compile=true"]}
+    # the rows: peak_sd3's config on the same weights without T5 (the text cache encodes every prompt at set-up and
+    # frees the encoders, so an iteration is the same computation: zeros of T5's shape in its place), gradient
+    # checkpointing on in every row (model_offload base needs it; the preset has it), one field changed per row
+    for rows in ROWS.values():
+        for _, offload, quant in rows:
+            configs[row_config(offload, quant)] = {
+                "preset": configs["sd3_flashdmd"]["preset"],
+                "sets": [f"model_teacher={f['sd3_no_t5']}", sam] + common + [
+                    "model_text_cache=true", "model_gradient_checkpointing=true", f"model_offload={offload}",
+                    f"model_frozen_quant={quant}"]}
     return {"mode": mode, "work": str(work), "folders": {k: str(v) for k, v in f.items()},
             "data_images": str(images), "prompts": str(prompts), "configs": configs,
             "budgets": dict(m["part_budget_s"]), "settings": {k: m[k] for k in (
-                "updates", "student_images", "teacher_images", "sample_batch", "data_workers", "plan_threads",
-                "threads", "child_start_s")}}
+                "updates", "row_cycles", "student_images", "teacher_images", "sample_batch", "data_workers",
+                "plan_threads", "threads", "child_start_s")}}
+
+
+def row_config(offload: str, quant: str) -> str:
+    """The name of the row's config in the state (and of its plan's file)."""
+    return f"sd3_offload_{offload}_quant_{quant}"
 
 
 def compile_offered() -> bool:
@@ -476,6 +527,126 @@ class Child:
         student_net.train(was)
         return res
 
+    # -- the offloading / quantisation rows --------------------------------------------------------------
+    def fp8_unavailable(self) -> str | None:
+        """Why fp8 cannot run here (None: it can): a CUDA GPU of compute capability 8.9+ is needed."""
+        from flashdmd.networks.quant import FP8_CAPABILITY
+        torch = self.torch
+        need = f"fp8 needs a CUDA GPU of compute capability {FP8_CAPABILITY[0]}.{FP8_CAPABILITY[1]}+"
+        if not self.cuda:
+            return f"no CUDA device ({'CPU smoke' if self.state['mode'] == 'smoke' else 'CPU'} run); {need}"
+        cap = torch.cuda.get_device_capability()
+        if cap < FP8_CAPABILITY:
+            return f"{torch.cuda.get_device_name()} has compute capability {cap[0]}.{cap[1]}; {need}"
+        return None
+
+    @staticmethod
+    def device_bytes(ctx) -> dict:
+        """Bytes of the frozen parts' tensors by device type right after set-up: where offloading left them (the
+        teacher is the shared base under LoRA; a quantised weight counted by its data and scales)."""
+        from flashdmd.networks.quant import inner_tensors
+        nets = {"teacher": ctx.teacher, "vae": ctx.family.vae,
+                "disc": ctx.accelerator.unwrap_model(ctx.disc) if ctx.disc is not None else None}
+        out = {}
+        for role, net in nets.items():
+            if net is None:
+                continue
+            seen, by = set(), {}
+            for t in list(net.parameters()) + list(net.buffers()):
+                for x in inner_tensors(t):
+                    key = (x.device.type, x.data_ptr(), x.numel())
+                    if key not in seen:
+                        seen.add(key)
+                        by[x.device.type] = by.get(x.device.type, 0) + x.numel() * x.element_size()
+            out[role] = by
+        return out
+
+    def row(self, offload: str, quant: str, deadline: float, hard_deadline: float) -> dict:
+        """One row: a fresh set-up of the row's config, a warm-up cycle, then timed cycles (until ``deadline``);
+        the CUDA peak over all of them (the first cycle allocates AdamW's states, the later ones are the steady
+        state), the set-up's apart."""
+        torch, config = self.torch, row_config(offload, quant)
+        res = {"model_offload": offload, "model_frozen_quant": quant, "config_name": config, "pid": os.getpid()}
+        if quant == "fp8" and self.fp8_unavailable():
+            return {**res, "status": "not run", "reason": self.fp8_unavailable()}
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
+            res["allocated_at_start_bytes"] = torch.cuda.memory_allocated()  # left by earlier rows: should be ~0
+            torch.cuda.reset_peak_memory_stats()
+        try:
+            ctx, writer, res["setup_seconds"], _ = self.context(config)
+            res.update(ttur=ctx.cfg.fake_score_ttur, resolution=ctx.resolution, batch_size=ctx.cfg.run_batch_size,
+                       frozen_dtype=str(ctx.family.frozen_dtype).removeprefix("torch."),
+                       mixed_precision=str(ctx.accelerator.mixed_precision),
+                       device_bytes_after_setup=self.device_bytes(ctx))
+            if self.cuda:
+                res["setup_peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+                res["allocated_after_setup_bytes"] = torch.cuda.memory_allocated()
+            warm = res["warmup_cycle_seconds"] = round(self.cycle(ctx, writer), 4)
+            times = []
+            for _ in range(self.state["settings"]["row_cycles"]):
+                last = max(times) if times else warm
+                if time.time() + 1.5 * last > (deadline if times else hard_deadline):
+                    res["stopped_early"] = "row budget" if times else "part budget"
+                    break
+                times.append(round(self.cycle(ctx, writer), 4))
+            if not times:
+                raise RuntimeError("no timed cycle fitted in the part's budget after the warm-up")
+            res["cycles_seconds"] = times
+            res["seconds_per_cycle"] = statistics.median(times)
+            res["seconds_per_iteration"] = res["seconds_per_cycle"] / ctx.cfg.fake_score_ttur
+            res["measured"] = self.row_peak()
+            res["nonfinite_updates_in_row"] = dict(ctx.nonfinite)
+        finally:
+            self.release(config)
+        res["status"] = "passed"
+        return res
+
+    def row_peak(self) -> dict:
+        torch = self.torch
+        if not self.cuda:
+            return {"peak_allocated_bytes": None, "peak_reserved_bytes": None,
+                    "reason": "no CUDA device (CPU run): no CUDA peak, and the rows share one process, whose peak "
+                              "resident memory would not be a row's"}
+        torch.cuda.synchronize()
+        free, total = torch.cuda.mem_get_info()
+        reserved = torch.cuda.max_memory_reserved()
+        m = {"peak_allocated_bytes": torch.cuda.max_memory_allocated(), "peak_reserved_bytes": reserved,
+             "outside_torch_bytes": max(total - free - torch.cuda.memory_reserved(), 0), "device_total_bytes": total}
+        m["device_peak_bytes"] = reserved + m["outside_torch_bytes"]
+        return m
+
+    def rows(self, part: str, deadline: float) -> dict:
+        """The part's rows, one after the other in this process; each gets an even share of the time left (a row's
+        set-up is not interrupted; its timed cycles stop at its share). A row that fails does not stop the next."""
+        rows = ROWS[part]
+        res = {"family": "sd3", "teacher": self.state["folders"]["sd3_no_t5"], "rows": {},
+               "per_iteration": "seconds_per_cycle / TTUR: a cycle is one generator iteration and its TTUR - 1 "
+                                "critic-only iterations (the median of the timed cycles after one warm-up cycle)"}
+        for i, (name, offload, quant) in enumerate(rows):
+            share = (deadline - time.time()) / (len(rows) - i)
+            if share <= 0:
+                res["rows"][name] = {"model_offload": offload, "model_frozen_quant": quant, "status": "not run",
+                                     "reason": "the part's budget was spent"}
+                continue
+            print(f"-- {part} row {name}: model_offload {offload}, model_frozen_quant {quant}", flush=True)
+            try:
+                res["rows"][name] = self.row(offload, quant, time.time() + share, deadline)
+            except Exception as e:  # the next row still runs
+                traceback.print_exc()
+                res["rows"][name] = {"model_offload": offload, "model_frozen_quant": quant, "status": "failed",
+                                     "error": _one_line(e), "traceback": traceback.format_exc().splitlines()[-8:]}
+            _write_json(self.parts_dir / f"{part}.partial.json", res)
+        # a row that failed, or that the budget left out, fails the part (fp8 on a card without float8 does not)
+        bad = [f"{n} {r['status']} ({r.get('error') or r.get('reason')})" for n, r in res["rows"].items()
+               if r["status"] == "failed" or "budget" in r.get("reason", "")]
+        if bad:
+            res["status"], res["error"] = "failed", "rows: " + "; ".join(bad)
+        return res
+
 
 def child_main(group: str, parts: list[str], state_path: Path) -> int:
     state = json.loads(state_path.read_text())
@@ -499,6 +670,9 @@ def child_main(group: str, parts: list[str], state_path: Path) -> int:
             ch.run_part(name, lambda d: ch.step_time("sdxl_dmd2", d))
         elif name == "peak_sd3":
             ch.run_part(name, lambda d: ch.peak("sd3_flashdmd", d))
+        elif name in ROWS:
+            ch.release("sd3_flashdmd")  # every row sets up its own run, alone on the card
+            ch.run_part(name, lambda d, name=name: ch.rows(name, d))
         elif name == "compile":
             def compiled(d):
                 res = ch.step_time("sdxl_flashdmd_compile", d)
@@ -506,7 +680,7 @@ def child_main(group: str, parts: list[str], state_path: Path) -> int:
                 return res
             ch.run_part(name, compiled)
         elif name == "plans":
-            plan_main([x for x in PEAK_PARTS if x in state["selected"]], state)
+            plan_main([x for x in (*PEAK_PARTS, *ROWS) if x in state["selected"]], state)
     return 0
 
 
@@ -529,6 +703,8 @@ def build(state: dict, cuda: bool, needed_parts: list[str]) -> dict:
         want |= {"sam", "data"}
     if "peak_sd3" in needs:
         want |= {"sd3", "data"}
+    if needs & set(ROWS):
+        want |= {"sd3", "sd3_no_t5", "sam", "data"}
     if "fsdp2_resume" in needs:
         want |= {"tiny_sdxl", "tiny_sam", "data"}
     smoke = state["mode"] == "smoke"
@@ -565,8 +741,11 @@ def build(state: dict, cuda: bool, needed_parts: list[str]) -> dict:
                            lambda: fullsize.write_sd3_medium(f["sd3"], dtype=dtype, t5=True, device=device))
         builders["sam"] = (lambda: f["sam"] / "config.json",
                            lambda: fullsize.write_sam_vit_base(f["sam"], dtype=dtype, device=device))
+    # the rows' folder: the SD3 folder's weights (links) without T5, in seconds (see settings())
+    builders["sd3_no_t5"] = (lambda: f["sd3_no_t5"] / "model_index.json",
+                             lambda: tiny(f["sd3_no_t5"], lambda p: without_t5(f["sd3"], p)))
     res = {"device": device, "dtype": str(dtype).removeprefix("torch."), "folders": {}}
-    order = ["tiny_sdxl", "tiny_sam", "data", "sam", "sdxl", "sd3"]
+    order = ["tiny_sdxl", "tiny_sam", "data", "sam", "sdxl", "sd3", "sd3_no_t5"]
     for key in [k for k in order if k in want]:
         marker, make = builders[key]
         folder = f[key]
@@ -583,13 +762,29 @@ def build(state: dict, cuda: bool, needed_parts: list[str]) -> dict:
             res["folders"][key] = {"path": str(folder), "error": _one_line(e), "seconds": round(time.time() - t0, 1)}
             res["status"], res["error"] = "failed", f"{key}: {_one_line(e)}"
             continue
-        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file() and not p.is_symlink())
         res["folders"][key] = {"path": str(folder), "seconds": round(time.time() - t0, 1), "bytes": size}
         counts = _read_json(folder / "parameter_counts.json")
         if counts:
             res["folders"][key]["parameters"] = counts
         print(f"  built {key}: {size / 1e9:.2f} GB in {time.time() - t0:.1f} s", flush=True)
     return res
+
+
+def without_t5(src: Path, dst: Path) -> None:
+    """``dst``: the SD3 folder ``src`` without text_encoder_3 / tokenizer_3 -- its other parts as symbolic links,
+    model_index.json with those two set to [null, null] (the layout of an SD3 folder shipped without T5)."""
+    dst.mkdir(parents=True)
+    for entry in src.iterdir():
+        if entry.name not in ("text_encoder_3", "tokenizer_3", "model_index.json", "parameter_counts.json"):
+            (dst / entry.name).symlink_to(entry.resolve())
+    index = json.loads((src / "model_index.json").read_text())
+    index.update(text_encoder_3=[None, None], tokenizer_3=[None, None])
+    (dst / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    counts = _read_json(src / "parameter_counts.json")
+    if counts:
+        counts.pop("text_encoder_3", None)
+        _write_json(dst / "parameter_counts.json", counts)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -604,22 +799,40 @@ def plan_main(parts: list[str], state: dict) -> int:
     torch.set_num_threads(state["settings"]["plan_threads"])
     device = "cpu" if state["mode"] == "smoke" else "cuda"
     out = Path(state["work"]) / "parts"
-    for part in parts:
-        c = state["configs"][PEAK_PARTS[part]]
+    # (the plan's file name, the config): a peak part's plan is plan_<part>, a row's plan_<its config>
+    jobs = [(part, PEAK_PARTS[part]) for part in parts if part in PEAK_PARTS]
+    jobs += [(row_config(o, q), row_config(o, q)) for part in parts if part in ROWS for _, o, q in ROWS[part]
+             if not (q == "fp8" and state["mode"] == "smoke")]  # the CPU smoke never runs the fp8 row
+    for key, config in jobs:
+        c = state["configs"][config]
         t0 = time.time()
         try:
             cfg = DistillConfig.from_sources(c["preset"], c["sets"])
             r = plan.plan(cfg, plan.Settings(device=device, processes=1))
             res = {"status": "passed", "device": device, "peak_bytes_per_device": r["peak_bytes_per_device"],
                    "peak_phase": r["peak_phase"], "runtime_bytes": r["split"]["runtime"]["other"],
-                   "headline": plan.headline(r), "split": r["split"], "setting": r["setting"]}
+                   "headline": plan.headline(r), "split": r["split"], "setting": r["setting"],
+                   "offload": plan_offload_fields(r)}
         except Exception as e:
             traceback.print_exc()
             res = {"status": "failed", "error": _one_line(e)}
         res["seconds"] = round(time.time() - t0, 1)
-        _write_json(out / f"plan_{part}.json", res)
-        print(f"plan {part}: {res['status']} in {res['seconds']} s", flush=True)
+        _write_json(out / f"plan_{key}.json", res)
+        print(f"plan {key}: {res['status']} in {res['seconds']} s", flush=True)
     return 0
+
+
+def plan_offload_fields(r: dict) -> dict:
+    """What the plan says of offloading (its transfers per iteration, their modelled time, the bandwidth it
+    assumes): every entry of the plan, or of one of its dict entries, whose name speaks of offloading or transfer."""
+    words = ("offload", "transfer", "bandwidth", "host_to_device", "h2d")
+    found = {}
+    for k, v in r.items():
+        if any(w in k for w in words):
+            found[k] = v
+        elif isinstance(v, dict) and k != "detail":
+            found.update({f"{k}.{k2}": v2 for k2, v2 in v.items() if any(w in str(k2) for w in words)})
+    return found
 
 
 def compare(measured: dict, planned: dict | None, cuda: bool) -> dict:
@@ -748,14 +961,80 @@ class Report:
             r = self.data["parts"].get(part)
             if r and r.get("status") == "passed":
                 r["plan"] = compare(r["measured"], _read_json(parts_dir / f"plan_{part}.json"), cuda)
+        annotate_rows(self.data["parts"], parts_dir, cuda)
         self.data["total_seconds"] = round(time.time() - self.t0, 1)
         self.data["summary"] = [summary_line(p, r) for p, r in self.data["parts"].items()]
         _write_json(self.path, self.data)
 
 
+def annotate_rows(parts: dict, parts_dir: Path, cuda: bool) -> None:
+    """Each measured row of the ROWS parts: the plan of its config beside its peak (:func:`compare`), and its ratios
+    to the none/none row (offload_sd3's first): seconds per iteration, CUDA peaks, the plan's peak."""
+    for part in ROWS:
+        for r in (parts.get(part) or {}).get("rows", {}).values():
+            if r.get("status") == "passed":
+                planned = _read_json(parts_dir / f"plan_{r['config_name']}.json")
+                r["plan"] = compare(r["measured"], planned, cuda)
+                if planned and planned.get("offload"):
+                    r["plan"]["plan_offload"] = planned["offload"]
+    ref = (parts.get(REFERENCE_ROW[0]) or {}).get("rows", {}).get(REFERENCE_ROW[1])
+    for part in ROWS:
+        for r in (parts.get(part) or {}).get("rows", {}).values():
+            if r.get("status") != "passed":
+                continue
+            if not ref or ref.get("status") != "passed":
+                r["vs_none"] = {"status": "no none/none row to compare with (offload_sd3's first row)"}
+                continue
+            vs = {"seconds_per_iteration": r["seconds_per_iteration"] / ref["seconds_per_iteration"],
+                  "extra_seconds_per_iteration": r["seconds_per_iteration"] - ref["seconds_per_iteration"],
+                  "same_process": r.get("pid") == ref.get("pid")}
+            for k in ("peak_allocated_bytes", "peak_reserved_bytes", "device_peak_bytes"):
+                a, b = r["measured"].get(k), ref["measured"].get(k)
+                vs[k.removesuffix("_bytes")] = a / b if a and b else None
+            a, b = r["plan"].get("plan_peak_bytes"), ref.get("plan", {}).get("plan_peak_bytes")
+            vs["plan_peak"] = a / b if a and b else None
+            if a and b:  # the plan's tensors (its peak less its runtime term): the ratio to set beside peak_allocated
+                vs["plan_tensors"] = (a - r["plan"]["plan_runtime_bytes"]) / (b - ref["plan"]["plan_runtime_bytes"])
+            r["vs_none"] = vs
+
+
+def _row_bit(name: str, r: dict) -> str:
+    """One row in a summary line: seconds per iteration and the CUDA peak, each with its ratio to none/none, and
+    the plan."""
+    if r.get("status") != "passed":
+        return f"{name} {r.get('status')}" + (f": {r.get('reason') or r.get('error')}"
+                                              if r.get("reason") or r.get("error") else "")
+    vs, m, pl = r.get("vs_none", {}), r["measured"], r.get("plan", {})
+    x = (lambda k: f" ({vs[k]:.2f}x)" if name != "none" and isinstance(vs.get(k), float) else "")
+    bit = f"{name} {r['seconds_per_iteration']:.3f} s/it{x('seconds_per_iteration')}"
+    if m.get("peak_allocated_bytes") is not None:
+        bit += f", peak {_gib(m['peak_allocated_bytes'])} GiB{x('peak_allocated')}"
+        on_gpu = r.get("device_bytes_after_setup", {}).get("teacher", {}).get("cuda")
+        bit += f", teacher resident {_gib(on_gpu or 0)} GiB"  # on the GPU after set-up: where offloading left it
+    if "plan_peak_bytes" in pl:
+        bit += f", plan {_gib(pl['plan_peak_bytes'])} GiB"
+        if pl.get("within_tolerance") is not None:
+            bit += (f" (tensors {pl['plan_tensors_over_max_allocated']:.2f}x, device "
+                    f"{pl['plan_over_reserved_plus_outside']:.2f}x" + (")" if pl["within_tolerance"] else ": FLAG)"))
+    elif pl.get("status"):
+        bit += f", plan: {pl['status']}"
+    return bit
+
+
 def summary_line(part: str, r: dict) -> str:
     st = r.get("status")
     head = f"{part}: {st}" + (f" in {r['seconds']:.0f} s" if isinstance(r.get("seconds"), (int, float)) else "")
+    if part in ROWS and r.get("rows"):  # rows measured before a failure or a timeout are shown too
+        try:
+            first = next((x for x in r["rows"].values() if x.get("status") == "passed"), {})
+            where = (f" (TTUR {first['ttur']}, {first['resolution']} px, batch {first['batch_size']}"
+                     + ("" if first["measured"].get("peak_allocated_bytes") is not None else "; CPU: no CUDA peak")
+                     + ")") if first else ""
+            return head + f" -- {part.split('_')[0]} rows{where}: " + "; ".join(
+                _row_bit(n, x) for n, x in r["rows"].items()) + (  # a timeout's or crash's error (rows' are above)
+                f" -- {r['error']}" if r.get("error") and not r["error"].startswith("rows: ") else "")
+        except (KeyError, TypeError) as e:
+            return head + f" (summary incomplete: {_one_line(e)})"
     if st not in ("passed",):
         return head + "".join(f" -- {r[k]}" for k in ("error", "reason") if r.get(k))
     try:
@@ -865,7 +1144,7 @@ def main() -> int:
 
     def start_plans() -> None:
         nonlocal plan_proc
-        wanted = [x for x in PEAK_PARTS if x in selected]
+        wanted = [x for x in (*PEAK_PARTS, *ROWS) if x in selected]
         if not wanted:
             return
         fh = open(logs / "plan.log", "w")
@@ -919,11 +1198,14 @@ def main() -> int:
             def watch(todo=todo, overrun=overrun) -> bool:
                 """While the child runs: its finished parts into the JSON at once; True (kill it) when the part
                 it is in has overrun its own budget."""
+                done = []
                 for x in todo:
                     if rep.data["parts"][x].get("status") == "running" and (parts_dir / f"{x}.json").exists():
                         rep.data["parts"][x] = _read_json(parts_dir / f"{x}.json") or rep.data["parts"][x]
-                        print(summary_line(x, rep.data["parts"][x]), flush=True)
-                rep.save()
+                        done.append(x)
+                rep.save()  # first: it sets the plans and the rows' ratios beside the measurements
+                for x in done:
+                    print(summary_line(x, rep.data["parts"][x]), flush=True)
                 for x in todo:
                     started = parts_dir / f"{x}.started"
                     if started.exists() and not (parts_dir / f"{x}.json").exists():
@@ -975,6 +1257,8 @@ def main() -> int:
         print(line)
     n_ok = sum(r.get("status") in OK for r in rep.data["parts"].values())
     flags = [p for p in PEAK_PARTS if rep.data["parts"].get(p, {}).get("plan", {}).get("within_tolerance") is False]
+    flags += [f"{p} {n}" for p in ROWS for n, x in rep.data["parts"].get(p, {}).get("rows", {}).items()
+              if x.get("plan", {}).get("within_tolerance") is False]
     print(f"gpu_check ({mode}): {n_ok}/{len(rep.data['parts'])} parts passed or not offered"
           + (f"; plan off by > 15 % in {', '.join(flags)}" if flags else "")
           + f"; {rep.data['total_seconds']:.0f} s; JSON -> {out}", flush=True)

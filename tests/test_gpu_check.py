@@ -52,6 +52,33 @@ def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
         assert v["ttur"] == ttur and v["batch_size"] == 1
         assert v["updates_seconds"] and v["seconds_per_generator_update"] == statistics.median(v["updates_seconds"])
 
+    # the offload / quantisation rows: each a set-up of its own config, one field changed against none/none
+    rows = {**parts["offload_sd3"]["rows"], **parts["quant_sd3"]["rows"]}
+    assert list(rows) == ["none", "frozen", "base", "int8", "fp8"]
+    ref = rows["none"]
+    for name, r in rows.items():
+        sets = data["configs"][gpu_check.row_config(r["model_offload"], r["model_frozen_quant"])]["sets"]
+        assert f"model_offload={r['model_offload']}" in sets and f"model_frozen_quant={r['model_frozen_quant']}" in sets
+        assert (r["model_offload"], r["model_frozen_quant"]) == {"int8": ("none", "int8"), "fp8": ("none", "fp8")}.get(
+            name, (name, "none"))
+        if name == "fp8":  # no CUDA device here: not run, and why
+            assert r["status"] == "not run" and "compute capability 8.9" in r["reason"], r
+            continue
+        assert r["status"] == "passed" and r["ttur"] == 2 and r["pid"] == ref["pid"]
+        assert r["seconds_per_iteration"] == statistics.median(r["cycles_seconds"]) / r["ttur"]
+        assert r["measured"]["peak_allocated_bytes"] is None and "no CUDA" in r["measured"]["reason"]
+        assert r["plan"]["plan_peak_bytes"] > 0
+        vs = r["vs_none"]
+        assert vs["seconds_per_iteration"] == r["seconds_per_iteration"] / ref["seconds_per_iteration"]
+        assert vs["plan_peak"] == r["plan"]["plan_peak_bytes"] / ref["plan"]["plan_peak_bytes"]
+        assert f" {name} {r['seconds_per_iteration']:.3f} s/it" in " " + data["summary"][list(parts).index(
+            "offload_sd3" if name in ("none", "frozen", "base") else "quant_sd3")].split(": ", 2)[2]
+    # the override reached the run: int8 holds the teacher's linears in a byte, and the plan counts fewer bytes
+    teacher = {k: sum(rows[k]["device_bytes_after_setup"]["teacher"].values()) for k in ("none", "int8")}
+    assert teacher["int8"] < teacher["none"]
+    assert rows["int8"]["vs_none"]["plan_tensors"] < 1
+    assert "fp8 not run: no CUDA device" in data["summary"][list(parts).index("quant_sd3")]
+
     ips = parts["images_per_second"]
     assert ips["teacher"]["steps"] == gpu_check.TEACHER_STEPS and ips["student"]["steps"] == 4
     assert ips["speedup"] == ips["student"]["images_per_second"] / ips["teacher"]["images_per_second"]
