@@ -130,3 +130,11 @@ def test_a_unet_base_cannot_be_streamed(folders):
     cfg = tm.run_config(folders, "sdxl", "flashdmd", model_offload="base", **CKPT)
     with pytest.raises(FlashDMDError, match="model_offload base: the sdxl denoiser"):
         setup(cfg)
+
+
+def test_offload_is_one_process(folders):
+    cfg = tm.run_config(folders, "sd3", "flashdmd", model_offload="frozen", **CKPT)
+    for sharded, processes in ((True, 1), (False, 2)):
+        with pytest.raises(FlashDMDError, match="model_offload frozen runs in one process"):
+            residency.check(cfg, sharded, processes)
+    residency.check(cfg, False, 1)

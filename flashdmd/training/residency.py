@@ -27,11 +27,13 @@ def load_device(cfg, device) -> torch.device | None:
     return torch.device("cpu") if cfg.model_offload != "none" else None
 
 
-def check(cfg, device, sharded: bool) -> None:
-    """model_offload against the run: not with FSDP2 (its shards are the device's own)."""
-    if cfg.model_offload != "none" and sharded:
-        raise FlashDMDError(f"model_offload {cfg.model_offload} with FSDP2: sharded roles cannot be offloaded; run "
-                            "on one GPU or with DDP, or set model_offload none")
+def check(cfg, sharded: bool, processes: int) -> None:
+    """model_offload against the run: one process only (FSDP2's shards are the device's own; DDP wraps a module
+    whose tensors are all on one device)."""
+    if cfg.model_offload != "none" and (sharded or processes > 1):
+        raise FlashDMDError(f"model_offload {cfg.model_offload} runs in one process (FSDP2 shards, and DDP wraps, "
+                            f"modules whose tensors are all on the device), and this launch has {processes}: run on "
+                            "one GPU, or set model_offload none (FSDP2 over several GPUs divides the base instead)")
 
 
 def install(cfg, family) -> Offload | None:

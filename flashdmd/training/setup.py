@@ -80,8 +80,9 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     check_trackers(cfg)
     acc = accelerator or make_accelerator(cfg)
     torch.manual_seed(cfg.run_seed + acc.process_index)
-    family, resolution, timesteps, n_dm, off = _teacher(
-        cfg, acc.device, log, shard is not None or acc.distributed_type == DistributedType.FSDP)
+    sharded = shard is not None or acc.distributed_type == DistributedType.FSDP
+    residency.check(cfg, sharded, acc.num_processes)
+    family, resolution, timesteps, n_dm, off = _teacher(cfg, acc.device, log, sharded)
     real, prompts = _data(cfg, acc, resolution, log)
     evaluator, grid = _evaluation(cfg, acc.device, prompts)
     log(f"evaluation: {type(evaluator).__name__ if evaluator else 'none'}"
@@ -134,7 +135,6 @@ def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple:
     """(the teacher's family at the run's dtypes, the training resolution, the student's steps, n_dm, the run's
     offloading or None)."""
     quant = check_quant(cfg, device, sharded)  # fp8 without a GPU that has it fails before anything is loaded
-    residency.check(cfg, device, sharded)
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=device,
                          dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, device),
                          load_device=residency.load_device(cfg, device))
