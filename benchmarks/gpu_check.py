@@ -177,7 +177,7 @@ MODES = {
               "estimate_s": {"build": 6, "peak_sdxl": 8, "step_flashdmd": 2, "images_per_second": 2,
                              "step_dmd2": 3, "peak_sd3": 7, "offload_sd3": 5, "quant_sd3": 3, "fsdp2_resume": 25,
                              "compile": 0},
-              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2}, "row_cycles": 2,
+              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2}, "row_cycles": 1,
               "student_images": 4, "teacher_images": 2, "sample_batch": 2, "data_workers": 0, "plan_threads": 1,
               "threads": 1, "child_start_s": 10},
 }
