@@ -95,15 +95,16 @@ starting parts after ``--budget-s`` (450 s).
                                          cycle; base streams ~4 GB of blocks per transformer pass (~12 passes a
                                          generator iteration, ~0.15 s each at 25-50 GB/s): ~4 s a cycle. Each row
                                          gets an even share of the time left; its timed cycles stop there
-    quant_sd3             34 s     55 s  int8 and fp8 rows, ~10 s setup (quantising 2 B parameters on the GPU:
-                                         ~1 s) + 4 cycles of ~1.7 s each
+    quant_sd3             50 s     75 s  int8 and fp8 rows, ~10 s setup (quantising 2 B parameters on the GPU:
+                                         ~1 s) + 4 cycles of ~1.7 s each; an int8 base streamed (model_offload base:
+                                         torchao's tensors through diffusers' pinned copies), ~16 s
     fsdp2_resume          45 s     90 s  a probe launch (~5 s), then two `accelerate launch` distills of a tiny
                                          model, each ~15 s of imports and start-up plus a second of training
     compile                0 s    120 s  not offered (the limit is for when it is: a set-up, a compiling cycle
                                          and step_flashdmd's updates)
     plans (background)   110 s      --   flashdmd plan of both peak configs (~30 s each) and of the 5 rows' (~10 s
                                          each) on 4 CPU threads beside the GPU work
-    total               ~377 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
+    total               ~393 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
 with T5, SAM; 32 px images), in about 35 s on 2 idle cores before the offload / quantisation rows (they add ~12 s
@@ -155,17 +156,17 @@ PEAK_PARTS = {"peak_sdxl": "sdxl_flashdmd", "peak_sd3": "sd3_flashdmd"}  # part 
 # the offloading / quantisation rows: part -> (row, model_offload, model_frozen_quant); one factor changed at a time
 # against the none/none row (offload_sd3's first), every row its own set-up of the same SD3 config
 ROWS = {"offload_sd3": (("none", "none", "none"), ("frozen", "frozen", "none"), ("base", "base", "none")),
-        "quant_sd3": (("int8", "none", "int8"), ("fp8", "none", "fp8"))}
+        "quant_sd3": (("int8", "none", "int8"), ("fp8", "none", "fp8"), ("base_int8", "base", "int8"))}
 REFERENCE_ROW = ("offload_sd3", "none")
 OK = ("passed", "not offered")
 
 MODES = {
     "gpu": {"budget_s": 450, "part_budget_s": {"build": 150, "peak_sdxl": 90, "step_flashdmd": 45,
                                                 "images_per_second": 60, "step_dmd2": 100, "peak_sd3": 100,
-                                                "offload_sd3": 85, "quant_sd3": 55, "fsdp2_resume": 90,
+                                                "offload_sd3": 85, "quant_sd3": 75, "fsdp2_resume": 90,
                                                 "compile": 120},
             "estimate_s": {"build": 45, "peak_sdxl": 45, "step_flashdmd": 20, "images_per_second": 25,
-                           "step_dmd2": 55, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 34, "fsdp2_resume": 45,
+                           "step_dmd2": 55, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 50, "fsdp2_resume": 45,
                            "compile": 0},
             "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8}, "row_cycles": 3,
             "student_images": 8, "teacher_images": 2, "sample_batch": 2, "data_workers": 2, "plan_threads": 4,

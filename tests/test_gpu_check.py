@@ -54,13 +54,13 @@ def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
 
     # the offload / quantisation rows: each a set-up of its own config, one field changed against none/none
     rows = {**parts["offload_sd3"]["rows"], **parts["quant_sd3"]["rows"]}
-    assert list(rows) == ["none", "frozen", "base", "int8", "fp8"]
+    assert list(rows) == ["none", "frozen", "base", "int8", "fp8", "base_int8"]
     ref = rows["none"]
     for name, r in rows.items():
         sets = data["configs"][gpu_check.row_config(r["model_offload"], r["model_frozen_quant"])]["sets"]
         assert f"model_offload={r['model_offload']}" in sets and f"model_frozen_quant={r['model_frozen_quant']}" in sets
-        assert (r["model_offload"], r["model_frozen_quant"]) == {"int8": ("none", "int8"), "fp8": ("none", "fp8")}.get(
-            name, (name, "none"))
+        named = {"int8": ("none", "int8"), "fp8": ("none", "fp8"), "base_int8": ("base", "int8")}
+        assert (r["model_offload"], r["model_frozen_quant"]) == named.get(name, (name, "none"))
         if name == "fp8":  # no CUDA device here: not run, and why
             assert r["status"] == "not run" and "compute capability 8.9" in r["reason"], r
             continue
