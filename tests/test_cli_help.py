@@ -34,7 +34,7 @@ def test_help_ends_with_an_example_of_the_command(name, parser):
 def test_every_example_parses(name, example):
     words = shlex.split(example)
     words = words[words.index("flashdmd.cli") + 1:] if "flashdmd.cli" in words else words[1:]
-    args = build_parser().parse_args(words)   # argparse exits on a command it does not accept
+    args = PARSER.parse_args(words)   # argparse exits on a command it does not accept
     assert isinstance(args, argparse.Namespace) and " ".join(words).startswith(name)
 
 
