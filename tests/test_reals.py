@@ -4,6 +4,7 @@ the teacher's own pipeline defaults, resumes to the same bytes, shards over proc
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -172,7 +173,10 @@ def test_two_processes(teacher, prompt_file, full, tmp_path):
     out = tmp_path / "two"
     argv = ["make-reals", "--model", str(teacher), "--prompts", str(prompt_file), "--num-images", "7", "--steps", "2",
             "--batch-size", "3", "--no-progress"]
-    launch = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29541"}
+    with socket.socket() as sock:   # a port free now (the suite runs files side by side)
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = {"WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     procs = [subprocess.Popen([sys.executable, "-m", "flashdmd.cli", *argv, "--out", str(out)],
                               env={**os.environ, **launch, "RANK": str(r), "LOCAL_RANK": str(r), "HF_HUB_OFFLINE": "1",
                                    "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
