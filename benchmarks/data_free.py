@@ -11,10 +11,12 @@ Fashion-MNIST images as the preset's data_real, two seeds each.
 4. --out JSON: per row the FD curve, final and best FD; per source the mean and spread over seeds; the make-reals
    record and wall time; the commit
 
-    .venv/bin/python benchmarks/data_free.py --out benchmarks/results/data_free.json
+    .venv/bin/python benchmarks/data_free.py --out benchmarks/results/data_free.json      # about 1-1.5 h on a CPU
     .venv/bin/python benchmarks/data_free.py --smoke --out /tmp/data_free_smoke.json     # seconds: the same code,
                                                                                          # tiny sizes
 
+The estimate: 10 000 teacher images at 50 steps with guidance (0.22 s an image in teachers.json, batch 100) take
+about 35 min; each of the four rows of 300 updates takes about what the demo's Stage 1 takes (5-10 min).
 Rows whose folder under --work already holds metrics.json are read, not rerun (benchmarks/common.py), and the
 make-reals folder is continued, so the script resumes after an interruption.
 """
@@ -40,7 +42,8 @@ SOURCES = ("teacher_reals", "fashion_mnist")
 # --smoke: every size at its smallest that still runs each part (one update, one evaluation of the world's minimum
 # of 20 images, 2-step teacher images); the numbers mean nothing
 SMOKE = {"num_reals": 8, "num_prompts": 10, "reals_steps": 2, "steps": 1, "eval_every": 1, "num_images": 20,
-         "batch": 2, "seeds": [0], "sets": ["disc_calibration_images=4", "data_workers=0", "run_checkpoint_every_steps=0"]}
+         "batch": 2, "seeds": [0],
+         "sets": ["disc_calibration_images=4", "data_workers=0", "run_checkpoint_every_steps=0"]}
 
 
 def write_prompts(path: Path, n: int) -> list[str]:
@@ -83,8 +86,8 @@ def summarise(rows: dict, seeds: list[int]) -> dict:
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--work", default=None, help="make-reals folder and run folders (default /tmp/flashdmd-data-free"
-                   "[-smoke])")
+    p.add_argument("--work", default=None, help="make-reals folder and run folders (default benchmarks/runs/"
+                   "data_free, or /tmp/flashdmd-data-free-smoke with --smoke)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     p.add_argument("--num-reals", type=int, default=10000, help="teacher images (each seen about once in 300 "
                    "updates of batch 32)")
@@ -103,7 +106,7 @@ def main():
                 a.set = v + list(a.set)
             else:
                 setattr(a, k, v)
-    work = Path(a.work or ("/tmp/flashdmd-data-free" + ("-smoke" if a.smoke else "")))
+    work = Path(a.work or ("/tmp/flashdmd-data-free-smoke" if a.smoke else ROOT / "benchmarks" / "runs" / "data_free"))
     made = make_teacher_reals(work, a)
     rows = {}
     for seed in a.seeds:

@@ -204,8 +204,8 @@ EXAMPLES = {
     "reward make-pairs": ["flashdmd reward make-pairs --model world-sdxl --num 2000 --out pairs.jsonl"],
     "reward train": ["flashdmd reward train --pairs pairs.jsonl --family-model world-sdxl --out lrm/"],
     "sample": ["flashdmd sample --model runs/flash --prompt \"a photo of a sneaker\" --out samples/"],
-    "make-reals": ["accelerate launch --multi_gpu --num_processes 8 -m flashdmd.cli make-reals --model /models/sdxl-base "
-                   "--prompts prompts.txt --num 100000 --dtype bf16 --out reals/",
+    "make-reals": ["accelerate launch --multi_gpu --num_processes 8 -m flashdmd.cli make-reals "
+                   "--model /models/sdxl-base --prompts prompts.txt --num 100000 --dtype bf16 --out reals/",
                    "flashdmd make-reals --model world-sdxl --prompts prompts.txt --num 5000 --out reals/"],
     "export": ["flashdmd export --run runs/flash --out exported/"],
     "config-help": ["flashdmd config-help"],
