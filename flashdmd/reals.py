@@ -44,7 +44,6 @@ from flashdmd.sample import (DEFAULT_BATCH, METADATA, check_not_export, plan, pr
 
 MAX_NUM = 10 ** 8       # file names have 8 digits; image seeds are seed * MAX_NUM + i
 MANIFEST = "make-reals.json"
-PROBE = ".write-probe-"  # prepare_out's, of another process checking the folder at the same time
 KIND = "flashdmd-make-reals"
 NAME = re.compile(r"^(\d{8})\.png$")
 
@@ -103,15 +102,20 @@ def check_request(req: Request) -> None:
     check_not_export(req.model)
 
 
+def is_leftover(f: Path) -> bool:
+    """An interrupted atomic write of one of make-reals' files (``NAME.tmp``)."""
+    return f.name.endswith(".tmp") and (f.name[:-4] in (MANIFEST, METADATA) or bool(NAME.match(f.name[:-4])))
+
+
 def check_folder(out: Path, req: Request) -> dict | None:
     """The folder's earlier record (None for a new folder) once it is known to hold nothing but this request's
-    files: images of index < num, leftovers of interrupted atomic writes (``*.tmp``), the record (same settings)
-    and the metadata."""
+    files: images of index < num, leftovers of interrupted atomic writes (``*.tmp``), the record (same settings),
+    the metadata, and hidden files (an image folder skips them)."""
     prepare_out(out)
-    ours = {MANIFEST, METADATA}
     for f in sorted(out.iterdir()):
         m = NAME.match(f.name) if f.is_file() else None
-        if f.name in ours or f.name.endswith(".tmp") or f.name.startswith(PROBE) or (m and int(m.group(1)) < req.num):
+        ours = f.name in (MANIFEST, METADATA) or is_leftover(f) or (m is not None and int(m.group(1)) < req.num)
+        if ours or f.name.startswith("."):  # hidden: image folders skip them (prepare_out's probe of another process)
             continue
         why = f"an image of index >= --num {req.num}" if m else "not written by make-reals"
         raise FlashDMDError(f"--out {out} holds {f.name} ({why}): give an empty or new folder, or the folder of an "
@@ -185,7 +189,7 @@ def make_reals(req: Request, out: str | Path, progress: bool = True, state: Part
     summary = {**req.settings(), "num": req.num, "sampler_steps": steps, "guidance_scale": guidance,
                "resolution": model.image_size}
     if state.is_main_process:
-        for leftover in out.glob("*.tmp"):  # an interrupted atomic write: no process writes yet
+        for leftover in filter(is_leftover, out.glob("*.tmp")):  # an interrupted write: no process writes yet
             leftover.unlink()
         io.atomic_write_text(out / MANIFEST, json.dumps(summary, indent=2) + "\n")  # the same settings, this num
     state.wait_for_everyone()

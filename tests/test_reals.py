@@ -208,9 +208,12 @@ def test_bad_input_is_one_line(teacher, prompt_file, full, tmp_path, capsys):
     assert "is a distill run" in err and f"--model {teacher}" in err
     other = tmp_path / "other"
     other.mkdir()
+    (other / ".DS_Store").write_bytes(b"x")   # hidden: an image folder skips it, so may make-reals
     (other / "cat.jpg").write_bytes(b"x")
     err = _one_line_error(capsys, _args(teacher, prompt_file, other))
     assert "holds cat.jpg (not written by make-reals)" in err
+    (other / "cat.jpg").rename(other / "notes.tmp")   # a .tmp that no make-reals write leaves
+    assert "holds notes.tmp (not written by make-reals)" in _one_line_error(capsys, _args(teacher, prompt_file, other))
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     assert "is not a folder" in _one_line_error(capsys, _args(teacher, prompt_file, a_file))
