@@ -12,7 +12,7 @@ holds ``{"file_name", "text", "seed"}`` per image: the captions of an image fold
 :class:`flashdmd.data.ImageFolderSource`), so OUT is a ``data_real`` as it stands.
 
 Resumable: each PNG is written atomically (a file under its final name is complete), so a call into a folder that
-holds some of the images draws only the missing ones. The images of one process are drawn in fixed batches (its
+holds some of the images draws only the missing ones (and one into a finished folder does not load the teacher). The images of one process are drawn in fixed batches (its
 indices in order, ``--batch-size`` at a time) and a batch with any image missing is drawn whole: an interrupted call
 run again with the same settings gives the same bytes as one that never stopped. (Another ``--batch-size`` or number
 of processes gives the same images up to floating-point round-off of other batch shapes.) ``make-reals.json``
@@ -182,19 +182,22 @@ def make_reals(req: Request, out: str | Path, progress: bool = True, state: Part
     out = Path(out)
     state = state or launch_state()
     check_request(req)
-    check_folder(out, req)
-    model = load_model(req.model, device=state.device, dtype=DTYPES[req.dtype])
-    steps = len(plan(model, req.steps)[0])
-    guidance = req.cfg if req.cfg is not None else model.guidance_scale
-    summary = {**req.settings(), "num": req.num, "sampler_steps": steps, "guidance_scale": guidance,
-               "resolution": model.image_size}
+    record = check_folder(out, req)
+    model = None
+    if record is not None and all((out / image_name(i)).is_file() for i in range(req.num)):
+        summary = {**record, "num": req.num}  # every image is there: the teacher is not loaded
+    else:
+        model = load_model(req.model, device=state.device, dtype=DTYPES[req.dtype])
+        guidance = req.cfg if req.cfg is not None else model.guidance_scale
+        summary = {**req.settings(), "num": req.num, "sampler_steps": len(plan(model, req.steps)[0]),
+                   "guidance_scale": guidance, "resolution": model.image_size}
     if state.is_main_process:
         for leftover in filter(is_leftover, out.glob("*.tmp")):  # an interrupted write: no process writes yet
             leftover.unlink()
         io.atomic_write_text(out / MANIFEST, json.dumps(summary, indent=2) + "\n")  # the same settings, this num
     state.wait_for_everyone()
-    written = draw_shard(model, req, out, state.process_index, state.num_processes,
-                         progress and state.is_main_process)
+    written = 0 if model is None else draw_shard(model, req, out, state.process_index, state.num_processes,
+                                                 progress and state.is_main_process)
     state.wait_for_everyone()
     if state.is_main_process:
         finish(out, req)

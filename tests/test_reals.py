@@ -130,6 +130,10 @@ def test_an_interrupted_run_continues_to_the_same_bytes(teacher, prompt_file, fu
     before = {n: (out / n).stat().st_mtime_ns for n in want if n != "00000005.png"}
     assert main(_args(teacher, prompt_file, out)) == 0
     assert _pngs(out) == want and before == {n: (out / n).stat().st_mtime_ns for n in before}
+    # a finished folder: nothing to draw, the teacher is not even loaded
+    monkeypatch.setattr(reals, "load_model", lambda *a, **k: pytest.fail("loaded the teacher for nothing"))
+    assert main(_args(teacher, prompt_file, out)) == 0 and _pngs(out) == want
+    monkeypatch.undo()
     assert "make-reals:" not in capsys.readouterr().err   # --no-progress
     # a larger --num continues the same folder: the first 7 stay, 2 more are drawn; the progress bar (without
     # --no-progress) starts at the 7 there and ends with tqdm's [elapsed<remaining, rate]
