@@ -92,6 +92,11 @@ def _cmd_sample(args):
     sample.run(args)
 
 
+def _cmd_make_reals(args):
+    from flashdmd import reals
+    reals.run(args)
+
+
 def _cmd_export(args):
     from flashdmd import export
     export.run(args)
@@ -176,7 +181,55 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_info, _add_world, _add_eval, _add_distill, _add_plan, _add_reward, _add_sample_export,
                 _add_run_commands):
         add(sub)
+    add_examples(p)
     return p
+
+
+# What every `--help` ends with: one or more example commands, keyed by the subcommand's words. The examples are
+# real commands (tests/test_cli_help.py parses each one with this parser).
+EXAMPLES = {
+    "": ["flashdmd distill --config configs/world_sdxl_flashdmd.yaml --out runs/flash"],
+    "info": ["flashdmd info --model world-sdxl"],
+    "world": ["flashdmd world pretrain --out /tmp/world"],
+    "world pretrain": ["flashdmd world pretrain --out /tmp/world --quick"],
+    "eval": ["flashdmd eval --model runs/flash --json runs/flash/eval.json",
+             "flashdmd eval --model runs/sdxl --prompts captions.txt --num-images 1000 --clip clip-vit-large-patch14/ "
+             "--json eval.json"],
+    "eval-stats": ["flashdmd eval-stats --images coco_val/ --fid-inception pt_inception-2015-12-05-6726825d.pth "
+                   "--out coco_stats.safetensors"],
+    "distill": ["flashdmd distill --config configs/world_sdxl_flashdmd.yaml --out runs/flash",
+                "flashdmd distill --config configs/sdxl_flashdmd.yaml --set data_real=reals/ --out runs/sdxl"],
+    "plan": ["flashdmd plan --config configs/sdxl_flashdmd.yaml --processes 8 --device-memory 80GB"],
+    "reward": ["flashdmd reward make-pairs --model world-sdxl --num 2000 --out pairs.jsonl"],
+    "reward make-pairs": ["flashdmd reward make-pairs --model world-sdxl --num 2000 --out pairs.jsonl"],
+    "reward train": ["flashdmd reward train --pairs pairs.jsonl --family-model world-sdxl --out lrm/"],
+    "sample": ["flashdmd sample --model runs/flash --prompt \"a photo of a sneaker\" --out samples/"],
+    "make-reals": ["accelerate launch --multi_gpu --num_processes 8 -m flashdmd.cli make-reals "
+                   "--model /models/sdxl-base --prompts prompts.txt --num 100000 --dtype bf16 --out reals/",
+                   "flashdmd make-reals --model world-sdxl --prompts prompts.txt --num 5000 --out reals/"],
+    "export": ["flashdmd export --run runs/flash --out exported/"],
+    "config-help": ["flashdmd config-help"],
+    "report": ["flashdmd report runs/flash"],
+    "demo": ["flashdmd demo --out runs/demo --seed 0"],
+}
+
+
+def _subparsers(parser: argparse.ArgumentParser, words: tuple[str, ...] = ()):
+    """(words, parser) of ``parser`` and every subcommand below it, depth first."""
+    yield words, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, child in action.choices.items():
+                yield from _subparsers(child, words + (name,))
+
+
+def add_examples(parser: argparse.ArgumentParser) -> None:
+    """End the help of ``parser`` and of each of its subcommands with its EXAMPLES (kept as written)."""
+    for words, p in _subparsers(parser):
+        lines = EXAMPLES.get(" ".join(words))
+        if lines:
+            p.epilog = "example" + ("s" if len(lines) > 1 else "") + ":\n" + "\n".join("  " + x for x in lines)
+            p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
 # The subcommands' modules are imported where their parsers are built or their commands run, not at the top: this
@@ -257,6 +310,11 @@ def _add_sample_export(sub) -> None:
     from flashdmd import sample as _sample
     _sample.add_arguments(smp)
     smp.set_defaults(func=_cmd_sample)
+    mr = sub.add_parser("make-reals", help="a teacher's own images (its default steps and guidance) as a captioned "
+                        "image folder for data_real: resumable, sharded over `accelerate launch` processes")
+    from flashdmd import reals as _reals
+    _reals.add_arguments(mr)
+    mr.set_defaults(func=_cmd_make_reals)
     exp = sub.add_parser("export", help="write a distill run as a standard diffusers pipeline folder (or LoRA file)")
     from flashdmd import export as _export
     _export.add_arguments(exp)

@@ -12,9 +12,11 @@ Every image gets its own generator seeded ``--seed + j`` (j-th image of a prompt
 ``{prompt index:04d}_seed{seed}.png`` is reproduced by a one-prompt pipeline call with that seed.
 
 Beside the PNGs, ``prompts.jsonl`` holds one JSON object per PNG: ``{"file", "prompt", "seed", "steps",
-"guidance_scale"}`` (the steps and guidance the image was drawn with). A later call into the same folder keeps the
-earlier lines, drops those of PNGs it writes again (--overwrite) and appends its own; the file is replaced
-atomically, also when the call stops part-way (then it lists the PNGs written so far).
+"guidance_scale"}`` (the steps and guidance the image was drawn with), and ``metadata.jsonl`` the same PNGs as
+``{"file_name", "text"}`` lines -- the captions file of an image folder (HF ``imagefolder``, flashdmd's
+:class:`~flashdmd.data.ImageFolderSource`), so a folder of samples is a ``data_real`` as it stands. A later call into
+the same folder keeps the earlier lines, drops those of PNGs it writes again (--overwrite) and appends its own; both
+files are replaced atomically, also when the call stops part-way (then they list the PNGs written so far).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import torch
 from diffusers.utils.torch_utils import randn_tensor
 from PIL import Image
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from flashdmd import FlashDMDError, io
 from flashdmd.data import read_prompt_file
@@ -37,6 +40,7 @@ from flashdmd.inference import DTYPES, TEACHER_DEFAULT_STEPS, load_model, teache
 
 DEFAULT_BATCH = 8
 PROMPT_LOG = "prompts.jsonl"
+METADATA = "metadata.jsonl"  # the captions of an image folder: {"file_name", "text"} per line (data/sources.py)
 
 
 def plan(model, steps: int | None = None) -> tuple[list[float], str]:
@@ -120,12 +124,20 @@ def read_prompt_log(out: Path) -> list[dict]:
     return records
 
 
+def write_metadata(out: Path, rows: list[dict]) -> None:
+    """``out/metadata.jsonl`` := ``rows`` (each holds ``file_name`` and ``text``), one JSON object a line (tmp +
+    rename): the captions :class:`~flashdmd.data.ImageFolderSource` and HF ``imagefolder`` read."""
+    io.atomic_write_text(out / METADATA, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+
+
 def write_prompt_log(out: Path, earlier: list[dict], new: list[dict]) -> None:
-    """``out/prompts.jsonl`` := the ``earlier`` records less those of files in ``new``, then ``new`` (tmp + rename)."""
+    """``out/prompts.jsonl`` := the ``earlier`` records less those of files in ``new``, then ``new`` (tmp + rename);
+    ``out/metadata.jsonl`` := the same files with their prompts as captions."""
     again = {r["file"] for r in new}
-    lines = [json.dumps(r, ensure_ascii=False) for r in earlier if r["file"] not in again]
-    lines += [json.dumps(r, ensure_ascii=False) for r in new]
-    io.atomic_write_text(out / PROMPT_LOG, "".join(line + "\n" for line in lines))
+    records = [r for r in earlier if r["file"] not in again] + list(new)
+    io.atomic_write_text(out / PROMPT_LOG, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_metadata(out, [{"file_name": r["file"], "text": r["prompt"]} for r in records
+                         if isinstance(r.get("prompt"), str)])
 
 
 def generate(model, prompts: list[str], seed: int = 0, num_per_prompt: int = 1, steps: int | None = None,
@@ -161,6 +173,7 @@ def add_arguments(p):
                         "sets force_upcast stays float32, as in diffusers' pipelines); latents and the sampler's "
                         "steps follow the text embeddings, as a diffusers pipeline loaded in that dtype. Default fp32")
     p.add_argument("--overwrite", action="store_true", help="replace existing PNGs of the same name")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def collect_prompts(args) -> list[str]:
@@ -188,7 +201,7 @@ def prepare_out(out: Path) -> None:
         raise FlashDMDError(f"cannot write to --out {out}: {e.strerror or e}") from None
 
 
-def _check_not_export(spec: str) -> None:
+def check_not_export(spec: str) -> None:
     path = resolve_path(spec)
     if (path / EXPORT_INFO).is_file():
         raise FlashDMDError(f"{path} was written by `flashdmd export` for diffusers; sample it with diffusers "
@@ -212,19 +225,23 @@ def run(args):
         raise FlashDMDError(f"{len(existing)} of the PNGs already exist in {out} (e.g. {existing[0]}); "
                             "pass --overwrite to replace them")
     earlier = read_prompt_log(out)  # a broken log stops the call before any work
-    _check_not_export(args.model)
+    check_not_export(args.model)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(args.model, device=device, dtype=DTYPES[args.dtype])
     steps = len(plan(model, args.steps)[0])
     guidance = args.cfg if args.cfg is not None else model.guidance_scale
     records = []
+    bar = tqdm(total=len(names), desc="sample", unit="img", disable=args.no_progress, dynamic_ncols=True)
     try:
         for i, s, px in generate(model, prompts, args.seed, args.num_per_prompt, args.steps, args.cfg,
                                  args.batch_size):
             save_png(px, out / image_name(i, s))
             records.append({"file": image_name(i, s), "prompt": prompts[i], "seed": s, "steps": steps,
                             "guidance_scale": guidance})
+            bar.update(1)
     finally:  # also after an interruption: the PNGs written so far are described
+        bar.close()
         if records:
             write_prompt_log(out, earlier, records)
-    print(f"wrote {len(records)} PNGs and {PROMPT_LOG} to {out} ({model.kind}, {steps} steps, guidance {guidance})")
+    print(f"wrote {len(records)} PNGs, {PROMPT_LOG} and {METADATA} to {out} ({model.kind}, {steps} steps, "
+          f"guidance {guidance})")

@@ -122,7 +122,7 @@ def test_fid_reference_folder_and_stats_files(inception, inception_file, tmp_pat
     assert torch.equal(mu_f, mu_t) and torch.equal(cov_f, cov_t)
     # `flashdmd eval-stats` writes .safetensors and pytorch-fid's .npz; both read back as the same (mu, sigma)
     assert main(["eval-stats", "--images", str(d), "--fid-inception", str(inception_file),
-                 "--out", str(tmp_path / "stats.npz")]) == 0
+                 "--out", str(tmp_path / "stats.npz"), "--no-progress"]) == 0
     save_stats(tmp_path / "stats.safetensors", mu_f, cov_f, 3)
     for name in ("stats.safetensors", "stats.npz"):
         mu, sigma = load_stats(tmp_path / name)
@@ -341,8 +341,8 @@ def test_cli_eval_real_model_end_to_end(tmp_path, sdxl_dir, clip_dir, inception_
         assert k in m, k
     assert m["num_images"] == 6 and m["nfe"] == 2 * 2 and m["kind"] == "teacher"
     assert m["fid"] > 0 and 0 <= m["clip_score"] <= 100 and m["seconds_per_image"] > 0
+    assert "eval: 100%" in capsys.readouterr().err   # the progress bar over the sampled images
     # a wrong backend path fails before any sampling, as one line, exit 2
-    capsys.readouterr()
     assert main(argv[:-2] + ["--pickscore", str(tmp_path / "nope"), "--json", str(out)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "nope not found" in err   # checked before loading

@@ -65,7 +65,10 @@ def test_sample_writes_prompts_jsonl_and_appends(teacher, tmp_path, capsys):
                                           "0000_seed3.png"]
     assert third[-1]["prompt"] == "a dog" and third[:4] == second[1:]
     assert {r["file"] for r in third} == _pngs(out) and sorted(p.name for p in out.iterdir()) == sorted(
-        _pngs(out) | {"prompts.jsonl"})
+        _pngs(out) | {"prompts.jsonl", "metadata.jsonl"})
+    # metadata.jsonl: the same PNGs with their prompts as captions (an image folder's captions file)
+    assert [json.loads(x) for x in (out / "metadata.jsonl").read_text(encoding="utf-8").splitlines()] == [
+        {"file_name": r["file"], "text": r["prompt"]} for r in third]
 
     # a log that is not JSON lines stops the call before it draws anything, with one line saying what to fix
     (out / "prompts.jsonl").write_text('{"file": "0000_seed3.png"}\nnot json\n')

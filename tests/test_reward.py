@@ -342,12 +342,13 @@ def test_cli_reward_train_end_to_end(families, folders, tmp_path, capsys):
     assert (out / "lrm.safetensors").is_file()
     lrm = LatentRewardModel.load(out, fam)
     assert lrm.proj_dim == 8
-    capsys.readouterr()
+    err = capsys.readouterr().err
+    assert "reward train: 100%" in err and "3/3 [" in err and "<" in err   # a bar over the updates, with the time left
     # continue from the saved LRM, on two pairs files concatenated
     rc = main(["reward", "train", "--pairs", str(pairs), str(pairs), "--family-model", str(folders["sd3"]), "--out",
                str(tmp_path / "lrm2"), "--init", str(out), "--steps", "1", "--batch", "2", "--eval-draws", "1",
-               "--threads", "1"])
-    assert rc == 0
+               "--threads", "1", "--no-progress"])
+    assert rc == 0 and "reward train:" not in capsys.readouterr().err
     assert json.loads((tmp_path / "lrm2" / "metrics.json").read_text())["num_pairs"] == 24
 
 

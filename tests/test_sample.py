@@ -69,8 +69,9 @@ def test_teacher_pngs_count_size_seeds_and_overwrite(teacher, tmp_path, capsys):
             "--num-per-prompt", "2", "--seed", "3", "--steps", "2", "--cfg", "1", "--out", str(out)]
     assert main(argv) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["0000_seed3.png", "0000_seed4.png", "0001_seed3.png", "0001_seed4.png", "prompts.jsonl"]
-    names = names[:-1]
+    assert names == ["0000_seed3.png", "0000_seed4.png", "0001_seed3.png", "0001_seed4.png", "metadata.jsonl",
+                     "prompts.jsonl"]
+    names = names[:-2]
     assert all(_png(out / n).shape == (32, 32, 3) for n in names)
     # each PNG is the diffusers pipeline's image for that prompt and seed (one prompt, one generator)
     pipe = StableDiffusionXLPipeline.from_pretrained(teacher)
@@ -96,7 +97,8 @@ def test_student_png_is_the_exported_pipeline_image(student_run, tmp_path):
     out = tmp_path / "student"
     assert main(["sample", "--model", str(student_run), "--prompts", str(prompts), "--seed", "11",
                  "--batch-size", "2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["0000_seed11.png", "0001_seed11.png", "prompts.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["0000_seed11.png", "0001_seed11.png", "metadata.jsonl",
+                                                     "prompts.jsonl"]
     exported = tmp_path / "exported"
     assert main(["export", "--run", str(student_run), "--out", str(exported)]) == 0
     pipe = DiffusionPipeline.from_pretrained(exported)

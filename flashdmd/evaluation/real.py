@@ -91,7 +91,8 @@ def load_backends(fid_inception=None, fid_ref=None, scorers: dict[str, str | Non
     fid = None
     if fid_inception is not None:
         inception = FIDInception.from_file(fid_inception, device=device)
-        bar = _bar("fid-ref", None, progress and Path(fid_ref).is_dir())
+        is_folder = Path(fid_ref).expanduser().is_dir()
+        bar = _bar("fid-ref", len(image_files(fid_ref)) if is_folder and progress else None, progress and is_folder)
         mu, sigma = reference_stats(fid_ref, inception, batch_size, bar)
         bar.close()
         fid = (inception, mu, sigma)
@@ -224,12 +225,13 @@ def run_eval(args) -> dict:
     if not out.parent.exists():
         raise FlashDMDError(f"folder {out.parent} for --json does not exist")
     device = default_device(getattr(args, "device", None))
+    progress = not getattr(args, "no_progress", False)
     evaluator = RealEvaluator.from_paths(
         args.prompts, args.num_images, clip=args.clip, pickscore=args.pickscore, hpsv2=args.hpsv2,
         imagereward=args.imagereward, fid_inception=args.fid_inception, fid_ref=args.fid_ref, device=device,
-        batch_size=args.batch_size, metric_batch_size=args.metric_batch_size, progress=True)
+        batch_size=args.batch_size, metric_batch_size=args.metric_batch_size, progress=progress)
     model = load_model(args.model, device=device, dtype=DTYPES[getattr(args, "dtype", "fp32")])
-    metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=True)
+    metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=progress)
     if not evaluator.higher_is_better:
         print("note: no metric backend given (--fid-inception/--fid-ref, --clip, --pickscore, --hpsv2, "
               "--imagereward): only speed is reported")
@@ -256,6 +258,7 @@ def add_stats_arguments(p):
     p.add_argument("--out", required=True, help="statistics file: .safetensors (mu, sigma) or .npz (pytorch-fid's)")
     p.add_argument("--batch-size", type=int, default=50)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_stats(args) -> Path:
@@ -268,7 +271,7 @@ def run_stats(args) -> Path:
     if n < 2:
         raise FlashDMDError(f"{args.images} holds {n} image; statistics need at least 2")
     inception = FIDInception.from_file(args.fid_inception, device=default_device(args.device))
-    bar = _bar("eval-stats", n, True)
+    bar = _bar("eval-stats", n, not args.no_progress)
     feats = folder_features(inception, args.images, args.batch_size, bar)
     bar.close()
     mu, sigma = feature_stats(feats)

@@ -25,6 +25,7 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", required=True, help="write the metrics here")
     p.add_argument("--floor", action="store_true", help="also report FD of train vs test at the same N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     real = p.add_argument_group(
         "real models", "--prompts or any metric backend below switches from the embedded world's metrics to these "
         "(local weights only; docs/EVALUATION.md says what each expects on disk and gives the COCO-10k command)")
@@ -73,7 +74,7 @@ def run(args):
     if args.floor and not hasattr(evaluator, "floor"):
         raise FlashDMDError(f"--floor: plug-in {owner.name!r} has no real-data floor")
     model = load_model(args.model, device=getattr(args, "device", None) or "cpu", dtype=DTYPES[args.dtype])
-    metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=True)
+    metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=not args.no_progress)
     metrics.update(model=args.model, kind=model.kind, steps=args.steps, cfg=args.cfg)
     if args.floor:
         metrics["fd_floor"] = evaluator.floor(args.num_images, args.seed)

@@ -263,8 +263,10 @@ def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], 
     lat_a = sample_model_latents(model_a, prompts, 2 * seed, steps_a, cfg_a, batch_size, progress=bar)
     lat_b = sample_model_latents(model_b, prompts, 2 * seed + 1, steps_b, cfg_b, batch_size, progress=bar)
     bar.close()
+    bar = tqdm(total=num, desc="judging", unit="pair", disable=not progress)
     pref, score_a, score_b = _judge_pairs(fam, model_b.family, lat_a, lat_b, prompts, judge, temperature,
-                                          torch.Generator().manual_seed(seed + 2), batch_size)
+                                          torch.Generator().manual_seed(seed + 2), batch_size, bar)
+    bar.close()
     latents = torch.stack([lat_a, lat_b], dim=1).flatten(0, 1)  # rows 2i (a), 2i+1 (b)
     src_a = {"model": model_a_spec, "kind": model_a.kind, "steps": steps_a, "cfg": cfg_a, "seed": seed * 2}
     src_b = {"model": model_b_spec or model_a_spec, "kind": model_b.kind, "steps": steps_b, "cfg": cfg_b,
@@ -280,9 +282,10 @@ def make_pairs(model_a_spec: str, model_b_spec: str | None, prompts: list[str], 
 
 @torch.no_grad()
 def _judge_pairs(fam_a, fam_b, lat_a: Tensor, lat_b: Tensor, prompts: list[str], judge: Judge, temperature: float,
-                 rater: torch.Generator, batch_size: int) -> tuple[list[bool], list[float], list[float]]:
+                 rater: torch.Generator, batch_size: int, progress=None) -> tuple[list[bool], list[float], list[float]]:
     """(a preferred, score of a, score of b) per pair: both sides decoded (clamped to [-1, 1]) and scored in chunks
-    of ``batch_size``, the choice drawn from ``rater`` (see :func:`flashdmd.evaluation.judges.choose`)."""
+    of ``batch_size``, the choice drawn from ``rater`` (see :func:`flashdmd.evaluation.judges.choose`); ``progress``
+    (a tqdm bar) counts the pairs judged."""
     pref, score_a, score_b = [], [], []
     for start in range(0, len(prompts), batch_size):
         sl, chunk = slice(start, start + batch_size), prompts[start:start + batch_size]
@@ -292,6 +295,8 @@ def _judge_pairs(fam_a, fam_b, lat_a: Tensor, lat_b: Tensor, prompts: list[str],
         score_a += sa.tolist()
         score_b += sb.tolist()
         pref += choose(sa, sb, temperature, generator=rater).tolist()
+        if progress is not None:
+            progress.update(len(chunk))
     return pref, score_a, score_b
 
 
@@ -332,7 +337,7 @@ def add_make_pairs_arguments(p) -> None:
     p.add_argument("--temperature", type=float, default=0.0,
                    help="rater noise: 0 = the higher score wins, >0 = Bradley-Terry draws at this temperature")
     p.add_argument("--device", default="cpu", help="torch device for the models and the judge (default cpu)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from tqdm.auto import tqdm
 
 from flashdmd import FlashDMDError, io
 from flashdmd.families import Conditioning, load_family
@@ -114,14 +115,15 @@ def train_lrm(model, pairs, steps: int = 500, batch_size: int = 32, lr: float = 
               backbone_lr: float | None = None, weight_decay: float = 0.0, t_range=TRAIN_T_RANGE,
               val_frac: float = 0.1, seed: int = 0, eval_draws: int = 2, log_every: int = 50,
               grad_clip: float = 1.0, report_before: bool = True, report_train: bool = True,
-              print_fn=print) -> dict:
+              print_fn=print, progress: bool = False) -> dict:
     """Train ``model`` (a LatentRewardModel) on a PairSet with the noisy Bradley-Terry loss; AdamW, heads at
     ``lr``, trainable backbone weights (full or LoRA) at ``backbone_lr`` (default lr/10).
 
     Returns metrics: held-out accuracy per noise band after (and, with ``report_before``, before) training,
     the same after training with independent noise per pair member,
     with ``report_train`` a train-split accuracy on as many pairs as are held out (overfitting check), the
-    loss curve, sizes and wall time.
+    loss curve, sizes and wall time. ``progress``: a progress bar over the updates (with the time left); the log
+    lines then go through ``tqdm.write``.
     """
     if steps < 0 or batch_size < 1:
         raise FlashDMDError("--steps must be >= 0 and --batch >= 1")
@@ -137,8 +139,13 @@ def train_lrm(model, pairs, steps: int = 500, batch_size: int = 32, lr: float = 
         print_fn("held-out accuracy before training: " + _fmt(before))
 
     opt, params = _optimizer(model, lr, backbone_lr, weight_decay)
-    curve = _fit(model, pairs, bank, train_idx, opt, params, steps, batch_size, t_range,
-                 torch.Generator().manual_seed(seed + 1), grad_clip, log_every, t0, print_fn)
+    bar = tqdm(total=steps, desc="reward train", unit="step", disable=not progress, dynamic_ncols=True)
+    try:
+        curve = _fit(model, pairs, bank, train_idx, opt, params, steps, batch_size, t_range,
+                     torch.Generator().manual_seed(seed + 1), grad_clip, log_every, t0,
+                     tqdm.write if progress and print_fn is print else print_fn, bar)
+    finally:
+        bar.close()
     after = band_accuracies(model, pairs, bank, eval_idx, eval_draws, seed + 100)
     n_check = len(eval_idx)
     train_acc = band_accuracies(model, pairs, bank, train_idx[:n_check], eval_draws, seed + 200) \
@@ -169,8 +176,9 @@ def _optimizer(model, lr: float, backbone_lr: float | None, weight_decay: float)
 
 
 def _fit(model, pairs, bank, train_idx: Tensor, opt, params, steps: int, batch_size: int, t_range,
-         g: torch.Generator, grad_clip: float, log_every: int, t0: float, print_fn) -> list[dict]:
-    """``steps`` updates on batches of train pairs noised at t ~ ``t_range`` (draws from ``g``); the loss curve."""
+         g: torch.Generator, grad_clip: float, log_every: int, t0: float, print_fn, bar) -> list[dict]:
+    """``steps`` updates on batches of train pairs noised at t ~ ``t_range`` (draws from ``g``), each counted on
+    ``bar``; the loss curve."""
     fam, dev = model.family, model.family.device
     curve, window = [], []
     model.train()
@@ -188,6 +196,7 @@ def _fit(model, pairs, bank, train_idx: Tensor, opt, params, steps: int, batch_s
         if grad_clip:
             torch.nn.utils.clip_grad_norm_(params, grad_clip)
         opt.step()
+        bar.update(1)
         window.append((loss.item(), float((s_w > s_l).float().mean())))
         if step % log_every == 0 or step == steps:
             l, a = (sum(v) / len(window) for v in zip(*window))
@@ -238,6 +247,7 @@ def add_train_arguments(p) -> None:
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--frozen-dtype", choices=FROZEN_DTYPES, default="auto",
                    help="dtype of the frozen teacher parts (backbone, text encoders, VAE), as distill's "
                         "model_frozen_dtype: auto = bfloat16 on CUDA, else float32. The heads, a trained backbone "
@@ -275,7 +285,8 @@ def run_train(args) -> dict:
                                   time_embed_dim=args.time_embed_dim, feature_cfg_scale=args.feature_cfg_scale)
     metrics = train_lrm(model, pairs, steps=args.steps, batch_size=args.batch, lr=args.lr,
                         backbone_lr=args.backbone_lr, weight_decay=args.weight_decay, t_range=(lo, hi),
-                        val_frac=args.val_frac, seed=args.seed, eval_draws=args.eval_draws, log_every=args.log_every)
+                        val_frac=args.val_frac, seed=args.seed, eval_draws=args.eval_draws, log_every=args.log_every,
+                        progress=not args.no_progress)
     metrics.update(pairs=[str(p) for p in paths], family_model=args.family_model, backbone=args.backbone)
     model.save(out, extra_config={"training": {k: metrics[k] for k in ("steps", "batch_size", "lr", "num_pairs",
                                                                           "heldout_accuracy")}})
