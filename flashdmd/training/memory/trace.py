@@ -53,6 +53,23 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.live
 
 
+class ReadsOf(TorchDispatchMode):
+    """Records which of the ``watch``ed storages (storage key -> label) ops read while active: ``read``, the labels."""
+
+    def __init__(self, watch: dict[int, str]):
+        super().__init__()
+        self.watch = watch
+        self.read: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor):
+                label = self.watch.get(t.untyped_storage()._cdata)
+                if label is not None:
+                    self.read.add(label)
+        return func(*args, **(kwargs or {}))
+
+
 class _FusedAttention(torch.autograd.Function):
     """Shapes and saved tensors of a fused (flash / memory-efficient) attention kernel, for meta tensors."""
 
