@@ -18,6 +18,7 @@ from flashdmd.cli import main  # noqa: E402
 from flashdmd.families import load_family  # noqa: E402
 from flashdmd.training import plan as P  # noqa: E402
 from flashdmd.training.distill import _encode, fake_score_step, generator_step, setup  # noqa: E402
+from flashdmd.training.memory.residency import Residency  # noqa: E402
 from flashdmd.training.memory.suggest import suggest  # noqa: E402
 from flashdmd.training.roles import build_roles  # noqa: E402
 from flashdmd.training.setup import student_steps  # noqa: E402
@@ -117,11 +118,17 @@ def test_base_holds_the_non_block_rest_and_two_or_three_largest_blocks(plans, pa
                         "encode": rest}
     frozen = plans["frozen"]
     assert _phase_totals(frozen)["disc"] - _phase_totals(base)["disc"] == sum(blocks)
-    # a full fine-tune: only the frozen teacher streams, and no backward runs through it -- 2 blocks
-    full = P.plan(_cfg(folders, "base", method="dmd2", model_lora_rank=0, model_gradient_checkpointing=False), CUDA)
-    gen = full["detail"]["stage1"]["phases"]["generator"]
-    assert gen["use"]["block_calls"] > 0 and not gen["use"]["base_backward"]
-    assert gen["resident"]["teacher"] == rest + sum(blocks[:2])
+    # a forward-only phase (the teacher's no-grad forward, as the DM loss and a full fine-tune's phases run it):
+    # each block called once, no backward through them -- 2 blocks
+    run = P.meta_run(_cfg(folders, "base"), "cuda")
+    res, s = Residency("base", P.role_modules(run), "sd3"), run.setup
+    cond = s.family.encode_prompts(["a prompt"], s.resolution, s.resolution)
+    x = torch.zeros((1,) + tuple(s.family.latent_shape(s.resolution, s.resolution)), device="meta",
+                    dtype=s.family.dtype)
+    with res.phase() as use, torch.no_grad(), P.fused_attention():
+        s.family.predict(s.teacher, x, torch.full((1,), 500.0, device="meta"), cond)
+    assert use["block_calls"] == 4 and use["block_bytes"] == sum(blocks) and not use["base_backward"]
+    assert res.resident(use)["teacher"] == rest + sum(blocks[:2])
 
 
 def _count_calls(modules):

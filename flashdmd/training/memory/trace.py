@@ -62,11 +62,12 @@ class ReadsOf(TorchDispatchMode):
         self.read: set[str] = set()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor):
-                label = self.watch.get(t.untyped_storage()._cdata)
-                if label is not None:
-                    self.read.add(label)
+        for a in (*args, *(kwargs or {}).values()):  # an op's tensors: its arguments, or in a list of them
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.Tensor):
+                    label = self.watch.get(t.untyped_storage()._cdata)
+                    if label is not None:
+                        self.read.add(label)
         return func(*args, **(kwargs or {}))
 
 
