@@ -4,11 +4,11 @@ Each target: Flash-DMD LoRA 64 at 1024 px, batch 1, with the text cache, on one 
 and AdamW fp32), the family's preset (configs/) with the target's quantisation (an int8 / fp8 base quantises the text
 encoders the same way: they are what the text cache's encoding pass holds next to the teacher). For each: the planned
 peak, its phase, the card, whether it fits (the plan's 95 % of the card), and for a miss: by how much, what
-`flashdmd plan --suggest` proposes (its cumulative ladder, flashdmd/training/memory/suggest.py) and, when no setting
-flashdmd has fits, what would (the numbers of encoding the prompts before the transformer is on the device).
+`flashdmd plan --suggest` proposes (its cumulative ladder, flashdmd/training/memory/suggest.py, offloading among its
+rungs) or by how much its best still misses.
 The ``model_offload`` targets also give the bytes copied host -> device per Stage-1 iteration and their time at the
-plan's assumed 25 GB/s (a bound: on a GPU prefetch overlaps the copies with compute; benchmarks/gpu_check.py
-measures them). Writes benchmarks/results/plan_targets.json.
+plan's assumed 25 GB/s (a bound, not a measurement: on a GPU prefetch overlaps the copies with compute). Writes
+benchmarks/results/plan_targets.json.
 
     python benchmarks/plan_targets.py [--work /tmp/flashdmd-vram]
 """
@@ -49,22 +49,6 @@ def _gib(b: int) -> float:
     return round(b / GiB, 2)
 
 
-def _without_setup_teacher(result: dict) -> dict | None:
-    """The numbers of encoding the prompts before the transformer is on the device (not implemented): the set-up
-    stage without the teacher's weights, and the run's peak then."""
-    stages = result["strategies"]["single"]["stages"]
-    if "setup" not in stages:
-        return None
-    setup = stages["setup"]
-    teacher = setup["split"].get("teacher", {}).get("weights", 0)
-    training = max(v["peak_bytes"] for k, v in stages.items() if k != "setup")
-    peak = max(setup["peak_bytes"] - teacher, training)
-    return {"what": "encode the prompts (text encoders + VAE) before the transformer is loaded, then free them "
-                    "(not implemented: setup.cache_text runs with the teacher loaded)",
-            "setup_peak_gib": _gib(setup["peak_bytes"] - teacher), "training_peak_gib": _gib(training),
-            "peak_gib": _gib(peak)}
-
-
 def plan_target(target, paths: dict) -> dict:
     from flashdmd.training import plan as P
     from flashdmd.training.memory.suggest import suggest
@@ -103,8 +87,6 @@ def plan_target(target, paths: dict) -> dict:
                             "peak_phase": rec["peak_phase"], "miss_gib": _gib(rec["miss_bytes"]),
                             "tried": [{"set": t["overrides"], "peak_gib": _gib(t["peak_bytes"]),
                                        "peak_phase": t["peak_phase"]} for t in rec["tried"]]}
-        if not rec["fits"]:
-            entry["would_meet"] = _without_setup_teacher(rec["plan"])
     return entry
 
 

@@ -133,7 +133,8 @@ def suggest(cfg, settings, plan_fn, log=None) -> dict:
     miss = _miss(peak, memory)
     return {"device_memory_bytes": memory, "fit_headroom": FIT_HEADROOM, "fits": miss <= 0,
             "overrides": overrides, "set": [f"{k}={_value_text(v)}" for k, v in overrides.items()],
-            "notes": {k: _note(k, v, best[1]) for k, v in overrides.items()}, "peak_bytes": peak, "peak_phase": best[1]["peak_phase"],
+            "notes": {k: _note(k, v, best[1]) for k, v in overrides.items()}, "peak_bytes": peak,
+            "peak_phase": best[1]["peak_phase"],
             "miss_bytes": max(miss, 0), "pruned": pruned, "tried": tried, "plan": best[1], "configured": configured[1]}
 
 
