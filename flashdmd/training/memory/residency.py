@@ -181,16 +181,19 @@ def transfers(res: Residency, stage1: dict, stage2: dict | None, ttur: int, gbps
     return out
 
 
+def _size(b: float) -> str:
+    return f"{b / 2 ** 30:.1f} GiB" if b >= 2 ** 30 / 10 else f"{b / 2 ** 20:.1f} MiB"
+
+
 def transfer_line(result: dict) -> str | None:
     """One line for `plan`'s output under the headline: the offloaded bytes per iteration and their time."""
     t = result.get("transfers")
     if not t:
         return None
-    GiB = 2 ** 30
     s1 = t["stage1"]
-    line = (f"offload {t['mode']}: {s1['per_iteration_bytes'] / GiB:.1f} GiB host->device per Stage-1 iteration "
-            f"({s1['per_iteration_seconds']:.2f} s")
+    line = (f"offload {t['mode']}: {_size(s1['per_iteration_bytes'])} host->device per Stage-1 iteration "
+            f"({s1['per_iteration_seconds']:.3g} s")
     if "stage2" in t:
         s2 = t["stage2"]
-        line += f"), {s2['per_rl_update_bytes'] / GiB:.1f} GiB per RL update ({s2['per_rl_update_seconds']:.2f} s"
+        line += f"), {_size(s2['per_rl_update_bytes'])} per RL update ({s2['per_rl_update_seconds']:.3g} s"
     return line + f") at {t['h2d_gbps']:g} GB/s, {t['h2d_note']}; prefetch overlaps it with compute on a GPU"
