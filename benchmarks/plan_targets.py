@@ -4,9 +4,11 @@ Each target: Flash-DMD LoRA 64 at 1024 px, batch 1, with the text cache, on one 
 and AdamW fp32), the family's preset (configs/) with the target's quantisation (an int8 / fp8 base quantises the text
 encoders the same way: they are what the text cache's encoding pass holds next to the teacher). For each: the planned
 peak, its phase, the card, whether it fits (the plan's 95 % of the card), and for a miss: by how much, what
-`flashdmd plan --suggest` proposes (its cumulative ladder, flashdmd/training/memory/suggest.py) and, when no setting
-flashdmd has fits, what would (the numbers of encoding the prompts before the transformer is on the device).
-Writes benchmarks/results/plan_targets.json.
+`flashdmd plan --suggest` proposes (its cumulative ladder, flashdmd/training/memory/suggest.py, offloading among its
+rungs) or by how much its best still misses.
+The ``model_offload`` targets also give the bytes copied host -> device per Stage-1 iteration and their time at the
+plan's assumed 25 GB/s (a bound, not a measurement: on a GPU prefetch overlaps the copies with compute). Writes
+benchmarks/results/plan_targets.json.
 
     python benchmarks/plan_targets.py [--work /tmp/flashdmd-vram]
 """
@@ -27,6 +29,7 @@ GiB = 2 ** 30
 TEXT_CACHE = {"model_lora_rank": 64, "model_text_cache": True, "data_prompts": "{prompts}"}
 INT8 = {"model_frozen_quant": "int8", "model_text_encoder_quant": "int8"}
 FP8 = {"model_frozen_quant": "fp8", "model_text_encoder_quant": "fp8"}
+BASE = {"model_offload": "base"}  # the presets have gradient checkpointing on, which streaming the base needs
 # (target, family, preset, quantisation, card GB)
 TARGETS = [
     ("Qwen-Image, int8 base, one 48 GB card", "qwenimage", "qwenimage_flashdmd.yaml", INT8, 48),
@@ -35,27 +38,15 @@ TARGETS = [
     ("FLUX.2-dev, fp8 base, one 80 GB card", "flux2-dev", "flux2_dev_flashdmd.yaml", FP8, 80),
     ("Z-Image, bf16, one 24 GB card", "zimage", "zimage_flashdmd.yaml", {}, 24),
     ("FLUX.2-klein-4B, bf16, one 16 GB card", "flux2-klein-4b", "flux2_klein_flashdmd.yaml", {}, 16),
+    ("Qwen-Image, bf16, base offloaded, one 48 GB card", "qwenimage", "qwenimage_flashdmd.yaml", BASE, 48),
+    ("FLUX.2-dev, bf16, base offloaded, one 80 GB card", "flux2-dev", "flux2_dev_flashdmd.yaml", BASE, 80),
+    ("FLUX.2-dev, int8 base, frozen parts offloaded, one 80 GB card", "flux2-dev", "flux2_dev_flashdmd.yaml",
+     dict(INT8, model_offload="frozen"), 80),
 ]
 
 
 def _gib(b: int) -> float:
     return round(b / GiB, 2)
-
-
-def _without_setup_teacher(result: dict) -> dict | None:
-    """The numbers of encoding the prompts before the transformer is on the device (not implemented): the set-up
-    stage without the teacher's weights, and the run's peak then."""
-    stages = result["strategies"]["single"]["stages"]
-    if "setup" not in stages:
-        return None
-    setup = stages["setup"]
-    teacher = setup["split"].get("teacher", {}).get("weights", 0)
-    training = max(v["peak_bytes"] for k, v in stages.items() if k != "setup")
-    peak = max(setup["peak_bytes"] - teacher, training)
-    return {"what": "encode the prompts (text encoders + VAE) before the transformer is loaded, then free them "
-                    "(not implemented: setup.cache_text runs with the teacher loaded)",
-            "setup_peak_gib": _gib(setup["peak_bytes"] - teacher), "training_peak_gib": _gib(training),
-            "peak_gib": _gib(peak)}
 
 
 def plan_target(target, paths: dict) -> dict:
@@ -83,6 +74,12 @@ def plan_target(target, paths: dict) -> dict:
              "fit_limit_gib": _gib(int(P.FIT_HEADROOM * card * GiB)),
              "per_stage_gib": {k: _gib(v["peak_bytes"]) for k, v in
                                result["strategies"]["single"]["stages"].items()}}
+    if "transfers" in result:
+        t = result["transfers"]["stage1"]
+        entry["transfer_gib_per_iteration"] = _gib(t["per_iteration_bytes"])
+        entry["transfer_seconds_per_iteration"] = t["per_iteration_seconds"]
+        entry["h2d_gbps"] = result["transfers"]["h2d_gbps"]
+        entry["block_calls_per_phase"] = t["block_calls"]
     if not entry["fits"]:
         entry["miss_gib"] = _gib(peak - int(P.FIT_HEADROOM * card * GiB))
         rec = suggest(cfg, settings, plan)
@@ -90,8 +87,6 @@ def plan_target(target, paths: dict) -> dict:
                             "peak_phase": rec["peak_phase"], "miss_gib": _gib(rec["miss_bytes"]),
                             "tried": [{"set": t["overrides"], "peak_gib": _gib(t["peak_bytes"]),
                                        "peak_phase": t["peak_phase"]} for t in rec["tried"]]}
-        if not rec["fits"]:
-            entry["would_meet"] = _without_setup_teacher(rec["plan"])
     return entry
 
 

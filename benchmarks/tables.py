@@ -709,13 +709,18 @@ def plan_targets():
             fix = (f"; `--suggest`: `{' '.join('--set ' + x for x in sug['set'])}` -> {sug['peak_gib']:.1f} GiB"
                    if sug.get("fits") else "")
             result = f"misses by {r['miss_gib']:.2f} GiB{fix}"
+        moved = (f"{r['transfer_gib_per_iteration']:.1f} ({r['transfer_seconds_per_iteration']:.2f} s)"
+                 if "transfer_gib_per_iteration" in r else "–")
         rows.append([r["target"], f"{r['planned_peak_gib']:.1f}", r["peak_phase"], stages,
-                     f"{r['fit_limit_gib']:.1f}", result])
+                     f"{r['fit_limit_gib']:.1f}", moved, result])
+    gbps = next((r["h2d_gbps"] for r in d["targets"] if "h2d_gbps" in r), None)
     notes = [f"Planned at {d['commit']} for {d['device']}: Flash-DMD LoRA 64, 1024 px, batch 1, text cache, one GPU; "
              "the int8 / fp8 targets quantise the text encoders too (`model_text_encoder_quant`), since they sit next "
-             "to the teacher while the prompts are encoded. A card fits under 95 % of it."]
-    return (["target", "planned peak GiB", "peak at", "per stage GiB", "fits under GiB", "result"], rows,
-            ["plan_targets.json"], notes)
+             "to the teacher while the prompts are encoded. A card fits under 95 % of it."
+             + (f" Offloaded: `model_offload`'s bytes copied host -> device per Stage-1 iteration, and their time at "
+                f"an assumed {gbps:g} GB/s (PCIe 4.0 x16, pinned memory; not measured)." if gbps else "")]
+    return (["target", "planned peak GiB", "peak at", "per stage GiB", "fits under GiB",
+             "offloaded GiB / iteration", "result"], rows, ["plan_targets.json"], notes)
 
 
 @table("quant_cost")
@@ -858,7 +863,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
                         "2026-12-06"),
     "quant_stage1.json": ("world-sdxl Stage 1 with an int8 / fp32 / bf16 frozen base, two seeds "
                           "(benchmarks/quant_stage1.py)", "8", "2026-12-06"),
-    "plan_targets.json": ("issue 31's planned single-card targets with a quantised base (benchmarks/plan_targets.py)",
+    "plan_targets.json": ("issue 31's planned single-card targets with a quantised or offloaded base "
+                          "(benchmarks/plan_targets.py)",
                           "8", "2026-12-06"),
 }
 

@@ -29,6 +29,12 @@ How it counts (docs/ARCHITECTURE.md, "Memory"; the parts live in :mod:`flashdmd.
   trainable tensor); FSDP2 over N (the student and the fake score, with every tensor they hold, sharded N ways
   along with their gradients and optimiser states; the gathered root unit and two wrapped blocks in flight;
   the teacher, VAE and text encoders replicated as configs/accelerate/fsdp2_8gpu.yaml does).
+* **Offloading** (``model_offload`` frozen / base; memory/residency.py): while each phase is traced, the offloaded
+  parts whose tensors its ops read and its calls of the streamed base's blocks (recomputations included) are
+  recorded; a phase then holds only those parts (and, for base, the base's non-block rest and its 2 or 3 largest
+  blocks), the prompts' encoding is a phase of its own, the text cache's encoding pass holds the text encoders alone,
+  and the bytes copied host -> device per Stage-1 iteration and per RL update are given with their time at an assumed
+  bandwidth (``--h2d-gbps``). FSDP2 is not planned with offloading (the run does not take both).
 * **Runtime**: on CUDA a fixed 1 GiB for the CUDA context and library workspaces; on the CPU the resident size of
   this process before it builds anything (the interpreter with torch, diffusers and transformers imported).
 
@@ -41,6 +47,7 @@ import dataclasses
 import json
 import re
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -53,6 +60,7 @@ from flashdmd.training.memory.accounting import (CARDS_GB, CUDA_RUNTIME_BYTES, F
                                                  stored_weight_bytes, table, trainable_bytes, weights_by_role)
 from flashdmd.training.memory.meta import MetaJudge, dtypes, meta_family, meta_roles, meta_run, role_modules  # noqa: F401
 from flashdmd.training.memory.phases import trace_stage1, trace_stage2
+from flashdmd.training.memory.residency import H2D_GBPS, Residency, transfer_line, transfers
 from flashdmd.training.memory.suggest import describe, suggest
 from flashdmd.training.roles import check_quant, sharded_quant
 from flashdmd.training.memory.trace import LiveBytes, fused_attention, trace_phase  # noqa: F401
@@ -65,6 +73,7 @@ class Settings:
     device: str = "cuda"
     device_memory: int | None = None
     strategy: str = "auto"
+    h2d_gbps: float = H2D_GBPS  # model_offload's transfers: an assumed host-to-device bandwidth (residency.py)
 
 
 def parse_bytes(text: str) -> int:
@@ -94,25 +103,28 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
         raise FlashDMDError(f"--device {s.device!r}: cuda or cpu")
     if s.processes < 1:
         raise FlashDMDError("--processes must be >= 1")
+    if s.strategy == "fsdp2" and cfg.model_offload != "none":
+        raise FlashDMDError(f"--strategy fsdp2: model_offload {cfg.model_offload} does not run under FSDP2; plan "
+                            "single or ddp, or set model_offload none")
     runtime = CUDA_RUNTIME_BYTES if s.device == "cuda" else _rss_bytes()
     t0 = time.time()
     run = meta_run(cfg, s.device)
     family, b, res = run.setup.family, cfg.run_batch_size, run.setup.resolution
+    roles = role_modules(run)
+    offload = Residency(cfg.model_offload, roles, family.name) if cfg.model_offload != "none" else None
     tracker = LiveBytes("meta")
-    with fused_attention(), tracker, torch.no_grad():
+    with fused_attention(), tracker, torch.no_grad(), offload.phase() if offload else nullcontext() as encode_use:
         cond = family.encode_prompts(["a prompt"] * b, res, res)
         uncond = family.null_conditioning(b, res, res)
-    roles = role_modules(run)
     encode_peak = tracker.peak
     setup = None
     if cfg.model_text_cache:  # the encoders are gone; the cached embeddings are a batch's worth
-        # but while the prompts are encoded (setup.cache_text, before the roles exist) the family's teacher, text
-        # encoders and VAE are all on the device: the set-up's own peak
-        setup = {"weights": weights_by_role({r: roles[r] for r in ("teacher", "text_encoders", "vae")}),
-                 "traced_peak": encode_peak}
+        setup = _setup_stage(roles, encode_peak, offload)
         roles["text_encoders"] = nn.ModuleList()
-        encode_peak = 0
-    stage1 = trace_stage1(run, roles, cond, uncond, encode_peak, s.device)
+        encode_peak, encode_use = 0, None
+        if offload:
+            offload.update(roles)
+    stage1 = trace_stage1(run, roles, cond, uncond, encode_peak, s.device, offload, encode_use)
     stage1["setup"] = setup
     log(f"stage 1 traced in {time.time() - t0:.1f} s")
     stage2 = None
@@ -122,9 +134,24 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
         if judge is not None:
             log(f"stage 2: {judge.untraced} are not traced (only its weights are counted)")
         roles2 = dict(roles, **{k: v for k, v in role_modules(run, judge).items() if k in ("reference", "reward")})
-        stage2 = trace_stage2(run, roles2, stage1, cond, encode_peak, s.device)
+        stage2 = trace_stage2(run, roles2, stage1, cond, encode_peak, s.device, offload, encode_use)
         log(f"stage 2 traced in {time.time() - t0:.1f} s")
-    return _result(cfg, s, run, roles, stage1, stage2, runtime, t0)
+    result = _result(cfg, s, run, roles, stage1, stage2, runtime, t0)
+    if offload:
+        result["transfers"] = transfers(offload, stage1, stage2, cfg.fake_score_ttur, s.h2d_gbps)
+    return result
+
+
+def _setup_stage(roles: dict, encode_peak: int, offload) -> dict:
+    """The text cache's encoding pass (setup.cache_text, before the roles exist): the family's teacher, text encoders
+    and VAE all on the device -- or under model_offload the text encoders alone (the run encodes before the denoiser
+    moves to the device) -- and the encoding's traced peak."""
+    if offload:
+        return {"weights": weights_by_role({"text_encoders": roles["text_encoders"]}, ("text_encoders",)),
+                "traced_peak": encode_peak, "note": "the text cache's encoding pass (model_offload: the text encoders "
+                                                    "alone, before the denoiser is on the device)"}
+    return {"weights": weights_by_role({r: roles[r] for r in ("teacher", "text_encoders", "vae")}),
+            "traced_peak": encode_peak}
 
 
 def _result(cfg, s: Settings, run, roles: dict, stage1: dict, stage2: dict | None, runtime: int, t0: float) -> dict:
@@ -134,7 +161,7 @@ def _result(cfg, s: Settings, run, roles: dict, stage1: dict, stage2: dict | Non
     if s.processes > 1:
         strategies["ddp"] = per_device(stage1, stage2, roles, trainable, "ddp", s.processes, runtime)
         check_quant(cfg, "meta", sharded=s.strategy == "fsdp2")  # FSDP2 with a quantised base: one line
-        if not sharded_quant(cfg):  # not a strategy this run can take
+        if not sharded_quant(cfg) and cfg.model_offload == "none":  # not a strategy this run can take
             strategies["fsdp2"] = per_device(stage1, stage2, roles, trainable, "fsdp2", s.processes, runtime)
     chosen = s.strategy if s.strategy != "auto" else ("single" if s.processes == 1 else "ddp")
     if chosen not in strategies:
@@ -160,7 +187,8 @@ def _result(cfg, s: Settings, run, roles: dict, stage1: dict, stage2: dict | Non
                     "trainable_dtype": str(family.dtype).replace("torch.", ""),
                     "frozen_dtype": str(family.frozen_dtype).replace("torch.", ""),
                     "gradient_checkpointing": cfg.model_gradient_checkpointing,
-                    "text_cache": bool(cfg.model_text_cache), "disc_kind": cfg.disc_kind, "stage2": cfg.rl_enabled},
+                    "text_cache": bool(cfg.model_text_cache), "disc_kind": cfg.disc_kind, "stage2": cfg.rl_enabled,
+                    "offload": cfg.model_offload},
         "parameters": {r: sum(p.numel() for p in m.parameters()) for r, m in roles.items() if m is not None},
         "seconds": round(time.time() - t0, 1),
         "detail": {"stage1": stage1, "stage2": stage2},  # strategy-independent counts per phase (single process)
@@ -183,17 +211,24 @@ def add_arguments(p) -> None:
                         "(auto -> model_dtype; this process's own resident size as the runtime floor)")
     p.add_argument("--device-memory", default=None, metavar="SIZE", help="memory per device, e.g. 24GB, 80GiB: say "
                    "whether the run fits (its peak under 95 %% of it: fragmentation and workspaces are not planned)")
+    p.add_argument("--h2d-gbps", type=float, default=H2D_GBPS, metavar="GB/S", help="with model_offload: the "
+                   "host-to-device bandwidth the transfer time per iteration is given at (default %(default)g: an "
+                   "assumption, PCIe 4.0 x16 from pinned memory; a bound, since prefetch overlaps it with compute)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the full plan here")
     p.add_argument("--suggest", action="store_true", help="with --device-memory: if the run does not fit, the "
                    "cheapest settings that do, as --set overrides (a cumulative ladder: text cache, gradient "
-                   "checkpointing, int8 text encoders, int8 Pixel-GAN backbone, int8 frozen base, smaller batch, "
-                   "and last a smaller LoRA rank), or by how much the best of them still misses")
+                   "checkpointing, int8 text encoders, offloaded frozen parts, int8 Pixel-GAN backbone, int8 frozen "
+                   "base, the base streamed block by block, smaller batch, and last a smaller LoRA rank), or by how "
+                   "much the best of them still misses")
 
 
 def run(args) -> None:
     cfg = DistillConfig.from_sources(args.config, args.set)
     memory = parse_bytes(args.device_memory) if args.device_memory else None
-    settings = Settings(processes=args.processes, device=args.device, device_memory=memory, strategy=args.strategy)
+    if args.h2d_gbps <= 0:
+        raise FlashDMDError(f"--h2d-gbps {args.h2d_gbps:g}: give a bandwidth above 0 (GB/s)")
+    settings = Settings(processes=args.processes, device=args.device, device_memory=memory, strategy=args.strategy,
+                        h2d_gbps=args.h2d_gbps)
     if args.suggest:
         record = suggest(cfg, settings, plan)
         record.pop("plan")  # the suggested settings' plan; the JSON keeps the run as configured, with the record
@@ -201,6 +236,8 @@ def run(args) -> None:
     else:
         result = plan(cfg, settings)
     print(headline(result))
+    if transfer_line(result):
+        print(transfer_line(result))
     print(table(result))
     if args.suggest:
         print(describe(result["suggestion"]))

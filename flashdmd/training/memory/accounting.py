@@ -29,10 +29,10 @@ def nbytes(t: torch.Tensor) -> int:
     return sum(x.untyped_storage().nbytes() for x in inner_tensors(t))
 
 
-def weights_by_role(roles: dict) -> dict[str, int]:
-    """Distinct parameter and buffer storages, each attributed to the first role (ROLE_ORDER) holding it."""
+def weights_by_role(roles: dict, order: tuple = ROLE_ORDER) -> dict[str, int]:
+    """Distinct parameter and buffer storages, each attributed to the first role (``order``) holding it."""
     seen, out = set(), {}
-    for role in ROLE_ORDER:
+    for role in order:
         module = roles.get(role)
         total = 0
         tensors = list(module.parameters()) + list(module.buffers()) if module is not None else []
@@ -123,7 +123,7 @@ def _split(st: dict, worst: str, total: int, weights: dict, optimizer: dict, ext
     p = st["phases"][worst]
     grads = divide(p["gradients"])
     split = {r: {"weights": weights.get(r, 0), "gradients": 0, "optimizer": optimizer.get(r, 0), "activations": 0}
-             for r in ROLE_ORDER if r in weights}
+             for r in weights}
     if "rl" in optimizer:
         split["student"]["optimizer"] += optimizer["rl"]
     owner = p["roles"][0] if p["roles"][0] in split else "student"
@@ -152,11 +152,14 @@ def per_device(stage1, stage2, roles, trainable, strategy, n, runtime) -> dict:
         for name, p in st["phases"].items():
             act = max(p["traced_peak"] - p["gradients"], 0)
             grads, step = divide(p["gradients"]), divide(p["optimizer_step"])
-            phases[name] = sum(weights.values()) + sum(optimizer.values()) + extra + runtime + max(
-                act + grads, grads + step, st["encode_peak"])
+            # model_offload: the phase's own resident weights, the encoding a phase of its own (residency.py)
+            held, encode = (p["resident"], 0) if "resident" in p else (weights, st["encode_peak"])
+            phases[name] = sum(held.values()) + sum(optimizer.values()) + extra + runtime + max(
+                act + grads, grads + step, encode)
         worst = max(phases, key=phases.get)
+        held = st["phases"][worst].get("resident", weights)
         out["stages"][label] = {"peak_bytes": phases[worst], "peak_phase": worst, "per_phase": phases,
-                                "split": _split(st, worst, phases[worst], weights, optimizer, extra, runtime, divide),
+                                "split": _split(st, worst, phases[worst], held, optimizer, extra, runtime, divide),
                                 "note": note}
     setup = stage1.get("setup")
     if setup is not None:  # the text cache's encoding pass, before any trainable tensor exists: nothing is sharded
@@ -165,8 +168,9 @@ def per_device(stage1, stage2, roles, trainable, strategy, n, runtime) -> dict:
                  for r, b in setup["weights"].items()}
         split["text_encoders"]["activations"] = setup["traced_peak"]
         split["runtime"] = {"weights": 0, "gradients": 0, "optimizer": 0, "activations": 0, "other": runtime}
+        note = setup.get("note", "the text cache's encoding pass (all frozen parts loaded)")
         out["stages"]["setup"] = {"peak_bytes": total, "peak_phase": "text_cache", "per_phase": {"text_cache": total},
-                                  "split": split, "note": "the text cache's encoding pass (all frozen parts loaded)"}
+                                  "split": split, "note": note}
     worst_stage = max(out["stages"], key=lambda k: out["stages"][k]["peak_bytes"])
     out["peak_bytes_per_device"] = out["stages"][worst_stage]["peak_bytes"]
     out["peak_phase"] = f"{worst_stage}/{out['stages'][worst_stage]['peak_phase']}"

@@ -12,11 +12,16 @@ The ladder (a rung that changes nothing, or that the configuration cannot take, 
 2. ``model_gradient_checkpointing=true`` -- the same numbers; about a third more compute per step.
 3. ``model_text_encoder_quant=int8`` -- the prompt embeddings move by int8's weight round-off; only the text
    encoders' (or the text cache's encoding pass's) bytes.
-4. ``disc_backbone_quant=int8`` -- the Pixel-GAN's frozen feature network: a loss term's features, not the student.
-5. ``model_frozen_quant=int8`` -- the shared frozen base: the teacher's and the student's forward move by int8's
+4. ``model_offload=frozen`` -- the same numbers; the text encoders, VAE, Pixel-GAN backbone and reward model wait on
+   the CPU and are copied in for the phases that use them (the plan gives the bytes per iteration), and the text
+   cache's encoding pass holds the text encoders without the denoiser.
+5. ``disc_backbone_quant=int8`` -- the Pixel-GAN's frozen feature network: a loss term's features, not the student.
+6. ``model_frozen_quant=int8`` -- the shared frozen base: the teacher's and the student's forward move by int8's
    round-off (LoRA only).
-6. ``run_batch_size`` halved, down to 1 -- a smaller batch per step changes the recipe's noise and its speed.
-7. ``model_lora_rank`` halved, down to 8 -- a smaller adapter: the student's capacity; last, and said so.
+7. ``model_offload=base`` -- the same numbers; the frozen base streamed block by block at every forward (needs
+   gradient checkpointing, rung 2; not for SDXL's UNet): its bytes cross PCIe several times per iteration.
+8. ``run_batch_size`` halved, down to 1 -- a smaller batch per step changes the recipe's noise and its speed.
+9. ``model_lora_rank`` halved, down to 8 -- a smaller adapter: the student's capacity; last, and said so.
 
 int8 rather than fp8: it runs on every CUDA card (fp8 needs compute capability 8.9 or newer) at the same bytes.
 """
@@ -25,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 
 from flashdmd import FlashDMDError
+from flashdmd.training.config import OFFLOADS
 from flashdmd.training.memory.accounting import FIT_HEADROOM, GiB
 
 MIN_LORA_RANK = 8
@@ -44,8 +50,10 @@ def _rungs(cfg):
     yield "model_text_cache", True
     yield "model_gradient_checkpointing", True
     yield "model_text_encoder_quant", "int8"
+    yield "model_offload", "frozen"
     yield "disc_backbone_quant", "int8"
     yield "model_frozen_quant", "int8"
+    yield "model_offload", "base"
     b = cfg.run_batch_size
     while b > 1:
         b = max(b // 2, 1)
@@ -61,10 +69,22 @@ def _apply(cfg, field: str, value):
     now = getattr(cfg, field)
     if now == value or (field.endswith("_quant") and now != "none"):
         return None  # already there, or a quantisation already chosen (fp8) is kept
+    if field == "model_offload" and OFFLOADS.index(now) >= OFFLOADS.index(value):
+        return None  # offloading as much already (base over frozen)
     try:
         return dataclasses.replace(cfg, **{field: value})
     except FlashDMDError:
         return None  # e.g. model_frozen_quant under a full fine-tune, or a text cache without a prompt file
+
+
+def _note(field: str, value, result: dict) -> str:
+    """A rung's cost note; model_offload's with the bytes it copies per iteration in the suggested plan."""
+    if field != "model_offload":
+        return _NOTES[field]
+    t = result["transfers"]["stage1"]
+    what = "frozen parts copied in per phase" if value == "frozen" else "the base streamed block by block"
+    return (f"same numbers; {t['per_iteration_bytes'] / GiB:.1f} GiB over PCIe per iteration ({what}; "
+            f"{t['per_iteration_seconds']:.2f} s at an assumed {result['transfers']['h2d_gbps']:g} GB/s)")
 
 
 def _value_text(v) -> str:
@@ -94,8 +114,13 @@ def suggest(cfg, settings, plan_fn, log=None) -> dict:
         nxt = _apply(best[0], field, value)
         if nxt is None:
             continue
+        try:
+            result = plan_fn(nxt, settings)
+        except FlashDMDError as e:  # a rung this run cannot take (model_offload base on SDXL's UNet)
+            log(f"suggest: {field}={_value_text(value)} passed over: {e}")
+            continue
+        overrides.pop(field, None)  # a rung that raises an earlier one's value (model_offload) moves to the end
         overrides[field] = value
-        result = plan_fn(nxt, settings)
         log(f"suggest: {field}={_value_text(value)} -> {result['peak_bytes_per_device'] / GiB:.1f} GiB")
         tried.append({"overrides": dict(overrides), "peak_bytes": result["peak_bytes_per_device"],
                       "peak_phase": result["peak_phase"]})
@@ -108,7 +133,8 @@ def suggest(cfg, settings, plan_fn, log=None) -> dict:
     miss = _miss(peak, memory)
     return {"device_memory_bytes": memory, "fit_headroom": FIT_HEADROOM, "fits": miss <= 0,
             "overrides": overrides, "set": [f"{k}={_value_text(v)}" for k, v in overrides.items()],
-            "notes": {k: _NOTES[k] for k in overrides}, "peak_bytes": peak, "peak_phase": best[1]["peak_phase"],
+            "notes": {k: _note(k, v, best[1]) for k, v in overrides.items()}, "peak_bytes": peak,
+            "peak_phase": best[1]["peak_phase"],
             "miss_bytes": max(miss, 0), "pruned": pruned, "tried": tried, "plan": best[1], "configured": configured[1]}
 
 
@@ -119,7 +145,10 @@ def _prune(cfg, overrides: dict, best, settings, plan_fn, tried: list):
     pruned = []
     for field in list(overrides)[-2::-1]:
         keep = {k: v for k, v in overrides.items() if k != field}
-        c = dataclasses.replace(cfg, **keep)
+        try:
+            c = dataclasses.replace(cfg, **keep)
+        except FlashDMDError:  # a later rung needs this one (model_offload base: gradient checkpointing)
+            continue
         result = plan_fn(c, settings)
         tried.append({"overrides": dict(keep), "peak_bytes": result["peak_bytes_per_device"],
                       "peak_phase": result["peak_phase"]})

@@ -53,6 +53,24 @@ class LiveBytes(TorchDispatchMode):
         self.peak = self.live
 
 
+class ReadsOf(TorchDispatchMode):
+    """Records which of the ``watch``ed storages (storage key -> label) ops read while active: ``read``, the labels."""
+
+    def __init__(self, watch: dict[int, str]):
+        super().__init__()
+        self.watch = watch
+        self.read: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in (*args, *(kwargs or {}).values()):  # an op's tensors: its arguments, or in a list of them
+            for t in a if isinstance(a, (list, tuple)) else (a,):
+                if isinstance(t, torch.Tensor):
+                    label = self.watch.get(t.untyped_storage()._cdata)
+                    if label is not None:
+                        self.read.add(label)
+        return func(*args, **(kwargs or {}))
+
+
 class _FusedAttention(torch.autograd.Function):
     """Shapes and saved tensors of a fused (flash / memory-efficient) attention kernel, for meta tensors."""
 
