@@ -121,7 +121,7 @@ def test_base_holds_the_non_block_rest_and_two_or_three_largest_blocks(plans, pa
     # a forward-only phase (the teacher's no-grad forward, as the DM loss and a full fine-tune's phases run it):
     # each block called once, no backward through them -- 2 blocks
     run = P.meta_run(_cfg(folders, "base"), "cuda")
-    res, s = Residency("base", P.role_modules(run), "sd3"), run.setup
+    res, s = Residency("base", P.role_modules(run), run.setup.family), run.setup
     cond = s.family.encode_prompts(["a prompt"], s.resolution, s.resolution)
     x = torch.zeros((1,) + tuple(s.family.latent_shape(s.resolution, s.resolution)), device="meta",
                     dtype=s.family.dtype)
@@ -201,7 +201,7 @@ def test_offload_set_up_holds_the_text_encoders_alone(folders, parts, tmp_path, 
 
 
 def test_sdxl_base_is_refused_in_one_line(folders, capsys):
-    with pytest.raises(FlashDMDError, match="model_offload base: the sdxl denoiser .UNet2DConditionModel. has no"):
+    with pytest.raises(FlashDMDError, match="model_offload base: the sdxl denoiser .UNet2DConditionModel. has no whole-block"):
         P.plan(_cfg(folders, "base", family="sdxl"), CUDA)
     assert main(["plan", "--set", f"model_teacher={folders['sdxl']}", "--set", "model_lora_rank=2",
                  "--set", "model_gradient_checkpointing=true", "--set", "model_offload=base"]) == 2

@@ -111,7 +111,7 @@ def plan(cfg, settings: Settings | None = None, log=None) -> dict:
     run = meta_run(cfg, s.device)
     family, b, res = run.setup.family, cfg.run_batch_size, run.setup.resolution
     roles = role_modules(run)
-    offload = Residency(cfg.model_offload, roles, family.name) if cfg.model_offload != "none" else None
+    offload = Residency(cfg.model_offload, roles, family) if cfg.model_offload != "none" else None
     tracker = LiveBytes("meta")
     with fused_attention(), tracker, torch.no_grad(), offload.phase() if offload else nullcontext() as encode_use:
         cond = family.encode_prompts(["a prompt"] * b, res, res)

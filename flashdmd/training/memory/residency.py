@@ -5,7 +5,8 @@ host -> device per Stage-1 iteration and per RL update.
 
 * ``frozen``: the text encoders, the VAE, the Pixel-GAN backbone and the Stage-2 reward model (their own tensors) are on
   the device only during a phase whose ops read one of their tensors, copied there once per such phase; the rest stays.
-* ``base``: that, and the teacher's transformer blocks (:func:`base_blocks`) streamed: a block's frozen tensors are
+* ``base``: that, and the teacher's transformer blocks (the family's ``offload_blocks``, as the run streams them:
+  :func:`flashdmd.networks.offload.base_blocks`) streamed: a block's frozen tensors are
   copied at each forward call of a block holding them -- the teacher's, and under a shared LoRA base the student's,
   fake score's and reference's, which hold the same tensors -- gradient-checkpointing recomputations included; at most
   2 blocks are on the device in a forward-only phase (the one computing, the one prefetched), 3 in a phase whose
@@ -23,7 +24,8 @@ from torch.utils._pytree import tree_leaves
 
 from flashdmd import FlashDMDError
 from flashdmd.networks.quant import inner_tensors
-from flashdmd.training.memory.accounting import FSDP_BLOCKS, ROLE_ORDER, nbytes, weights_by_role
+from flashdmd.networks.offload import base_blocks
+from flashdmd.training.memory.accounting import ROLE_ORDER, nbytes, weights_by_role
 from flashdmd.training.memory.trace import ReadsOf
 
 # the parts `frozen` keeps off the device between the phases that use them
@@ -33,14 +35,6 @@ ORDER = ROLE_ORDER[:ROLE_ORDER.index("disc")] + ("disc_backbone",) + ROLE_ORDER[
 H2D_GBPS = 25.0
 H2D_NOTE = "an assumed host-to-device bandwidth (PCIe 4.0 x16, pinned memory), not a measurement"
 STREAMING = ("teacher", "student", "fake_score", "reference", "reward")  # roles whose block calls copy streamed bytes
-
-
-def base_blocks(denoiser: nn.Module) -> list[nn.Module]:
-    """The blocks ``model_offload base`` streams: the members of the denoiser's top-level block lists (the classes of
-    :data:`accounting.FSDP_BLOCKS`: SD3's, FLUX.1's, FLUX.2's, Qwen-Image's, Z-Image's); empty for a denoiser with none
-    (SDXL's UNet keeps its transformer blocks inside its down / mid / up blocks, next to the ResNets)."""
-    return [m for child in denoiser.children() if isinstance(child, nn.ModuleList) for m in child
-            if type(m).__name__ in FSDP_BLOCKS]
 
 
 def _frozen_tensors(module: nn.Module):
@@ -73,17 +67,19 @@ class Residency:
     """The recorder for one meta run under ``model_offload`` ``mode`` (frozen / base): :meth:`update` with the run's
     roles (again when Stage 2 adds the reference and the reward model), :meth:`phase` around each traced phase."""
 
-    def __init__(self, mode: str, roles: dict, family_name: str = ""):
+    def __init__(self, mode: str, roles: dict, family):
         self.mode, self._use = mode, None
         self._hooked: set[int] = set()
         self.streamed: set[int] = set()
         self.block_sizes: list[int] = []
+        self.classes = tuple(family.offload_blocks)
         if mode == "base":
-            blocks = base_blocks(roles["teacher"])
+            # the run's own rule (networks/offload.py): the family's offload_blocks; none (SDXL's UNet) is an error
+            blocks = base_blocks(roles["teacher"], family.offload_blocks)
             if not blocks:
-                raise FlashDMDError(f"model_offload base: the {family_name or 'teacher'} denoiser "
-                                    f"({type(roles['teacher']).__name__}) has no transformer blocks to stream; use "
-                                    "model_offload frozen")
+                raise FlashDMDError(f"model_offload base: the {family.name} denoiser ({type(roles['teacher']).__name__})"
+                                    " has no whole-block units to stream (gradient checkpointing must wrap each one); "
+                                    "use model_offload frozen or model_frozen_quant int8")
             for blk in blocks:
                 fresh = {x.untyped_storage()._cdata: nbytes(x) for x in _frozen_tensors(blk)}
                 fresh = {k: n for k, n in fresh.items() if k not in self.streamed}
@@ -104,7 +100,7 @@ class Residency:
 
     def _hook(self, module: nn.Module) -> None:
         for blk in module.modules():
-            if type(blk).__name__ not in FSDP_BLOCKS or id(blk) in self._hooked:
+            if type(blk).__name__ not in self.classes or id(blk) in self._hooked:
                 continue
             size = sum({x.untyped_storage()._cdata: nbytes(x) for x in _frozen_tensors(blk)
                         if x.untyped_storage()._cdata in self.streamed}.values())
