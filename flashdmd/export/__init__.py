@@ -28,6 +28,7 @@ import shutil
 from pathlib import Path
 
 from flashdmd import FlashDMDError, io, runfolder
+from flashdmd.export import loraformats
 from flashdmd.export.readme import load_kwargs, readme
 from flashdmd.export.schedulers import flow_lcm_fit, flow_lcm_scheduler, lcm_scheduler, student_scheduler
 from flashdmd.export.weights import (DTYPES, LORA_WEIGHTS, SAFETENSORS_FLOAT, cast_folder, copy_full_student,
@@ -43,7 +44,7 @@ __all__ = ["export", "load_kwargs", "readme", "lcm_scheduler", "flow_lcm_fit", "
 EXPORT_KIND = "flashdmd-export"
 EXPORT_INFO = "flashdmd_export.json"
 # teacher files that do not belong in the exported folder (top level only)
-SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, LORA_WEIGHTS, ".cache", ".huggingface"}
+SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, *loraformats.FILES.values(), ".cache", ".huggingface"}
 
 
 def teacher_folder(info: dict, run: Path) -> Path:
@@ -85,17 +86,22 @@ def _ignore_top(root: Path, extra: set[str], pickled: bool = False):
     return ignore
 
 
-def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: str | None = None) -> dict:
+def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: str | None = None,
+           lora_format: str | None = None) -> dict:
     """Write the exported pipeline folder (see the module docstring); return what flashdmd_export.json holds.
 
     ``lora``: LoRA runs only -- teacher denoiser + LoRA weights file. A LoRA run exported without ``lora``
     gets the LoRA fused into a full denoiser. ``dtype``: "fp16", "bf16" or "fp32" casts every floating-point
-    weight of the folder; None keeps the dtypes the teacher folder and the run hold.
+    weight of the folder; None keeps the dtypes the teacher folder and the run hold. ``lora_format``: diffusers
+    (None), kohya or comfyui -- the LoRA file's key layout (:mod:`flashdmd.export.loraformats`); implies ``lora``.
     """
     if dtype is not None and dtype not in DTYPES:
         raise FlashDMDError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     run, out = Path(run_dir), Path(out_dir)
     info = runfolder.read_record(run)
+    lora = lora or lora_format is not None
+    fmt = lora_format or "diffusers"
+    layout = loraformats.layout(info["family"], fmt) if lora else None
     if lora and not int(info.get("lora_rank") or 0) > 0:
         raise FlashDMDError(f"run {run} is a full fine-tune (lora_rank 0); --lora needs a LoRA run. Drop --lora "
                             "to export the full student")
@@ -111,7 +117,8 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
               "pipeline_kwargs": call, "guidance_scale": FAMILIES[info["family"]].exported_guidance(info, teacher),
               "max_timestep_error": err, "timesteps_exact": err == 0.0, "lora": bool(lora),
               "lora_fused": bool(int(info.get("lora_rank") or 0) > 0 and not lora),
-              "lora_weights": LORA_WEIGHTS if lora else None, "dtype": dtype,
+              "lora_weights": loraformats.FILES[fmt] if lora else None, "lora_format": fmt if lora else None,
+              "lora_layout": layout, "dtype": dtype,
               "generator_steps": info.get("generator_steps"), "method": info.get("method"),
               "missing_components": sorted(k for k, v in index.items() if isinstance(v, list) and v[0] is None)}
 
@@ -135,7 +142,7 @@ def _write_pipeline(tmp: Path, teacher: Path, index: dict, info: dict, run: Path
     shutil.copytree(teacher, tmp, ignore=_ignore_top(teacher, set() if record["lora"] else {sub},
                                                      pickled=dtype is not None), dirs_exist_ok=True)
     if record["lora"]:
-        write_lora_weights(info["family"], index["_class_name"], info, run, tmp, dtype=dtype)
+        write_lora_weights(info["family"], index["_class_name"], info, run, tmp, dtype=dtype, fmt=record["lora_format"])
     elif record["lora_fused"]:
         write_merged_lora_student(teacher, index, info, run, tmp / sub, dtype=dtype)
     else:
@@ -153,6 +160,11 @@ def add_arguments(p):
     p.add_argument("--lora", action="store_true",
                    help="LoRA runs: write the teacher pipeline plus pytorch_lora_weights.safetensors for "
                         "pipe.load_lora_weights (default: a full denoiser; a LoRA run gets its LoRA fused)")
+    p.add_argument("--lora-format", choices=loraformats.FORMATS, default=None,
+                   help="the LoRA file's key layout (implies --lora): diffusers (pytorch_lora_weights.safetensors, "
+                        "the default), kohya (SDXL: lora_unet_* with alphas, for A1111 / Forge / ComfyUI; "
+                        "lora_kohya.safetensors) or comfyui (the layout ComfyUI loads for the family; "
+                        "lora_comfyui.safetensors)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast every floating-point weight written (student, LoRA file, VAE, text encoders) to "
                         "fp16, bf16 or fp32, as safetensors (a LoRA is fused in fp32 first); default: keep the "
@@ -160,10 +172,10 @@ def add_arguments(p):
 
 
 def run(args):
-    record = export(args.run, args.out, lora=args.lora, dtype=args.dtype)
+    record = export(args.run, args.out, lora=args.lora, dtype=args.dtype, lora_format=args.lora_format)
     how = ", ".join(f"{k}={v}" for k, v in record["pipeline_kwargs"].items())
     exact = "exactly" if record["timesteps_exact"] else f"within {record['max_timestep_error']:.3g}"
     print(f"exported {record['family']} student to {args.out}: {record['scheduler']} runs "
           f"{record['student_timesteps']} {exact} with {how}, guidance_scale={record['guidance_scale']}"
-          f"{'; LoRA in ' + LORA_WEIGHTS if record['lora'] else ''}; weights {'/'.join(record['weights_dtypes'])}"
+          f"{'; LoRA in ' + record['lora_weights'] if record['lora'] else ''}; weights {'/'.join(record['weights_dtypes'])}"
           f" (see {args.out}/README.md)")
