@@ -28,7 +28,7 @@ import shutil
 from pathlib import Path
 
 from flashdmd import FlashDMDError, io, runfolder
-from flashdmd.export import loraformats
+from flashdmd.export import card, loraformats
 from flashdmd.export.readme import load_kwargs, readme
 from flashdmd.export.schedulers import flow_lcm_fit, flow_lcm_scheduler, lcm_scheduler, student_scheduler
 from flashdmd.export.weights import (DTYPES, LORA_WEIGHTS, SAFETENSORS_FLOAT, cast_folder, copy_full_student,
@@ -87,14 +87,17 @@ def _ignore_top(root: Path, extra: set[str], pickled: bool = False):
 
 
 def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: str | None = None,
-           lora_format: str | None = None) -> dict:
+           lora_format: str | None = None, push_to_hub: str | None = None) -> dict:
     """Write the exported pipeline folder (see the module docstring); return what flashdmd_export.json holds.
 
     ``lora``: LoRA runs only -- teacher denoiser + LoRA weights file. A LoRA run exported without ``lora``
     gets the LoRA fused into a full denoiser. ``dtype``: "fp16", "bf16" or "fp32" casts every floating-point
     weight of the folder; None keeps the dtypes the teacher folder and the run hold. ``lora_format``: diffusers
     (None), kohya or comfyui -- the LoRA file's key layout (:mod:`flashdmd.export.loraformats`); implies ``lora``.
+    ``push_to_hub``: a hub repo id the finished folder is uploaded to (:func:`flashdmd.export.card.push`).
     """
+    if push_to_hub:
+        card.check_push(push_to_hub)
     if dtype is not None and dtype not in DTYPES:
         raise FlashDMDError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     run, out = Path(run_dir), Path(out_dir)
@@ -112,7 +115,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
     timesteps = [float(t) for t in info["student_timesteps"]]
     sched, call, err = student_scheduler(info["family"], teacher_sched, timesteps)
     record = {"kind": EXPORT_KIND, "run": str(run.resolve()), "family": info["family"],
-              "teacher": str(teacher.resolve()), "pipeline_class": index["_class_name"],
+              "teacher": str(teacher.resolve()), "base_model": card.hub_id(str(info["teacher"]), teacher), "pipeline_class": index["_class_name"],
               "scheduler": type(sched).__name__, "student_timesteps": timesteps, "num_inference_steps": len(timesteps),
               "pipeline_kwargs": call, "guidance_scale": FAMILIES[info["family"]].exported_guidance(info, teacher),
               "max_timestep_error": err, "timesteps_exact": err == 0.0, "lora": bool(lora),
@@ -129,9 +132,11 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
         (tmp / "model_index.json").write_text(json.dumps(new_index, indent=2, sort_keys=True) + "\n")
         record["weights_dtypes"] = folder_float_dtypes(tmp)
         (tmp / EXPORT_INFO).write_text(json.dumps(record, indent=2) + "\n")
-        (tmp / "README.md").write_text(readme(record))
+        card.model_card(record, run, teacher, tmp).save(tmp / "README.md")
 
     io.write_folder(out, fill, "the exported pipeline")
+    if push_to_hub:
+        record["pushed"] = card.push(out, push_to_hub)
     return record
 
 
@@ -165,6 +170,9 @@ def add_arguments(p):
                         "the default), kohya (SDXL: lora_unet_* with alphas, for A1111 / Forge / ComfyUI; "
                         "lora_kohya.safetensors) or comfyui (the layout ComfyUI loads for the family; "
                         "lora_comfyui.safetensors)")
+    p.add_argument("--push-to-hub", metavar="REPO", default=None,
+                   help="upload the finished folder to the hub model repo REPO (owner/name; created if missing) with "
+                        "huggingface_hub: needs a token (hf auth login / HF_TOKEN) and HF_HUB_OFFLINE unset")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                    help="cast every floating-point weight written (student, LoRA file, VAE, text encoders) to "
                         "fp16, bf16 or fp32, as safetensors (a LoRA is fused in fp32 first); default: keep the "
@@ -172,10 +180,11 @@ def add_arguments(p):
 
 
 def run(args):
-    record = export(args.run, args.out, lora=args.lora, dtype=args.dtype, lora_format=args.lora_format)
+    record = export(args.run, args.out, lora=args.lora, dtype=args.dtype, lora_format=args.lora_format,
+                    push_to_hub=args.push_to_hub)
     how = ", ".join(f"{k}={v}" for k, v in record["pipeline_kwargs"].items())
     exact = "exactly" if record["timesteps_exact"] else f"within {record['max_timestep_error']:.3g}"
     print(f"exported {record['family']} student to {args.out}: {record['scheduler']} runs "
           f"{record['student_timesteps']} {exact} with {how}, guidance_scale={record['guidance_scale']}"
           f"{'; LoRA in ' + record['lora_weights'] if record['lora'] else ''}; weights {'/'.join(record['weights_dtypes'])}"
-          f" (see {args.out}/README.md)")
+          f" (see {args.out}/README.md){'; uploaded: ' + record['pushed'] if record.get('pushed') else ''}")
