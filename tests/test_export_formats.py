@@ -34,9 +34,10 @@ TEACHERS = {"sdxl": (tm.sdxl_pipeline, 32), "sd3": (tm.sd3_pipeline, 32), "flux"
             "flux2-klein": (tiny_flux2.klein_pipeline, 32)}
 
 
-def lora_run(tmp: Path, family: str) -> Path:
-    """A tiny teacher folder and a LoRA run folder on it (random lora_B, so that the adapter changes the output)."""
-    make, res = TEACHERS[family]
+def lora_run(tmp: Path, family: str, make=None) -> Path:
+    """A tiny teacher folder (``make``: another builder than TEACHERS') and a LoRA run folder on it (random lora_B,
+    so that the adapter changes the output)."""
+    make, res = make or TEACHERS[family][0], TEACHERS[family][1]
     teacher = tm.save_pipeline(make(tmp), tmp / f"teacher_{family}")
     fam = load_family(teacher)
     net = lora.attach(fam.denoiser, RANK, ALPHA)

@@ -25,10 +25,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
+from safetensors.torch import save_file
+
 from flashdmd import FlashDMDError, io, runfolder
-from flashdmd.export import card, loraformats
+from flashdmd.export import card, loraformats, singlefile
 from flashdmd.export.readme import load_kwargs, readme
 from flashdmd.export.schedulers import flow_lcm_fit, flow_lcm_scheduler, lcm_scheduler, student_scheduler
 from flashdmd.export.weights import (DTYPES, LORA_WEIGHTS, SAFETENSORS_FLOAT, cast_folder, copy_full_student,
@@ -104,26 +107,15 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
     info = runfolder.read_record(run)
     lora = lora or lora_format is not None
     fmt = lora_format or "diffusers"
-    layout = loraformats.layout(info["family"], fmt) if lora else None
+    if lora:
+        loraformats.layout(info["family"], fmt)  # a format the family has, before anything is copied
     if lora and not int(info.get("lora_rank") or 0) > 0:
         raise FlashDMDError(f"run {run} is a full fine-tune (lora_rank 0); --lora needs a LoRA run. Drop --lora "
                             "to export the full student")
     teacher = teacher_folder(info, run)
     _check_out(out, [teacher, run / runfolder.STUDENT])
     index = read_model_index(teacher)
-    teacher_sched = io.read_json(teacher / "scheduler" / "scheduler_config.json")
-    timesteps = [float(t) for t in info["student_timesteps"]]
-    sched, call, err = student_scheduler(info["family"], teacher_sched, timesteps)
-    record = {"kind": EXPORT_KIND, "run": str(run.resolve()), "family": info["family"],
-              "teacher": str(teacher.resolve()), "base_model": card.hub_id(str(info["teacher"]), teacher), "pipeline_class": index["_class_name"],
-              "scheduler": type(sched).__name__, "student_timesteps": timesteps, "num_inference_steps": len(timesteps),
-              "pipeline_kwargs": call, "guidance_scale": FAMILIES[info["family"]].exported_guidance(info, teacher),
-              "max_timestep_error": err, "timesteps_exact": err == 0.0, "lora": bool(lora),
-              "lora_fused": bool(int(info.get("lora_rank") or 0) > 0 and not lora),
-              "lora_weights": loraformats.FILES[fmt] if lora else None, "lora_format": fmt if lora else None,
-              "lora_layout": layout, "dtype": dtype,
-              "generator_steps": info.get("generator_steps"), "method": info.get("method"),
-              "missing_components": sorted(k for k, v in index.items() if isinstance(v, list) and v[0] is None)}
+    sched, record = _plan(info, run, teacher, index, lora, fmt, dtype)
 
     def fill(tmp: Path) -> None:
         _write_pipeline(tmp, teacher, index, info, run, record)
@@ -138,6 +130,54 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
     if push_to_hub:
         record["pushed"] = card.push(out, push_to_hub)
     return record
+
+
+def export_single_file(run_dir: str | Path, out_file: str | Path, dtype: str | None = None) -> dict:
+    """``--single-file``: the student (a LoRA fused) as one original-layout safetensors checkpoint
+    (:mod:`flashdmd.export.singlefile`), written atomically, with its model card beside it (``OUT`` with ``.md``).
+    The pipeline folder is exported first into a temporary folder beside ``out_file``."""
+    run, out = Path(run_dir), Path(out_file)
+    if out.suffix != ".safetensors":
+        raise FlashDMDError(f"--single-file writes one .safetensors file; --out {out} does not end in .safetensors")
+    side = out.with_suffix(".md")
+    for path in (out, side):
+        if path.exists():
+            raise FlashDMDError(f"{path} exists; refusing to overwrite it (remove it or pick another --out)")
+    family = runfolder.read_record(run)["family"]
+    if family not in singlefile.FAMILIES_SINGLE_FILE:
+        raise FlashDMDError(f"--single-file writes SDXL checkpoints (the layout A1111 / ComfyUI load); a {family} "
+                            "student is exported as a diffusers folder (drop --single-file)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        folder = Path(tmp) / "pipeline"
+        record = export(run, folder, dtype=dtype)
+        ckpt = singlefile.sdxl_checkpoint(folder)
+        meta = singlefile.metadata(record, io.read_json(folder / "scheduler" / "scheduler_config.json"))
+        need = sum(t.numel() * t.element_size() for t in ckpt.values())
+        io.atomic_save(out, lambda path: save_file(ckpt, str(path), metadata=meta), str(out), need)
+        text = card.single_file_card(record, run, Path(record["teacher"]), out)
+        io.atomic_write_text(side, text)
+    record.update(single_file=str(out), card=str(side))
+    return record
+
+
+def _plan(info: dict, run: Path, teacher: Path, index: dict, lora: bool, fmt: str, dtype: str | None):
+    """(the student's scheduler, what flashdmd_export.json records)."""
+    teacher_sched = io.read_json(teacher / "scheduler" / "scheduler_config.json")
+    timesteps = [float(t) for t in info["student_timesteps"]]
+    sched, call, err = student_scheduler(info["family"], teacher_sched, timesteps)
+    record = {"kind": EXPORT_KIND, "run": str(run.resolve()), "family": info["family"],
+              "teacher": str(teacher.resolve()), "base_model": card.hub_id(str(info["teacher"]), teacher),
+              "pipeline_class": index["_class_name"], "scheduler": type(sched).__name__,
+              "student_timesteps": timesteps, "num_inference_steps": len(timesteps), "pipeline_kwargs": call,
+              "guidance_scale": FAMILIES[info["family"]].exported_guidance(info, teacher),
+              "max_timestep_error": err, "timesteps_exact": err == 0.0, "lora": bool(lora),
+              "lora_fused": bool(int(info.get("lora_rank") or 0) > 0 and not lora),
+              "lora_weights": loraformats.FILES[fmt] if lora else None, "lora_format": fmt if lora else None,
+              "lora_layout": loraformats.layout(info["family"], fmt) if lora else None, "dtype": dtype,
+              "generator_steps": info.get("generator_steps"), "method": info.get("method"),
+              "missing_components": sorted(k for k, v in index.items() if isinstance(v, list) and v[0] is None)}
+    return sched, record
 
 
 def _write_pipeline(tmp: Path, teacher: Path, index: dict, info: dict, run: Path, record: dict) -> None:
@@ -170,6 +210,10 @@ def add_arguments(p):
                         "the default), kohya (SDXL: lora_unet_* with alphas, for A1111 / Forge / ComfyUI; "
                         "lora_kohya.safetensors) or comfyui (the layout ComfyUI loads for the family; "
                         "lora_comfyui.safetensors)")
+    p.add_argument("--single-file", action="store_true",
+                   help="SDXL: write --out (a .safetensors file) as one original-layout checkpoint (UNet with any LoRA "
+                        "fused, VAE, both text encoders) for A1111 / Forge / ComfyUI and diffusers' from_single_file, "
+                        "with its model card beside it (OUT with .md)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None,
                    help="upload the finished folder to the hub model repo REPO (owner/name; created if missing) with "
                         "huggingface_hub: needs a token (hf auth login / HF_TOKEN) and HF_HUB_OFFLINE unset")
@@ -180,6 +224,15 @@ def add_arguments(p):
 
 
 def run(args):
+    if args.single_file:
+        if args.lora or args.lora_format or args.push_to_hub:
+            raise FlashDMDError("--single-file writes one fused checkpoint: drop --lora / --lora-format / "
+                                "--push-to-hub (upload the file with `hf upload REPO FILE`)")
+        record = export_single_file(args.run, args.out, dtype=args.dtype)
+        print(f"exported {record['family']} student to {args.out} (original single-file layout; "
+              f"{record['scheduler']} {record['pipeline_kwargs']}, guidance_scale={record['guidance_scale']}; "
+              f"see {record['card']})")
+        return
     record = export(args.run, args.out, lora=args.lora, dtype=args.dtype, lora_format=args.lora_format,
                     push_to_hub=args.push_to_hub)
     how = ", ".join(f"{k}={v}" for k, v in record["pipeline_kwargs"].items())

@@ -76,22 +76,63 @@ def settings(run: Path) -> dict:
     return {k: cfg[k] for k in SETTINGS if isinstance(cfg, dict) and cfg.get(k) is not None}
 
 
-def model_card(record: dict, run: Path, teacher: Path, folder: Path) -> ModelCard:
-    """The card; copies the run's last sample grid into ``folder`` when it has one."""
-    fam = record["family"]
-    base = record.get("base_model")
-    tags = ["text-to-image", "diffusers", "flashdmd", "distillation", "few-step", FAMILY_TAGS.get(fam, fam)]
+def card_data(record: dict, teacher: Path) -> ModelCardData:
+    tags = ["text-to-image", "diffusers", "flashdmd", "distillation", "few-step",
+            FAMILY_TAGS.get(record["family"], record["family"])]
     if record["lora"]:
         tags.append("lora")
-    data = ModelCardData(base_model=base, library_name="diffusers", license=base_license(teacher),
-                         pipeline_tag="text-to-image", tags=tags)
+    return ModelCardData(base_model=record.get("base_model"), library_name="diffusers",
+                         license=base_license(teacher), pipeline_tag="text-to-image", tags=tags)
+
+
+def _grid(run: Path, dest: Path) -> str:
+    """The run's last sample grid copied to ``dest``, as the card's section ("" when the run has none)."""
     grid = last_grid(run)
-    if grid is not None:
-        shutil.copyfile(grid, folder / GRID)
-    body = "\n".join([readme(record), _training(record, run), _metrics(run),
-                      f"## Samples\n\n![samples]({GRID})\n\nThe run's last sample grid ({grid.name}).\n" if grid else "",
+    if grid is None:
+        return ""
+    shutil.copyfile(grid, dest)
+    return f"## Samples\n\n![samples]({dest.name})\n\nThe run's last sample grid ({grid.name}).\n"
+
+
+def model_card(record: dict, run: Path, teacher: Path, folder: Path) -> ModelCard:
+    """The exported folder's card; copies the run's last sample grid into ``folder`` when it has one."""
+    body = "\n".join([readme(record), _training(record, run), _metrics(run), _grid(run, folder / GRID),
                       _lora_elsewhere(record)])
-    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}")
+    return ModelCard(f"---\n{card_data(record, teacher).to_yaml()}\n---\n\n{body}")
+
+
+def single_file_card(record: dict, run: Path, teacher: Path, file: Path) -> str:
+    """The card of a ``--single-file`` checkpoint (written beside it): loading it in diffusers with the sampler its
+    header records, and in A1111 / Forge / ComfyUI."""
+    k, g = record["num_inference_steps"], record["guidance_scale"]
+    base = record.get("base_model") or "path/to/the/base/pipeline/folder"
+    gen = "torch.Generator().manual_seed(0)"
+    use = f"""# flashdmd student ({record['family']}, {k} steps), one checkpoint
+
+`{file.name}` holds the whole {record['family']} pipeline's weights (UNet{' with its LoRA fused' if record['lora_fused']
+else ''}, VAE, both text encoders) in the original single-file layout. Teacher: `{record['teacher']}`.
+
+```python
+import json, torch
+from diffusers import {record['scheduler']}, StableDiffusionXLPipeline
+from safetensors import safe_open
+
+path = "{file.name}"
+with safe_open(path, "pt") as f:
+    meta = f.metadata()  # the sampler this student was distilled for
+scheduler = {record['scheduler']}.from_config(json.loads(meta["flashdmd.scheduler_config"]))
+pipe = StableDiffusionXLPipeline.from_single_file(path, config="{base}", scheduler=scheduler)
+image = pipe("a photo of ...", guidance_scale={g}, generator={gen},
+             **json.loads(meta["flashdmd.pipeline_kwargs"])).images[0]
+```
+
+`config` names the base pipeline (a hub id or its local folder) for the component configs and tokenizers.
+In A1111 / Forge (`models/Stable-diffusion`) or ComfyUI (`models/checkpoints`): sampler LCM, {k} steps, CFG 1
+(the teacher's guidance is distilled in). Timesteps: {record['student_timesteps']}.
+"""
+    body = "\n".join([use, _training(record, run), _metrics(run),
+                      _grid(run, file.with_name(f"{file.stem}_samples.png"))])
+    return str(ModelCard(f"---\n{card_data(record, teacher).to_yaml()}\n---\n\n{body}"))
 
 
 def _training(record: dict, run: Path) -> str:

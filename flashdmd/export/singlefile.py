@@ -1,0 +1,202 @@
+"""``--single-file``: an SDXL student (fused) as one safetensors checkpoint in the original (SGM / LDM) layout that
+A1111 / Forge / ComfyUI load and ``StableDiffusionXLPipeline.from_single_file`` reads.
+
+diffusers ships only the other direction (``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``,
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``, driven by the key
+tables in ``DIFFUSERS_TO_LDM_MAPPING``). This module inverts it: the direct key tables are inverted as they stand;
+the block renames (``input_blocks.{i}.0`` <-> ``down_blocks.{b}.resnets.{l}``, the resnet / VAE / OpenCLIP sub-name
+replacements) are the inverses of the index arithmetic and string replacements those functions apply; OpenCLIP's
+q / k / v are concatenated back into ``in_proj`` and ``text_projection`` transposed back; the VAE attention's linear
+weights get back their 1x1-conv shape. :func:`check_round_trip` then runs diffusers' own converters on the result
+and requires every tensor back under its diffusers name, bit for bit -- an export whose inverse missed a key is
+refused, not written.
+
+Prefixes: ``model.diffusion_model.`` (UNet), ``first_stage_model.`` (VAE), ``conditioner.embedders.0.transformer.``
+(CLIP-L, transformers' names), ``conditioner.embedders.1.model.`` (OpenCLIP ViT-bigG).
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import torch
+from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, DIFFUSERS_TO_LDM_MAPPING,
+                                                 LDM_CLIP_PREFIX_TO_REMOVE, LDM_UNET_KEY, LDM_VAE_KEYS,
+                                                 convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+from safetensors.torch import load_file
+from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+from flashdmd import FlashDMDError, io
+
+# the prefixes diffusers' single-file loader looks for: model.diffusion_model., first_stage_model.,
+# conditioner.embedders.0.transformer., conditioner.embedders.1.model.
+UNET, VAE = LDM_UNET_KEY, LDM_VAE_KEYS[0]
+CLIP_L = LDM_CLIP_PREFIX_TO_REMOVE[1]
+CLIP_G = CHECKPOINT_KEY_NAMES["open_clip_sdxl"].removesuffix("positional_embedding")
+FAMILIES_SINGLE_FILE = ("sdxl",)
+# diffusers' resnet sub-names -> the original's (inverse of update_unet_resnet_ldm_to_diffusers' replacements)
+UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
+               "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
+VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def read_component(folder: Path) -> dict:
+    """Every tensor of a component folder's safetensors files (shards included)."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FlashDMDError(f"{folder} holds no safetensors weights; --single-file reads safetensors only")
+    out = {}
+    for f in files:
+        out.update(load_file(str(f)))
+    return out
+
+
+def unet_to_original(sd: dict, config: dict) -> dict:
+    """diffusers UNet2DConditionModel keys -> ``model.diffusion_model.*``."""
+    per = int(config["layers_per_block"]) + 1
+    direct = {**DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]}
+    if config.get("addition_embed_type") == "text_time":
+        direct.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["addition_embed_type"])
+    if config.get("class_embed_type") in ("timestep", "projection"):
+        direct.update(DIFFUSERS_TO_LDM_MAPPING["unet"]["class_embed_type"])
+    up_attn = {int(k.split(".")[1]) for k in sd if k.startswith("up_blocks.") and ".attentions." in k}
+    out = {}
+    for key, t in sd.items():
+        out[UNET + _unet_key(key, direct, per, up_attn)] = t
+    return out
+
+
+def _unet_key(key: str, direct: dict, per: int, up_attn: set) -> str:
+    if key in direct:
+        return direct[key]
+    m = re.match(r"(down|up)_blocks\.(\d+)\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        side, b, kind, layer, rest = m[1], int(m[2]), m[3], int(m[4]), m[5]
+        idx = 1 + b * per + layer if side == "down" else b * per + layer
+        blocks = "input_blocks" if side == "down" else "output_blocks"
+        return f"{blocks}.{idx}.0.{_resnet(rest)}" if kind == "resnets" else f"{blocks}.{idx}.1.{rest}"
+    m = re.match(r"down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key)
+    if m:
+        return f"input_blocks.{(int(m[1]) + 1) * per}.0.op.{m[2]}"
+    m = re.match(r"up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key)
+    if m:
+        b = int(m[1])
+        return f"output_blocks.{b * per + per - 1}.{2 if b in up_attn else 1}.conv.{m[2]}"
+    m = re.match(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)", key)
+    if m:
+        return f"middle_block.{2 * int(m[2])}.{_resnet(m[3])}" if m[1] == "resnets" else f"middle_block.1.{m[3]}"
+    raise FlashDMDError(f"the UNet key {key} has no place in the original SDXL layout; export a diffusers folder "
+                        "instead of --single-file")
+
+
+def _resnet(rest: str) -> str:
+    module, _, leaf = rest.rpartition(".")
+    return f"{UNET_RESNET.get(module, module)}.{leaf}"
+
+
+def vae_to_original(sd: dict, config: dict) -> dict:
+    """diffusers AutoencoderKL keys -> ``first_stage_model.*`` (attention projections as 1x1 convs)."""
+    direct = DIFFUSERS_TO_LDM_MAPPING["vae"]
+    n_up = len(config["up_block_types"])
+    out = {}
+    for key, t in sd.items():
+        if key in direct:
+            new = direct[key]
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"encoder.down.{m[1]}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"encoder\.down_blocks\.(\d+)\.downsamplers\.0\.conv\.(.+)", key):
+            new = f"encoder.down.{m[1]}.downsample.conv.{m[2]}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.(.+)", key):
+            new = f"decoder.up.{n_up - 1 - int(m[1])}.block.{m[2]}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"decoder\.up_blocks\.(\d+)\.upsamplers\.0\.conv\.(.+)", key):
+            new = f"decoder.up.{n_up - 1 - int(m[1])}.upsample.conv.{m[2]}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.resnets\.(\d+)\.(.+)", key):
+            new = f"{m[1]}.mid.block_{int(m[2]) + 1}.{m[3].replace('conv_shortcut', 'nin_shortcut')}"
+        elif m := re.match(r"(encoder|decoder)\.mid_block\.attentions\.0\.(.+)\.(weight|bias)", key):
+            new = f"{m[1]}.mid.attn_1.{VAE_ATTN.get(m[2], m[2])}.{m[3]}"
+            if m[3] == "weight" and m[2] != "group_norm" and t.ndim == 2:
+                t = t[:, :, None, None]
+        else:
+            raise FlashDMDError(f"the VAE key {key} has no place in the original SDXL layout; export a diffusers "
+                                "folder instead of --single-file")
+        out[VAE + new] = t
+    return out
+
+
+def clip_l_to_original(sd: dict) -> dict:
+    """transformers CLIPTextModel keys (flattened or not) -> ``conditioner.embedders.0.transformer.text_model.*``."""
+    return {CLIP_L + (k if k.startswith("text_model.") else f"text_model.{k}"): t for k, t in sd.items()}
+
+
+def clip_g_to_original(sd: dict) -> dict:
+    """transformers CLIPTextModelWithProjection keys -> OpenCLIP's (``conditioner.embedders.1.model.*``): q / k / v
+    concatenated into ``in_proj``, ``text_projection`` transposed."""
+    direct = DIFFUSERS_TO_LDM_MAPPING["openclip"]["layers"]
+    out, qkv = {}, {}
+    for key, t in sd.items():
+        if key in direct:
+            out[CLIP_G + direct[key]] = t.T.contiguous() if key == "text_projection.weight" else t
+            continue
+        m = re.match(r"text_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", key)
+        if not m:
+            raise FlashDMDError(f"the text encoder 2 key {key} has no place in OpenCLIP's layout; export a diffusers "
+                                "folder instead of --single-file")
+        layer, module, leaf = m[1], m[2], m[3]
+        if p := re.fullmatch(r"self_attn\.([qkv])_proj", module):
+            qkv.setdefault((layer, leaf), {})[p[1]] = t
+            continue
+        module = (module.replace("layer_norm1", "ln_1").replace("layer_norm2", "ln_2").replace("mlp.fc1", "mlp.c_fc")
+                  .replace("mlp.fc2", "mlp.c_proj").replace("self_attn.", "attn."))
+        out[f"{CLIP_G}transformer.resblocks.{layer}.{module}.{leaf}"] = t
+    for (layer, leaf), parts in qkv.items():
+        out[f"{CLIP_G}transformer.resblocks.{layer}.attn.in_proj_{leaf}"] = torch.cat([parts[c] for c in "qkv"])
+    return out
+
+
+def sdxl_checkpoint(folder: Path) -> dict:
+    """The exported SDXL pipeline folder's weights as one original-layout state dict, checked by
+    :func:`check_round_trip`."""
+    parts = {name: read_component(folder / name) for name in ("unet", "vae", "text_encoder", "text_encoder_2")}
+    configs = {name: io.read_json(folder / name / "config.json") for name in ("unet", "vae")}
+    ckpt = {**unet_to_original(parts["unet"], configs["unet"]), **vae_to_original(parts["vae"], configs["vae"]),
+            **clip_l_to_original(parts["text_encoder"]), **clip_g_to_original(parts["text_encoder_2"])}
+    check_round_trip(ckpt, parts, configs, folder)
+    return ckpt
+
+
+def check_round_trip(ckpt: dict, parts: dict, configs: dict, folder: Path) -> None:
+    """diffusers' own original -> diffusers converters on ``ckpt`` give every component's tensors back, bit for
+    bit, under their diffusers names; one FlashDMDError line naming the first difference otherwise."""
+    g_config = CLIPTextConfig.from_pretrained(folder / "text_encoder_2")
+    with torch.device("meta"):
+        g_model = CLIPTextModelWithProjection(g_config)
+    back = {"unet": convert_ldm_unet_checkpoint(ckpt, configs["unet"]),
+            "vae": convert_ldm_vae_checkpoint(ckpt, configs["vae"]),
+            "text_encoder": {k if k in parts["text_encoder"] else k.removeprefix("text_model."): v
+                             for k, v in convert_ldm_clip_checkpoint(ckpt).items()},
+            "text_encoder_2": convert_open_clip_checkpoint(g_model, ckpt, prefix=CLIP_G)}
+    for name, want in parts.items():
+        got = back[name]
+        missing = sorted(set(want) - set(got)) + sorted(set(got) - set(want))
+        if missing:
+            raise FlashDMDError(f"--single-file: diffusers' converter does not read {name}'s {missing[0]} back from the "
+                                "original layout; export a diffusers folder instead")
+        for k, t in want.items():
+            if got[k].shape != t.shape or not torch.equal(got[k], t):
+                raise FlashDMDError(f"--single-file: {name}'s {k} does not survive diffusers' conversion unchanged; "
+                                    "export a diffusers folder instead")
+
+
+def metadata(record: dict, scheduler_config: dict) -> dict:
+    """The file's header: modelspec keys (what A1111 / Forge / ComfyUI show) and flashdmd's sampler."""
+    k = record["num_inference_steps"]
+    return {"format": "pt", "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+            "modelspec.title": f"flashdmd {k}-step student", "modelspec.description":
+                f"{k}-step student distilled by flashdmd ({record.get('method')}); sample with {record['scheduler']} "
+                f"at timesteps {record['student_timesteps']} and guidance_scale {record['guidance_scale']}",
+            "flashdmd.scheduler": record["scheduler"], "flashdmd.scheduler_config": json.dumps(scheduler_config),
+            "flashdmd.pipeline_kwargs": json.dumps(record["pipeline_kwargs"]),
+            "flashdmd.guidance_scale": str(record["guidance_scale"])}
