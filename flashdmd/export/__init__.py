@@ -18,8 +18,13 @@ Timesteps a scheduler config cannot produce by itself are passed per call instea
 ``--dtype fp16|bf16|fp32`` casts every floating-point weight of the folder (:func:`~flashdmd.export.weights.
 cast_folder`); ``flashdmd_export.json`` records the choice and the float dtypes the folder's weights hold.
 
-The folder is written whole (:func:`flashdmd.io.write_folder`: ``OUT.tmp``, fsynced, renamed at the end); an
-existing non-empty ``--out`` is never overwritten.
+``--lora-format kohya|comfyui`` writes the LoRA in the key layout A1111 / Forge / ComfyUI load
+(:mod:`flashdmd.export.loraformats`). README.md is a huggingface_hub model card (:mod:`flashdmd.export.card`);
+``--push-to-hub REPO`` uploads the finished folder. ``--single-file`` (SDXL) writes one original-layout checkpoint
+instead of a folder (:func:`export_single_file`, :mod:`flashdmd.export.singlefile`).
+
+The folder is written whole (:func:`flashdmd.io.write_folder`: ``OUT.tmp``, fsynced, renamed at the end), a single
+file by :func:`flashdmd.io.atomic_save`; an existing non-empty ``--out`` is never overwritten.
 """
 from __future__ import annotations
 
@@ -40,7 +45,7 @@ from flashdmd.export.weights import (DTYPES, LORA_WEIGHTS, SAFETENSORS_FLOAT, ca
 from flashdmd.families import FAMILIES, detect_family, resolve_path
 from flashdmd.families.parts import read_model_index
 
-__all__ = ["export", "load_kwargs", "readme", "lcm_scheduler", "flow_lcm_fit", "flow_lcm_scheduler",
+__all__ = ["export", "export_single_file", "load_kwargs", "readme", "lcm_scheduler", "flow_lcm_fit", "flow_lcm_scheduler",
            "student_scheduler", "cast_folder", "safetensors_dtypes", "write_merged_lora_student", "SAFETENSORS_FLOAT",
            "DTYPES", "LORA_WEIGHTS", "EXPORT_INFO", "EXPORT_KIND"]
 

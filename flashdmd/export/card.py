@@ -47,7 +47,10 @@ def base_license(teacher: Path) -> str | None:
     if isinstance(index, dict) and isinstance(index.get("license"), str):
         return index["license"]
     if (teacher / "README.md").is_file():
-        found = ModelCard.load(teacher / "README.md").data.to_dict().get("license")
+        try:
+            found = ModelCard.load(teacher / "README.md").data.to_dict().get("license")
+        except (ValueError, yaml.YAMLError):  # a README without valid front matter names no licence
+            return None
         return found if isinstance(found, str) else None
     return None
 

@@ -15,12 +15,17 @@
   - Qwen-Image: ``diffusion_model.<module>.lora_A/B.weight`` + ``.alpha`` (ComfyUI's Qwen-Image model has
     diffusers' module names; diffusers' ``_convert_non_diffusers_qwen_lora_to_diffusers`` strips the prefix and
     bakes alpha / rank into the weights);
-  - Z-Image: ``diffusion_model.*`` with ComfyUI's fused ``attention.qkv`` and ``attention.out``
-    (``_convert_non_diffusers_z_image_lora_to_diffusers`` splits qkv again); the three adapters of q, k, v become
-    one of rank 3r: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha 3 alpha (the same alpha / rank), so
-    each of q, k, v gets exactly its own B A back;
-  - FLUX.2: ``diffusion_model.double_blocks.N.img_attn.qkv`` / ``img_attn.proj`` the same way
-    (``_convert_non_diffusers_flux2_lora_to_diffusers``).
+  - Z-Image: ``diffusion_model.*`` with ComfyUI's fused ``attention.qkv`` and ``attention.out``, as
+    ``.lora.down.weight`` / ``.lora.up.weight`` / ``.alpha`` (the form from which
+    ``_convert_non_diffusers_z_image_lora_to_diffusers`` splits a fused qkv again); the three adapters of q, k, v
+    become one of rank 3r: down = [A_q; A_k; A_v], up = blockdiag(B_q, B_k, B_v), alpha 3 alpha (the same
+    alpha / rank), so each of q, k, v gets exactly its own B A back;
+  - FLUX.2: ``diffusion_model.double_blocks.N.img_attn.qkv`` / ``img_attn.proj`` the same way, as ai-toolkit writes
+    them (``.lora_A`` / ``.lora_B``, no alpha: alpha / rank is multiplied into up, since
+    ``_convert_non_diffusers_flux2_lora_to_diffusers`` reads no alphas and ComfyUI then uses scale 1).
+
+Whether ComfyUI's own loader reads these files is taken from its source (comfy/lora.py's key maps), not run: no
+PyPI package ships that code for this Python.
 """
 from __future__ import annotations
 

@@ -3,7 +3,8 @@
 * a full student: the run's saved denoiser folder, copied;
 * a LoRA run with ``--lora``: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` accepts
   (:func:`flashdmd.networks.lora.save_for_pipeline`: the pipeline class's ``save_lora_weights``, with the
-  adapter's rank / alpha as metadata);
+  adapter's rank / alpha as metadata), or with ``--lora-format`` kohya / comfyui another key layout
+  (:mod:`flashdmd.export.loraformats`);
 * a LoRA run without it: the teacher's denoiser with the adapters fused in (W + s*B@A), a plain diffusers model.
 
 ``--dtype fp16|bf16|fp32`` (:func:`cast_folder`) casts every floating-point weight of the folder (student, LoRA
