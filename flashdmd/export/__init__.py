@@ -150,13 +150,14 @@ def export_single_file(run_dir: str | Path, out_file: str | Path, dtype: str | N
             raise FlashDMDError(f"{path} exists; refusing to overwrite it (remove it or pick another --out)")
     family = runfolder.read_record(run)["family"]
     if family not in singlefile.FAMILIES_SINGLE_FILE:
-        raise FlashDMDError(f"--single-file writes SDXL checkpoints (the layout A1111 / ComfyUI load); a {family} "
-                            "student is exported as a diffusers folder (drop --single-file)")
+        raise FlashDMDError(f"--single-file writes SDXL checkpoints and Z-Image diffusion-model files (the layouts "
+                            f"A1111 / ComfyUI load); a {family} student is exported as a diffusers folder (drop "
+                            "--single-file)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         folder = Path(tmp) / "pipeline"
         record = export(run, folder, dtype=dtype)
-        ckpt = singlefile.sdxl_checkpoint(folder)
+        ckpt = singlefile.checkpoint(family, folder)
         meta = singlefile.metadata(record, io.read_json(folder / "scheduler" / "scheduler_config.json"))
         need = sum(t.numel() * t.element_size() for t in ckpt.values())
         io.atomic_save(out, lambda path: save_file(ckpt, str(path), metadata=meta), str(out), need)

@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_toke
 
 from flashdmd import FlashDMDError, io
 from flashdmd.export.readme import readme
+from flashdmd.families import FAMILIES
 
 GRID = "sample_grid.png"
 # config.yaml settings the card lists (those the run holds)
@@ -105,37 +106,56 @@ def model_card(record: dict, run: Path, teacher: Path, folder: Path) -> ModelCar
 
 
 def single_file_card(record: dict, run: Path, teacher: Path, file: Path) -> str:
-    """The card of a ``--single-file`` checkpoint (written beside it): loading it in diffusers with the sampler its
+    """The card of a ``--single-file`` export (written beside it): loading it in diffusers with the sampler its
     header records, and in A1111 / Forge / ComfyUI."""
-    k, g = record["num_inference_steps"], record["guidance_scale"]
-    base = record.get("base_model") or "path/to/the/base/pipeline/folder"
-    gen = "torch.Generator().manual_seed(0)"
-    use = f"""# flashdmd student ({record['family']}, {k} steps), one checkpoint
+    use = _single_file_use(record, file)
+    body = "\n".join([use, _training(record, run), _metrics(run),
+                      _grid(run, file.with_name(f"{file.stem}_samples.png"))])
+    return str(ModelCard(f"---\n{card_data(record, teacher).to_yaml()}\n---\n\n{body}"))
 
-`{file.name}` holds the whole {record['family']} pipeline's weights (UNet{' with its LoRA fused' if record['lora_fused']
-else ''}, VAE, both text encoders) in the original single-file layout. Teacher: `{record['teacher']}`.
+
+def _single_file_use(record: dict, file: Path) -> str:
+    k, g, fam = record["num_inference_steps"], record["guidance_scale"], record["family"]
+    base = record.get("base_model") or "path/to/the/base/pipeline/folder"
+    kw = FAMILIES[fam].pipeline_guidance_kwarg
+    gen = "torch.Generator().manual_seed(0)" if fam == "sdxl" else "torch.manual_seed(0)"
+    if fam == "sdxl":
+        what = ("the whole pipeline's weights (UNet" + (" with its LoRA fused" if record["lora_fused"] else "")
+                + ", VAE, both text encoders) in the original single-file layout")
+        load = f'pipe = StableDiffusionXLPipeline.from_single_file(path, config="{base}", scheduler=scheduler)'
+        imports = "StableDiffusionXLPipeline"
+        tools = "In A1111 / Forge (`models/Stable-diffusion`) or ComfyUI (`models/checkpoints`)"
+    else:
+        cls = record["pipeline_class"]
+        what = ("the denoiser" + (" with its LoRA fused" if record["lora_fused"] else "")
+                + " in the original layout (a ComfyUI diffusion-model file); the text encoders and VAE are the base's")
+        load = (f'transformer = ZImageTransformer2DModel.from_single_file(path, config="{base}", '
+                f'subfolder="transformer")\npipe = {cls}.from_pretrained("{base}", transformer=transformer, '
+                "scheduler=scheduler)")
+        imports = f"ZImageTransformer2DModel, {cls}"
+        tools = "In ComfyUI (`models/diffusion_models`, the Load Diffusion Model node, with the base's text encoder and VAE)"
+    return f"""# flashdmd student ({fam}, {k} steps), one file
+
+`{file.name}` holds {what}. Teacher: `{record['teacher']}`.
 
 ```python
 import json, torch
-from diffusers import {record['scheduler']}, StableDiffusionXLPipeline
+from diffusers import {record['scheduler']}, {imports}
 from safetensors import safe_open
 
 path = "{file.name}"
 with safe_open(path, "pt") as f:
     meta = f.metadata()  # the sampler this student was distilled for
 scheduler = {record['scheduler']}.from_config(json.loads(meta["flashdmd.scheduler_config"]))
-pipe = StableDiffusionXLPipeline.from_single_file(path, config="{base}", scheduler=scheduler)
-image = pipe("a photo of ...", guidance_scale={g}, generator={gen},
+{load}
+image = pipe("a photo of ...", {kw}={g}, generator={gen},
              **json.loads(meta["flashdmd.pipeline_kwargs"])).images[0]
 ```
 
 `config` names the base pipeline (a hub id or its local folder) for the component configs and tokenizers.
-In A1111 / Forge (`models/Stable-diffusion`) or ComfyUI (`models/checkpoints`): sampler LCM, {k} steps, CFG 1
-(the teacher's guidance is distilled in). Timesteps: {record['student_timesteps']}.
+{tools}: {k} steps at the timesteps {record['student_timesteps']} with the stochastic LCM-style sampler
+(ComfyUI: sampler `lcm`), no extra guidance (the teacher's is distilled in).
 """
-    body = "\n".join([use, _training(record, run), _metrics(run),
-                      _grid(run, file.with_name(f"{file.stem}_samples.png"))])
-    return str(ModelCard(f"---\n{card_data(record, teacher).to_yaml()}\n---\n\n{body}"))
 
 
 def _training(record: dict, run: Path) -> str:

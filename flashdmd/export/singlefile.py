@@ -24,7 +24,8 @@ import torch
 from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, DIFFUSERS_TO_LDM_MAPPING,
                                                  LDM_CLIP_PREFIX_TO_REMOVE, LDM_UNET_KEY, LDM_VAE_KEYS,
                                                  convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
-                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint)
+                                                 convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                 convert_z_image_transformer_checkpoint_to_diffusers)
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -35,7 +36,15 @@ from flashdmd import FlashDMDError, io
 UNET, VAE = LDM_UNET_KEY, LDM_VAE_KEYS[0]
 CLIP_L = LDM_CLIP_PREFIX_TO_REMOVE[1]
 CLIP_G = CHECKPOINT_KEY_NAMES["open_clip_sdxl"].removesuffix("positional_embedding")
-FAMILIES_SINGLE_FILE = ("sdxl",)
+# family -> what the single file holds: the whole pipeline (SDXL: A1111 / ComfyUI checkpoints) or the denoiser only
+# (ComfyUI's "diffusion model" files, loaded beside the base's text encoders and VAE)
+FAMILIES_SINGLE_FILE = {"sdxl": "checkpoint", "zimage": "transformer"}
+# Z-Image: the original names -> diffusers' (convert_z_image_transformer_checkpoint_to_diffusers' rename table, in
+# its order; inverted here in reverse order), q / k / v fused into attention.qkv
+ZIMAGE_RENAMES = {"final_layer.": "all_final_layer.2-1.", "x_embedder.": "all_x_embedder.2-1.",
+                  ".attention.out.bias": ".attention.to_out.0.bias", ".attention.k_norm.weight": ".attention.norm_k.weight",
+                  ".attention.q_norm.weight": ".attention.norm_q.weight",
+                  ".attention.out.weight": ".attention.to_out.0.weight"}
 # diffusers' resnet sub-names -> the original's (inverse of update_unet_resnet_ldm_to_diffusers' replacements)
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -178,22 +187,51 @@ def check_round_trip(ckpt: dict, parts: dict, configs: dict, folder: Path) -> No
                              for k, v in convert_ldm_clip_checkpoint(ckpt).items()},
             "text_encoder_2": convert_open_clip_checkpoint(g_model, ckpt, prefix=CLIP_G)}
     for name, want in parts.items():
-        got = back[name]
-        missing = sorted(set(want) - set(got)) + sorted(set(got) - set(want))
-        if missing:
-            raise FlashDMDError(f"--single-file: diffusers' converter does not read {name}'s {missing[0]} back from the "
-                                "original layout; export a diffusers folder instead")
-        for k, t in want.items():
-            if got[k].shape != t.shape or not torch.equal(got[k], t):
-                raise FlashDMDError(f"--single-file: {name}'s {k} does not survive diffusers' conversion unchanged; "
-                                    "export a diffusers folder instead")
+        _check_same(name, want, back[name])
+
+
+def zimage_checkpoint(folder: Path) -> dict:
+    """The exported Z-Image folder's transformer in the original (ComfyUI) layout, checked against diffusers'
+    converter: every tensor back under its diffusers name, bit for bit."""
+    sd = read_component(folder / "transformer")
+    out, qkv = {}, {}
+    for key, t in sd.items():
+        if m := re.fullmatch(r"(.+\.attention)\.to_([qkv])\.weight", key):
+            qkv.setdefault(m[1], {})[m[2]] = t
+            continue
+        new = key
+        for old, diff in reversed(ZIMAGE_RENAMES.items()):
+            new = new.replace(diff, old)
+        out[new] = t
+    for attn, parts in qkv.items():
+        out[f"{attn}.qkv.weight"] = torch.cat([parts[c] for c in "qkv"])
+    _check_same("transformer", sd, convert_z_image_transformer_checkpoint_to_diffusers(dict(out)))
+    return out
+
+
+def _check_same(name: str, want: dict, got: dict) -> None:
+    missing = sorted(set(want) - set(got)) + sorted(set(got) - set(want))
+    if missing:
+        raise FlashDMDError(f"--single-file: diffusers' converter does not read {name}'s {missing[0]} back from the "
+                            "original layout; export a diffusers folder instead")
+    for k, t in want.items():
+        if got[k].shape != t.shape or not torch.equal(got[k], t):
+            raise FlashDMDError(f"--single-file: {name}'s {k} does not survive diffusers' conversion unchanged; "
+                                "export a diffusers folder instead")
+
+
+def checkpoint(family: str, folder: Path) -> dict:
+    """The single file's tensors for ``family``'s exported folder (see FAMILIES_SINGLE_FILE)."""
+    return {"sdxl": sdxl_checkpoint, "zimage": zimage_checkpoint}[family](folder)
 
 
 def metadata(record: dict, scheduler_config: dict) -> dict:
     """The file's header: modelspec keys (what A1111 / Forge / ComfyUI show) and flashdmd's sampler."""
     k = record["num_inference_steps"]
-    return {"format": "pt", "modelspec.sai_model_spec": "1.0.0", "modelspec.architecture": "stable-diffusion-xl-v1-base",
-            "modelspec.implementation": "https://github.com/Stability-AI/generative-models",
+    spec = {"modelspec.architecture": "stable-diffusion-xl-v1-base",
+            "modelspec.implementation": "https://github.com/Stability-AI/generative-models"} \
+        if record["family"] == "sdxl" else {}
+    return {"format": "pt", "modelspec.sai_model_spec": "1.0.0", **spec,
             "modelspec.title": f"flashdmd {k}-step student", "modelspec.description":
                 f"{k}-step student distilled by flashdmd ({record.get('method')}); sample with {record['scheduler']} "
                 f"at timesteps {record['student_timesteps']} and guidance_scale {record['guidance_scale']}",
