@@ -15,11 +15,12 @@ from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
-from test_export_formats import PROMPTS, SEED, latents, lora_run  # noqa: E402
+from test_export_formats import PROMPTS, SEED, TEACHERS, latents, lora_run  # noqa: E402
 
 from flashdmd import FlashDMDError, runfolder  # noqa: E402
 from flashdmd.cli import main  # noqa: E402
 from flashdmd.export import singlefile  # noqa: E402
+from flashdmd.families import FAMILIES  # noqa: E402
 from tolerances import contract_bound  # noqa: E402
 
 
@@ -112,31 +113,39 @@ def test_the_round_trip_check_refuses_what_diffusers_would_not_read_back(exporte
     assert b in ckpt
 
 
-def test_a_zimage_diffusion_model_file_loads_with_from_single_file(tmp_path):
-    """Z-Image: the transformer alone (a ComfyUI diffusion-model file), loaded as the card says --
-    ZImageTransformer2DModel.from_single_file(file, config=<teacher>, subfolder="transformer") in the teacher's
-    pipeline with the header's scheduler -- reproduces the exported folder's latents within 1e-4."""
-    from diffusers import FlowMatchLCMScheduler, ZImagePipeline, ZImageTransformer2DModel
-    run = lora_run(tmp_path, "zimage")
-    teacher = tmp_path / "teacher_zimage"
+# family, a key of the original layout, a fragment of diffusers' names it does not have (None: the same names)
+FILES = [("zimage", "layers.0.attention.qkv.weight", ".to_q."),
+         ("qwenimage", "transformer_blocks.0.attn.to_q.weight", None),
+         ("flux2-klein", "double_blocks.0.img_attn.qkv.weight", "transformer_blocks.")]
+
+
+@pytest.mark.parametrize("family,key,absent", FILES, ids=[f for f, _, _ in FILES])
+def test_a_diffusion_model_file_loads_with_from_single_file(family, key, absent, tmp_path):
+    """Z-Image, Qwen-Image, FLUX.2: the transformer alone in the original layout (a ComfyUI diffusion-model file),
+    loaded as the card says -- <Transformer>.from_single_file(file, config=<teacher>, subfolder="transformer") in the
+    teacher's pipeline with the header's scheduler -- reproduces the exported folder's latents within 1e-4."""
+    import diffusers
+    run = lora_run(tmp_path, family)
+    teacher = tmp_path / f"teacher_{family}"
     assert main(["export", "--run", str(run), "--out", str(tmp_path / "folder")]) == 0
-    ref = latents(tmp_path / "folder", "zimage")
-    out = tmp_path / "z.safetensors"
+    ref = latents(tmp_path / "folder", family)
+    out = tmp_path / "net.safetensors"
     assert main(["export", "--run", str(run), "--out", str(out), "--single-file"]) == 0
     with safe_open(str(out), "pt") as f:
         meta, keys = f.metadata(), set(f.keys())
-    assert "layers.0.attention.qkv.weight" in keys and "final_layer.linear.weight" in keys
-    assert not any(".to_q." in k or k.startswith("all_") for k in keys)
-    sched = FlowMatchLCMScheduler.from_config(json.loads(meta["flashdmd.scheduler_config"]))
-    net = ZImageTransformer2DModel.from_single_file(str(out), config=str(teacher), subfolder="transformer",
-                                                    local_files_only=True)
-    pipe = ZImagePipeline.from_pretrained(teacher, transformer=net, scheduler=sched)
+    assert key in keys and (absent is None or not any(absent in k for k in keys))
+    index = json.loads((tmp_path / "folder" / "model_index.json").read_text())
+    sched = getattr(diffusers, meta["flashdmd.scheduler"]).from_config(json.loads(meta["flashdmd.scheduler_config"]))
+    net = getattr(diffusers, index["transformer"][1]).from_single_file(str(out), config=str(teacher),
+                                                                      subfolder="transformer", local_files_only=True)
+    pipe = getattr(diffusers, index["_class_name"]).from_pretrained(teacher, transformer=net, scheduler=sched)
     pipe.set_progress_bar_config(disable=True)
-    got = pipe(prompt=list(PROMPTS), height=48, width=48, output_type="latent", generator=torch.manual_seed(SEED),
-               guidance_scale=float(meta["flashdmd.guidance_scale"]),
+    res = TEACHERS[family][1]
+    got = pipe(prompt=list(PROMPTS), height=res, width=res, output_type="latent", generator=torch.manual_seed(SEED),
+               **{FAMILIES[family].pipeline_guidance_kwarg: float(meta["flashdmd.guidance_scale"])},
                **json.loads(meta["flashdmd.pipeline_kwargs"])).images
     assert got.shape == ref.shape and (got - ref).abs().max().item() <= contract_bound(ref)
-    assert "ZImageTransformer2DModel.from_single_file(path" in out.with_suffix(".md").read_text()
+    assert f"{index['transformer'][1]}.from_single_file(path" in out.with_suffix(".md").read_text()
 
 
 def test_bad_single_file_input_is_one_line(exported, tmp_path, capsys):
@@ -145,7 +154,7 @@ def test_bad_single_file_input_is_one_line(exported, tmp_path, capsys):
     sd3.mkdir()
     runfolder.write_record(sd3, teacher="x", family="sd3", student_timesteps=[1000.0])
     cases = [(["--run", str(run), "--out", str(tmp_path / "a.ckpt")], "does not end in .safetensors"),
-             (["--run", str(sd3), "--out", str(tmp_path / "b.safetensors")], "writes SDXL checkpoints and Z-Image"),
+             (["--run", str(sd3), "--out", str(tmp_path / "b.safetensors")], "a sd3 student is exported as a diffusers folder"),
              (["--run", str(run), "--out", str(exported[3])], "exists; refusing to overwrite"),
              (["--run", str(run), "--out", str(tmp_path / "c.safetensors"), "--lora"], "drop --lora")]
     for argv, words in cases:

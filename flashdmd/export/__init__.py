@@ -150,9 +150,9 @@ def export_single_file(run_dir: str | Path, out_file: str | Path, dtype: str | N
             raise FlashDMDError(f"{path} exists; refusing to overwrite it (remove it or pick another --out)")
     family = runfolder.read_record(run)["family"]
     if family not in singlefile.FAMILIES_SINGLE_FILE:
-        raise FlashDMDError(f"--single-file writes SDXL checkpoints and Z-Image diffusion-model files (the layouts "
-                            f"A1111 / ComfyUI load); a {family} student is exported as a diffusers folder (drop "
-                            "--single-file)")
+        raise FlashDMDError(f"--single-file writes {', '.join(singlefile.FAMILIES_SINGLE_FILE)} students (the "
+                            f"layouts A1111 / ComfyUI load); a {family} student is exported as a diffusers folder "
+                            "(drop --single-file)")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         folder = Path(tmp) / "pipeline"
@@ -175,6 +175,7 @@ def _plan(info: dict, run: Path, teacher: Path, index: dict, lora: bool, fmt: st
     record = {"kind": EXPORT_KIND, "run": str(run.resolve()), "family": info["family"],
               "teacher": str(teacher.resolve()), "base_model": card.hub_id(str(info["teacher"]), teacher),
               "pipeline_class": index["_class_name"], "scheduler": type(sched).__name__,
+              "denoiser_class": index[FAMILIES[info["family"]].denoiser_subfolder][1],
               "student_timesteps": timesteps, "num_inference_steps": len(timesteps), "pipeline_kwargs": call,
               "guidance_scale": FAMILIES[info["family"]].exported_guidance(info, teacher),
               "max_timestep_error": err, "timesteps_exact": err == 0.0, "lora": bool(lora),

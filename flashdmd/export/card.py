@@ -129,10 +129,10 @@ def _single_file_use(record: dict, file: Path) -> str:
         cls = record["pipeline_class"]
         what = ("the denoiser" + (" with its LoRA fused" if record["lora_fused"] else "")
                 + " in the original layout (a ComfyUI diffusion-model file); the text encoders and VAE are the base's")
-        load = (f'transformer = ZImageTransformer2DModel.from_single_file(path, config="{base}", '
-                f'subfolder="transformer")\npipe = {cls}.from_pretrained("{base}", transformer=transformer, '
-                "scheduler=scheduler)")
-        imports = f"ZImageTransformer2DModel, {cls}"
+        net = record["denoiser_class"]
+        load = (f'transformer = {net}.from_single_file(path, config="{base}", subfolder="transformer")\n'
+                f'pipe = {cls}.from_pretrained("{base}", transformer=transformer, scheduler=scheduler)')
+        imports = f"{net}, {cls}"
         tools = "In ComfyUI (`models/diffusion_models`, the Load Diffusion Model node, with the base's text encoder and VAE)"
     return f"""# flashdmd student ({fam}, {k} steps), one file
 

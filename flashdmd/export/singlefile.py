@@ -24,8 +24,9 @@ import torch
 from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, DIFFUSERS_TO_LDM_MAPPING,
                                                  LDM_CLIP_PREFIX_TO_REMOVE, LDM_UNET_KEY, LDM_VAE_KEYS,
                                                  convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
+                                                 convert_flux2_transformer_checkpoint_to_diffusers,
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
-                                                 convert_z_image_transformer_checkpoint_to_diffusers)
+                                                 convert_z_image_transformer_checkpoint_to_diffusers, swap_scale_shift)
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
 
@@ -38,13 +39,32 @@ CLIP_L = LDM_CLIP_PREFIX_TO_REMOVE[1]
 CLIP_G = CHECKPOINT_KEY_NAMES["open_clip_sdxl"].removesuffix("positional_embedding")
 # family -> what the single file holds: the whole pipeline (SDXL: A1111 / ComfyUI checkpoints) or the denoiser only
 # (ComfyUI's "diffusion model" files, loaded beside the base's text encoders and VAE)
-FAMILIES_SINGLE_FILE = {"sdxl": "checkpoint", "zimage": "transformer"}
+FAMILIES_SINGLE_FILE = {"sdxl": "checkpoint", "zimage": "transformer", "qwenimage": "transformer",
+                        "flux2": "transformer", "flux2-klein": "transformer"}
 # Z-Image: the original names -> diffusers' (convert_z_image_transformer_checkpoint_to_diffusers' rename table, in
 # its order; inverted here in reverse order), q / k / v fused into attention.qkv
 ZIMAGE_RENAMES = {"final_layer.": "all_final_layer.2-1.", "x_embedder.": "all_x_embedder.2-1.",
                   ".attention.out.bias": ".attention.to_out.0.bias", ".attention.k_norm.weight": ".attention.norm_k.weight",
                   ".attention.q_norm.weight": ".attention.norm_q.weight",
                   ".attention.out.weight": ".attention.to_out.0.weight"}
+# FLUX.2: convert_flux2_transformer_checkpoint_to_diffusers' tables (local to that function, so restated here; the
+# round-trip check runs the function itself): top-level renames, then the double / single block sub-names
+FLUX2_RENAMES = {"img_in": "x_embedder", "txt_in": "context_embedder",
+                 "time_in.in_layer": "time_guidance_embed.timestep_embedder.linear_1",
+                 "time_in.out_layer": "time_guidance_embed.timestep_embedder.linear_2",
+                 "guidance_in.in_layer": "time_guidance_embed.guidance_embedder.linear_1",
+                 "guidance_in.out_layer": "time_guidance_embed.guidance_embedder.linear_2",
+                 "double_stream_modulation_img.lin": "double_stream_modulation_img.linear",
+                 "double_stream_modulation_txt.lin": "double_stream_modulation_txt.linear",
+                 "single_stream_modulation.lin": "single_stream_modulation.linear", "final_layer.linear": "proj_out"}
+FLUX2_DOUBLE = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_norm": "attn.norm_k",
+                "img_attn.proj": "attn.to_out.0", "img_mlp.0": "ff.linear_in", "img_mlp.2": "ff.linear_out",
+                "txt_attn.norm.query_norm": "attn.norm_added_q", "txt_attn.norm.key_norm": "attn.norm_added_k",
+                "txt_attn.proj": "attn.to_add_out", "txt_mlp.0": "ff_context.linear_in",
+                "txt_mlp.2": "ff_context.linear_out"}
+FLUX2_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out", "norm.query_norm": "attn.norm_q",
+                "norm.key_norm": "attn.norm_k"}
+FLUX2_QKV = {"attn.to_": "img_attn", "attn.add_": "txt_attn"}
 # diffusers' resnet sub-names -> the original's (inverse of update_unet_resnet_ldm_to_diffusers' replacements)
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -190,10 +210,8 @@ def check_round_trip(ckpt: dict, parts: dict, configs: dict, folder: Path) -> No
         _check_same(name, want, back[name])
 
 
-def zimage_checkpoint(folder: Path) -> dict:
-    """The exported Z-Image folder's transformer in the original (ComfyUI) layout, checked against diffusers'
-    converter: every tensor back under its diffusers name, bit for bit."""
-    sd = read_component(folder / "transformer")
+def zimage_to_original(sd: dict) -> dict:
+    """Z-Image transformer: diffusers' names -> the original (ComfyUI) ones, q / k / v fused into attention.qkv."""
     out, qkv = {}, {}
     for key, t in sd.items():
         if m := re.fullmatch(r"(.+\.attention)\.to_([qkv])\.weight", key):
@@ -205,7 +223,55 @@ def zimage_checkpoint(folder: Path) -> dict:
         out[new] = t
     for attn, parts in qkv.items():
         out[f"{attn}.qkv.weight"] = torch.cat([parts[c] for c in "qkv"])
-    _check_same("transformer", sd, convert_z_image_transformer_checkpoint_to_diffusers(dict(out)))
+    return out
+
+
+def flux2_to_original(sd: dict) -> dict:
+    """FLUX.2 transformer: diffusers' names -> BFL's (double_blocks / single_blocks, fused qkv, norms' ``scale``,
+    the final modulation's (shift, scale) order)."""
+    inv_double, inv_single = {v: k for k, v in FLUX2_DOUBLE.items()}, {v: k for k, v in FLUX2_SINGLE.items()}
+    out, qkv = {}, {}
+    for key, t in sd.items():
+        if key.startswith("norm_out.linear."):
+            out[f"final_layer.adaLN_modulation.1.{key.rsplit('.', 1)[1]}"] = swap_scale_shift(t, 0)
+        elif m := re.fullmatch(r"transformer_blocks\.(\d+)\.(attn\.(?:to_|add_))([qkv])(?:_proj)?\.(\w+)", key):
+            qkv.setdefault((m[1], FLUX2_QKV[m[2]], m[4]), {})[m[3]] = t
+        elif m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)\.(\w+)", key):
+            out[_flux2_param(f"double_blocks.{m[1]}.{inv_double[m[2]]}", m[3])] = t
+        elif m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)\.(\w+)", key):
+            out[_flux2_param(f"single_blocks.{m[1]}.{inv_single[m[2]]}", m[3])] = t
+        else:
+            new = key
+            for old, diff in reversed(FLUX2_RENAMES.items()):
+                new = new.replace(diff, old)
+            out[new] = t
+    for (block, attn, param), parts in qkv.items():
+        out[f"double_blocks.{block}.{attn}.qkv.{param}"] = torch.cat([parts[c] for c in "qkv"])
+    return out
+
+
+def _flux2_param(module: str, param: str) -> str:
+    return f"{module}.{'scale' if module.endswith('_norm') and param == 'weight' else param}"
+
+
+# family -> (diffusers transformer state dict -> the original layout, diffusers' reader of that layout)
+TRANSFORMER_LAYOUTS = {"zimage": (zimage_to_original, convert_z_image_transformer_checkpoint_to_diffusers),
+                       "qwenimage": (dict, dict),  # ComfyUI's Qwen-Image files have diffusers' names
+                       "flux2": (flux2_to_original, convert_flux2_transformer_checkpoint_to_diffusers),
+                       "flux2-klein": (flux2_to_original, convert_flux2_transformer_checkpoint_to_diffusers)}
+
+
+def transformer_checkpoint(family: str, folder: Path) -> dict:
+    """The exported folder's transformer in ``family``'s original (ComfyUI diffusion-model) layout, checked against
+    diffusers' reader of that layout: every tensor back under its diffusers name, bit for bit."""
+    sd = read_component(folder / "transformer")
+    to_original, reader = TRANSFORMER_LAYOUTS[family]
+    try:
+        out = to_original(sd)
+    except KeyError as e:
+        raise FlashDMDError(f"--single-file: the {family} transformer's module {e} has no place in the original "
+                            "layout; export a diffusers folder instead") from None
+    _check_same("transformer", sd, reader(dict(out)))
     return out
 
 
@@ -222,7 +288,7 @@ def _check_same(name: str, want: dict, got: dict) -> None:
 
 def checkpoint(family: str, folder: Path) -> dict:
     """The single file's tensors for ``family``'s exported folder (see FAMILIES_SINGLE_FILE)."""
-    return {"sdxl": sdxl_checkpoint, "zimage": zimage_checkpoint}[family](folder)
+    return sdxl_checkpoint(folder) if family == "sdxl" else transformer_checkpoint(family, folder)
 
 
 def metadata(record: dict, scheduler_config: dict) -> dict:
