@@ -13,7 +13,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
 import tiny_models as tm  # noqa: E402
-from test_export_formats import lora_run  # noqa: E402
+from export_runs import lora_run  # noqa: E402
 
 from flashdmd.cli import main  # noqa: E402
 from flashdmd.export import card  # noqa: E402

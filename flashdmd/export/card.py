@@ -19,6 +19,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, constants, get_toke
 
 from flashdmd import FlashDMDError, io
 from flashdmd.export.readme import readme
+from flashdmd.export.singlefile import FAMILIES_SINGLE_FILE
 from flashdmd.families import FAMILIES
 
 GRID = "sample_grid.png"
@@ -118,18 +119,19 @@ def _single_file_use(record: dict, file: Path) -> str:
     k, g, fam = record["num_inference_steps"], record["guidance_scale"], record["family"]
     base = record.get("base_model") or "path/to/the/base/pipeline/folder"
     kw = FAMILIES[fam].pipeline_guidance_kwarg
-    gen = "torch.Generator().manual_seed(0)" if fam == "sdxl" else "torch.manual_seed(0)"
-    if fam == "sdxl":
-        what = ("the whole pipeline's weights (UNet" + (" with its LoRA fused" if record["lora_fused"] else "")
-                + ", VAE, both text encoders) in the original single-file layout")
-        load = f'pipe = StableDiffusionXLPipeline.from_single_file(path, config="{base}", scheduler=scheduler)'
-        imports = "StableDiffusionXLPipeline"
-        tools = "In A1111 / Forge (`models/Stable-diffusion`) or ComfyUI (`models/checkpoints`)"
+    gen = "torch.Generator().manual_seed(0)" if FAMILIES[fam].export_scheduler == "lcm" else "torch.manual_seed(0)"
+    cls, net = record["pipeline_class"], record["denoiser_class"]
+    fused = " with its LoRA fused" if record["lora_fused"] else ""
+    if FAMILIES_SINGLE_FILE[fam] == "checkpoint":
+        what = f"the whole pipeline's weights ({net}{fused}, VAE, text encoders) in the original single-file layout"
+        absent = "".join(f", {n}=None" for n in record.get("missing_components", []))
+        load = f'pipe = {cls}.from_single_file(path, config="{base}", scheduler=scheduler{absent})'
+        imports = cls
+        tools = ("In A1111 / Forge (`models/Stable-diffusion`) or ComfyUI (`models/checkpoints`)" if fam == "sdxl"
+                 else "In ComfyUI (`models/checkpoints`)")
     else:
-        cls = record["pipeline_class"]
-        what = ("the denoiser" + (" with its LoRA fused" if record["lora_fused"] else "")
-                + " in the original layout (a ComfyUI diffusion-model file); the text encoders and VAE are the base's")
-        net = record["denoiser_class"]
+        what = (f"the denoiser{fused} in the original layout (a ComfyUI diffusion-model file); the text encoders and "
+                "VAE are the base's")
         load = (f'transformer = {net}.from_single_file(path, config="{base}", subfolder="transformer")\n'
                 f'pipe = {cls}.from_pretrained("{base}", transformer=transformer, scheduler=scheduler)')
         imports = f"{net}, {cls}"

@@ -26,6 +26,8 @@ from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, DIFFUSERS
                                                  convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_flux2_transformer_checkpoint_to_diffusers,
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
+                                                 convert_sd3_t5_checkpoint_to_diffusers,
+                                                 convert_sd3_transformer_checkpoint_to_diffusers,
                                                  convert_z_image_transformer_checkpoint_to_diffusers, swap_scale_shift)
 from safetensors.torch import load_file
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection
@@ -39,7 +41,7 @@ CLIP_L = LDM_CLIP_PREFIX_TO_REMOVE[1]
 CLIP_G = CHECKPOINT_KEY_NAMES["open_clip_sdxl"].removesuffix("positional_embedding")
 # family -> what the single file holds: the whole pipeline (SDXL: A1111 / ComfyUI checkpoints) or the denoiser only
 # (ComfyUI's "diffusion model" files, loaded beside the base's text encoders and VAE)
-FAMILIES_SINGLE_FILE = {"sdxl": "checkpoint", "zimage": "transformer", "qwenimage": "transformer",
+FAMILIES_SINGLE_FILE = {"sdxl": "checkpoint", "sd3": "checkpoint", "zimage": "transformer", "qwenimage": "transformer",
                         "flux2": "transformer", "flux2-klein": "transformer"}
 # Z-Image: the original names -> diffusers' (convert_z_image_transformer_checkpoint_to_diffusers' rename table, in
 # its order; inverted here in reverse order), q / k / v fused into attention.qkv
@@ -65,6 +67,25 @@ FLUX2_DOUBLE = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_no
 FLUX2_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out", "norm.query_norm": "attn.norm_q",
                 "norm.key_norm": "attn.norm_k"}
 FLUX2_QKV = {"attn.to_": "img_attn", "attn.add_": "txt_attn"}
+# SD3: convert_sd3_transformer_checkpoint_to_diffusers' names, diffusers -> original (per joint block; q / k / v are
+# fused into qkv separately; the last block's context modulation and the final one are (shift, scale) there)
+SD3_TOP = {"pos_embed.proj": "x_embedder.proj",
+           "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+           "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2", "context_embedder": "context_embedder",
+           "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+           "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2", "proj_out": "final_layer.linear",
+           "norm_out.linear": "final_layer.adaLN_modulation.1"}
+SD3_BLOCK = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+             "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+             "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+             "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+             "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+             "norm1_context.linear": "context_block.adaLN_modulation.1", "ff.net.0.proj": "x_block.mlp.fc1",
+             "ff.net.2": "x_block.mlp.fc2", "ff_context.net.0.proj": "context_block.mlp.fc1",
+             "ff_context.net.2": "context_block.mlp.fc2"}
+SD3_QKV = {"attn.to_": "x_block.attn", "attn.add_": "context_block.attn", "attn2.to_": "x_block.attn2"}
+SD3_TEXT = {"text_encoder": "text_encoders.clip_l.transformer.", "text_encoder_2": "text_encoders.clip_g.transformer.",
+            "text_encoder_3": "text_encoders.t5xxl.transformer."}
 # diffusers' resnet sub-names -> the original's (inverse of update_unet_resnet_ldm_to_diffusers' replacements)
 UNET_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "norm2": "out_layers.0", "conv2": "out_layers.3",
                "time_emb_proj": "emb_layers.1", "conv_shortcut": "skip_connection"}
@@ -286,9 +307,67 @@ def _check_same(name: str, want: dict, got: dict) -> None:
                                 "export a diffusers folder instead")
 
 
+def denoiser(family: str) -> str:
+    """The subfolder of ``family``'s denoiser (unet / transformer)."""
+    return "unet" if family == "sdxl" else "transformer"
+
+
 def checkpoint(family: str, folder: Path) -> dict:
     """The single file's tensors for ``family``'s exported folder (see FAMILIES_SINGLE_FILE)."""
-    return sdxl_checkpoint(folder) if family == "sdxl" else transformer_checkpoint(family, folder)
+    if family in ("sdxl", "sd3"):
+        return sdxl_checkpoint(folder) if family == "sdxl" else sd3_checkpoint(folder)
+    return transformer_checkpoint(family, folder)
+
+
+def sd3_transformer_to_original(sd: dict) -> dict:
+    """SD3 / SD3.5 MMDiT: diffusers' names -> ``model.diffusion_model.*`` (joint_blocks, fused qkv)."""
+    last = max(int(k.split(".")[1]) for k in sd if k.startswith("transformer_blocks."))
+    out, qkv = {}, {}
+    for key, t in sd.items():
+        module, _, param = key.rpartition(".")
+        if key == "pos_embed.pos_embed":
+            out[UNET + "pos_embed"] = t
+        elif module in SD3_TOP:
+            swap = module == "norm_out.linear"
+            out[f"{UNET}{SD3_TOP[module]}.{param}"] = swap_scale_shift(t, 0) if swap else t
+        elif m := re.fullmatch(r"transformer_blocks\.(\d+)\.(attn2?\.(?:to_|add_))([qkv])(?:_proj)?", module):
+            qkv.setdefault((m[1], SD3_QKV[m[2]], param), {})[m[3]] = t
+        elif (m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)) and m[2] in SD3_BLOCK:
+            swap = m[2] == "norm1_context.linear" and int(m[1]) == last
+            out[f"{UNET}joint_blocks.{m[1]}.{SD3_BLOCK[m[2]]}.{param}"] = swap_scale_shift(t, 0) if swap else t
+        else:
+            raise FlashDMDError(f"the SD3 transformer key {key} has no place in the original layout; export a "
+                                "diffusers folder instead of --single-file")
+    for (block, attn, param), parts in qkv.items():
+        out[f"{UNET}joint_blocks.{block}.{attn}.qkv.{param}"] = torch.cat([parts[c] for c in "qkv"])
+    return out
+
+
+def sd3_checkpoint(folder: Path) -> dict:
+    """The exported SD3 pipeline folder as SAI's single file: the MMDiT, the VAE, the CLIPs and T5 (when the folder
+    has it) under ``text_encoders.*.transformer.``, checked by diffusers' readers of that layout."""
+    texts = [n for n in SD3_TEXT if (folder / n).is_dir()]
+    parts = {name: read_component(folder / name) for name in ("transformer", "vae", *texts)}
+    vae_config = io.read_json(folder / "vae" / "config.json")
+    ckpt = {**sd3_transformer_to_original(parts["transformer"]), **vae_to_original(parts["vae"], vae_config)}
+    for name in texts:
+        ckpt.update({SD3_TEXT[name] + k: t for k, t in parts[name].items()
+                     if not (name == "text_encoder" and k == "text_projection.weight")})
+    _check_same("transformer", parts["transformer"], convert_sd3_transformer_checkpoint_to_diffusers(dict(ckpt)))
+    _check_same("vae", parts["vae"], convert_ldm_vae_checkpoint(ckpt, vae_config))
+    for name in texts:
+        want = dict(parts[name])
+        if name == "text_encoder_3":
+            got = convert_sd3_t5_checkpoint_to_diffusers(ckpt)
+        else:
+            got = convert_ldm_clip_checkpoint(ckpt, SD3_TEXT[name])
+        if name == "text_encoder":  # the layout has no CLIP-L projection: diffusers' loader puts the identity there
+            proj = want.pop("text_projection.weight", None)
+            if proj is not None and not torch.equal(proj, torch.eye(proj.shape[0], dtype=proj.dtype)):
+                raise FlashDMDError("--single-file: SD3's single-file layout has no CLIP-L text projection (loaders use "
+                                    "the identity) and this teacher's is not the identity; export a diffusers folder")
+        _check_same(name, want, got)
+    return ckpt
 
 
 def metadata(record: dict, scheduler_config: dict) -> dict:
