@@ -10,7 +10,6 @@ has none) assumes.
 import json
 from pathlib import Path
 
-import pytest
 import torch
 
 import tiny_flux2
@@ -85,20 +84,21 @@ def lora_run(tmp: Path, family: str) -> Path:
     return run
 
 
-@pytest.fixture(scope="session")
-def export_runs(tmp_path_factory):
-    """family -> (run folder, teacher folder, fused export folder, its latents), built on first use."""
-    tmp = tmp_path_factory.mktemp("export_runs")
-    cache = {}
+_CACHE: dict = {}
 
-    def get(family: str):
-        if family not in cache:
-            run = lora_run(tmp, family)
-            fused = tmp / f"fused_{family}"
-            assert main(["export", "--run", str(run), "--out", str(fused)]) == 0
-            cache[family] = run, tmp / f"teacher_{family}", fused, latents(fused, family)
-        return cache[family]
-    return get
+
+def shared_run(tmp_path_factory, family: str):
+    """(run folder, teacher folder, fused export folder, its latents) of ``family``, built once per session (in a
+    folder of the session's tmp_path_factory) and shared by the export test modules."""
+    if "tmp" not in _CACHE:
+        _CACHE["tmp"] = tmp_path_factory.mktemp("export_runs")
+    tmp = _CACHE["tmp"]
+    if family not in _CACHE:
+        run = lora_run(tmp, family)
+        fused = tmp / f"fused_{family}"
+        assert main(["export", "--run", str(run), "--out", str(fused)]) == 0
+        _CACHE[family] = run, tmp / f"teacher_{family}", fused, latents(fused, family)
+    return _CACHE[family]
 
 
 def latents(folder: Path, family: str, weight_name: str | None = None):

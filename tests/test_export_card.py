@@ -12,7 +12,6 @@ from huggingface_hub import HfApi, ModelCard, constants
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).parent))
-import tiny_models as tm  # noqa: E402
 from export_runs import lora_run  # noqa: E402
 
 from flashdmd.cli import main  # noqa: E402

@@ -5,6 +5,7 @@ fused, and reproduces the fused export's 4-step latents within 1e-4 (tests/toler
 The LoRA runs and their fused exports: tests/export_runs.py.
 """
 import json
+from functools import partial
 import sys
 from pathlib import Path
 
@@ -13,10 +14,16 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_runs import ALPHA, export_runs, latents  # noqa: E402,F401  (export_runs: the session fixture)
+from export_runs import ALPHA, latents, shared_run  # noqa: E402
 
 from flashdmd.cli import main  # noqa: E402
 from tolerances import contract_bound  # noqa: E402
+
+
+@pytest.fixture
+def export_runs(tmp_path_factory):
+    """family -> the session's shared LoRA run and fused export (tests/export_runs.py)."""
+    return partial(shared_run, tmp_path_factory)
 
 
 CASES = [("sdxl", "kohya", "lora_unet_"), ("sd3", "comfyui", "transformer."),

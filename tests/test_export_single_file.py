@@ -6,6 +6,7 @@ diffusers folder's 4-step latents within 1e-4 (tests/tolerances.py). diffusers' 
 read every tensor back unchanged (the export checks that before writing), and bad input is one line.
 """
 import json
+from functools import partial
 import re
 import sys
 from pathlib import Path
@@ -14,12 +15,19 @@ import pytest
 from safetensors import safe_open
 
 sys.path.insert(0, str(Path(__file__).parent))
-from export_runs import call, export_runs  # noqa: E402,F401  (export_runs: the session fixture)
+from export_runs import call, shared_run  # noqa: E402
 
 from flashdmd import FlashDMDError, runfolder  # noqa: E402
 from flashdmd.cli import main  # noqa: E402
 from flashdmd.export import singlefile  # noqa: E402
 from tolerances import contract_bound  # noqa: E402
+
+
+@pytest.fixture
+def export_runs(tmp_path_factory):
+    """family -> the session's shared LoRA run and fused export (tests/export_runs.py)."""
+    return partial(shared_run, tmp_path_factory)
+
 
 # family, keys of the original layout, a fragment of diffusers' names it must not hold (None: the same names)
 FILES = [("sdxl", ["model.diffusion_model.input_blocks.0.0.weight", "model.diffusion_model.label_emb.0.0.weight",
@@ -27,12 +35,15 @@ FILES = [("sdxl", ["model.diffusion_model.input_blocks.0.0.weight", "model.diffu
                    "conditioner.embedders.1.model.positional_embedding",
                    "conditioner.embedders.1.model.transformer.resblocks.0.attn.in_proj_weight"], "resnets"),
          ("sd3", ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "model.diffusion_model.pos_embed",
-                  "model.diffusion_model.final_layer.adaLN_modulation.1.weight", "first_stage_model.decoder.conv_in.weight",
+                  "model.diffusion_model.final_layer.adaLN_modulation.1.weight",
+                  "first_stage_model.decoder.conv_in.weight",
                   "text_encoders.clip_l.transformer.text_model.embeddings.position_embedding.weight",
-                  "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight"], "transformer_blocks"),
+                  "text_encoders.clip_g.transformer.text_model.embeddings.position_embedding.weight"],
+          "transformer_blocks"),
          ("zimage", ["layers.0.attention.qkv.weight", "final_layer.linear.weight"], ".to_q."),
          ("qwenimage", ["transformer_blocks.0.attn.to_q.weight"], None),
-         ("flux2-klein", ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"], "transformer_blocks.")]
+         ("flux2-klein", ["double_blocks.0.img_attn.qkv.weight", "single_blocks.0.linear1.weight"],
+          "transformer_blocks.")]
 
 
 _FILES = {}
@@ -84,8 +95,8 @@ def test_sdxl_names_are_the_original_ones(export_runs, tmp_path):
         keys = list(f.keys())
         attn_q = f.get_tensor("first_stage_model.decoder.mid.attn_1.q.weight")
         assert f.metadata()["modelspec.architecture"] == "stable-diffusion-xl-v1-base"
-    resnet = re.compile(r"model\.diffusion_model\.(input_blocks\.\d+\.0|output_blocks\.\d+\.0|middle_block\.[02])\.(.+)\."
-                        r"(weight|bias)$")
+    resnet = re.compile(r"model\.diffusion_model\.(input_blocks\.\d+\.0|output_blocks\.\d+\.0|middle_block\.[02])"
+                        r"\.(.+)\.(weight|bias)$")
     subs = {m[2] for k in keys if (m := resnet.match(k))}
     assert subs and subs <= {"in_layers.0", "in_layers.2", "out_layers.0", "out_layers.3", "emb_layers.1",
                              "skip_connection", "op"}

@@ -39,20 +39,23 @@ from flashdmd import FlashDMDError, io, runfolder
 from flashdmd.export import card, loraformats, singlefile
 from flashdmd.export.readme import load_kwargs, readme
 from flashdmd.export.schedulers import flow_lcm_fit, flow_lcm_scheduler, lcm_scheduler, student_scheduler
-from flashdmd.export.weights import (DTYPES, LORA_WEIGHTS, SAFETENSORS_FLOAT, cast_folder, copy_full_student,
+from flashdmd.export.loraformats import DIFFUSERS_FILE as LORA_WEIGHTS
+from flashdmd.export.weights import (DTYPES, SAFETENSORS_FLOAT, cast_folder, copy_full_student,
                                          folder_float_dtypes, ignore_pickled, safetensors_dtypes, write_lora_weights,
                                          write_merged_lora_student)
 from flashdmd.families import FAMILIES, detect_family, resolve_path
 from flashdmd.families.parts import read_model_index
 
-__all__ = ["export", "export_single_file", "load_kwargs", "readme", "lcm_scheduler", "flow_lcm_fit", "flow_lcm_scheduler",
+__all__ = ["export", "export_single_file", "load_kwargs", "readme", "lcm_scheduler", "flow_lcm_fit",
+           "flow_lcm_scheduler",
            "student_scheduler", "cast_folder", "safetensors_dtypes", "write_merged_lora_student", "SAFETENSORS_FLOAT",
            "DTYPES", "LORA_WEIGHTS", "EXPORT_INFO", "EXPORT_KIND"]
 
 EXPORT_KIND = "flashdmd-export"
 EXPORT_INFO = "flashdmd_export.json"
 # teacher files that do not belong in the exported folder (top level only)
-SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, *loraformats.FILES.values(), ".cache", ".huggingface"}
+SKIP_TOP = {"scheduler", "flashdmd.json", "README.md", EXPORT_INFO, *loraformats.FILES.values(), ".cache",
+            ".huggingface"}
 
 
 def teacher_folder(info: dict, run: Path) -> Path:
@@ -246,5 +249,6 @@ def run(args):
     exact = "exactly" if record["timesteps_exact"] else f"within {record['max_timestep_error']:.3g}"
     print(f"exported {record['family']} student to {args.out}: {record['scheduler']} runs "
           f"{record['student_timesteps']} {exact} with {how}, guidance_scale={record['guidance_scale']}"
-          f"{'; LoRA in ' + record['lora_weights'] if record['lora'] else ''}; weights {'/'.join(record['weights_dtypes'])}"
+          f"{'; LoRA in ' + record['lora_weights'] if record['lora'] else ''}; "
+          f"weights {'/'.join(record['weights_dtypes'])}"
           f" (see {args.out}/README.md){'; uploaded: ' + record['pushed'] if record.get('pushed') else ''}")

@@ -135,7 +135,8 @@ def _single_file_use(record: dict, file: Path) -> str:
         load = (f'transformer = {net}.from_single_file(path, config="{base}", subfolder="transformer")\n'
                 f'pipe = {cls}.from_pretrained("{base}", transformer=transformer, scheduler=scheduler)')
         imports = f"{net}, {cls}"
-        tools = "In ComfyUI (`models/diffusion_models`, the Load Diffusion Model node, with the base's text encoder and VAE)"
+        tools = ("In ComfyUI (`models/diffusion_models`, the Load Diffusion Model node, with the base's text encoder "
+                 "and VAE)")
     return f"""# flashdmd student ({fam}, {k} steps), one file
 
 `{file.name}` holds {what}. Teacher: `{record['teacher']}`.

@@ -1,7 +1,8 @@
 """README.md of an exported folder: how to load it, call it, and reproduce flashdmd's sampler with it."""
 from __future__ import annotations
 
-from flashdmd.export.weights import DTYPES, LORA_WEIGHTS, torch_dtype
+from flashdmd.export.loraformats import DIFFUSERS_FILE as LORA_WEIGHTS
+from flashdmd.export.weights import DTYPES, torch_dtype
 from flashdmd.families import FAMILIES
 
 

@@ -46,7 +46,8 @@ FAMILIES_SINGLE_FILE = {"sdxl": "checkpoint", "sd3": "checkpoint", "zimage": "tr
 # Z-Image: the original names -> diffusers' (convert_z_image_transformer_checkpoint_to_diffusers' rename table, in
 # its order; inverted here in reverse order), q / k / v fused into attention.qkv
 ZIMAGE_RENAMES = {"final_layer.": "all_final_layer.2-1.", "x_embedder.": "all_x_embedder.2-1.",
-                  ".attention.out.bias": ".attention.to_out.0.bias", ".attention.k_norm.weight": ".attention.norm_k.weight",
+                  ".attention.out.bias": ".attention.to_out.0.bias",
+                  ".attention.k_norm.weight": ".attention.norm_k.weight",
                   ".attention.q_norm.weight": ".attention.norm_q.weight",
                   ".attention.out.weight": ".attention.to_out.0.weight"}
 # FLUX.2: convert_flux2_transformer_checkpoint_to_diffusers' tables (local to that function, so restated here; the
@@ -364,8 +365,9 @@ def sd3_checkpoint(folder: Path) -> dict:
         if name == "text_encoder":  # the layout has no CLIP-L projection: diffusers' loader puts the identity there
             proj = want.pop("text_projection.weight", None)
             if proj is not None and not torch.equal(proj, torch.eye(proj.shape[0], dtype=proj.dtype)):
-                raise FlashDMDError("--single-file: SD3's single-file layout has no CLIP-L text projection (loaders use "
-                                    "the identity) and this teacher's is not the identity; export a diffusers folder")
+                raise FlashDMDError("--single-file: SD3's single-file layout has no CLIP-L text projection (loaders "
+                                    "use the identity) and this teacher's is not the identity; export a diffusers "
+                                    "folder")
         _check_same(name, want, got)
     return ckpt
 

@@ -26,7 +26,6 @@ from safetensors.torch import load_file, save_file
 
 from flashdmd import FlashDMDError, io, runfolder
 from flashdmd.export import loraformats
-from flashdmd.export.loraformats import DIFFUSERS_FILE as LORA_WEIGHTS
 from flashdmd.families import FAMILIES
 from flashdmd.families.parts import component_class
 from flashdmd.networks import lora
