@@ -120,7 +120,7 @@ def test_the_round_trip_check_refuses_what_diffusers_would_not_read_back(export_
 
 
 def test_bad_single_file_input_is_one_line(export_runs, tmp_path, capsys):
-    run = export_runs("sdxl")[0]
+    run, teacher = export_runs("sdxl")[:2]
     flux = tmp_path / "fluxrun"
     flux.mkdir()
     runfolder.write_record(flux, teacher="x", family="flux", student_timesteps=[1000.0])
@@ -129,6 +129,7 @@ def test_bad_single_file_input_is_one_line(export_runs, tmp_path, capsys):
     cases = [(["--run", str(run), "--out", str(tmp_path / "a.ckpt")], "does not end in .safetensors"),
              (["--run", str(flux), "--out", str(tmp_path / "b.safetensors")], "a flux student is exported as a"),
              (["--run", str(run), "--out", str(taken)], "exists; refusing to overwrite"),
+             (["--run", str(run), "--out", str(teacher / "s.safetensors")], "lies inside"),
              (["--run", str(run), "--out", str(tmp_path / "c.safetensors"), "--lora"], "drop --lora")]
     for argv, words in cases:
         capsys.readouterr()
@@ -136,4 +137,4 @@ def test_bad_single_file_input_is_one_line(export_runs, tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and words in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fluxrun", "taken.safetensors"]
-    assert taken.read_bytes() == b"mine"
+    assert taken.read_bytes() == b"mine" and not (teacher / "s.safetensors").exists()

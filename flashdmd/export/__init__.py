@@ -20,7 +20,7 @@ cast_folder`); ``flashdmd_export.json`` records the choice and the float dtypes 
 
 ``--lora-format kohya|comfyui`` writes the LoRA in the key layout A1111 / Forge / ComfyUI load
 (:mod:`flashdmd.export.loraformats`). README.md is a huggingface_hub model card (:mod:`flashdmd.export.card`);
-``--push-to-hub REPO`` uploads the finished folder. ``--single-file`` (SDXL) writes one original-layout checkpoint
+``--push-to-hub REPO`` uploads the finished folder. ``--single-file`` writes one file in the family's original layout
 instead of a folder (:func:`export_single_file`, :mod:`flashdmd.export.singlefile`).
 
 The folder is written whole (:func:`flashdmd.io.write_folder`: ``OUT.tmp``, fsynced, renamed at the end), a single
@@ -78,6 +78,10 @@ def _check_out(out: Path, protected: list[Path]) -> None:
         raise FlashDMDError(f"--out {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         raise FlashDMDError(f"--out {out} exists and is not empty; refusing to overwrite it (remove it or pick another)")
+    _check_outside(out, protected)
+
+
+def _check_outside(out: Path, protected: list[Path]) -> None:
     resolved = out.resolve()
     for p in protected:
         p = p.resolve()
@@ -141,7 +145,7 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
 
 
 def export_single_file(run_dir: str | Path, out_file: str | Path, dtype: str | None = None) -> dict:
-    """``--single-file``: the student (a LoRA fused) as one original-layout safetensors checkpoint
+    """``--single-file``: the student (a LoRA fused) as one safetensors file in its family's original layout
     (:mod:`flashdmd.export.singlefile`), written atomically, with its model card beside it (``OUT`` with ``.md``).
     The pipeline folder is exported first into a temporary folder beside ``out_file``."""
     run, out = Path(run_dir), Path(out_file)
@@ -151,11 +155,13 @@ def export_single_file(run_dir: str | Path, out_file: str | Path, dtype: str | N
     for path in (out, side):
         if path.exists():
             raise FlashDMDError(f"{path} exists; refusing to overwrite it (remove it or pick another --out)")
-    family = runfolder.read_record(run)["family"]
+    info = runfolder.read_record(run)
+    family = info["family"]
     if family not in singlefile.FAMILIES_SINGLE_FILE:
         raise FlashDMDError(f"--single-file writes {', '.join(singlefile.FAMILIES_SINGLE_FILE)} students (the "
                             f"layouts A1111 / ComfyUI load); a {family} student is exported as a diffusers folder "
                             "(drop --single-file)")
+    _check_outside(out, [teacher_folder(info, run), run / runfolder.STUDENT])
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         folder = Path(tmp) / "pipeline"
@@ -221,9 +227,10 @@ def add_arguments(p):
                         "lora_kohya.safetensors) or comfyui (the layout ComfyUI loads for the family; "
                         "lora_comfyui.safetensors)")
     p.add_argument("--single-file", action="store_true",
-                   help="SDXL: write --out (a .safetensors file) as one original-layout checkpoint (UNet with any LoRA "
-                        "fused, VAE, both text encoders) for A1111 / Forge / ComfyUI and diffusers' from_single_file, "
-                        "with its model card beside it (OUT with .md)")
+                   help="write --out (a .safetensors file) in the family's original single-file layout, any LoRA "
+                        "fused: SDXL / SD3 whole checkpoints (A1111 / Forge / ComfyUI), Z-Image / Qwen-Image / FLUX.2 "
+                        "transformers (ComfyUI diffusion models); diffusers' from_single_file reads them; the model "
+                        "card goes beside it (OUT with .md)")
     p.add_argument("--push-to-hub", metavar="REPO", default=None,
                    help="upload the finished folder to the hub model repo REPO (owner/name; created if missing) with "
                         "huggingface_hub: needs a token (hf auth login / HF_TOKEN) and HF_HUB_OFFLINE unset")

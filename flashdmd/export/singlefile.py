@@ -1,18 +1,29 @@
-"""``--single-file``: an SDXL student (fused) as one safetensors checkpoint in the original (SGM / LDM) layout that
-A1111 / Forge / ComfyUI load and ``StableDiffusionXLPipeline.from_single_file`` reads.
+"""``--single-file``: a student (a LoRA fused) as one safetensors file in its family's original layout, the file
+A1111 / Forge / ComfyUI load and diffusers' ``from_single_file`` reads:
+
+* SDXL: the whole pipeline (SGM / LDM checkpoint: ``model.diffusion_model.`` UNet, ``first_stage_model.`` VAE,
+  ``conditioner.embedders.0.transformer.`` CLIP-L with transformers' names, ``conditioner.embedders.1.model.``
+  OpenCLIP ViT-bigG);
+* SD3 / SD3.5: the whole pipeline as SAI ships it (``model.diffusion_model.`` MMDiT joint blocks, the VAE,
+  ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.``; the layout has no CLIP-L projection -- loaders put the
+  identity there -- so a teacher whose projection is not the identity is refused);
+* Z-Image, Qwen-Image, FLUX.2: the transformer alone, as ComfyUI's diffusion-model files (Qwen-Image's have
+  diffusers' names).
+
+FLUX.1 is not written: diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` fixes the width at 3072, so no
+small model can check the inverse offline; export it as a diffusers folder (ComfyUI reads FLUX.1 LoRAs in diffusers'
+keys).
 
 diffusers ships only the other direction (``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``,
-``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``, driven by the key
-tables in ``DIFFUSERS_TO_LDM_MAPPING``). This module inverts it: the direct key tables are inverted as they stand;
-the block renames (``input_blocks.{i}.0`` <-> ``down_blocks.{b}.resnets.{l}``, the resnet / VAE / OpenCLIP sub-name
-replacements) are the inverses of the index arithmetic and string replacements those functions apply; OpenCLIP's
-q / k / v are concatenated back into ``in_proj`` and ``text_projection`` transposed back; the VAE attention's linear
-weights get back their 1x1-conv shape. :func:`check_round_trip` then runs diffusers' own converters on the result
-and requires every tensor back under its diffusers name, bit for bit -- an export whose inverse missed a key is
-refused, not written.
-
-Prefixes: ``model.diffusion_model.`` (UNet), ``first_stage_model.`` (VAE), ``conditioner.embedders.0.transformer.``
-(CLIP-L, transformers' names), ``conditioner.embedders.1.model.`` (OpenCLIP ViT-bigG).
+``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``,
+``convert_sd3_transformer_checkpoint_to_diffusers``, the Z-Image / FLUX.2 converters, driven by the key tables in
+``DIFFUSERS_TO_LDM_MAPPING`` and their own). This module inverts them: the direct key tables as they stand; the
+block renames (``input_blocks.{i}.0`` <-> ``down_blocks.{b}.resnets.{l}``, the resnet / VAE / OpenCLIP sub-names,
+joint / double / single blocks) by the inverse of the index arithmetic and string replacements those functions
+apply; q / k / v concatenated back into the fused projection; (shift, scale) modulations swapped back; OpenCLIP's
+``text_projection`` transposed back; the VAE attention's linear weights given back their 1x1-conv shape. Every file
+is then checked by running diffusers' own converters on it: every tensor must come back under its diffusers name,
+bit for bit, or the export is refused before anything is written.
 """
 from __future__ import annotations
 
