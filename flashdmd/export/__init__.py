@@ -122,7 +122,8 @@ def export(run_dir: str | Path, out_dir: str | Path, lora: bool = False, dtype: 
     if lora:
         loraformats.layout(info["family"], fmt)  # a format the family has, before anything is copied
     if lora and not int(info.get("lora_rank") or 0) > 0:
-        raise FlashDMDError(f"run {run} is a full fine-tune (lora_rank 0); --lora needs a LoRA run. Drop --lora "
+        flag = "--lora-format" if lora_format else "--lora"
+        raise FlashDMDError(f"run {run} is a full fine-tune (lora_rank 0); {flag} needs a LoRA run. Drop {flag} "
                             "to export the full student")
     teacher = teacher_folder(info, run)
     _check_out(out, [teacher, run / runfolder.STUDENT])
@@ -182,7 +183,7 @@ def _plan(info: dict, run: Path, teacher: Path, index: dict, lora: bool, fmt: st
     timesteps = [float(t) for t in info["student_timesteps"]]
     sched, call, err = student_scheduler(info["family"], teacher_sched, timesteps)
     record = {"kind": EXPORT_KIND, "run": str(run.resolve()), "family": info["family"],
-              "teacher": str(teacher.resolve()), "base_model": card.hub_id(str(info["teacher"]), teacher),
+              "teacher": str(teacher.resolve()), "base_model": card.hub_id(teacher),
               "pipeline_class": index["_class_name"], "scheduler": type(sched).__name__,
               "denoiser_class": index[FAMILIES[info["family"]].denoiser_subfolder][1],
               "student_timesteps": timesteps, "num_inference_steps": len(timesteps), "pipeline_kwargs": call,

@@ -33,10 +33,9 @@ FAMILY_TAGS = {"sdxl": "stable-diffusion-xl", "sd3": "sd3", "flux": "flux", "qwe
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def hub_id(teacher: str, folder: Path) -> str | None:
-    """The base model's hub id: run.json's ``teacher`` when it is one, or the repo of a hub-cache snapshot folder."""
-    if HUB_ID.fullmatch(teacher) and not Path(teacher).exists():
-        return teacher
+def hub_id(folder: Path) -> str | None:
+    """The base model's hub id when its folder is a hub-cache snapshot (``.../models--owner--name/snapshots/REV``,
+    where a hub id given as the teacher resolves to); None for a local folder or a plug-in's model."""
     for part in Path(folder).resolve().parts:
         if part.startswith("models--"):
             return part[len("models--"):].replace("--", "/", 1)
