@@ -218,7 +218,8 @@ def _write_pipeline(tmp: Path, teacher: Path, index: dict, info: dict, run: Path
 
 def add_arguments(p):
     p.add_argument("--run", required=True, help="a `flashdmd distill` run folder (holds run.json and student/)")
-    p.add_argument("--out", required=True, help="the pipeline folder to write (must not exist or be empty)")
+    p.add_argument("--out", required=True, help="the pipeline folder to write (must not exist or be empty); with "
+                   "--single-file a .safetensors file")
     p.add_argument("--lora", action="store_true",
                    help="LoRA runs: write the teacher pipeline plus pytorch_lora_weights.safetensors for "
                         "pipe.load_lora_weights (default: a full denoiser; a LoRA run gets its LoRA fused)")
