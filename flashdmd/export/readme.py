@@ -1,7 +1,8 @@
 """README.md of an exported folder: how to load it, call it, and reproduce flashdmd's sampler with it."""
 from __future__ import annotations
 
-from flashdmd.export.weights import DTYPES, LORA_WEIGHTS, torch_dtype
+from flashdmd.export.loraformats import DIFFUSERS_FILE as LORA_WEIGHTS
+from flashdmd.export.weights import DTYPES, torch_dtype
 from flashdmd.families import FAMILIES
 
 
@@ -26,8 +27,10 @@ def readme(record: dict) -> str:
     steps_arg = ", ".join(f"{key}={val!r}" for key, val in call.items())
     lk = ", ".join(f"{key}={'None' if val is None else val}" for key, val in load_kwargs(record).items())
     load = f'DiffusionPipeline.from_pretrained("path/to/this/folder"{", " + lk if lk else ""})'
-    lora_line = '\npipe.load_lora_weights("path/to/this/folder")  # pytorch_lora_weights.safetensors' \
-        if record["lora"] else ""
+    name = record.get("lora_weights") or LORA_WEIGHTS
+    lora_line = ("" if not record["lora"] else
+                 '\npipe.load_lora_weights("path/to/this/folder")  # ' + name if name == LORA_WEIGHTS else
+                 f'\npipe.load_lora_weights("path/to/this/folder", weight_name="{name}")')
     gen = "torch.Generator().manual_seed(0)" if lcm else "torch.manual_seed(0)"
     exact = ("exactly" if record["timesteps_exact"]
              else f"to within {record['max_timestep_error']:.3g} timestep units")
@@ -37,7 +40,7 @@ def readme(record: dict) -> str:
 
 Exported by `flashdmd export` from the distill run `{record['run']}` (method {record['method']},
 {record['generator_steps']} generator steps). Teacher: `{record['teacher']}`.
-{"The student is a LoRA on the teacher's denoiser, in `" + LORA_WEIGHTS + "`." if record["lora"] else
+{"The student is a LoRA on the teacher's denoiser, in `" + name + "`." if record["lora"] else
  "The student replaces the teacher's denoiser" + (" (its LoRA fused into the weights)." if record["lora_fused"] else ".")}
 
 ```python

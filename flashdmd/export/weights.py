@@ -3,7 +3,8 @@
 * a full student: the run's saved denoiser folder, copied;
 * a LoRA run with ``--lora``: ``pytorch_lora_weights.safetensors`` that ``pipe.load_lora_weights(folder)`` accepts
   (:func:`flashdmd.networks.lora.save_for_pipeline`: the pipeline class's ``save_lora_weights``, with the
-  adapter's rank / alpha as metadata);
+  adapter's rank / alpha as metadata), or with ``--lora-format`` kohya / comfyui another key layout
+  (:mod:`flashdmd.export.loraformats`);
 * a LoRA run without it: the teacher's denoiser with the adapters fused in (W + s*B@A), a plain diffusers model.
 
 ``--dtype fp16|bf16|fp32`` (:func:`cast_folder`) casts every floating-point weight of the folder (student, LoRA
@@ -19,17 +20,16 @@ import json
 import shutil
 from pathlib import Path
 
-import diffusers
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from flashdmd import FlashDMDError, io, runfolder
+from flashdmd.export import loraformats
 from flashdmd.families import FAMILIES
 from flashdmd.families.parts import component_class
 from flashdmd.networks import lora
 
-LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 # --dtype: name -> torch dtype name; the safetensors header's names of float dtypes
 DTYPES = {"fp16": "float16", "bf16": "bfloat16", "fp32": "float32"}
 SAFETENSORS_FLOAT = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
@@ -47,14 +47,14 @@ def torch_dtype(dtype: str | None):
 
 
 def write_lora_weights(family: str, pipeline_class: str, info: dict, run: Path, folder: Path,
-                       dtype: str | None = None) -> None:
-    """``pytorch_lora_weights.safetensors`` in diffusers' format (``dtype``: its tensors cast to fp16 / bf16 / fp32)."""
+                       dtype: str | None = None, fmt: str = "diffusers") -> str:
+    """The LoRA file in ``fmt``'s layout (:mod:`flashdmd.export.loraformats`; ``dtype``: its tensors cast to fp16 /
+    bf16 / fp32); returns its name."""
     state = runfolder.read_adapters(run)
     if dtype is not None:
         where = run / runfolder.STUDENT / runfolder.ADAPTER_FILE
         state = {k: cast(v, torch_dtype(dtype), f"{where}: {k}") for k, v in state.items()}
-    lora.save_for_pipeline(state, getattr(diffusers, pipeline_class), FAMILIES[family].lora_layers_kwarg, folder,
-                           LORA_WEIGHTS, int(info["lora_rank"]), info.get("lora_alpha"))
+    return loraformats.write(family, pipeline_class, state, folder, fmt, int(info["lora_rank"]), info.get("lora_alpha"))
 
 
 def write_merged_lora_student(teacher: Path, index: dict, info: dict, run: Path, folder: Path,
