@@ -80,6 +80,8 @@ def _print_plan(cfg) -> None:
         print(f"memory plan: not available ({e})")
         return
     print(plan.headline(result), flush=True)
+    if plan.transfer_line(result):  # model_offload: what the offloaded weights cost per iteration
+        print(plan.transfer_line(result), flush=True)
 
 
 def _cmd_plan(args):
