@@ -71,6 +71,7 @@ RESOLUTION = ("A value is resolved in this order, later wins: the field's defaul
               "warning: " + ", ".join(f"{old} -> {new}" for old, new in RENAMED.items()) + ".")
 FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 OFFLOADS = ("none", "frozen", "base")
+COMPILES = ("none", "student", "all")
 QUANT_FIELDS = ("model_frozen_quant", "model_text_encoder_quant", "disc_backbone_quant", "rl_reward_quant")
 
 
@@ -140,6 +141,15 @@ class DistillConfig:
                             "LoRA base needs model_gradient_checkpointing (each block is onloaded again for its "
                             "recomputation in backward; without it, backward would keep every block's weights on the "
                             "device); not with FSDP2 or SDXL's UNet. Same numbers as none")
+    model_compile: str = _f("none", "none | student | all: torch.compile (inductor; our choice, not in the paper) of "
+                            "the student and the fake score (student), and also the teacher, the VAE, the text "
+                            "encoders and the Pixel-GAN backbone (all; not the Stage-2 reward model). Per block -- "
+                            "each transformer / UNet block's forward (the units gradient checkpointing wraps), the "
+                            "VAE's blocks, a text encoder or backbone whole --, not the whole denoiser: parameter "
+                            "names stay unwrapped (checkpoints, export), peft's adapters and hooks keep working, and "
+                            "one graph serves every block of a kind. The first iterations compile (minutes at full "
+                            "size); same numbers within float round-off. Not with FSDP2, model_offload base, or all "
+                            "with model_offload frozen (their hooks move weights inside the blocks)")
     model_embedded_guidance: float = _f(3.5, "guidance-distilled teachers only (FLUX.1-dev: guidance is an input "
                                         "embedding, not a CFG pair): the fixed guidance value the student and the "
                                         "fake score are always given (FluxPipeline's default 3.5); the DM loss gives "
@@ -388,6 +398,12 @@ class DistillConfig:
               or not self.model_shared_base, "model_offload base streams the shared base's blocks, and without "
               "gradient checkpointing the student's and fake score's backward keeps every block's weights on the "
               "device: set model_gradient_checkpointing true")
+        _need(self.model_compile in COMPILES, f"model_compile must be one of {', '.join(COMPILES)}, "
+              f"got {self.model_compile!r}")
+        _need(self.model_compile == "none" or self.model_offload != "base", "model_compile with model_offload base: "
+              "the streamed blocks' hooks move weights inside the compiled blocks; set one of them to none")
+        _need(self.model_compile != "all" or self.model_offload == "none", "model_compile all with model_offload "
+              "frozen: the frozen parts' hooks move weights inside their compiled forwards; set model_compile student")
         _need(not (self.model_mixed_precision == "bf16" and self.model_frozen_dtype == "float16"),
               "model_mixed_precision bf16 autocasts to bfloat16, which cannot run float16 frozen weights (torch's "
               "autocast promotes only float32 and bfloat16 tensors): set model_frozen_dtype bfloat16 (or auto), or "

@@ -17,6 +17,7 @@ from torch import nn
 
 from flashdmd import FlashDMDError
 from flashdmd.families import LORA_TARGETS, name_part
+from flashdmd.networks.compiling import VAE_BLOCKS, compile_blocks
 from flashdmd.networks.discriminator import LatentClassifierHead, build_pixel_discriminator
 from flashdmd.networks.lora import attach as attach_lora
 from flashdmd.networks.offload import deepcopy_hooked
@@ -151,6 +152,36 @@ def build_roles(cfg, family, place=None) -> Roles:
             warnings.warn(f"disc_backbone {cfg.disc_backbone}: its backbone offers no gradient checkpointing "
                           "(enable_gradient_checkpointing); it runs without", stacklevel=2)
     return Roles(family=family, teacher=teacher, student=student, fake_score=fake_score, disc=disc)
+
+
+# a denoiser's compiled units where its family names no blocks (SDXL's UNet): what its gradient checkpointing wraps
+UNET_BLOCKS = ("BasicTransformerBlock", "ResnetBlock2D")
+
+
+def check_compile(cfg, sharded: bool) -> None:
+    """model_compile with FSDP2: one line, before anything is loaded (fully_shard's hooks on the compiled blocks are
+    not a combination flashdmd has run)."""
+    if sharded and cfg.model_compile != "none":
+        raise FlashDMDError(f"model_compile {cfg.model_compile} with FSDP2 is not supported: run on one GPU or with "
+                            "DDP, or set model_compile none")
+
+
+def compile_roles(cfg, roles: Roles) -> list[str]:
+    """``model_compile`` (networks/compiling.py): student and fake score block by block; ``all`` also the teacher's
+    blocks, the VAE's, the text encoders (whole) and the Pixel-GAN backbone (whole). Call once the roles are built
+    and before they are prepared. Returns ``part: n`` per compiled part (forwards compiled)."""
+    if cfg.model_compile == "none":
+        return []
+    fam = roles.family
+    blocks = tuple(fam.offload_blocks) or UNET_BLOCKS
+    parts = {"student": (roles.student, blocks), "fake score": (roles.fake_score, blocks)}
+    if cfg.model_compile == "all":
+        parts["teacher"] = (roles.teacher, blocks)
+        parts["VAE"] = (fam.vae, VAE_BLOCKS)
+        parts.update({f"text encoder {i + 1}": (e, ()) for i, e in enumerate(fam.text_encoders)})
+        if cfg.disc_kind == "pixel":
+            parts["Pixel-GAN backbone"] = (roles.disc.backbone, ())
+    return [f"{name}: {compile_blocks(net, classes)}" for name, (net, classes) in parts.items()]
 
 
 def _build_disc(cfg, family, fake_score) -> nn.Module | None:

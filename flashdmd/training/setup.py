@@ -28,13 +28,15 @@ from flashdmd.data import RealImageStream, open_image_source, open_prompt_source
 from flashdmd.evaluation.real import RealEvaluator
 from flashdmd.families import load_family
 from flashdmd.training.config import DistillConfig
+from flashdmd.networks import compiling
 from flashdmd.networks.offload import Offload
 from flashdmd.training import residency
 from flashdmd.training.ema import StudentEMA
 from flashdmd.training.optim import make_optimizers, make_schedulers
 from flashdmd.training.reward_model import check_reward_model
 from flashdmd.training.rng import SampleRNG
-from flashdmd.training.roles import build_roles, check_quant, frozen_dtype, quantise_frozen
+from flashdmd.training.roles import (build_roles, check_compile, check_quant, compile_roles, frozen_dtype,
+                                    quantise_frozen)
 from flashdmd.training.run import GRID_IMAGES
 from flashdmd.training.state import Run, TrainState
 
@@ -82,6 +84,7 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     torch.manual_seed(cfg.run_seed + acc.process_index)
     sharded = shard is not None or acc.distributed_type == DistributedType.FSDP
     residency.check(cfg, sharded, acc.num_processes)
+    check_compile(cfg, sharded)
     family, resolution, timesteps, n_dm, off = _teacher(cfg, acc.device, log, sharded)
     real, prompts = _data(cfg, acc, resolution, log)
     evaluator, grid = _evaluation(cfg, acc.device, prompts)
@@ -105,6 +108,9 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     if cfg.disc_kind == "pixel" and cfg.disc_head == "pooled":
         with residency.phase(off):
             roles.disc.calibrate(real.evenly_spaced(cfg.disc_calibration_images, cfg.run_batch_size))
+    compiled = compile_roles(cfg, roles)
+    if compiled:
+        log(f"model_compile {cfg.model_compile} ({compiling.BACKEND}), forwards compiled: {', '.join(compiled)}")
     (student, fake_score, disc), opt = make_optimizers(cfg, acc, roles.student, roles.fake_score, roles.disc, off)
     state = TrainState(rng=SampleRNG(cfg.run_seed, acc.process_index, cfg.run_batch_size), opt=opt,
                        schedule_processes=acc.num_processes)  # a resume restores the first launch's count
