@@ -178,7 +178,7 @@ def compile_roles(cfg, roles: Roles) -> list[str]:
     if cfg.model_compile == "all":
         parts["teacher"] = (roles.teacher, blocks)
         parts["VAE"] = (fam.vae, VAE_BLOCKS)
-        parts.update({f"text encoder {i + 1}": (e, ()) for i, e in enumerate(fam.text_encoders)})
+        parts.update({f"text encoder {i + 1}": (e, ()) for i, e in enumerate(fam.text_encoders) if e is not None})
         if cfg.disc_kind == "pixel":
             parts["Pixel-GAN backbone"] = (roles.disc.backbone, ())
     return [f"{name}: {compile_blocks(net, classes)}" for name, (net, classes) in parts.items()]
