@@ -62,9 +62,12 @@ time limit still leaves the finished parts; one summary line per part at the end
     wrapping, sharded optimiser states, gathered checkpoints, resume -- not scale (the peaks above do that), and a
     full-size run would spend about 2 minutes of the budget loading weights twice.
 ``compile``
-    torch.compile of the student "if the project offers it": flashdmd has no compile option today, so the part
-    records ``{"status": "not offered"}``. Once DistillConfig has a ``model_compile`` field the part times
-    ``step_flashdmd``'s run with ``--set model_compile=true`` (the first cycle, which compiles, reported apart).
+    torch.compile (``model_compile``): ``step_flashdmd``'s run with ``--set model_compile=student`` -- the student's
+    and the fake score's UNet blocks compiled by inductor -- timed as ``step_flashdmd`` is (the first cycle, which
+    compiles, reported apart as ``warmup_cycle_seconds``), in a process of its own on the same card; beside it the
+    speed-up over ``step_flashdmd`` (eager seconds per generator update / compiled), the compilation's cost (the
+    two warm-up cycles' difference), dynamo's compiled frames, graphs and graph breaks. ``--smoke`` runs it with the
+    aot_eager backend (graph capture and AOT autograd without inductor's C++ compilation, minutes on a small CPU).
 
 Time budget on one H100 80 GB (16 cores): estimates, not measurements -- this has not run on a GPU yet. Each
 part's budget is a hard limit (its process is killed and the part recorded as a timeout); the whole run stops
@@ -100,11 +103,12 @@ starting parts after ``--budget-s`` (450 s).
                                          torchao's tensors through diffusers' pinned copies), ~16 s
     fsdp2_resume          45 s     90 s  a probe launch (~5 s), then two `accelerate launch` distills of a tiny
                                          model, each ~15 s of imports and start-up plus a second of training
-    compile                0 s    120 s  not offered (the limit is for when it is: a set-up, a compiling cycle
-                                         and step_flashdmd's updates)
+    compile               90 s    150 s  ~20 s setup (as peak_sdxl's), a first cycle that compiles the UNet's
+                                         transformer and resnet blocks (forward, backward, no-grad; each shape of
+                                         the UNet's three levels: ~40-60 s of inductor on 16 cores), 8 updates
     plans (background)   110 s      --   flashdmd plan of both peak configs (~30 s each) and of the 5 rows' (~10 s
                                          each) on 4 CPU threads beside the GPU work
-    total               ~393 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md)
+    total               ~483 s    540 s  + ~10 s for the wheel install (see BENCHMARKS.md)
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
 with T5, SAM; 32 px images), in about 35 s on 2 idle cores before the offload / quantisation rows (they add ~12 s
@@ -151,7 +155,7 @@ GROUPS = {"build": ("build",), "sdxl": ("peak_sdxl", "step_flashdmd", "images_pe
 # that each peak starts from an empty card, and the plans run in a CPU process beside them); what differs is only
 # the number of interpreter starts, each ~4 s of imports on a small CPU
 SMOKE_GROUPS = {"cpu": ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3",
-                        "offload_sd3", "quant_sd3"), "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
+                        "offload_sd3", "quant_sd3", "compile"), "fsdp2": ("fsdp2_resume",)}
 PEAK_PARTS = {"peak_sdxl": "sdxl_flashdmd", "peak_sd3": "sd3_flashdmd"}  # part -> the config it measures
 # the offloading / quantisation rows: part -> (row, model_offload, model_frozen_quant); one factor changed at a time
 # against the none/none row (offload_sd3's first), every row its own set-up of the same SD3 config
@@ -161,26 +165,26 @@ REFERENCE_ROW = ("offload_sd3", "none")
 OK = ("passed", "not offered")
 
 MODES = {
-    "gpu": {"budget_s": 450, "part_budget_s": {"build": 150, "peak_sdxl": 90, "step_flashdmd": 45,
+    "gpu": {"budget_s": 540, "part_budget_s": {"build": 150, "peak_sdxl": 90, "step_flashdmd": 45,
                                                 "images_per_second": 60, "step_dmd2": 100, "peak_sd3": 100,
                                                 "offload_sd3": 85, "quant_sd3": 75, "fsdp2_resume": 90,
-                                                "compile": 120},
+                                                "compile": 150},
             "estimate_s": {"build": 45, "peak_sdxl": 45, "step_flashdmd": 20, "images_per_second": 25,
                            "step_dmd2": 55, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 50, "fsdp2_resume": 45,
-                           "compile": 0},
+                           "compile": 90},
             "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8}, "row_cycles": 3,
             "student_images": 8, "teacher_images": 2, "sample_batch": 2, "data_workers": 2, "plan_threads": 4,
-            "threads": None, "child_start_s": 15},
+            "threads": None, "child_start_s": 15, "compile_backend": "inductor"},
     "smoke": {"budget_s": 240, "part_budget_s": {"build": 60, "peak_sdxl": 60, "step_flashdmd": 40,
                                                   "images_per_second": 40, "step_dmd2": 60, "peak_sd3": 60,
                                                   "offload_sd3": 60, "quant_sd3": 60, "fsdp2_resume": 90,
                                                   "compile": 60},
               "estimate_s": {"build": 6, "peak_sdxl": 8, "step_flashdmd": 2, "images_per_second": 2,
                              "step_dmd2": 3, "peak_sd3": 7, "offload_sd3": 5, "quant_sd3": 3, "fsdp2_resume": 25,
-                             "compile": 0},
+                             "compile": 6},
               "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2}, "row_cycles": 1,
               "student_images": 4, "teacher_images": 2, "sample_batch": 2, "data_workers": 0, "plan_threads": 1,
-              "threads": 1, "child_start_s": 10},
+              "threads": 1, "child_start_s": 10, "compile_backend": "aot_eager"},
 }
 TEACHER_STEPS = 50
 TEACHER_CFG = 5.0  # diffusers' SDXL pipeline default (flashdmd.inference.TEACHER_DEFAULT_CFG)
@@ -292,7 +296,7 @@ def settings(a: argparse.Namespace) -> dict:
                            "run_max_steps=2", "run_max_nonfinite_in_row=1000000"]},
     }
     configs["sdxl_flashdmd_compile"] = {"preset": configs["sdxl_flashdmd"]["preset"],
-                                        "sets": configs["sdxl_flashdmd"]["sets"] + ["model_compile=true"]}
+                                        "sets": configs["sdxl_flashdmd"]["sets"] + ["model_compile=student"]}
     # the rows: peak_sd3's config on the same weights without T5 (the text cache encodes every prompt at set-up and
     # frees the encoders, so an iteration is the same computation: zeros of T5's shape in its place), gradient
     # checkpointing on in every row (model_offload base needs it; the preset has it), one field changed per row
@@ -307,7 +311,7 @@ def settings(a: argparse.Namespace) -> dict:
             "data_images": str(images), "prompts": str(prompts), "configs": configs,
             "budgets": dict(m["part_budget_s"]), "settings": {k: m[k] for k in (
                 "updates", "row_cycles", "student_images", "teacher_images", "sample_batch", "data_workers",
-                "plan_threads", "threads", "child_start_s")}}
+                "plan_threads", "threads", "child_start_s", "compile_backend")}}
 
 
 def row_config(offload: str, quant: str) -> str:
@@ -488,6 +492,22 @@ class Child:
         res["updates_seconds"] = times
         res["seconds_per_generator_update"] = statistics.median(times)
         res["nonfinite_updates_in_row"] = dict(ctx.nonfinite)
+        return res
+
+    def compiled_step_time(self, deadline: float) -> dict:
+        """step_time of the compiled config, with the backend and what dynamo compiled (frames, graphs, breaks)."""
+        from torch._dynamo.utils import counters
+
+        from flashdmd.networks import compiling
+        compiling.BACKEND = self.state["settings"]["compile_backend"]
+        counters.clear()
+        res = self.step_time("sdxl_flashdmd_compile", deadline)
+        res.update(backend=compiling.BACKEND, compile_note="warmup_cycle_seconds includes the compilation",
+                   dynamo={"frames_compiled": counters["frames"]["ok"], "frames_total": counters["frames"]["total"],
+                           "unique_graphs": counters["stats"]["unique_graphs"],
+                           "graph_breaks": sum(counters["graph_break"].values()),
+                           "graph_break_reasons": sorted({k.splitlines()[0] for k in counters["graph_break"]})[:8]})
+        self.release("sdxl_flashdmd_compile")
         return res
 
     def images_per_second(self, deadline: float) -> dict:
@@ -675,11 +695,8 @@ def child_main(group: str, parts: list[str], state_path: Path) -> int:
             ch.release("sd3_flashdmd")  # every row sets up its own run, alone on the card
             ch.run_part(name, lambda d, name=name: ch.rows(name, d))
         elif name == "compile":
-            def compiled(d):
-                res = ch.step_time("sdxl_flashdmd_compile", d)
-                res["compile_note"] = "warmup_cycle_seconds includes the compilation"
-                return res
-            ch.run_part(name, compiled)
+            ch.release("sdxl_flashdmd")  # one run on the card at a time (--smoke: the CPU group ran it)
+            ch.run_part(name, ch.compiled_step_time)
         elif name == "plans":
             plan_main([x for x in (*PEAK_PARTS, *ROWS) if x in state["selected"]], state)
     return 0
@@ -963,9 +980,25 @@ class Report:
             if r and r.get("status") == "passed":
                 r["plan"] = compare(r["measured"], _read_json(parts_dir / f"plan_{part}.json"), cuda)
         annotate_rows(self.data["parts"], parts_dir, cuda)
+        annotate_compile(self.data["parts"])
         self.data["total_seconds"] = round(time.time() - self.t0, 1)
         self.data["summary"] = [summary_line(p, r) for p, r in self.data["parts"].items()]
         _write_json(self.path, self.data)
+
+
+def annotate_compile(parts: dict) -> None:
+    """The compile part beside step_flashdmd (the same config, eager, its own process on the same card): the speed-up
+    (eager seconds per generator update / compiled) and the compilation's cost (the warm-up cycles' difference)."""
+    r, eager = parts.get("compile") or {}, parts.get("step_flashdmd") or {}
+    if r.get("status") != "passed":
+        return
+    if eager.get("status") != "passed":
+        r["vs_eager"] = {"status": "no step_flashdmd figure to compare with"}
+        return
+    a, b = eager["seconds_per_generator_update"], r["seconds_per_generator_update"]
+    r["vs_eager"] = {"speedup": a / b, "eager_seconds_per_generator_update": a}
+    if "warmup_cycle_seconds" in r and "warmup_cycle_seconds" in eager:
+        r["vs_eager"]["compile_seconds"] = r["warmup_cycle_seconds"] - eager["warmup_cycle_seconds"]
 
 
 def annotate_rows(parts: dict, parts_dir: Path, cuda: bool) -> None:
@@ -1060,9 +1093,15 @@ def summary_line(part: str, r: dict) -> str:
                            f"{pl['plan_tensors_over_max_allocated']:.2f}x, device "
                            f"{pl['plan_over_reserved_plus_outside']:.2f}x): {verdict}")
         if part in ("step_flashdmd", "step_dmd2", "compile"):
+            vs = r.get("vs_eager", {})
+            extra = "" if part != "compile" else (
+                f"; {r['backend']}, {vs['speedup']:.2f}x step_flashdmd's eager, compiling "
+                f"~{vs.get('compile_seconds', 0):.0f} s, {r['dynamo']['unique_graphs']} graphs, "
+                f"{r['dynamo']['graph_breaks']} graph breaks"
+                if "speedup" in vs else f"; {r['backend']}, {vs.get('status', '')}")
             return head + (f" -- {r['seconds_per_generator_update']:.3f} s per generator update (median of "
                            f"{len(r['updates_seconds'])}, TTUR {r['ttur']}, {r['resolution']} px, batch "
-                           f"{r['batch_size']})")
+                           f"{r['batch_size']}){extra}")
         if part == "images_per_second":
             return head + (f" -- student {r['student']['steps']} steps {r['student']['images_per_second']:.3f} img/s, "
                            f"teacher {r['teacher']['steps']} steps CFG {r['teacher']['images_per_second']:.3f} img/s "
