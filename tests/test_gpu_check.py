@@ -30,7 +30,7 @@ def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
     status = {p: v["status"] for p, v in parts.items()}
     assert list(parts) == list(gpu_check.PARTS)
     expected = {p: "passed" for p in gpu_check.PARTS}
-    expected["compile"] = "passed" if gpu_check.compile_offered() else "not offered"
+    assert gpu_check.compile_offered()  # model_compile exists: the compile part runs (aot_eager on the CPU)
     assert status == expected, (status, r.stdout[-4000:])
     assert r.returncode == 0 and data["finished"] and data["mode"] == "smoke"
     assert [line.split(":")[0] for line in data["summary"]] == list(gpu_check.PARTS)
@@ -78,6 +78,14 @@ def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
     assert teacher["int8"] < teacher["none"]
     assert rows["int8"]["vs_none"]["plan_tensors"] < 1
     assert "fp8 not run: no CUDA device" in data["summary"][list(parts).index("quant_sd3")]
+
+    c = parts["compile"]  # model_compile=student timed as step_flashdmd, set beside it
+    assert "model_compile=student" in c["config"]["sets"] and c["backend"] == "aot_eager"
+    assert c["dynamo"]["frames_compiled"] > 0 and c["dynamo"]["unique_graphs"] > 0
+    eager = parts["step_flashdmd"]["seconds_per_generator_update"]
+    assert c["vs_eager"]["speedup"] == eager / c["seconds_per_generator_update"]
+    assert c["vs_eager"]["compile_seconds"] == c["warmup_cycle_seconds"] - eager
+    assert "aot_eager" in data["summary"][list(parts).index("compile")]
 
     ips = parts["images_per_second"]
     assert ips["teacher"]["steps"] == gpu_check.TEACHER_STEPS and ips["student"]["steps"] == 4
