@@ -22,7 +22,8 @@ from tolerances import U32, assert_close  # noqa: E402
 
 from flashdmd import FlashDMDError  # noqa: E402
 from flashdmd.networks import compiling  # noqa: E402
-from flashdmd.training.distill import distill_iteration, setup, train  # noqa: E402
+from flashdmd.training.distill import distill_iteration, setup  # noqa: E402
+from flashdmd.training.roles import check_compile  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -143,3 +144,12 @@ def test_combinations_it_cannot_take_are_one_line(tiny_run_folders, sets, what):
     with pytest.raises(FlashDMDError, match=what) as e:
         _cfg(tiny_run_folders, **sets)
     assert "\n" not in str(e.value)
+
+
+def test_fsdp2_and_a_denoiser_without_blocks_are_one_line(tiny_run_folders):
+    with pytest.raises(FlashDMDError, match="model_compile student with FSDP2 is not supported") as e:
+        check_compile(_cfg(tiny_run_folders, model_compile="student"), sharded=True)
+    check_compile(_cfg(tiny_run_folders), sharded=True)  # none: nothing to refuse
+    with pytest.raises(FlashDMDError, match="Linear has no blocks of JointTransformerBlock") as b:
+        compiling.compile_blocks(torch.nn.Linear(2, 2), ("JointTransformerBlock",), whole=False)
+    assert "\n" not in str(e.value) + str(b.value)

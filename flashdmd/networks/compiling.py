@@ -24,6 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from flashdmd import FlashDMDError
 from flashdmd.networks.offload import base_blocks
 
 # torch.compile's backend: inductor (generated kernels). The CPU tests and the GPU check's --smoke set "aot_eager"
@@ -56,11 +57,15 @@ def compile_forward(module: nn.Module) -> None:
         module.forward = CompiledForward(module)
 
 
-def compile_blocks(net: nn.Module | None, classes: tuple[str, ...] | list[str]) -> int:
-    """Compile the forward of each of ``net``'s blocks of the named classes (outermost only), or ``net``'s own
-    forward when it has none. Returns how many forwards were compiled."""
+def compile_blocks(net: nn.Module | None, classes: tuple[str, ...] | list[str], whole: bool = True) -> int:
+    """Compile the forward of each of ``net``'s blocks of the named classes (outermost only), or, ``whole``, ``net``'s
+    own forward when it has none (not for a network accelerate prepares: it wraps the top module's forward). Returns
+    how many forwards were compiled."""
     if net is None:
         return 0
+    if not whole and not base_blocks(net, tuple(classes)):
+        raise FlashDMDError(f"model_compile: {type(net).__name__} has no blocks of {', '.join(classes)} to compile; "
+                            "set model_compile none")
     name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
     setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), RECOMPILE_LIMIT))
     blocks = base_blocks(net, tuple(classes)) or [net]

@@ -20,7 +20,7 @@ from flashdmd.families import LORA_TARGETS, name_part
 from flashdmd.networks.compiling import VAE_BLOCKS, compile_blocks
 from flashdmd.networks.discriminator import LatentClassifierHead, build_pixel_discriminator
 from flashdmd.networks.lora import attach as attach_lora
-from flashdmd.networks.offload import deepcopy_hooked
+from flashdmd.networks.offload import base_blocks, deepcopy_hooked
 from flashdmd.networks.quant import check as check_quant_kind, quantise
 
 
@@ -174,14 +174,23 @@ def compile_roles(cfg, roles: Roles) -> list[str]:
         return []
     fam = roles.family
     blocks = tuple(fam.offload_blocks) or UNET_BLOCKS
-    parts = {"student": (roles.student, blocks), "fake score": (roles.fake_score, blocks)}
+    parts = {"student": (roles.student, blocks, False), "fake score": (roles.fake_score, blocks, False)}
     if cfg.model_compile == "all":
-        parts["teacher"] = (roles.teacher, blocks)
-        parts["VAE"] = (fam.vae, VAE_BLOCKS)
-        parts.update({f"text encoder {i + 1}": (e, ()) for i, e in enumerate(fam.text_encoders) if e is not None})
+        parts["teacher"] = (roles.teacher, blocks, False)
+        parts["VAE"] = (fam.vae, _vae_units(fam.vae), False)
+        parts.update({f"text encoder {i + 1}": (e, (), True) for i, e in enumerate(fam.text_encoders) if e is not None})
         if cfg.disc_kind == "pixel":
-            parts["Pixel-GAN backbone"] = (roles.disc.backbone, ())
-    return [f"{name}: {compile_blocks(net, classes)}" for name, (net, classes) in parts.items()]
+            parts["Pixel-GAN backbone"] = (roles.disc.backbone, (), True)
+    return [f"{name}: {compile_blocks(*part)}" for name, part in parts.items()]
+
+
+def _vae_units(vae: nn.Module) -> tuple[str, ...]:
+    """The VAE's compiled units: diffusers' encoder / decoder blocks, else (a VAE of other blocks: Qwen-Image's
+    video VAE) its encoder and decoder whole."""
+    if base_blocks(vae, VAE_BLOCKS):
+        return VAE_BLOCKS
+    return tuple(type(m).__name__ for m in (getattr(vae, "encoder", None), getattr(vae, "decoder", None))
+                 if isinstance(m, nn.Module))
 
 
 def _build_disc(cfg, family, fake_score) -> nn.Module | None:
