@@ -1,7 +1,7 @@
 """torch.compile of the run's networks (``model_compile``), region by region; the one place flashdmd calls it.
 
-What is compiled is each block's ``forward`` (``torch.compile`` of the bound method, set on the block), not the whole
-denoiser and not ``nn.Module.compile``:
+What is compiled is each block's ``forward`` (set on the block as a :class:`CompiledForward`), not the whole denoiser
+and not ``nn.Module.compile``:
 
 * the module tree, its parameter names and its state dict are the eager module's (no ``_orig_mod.`` wrapper):
   checkpoints, the EMA, the saved student and export see the names they always saw;
