@@ -1,6 +1,6 @@
 """World-sdxl Stage 1 with an int8 frozen base against an unquantised (fp32) one: collect the runs' FD curves.
 
-200 generator steps (the preset's own 300 did not fit the CPU time we had). Every row is the shipped preset
+300 generator steps, the preset's own length (run to 200, then continued to 300 by a bit-exact resume). Every row is the shipped preset
 configs/world_sdxl_flashdmd.yaml with a LoRA of rank 32 (model_frozen_quant needs a LoRA: a full fine-tune trains the
 weights it would quantise) and the preset's learning rates x 10 (LoRA's usual scale), 300 evaluation images; a row
 differs from its pair only in model_frozen_quant. Each run (run_seed S, quant Q in int8 / none):
@@ -9,10 +9,12 @@ differs from its pair only in model_frozen_quant. Each run (run_seed S, quant Q 
         --set run_seed=S --set model_lora_rank=32 --set student_lr=5.0e-4 --set fake_score_lr=2.0e-3 \
         --set run_max_steps=40 --set eval_every_steps=20 --set eval_num_images=300 --set run_sample_every_steps=0 \
         --set run_checkpoint_every_steps=40
-    # continued (bit-exact resume, constant learning rates) to 80, then to 200 steps (the same as one 200-step run):
+    # continued (bit-exact resume, constant learning rates) to 80, 200, then 300 steps (the same as one 300-step run):
     flashdmd distill --config R/qQ_sS/config.yaml --out R/qQ_sS --resume latest --set run_max_steps=80 \
         --set run_checkpoint_every_steps=20
     flashdmd distill --config R/qQ_sS/config.yaml --out R/qQ_sS --resume latest --set run_max_steps=200 \
+        --set run_checkpoint_every_steps=20
+    flashdmd distill --config R/qQ_sS/config.yaml --out R/qQ_sS --resume latest --set run_max_steps=300 \
         --set run_checkpoint_every_steps=20
     # the bf16 rows: --set model_frozen_quant=none --set model_frozen_dtype=bfloat16, the rest the same
 
