@@ -20,6 +20,7 @@ through for every Flash-DMD role). A float32 step left on the path shows as well
 the sharded and the plain norms in float32 gave 8e-6 (dmd2-fsdp).
 """
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -70,7 +71,10 @@ def runs(tmp_path_factory):
     teacher = tm.save_pipeline(tm.sdxl_pipeline(tmp), tmp / "sdxl")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     one = _run([sys.executable, str(WORKER), str(teacher), str(tmp / "one"), "2", "flashdmd-one", "dmd2-one"], env)
-    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    with socket.socket() as sock:   # a port free now: the suite's workers may run this fixture side by side
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    two = _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                 str(WORKER), str(teacher), str(tmp / "two"), "1"] + [f"{m}-{d}" for m, d in COMBOS], env)
     lines = {}
     for ln in (one + two).splitlines():
