@@ -128,6 +128,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import platform
 import signal
@@ -474,6 +475,18 @@ class Child:
         res["nonfinite_updates_in_row"] = dict(ctx.nonfinite)
         return res
 
+    def timed_cycles(self, ctx, writer, n: int, deadline: float, first: tuple | None = None) -> tuple[list, bool]:
+        """Up to ``n`` timed cycles, none started once 1.5x the longest so far would pass ``deadline``; ``first``: (an
+        estimate, a deadline) that gates the first one too (a row: its warm-up against the part's hard limit), else
+        the first always runs. Returns (the cycles' seconds, whether the budget stopped them early)."""
+        times = []
+        for _ in range(n):
+            last, limit = (max(times), deadline) if times else (first or (0.0, math.inf))
+            if time.time() + 1.5 * last > limit:
+                return times, True
+            times.append(round(self.cycle(ctx, writer), 4))
+        return times, False
+
     def step_time(self, config: str, deadline: float) -> dict:
         ctx, writer, setup_s, fresh = self.context(config)
         res = {"config": self.state["configs"][config], "setup_seconds": setup_s, "ttur": ctx.cfg.fake_score_ttur,
@@ -484,12 +497,9 @@ class Child:
             res["warmup_cycle_seconds"] = round(self.cycle(ctx, writer), 3)
         else:
             res["warmup"] = f"{ctx.iteration // ctx.cfg.fake_score_ttur} cycle(s) already run by an earlier part"
-        times = []
-        for _ in range(self.state["settings"]["updates"][config]):
-            if times and time.time() + 1.5 * max(times) > deadline:
-                res["stopped_early"] = "part budget"
-                break
-            times.append(round(self.cycle(ctx, writer), 4))
+        times, stopped = self.timed_cycles(ctx, writer, self.state["settings"]["updates"][config], deadline)
+        if stopped:
+            res["stopped_early"] = "part budget"
         if not times:
             raise RuntimeError("no update fitted in the part's budget")
         res["updates_seconds"] = times
@@ -610,13 +620,10 @@ class Child:
                 torch.cuda.reset_peak_memory_stats()
                 res["allocated_after_setup_bytes"] = torch.cuda.memory_allocated()
             warm = res["warmup_cycle_seconds"] = round(self.cycle(ctx, writer), 4)
-            times = []
-            for _ in range(self.state["settings"]["row_cycles"]):
-                last = max(times) if times else warm
-                if time.time() + 1.5 * last > (deadline if times else hard_deadline):
-                    res["stopped_early"] = "row budget" if times else "part budget"
-                    break
-                times.append(round(self.cycle(ctx, writer), 4))
+            times, stopped = self.timed_cycles(ctx, writer, self.state["settings"]["row_cycles"], deadline,
+                                               first=(warm, hard_deadline))
+            if stopped:
+                res["stopped_early"] = "row budget" if times else "part budget"
             if not times:
                 raise RuntimeError("no timed cycle fitted in the part's budget after the warm-up")
             res["cycles_seconds"] = times

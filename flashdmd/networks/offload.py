@@ -73,7 +73,6 @@ class FrozenParts:
         self.stream = _stream(self.device)
         self.resident: set[str] = set()
         self._phases: list[set[str]] = [set()]   # the outermost set: parts used outside every phase
-        self.onloads: dict[str, int] = {}         # name -> how many times it was onloaded (the plan's transfers)
 
     def add(self, name: str, part: nn.Module | None, exclude: set[int] = frozenset()) -> None:
         """Home ``part``'s frozen tensors (but those in ``exclude``: another part's, e.g. the shared base) on the CPU
@@ -91,7 +90,6 @@ class FrozenParts:
         if name not in self.resident:
             _onload(self.groups[name])
             self.resident.add(name)
-            self.onloads[name] = self.onloads.get(name, 0) + 1
             self._phases[-1].add(name)
 
     @contextlib.contextmanager

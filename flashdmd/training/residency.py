@@ -22,7 +22,7 @@ from flashdmd import FlashDMDError
 from flashdmd.networks.offload import Offload, hook_base, stream_base
 
 
-def load_device(cfg, device) -> torch.device | None:
+def load_device(cfg) -> torch.device | None:
     """Where the family loads its parts: the CPU when offloading, else the run's device (None)."""
     return torch.device("cpu") if cfg.model_offload != "none" else None
 
@@ -52,8 +52,8 @@ def install(cfg, family) -> Offload | None:
 
 
 def settle(off: Offload | None, family) -> None:
-    """After the text cache (or right after :func:`install` without one): the denoiser onto the device, but for
-    its streamed blocks."""
+    """Once the set-up's text cache is encoded (a run without one: at the same point of the set-up, before the
+    denoiser's first use): the denoiser onto the device, but for its streamed blocks."""
     if off is not None:
         if family.text_encoders_released:   # their homed copies go with them
             off.parts.drop([n for n in off.parts.groups if n.startswith("text_encoder_")])

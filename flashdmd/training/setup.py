@@ -27,10 +27,10 @@ from flashdmd import FlashDMDError, plugins
 from flashdmd.data import RealImageStream, open_image_source, open_prompt_source, read_prompt_file
 from flashdmd.evaluation.real import RealEvaluator
 from flashdmd.families import load_family
-from flashdmd.training.config import DistillConfig
 from flashdmd.networks import compiling
 from flashdmd.networks.offload import Offload
 from flashdmd.training import residency
+from flashdmd.training.config import DistillConfig
 from flashdmd.training.ema import StudentEMA
 from flashdmd.training.optim import make_optimizers, make_schedulers
 from flashdmd.training.reward_model import check_reward_model
@@ -93,7 +93,7 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     if cfg.model_text_cache:
         n = cache_text(cfg, family, prompts, evaluator, grid, real, resolution)
         log(f"text cache: {n} prompts encoded, text encoders released")
-    residency.settle(off, family)  # model_offload: the denoiser reaches the device after the text encoders left
+    residency.settle(off, family)  # model_offload: the denoiser reaches the device after the text cache (if any)
     reward_path = check_reward_model(cfg, family)
     if reward_path is not None:
         log(f"reward model: {reward_path} (fits the teacher)")
@@ -143,11 +143,9 @@ def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple:
     quant = check_quant(cfg, device, sharded)  # fp8 without a GPU that has it fails before anything is loaded
     family = load_family(cfg.model_teacher, family=cfg.model_family, device=device,
                          dtype=getattr(torch, cfg.model_dtype), frozen_dtype=frozen_dtype(cfg, device),
-                         load_device=residency.load_device(cfg, device))
+                         load_device=residency.load_device(cfg))
     quantise_frozen(cfg, family)
     off = residency.install(cfg, family)
-    if not cfg.model_text_cache:
-        residency.settle(off, family)
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
     family.embedded_guidance = cfg.model_embedded_guidance  # read only by guidance-distilled families (FLUX.1-dev)
