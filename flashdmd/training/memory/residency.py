@@ -24,7 +24,7 @@ from torch.utils._pytree import tree_leaves
 
 from flashdmd import FlashDMDError
 from flashdmd.networks.quant import inner_tensors
-from flashdmd.networks.offload import base_blocks
+from flashdmd.networks.offload import base_blocks, frozen_tensors
 from flashdmd.training.memory.accounting import ROLE_ORDER, nbytes, weights_by_role
 from flashdmd.training.memory.trace import ReadsOf
 
@@ -38,8 +38,9 @@ STREAMING = ("teacher", "student", "fake_score", "reference", "reward")  # roles
 
 
 def _frozen_tensors(module: nn.Module):
-    return [x for t in list(module.parameters()) + list(module.buffers()) if not t.requires_grad
-            for x in inner_tensors(t)]
+    """The plain tensors holding the bytes of the tensors the run streams for ``module`` (offload.frozen_tensors)."""
+    params, buffers = frozen_tensors(module)
+    return [x for t in params + buffers for x in inner_tensors(t)]
 
 
 def _keys(t: torch.Tensor) -> set[int]:
