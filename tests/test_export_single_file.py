@@ -1,6 +1,6 @@
 """`flashdmd export --single-file`: a student (its LoRA fused) as one safetensors file in its family's original
-layout -- SDXL and SD3: the whole pipeline (A1111 / Forge / ComfyUI checkpoints); Z-Image, Qwen-Image, FLUX.2: the
-transformer (ComfyUI diffusion-model files). Loaded the way its model card says -- diffusers' ``from_single_file``
+layout -- SDXL and SD3: the whole pipeline (A1111 / Forge / ComfyUI checkpoints); Z-Image, Qwen-Image, FLUX.1 (at its
+released width), FLUX.2: the transformer (ComfyUI diffusion-model files). Loaded the way its model card says -- diffusers' ``from_single_file``
 with the teacher's folder for configs and the scheduler its header records, offline -- it reproduces the exported
 diffusers folder's 4-step latents within 1e-4 (tests/tolerances.py). diffusers' own original -> diffusers converters
 read every tensor back unchanged (the export checks that before writing), and bad input is one line.
@@ -17,7 +17,7 @@ from safetensors import safe_open
 sys.path.insert(0, str(Path(__file__).parent))
 from export_runs import call, shared_run  # noqa: E402
 
-from flashdmd import FlashDMDError, runfolder  # noqa: E402
+from flashdmd import FlashDMDError  # noqa: E402
 from flashdmd.cli import main  # noqa: E402
 from flashdmd.export import singlefile  # noqa: E402
 from tolerances import contract_bound  # noqa: E402
@@ -119,15 +119,46 @@ def test_the_round_trip_check_refuses_what_diffusers_would_not_read_back(export_
         singlefile.check_round_trip({**ckpt, key: ckpt[key] + 1.0}, parts, configs, folder)
 
 
+def _thin_flux_1(layers: int = 2, single: int = 2) -> dict:
+    """A FLUX.1 transformer's state dict in diffusers' names at the released width (24 heads of 128: 3072) with every
+    tensor one column wide: diffusers' reader only splits, chunks and swaps rows, so the round trip is exact and
+    covers every key while holding a few MB (the real one is 12 B parameters)."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+    with torch.device("meta"):
+        net = FluxTransformer2DModel(num_layers=layers, num_single_layers=single, attention_head_dim=128,
+                                     num_attention_heads=24, joint_attention_dim=32, pooled_projection_dim=16,
+                                     guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    gen = torch.Generator().manual_seed(0)
+    return {k: torch.randn(t.shape[:1] + (1,) * (t.ndim > 1), generator=gen) for k, t in net.state_dict().items()}
+
+
+def test_flux_1_original_layout_is_what_diffusers_reads_back():
+    """FLUX.1 at its released width: BFL's names (flux1-dev.safetensors), and diffusers' own reader takes every key
+    (nothing left over) and gives every tensor back under its diffusers name, bit for bit."""
+    import torch
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers as read
+    sd = _thin_flux_1()
+    ckpt = singlefile.flux_to_original(sd)
+    assert {"double_blocks.1.img_attn.qkv.weight", "double_blocks.0.txt_attn.norm.key_norm.scale",
+            "single_blocks.1.linear1.bias", "single_blocks.0.modulation.lin.weight", "guidance_in.out_layer.bias",
+            "final_layer.adaLN_modulation.1.weight", "vector_in.in_layer.weight", "img_in.weight"} <= set(ckpt)
+    assert ckpt["single_blocks.0.linear1.weight"].shape[0] == 3 * 3072 + 4 * 3072
+    left = dict(ckpt)
+    back = read(left)
+    assert not left and set(back) == set(sd)
+    assert all(torch.equal(back[k], t) for k, t in sd.items())
+    shift, scale = sd["norm_out.linear.weight"].chunk(2)  # diffusers: (scale, shift); BFL: (shift, scale)
+    assert torch.equal(ckpt["final_layer.adaLN_modulation.1.weight"], torch.cat([scale, shift]))
+
+
 def test_bad_single_file_input_is_one_line(export_runs, tmp_path, capsys):
     run, teacher = export_runs("sdxl")[:2]
-    flux = tmp_path / "fluxrun"
-    flux.mkdir()
-    runfolder.write_record(flux, teacher="x", family="flux", student_timesteps=[1000.0])
+    flux = export_runs("flux")[0]  # the test FLUX.1 is narrower than the released 3072
     taken = tmp_path / "taken.safetensors"
     taken.write_bytes(b"mine")
     cases = [(["--run", str(run), "--out", str(tmp_path / "a.ckpt")], "does not end in .safetensors"),
-             (["--run", str(flux), "--out", str(tmp_path / "b.safetensors")], "a flux student is exported as a"),
+             (["--run", str(flux), "--out", str(tmp_path / "b.safetensors")], "only reads the released 3072-wide"),
              (["--run", str(run), "--out", str(taken)], "exists; refusing to overwrite"),
              (["--run", str(run), "--out", str(teacher / "s.safetensors")], "lies inside"),
              (["--run", str(run), "--out", str(tmp_path / "c.safetensors"), "--lora"], "drop --lora")]
@@ -136,5 +167,5 @@ def test_bad_single_file_input_is_one_line(export_runs, tmp_path, capsys):
         assert main(["export", *argv, "--single-file"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error: ") and "\n" not in err and words in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["fluxrun", "taken.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.safetensors"]
     assert taken.read_bytes() == b"mine" and not (teacher / "s.safetensors").exists()

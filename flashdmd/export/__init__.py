@@ -163,6 +163,7 @@ def export_single_file(run_dir: str | Path, out_file: str | Path, dtype: str | N
                             f"layouts A1111 / ComfyUI load); a {family} student is exported as a diffusers folder "
                             "(drop --single-file)")
     _check_outside(out, [teacher_folder(info, run), run / runfolder.STUDENT])
+    singlefile.precheck(family, teacher_folder(info, run))
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         folder = Path(tmp) / "pipeline"

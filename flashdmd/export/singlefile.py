@@ -7,12 +7,12 @@ A1111 / Forge / ComfyUI load and diffusers' ``from_single_file`` reads:
 * SD3 / SD3.5: the whole pipeline as SAI ships it (``model.diffusion_model.`` MMDiT joint blocks, the VAE,
   ``text_encoders.{clip_l,clip_g,t5xxl}.transformer.``; the layout has no CLIP-L projection -- loaders put the
   identity there -- so a teacher whose projection is not the identity is refused);
-* Z-Image, Qwen-Image, FLUX.2: the transformer alone, as ComfyUI's diffusion-model files (Qwen-Image's have
-  diffusers' names).
+* Z-Image, Qwen-Image, FLUX.1, FLUX.2: the transformer alone, as ComfyUI's diffusion-model files (Qwen-Image's
+  have diffusers' names; FLUX.1's are BFL's ``flux1-dev.safetensors`` names).
 
-FLUX.1 is not written: diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` fixes the width at 3072, so no
-small model can check the inverse offline; export it as a diffusers folder (ComfyUI reads FLUX.1 LoRAs in diffusers'
-keys).
+FLUX.1 is written at the family's width only: diffusers' ``convert_flux_transformer_checkpoint_to_diffusers`` fixes
+the width at 3072 (every released FLUX.1 -- dev, schnell, Krea, Kontext -- is that wide), so a narrower student is
+refused (export it as a diffusers folder); the round trip at 3072 is tested on tensors one column wide.
 
 diffusers ships only the other direction (``diffusers.loaders.single_file_utils``: ``convert_ldm_unet_checkpoint``,
 ``convert_ldm_vae_checkpoint``, ``convert_ldm_clip_checkpoint``, ``convert_open_clip_checkpoint``,
@@ -36,6 +36,7 @@ from diffusers.loaders.single_file_utils import (CHECKPOINT_KEY_NAMES, DIFFUSERS
                                                  LDM_CLIP_PREFIX_TO_REMOVE, LDM_UNET_KEY, LDM_VAE_KEYS,
                                                  convert_ldm_clip_checkpoint, convert_ldm_unet_checkpoint,
                                                  convert_flux2_transformer_checkpoint_to_diffusers,
+                                                 convert_flux_transformer_checkpoint_to_diffusers,
                                                  convert_ldm_vae_checkpoint, convert_open_clip_checkpoint,
                                                  convert_sd3_t5_checkpoint_to_diffusers,
                                                  convert_sd3_transformer_checkpoint_to_diffusers,
@@ -53,7 +54,7 @@ CLIP_G = CHECKPOINT_KEY_NAMES["open_clip_sdxl"].removesuffix("positional_embeddi
 # family -> what the single file holds: the whole pipeline (SDXL: A1111 / ComfyUI checkpoints) or the denoiser only
 # (ComfyUI's "diffusion model" files, loaded beside the base's text encoders and VAE)
 FAMILIES_SINGLE_FILE = {"sdxl": "checkpoint", "sd3": "checkpoint", "zimage": "transformer", "qwenimage": "transformer",
-                        "flux2": "transformer", "flux2-klein": "transformer"}
+                        "flux": "transformer", "flux2": "transformer", "flux2-klein": "transformer"}
 # Z-Image: the original names -> diffusers' (convert_z_image_transformer_checkpoint_to_diffusers' rename table, in
 # its order; inverted here in reverse order), q / k / v fused into attention.qkv
 ZIMAGE_RENAMES = {"final_layer.": "all_final_layer.2-1.", "x_embedder.": "all_x_embedder.2-1.",
@@ -79,6 +80,28 @@ FLUX2_DOUBLE = {"img_attn.norm.query_norm": "attn.norm_q", "img_attn.norm.key_no
 FLUX2_SINGLE = {"linear1": "attn.to_qkv_mlp_proj", "linear2": "attn.to_out", "norm.query_norm": "attn.norm_q",
                 "norm.key_norm": "attn.norm_k"}
 FLUX2_QKV = {"attn.to_": "img_attn", "attn.add_": "txt_attn"}
+# FLUX.1: convert_flux_transformer_checkpoint_to_diffusers' names, diffusers -> BFL (top level; per double block;
+# per single block); q / k / v (and the single blocks' MLP input) are fused separately
+FLUX_WIDTH = 3072  # the converter's fixed inner_dim
+FLUX_TOP = {"time_text_embed.timestep_embedder.linear_1": "time_in.in_layer",
+            "time_text_embed.timestep_embedder.linear_2": "time_in.out_layer",
+            "time_text_embed.text_embedder.linear_1": "vector_in.in_layer",
+            "time_text_embed.text_embedder.linear_2": "vector_in.out_layer",
+            "time_text_embed.guidance_embedder.linear_1": "guidance_in.in_layer",
+            "time_text_embed.guidance_embedder.linear_2": "guidance_in.out_layer",
+            "context_embedder": "txt_in", "x_embedder": "img_in", "proj_out": "final_layer.linear",
+            "norm_out.linear": "final_layer.adaLN_modulation.1"}
+FLUX_DOUBLE = {"norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin",
+               "attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+               "attn.norm_added_q": "txt_attn.norm.query_norm", "attn.norm_added_k": "txt_attn.norm.key_norm",
+               "ff.net.0.proj": "img_mlp.0", "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0",
+               "ff_context.net.2": "txt_mlp.2", "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj"}
+FLUX_SINGLE = {"norm.linear": "modulation.lin", "attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm",
+               "proj_out": "linear2"}
+FLUX_FUSED = {"attn.to_q": ("img_attn.qkv", 0), "attn.to_k": ("img_attn.qkv", 1), "attn.to_v": ("img_attn.qkv", 2),
+              "attn.add_q_proj": ("txt_attn.qkv", 0), "attn.add_k_proj": ("txt_attn.qkv", 1),
+              "attn.add_v_proj": ("txt_attn.qkv", 2)}
+FLUX_SINGLE_FUSED = {"attn.to_q": 0, "attn.to_k": 1, "attn.to_v": 2, "proj_mlp": 3}  # -> linear1, in this order
 # SD3: convert_sd3_transformer_checkpoint_to_diffusers' names, diffusers -> original (per joint block; q / k / v are
 # fused into qkv separately; the last block's context modulation and the final one are (shift, scale) there)
 SD3_TOP = {"pos_embed.proj": "x_embedder.proj",
@@ -283,6 +306,46 @@ def flux2_to_original(sd: dict) -> dict:
     return out
 
 
+def precheck(family: str, teacher: Path) -> None:
+    """Before anything is exported: refuse what the family's layout cannot hold (a FLUX.1 other than 3072 wide)."""
+    if family == "flux":
+        config = io.read_json(teacher / "transformer" / "config.json")
+        _flux_width(config["num_attention_heads"] * config["attention_head_dim"])
+
+
+def _flux_width(width: int) -> None:
+    if width != FLUX_WIDTH:
+        raise FlashDMDError(f"--single-file: this FLUX.1 transformer is {width} wide and diffusers' FLUX.1 single-file "
+                            f"reader only reads the released {FLUX_WIDTH}-wide layout; export a diffusers folder "
+                            "(drop --single-file)")
+
+
+def flux_to_original(sd: dict) -> dict:
+    """FLUX.1 transformer: diffusers' names -> BFL's (``flux1-dev.safetensors``: double_blocks / single_blocks, fused
+    qkv and linear1, norms' ``scale``, the final modulation's (shift, scale) order). Refuses a width other than the
+    3072 diffusers' reader is fixed to."""
+    _flux_width(sd["x_embedder.weight"].shape[0])
+    out, fused = {}, {}
+    for key, t in sd.items():
+        module, _, param = key.rpartition(".")
+        if module in FLUX_TOP:
+            out[f"{FLUX_TOP[module]}.{param}"] = swap_scale_shift(t, 0) if module == "norm_out.linear" else t
+        elif (m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module)) and m[2] in FLUX_FUSED:
+            name, i = FLUX_FUSED[m[2]]
+            fused.setdefault(f"double_blocks.{m[1]}.{name}.{param}", {})[i] = t
+        elif m := re.fullmatch(r"transformer_blocks\.(\d+)\.(.+)", module):
+            out[_flux2_param(f"double_blocks.{m[1]}.{FLUX_DOUBLE[m[2]]}", param)] = t
+        elif (m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module)) and m[2] in FLUX_SINGLE_FUSED:
+            fused.setdefault(f"single_blocks.{m[1]}.linear1.{param}", {})[FLUX_SINGLE_FUSED[m[2]]] = t
+        elif m := re.fullmatch(r"single_transformer_blocks\.(\d+)\.(.+)", module):
+            out[_flux2_param(f"single_blocks.{m[1]}.{FLUX_SINGLE[m[2]]}", param)] = t
+        else:
+            raise KeyError(module)
+    for name, parts in fused.items():
+        out[name] = torch.cat([parts[i] for i in sorted(parts)])
+    return out
+
+
 def _flux2_param(module: str, param: str) -> str:
     return f"{module}.{'scale' if module.endswith('_norm') and param == 'weight' else param}"
 
@@ -290,6 +353,7 @@ def _flux2_param(module: str, param: str) -> str:
 # family -> (diffusers transformer state dict -> the original layout, diffusers' reader of that layout)
 TRANSFORMER_LAYOUTS = {"zimage": (zimage_to_original, convert_z_image_transformer_checkpoint_to_diffusers),
                        "qwenimage": (dict, dict),  # ComfyUI's Qwen-Image files have diffusers' names
+                       "flux": (flux_to_original, convert_flux_transformer_checkpoint_to_diffusers),
                        "flux2": (flux2_to_original, convert_flux2_transformer_checkpoint_to_diffusers),
                        "flux2-klein": (flux2_to_original, convert_flux2_transformer_checkpoint_to_diffusers)}
 
