@@ -25,6 +25,8 @@ def add_arguments(p):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", required=True, help="write the metrics here")
     p.add_argument("--floor", action="store_true", help="also report FD of train vs test at the same N")
+    p.add_argument("--split", default=None, help="a plug-in evaluator's prompt split (the embedded world: test, the "
+                   "default, or val, the split distill's eval_split val chooses checkpoints on)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     real = p.add_argument_group(
         "real models", "--prompts or any metric backend below switches from the embedded world's metrics to these "
@@ -52,8 +54,9 @@ REAL_FLAGS = ("prompts", "fid_inception", "fid_ref", "clip", "pickscore", "hpsv2
 
 def run(args):
     if any(getattr(args, k, None) is not None for k in REAL_FLAGS):
-        if args.floor:
-            raise FlashDMDError("--floor is a world metric; it does not combine with --prompts / metric backends")
+        if args.floor or getattr(args, "split", None):
+            raise FlashDMDError("--floor / --split are a plug-in's; they do not combine with --prompts / metric "
+                                "backends (the --prompts file is the split)")
         run_eval(args)
         return
     if args.num_images < 20:
@@ -70,12 +73,18 @@ def run(args):
     if owner is None or owner.evaluator is None:
         raise FlashDMDError(f"{args.model} belongs to no plug-in with its own metrics: give --prompts FILE and metric "
                             "backends (--fid-inception/--fid-ref, --clip, --pickscore, --hpsv2, --imagereward)")
-    evaluator = owner.evaluator(args.num_images)
+    splits = getattr(owner.evaluator, "splits", ())
+    split = getattr(args, "split", None)
+    if split is not None and split not in splits:
+        raise FlashDMDError(f"--split {split}: the {owner.name} evaluator's prompt splits are "
+                            f"{', '.join(splits) or 'none'}")
+    evaluator = owner.evaluator(args.num_images, **({} if split is None else {"split": split}))
     if args.floor and not hasattr(evaluator, "floor"):
         raise FlashDMDError(f"--floor: plug-in {owner.name!r} has no real-data floor")
     model = load_model(args.model, device=getattr(args, "device", None) or "cpu", dtype=DTYPES[args.dtype])
     metrics = evaluator.evaluate(model, args.seed, args.steps, args.cfg, progress=not args.no_progress)
-    metrics.update(model=args.model, kind=model.kind, steps=args.steps, cfg=args.cfg)
+    metrics.update(model=args.model, kind=model.kind, steps=args.steps, cfg=args.cfg, seed=args.seed,
+                   split=getattr(evaluator, "split", None))
     if args.floor:
         metrics["fd_floor"] = evaluator.floor(args.num_images, args.seed)
     io.atomic_write_text(out, json.dumps(metrics, indent=2), f"the metrics {out.name}")

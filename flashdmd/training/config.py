@@ -338,6 +338,17 @@ class DistillConfig:
     eval_fid_ref: str | None = _f(None, "FID reference: statistics file (.npz pytorch-fid / .safetensors from "
                                   "`flashdmd eval-stats`) or a folder of real images")
     eval_batch_size: int = _f(16, "sampling batch size of evaluations (images do not depend on it)")
+    eval_split: str | None = _f(None, "a plug-in evaluator's prompt split for the evaluations (the embedded world: "
+                                "test, its held-out templates, the default and what BENCHMARKS.md reports; val, the "
+                                "training templates, to choose a checkpoint without looking at test); not with "
+                                "eval_prompts, whose file is the split")
+    eval_keep_students: str = _f("none", "none | improved | all: at an evaluation also write the evaluated student "
+                                 "(its EMA where student_ema is set) as a run folder OUT/students/step_N (run.json + "
+                                 "student/, which flashdmd eval / sample / export take): all = every evaluation, "
+                                 "improved = when eval_select_metric is the best so far, which keeps the best "
+                                 "student up to any step; for choosing a checkpoint afterwards")
+    eval_select_metric: str = _f("fd", "the metric eval_keep_students: improved follows (its direction from the "
+                                 "evaluator: fd / fid lower, the scores higher is better)")
 
     # ---- run control ------------------------------------------------------------------------------------
     run_batch_size: int = _f(32, "images per generator update (per process); a resume on another number of "
@@ -448,6 +459,9 @@ class DistillConfig:
         for name in ("run_sample_every_steps", "eval_every_steps", "run_checkpoint_every_steps", "optim_warmup_steps"):
             _need(getattr(self, name) >= 0, f"{name} must be >= 0")
         _need(self.eval_num_images >= 2, "eval_num_images must be >= 2")
+        _need(self.eval_keep_students in ("none", "improved", "all"), "eval_keep_students must be none, improved or all")
+        _need(self.eval_split is None or self.eval_prompts is None,
+              "eval_split chooses a plug-in's prompt split; with eval_prompts the file is the split (drop one)")
         _need(self.data_resolution is None or self.data_resolution >= 8, "data_resolution must be >= 8 pixels or null")
         _need(self.data_crop in ("center", "random"), "data_crop must be center or random")
         _need(self.data_workers is None or self.data_workers >= 0, "data_workers must be >= 0 or null")

@@ -86,6 +86,10 @@ class RunWriter:
         self.disc_flat_logs = 0       # logged intervals in a row with D(real) - D(fake) inside disc_stall_band
         self.last_eval_step: int | None = None
         self.higher_is_better = dict(getattr(ctx.evaluator, "higher_is_better", {}) or {})
+        key = cfg.eval_select_metric
+        if cfg.eval_keep_students == "improved" and ctx.evaluator is not None and key not in self.higher_is_better:
+            raise FlashDMDError(f"eval_keep_students: improved follows eval_select_metric {key!r}, which this run's "
+                                f"evaluator does not give (it gives {', '.join(self.higher_is_better) or 'nothing'})")
         self.t0 = time.time()
         self.trackers = []
         self._on_main(lambda: self._start(cfg))
@@ -229,6 +233,7 @@ class RunWriter:
         if ctx.stage == 2:
             self._guard(m)
         self.evals.append(m)
+        self._keep_student(ctx, student, m)
         shown = [k for k in m if k in self.higher_is_better or k == "hacking_warning"]
         self._log_scalars({f"eval/{k}": m[k] for k in shown}, ctx.global_step)
         return m
@@ -313,10 +318,25 @@ class RunWriter:
         student = self._student_model(ctx)
         self._on_main(lambda: self._write_student(ctx, student))
 
-    def _write_student(self, ctx, student):
+    def _keep_student(self, ctx, student, m: dict) -> None:
+        """eval_keep_students: the evaluated student as the run folder OUT/students/step_N (every evaluation, or
+        when eval_select_metric is the best so far)."""
+        keep, key = self.cfg.eval_keep_students, self.cfg.eval_select_metric
+        if keep == "none":
+            return
+        if keep == "improved":
+            if key not in m:
+                return
+            sign = 1.0 if self.higher_is_better[key] else -1.0
+            if any(sign * e[key] >= sign * m[key] for e in self.evals[:-1] if key in e):
+                return
+        self._write_student(ctx, student, self.out / "students" / f"step_{ctx.global_step:08d}")
+
+    def _write_student(self, ctx, student, out: Path | None = None):
         """DIR/student written whole (the previous one stays until the new one is complete), then DIR/run.json."""
-        runfolder.write_student(self.out, student.net, self.cfg.model_lora_rank)
-        runfolder.write_record(self.out, teacher=self.cfg.model_teacher, family=ctx.family.name,
+        out = self.out if out is None else out
+        runfolder.write_student(out, student.net, self.cfg.model_lora_rank)
+        runfolder.write_record(out, teacher=self.cfg.model_teacher, family=ctx.family.name,
                                teacher_path=str(ctx.family.path), student_timesteps=ctx.timesteps,
                                resolution=ctx.resolution, embedded_guidance=self.cfg.model_embedded_guidance,
                                lora_rank=self.cfg.model_lora_rank, lora_alpha=self.cfg.model_lora_alpha,

@@ -85,6 +85,7 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
     sharded = shard is not None or acc.distributed_type == DistributedType.FSDP
     residency.check(cfg, sharded, acc.num_processes)
     check_compile(cfg, sharded)
+    check_selection(cfg)
     family, resolution, timesteps, n_dm, off = _teacher(cfg, acc.device, log, sharded)
     real, prompts = _data(cfg, acc, resolution, log)
     evaluator, grid = _evaluation(cfg, acc.device, prompts)
@@ -255,6 +256,24 @@ def _evaluation(cfg: DistillConfig, device, prompts) -> tuple[object | None, lis
     return evaluator, (grid * GRID_IMAGES)[:GRID_IMAGES]
 
 
+def check_selection(cfg: DistillConfig) -> None:
+    """Before anything loads: eval_split names a split of the plug-in teacher's evaluator, and eval_keep_students:
+    improved follows a metric it gives (an eval_prompts evaluator's metrics are checked when it is built)."""
+    owner = plugins.model_owner(cfg.model_teacher) if cfg.eval_prompts is None else None
+    evaluator = getattr(owner, "evaluator", None)
+    if cfg.eval_split is not None:
+        splits = getattr(evaluator, "splits", ())
+        if cfg.eval_split not in splits:
+            name = f"the {owner.name} evaluator's" if evaluator is not None else "this teacher's evaluator's"
+            raise FlashDMDError(f"config: eval_split {cfg.eval_split!r} is not one of {name} prompt splits "
+                                f"({', '.join(splits) or 'it has none'})")
+    metrics = getattr(evaluator, "higher_is_better", None)
+    if cfg.eval_keep_students == "improved" and metrics is not None and cfg.eval_select_metric not in metrics:
+        raise FlashDMDError(f"config: eval_keep_students: improved follows eval_select_metric "
+                            f"{cfg.eval_select_metric!r}, which this run's evaluator does not give (it gives "
+                            f"{', '.join(metrics)})")
+
+
 def _plugin_evaluation(cfg: DistillConfig, device, prompts) -> tuple[list[str], object | None]:
     """Without eval_prompts: the grid prompts and evaluator of a plug-in teacher, else prompts from the training
     source and no evaluator."""
@@ -267,8 +286,10 @@ def _plugin_evaluation(cfg: DistillConfig, device, prompts) -> tuple[list[str], 
         grid = owner.grid_prompts(GRID_IMAGES)
     else:
         grid = prompts.sample(GRID_IMAGES, SampleRNG(0, 0, GRID_IMAGES))
-    evaluator = owner.evaluator(cfg.eval_num_images, device) \
-        if cfg.eval_every_steps and owner is not None and owner.evaluator is not None else None
+    evaluator = None
+    if cfg.eval_every_steps and owner is not None and owner.evaluator is not None:
+        split = {} if cfg.eval_split is None else {"split": cfg.eval_split}
+        evaluator = owner.evaluator(cfg.eval_num_images, device, **split)
     if evaluator is None and cfg.eval_every_steps:
         warnings.warn("no held-out metrics for this run: set eval_prompts (a prompt file) and a metric backend "
                       "(eval_clip_model, eval_pickscore_model, eval_hpsv2_model, eval_imagereward_model, "

@@ -148,10 +148,10 @@ def floor(n: int, seed: int = 0, classifier: nn.Module | None = None) -> float:
 
 
 def evaluate_world(model: Model, num_images: int = 500, seed: int = 0, steps: int | None = None,
-                   guidance_scale: float | None = None, progress: bool = False) -> dict:
+                   guidance_scale: float | None = None, progress: bool = False, split: str = "test") -> dict:
     """World metrics of a model: FD, alignment, diversity (evaluation classifier), oracle score,
-    seconds per image and NFE, on the fixed evaluation prompt set (held-out templates)."""
-    prompts, labels = eval_prompts(num_images)
+    seconds per image and NFE, on the split's fixed evaluation prompt set (test: the held-out templates)."""
+    prompts, labels = eval_prompts(num_images, split)
     bar = tqdm(total=num_images, desc="eval", unit="img", disable=not progress)
     t0 = time.perf_counter()
     images = sample_images(model, prompts, seed, steps, guidance_scale, progress=bar)

@@ -23,7 +23,7 @@ from flashdmd.world.encoder import load_disc_encoder
 from flashdmd.world.judge import WorldJudge, world_pair_prompts
 from flashdmd.world.metrics import evaluate_world
 from flashdmd.world.metrics import floor as world_floor
-from flashdmd.world.prompts import eval_prompts, prompt_for
+from flashdmd.world.prompts import EVAL_SPLITS, eval_prompts, prompt_for
 
 NAME = "world"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -63,20 +63,31 @@ class WorldImageSource:
 
 
 class WorldEvaluator:
-    """The world's held-out metrics on its fixed evaluation prompts (flashdmd/world/metrics.py)."""
+    """The world's held-out metrics on its fixed evaluation prompts (flashdmd/world/metrics.py) of one split: test
+    (the held-out templates; every reported figure) or val (the training templates; for choosing checkpoints)."""
     higher_is_better = {"fd": False, "alignment": True, "diversity": True, "oracle": True}
+    splits = tuple(EVAL_SPLITS)
 
-    def __init__(self, num_images: int = 500, device="cpu"):
+    def __init__(self, num_images: int = 500, device="cpu", split: str = "test"):
         if num_images < 20:
             raise FlashDMDError("the world's evaluation needs at least 20 images (two per class)")
-        self.num_images = num_images
+        if split not in EVAL_SPLITS:
+            raise FlashDMDError(f"the world's evaluation prompts have the splits {', '.join(EVAL_SPLITS)}, not "
+                                f"{split!r}")
+        self.num_images, self.split = num_images, split
+
+    @property
+    def prompts(self) -> list[str]:
+        """The prompts an evaluation samples (model_text_cache encodes them in advance)."""
+        return eval_prompts(self.num_images, self.split)[0]
 
     def evaluate(self, model, seed: int = 0, steps: int | None = None, guidance_scale: float | None = None,
                  progress: bool = False) -> dict:
         if model.family.default_resolution != 32:
             raise FlashDMDError(f"{model.family.path} works at {model.family.default_resolution}px, not the embedded "
                                 "world's 32px: its metrics do not apply (give eval_prompts and metric backends)")
-        return evaluate_world(model, self.num_images, seed, steps, guidance_scale, progress=progress)
+        return evaluate_world(model, self.num_images, seed, steps, guidance_scale, progress=progress,
+                              split=self.split)
 
     def floor(self, n: int, seed: int = 0) -> float:
         return world_floor(n, seed)

@@ -35,10 +35,16 @@ def prompts_for(labels, seed: int = 0, templates=TEMPLATES) -> list[str]:
     return [prompt_for(int(y), rng, templates) for y in labels]
 
 
-def eval_prompts(num: int) -> tuple[list[str], list[int]]:
-    """A fixed evaluation set: classes in round-robin, held-out templates, canonical class name."""
+# Evaluation prompt splits: "test", the held-out templates every reported figure uses; "val", the training templates
+# (prompt strings disjoint from test's), for choosing a checkpoint without looking at test.
+EVAL_SPLITS = {"test": EVAL_TEMPLATES, "val": TEMPLATES}
+
+
+def eval_prompts(num: int, split: str = "test") -> tuple[list[str], list[int]]:
+    """A fixed evaluation set: classes in round-robin, the split's templates in turn, canonical class name."""
+    templates = EVAL_SPLITS[split]
     labels = [i % len(CLASS_NAMES) for i in range(num)]
-    prompts = [EVAL_TEMPLATES[(i // len(CLASS_NAMES)) % len(EVAL_TEMPLATES)].format(CLASS_NAMES[y])
+    prompts = [templates[(i // len(CLASS_NAMES)) % len(templates)].format(CLASS_NAMES[y])
                for i, y in enumerate(labels)]
     return prompts, labels
 
