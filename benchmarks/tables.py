@@ -787,6 +787,134 @@ def vram_table():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Section 3a: the pre-registered attribution (benchmarks/attribution.py)
+
+ATTR_ROWS = {"preset": "Flash-DMD preset", "dmd2": "DMD2 as shipped", "dmd2_best": "DMD2, best of its sweep",
+             "dmd2_head": "DMD2 + the preset's head", "preset_routing_off": "preset, routing off",
+             "preset_pull_off": "preset, pull off", "preset_ttur5": "preset, TTUR 5"}
+ATTR_POINTS = ("B/4", "B/2", "B")
+
+
+def attr_records(teacher: str, seed_filter=lambda s: s != 100) -> dict:
+    """row -> [record] of one teacher (the reported seeds; seed 100 is the DMD2 sweep's tuning seed)."""
+    if not (RESULTS / "attribution.json").is_file():
+        return {}
+    out = {}
+    for r in load("attribution.json")["records"]:
+        if r["teacher"] == teacher and seed_filter(r["seed"]):
+            out.setdefault(r["row"], []).append(r)
+    return out
+
+
+def point_fds(records: list[dict], k: int) -> list[float]:
+    return [r["points"][k]["test_fd_mean"] for r in records if len(r["points"]) > k]
+
+
+def mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "–"
+    return f"{mean(xs):.2f} ± {statistics.stdev(xs):.2f} ({len(xs)})" if len(xs) > 1 else f"{xs[0]:.2f} (1)"
+
+
+def verdict(a: list[float], b: list[float]) -> str:
+    """a against b as pre-registered: better / worse when the means differ by more than twice the standard error of
+    the difference (Welch), else level; "–" below two seeds a side."""
+    if len(a) < 2 or len(b) < 2:
+        return "–"
+    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
+    d = mean(a) - mean(b)
+    return "level" if abs(d) <= 2 * se else ("better" if d < 0 else "worse")
+
+
+def attribution_rows(teacher: str) -> tuple[list, list]:
+    recs = attr_records(teacher)
+    rows = []
+    for key, label in ATTR_ROWS.items():
+        rs = recs.get(key, [])
+        if not rs:
+            rows.append([label, "0", "–", "–", "–", "–", "–", "–", "–"])
+            continue
+        c = rs[0]["compute"]
+        rows.append([label, str(len(rs)), *(mean_sd(point_fds(rs, k)) for k in range(3)),
+                     str(rs[0]["generator_steps"]), f"{c['images']:,}".replace(",", " "),
+                     f"{c['critic_iterations']:,}".replace(",", " "), f"{c['seconds'] / 3600:.2f}"])
+    notes = []
+    for k, name in enumerate(ATTR_POINTS):
+        pre = point_fds(recs.get("preset", []), k)
+        dmd = {r: point_fds(recs.get(r, []), k) for r in ("dmd2", "dmd2_best")}
+        best = min((r for r in dmd if len(dmd[r]) >= 2), key=lambda r: mean(dmd[r]), default=None)
+        if best is None or len(pre) < 2:
+            continue
+        head = point_fds(recs.get("dmd2_head", []), k)
+        notes.append(f"At {name}: the preset is {verdict(pre, dmd[best])} against {ATTR_ROWS[best]}; "
+                     f"DMD2 + the head is {verdict(head, dmd[best])} against it and {verdict(head, pre)} against "
+                     "the preset.")
+    notes.append("FD: the test split (held-out templates), N = 1 000, the mean over noise seeds 1-3 of the student "
+                 "chosen on the val split up to that point; mean ± sd over training seeds (how many). B: the "
+                 "teacher's budget in DMD2 updates; every row spends the same CPU time per point. Images, critic "
+                 "iterations and CPU hours (1 thread, from the measured seconds per update) at B.")
+    return rows, notes
+
+
+ATTR_HEADER = ["row", "seeds", "FD at B/4", "FD at B/2", "FD at B", "generator updates at B", "images at B",
+               "critic iterations at B", "CPU h at B"]
+
+
+@table("attribution_sdxl")
+def attribution_sdxl():
+    rows, notes = attribution_rows("world-sdxl")
+    files = [x for x in ("attribution.json", "attribution_cost_sdxl.json") if (RESULTS / x).is_file()]
+    return ATTR_HEADER, rows, files, notes
+
+
+@table("attribution_sd3")
+def attribution_sd3():
+    rows, notes = attribution_rows("world-sd3")
+    files = [x for x in ("attribution.json", "attribution_cost_sd3.json") if (RESULTS / x).is_file()]
+    return ATTR_HEADER, rows, files, notes
+
+
+@table("attribution_cost")
+def attribution_cost():
+    rows = []
+    for fam in ("sdxl", "sd3"):
+        fl = f"attribution_cost_{fam}.json"
+        if not (RESULTS / fl).is_file():
+            rows.append([f"world-{fam}", "not measured yet", "–", "–", "–", "–"])
+            continue
+        d = load(fl)
+        for key, r in d["rows"].items():
+            rows.append([f"world-{fam}", ATTR_ROWS.get(key, key), str(r["critic_iterations_per_update"]),
+                         str(r["images_per_update"]), f(r["seconds_per_generator_update"]),
+                         f"{r['relative_to_dmd2']:.3f}"])
+    notes = ["Every row of a teacher timed in one process, interleaved in rounds (the median of three), 1 thread, "
+             "batch 32: the seconds fix each row's number of generator updates at the budget."]
+    files = [x for x in ("attribution_cost_sdxl.json", "attribution_cost_sd3.json") if (RESULTS / x).is_file()]
+    return ["teacher", "row", "critic iterations / update", "images / update", "s / generator update",
+            "relative to DMD2"], rows, files, notes
+
+
+@table("dmd2_sweep")
+def dmd2_sweep():
+    recs = attr_records("world-sdxl", lambda s: s == 100)
+    rows = []
+    for key in ("dmd2", "sweep_b09", "sweep_b09_eq_lo", "sweep_b09_eq_hi", "sweep_b09_eq_lo_warm",
+                "sweep_b09_eq_hi_warm", "sweep_gan_2x"):
+        rs = recs.get(key, [])
+        if not rs:
+            rows.append([key, "–", "not run yet", "–"])
+            continue
+        r = rs[0]
+        v = min((p for p in r["val_curve"] if p[0] > 0), key=lambda p: p[1])
+        rows.append([key, override_text(r["overrides"]) if r["overrides"] else "as shipped", f"{v[1]:.2f} ({v[0]})",
+                     f(r["points"][-1]["test_fd_mean"])])
+    notes = ["World-sdxl, tuning seed 100, half the budget (300 DMD2 updates). The lowest best val FD picks "
+             "`dmd2_best`; the test FD (N = 1 000, noise seeds 1-3) is shown, not used."]
+    files = ["attribution.json"] if (RESULTS / "attribution.json").is_file() else []
+    return ["row", "settings", "best val FD (step)", "test FD of that student"], rows, files, notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The result files
 
 RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when it entered the repository
@@ -864,6 +992,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
                         "2026-12-06"),
     "quant_stage1.json": ("world-sdxl Stage 1 with an int8 / fp32 / bf16 frozen base, two seeds "
                           "(benchmarks/quant_stage1.py)", "8", "2026-12-06"),
+    "attribution_cost_sdxl.json": ("seconds per generator update of every attribution row, world-sdxl, one process "
+                                   "(benchmarks/attribution.py cost)", "3a", "2026-12-06"),
     "plan_targets.json": ("issue 31's planned single-card targets with a quantised or offloaded base "
                           "(benchmarks/plan_targets.py)",
                           "8", "2026-12-06"),
