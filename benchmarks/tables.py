@@ -992,6 +992,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
                         "2026-12-06"),
     "quant_stage1.json": ("world-sdxl Stage 1 with an int8 / fp32 / bf16 frozen base, two seeds "
                           "(benchmarks/quant_stage1.py)", "8", "2026-12-06"),
+    "attribution.json": ("the pre-registered attribution runs, one record per row, teacher and training seed "
+                         "(benchmarks/attribution.py run)", "3a", "2026-12-06"),
     "attribution_cost_sdxl.json": ("seconds per generator update of every attribution row, world-sdxl, one process "
                                    "(benchmarks/attribution.py cost)", "3a", "2026-12-06"),
     "plan_targets.json": ("issue 31's planned single-card targets with a quantised or offloaded base "
