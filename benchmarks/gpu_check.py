@@ -47,6 +47,11 @@ time limit still leaves the finished parts; one summary line per part at the end
     LoRA, not the presets' full fine-tune: a full SDXL fine-tune (two fp32 UNets + AdamW) does not fit one 80 GB
     card (BENCHMARKS.md, the VRAM table); the compute is the same network passes, less the base weights'
     gradients.
+``step_heads``
+    The same timing for the world presets' text-conditioned pooled Pixel-GAN head (BENCHMARKS.md section 3a) at
+    full size on SAM ViT-B: the SDXL Flash-DMD preset with it (``flashdmd_text_head``) and DMD2 with it instead of
+    its latent GAN (``dmd2_text_head``, the attribution's ``dmd2_head``), each alone on the card, with its ratio to
+    ``step_dmd2``'s seconds.
 ``images_per_second``
     The 4-step student (the LoRA student of ``step_flashdmd``'s run) and the 50-step CFG teacher (w = 5, the
     SDXL pipeline's default) through flashdmd.inference.sample_images at 1024 px, batch 2, text encoding and VAE
@@ -72,8 +77,9 @@ time limit still leaves the finished parts; one summary line per part at the end
 Time budget on one H100 80 GB (16 cores): estimates, not measurements -- this has not run on a GPU yet. Each
 part's budget is a hard limit (its process is killed and the part recorded as a timeout); the whole run stops
 starting parts after ``--budget-s`` (450 s: one call of the device tool with its machine's start stays under
-10 of a session's 15 minutes). At the estimates the last parts (fsdp2_resume, compile) then do not start: they
-are recorded as not started, and a second, short call runs them alone (``--parts fsdp2_resume,compile``).
+10 of a session's 15 minutes). At the estimates the last parts (quant_sd3, fsdp2_resume, compile) then do not
+start: they are recorded as not started, and a second, short call runs them alone (``--parts
+quant_sd3,fsdp2_resume,compile``).
 
     part               estimate  budget  reasoning
     build                 45 s    150 s  3.5 B (SDXL) + 7.7 B (SD3 + T5) + 0.09 B (SAM) parameters initialised on
@@ -93,6 +99,7 @@ are recorded as not started, and a second, short call runs them alone (``--parts
     step_dmd2             55 s    100 s  ~15 s setup, warm-up cycle of 5 iterations, 4 updates of 5 iterations
                                          (TTUR 5: each a student pass, a fake-score update, a VAE encode of a
                                          real image; the generator's with teacher and fake-score passes)
+    step_heads            90 s    150 s  two set-ups (~15 s each) and step_flashdmd's / step_dmd2's timed updates
     peak_sd3              50 s    100 s  ~10 s imports, ~25 s setup (15 GB incl. T5-XXL read, every prompt encoded,
                                          the text encoders released), 2 cycles (TTUR 2: 4 iterations)
     offload_sd3           58 s     85 s  3 rows, each ~10 s setup (6 GB without T5 from the page cache, LoRA,
@@ -110,7 +117,7 @@ are recorded as not started, and a second, short call runs them alone (``--parts
                                          the UNet's three levels: ~40-60 s of inductor on 16 cores), 8 updates
     plans (background)   110 s      --   flashdmd plan of both peak configs (~30 s each) and of the 5 rows' (~10 s
                                          each) on 4 CPU threads beside the GPU work
-    total               ~483 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md); the parts that
+    total               ~573 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md); the parts that
                                          would start after 450 s wait for a second call
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
@@ -151,15 +158,20 @@ SCHEMA = 1
 
 # parts in the order they run; each group is one process sharing its set-up (the SDXL Flash-DMD run serves the
 # SDXL peak, its step time and the images per second)
-PARTS = ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3", "offload_sd3",
-         "quant_sd3", "fsdp2_resume", "compile")
-GROUPS = {"build": ("build",), "sdxl": ("peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2"),
+PARTS = ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "step_heads", "peak_sd3",
+         "offload_sd3", "quant_sd3", "fsdp2_resume", "compile")
+GROUPS = {"build": ("build",), "sdxl": ("peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "step_heads"),
           "sd3": ("peak_sd3", "offload_sd3", "quant_sd3"), "fsdp2": ("fsdp2_resume",), "compile": ("compile",)}
 # --smoke: the CPU parts share one process, which also makes the plans after them (on a GPU the groups are apart so
 # that each peak starts from an empty card, and the plans run in a CPU process beside them); what differs is only
 # the number of interpreter starts, each ~4 s of imports on a small CPU
-SMOKE_GROUPS = {"cpu": ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "peak_sd3",
-                        "offload_sd3", "quant_sd3", "compile"), "fsdp2": ("fsdp2_resume",)}
+SMOKE_GROUPS = {"cpu": ("build", "peak_sdxl", "step_flashdmd", "images_per_second", "step_dmd2", "step_heads",
+                        "peak_sd3", "offload_sd3", "quant_sd3", "compile"), "fsdp2": ("fsdp2_resume",)}
+# step_heads: the world presets' text-conditioned pooled Pixel-GAN head (BENCHMARKS.md section 3a) at full size, on
+# the Flash-DMD preset and on DMD2 (the attribution's dmd2_head), timed as step_flashdmd / step_dmd2 are
+TEXT_HEAD = ["disc_kind=pixel", "disc_backbone=sam", "disc_head=pooled", "disc_head_channels=256",
+             "disc_condition=text", "disc_loss=hinge", "disc_gen_weight=0.05", "disc_weight=1.0"]
+HEAD_ROWS = {"flashdmd_text_head": "sdxl_flashdmd_texthead", "dmd2_text_head": "sdxl_dmd2_texthead"}
 PEAK_PARTS = {"peak_sdxl": "sdxl_flashdmd", "peak_sd3": "sd3_flashdmd"}  # part -> the config it measures
 # the offloading / quantisation rows: part -> (row, model_offload, model_frozen_quant); one factor changed at a time
 # against the none/none row (offload_sd3's first), every row its own set-up of the same SD3 config
@@ -170,23 +182,27 @@ OK = ("passed", "not offered")
 
 MODES = {
     "gpu": {"budget_s": 450, "part_budget_s": {"build": 150, "peak_sdxl": 90, "step_flashdmd": 45,
-                                                "images_per_second": 60, "step_dmd2": 100, "peak_sd3": 100,
+                                                "images_per_second": 60, "step_dmd2": 100, "step_heads": 150,
+                                                "peak_sd3": 100,
                                                 "offload_sd3": 85, "quant_sd3": 75, "fsdp2_resume": 90,
                                                 "compile": 150},
             "estimate_s": {"build": 45, "peak_sdxl": 45, "step_flashdmd": 20, "images_per_second": 25,
-                           "step_dmd2": 55, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 50, "fsdp2_resume": 45,
+                           "step_dmd2": 55, "step_heads": 90, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 50, "fsdp2_resume": 45,
                            "compile": 90},
-            "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8}, "row_cycles": 3,
+            "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8,
+                        "sdxl_flashdmd_texthead": 8, "sdxl_dmd2_texthead": 4}, "row_cycles": 3,
             "student_images": 8, "teacher_images": 2, "sample_batch": 2, "data_workers": 2, "plan_threads": 4,
             "threads": None, "child_start_s": 15, "compile_backend": "inductor"},
     "smoke": {"budget_s": 240, "part_budget_s": {"build": 60, "peak_sdxl": 60, "step_flashdmd": 40,
-                                                  "images_per_second": 40, "step_dmd2": 60, "peak_sd3": 60,
+                                                  "images_per_second": 40, "step_dmd2": 60, "step_heads": 60,
+                                                  "peak_sd3": 60,
                                                   "offload_sd3": 60, "quant_sd3": 60, "fsdp2_resume": 90,
                                                   "compile": 60},
               "estimate_s": {"build": 6, "peak_sdxl": 8, "step_flashdmd": 2, "images_per_second": 2,
-                             "step_dmd2": 3, "peak_sd3": 7, "offload_sd3": 5, "quant_sd3": 3, "fsdp2_resume": 25,
+                             "step_dmd2": 3, "step_heads": 5, "peak_sd3": 7, "offload_sd3": 5, "quant_sd3": 3, "fsdp2_resume": 25,
                              "compile": 6},
-              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2}, "row_cycles": 1,
+              "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2,
+                          "sdxl_flashdmd_texthead": 2, "sdxl_dmd2_texthead": 1}, "row_cycles": 1,
               "student_images": 4, "teacher_images": 2, "sample_batch": 2, "data_workers": 0, "plan_threads": 1,
               "threads": 1, "child_start_s": 10, "compile_backend": "aot_eager"},
 }
@@ -301,6 +317,10 @@ def settings(a: argparse.Namespace) -> dict:
     }
     configs["sdxl_flashdmd_compile"] = {"preset": configs["sdxl_flashdmd"]["preset"],
                                         "sets": configs["sdxl_flashdmd"]["sets"] + ["model_compile=student"]}
+    configs["sdxl_flashdmd_texthead"] = {"preset": configs["sdxl_flashdmd"]["preset"],
+                                         "sets": configs["sdxl_flashdmd"]["sets"] + TEXT_HEAD}
+    configs["sdxl_dmd2_texthead"] = {"preset": configs["sdxl_dmd2"]["preset"],
+                                     "sets": configs["sdxl_dmd2"]["sets"] + [sam] + TEXT_HEAD}
     # the rows: peak_sd3's config on the same weights without T5 (the text cache encodes every prompt at set-up and
     # frees the encoders, so an iteration is the same computation: zeros of T5's shape in its place), gradient
     # checkpointing on in every row (model_offload base needs it; the preset has it), one field changed per row
@@ -507,6 +527,29 @@ class Child:
         res["nonfinite_updates_in_row"] = dict(ctx.nonfinite)
         return res
 
+    def head_step_times(self, deadline: float) -> dict:
+        """step_time of each HEAD_ROWS config, alone on the card one after the other, each an even share of the
+        time left; the ratio of each to step_flashdmd's / step_dmd2's seconds where those parts ran."""
+        res = {"rows": {}}
+        for i, (row, config) in enumerate(HEAD_ROWS.items()):
+            share = (deadline - time.time()) / (len(HEAD_ROWS) - i)
+            try:
+                res["rows"][row] = self.step_time(config, time.time() + share)
+            except Exception as e:  # the next row still runs
+                traceback.print_exc()
+                res["rows"][row] = {"status": "failed", "error": _one_line(e)}
+            self.release(config)
+            _write_json(self.parts_dir / "step_heads.partial.json", res)
+        shipped = {p: _read_json(self.parts_dir / f"{p}.json") for p in ("step_flashdmd", "step_dmd2")}
+        dmd2 = (shipped["step_dmd2"] or {}).get("seconds_per_generator_update")
+        for row, r in res["rows"].items():
+            if "seconds_per_generator_update" in r and dmd2:
+                r["relative_to_step_dmd2"] = r["seconds_per_generator_update"] / dmd2
+        failed = [f"{k}: {v['error']}" for k, v in res["rows"].items() if v.get("status") == "failed"]
+        if failed:
+            res["status"], res["error"] = "failed", "; ".join(failed)
+        return res
+
     def compiled_step_time(self, deadline: float) -> dict:
         """step_time of the compiled config, with the backend and what dynamo compiled (frames, graphs, breaks)."""
         from torch._dynamo.utils import counters
@@ -699,6 +742,10 @@ def child_main(group: str, parts: list[str], state_path: Path) -> int:
         elif name == "step_dmd2":
             ch.release("sdxl_flashdmd")  # one run on the card at a time
             ch.run_part(name, lambda d: ch.step_time("sdxl_dmd2", d))
+        elif name == "step_heads":
+            ch.release("sdxl_flashdmd")
+            ch.release("sdxl_dmd2")
+            ch.run_part(name, ch.head_step_times)
         elif name == "peak_sd3":
             ch.run_part(name, lambda d: ch.peak("sd3_flashdmd", d))
         elif name in ROWS:
@@ -1103,6 +1150,11 @@ def summary_line(part: str, r: dict) -> str:
             return head + (f" -- {meas}; plan {_gib(pl['plan_peak_bytes'])} GiB (tensors "
                            f"{pl['plan_tensors_over_max_allocated']:.2f}x, device "
                            f"{pl['plan_over_reserved_plus_outside']:.2f}x): {verdict}")
+        if part == "step_heads":
+            return head + " -- text-conditioned pooled head: " + "; ".join(
+                f"{n} {x['seconds_per_generator_update']:.2f} s per generator update (TTUR {x['ttur']}"
+                + (f", {x['relative_to_step_dmd2']:.2f}x step_dmd2" if "relative_to_step_dmd2" in x else "") + ")"
+                for n, x in r["rows"].items())
         if part in ("step_flashdmd", "step_dmd2", "compile"):
             vs = r.get("vs_eager", {})
             extra = "" if part != "compile" else (

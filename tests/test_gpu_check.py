@@ -51,6 +51,14 @@ def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
         v = parts[part]
         assert v["ttur"] == ttur and v["batch_size"] == 1
         assert v["updates_seconds"] and v["seconds_per_generator_update"] == statistics.median(v["updates_seconds"])
+    # the text-conditioned pooled head on both presets (section 3a's head at full size), the shipped TTURs
+    heads = parts["step_heads"]["rows"]
+    for row, ttur in (("flashdmd_text_head", 1), ("dmd2_text_head", 5)):
+        v = heads[row]
+        assert v["ttur"] == ttur and "disc_condition=text" in v["config"]["sets"]
+        assert v["seconds_per_generator_update"] == statistics.median(v["updates_seconds"])
+        assert v["relative_to_step_dmd2"] == v["seconds_per_generator_update"] / parts["step_dmd2"][
+            "seconds_per_generator_update"]
 
     # the offload / quantisation rows: each a set-up of its own config, one field changed against none/none
     rows = {**parts["offload_sd3"]["rows"], **parts["quant_sd3"]["rows"]}
