@@ -118,6 +118,8 @@ def test_all_keeps_every_evaluation(plugin, tmp_path):
     (["eval_split=val", "eval_prompts=p.txt"], "with eval_prompts the file is the split"),
     (["eval_split=c"], "is not one of the splits evaluator's prompt splits (a, b)"),
     (["eval_keep_students=improved", "eval_select_metric=clip_score"], "which this run's evaluator does not give"),
+    # the real-model presets' placeholder path: said before any model loads
+    (["eval_prompts=/data/eval_prompts.txt"], "is not a file (the shipped real-model presets name placeholder"),
 ])
 def test_bad_selection_settings_are_one_line(plugin, tmp_path, capsys, sets, words):
     out = tmp_path / "run"

@@ -257,8 +257,14 @@ def _evaluation(cfg: DistillConfig, device, prompts) -> tuple[object | None, lis
 
 
 def check_selection(cfg: DistillConfig) -> None:
-    """Before anything loads: eval_split names a split of the plug-in teacher's evaluator, and eval_keep_students:
-    improved follows a metric it gives (an eval_prompts evaluator's metrics are checked when it is built)."""
+    """Before anything loads: the eval_prompts file exists, eval_split names a split of the plug-in teacher's
+    evaluator, and eval_keep_students: improved follows a metric it gives (an eval_prompts evaluator's metrics are
+    checked when it is built)."""
+    if cfg.eval_prompts is not None and not Path(cfg.eval_prompts).is_file():
+        hint = (" (the shipped real-model presets name placeholder paths under /data and /models)"
+                if str(cfg.eval_prompts).startswith("/data/") else "")
+        raise FlashDMDError(f"config: eval_prompts {cfg.eval_prompts} is not a file{hint}: set eval_prompts to your "
+                            "held-out prompt file (one prompt per line; the sample grids use it too)")
     owner = plugins.model_owner(cfg.model_teacher) if cfg.eval_prompts is None else None
     evaluator = getattr(owner, "evaluator", None)
     if cfg.eval_split is not None:
