@@ -2,12 +2,12 @@
 and controls", fixed 2026-12-06): its runs, its scoring and its verdict, in five resumable steps.
 
     P=".venv/bin/python benchmarks/rl_prereg.py"
-    $P bases --seeds 0 1 3 4 5 --out R     # Stage 1 of `flashdmd demo --seed N` (300 generator updates) -> R/bases/seedN
-    $P shuffled-lrm --out R                # lrm-sdxl's 2 000 pairs again, preferences flipped at random (p 0.5, seed 0),
-                                           # an LRM trained on them -> R/lrm-sdxl-shuffled, R/shuffled_lrm.json
-    $P tune --out R                        # rl_alone, joint_5 on bases 0, 1 at rl_lr 1e-7 / 2.5e-7 / 5e-7 -> R/tuning.json
-    $P report --out R                      # rl_alone, joint_5, distill_5, rl_alone_shuffled on bases 3, 4, 5
-    $P verdict --out R                     # the pre-registered "What will be said" -> R/verdict.json
+    $P bases --seeds 0 1 3 4 5 --out R   # Stage 1 of `flashdmd demo --seed N` (300 generator updates): R/bases/seedN
+    $P shuffled-lrm --out R              # lrm-sdxl's 2 000 pairs again, each preference flipped at random (p 0.5,
+                                         # seed 0), an LRM trained on them: R/lrm-sdxl-shuffled, R/shuffled_lrm.json
+    $P tune --out R                      # rl_alone, joint_5 on bases 0, 1 at rl_lr 1e-7 / 2.5e-7 / 5e-7: R/tuning.json
+    $P report --out R                    # rl_alone, joint_5, distill_5, rl_alone_shuffled on bases 3, 4, 5
+    $P verdict --out R                   # the pre-registered "What will be said": R/verdict.json
 
 Every step reads back what an earlier call finished and does only the rest: a base whose checkpoint at the end of
 Stage 1 exists, pairs files whose .meta.json exists, an LRM folder with metrics.json, a Stage-2 row whose folder holds
@@ -35,6 +35,10 @@ for joint_5 / distill_5 (its 80 cycles at 400 included). eval_every_steps is the
 whose evaluations in between are extra); each kept student's run.json (rl_steps, generator_steps) is checked against
 the update it stands for. The run's own evaluations use --eval-images (default 100) and seed 0: only the mechanism
 that writes the students (they draw from their own generators, not the run's); the numbers are the scores below.
+
+Update 0 is the base run folder's student (Stage 1's EMA: what Stage 2 starts from), scored once per base; where that
+folder's student is not Stage 1's (a `flashdmd demo` folder put at OUT/bases/seedN, which went on into Stage 2), the
+row's own copy of it, kept by its baseline evaluation at the base's global step.
 
 Scoring (:func:`score_images`): sample_images once per (student, noise seed) on the test split's evaluation prompts
 (flashdmd.world.prompts.eval_prompts(N, "test")), N = 1 000, noise seeds 1, 2, 3; from those images FD, alignment,
@@ -277,8 +281,9 @@ def save_record(out: Path, rec: dict) -> None:
 
 
 def score_images(images, labels, classifier=None, oracle=None) -> dict:
-    """FD, alignment, diversity, the oracle's mean score and confidence (the evaluation classifier's mean log-probability
-    of the prompted class) of one set of generated images (N, 1|3, 32, 32) in [-1, 1] with their prompted classes."""
+    """FD, alignment, diversity, the oracle's mean score and confidence (the evaluation classifier's mean
+    log-probability of the prompted class) of one set of generated images (N, 1|3, 32, 32) in [-1, 1] and their
+    prompted classes."""
     import torch
     from flashdmd.world.classifier import load_eval_classifier
     from flashdmd.world.metrics import classifier_outputs, evaluate_images
@@ -375,16 +380,19 @@ def run_row(out: Path, phase: str, row: str, base: int, lr: str | None, a, lrm: 
     print(f"[{phase}] {row} base {base} rl_lr {lr or DISTILL_OFF_LR}", flush=True)
     result = rl.run_row(name, STAGE2_SEED, ns, ckpt, base_steps, lr)
     folder = rl.row_folder(ns.out, lr, name, STAGE2_SEED)
-    checkpoints = {"0": {"folder": str(out / "bases" / f"seed{base}"), "rl_steps": 0,
-                         "generator_steps": base_steps, "global_step": base_steps}}
-    for u, g in targets.items():
-        student = folder / "students" / f"step_{g:08d}"
-        info = json.loads((student / "run.json").read_text()) if (student / "run.json").is_file() else None
+    # update 0: the base run folder's student (Stage 1's EMA, the student Stage 2 starts from), scored once per base;
+    # where that folder went on past Stage 1 (a demo run's), the row's own copy of it (its baseline evaluation's)
+    base_dir = out / "bases" / f"seed{base}"
+    if _counters(base_dir) != (0, base_steps):
+        base_dir = folder / "students" / f"step_{base_steps:08d}"
+    checkpoints = {"0": {"folder": str(base_dir), "rl_steps": 0, "generator_steps": base_steps,
+                         "global_step": base_steps}}
+    for u, g in [(0, base_steps)] + list(targets.items()):
+        student = Path(checkpoints["0"]["folder"]) if u == 0 else folder / "students" / f"step_{g:08d}"
         want = (u, base_steps + (u // ratio if ratio else 0))
-        if info is None or (info.get("rl_steps"), info.get("generator_steps")) != want:
-            raise FlashDMDError(f"{folder}: no kept student of RL update {u} at {student} (rl_steps / generator_steps "
-                                f"{want}; found {info and (info.get('rl_steps'), info.get('generator_steps'))}): rerun "
-                                "the row (remove its folder)")
+        if _counters(student) != want:
+            raise FlashDMDError(f"{folder}: no student of RL update {u} at {student} (rl_steps / generator_steps "
+                                f"{want}; found {_counters(student)}): rerun the row (remove its folder)")
         checkpoints[str(u)] = {"folder": str(student), "rl_steps": u, "generator_steps": want[1], "global_step": g}
     for c in checkpoints.values():
         c["seeds"] = score_student(Path(c["folder"]), a.num_images, a.noise_seeds)
@@ -396,6 +404,13 @@ def run_row(out: Path, phase: str, row: str, base: int, lr: str | None, a, lrm: 
            "wall_seconds": result.get("wall_seconds"), "deviations": a.deviations, "checkpoints": checkpoints}
     save_record(out, rec)
     return rec
+
+
+def _counters(run_dir: Path):
+    """(rl_steps, generator_steps) of a run folder's student (its run.json), or None."""
+    path = run_dir / "run.json"
+    info = json.loads(path.read_text()) if path.is_file() else {}
+    return (info["rl_steps"], info["generator_steps"]) if "rl_steps" in info else None
 
 
 def cmd_bases(a) -> int:

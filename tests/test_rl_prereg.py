@@ -197,6 +197,7 @@ def test_smoke_end_to_end(tmp_path, capsys):
             assert set(c["seeds"]) == {"1"} and set(c["mean"]) == set(METRICS)
             assert c["mean"]["confidence"] < 0 and c["seeds"]["1"]["num_images"] == 20
     # update 0 is the base's student: the same numbers as the row's own copy of the student it started from
+    assert joint["checkpoints"]["0"]["folder"] == str(out / "bases" / "seed0")
     base0 = joint["checkpoints"]["0"]["seeds"]["1"]
     kept = P["score_student"](Path(joint["folder"]) / "students" / "step_00000001", 20, [1])["1"]
     assert {k: base0[k] for k in METRICS} == pytest.approx({k: kept[k] for k in METRICS}, abs=1e-6)
