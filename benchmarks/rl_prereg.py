@@ -399,7 +399,7 @@ def run_row(out: Path, phase: str, row: str, base: int, lr: str | None, a, lrm: 
         c["mean"] = mean_metrics(c["seeds"])
     rec = {"phase": phase, "row": row, "base_seed": base, "rl_lr": float(lr) if lr else DISTILL_OFF_LR,
            "rl_steps": a.rl_steps, "rl_distill_ratio": ratio, "rl_py_row": name, "stage2_seed": STAGE2_SEED,
-           "lrm": lrm or SHIPPED_LRM, "num_images": a.num_images, "noise_seeds": list(a.noise_seeds),
+           "lrm": lrm or SHIPPED_LRM, "run_eval_images": a.eval_images, "num_images": a.num_images, "noise_seeds": list(a.noise_seeds),
            "split": "test", "folder": str(folder), "hacking_warnings": len(result.get("warnings", [])),
            "wall_seconds": result.get("wall_seconds"), "deviations": a.deviations, "checkpoints": checkpoints}
     save_record(out, rec)
@@ -535,6 +535,9 @@ def cmd_report(a) -> int:
         raise FlashDMDError(f"{out / 'tuning.json'} is missing: run `benchmarks/rl_prereg.py tune --out {out}` first "
                             "(the step sizes are chosen on the tuning bases only)")
     tuning = json.loads((out / "tuning.json").read_text())
+    if tuning.get("deviations") and not a.deviations:
+        raise FlashDMDError(f"{out / 'tuning.json'} was made with {', '.join(tuning['deviations'])} other than the "
+                            "pre-registration's: rerun `tune` at the pre-registered sizes")
     lrm = out / "lrm-sdxl-shuffled"
     rows = a.rows or list(ROWS)
     if "rl_alone_shuffled" in rows and not (lrm / "lrm.json").is_file():
