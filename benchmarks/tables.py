@@ -786,6 +786,31 @@ def vram_table():
              "DDP x8", "FSDP2 x8", "smallest card (FSDP2)"], rows, ["vram_table.json"], notes)
 
 
+@table("data_free")
+def data_free():
+    d = load("data_free.json")
+    names = {"teacher_reals": "the teacher's own images (make-reals)", "fashion_mnist": "Fashion-MNIST (the preset's)"}
+    rows = []
+    for source, label in names.items():
+        runs = [r for r in d["rows"].values() if r["source"] == source]
+        for r in sorted(runs, key=lambda r: r["seed"]):
+            c = [(e["generator_steps"], e["fd"], e["alignment"]) for e in r["curve"]]
+            trained = [x for x in c if x[0] > 0]
+            best = min(trained, key=lambda x: x[1])
+            rows.append([label, str(r["seed"]), f(r["final_fd"]), f"{best[1]:.2f} ({best[0]})",
+                         f(c[-1][2], 3)])
+        s = d["sources"][source]
+        rows.append([f"**{label}: mean**", "–", f"{s['final_fd_mean']:.2f} (sd {s['final_fd_sd']:.2f})",
+                     f(s["best_fd_mean"]), "–"])
+    m = d["make_reals"]
+    notes = [f"World-sdxl, the Flash-DMD preset's Stage 1 ({d['steps']} generator updates, batch {d['batch']}), FD "
+             f"every {d['eval_every']} updates on {d['eval_num_images']} images; only data_real differs. The teacher "
+             f"images: {m['num']} from {m['num_prompts']} class prompts (training templates), its own sampler at "
+             f"{m['sampler_steps']} steps and guidance {m['guidance_scale']}. Teacher reals / Fashion-MNIST, final "
+             f"FD: {d['teacher_reals_over_fashion_mnist_final_fd']:.3f}."]
+    return ["data_real", "seed", "final FD", "best FD (step)", "final alignment"], rows, ["data_free.json"], notes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Section 3a: the pre-registered attribution (benchmarks/attribution.py)
 
@@ -992,6 +1017,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
                         "2026-12-06"),
     "quant_stage1.json": ("world-sdxl Stage 1 with an int8 / fp32 / bf16 frozen base, two seeds "
                           "(benchmarks/quant_stage1.py)", "8", "2026-12-06"),
+    "data_free.json": ("world-sdxl Stage 1 with the teacher's own images (make-reals) against Fashion-MNIST as "
+                       "data_real, two seeds (benchmarks/data_free.py)", "7", "2026-12-06"),
     "attribution.json": ("the pre-registered attribution runs, one record per row, teacher and training seed "
                          "(benchmarks/attribution.py run)", "3a", "2026-12-06"),
     "attribution_cost_sdxl.json": ("seconds per generator update of every attribution row, world-sdxl, one process "
