@@ -202,7 +202,7 @@ MODES = {
                              "step_dmd2": 3, "step_heads": 5, "peak_sd3": 7, "offload_sd3": 5, "quant_sd3": 3, "fsdp2_resume": 25,
                              "compile": 6},
               "updates": {"sdxl_flashdmd": 2, "sdxl_dmd2": 1, "sdxl_flashdmd_compile": 2,
-                          "sdxl_flashdmd_texthead": 2, "sdxl_dmd2_texthead": 1}, "row_cycles": 1,
+                          "sdxl_flashdmd_texthead": 1, "sdxl_dmd2_texthead": 1}, "row_cycles": 1,
               "student_images": 4, "teacher_images": 2, "sample_batch": 2, "data_workers": 0, "plan_threads": 1,
               "threads": 1, "child_start_s": 10, "compile_backend": "aot_eager"},
 }
