@@ -871,9 +871,9 @@ def attribution_rows(teacher: str) -> tuple[list, list]:
         if best is None or len(pre) < 2:
             continue
         head = point_fds(recs.get("dmd2_head", []), k)
-        notes.append(f"At {name}: the preset is {verdict(pre, dmd[best])} against {ATTR_ROWS[best]}; "
-                     f"DMD2 + the head is {verdict(head, dmd[best])} against it and {verdict(head, pre)} against "
-                     "the preset.")
+        notes.append(f"At {name}, the preset against {ATTR_ROWS[best]}: {verdict(pre, dmd[best])}; DMD2 + the "
+                     f"preset's head against {ATTR_ROWS[best]}: {verdict(head, dmd[best])}, against the preset: "
+                     f"{verdict(head, pre)}.")
     notes.append("FD: the test split (held-out templates), N = 1 000, the mean over noise seeds 1-3 of the student "
                  "chosen on the val split up to that point; mean ± sd over training seeds (how many). B: the "
                  "teacher's budget in DMD2 updates; every row spends the same CPU time per point. Images, critic "
