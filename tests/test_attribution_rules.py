@@ -1,0 +1,44 @@
+"""BENCHMARKS.md section 3a's pre-registered rules as code: the Welch two-standard-error verdict of the tables, the
+DMD2 sweep's winner, and the equal-compute budget (every row spends the budget's seconds within half an evaluation
+interval)."""
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import tables  # noqa: E402
+
+A = runpy.run_path(str(ROOT / "benchmarks" / "attribution.py"), run_name="attribution")
+
+
+def test_verdict_is_welch_two_standard_errors():
+    assert tables.verdict([9.0, 9.2, 9.1], [11.0, 11.3, 11.1]) == "better"
+    assert tables.verdict([11.0, 11.3, 11.1], [9.0, 9.2, 9.1]) == "worse"
+    # means 1 apart, but each side spreads by ~1.5: the standard error of the difference is ~1.2 -> level
+    assert tables.verdict([8.0, 10.0, 11.0], [9.0, 12.0, 11.0]) == "level"
+    assert tables.verdict([9.0], [11.0, 11.2]) == "–"  # fewer than two seeds a side: no verdict
+
+
+def test_the_sweep_winner_is_the_lowest_best_val_fd_once_every_row_is_in():
+    names = ["dmd2", *A["SWEEP"]]
+    recs = [{"row": n, "teacher": "world-sdxl", "seed": 100,
+             "val_curve": [[0, 5.0, 0.9], [19, 20.0 - i, 0.9], [38, 21.0 - i, 0.9]]} for i, n in enumerate(names)]
+    assert A["sweep_winner"](recs[:-1]) is None  # one sweep row missing
+    assert A["sweep_winner"](recs) == names[-1]  # step 0 (the teacher's weights) never counts
+    other_seed = [dict(r, seed=0) for r in recs]
+    assert A["sweep_winner"](other_seed) is None  # only the tuning seed's records decide
+
+
+@pytest.mark.parametrize("row", ["preset", "dmd2", "dmd2_head", "preset_routing_off", "preset_pull_off",
+                                 "preset_ttur5", "sweep_b09"])
+def test_every_row_spends_the_budget(row):
+    cost = json.loads((ROOT / "benchmarks" / "results" / "attribution_cost_sdxl.json").read_text())["rows"]
+    per = cost.get(row, cost["dmd2"])["seconds_per_generator_update"]
+    budget = A["BUDGET"]["sdxl"] * cost["dmd2"]["seconds_per_generator_update"]
+    steps, every = A["row_steps"](row, "sdxl")
+    # rounded to a multiple of the 16 evaluations: at most 8 updates from the budget's seconds / the row's
+    assert steps == every * A["EVALS"] and abs(steps - budget / per) <= A["EVALS"] / 2
