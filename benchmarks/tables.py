@@ -1021,6 +1021,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
                        "data_real, two seeds (benchmarks/data_free.py)", "7", "2026-12-06"),
     "attribution.json": ("the pre-registered attribution runs, one record per row, teacher and training seed "
                          "(benchmarks/attribution.py run)", "3a", "2026-12-06"),
+    "attribution_cost_sd3.json": ("seconds per generator update of every attribution row, world-sd3, one process, "
+                                  "beside two training lanes (benchmarks/attribution.py cost)", "3a", "2026-12-06"),
     "attribution_cost_sdxl.json": ("seconds per generator update of every attribution row, world-sdxl, one process "
                                    "(benchmarks/attribution.py cost)", "3a", "2026-12-06"),
     "plan_targets.json": ("issue 31's planned single-card targets with a quantised or offloaded base "
