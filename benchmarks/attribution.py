@@ -224,29 +224,12 @@ def _preset_ttur(preset: str) -> dict:
 def measure_cost(a) -> None:
     """Seconds per generator update of every row (the sweep rows and dmd2_best cost what dmd2 does), interleaved in
     rounds in one process (benchmarks/step_cost.py's method), with images and critic iterations per update."""
-    from flashdmd.training import distill
-    from flashdmd.training.config import DistillConfig
-    from flashdmd.training.run import RunWriter
-    runs, tmp = {}, Path(tempfile.mkdtemp(prefix="attribution_cost_"))
-    for name in a.rows or list(ROWS)[:6]:
-        preset, overrides = ROWS[name]
-        sets = [f"{k}={v}" for k, v in overrides.items()] + [
-            f"run_batch_size={BATCH}", "eval_every_steps=0", "run_sample_every_steps=0",
-            "run_checkpoint_every_steps=0", "run_log_every_steps=1000000", "rl_enabled=false"]
-        cfg = DistillConfig.from_sources(str(ROOT / "configs" / f"world_{a.family}_{preset}.yaml"), sets)
-        ctx = distill.setup(cfg)
-        writer = RunWriter(tmp / name, cfg, ctx)
-        for _ in range(cfg.fake_score_ttur):  # warm-up: one full cycle
-            distill.distill_iteration(ctx, writer)
-        runs[name] = (ctx, writer, cfg.fake_score_ttur, [])
-    for _ in range(a.rounds):
-        for name, (ctx, writer, ttur, times) in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(a.updates * ttur):
-                distill.distill_iteration(ctx, writer)
-            times.append((time.perf_counter() - t0) / a.updates)
+    from step_cost import time_rows
+    names = a.rows or list(ROWS)[:6]
+    specs = {n: (ROOT / "configs" / f"world_{a.family}_{ROWS[n][0]}.yaml", ROWS[n][1]) for n in names}
+    runs = time_rows(specs, BATCH, a.updates, a.rounds)
     rows = {}
-    for name, (_, _, ttur, times) in runs.items():
+    for name, (ttur, times) in runs.items():
         s = sorted(times)[len(times) // 2]
         rows[name] = {"critic_iterations_per_update": ttur, "images_per_update": BATCH,
                       "seconds_per_generator_update": s, "rounds": times}

@@ -23,6 +23,35 @@ from common import add_threads_arg, parse  # noqa: E402
 from convergence import ROWS  # noqa: E402
 
 
+def time_rows(specs: dict, batch: int, updates: int, rounds: int) -> dict:
+    """name -> (TTUR, seconds per generator update of each round) for ``specs`` (name -> (preset, overrides)): every
+    row set up in this process, one warm-up cycle each, then ``rounds`` rounds of ``updates`` generator updates per row,
+    interleaved so that machine noise hits every row alike (a TTUR-n update includes its n - 1 critic iterations)."""
+    from flashdmd.training import distill
+    from flashdmd.training.config import DistillConfig
+    from flashdmd.training.run import RunWriter
+
+    runs = {}
+    tmp = Path(tempfile.mkdtemp(prefix="step_cost_"))
+    for name, (preset, overrides) in specs.items():
+        sets = [f"{k}={v}" for k, v in overrides.items()] + [
+            f"run_batch_size={batch}", "eval_every_steps=0", "run_sample_every_steps=0",
+            "run_checkpoint_every_steps=0", "run_log_every_steps=1000000", "rl_enabled=false"]
+        cfg = DistillConfig.from_sources(str(preset), sets)
+        ctx = distill.setup(cfg)
+        writer = RunWriter(tmp / name, cfg, ctx)
+        for _ in range(cfg.fake_score_ttur):  # warm-up: one full cycle
+            distill.distill_iteration(ctx, writer)
+        runs[name] = (ctx, writer, cfg.fake_score_ttur, [])
+    for _ in range(rounds):
+        for name, (ctx, writer, ttur, times) in runs.items():
+            t0 = time.perf_counter()
+            for _ in range(updates * ttur):
+                distill.distill_iteration(ctx, writer)
+            times.append((time.perf_counter() - t0) / updates)
+    return {name: (ttur, times) for name, (_, _, ttur, times) in runs.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl")
@@ -33,32 +62,10 @@ def main():
     add_threads_arg(p)
     p.add_argument("--out", required=True)
     a = parse(p)
-    from flashdmd.training import distill
-    from flashdmd.training.config import DistillConfig
-    from flashdmd.training.run import RunWriter
-
-    runs = {}
-    tmp = Path(tempfile.mkdtemp(prefix="step_cost_"))
-    for name in a.rows:
-        preset, overrides = ROWS[name]
-        sets = [f"{k}={v}" for k, v in overrides.items()] + [
-            f"run_batch_size={a.batch}", "eval_every_steps=0", "run_sample_every_steps=0",
-                "run_checkpoint_every_steps=0",
-            "run_log_every_steps=1000000", "rl_enabled=false"]
-        cfg = DistillConfig.from_sources(str(ROOT / "configs" / f"world_{a.family}_{preset}.yaml"), sets)
-        ctx = distill.setup(cfg)
-        writer = RunWriter(tmp / name, cfg, ctx)
-        for _ in range(cfg.fake_score_ttur):  # warm-up: one full cycle
-            distill.distill_iteration(ctx, writer)
-        runs[name] = (ctx, writer, cfg.fake_score_ttur, [])
-    for _ in range(a.rounds):
-        for name, (ctx, writer, ttur, times) in runs.items():
-            t0 = time.perf_counter()
-            for _ in range(a.updates * ttur):
-                distill.distill_iteration(ctx, writer)
-            times.append((time.perf_counter() - t0) / a.updates)
+    specs = {name: (ROOT / "configs" / f"world_{a.family}_{ROWS[name][0]}.yaml", ROWS[name][1]) for name in a.rows}
+    runs = time_rows(specs, a.batch, a.updates, a.rounds)
     result = {"family": a.family, "batch_size": a.batch, "threads": a.threads, "rows": {}}
-    for name, (_, _, ttur, times) in runs.items():
+    for name, (ttur, times) in runs.items():
         s = sorted(times)[len(times) // 2]
         result["rows"][name] = {"ttur": ttur, "seconds_per_generator_update": s, "rounds": times}
         print(f"{name:14s} TTUR {ttur}: {s:.2f} s per generator update (median of {len(times)} rounds)", flush=True)
