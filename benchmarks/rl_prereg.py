@@ -8,6 +8,7 @@ and controls", fixed 2026-12-06): its runs, its scoring and its verdict, in five
     $P tune --out R                      # rl_alone, joint_5 on bases 0, 1 at rl_lr 1e-7 / 2.5e-7 / 5e-7: R/tuning.json
     $P report --out R                    # rl_alone, joint_5, distill_5, rl_alone_shuffled on bases 3, 4, 5
     $P verdict --out R                   # the pre-registered "What will be said": R/verdict.json
+    $P summary --out R --to benchmarks/results/stage2_prereg.json   # all of it so far, for the tables
 
 Every step reads back what an earlier call finished and does only the rest: a base whose checkpoint at the end of
 Stage 1 exists, pairs files whose .meta.json exists, an LRM folder with metrics.json, a Stage-2 row whose folder holds
@@ -572,6 +573,28 @@ def cmd_verdict(a) -> int:
     return 0
 
 
+def cmd_summary(a) -> int:
+    """Everything OUT holds so far in one file (--to; benchmarks/results/stage2_prereg.json): the records, the tuning
+    choice, the shuffled LRM's check and the verdict over the report records landed so far (its "incomplete" names
+    what is missing). Paths are made relative to OUT. Run after every landed row; the tables read this file."""
+    out = Path(a.out).resolve()
+    recs = json.loads(json.dumps(read_records(out)).replace(str(out) + "/", ""))
+
+    def opt(name):
+        path = out / name
+        return json.loads(path.read_text()) if path.is_file() else None
+    rep = [r for r in recs if r["phase"] == "report"]
+    v = verdict(rep)
+    v["deviations"] = sorted({d for r in rep for d in r.get("deviations", [])})
+    shuffled = opt("shuffled_lrm.json")
+    if shuffled:
+        shuffled["shuffled_lrm"] = shuffled["shuffled_lrm"].replace(str(out) + "/", "")
+    write_json(Path(a.to), {"pre_registered": "BENCHMARKS.md section 4, fixed 2026-12-06", "records": recs,
+                            "tuning": opt("tuning.json"), "shuffled_lrm": shuffled, "verdict": v})
+    print(f"{len(recs)} record(s) -> {a.to}")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------------
 
 
@@ -588,7 +611,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
     cmds = {"bases": cmd_bases, "shuffled-lrm": cmd_shuffled_lrm, "tune": cmd_tune, "report": cmd_report,
-            "verdict": cmd_verdict}
+            "verdict": cmd_verdict, "summary": cmd_summary}
     H = argparse.SUPPRESS
     for name in cmds:
         s = sub.add_parser(name)
@@ -597,6 +620,8 @@ def main(argv=None) -> int:
         s.add_argument("--no-progress", action="store_true")
         if name == "bases":
             s.add_argument("--seeds", nargs="+", type=int, default=list(TUNE_BASES + REPORT_BASES))
+        if name == "summary":
+            s.add_argument("--to", required=True, help="the summary file (benchmarks/results/stage2_prereg.json)")
         if name == "verdict":
             s.add_argument("--allow-deviations", action="store_true", help=H)
         # sizes of the pre-registration, to be shrunk only by the tests

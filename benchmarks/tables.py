@@ -940,6 +940,107 @@ def dmd2_sweep():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Section 4: the pre-registered Stage-2 comparison (benchmarks/rl_prereg.py summary)
+
+S2_ROWS = ("rl_alone", "joint_5", "distill_5", "rl_alone_shuffled")
+S2_CONTROL = {"joint_5": "distill_5"}      # rl_prereg.CONTROL: every other row against its base (update 0)
+S2_METRICS = ("fd", "alignment", "diversity", "oracle", "confidence")
+
+
+def s2_summary():
+    return load("stage2_prereg.json") if (RESULTS / "stage2_prereg.json").is_file() else None
+
+
+def s2_changes(recs: list[dict], phase: str, row: str, ckpt: str) -> dict:
+    """base -> the row's change against its control at checkpoint ``ckpt`` (rl_prereg._changes), every metric; only
+    the bases where both the row and its control have landed."""
+    by = {(r["row"], r["base_seed"]): r for r in recs if r["phase"] == phase}
+    out = {}
+    for (rw, b), r in by.items():
+        ctrl = by.get((S2_CONTROL[row], b)) if row in S2_CONTROL else r
+        if rw != row or ctrl is None or ckpt not in r["checkpoints"] or ckpt not in ctrl["checkpoints"]:
+            continue
+        c0 = ctrl["checkpoints"][ckpt if row in S2_CONTROL else "0"]["mean"]
+        out[b] = {k: r["checkpoints"][ckpt]["mean"][k] - c0[k] for k in S2_METRICS}
+    return out
+
+
+def mean_se_cell(xs: list[float], nd: int = 3) -> str:
+    if not xs:
+        return "–"
+    if len(xs) == 1:
+        return f"{xs[0]:+.{nd}f} (1)"
+    se = statistics.stdev(xs) / len(xs) ** 0.5
+    return f"{mean(xs):+.{nd}f} ± {se:.{nd}f}"
+
+
+@table("stage2_tuning")
+def stage2_tuning():
+    s = s2_summary()
+    rows = []
+    tuning = (s or {}).get("tuning") or {}
+    recs = (s or {}).get("records", [])
+    for row in ("rl_alone", "joint_5"):
+        for lr in ("1e-7", "2.5e-7", "5e-7"):
+            cells = []
+            for b in (0, 1):
+                r = next((x for x in recs if x["phase"] == "tune" and x["row"] == row and x["base_seed"] == b
+                          and x["rl_lr"] == float(lr)), None)
+                if r is None:
+                    cells.append("not run yet")
+                    continue
+                last = str(max(int(k) for k in r["checkpoints"]))
+                m0, m = r["checkpoints"]["0"]["mean"], r["checkpoints"][last]["mean"]
+                cells.append(f"{m0['fd']:.2f} -> {m['fd']:.2f} ({100 * (m['fd'] / m0['fd'] - 1):+.1f} %), "
+                             f"oracle {m['oracle'] - m0['oracle']:+.3f}")
+            chosen = tuning.get(row, {}).get("rl_lr")
+            rows.append([row, lr, *cells, "–" if not tuning else ("**chosen**" if chosen == lr else "")])
+    notes = ["Test FD of the base -> after 400 RL updates (N = 1 000, mean over noise seeds 1-3) and the oracle's "
+             "change, on the tuning bases (the demo's Stage 1 at seeds 0 and 1). The rule: the largest rl_lr within "
+             "+5 % of its base on both, else the smallest; `rl_alone_shuffled` takes `rl_alone`'s."]
+    return ["row", "rl_lr", "base 0: FD, oracle change", "base 1: FD, oracle change", "choice"], rows, \
+        ["stage2_prereg.json"] if s else [], notes
+
+
+@table("stage2_prereg")
+def stage2_prereg():
+    s = s2_summary()
+    recs = (s or {}).get("records", [])
+    rows = []
+    for row in S2_ROWS:
+        lrs = sorted({r["rl_lr"] for r in recs if r["phase"] == "report" and r["row"] == row})
+        first = True
+        cks = sorted({c for r in recs if r["phase"] == "report" and r["row"] == row for c in r["checkpoints"]}
+                     - {"0"}, key=int) or ["400"]   # every 100 RL updates as pre-registered
+        for ck in cks:
+            ch = s2_changes(recs, "report", row, ck)
+            rows.append([row if first else "", ", ".join(f"{x:g}" for x in lrs) or "–", S2_CONTROL.get(row, "its base"), ck,
+                         ", ".join(str(b) for b in sorted(ch)) or "not run yet",
+                         *(mean_se_cell([c[k] for c in ch.values()], 2 if k == "fd" else 3) for k in S2_METRICS)])
+            first = False
+    v = (s or {}).get("verdict") or {}
+    notes = ["Each row's change against its control on the report bases (the demo's Stage 1 at seeds 3, 4, 5) after "
+             "100-400 RL updates: mean ± standard error over the bases. Test split, N = 1 000, the mean over noise "
+             "seeds 1-3. Confidence: the evaluation classifier's mean log-probability of the prompted class (the "
+             "held-out judge; the oracle labelled the reward model's pairs)."]
+    for key in ("regularises", "learns_preference"):
+        if key in v:
+            notes.append(v[key]["statement"] + ".")
+    sh = (s or {}).get("shuffled_lrm")
+    if sh:
+        notes.append(f"The shuffled LRM: {sh['flips']['flipped']} of {sh['flips']['pairs']} preferences flipped; its "
+                     f"held-out accuracy on the original pairs {sh['shuffled_heldout_accuracy_on_original_pairs']:.3f}"
+                     f" (the shipped LRM's on the regenerated pairs: "
+                     f"{sh['shipped_lrm_heldout_accuracy_on_regenerated_pairs']:.3f}).")
+    if v.get("deviations"):
+        notes.append("Deviations from the pre-registration: " + ", ".join(v["deviations"]) + ".")
+    if v:
+        notes.append(v["paper"])
+    return ["row", "rl_lr", "against", "RL updates", "bases", "Δ FD", "Δ alignment", "Δ diversity", "Δ oracle",
+            "Δ confidence"], rows, ["stage2_prereg.json"] if s else [], notes
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # The result files
 
 RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when it entered the repository
@@ -1025,6 +1126,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
                                   "beside two training lanes (benchmarks/attribution.py cost)", "3a", "2026-12-06"),
     "attribution_cost_sdxl.json": ("seconds per generator update of every attribution row, world-sdxl, one process "
                                    "(benchmarks/attribution.py cost)", "3a", "2026-12-06"),
+    "stage2_prereg.json": ("the pre-registered Stage-2 comparison: its records, tuning choice, shuffled-LRM check and "
+                           "verdict (benchmarks/rl_prereg.py summary)", "4", "2026-12-06"),
     "plan_targets.json": ("issue 31's planned single-card targets with a quantised or offloaded base "
                           "(benchmarks/plan_targets.py)",
                           "8", "2026-12-06"),

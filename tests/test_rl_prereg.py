@@ -2,6 +2,7 @@
 and the tuning rule on hand-made records, the seeded preference flipping of the shuffled-LRM control, the global steps
 the students at RL updates 100 ... 400 sit at, and one end-to-end smoke (bases, tune, report, verdict at tiny sizes on
 the world teacher) through the same code as the campaign."""
+import importlib.util
 import json
 import runpy
 import shutil
@@ -160,7 +161,7 @@ def run(argv):
         torch.set_num_threads(threads)   # the script pins its own
 
 
-def test_smoke_end_to_end(tmp_path, capsys):
+def test_smoke_end_to_end(tmp_path, capsys, monkeypatch):
     """bases -> (report refused without tuning.json) -> tune -> report -> verdict, at tiny sizes: 1 Stage-1 generator
     update at batch 2, 5 RL updates with students at updates 1 and 5 (joint_5's 5th followed by its first
     distillation cycle), N = 20, one noise seed. The report runs its shuffled-LRM row only (rl_alone and joint_5 are
@@ -208,3 +209,24 @@ def test_smoke_end_to_end(tmp_path, capsys):
     assert run(["verdict", "--out", str(out), "--allow-deviations"]) == 0
     v = json.loads((out / "verdict.json").read_text())
     assert v["incomplete"] and v["regularises"]["statement"].startswith("Joint RL regularises: not shown")
+    # the summary the tables read: every record, paths relative to OUT, the verdict over what has landed
+    summary = tmp_path / "results" / "stage2_prereg.json"
+    assert run(["summary", "--out", str(out), "--to", str(summary)]) == 0
+    s = json.loads(summary.read_text())
+    assert len(s["records"]) == 3 and s["tuning"]["rl_alone"]["rl_lr"] == "1e-7" and s["shuffled_lrm"] is None
+    assert str(out) not in summary.read_text() and s["verdict"]["incomplete"]
+    assert s["records"][0]["checkpoints"]["0"]["folder"] == "bases/seed0"
+    spec = importlib.util.spec_from_file_location("benchmark_tables", ROOT / "benchmarks" / "tables.py")
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    monkeypatch.setattr(tables, "RESULTS", summary.parent)
+    try:
+        _, rows, files, notes = tables.TABLES["stage2_prereg"]()
+        shuffled = [r for r in rows if r[0] == "rl_alone_shuffled"]
+        assert files == ["stage2_prereg.json"] and shuffled[0][3:5] == ["1", "0"]   # update 1 on base 0
+        assert any(n.startswith("Joint RL regularises: not shown") for n in notes)
+        _, rows, _, _ = tables.TABLES["stage2_tuning"]()
+        assert rows[0][:2] == ["rl_alone", "1e-7"] and rows[0][4] == "**chosen**" and "->" in rows[0][2]
+        assert rows[0][3] == "not run yet"   # base 1 never tuned in the smoke
+    finally:
+        tables.load.cache_clear()
