@@ -98,6 +98,16 @@ def model_owner(name: str | Path) -> Plugin | None:
     return None
 
 
+def check_split(owner: Plugin | None, split: str | None, setting: str) -> None:
+    """``split`` (None: the evaluator's default) names a prompt split of ``owner``'s evaluator, else a one-line error
+    that names ``setting`` (``--split`` or ``config: eval_split``) and the splits there are."""
+    evaluator = getattr(owner, "evaluator", None)
+    splits = getattr(evaluator, "splits", ())
+    if split is not None and split not in splits:
+        name = f"the {owner.name} evaluator's" if evaluator is not None else "this teacher's evaluator's"
+        raise FlashDMDError(f"{setting} {split!r} is not one of {name} prompt splits ({', '.join(splits) or 'none'})")
+
+
 def model_name(path: str | Path) -> str | None:
     """The registered model name of a folder (so run files name ``world-sdxl``, not an install path), or None."""
     try:

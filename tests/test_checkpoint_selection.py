@@ -135,4 +135,4 @@ def test_eval_split_is_one_line_for_a_bad_name(tmp_path, capsys):
     assert cli.main(["eval", "--model", "world-sdxl", "--split", "train", "--num-images", "20",
                      "--json", str(tmp_path / "m.json")]) == 2
     err = capsys.readouterr().err.strip()
-    assert "--split train: the world evaluator's prompt splits are test, val" in err and "\n" not in err
+    assert "--split 'train' is not one of the world evaluator's prompt splits (test, val)" in err and "\n" not in err

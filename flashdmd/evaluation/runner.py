@@ -73,11 +73,8 @@ def run(args):
     if owner is None or owner.evaluator is None:
         raise FlashDMDError(f"{args.model} belongs to no plug-in with its own metrics: give --prompts FILE and metric "
                             "backends (--fid-inception/--fid-ref, --clip, --pickscore, --hpsv2, --imagereward)")
-    splits = getattr(owner.evaluator, "splits", ())
     split = getattr(args, "split", None)
-    if split is not None and split not in splits:
-        raise FlashDMDError(f"--split {split}: the {owner.name} evaluator's prompt splits are "
-                            f"{', '.join(splits) or 'none'}")
+    plugins.check_split(owner, split, "--split")
     evaluator = owner.evaluator(args.num_images, **({} if split is None else {"split": split}))
     if args.floor and not hasattr(evaluator, "floor"):
         raise FlashDMDError(f"--floor: plug-in {owner.name!r} has no real-data floor")

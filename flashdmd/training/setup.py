@@ -267,12 +267,7 @@ def check_selection(cfg: DistillConfig) -> None:
                             "held-out prompt file (one prompt per line; the sample grids use it too)")
     owner = plugins.model_owner(cfg.model_teacher) if cfg.eval_prompts is None else None
     evaluator = getattr(owner, "evaluator", None)
-    if cfg.eval_split is not None:
-        splits = getattr(evaluator, "splits", ())
-        if cfg.eval_split not in splits:
-            name = f"the {owner.name} evaluator's" if evaluator is not None else "this teacher's evaluator's"
-            raise FlashDMDError(f"config: eval_split {cfg.eval_split!r} is not one of {name} prompt splits "
-                                f"({', '.join(splits) or 'it has none'})")
+    plugins.check_split(owner, cfg.eval_split, "config: eval_split")
     metrics = getattr(evaluator, "higher_is_better", None)
     if cfg.eval_keep_students == "improved" and metrics is not None and cfg.eval_select_metric not in metrics:
         raise FlashDMDError(f"config: eval_keep_students: improved follows eval_select_metric "
