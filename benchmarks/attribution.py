@@ -14,7 +14,9 @@ that mean is the row's figure at that point. Nothing on the test split is seen b
     .venv/bin/python benchmarks/attribution.py run --family sdxl --rows SWEEP --seeds 100 --fraction 0.5
     # 3. the rows, three training seeds (two lanes: two invocations with disjoint --rows / --seeds)
     .venv/bin/python benchmarks/attribution.py run --family sdxl --rows preset dmd2 --seeds 0 1 2
-    # 4. the table and figure (benchmarks/tables.py reads benchmarks/results/attribution.json)
+    # 4. the tables (benchmarks/tables.py reads benchmarks/results/attribution.json) and the figures
+    .venv/bin/python benchmarks/attribution.py figure --family sdxl          # docs/figures/attribution_sdxl.png
+    .venv/bin/python benchmarks/attribution.py figure --family sdxl --sweep  # docs/figures/attribution_sweep.png
 
 Each finished run is scored and lands in --results (default benchmarks/results/attribution.json) as one record
 (row, teacher, seed, its val curve, its compute in three units, the three points); rows whose record is there are
@@ -242,9 +244,64 @@ def measure_cost(a) -> None:
     cost_file(a.family).write_text(json.dumps(body, indent=2))
 
 
+def figure_series(records: list[dict], teacher: str, sweep: bool = False) -> dict:
+    """What the figure draws, per row of one teacher (the reported seeds, or with ``sweep`` the tuning seed's rows):
+    "val": [(CPU hours, mean val FD, min, max)] over the seeds at each evaluation, "test": [(CPU hours, mean test FD,
+    sd)] at the comparison points. CPU hours = generator updates x the row's measured seconds per update / 3600."""
+    out = {}
+    rows = ["dmd2", *SWEEP] if sweep else list(LABELS)
+    for row in rows:
+        rs = [r for r in records if r["teacher"] == teacher and r["row"] == row
+              and (r["seed"] == TUNING_SEED) == sweep]
+        if not rs:
+            continue
+        per = rs[0]["compute"]["seconds_per_update"] / 3600
+        steps = sorted(set.intersection(*({p[0] for p in r["val_curve"]} for r in rs)))
+        val = []
+        for st in steps:
+            fds = [next(p[1] for p in r["val_curve"] if p[0] == st) for r in rs]
+            val.append((st * per, sum(fds) / len(fds), min(fds), max(fds)))
+        test = []
+        for k in range(min(len(r["points"]) for r in rs)):
+            fds = [r["points"][k]["test_fd_mean"] for r in rs]
+            m = sum(fds) / len(fds)
+            sd = (sum((x - m) ** 2 for x in fds) / (len(fds) - 1)) ** 0.5 if len(fds) > 1 else 0.0
+            test.append((rs[0]["points"][k]["generator_steps"] * per, m, sd))
+        out[row] = {"seeds": sorted(r["seed"] for r in rs), "val": val, "test": test}
+    return out
+
+
+def draw_figure(series: dict, teacher: str, path: Path, sweep: bool = False) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 1 if sweep else 2, figsize=(6 if sweep else 11, 4), dpi=110, squeeze=False)
+    for i, (row, s) in enumerate(series.items()):
+        colour = f"C{i}"
+        label = f"{LABELS.get(row, row)} ({len(s['seeds'])} seed{'s' * (len(s['seeds']) > 1)})"
+        x, m, lo, hi = zip(*s["val"])
+        axes[0][0].plot(x, m, color=colour, label=label, lw=1.2)
+        axes[0][0].fill_between(x, lo, hi, color=colour, alpha=0.15, lw=0)
+        if not sweep and s["test"]:
+            tx, tm, tsd = zip(*s["test"])
+            axes[0][1].errorbar(tx, tm, yerr=tsd, color=colour, marker="o", ms=4, capsize=3, label=label)
+    axes[0][0].set(xlabel="CPU hours (1 thread)", ylabel="val FD (N 300, noise seed 0)",
+                   title=f"{teacher}: val FD while training" + (" (DMD2 sweep, seed 100)" if sweep else ""))
+    if not sweep:
+        axes[0][1].set(xlabel="CPU hours (1 thread): B/4, B/2, B", ylabel="test FD (N 1000, noise seeds 1-3)",
+                       title="chosen on val, scored on test (mean ± sd over seeds)")
+    axes[0][0].legend(fontsize=7)
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["cost", "run"])
+    p.add_argument("what", choices=["cost", "run", "figure"])
     p.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl")
     p.add_argument("--rows", nargs="+", default=[], help=f"rows: {', '.join([*ROWS, 'dmd2_best'])}; SWEEP = the "
                    "DMD2 sweep's rows and dmd2")
@@ -255,11 +312,23 @@ def main():
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "runs" / "attribution"), help="run folders")
     p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "attribution.json"))
     p.add_argument("--set", action="append", default=[], help="extra key=value for every row (not for figures)")
+    p.add_argument("--plot", default=None, help="figure: the PNG (default docs/figures/attribution_<family>.png, "
+                   "with --sweep attribution_sweep.png)")
+    p.add_argument("--sweep", action="store_true", help="figure: the DMD2 sweep's rows at the tuning seed")
     p.add_argument("--no-progress", action="store_true")
     add_threads_arg(p)
     a = parse(p)
     if a.what == "cost":
         measure_cost(a)
+        return 0
+    if a.what == "figure":
+        teacher = f"world-{a.family}"
+        plot = Path(a.plot or ROOT / "docs" / "figures" / f"attribution_{'sweep' if a.sweep else a.family}.png")
+        series = figure_series(load_results(Path(a.results)), teacher, a.sweep)
+        if not series:
+            raise SystemExit(f"{a.results} has no {teacher} record {'at the tuning seed ' if a.sweep else ''}yet")
+        draw_figure(series, teacher, plot, a.sweep)
+        print(f"wrote {plot} ({', '.join(series)})")
         return 0
     rows = [r for name in a.rows for r in (["dmd2", *SWEEP] if name == "SWEEP" else [name])]
     unknown = [r for r in rows if r not in ROWS and r != "dmd2_best"]

@@ -42,3 +42,22 @@ def test_every_row_spends_the_budget(row):
     steps, every = A["row_steps"](row, "sdxl")
     # rounded to a multiple of the 16 evaluations: at most 8 updates from the budget's seconds / the row's
     assert steps == every * A["EVALS"] and abs(steps - budget / per) <= A["EVALS"] / 2
+
+
+def test_figure_series_means_over_seeds_on_cpu_hours(tmp_path):
+    """The figure's numbers: val FD mean / min / max over the reported seeds at each shared evaluation, x in CPU hours
+    from the record's measured seconds per update; test FD mean and sd at the points; the tuning seed kept apart."""
+    def rec(seed, fds, tests, row="preset"):
+        return {"row": row, "teacher": "world-sdxl", "seed": seed, "compute": {"seconds_per_update": 1800.0},
+                "val_curve": [[i * 10, fd, 0.9] for i, fd in enumerate(fds)],
+                "points": [{"generator_steps": 10 * (k + 1), "test_fd_mean": t} for k, t in enumerate(tests)]}
+    recs = [rec(0, [20.0, 12.0, 10.0], [11.0, 9.0]), rec(1, [20.0, 14.0, 8.0], [13.0, 9.0]),
+            rec(100, [20.0, 1.0, 1.0], [1.0, 1.0], row="dmd2")]
+    s = A["figure_series"](recs, "world-sdxl")
+    assert list(s) == ["preset"] and s["preset"]["seeds"] == [0, 1]
+    assert s["preset"]["val"] == [(0.0, 20.0, 20.0, 20.0), (5.0, 13.0, 12.0, 14.0), (10.0, 9.0, 8.0, 10.0)]
+    assert s["preset"]["test"][0] == pytest.approx((5.0, 12.0, 2 ** 0.5)) and s["preset"]["test"][1][2] == 0.0
+    sweep = A["figure_series"](recs, "world-sdxl", sweep=True)
+    assert list(sweep) == ["dmd2"] and sweep["dmd2"]["seeds"] == [100]
+    A["draw_figure"](s, "world-sdxl", tmp_path / "f.png")
+    assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
