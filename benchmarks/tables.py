@@ -1028,10 +1028,12 @@ def stage2_prereg():
             notes.append(v[key]["statement"] + ".")
     sh = (s or {}).get("shuffled_lrm")
     if sh:
+        def acc(d):   # held-out pair accuracy at low / mid / high noise, the pair's two images on shared noise
+            return " / ".join(f"{d['shared_noise'][k]:.2f}" for k in ("low", "mid", "high"))
         notes.append(f"The shuffled LRM: {sh['flips']['flipped']} of {sh['flips']['pairs']} preferences flipped; its "
-                     f"held-out accuracy on the original pairs {sh['shuffled_heldout_accuracy_on_original_pairs']:.3f}"
-                     f" (the shipped LRM's on the regenerated pairs: "
-                     f"{sh['shipped_lrm_heldout_accuracy_on_regenerated_pairs']:.3f}).")
+                     f"held-out accuracy on the original pairs {acc(sh['shuffled_heldout_accuracy_on_original_pairs'])}"
+                     f" (low / mid / high noise), the shipped LRM's on the same regenerated pairs "
+                     f"{acc(sh['shipped_lrm_heldout_accuracy_on_regenerated_pairs'])}.")
     if v.get("deviations"):
         notes.append("Deviations from the pre-registration: " + ", ".join(v["deviations"]) + ".")
     if v:

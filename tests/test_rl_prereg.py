@@ -228,5 +228,14 @@ def test_smoke_end_to_end(tmp_path, capsys, monkeypatch):
         _, rows, _, _ = tables.TABLES["stage2_tuning"]()
         assert rows[0][:2] == ["rl_alone", "1e-7"] and rows[0][4] == "**chosen**" and "->" in rows[0][2]
         assert rows[0][3] == "not run yet"   # base 1 never tuned in the smoke
+        # the shuffled-LRM step's summary (as cmd_shuffled_lrm writes it) shows in the notes
+        acc = {"shared_noise": {"low": 0.49, "mid": 0.5, "high": 0.47}, "independent_noise": {}, "num_heldout": 200}
+        s["shuffled_lrm"] = {"flips": {"flipped": 1009, "pairs": 2000}, "shuffled_lrm": "lrm-sdxl-shuffled",
+                             "shuffled_heldout_accuracy_on_original_pairs": acc,
+                             "shipped_lrm_heldout_accuracy_on_regenerated_pairs": acc}
+        summary.write_text(json.dumps(s))
+        tables.load.cache_clear()
+        notes = tables.TABLES["stage2_prereg"]()[3]
+        assert any("1009 of 2000 preferences flipped" in n and "0.49 / 0.50 / 0.47" in n for n in notes)
     finally:
         tables.load.cache_clear()
