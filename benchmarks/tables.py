@@ -1014,7 +1014,8 @@ def stage2_prereg():
                      - {"0"}, key=int) or ["400"]   # every 100 RL updates as pre-registered
         for ck in cks:
             ch = s2_changes(recs, "report", row, ck)
-            rows.append([row if first else "", ", ".join(f"{x:g}" for x in lrs) or "–", S2_CONTROL.get(row, "its base"), ck,
+            rows.append([row if first else "", ", ".join(number_text(x) for x in lrs) or "–",
+                         S2_CONTROL.get(row, "its base"), ck,
                          ", ".join(str(b) for b in sorted(ch)) or "not run yet",
                          *(mean_se_cell([c[k] for c in ch.values()], 2 if k == "fd" else 3) for k in S2_METRICS)])
             first = False
