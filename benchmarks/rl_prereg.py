@@ -586,11 +586,20 @@ def cmd_summary(a) -> int:
     rep = [r for r in recs if r["phase"] == "report"]
     v = verdict(rep)
     v["deviations"] = sorted({d for r in rep for d in r.get("deviations", [])})
+    # row -> base -> checkpoint -> change against the row's control (_changes), where the control has landed
+    by = {(r["row"], r["base_seed"]): r for r in rep}
+    changes = {row: {} for row in ROWS}
+    for (row, b), r in sorted(by.items(), key=lambda kv: kv[0][1]):
+        ctrl = by.get((CONTROL.get(row, row), b))
+        if ctrl is not None:
+            changes[row][str(b)] = {c: _changes(by, row, b, c) for c in sorted(r["checkpoints"], key=int)
+                                    if c != "0" and c in ctrl["checkpoints"]}
     shuffled = opt("shuffled_lrm.json")
     if shuffled:
         shuffled["shuffled_lrm"] = shuffled["shuffled_lrm"].replace(str(out) + "/", "")
     write_json(Path(a.to), {"pre_registered": "BENCHMARKS.md section 4, fixed 2026-12-06", "records": recs,
-                            "tuning": opt("tuning.json"), "shuffled_lrm": shuffled, "verdict": v})
+                            "tuning": opt("tuning.json"), "shuffled_lrm": shuffled, "changes": changes,
+                            "verdict": v})
     print(f"{len(recs)} record(s) -> {a.to}")
     return 0
 

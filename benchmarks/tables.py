@@ -943,26 +943,12 @@ def dmd2_sweep():
 # Section 4: the pre-registered Stage-2 comparison (benchmarks/rl_prereg.py summary)
 
 S2_ROWS = ("rl_alone", "joint_5", "distill_5", "rl_alone_shuffled")
-S2_CONTROL = {"joint_5": "distill_5"}      # rl_prereg.CONTROL: every other row against its base (update 0)
-S2_METRICS = ("fd", "alignment", "diversity", "oracle", "confidence")
+S2_CONTROL = {"joint_5": "distill_5"}      # the label of rl_prereg.CONTROL; the changes come computed in the summary
+S2_METRICS = ("fd", "alignment", "diversity", "oracle", "confidence")   # the Δ columns, rl_prereg.METRICS
 
 
 def s2_summary():
     return load("stage2_prereg.json") if (RESULTS / "stage2_prereg.json").is_file() else None
-
-
-def s2_changes(recs: list[dict], phase: str, row: str, ckpt: str) -> dict:
-    """base -> the row's change against its control at checkpoint ``ckpt`` (rl_prereg._changes), every metric; only
-    the bases where both the row and its control have landed."""
-    by = {(r["row"], r["base_seed"]): r for r in recs if r["phase"] == phase}
-    out = {}
-    for (rw, b), r in by.items():
-        ctrl = by.get((S2_CONTROL[row], b)) if row in S2_CONTROL else r
-        if rw != row or ctrl is None or ckpt not in r["checkpoints"] or ckpt not in ctrl["checkpoints"]:
-            continue
-        c0 = ctrl["checkpoints"][ckpt if row in S2_CONTROL else "0"]["mean"]
-        out[b] = {k: r["checkpoints"][ckpt]["mean"][k] - c0[k] for k in S2_METRICS}
-    return out
 
 
 def mean_se_cell(xs: list[float], nd: int = 3) -> str:
@@ -1012,11 +998,11 @@ def stage2_prereg():
         first = True
         cks = sorted({c for r in recs if r["phase"] == "report" and r["row"] == row for c in r["checkpoints"]}
                      - {"0"}, key=int) or ["400"]   # every 100 RL updates as pre-registered
+        per_base = (s or {}).get("changes", {}).get(row, {})   # rl_prereg._changes: base -> checkpoint -> change
         for ck in cks:
-            ch = s2_changes(recs, "report", row, ck)
+            ch = {b: c[ck] for b, c in per_base.items() if ck in c}
             rows.append([row if first else "", ", ".join(number_text(x) for x in lrs) or "–",
-                         S2_CONTROL.get(row, "its base"), ck,
-                         ", ".join(str(b) for b in sorted(ch)) or "not run yet",
+                         S2_CONTROL.get(row, "its base"), ck, ", ".join(ch) or "not run yet",
                          *(mean_se_cell([c[k] for c in ch.values()], 2 if k == "fd" else 3) for k in S2_METRICS)])
             first = False
     v = (s or {}).get("verdict") or {}
