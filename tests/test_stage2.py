@@ -183,3 +183,13 @@ def test_kl_weight_must_be_non_negative():
     from flashdmd import FlashDMDError
     with pytest.raises(FlashDMDError, match="rl_kl_weight"):
         DistillConfig(rl_kl_weight=-1.0)
+
+
+def test_the_reward_model_check_leaves_stage_1_seeded_as_without_rl(world):
+    """With rl_enabled the set-up loads the LRM once to check it; building it must not draw from the global generator
+    that seeds the roles, so one run_seed gives the same Stage 1 with Stage 2 on or off."""
+    def disc_weights(rl):
+        ctx = setup(_cfg(world, "sdxl", disc_kind="latent", rl_enabled=rl))
+        return {k: v.clone() for k, v in ctx.accelerator.unwrap_model(ctx.disc).state_dict().items()}
+    on, off = disc_weights(True), disc_weights(False)
+    assert on.keys() == off.keys() and all(torch.equal(on[k], off[k]) for k in on)

@@ -95,7 +95,8 @@ def build(cfg: DistillConfig, accelerator=None, shard=None, log=None) -> Run:
         n = cache_text(cfg, family, prompts, evaluator, grid, real, resolution)
         log(f"text cache: {n} prompts encoded, text encoders released")
     residency.settle(off, family)  # model_offload: the denoiser reaches the device after the text cache (if any)
-    reward_path = check_reward_model(cfg, family)
+    with torch.random.fork_rng(devices=[]):   # the check builds networks: it must not move the seeded draws below
+        reward_path = check_reward_model(cfg, family)
     if reward_path is not None:
         log(f"reward model: {reward_path} (fits the teacher)")
     roles = build_roles(cfg, family, place=lambda net: residency.place(off, net, acc.device))
