@@ -19,8 +19,9 @@ the scores of the base (update 0) and of the students at RL updates 100, 200, 30
 The bases. `flashdmd demo --seed N` builds DistillConfig.from_sources(configs/world_sdxl_demo.yaml, ["run_seed=N"])
 and trains it, Stage 2 included (flashdmd/demo.py). Its set-up, with rl_enabled true, loads the shipped LRM once to
 check it (training/reward_model.check_reward_model), which draws from torch's global generator before the roles'
-random initial weights are drawn: with rl_enabled false the same seed gives another Stage 1. So a base here is that
-very config, stopped after Stage 1 (training.distill.train(max_iterations = run_max_steps x fake_score_ttur), which
+random initial weights are drawn: with rl_enabled false the same seed gave another Stage 1. (Since commit 3e4e484
+the check runs on a forked generator and rl_enabled no longer moves Stage 1; the recorded run's bases were made at
+996160a, before that, so the same command now gives other bases.) So a base here is that very config, stopped after Stage 1 (training.distill.train(max_iterations = run_max_steps x fake_score_ttur), which
 skips Stage 2), with the preset's checkpoint every 100 generator updates: checkpoints/step_00000300 is the state at
 the last Stage-1 step and the run folder's student (the EMA) is the demo's Stage-1 student.
 
