@@ -17,6 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 from flashdmd import FlashDMDError  # noqa: E402
+from flashdmd.families import sd3 as sd3_family  # noqa: E402
 from flashdmd.world import models as M  # noqa: E402
 from flashdmd.world import pretrain, pretrain_loop  # noqa: E402
 from tests.tolerances import assert_close, network_factor  # noqa: E402
@@ -67,8 +68,8 @@ def test_sd3_pad_count_attention_equals_pipeline_zero_t5_tokens():
     with torch.no_grad():
         ref = [net(x[i:i + 1], encoder_hidden_states=torch.cat([clip[i:i + 1], torch.zeros(1, int(c), clip.shape[-1])], 1),
                    pooled_projections=pooled[i:i + 1], timestep=t[i:i + 1]).sample for i, c in enumerate(counts)]
-        M.use_pad_count_attention(net)
-        ctx, bias = M.pad_count_context(clip, M.image_tokens(net), counts)
+        sd3_family.use_counted_zero_t5(net)
+        ctx, bias = sd3_family.count_zero_tokens(clip, M.image_tokens(net), counts)
         out = net(x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
                   joint_attention_kwargs={"attention_mask": bias}).sample
     # mathematically equal (c zero tokens = one zero token with log c added to its attention logit), other float

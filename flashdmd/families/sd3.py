@@ -11,6 +11,11 @@ Conventions, matching ``StableDiffusion3Pipeline`` (diffusers 0.42):
   :class:`~flashdmd.diffusion.FlowSchedule` takes ``shift`` from the scheduler config (dynamic shifting
   is not supported);
 * latents = (z - shift_factor) * scaling_factor.
+
+Without T5 the 256 zero T5 tokens are alike at every layer (each context token passes the same per-token
+operations, and no position enters them), so as keys and values they weigh as one zero token whose attention logit
+gets + log 256: :class:`CountedZeroT5Processor` computes the same output from 1 such token instead of 256, up to
+float round-off (``model_zero_t5``: counted / padded / auto, the family's :attr:`SD3Family.zero_t5`).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
@@ -28,6 +34,65 @@ from flashdmd.families.base import Family
 from flashdmd.families.parts import Conditioning, input_dtype, unwrap
 
 STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
+ZERO_T5_MODES = ("auto", "counted", "padded")
+
+
+class CountedZeroT5Processor:
+    """``JointAttnProcessor2_0`` plus an additive per-key logit bias ``attention_mask`` (B, 1, 1, N_img + L_ctx).
+
+    With the context ``[clip_tokens, one zero token]`` and a bias of log(n) on the zero token's key, a transformer
+    computes what it computes on ``[clip_tokens, n zero tokens]`` (n identical keys and values contribute
+    n * exp(logit)). Without a mask it is the default processor's attention. A block's image-only attention
+    (SD3.5's ``attn2``, no context) gets the same keyword arguments and ignores the mask: its keys carry no bias.
+    """
+
+    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
+                 attention_mask: Tensor | None = None, *args, **kwargs):
+        b, n_img = hidden_states.shape[:2]
+
+        def heads(x: Tensor) -> Tensor:
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        if encoder_hidden_states is None:
+            out = F.scaled_dot_product_attention(q, k, v)
+            return attn.to_out[1](attn.to_out[0](out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1])))
+        cq, ck = heads(attn.add_q_proj(encoder_hidden_states)), heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        mask = None if attention_mask is None else attention_mask.to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
+        out, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](out)), ctx
+
+
+def count_zero_tokens(context: Tensor, n_img_tokens: int, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """(context (B, L + 1, D): ``context`` (B, L, D) and one zero token, the key bias (B, 1, 1, n_img + L + 1) that
+    makes that token weigh as ``counts`` (B,) zero tokens (each >= 1)) for :class:`CountedZeroT5Processor`."""
+    b, l, d = context.shape
+    ctx = torch.cat([context, context.new_zeros(b, 1, d)], dim=1)
+    bias = context.new_zeros(b, 1, 1, n_img_tokens + l + 1)
+    bias[:, 0, 0, -1] = counts.to(context.dtype).clamp_min(1).log()
+    return ctx, bias
+
+
+def use_counted_zero_t5(transformer: nn.Module) -> None:
+    """Install :class:`CountedZeroT5Processor` in every attention of ``transformer`` (once)."""
+    if not getattr(transformer, "_counted_zero_t5", False):
+        transformer.set_attn_processor(CountedZeroT5Processor())
+        transformer._counted_zero_t5 = True
+
+
+def use_default_attention(transformer: nn.Module) -> None:
+    transformer.set_attn_processor(JointAttnProcessor2_0())
+    transformer._counted_zero_t5 = False
 
 
 class SD3Family(Family):
@@ -40,6 +105,13 @@ class SD3Family(Family):
     pipeline_guidance_default = 7.0
     optional_text_parts = (("text_encoder_3", "tokenizer_3"),)
     max_sequence_length = 256
+    # model_zero_t5, set by a run: without T5, the 256 zero T5 tokens as one counted token (counted), as the
+    # pipeline passes them (padded), or counted on the CPU and padded on a GPU (auto; see config.model_zero_t5)
+    zero_t5: str = "auto"
+
+    def _load_parts(self) -> None:
+        super()._load_parts()
+        self.has_t5 = self.text_encoders[2] is not None  # known after release_text_encoders too
 
     def _make_schedule(self, config: dict) -> FlowSchedule:
         if config.get("use_dynamic_shifting"):
@@ -102,10 +174,27 @@ class SD3Family(Family):
 
     # -- network -----------------------------------------------------------------------------------
 
+    def counts_zero_t5(self, device: torch.device) -> bool:
+        """Whether a forward on ``device`` passes the zero T5 tokens as one counted token (model_zero_t5)."""
+        if self.zero_t5 not in ZERO_T5_MODES:
+            raise FlashDMDError(f"model_zero_t5 must be one of {', '.join(ZERO_T5_MODES)}, got {self.zero_t5!r}")
+        if self.has_t5 or self.zero_t5 == "padded":
+            return False
+        return self.zero_t5 == "counted" or device.type == "cpu"
+
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         dtype = input_dtype(net)  # a LoRA net: its base's dtype
-        out = net(hidden_states=x_t.to(dtype), timestep=t, encoder_hidden_states=cond.prompt_embeds.to(dtype),
-                  pooled_projections=cond.pooled_embeds.to(dtype), return_dict=False)[0]
+        context, kwargs = cond.prompt_embeds.to(dtype), None
+        if self.counts_zero_t5(x_t.device):
+            inner = unwrap(net)
+            use_counted_zero_t5(inner)
+            patch = int(inner.config.patch_size)
+            n_img = (x_t.shape[-2] // patch) * (x_t.shape[-1] // patch)
+            n = self.max_sequence_length  # the trailing tokens: zeros without T5 (_t5)
+            context, bias = count_zero_tokens(context[:, :-n], n_img, x_t.new_full((len(x_t),), float(n)))
+            kwargs = {"attention_mask": bias.to(dtype)}
+        out = net(hidden_states=x_t.to(dtype), timestep=t, encoder_hidden_states=context,
+                  pooled_projections=cond.pooled_embeds.to(dtype), joint_attention_kwargs=kwargs, return_dict=False)[0]
         return out.to(x_t.dtype)
 
     def _feature_modules(self, net: nn.Module) -> list[nn.Module]:

@@ -72,6 +72,7 @@ RESOLUTION = ("A value is resolved in this order, later wins: the field's defaul
 FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 OFFLOADS = ("none", "frozen", "base")
 COMPILES = ("none", "student", "all")
+ZERO_T5 = ("auto", "counted", "padded")  # flashdmd.families.sd3.ZERO_T5_MODES
 QUANT_FIELDS = ("model_frozen_quant", "model_text_encoder_quant", "disc_backbone_quant", "rl_reward_quant")
 
 
@@ -154,6 +155,14 @@ class DistillConfig:
                                         "embedding, not a CFG pair): the fixed guidance value the student and the "
                                         "fake score are always given (FluxPipeline's default 3.5); the DM loss gives "
                                         "the teacher dm_guidance_scale instead. Ignored by other families")
+    model_zero_t5: str = _f("auto", "SD3 without text_encoder_3 (our choice, not in the paper): the pipeline passes "
+                            "256 zero T5 tokens after the CLIP tokens; being alike at every layer they weigh as one "
+                            "zero token with + log 256 on its attention logit. counted: that one token (the same "
+                            "output up to float round-off; the transformer's context is 78 tokens, not 333 -- "
+                            "at 1024 px about 6 % fewer tokens, at 512 px 20 %, on the world's 8x8 latents 9x less "
+                            "work); padded: the 256 tokens, as the pipeline; auto: counted on the CPU, padded on a "
+                            "GPU (the logit bias is an attention mask, which rules out flash attention kernels). "
+                            "Ignored with T5 and by other families")
     model_text_cache: bool = _f(False, "encode every prompt the run will use once at start (the training prompts -- "
                                 "a prompt file or captions, not a plug-in's generated ones --, the evaluation and "
                                 "sample-grid prompts, the real images' captions for DMD2's latent GAN, the null "
@@ -411,6 +420,8 @@ class DistillConfig:
               "device: set model_gradient_checkpointing true")
         _need(self.model_compile in COMPILES, f"model_compile must be one of {', '.join(COMPILES)}, "
               f"got {self.model_compile!r}")
+        _need(self.model_zero_t5 in ZERO_T5, f"model_zero_t5 must be one of {', '.join(ZERO_T5)}, "
+              f"got {self.model_zero_t5!r}")
         _need(self.model_compile == "none" or self.model_offload != "base", "model_compile with model_offload base: "
               "the streamed blocks' hooks move weights inside the compiled blocks; set one of them to none")
         _need(self.model_compile != "all" or self.model_offload == "none", "model_compile all with model_offload "

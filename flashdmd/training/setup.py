@@ -151,6 +151,7 @@ def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple:
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)  # a size the VAE or the denoiser cannot take fails here
     family.embedded_guidance = cfg.model_embedded_guidance  # read only by guidance-distilled families (FLUX.1-dev)
+    family.zero_t5 = cfg.model_zero_t5  # read only by SD3 without T5
     timesteps, n_dm = student_steps(cfg, family)
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
         f"{timesteps})")

@@ -15,8 +15,8 @@ Both world families share one VAE and two CLIP text encoders, like SDXL and SD3 
 * SD3 teacher: ``SD3Transformer2DModel`` (MMDiT, patch 2) on (B, 4, 8, 8), flow (u = eps - x0) prediction.
   Without T5, ``StableDiffusion3Pipeline`` feeds 16 CLIP tokens followed by ``max_sequence_length`` (default
   256) all-zero "T5" tokens. All zero tokens are identical throughout the network, so they act like one
-  token whose attention logit is raised by log(count); :class:`PadCountJointAttnProcessor` uses that to
-  train at the cost of 17 context tokens while computing exactly what the pipeline computes.
+  token whose attention logit is raised by log(count); the SD3 family's ``CountedZeroT5Processor`` uses that to
+  train (and the family to distil) at the cost of 17 context tokens, computing what the pipeline computes.
 """
 from __future__ import annotations
 
@@ -26,7 +26,6 @@ import torch
 import torch.nn.functional as F
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
                        UNet2DConditionModel)
-from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import Tensor, nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -179,65 +178,11 @@ def sd3_conditioning(text: dict[str, Tensor], joint_attention_dim: int) -> tuple
 
 
 # ------------------------------------------------------------- SD3 zero-T5 padding at the cost of one token
-
-class PadCountJointAttnProcessor:
-    """``JointAttnProcessor2_0`` plus an additive per-key logit bias ``attention_mask`` (B, 1, 1, N_img + L_ctx).
-
-    With the context ``[clip_tokens (16), one zero token]`` and a bias of log(n) on the zero token's key,
-    a transformer computes exactly what it computes on ``[clip_tokens, n zero tokens]`` (n identical keys
-    and values contribute n * exp(logit)). Training-only: never saved with a model.
-    """
-
-    def __call__(self, attn, hidden_states: Tensor, encoder_hidden_states: Tensor | None = None,
-                 attention_mask: Tensor | None = None, *args, **kwargs):
-        b = hidden_states.shape[0]
-        n_img = hidden_states.shape[1]
-
-        def heads(x: Tensor) -> Tensor:
-            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
-
-        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
-        if attn.norm_q is not None:
-            q, k = attn.norm_q(q), attn.norm_k(k)
-        if encoder_hidden_states is not None:
-            cq = heads(attn.add_q_proj(encoder_hidden_states))
-            ck = heads(attn.add_k_proj(encoder_hidden_states))
-            cv = heads(attn.add_v_proj(encoder_hidden_states))
-            if attn.norm_added_q is not None:
-                cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
-            q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
-        mask = None if attention_mask is None else attention_mask.to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(b, -1, attn.heads * q.shape[-1]).to(q.dtype)
-        if encoder_hidden_states is None:
-            return attn.to_out[1](attn.to_out[0](out))
-        out, ctx = out[:, :n_img], out[:, n_img:]
-        if not attn.context_pre_only:
-            ctx = attn.to_add_out(ctx)
-        return attn.to_out[1](attn.to_out[0](out)), ctx
-
-
-def pad_count_context(clip_tokens: Tensor, n_img_tokens: int, pad_counts: Tensor) -> tuple[Tensor, Tensor]:
-    """Context (B, 17, D) = CLIP tokens + one zero token, and the key bias (B, 1, 1, n_img + 17) equivalent
-    to ``pad_counts`` (B,) zero T5 tokens (each count >= 1)."""
-    b, l, d = clip_tokens.shape
-    ctx = torch.cat([clip_tokens, clip_tokens.new_zeros(b, 1, d)], dim=1)
-    bias = clip_tokens.new_zeros(b, 1, 1, n_img_tokens + l + 1)
-    bias[:, 0, 0, -1] = pad_counts.to(clip_tokens.dtype).clamp_min(1).log()
-    return ctx, bias
-
+# (the SD3 family's counted zero T5 tokens: flashdmd.families.sd3.CountedZeroT5Processor)
 
 def image_tokens(transformer) -> int:
     c = transformer.config
     return (c.sample_size // c.patch_size) ** 2
-
-
-def use_pad_count_attention(transformer) -> None:
-    transformer.set_attn_processor(PadCountJointAttnProcessor())
-
-
-def use_default_attention(transformer) -> None:
-    transformer.set_attn_processor(JointAttnProcessor2_0())
 
 
 def log_uniform_counts(batch: int, hi: int = SD3_T5_TOKENS, p_default: float = 0.75,

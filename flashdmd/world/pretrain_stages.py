@@ -28,6 +28,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from flashdmd import FlashDMDError
 from flashdmd.diffusion import FlowSchedule, VPSchedule, shift_sigma
+from flashdmd.families import sd3
 from flashdmd.world import models as M
 from flashdmd.world.data import CLASS_NAMES, load_split, to_rgb
 from flashdmd.world.pretrain_loop import (RunOptions, StageConfig, augment_prompts, frozen_copy, train_loop,
@@ -307,21 +308,21 @@ def stage_sd3(out: Path, cfg: StageConfig, opts: RunOptions) -> dict:
     """Train the SD3-style MMDiT with the rectified-flow loss ||u - (eps - x0)||^2; save the EMA weights.
 
     The context is the pipeline's: 16 CLIP tokens + 256 zero T5 tokens (75 % of steps; log-uniform 1..256
-    otherwise), computed exactly through :class:`flashdmd.world.models.PadCountJointAttnProcessor`.
+    otherwise), computed exactly through :class:`flashdmd.families.sd3.CountedZeroT5Processor`.
     """
     seed = opts.seed
     torch.manual_seed(seed)
     data = TeacherData(out / SD3_DIR, cfg, seed)
     net = M.build_transformer()
     ema = frozen_copy(net)
-    M.use_pad_count_attention(net)
+    sd3.use_counted_zero_t5(net)
     schedule = FlowSchedule(shift=M.SD3_SCHEDULER_CONFIG["shift"])
     n_img = M.image_tokens(net)
 
     def loss_fn(step: int, g: torch.Generator) -> Tensor:
         x0, prompts = data.batch(cfg.batch_size, g, step)
         clip, pooled = M.sd3_conditioning(data.text(prompts), net.config.joint_attention_dim)
-        ctx, bias = M.pad_count_context(clip, n_img, M.log_uniform_counts(len(x0), generator=g))
+        ctx, bias = sd3.count_zero_tokens(clip, n_img, M.log_uniform_counts(len(x0), generator=g))
         t = 1000.0 * sd3_training_sigmas(len(x0), g, schedule.shift)
         eps = torch.randn(x0.shape, generator=g)
         x_t = schedule.add_noise(x0, eps, t)
@@ -331,7 +332,7 @@ def stage_sd3(out: Path, cfg: StageConfig, opts: RunOptions) -> dict:
 
     log = train_loop("sd3", out, cfg, opts, net, loss_fn, ema=ema)
     log["params"] = M.num_params(net)
-    M.use_default_attention(ema)
+    sd3.use_default_attention(ema)
     pipe = _sd3_pipeline(data, ema.eval())
     _save_teacher(out / SD3_DIR, pipe, "transformer", ema)
     return log

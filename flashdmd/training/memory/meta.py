@@ -68,6 +68,9 @@ def meta_run(cfg, device: str) -> Run:
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)
     family.embedded_guidance = cfg.model_embedded_guidance
+    # auto resolves by the device the forwards run on (families/sd3.py): here that of the planned run, not meta
+    family.zero_t5 = (cfg.model_zero_t5 if cfg.model_zero_t5 != "auto"
+                      else "counted" if device == "cpu" else "padded")
     timesteps, n_dm = student_steps(cfg, family)
     roles = build_roles(cfg, family)
     setup = RunSetup(cfg=cfg, accelerator=None, device=META, family=family, teacher=roles.teacher,
