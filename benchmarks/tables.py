@@ -570,11 +570,13 @@ def demo_history():
         spread = f"{mean(fds):.2f} ± {statistics.stdev(fds):.2f}" if len(fds) > 1 else "(one seed)"
         return [label, f"`{fl}`", d["commit"][:7], " / ".join(f(x) for x in s1), " / ".join(f(x) for x in fds),
                 spread, "yes" if met else "no"]
-    cur = load("demo_seeds.json")
+    cur, before = load("demo_seeds.json"), load("demo_seeds_before_fork.json")
     j01, j2 = load("demo_seeds_joint5_seed01.json"), load("demo_seeds_joint5_seed2.json")
     pooled = load("demo_seeds_pooled_head.json")
     cand = load("demo_seed2_candidates.json")
     rows = [row("the demo as shipped: text-conditioned head; RL alone at 2.5e-7", "demo_seeds.json", cur, cur["seeds"]),
+            row("the same, before the reward-model check ran on a forked generator", "demo_seeds_before_fork.json",
+                before, before["seeds"]),
             row("text-conditioned head; joint 5:1 at 2e-6", "demo_seeds_joint5_seed01.json", j01,
                 {**j01["seeds"], **j2["seeds"]}),
             row("unconditional pooled head; joint 5:1 at 2e-6", "demo_seeds_pooled_head.json", pooled,
@@ -584,9 +586,11 @@ def demo_history():
     notes = ["Seeds 0 / 1 / 2 (seed 2 where a single value is shown); mean ± sd over seeds. Targets: issue 16's "
              "(beats the 4-step teacher, within 1.1x of the 50-step teacher, Stage 2 raises the oracle with FD within "
              "5 % and no guard warning, within 15 minutes). The joint 5:1 row's seed 2 is in "
-             "`demo_seeds_joint5_seed2.json`."]
+             "`demo_seeds_joint5_seed2.json`. Before 3e4e484 the reward-model check drew from the seeded generator "
+             "before the networks' initial weights, so a seed gave another run: the two first rows are the same "
+             "setting at other draws."]
     return (["demo setting", "file", "code", "FD at the end of Stage 1", "FD after Stage 2", "mean", "targets met"],
-            rows, ["demo_seeds.json", "demo_seeds_joint5_seed01.json", "demo_seeds_joint5_seed2.json",
+            rows, ["demo_seeds.json", "demo_seeds_before_fork.json", "demo_seeds_joint5_seed01.json", "demo_seeds_joint5_seed2.json",
                    "demo_seeds_pooled_head.json", "demo_seed2_candidates.json"], notes)
 
 
@@ -1078,7 +1082,9 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
     "rl_sdxl_lr2e-5.json": ("the first RL frontier (the paper's Stage-1 student), RL lr 2e-5, 60 updates", "4",
                             "2026-11-26"),
     "demo_seeds.json": ("the demo as shipped, three seeds from a fresh clone (benchmarks/demo_seeds.py)", "5",
-                        "2026-12-03"),
+                        "2026-12-07"),
+    "demo_seeds_before_fork.json": ("the demo as shipped, three seeds, before the reward-model check's forked "
+                                    "generator (afb11f3)", "5", "2026-12-03"),
     "demo_seeds_joint5_seed01.json": ("the demo with the text-conditioned head and joint 5:1, seeds 0 and 1", "5",
                                       "2026-12-03"),
     "demo_seeds_joint5_seed2.json": ("the demo with the text-conditioned head and joint 5:1, seed 2", "5",
