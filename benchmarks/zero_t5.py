@@ -41,12 +41,12 @@ def block(rounds: int, sides=(32, 64)) -> dict:
     import torch
     from diffusers.models.attention import JointTransformerBlock
 
-    from flashdmd.families.sd3 import count_zero_tokens, use_counted_zero_t5
+    from flashdmd.families.sd3 import CountedZeroT5Processor, count_zero_tokens
 
     torch.manual_seed(0)
     dim = 1536
     blk = JointTransformerBlock(dim, 24, 64, context_pre_only=False, qk_norm="rms_norm")
-    use_counted_zero_t5(blk)  # without a mask it is the pipeline's attention
+    blk.attn.set_processor(CountedZeroT5Processor())  # without a mask it is the pipeline's attention
     clip = torch.randn(1, 77, dim)
     temb = torch.randn(1, dim)
     inputs = {}
