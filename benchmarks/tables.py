@@ -646,6 +646,25 @@ def speed_iteration():
     return ["part", "seconds", "share"], rows, ["speed_cpu.json"], notes
 
 
+@table("zero_t5")
+def zero_t5():
+    d = load("zero_t5.json")
+    rows = []
+    for what, part, key in (("world-sd3 training, DMD2 (s / generator update, batch 32)", "training", "DMD2"),
+                            ("world-sd3 training, Flash-DMD preset (s / generator update, batch 32)", "training",
+                             "Flash-DMD preset"),
+                            ("one SD3-medium-width block, 512 px (s, forward + backward, batch 1)", "block", "512 px"),
+                            ("one SD3-medium-width block, 1024 px (s, forward + backward, batch 1)", "block",
+                             "1024 px")):
+        field = "seconds_per_generator_update" if part == "training" else "seconds"
+        pad, cnt = (d[part][f"{key} {m}"][field] for m in ("padded", "counted"))
+        rows.append([what, f(pad), f(cnt), f"{pad / cnt:.2f}x"])
+    notes = [f"Both modes in one process, interleaved in rounds (median of {len(d['block']['512 px padded']['rounds'])})"
+             f", {d['threads']} CPU thread; code {d['commit']}, {d['date']}. The block: 77 CLIP tokens and 256 zero "
+             "tokens (padded) or one counted zero token (counted) beside 1 024 / 4 096 image tokens."]
+    return ["what", "padded", "counted", "speed-up"], rows, ["zero_t5.json"], notes
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 7. A user's own model and data
 
@@ -1096,6 +1115,8 @@ RESULT_FILES = {   # file -> (what it holds, where it is used); the date is when
                                              "auto", "5", "2026-11-26"),
     "demo_issue14_metrics.json": ("the paper's-setting demo, seed 0, after the real-image stream changed", "5",
                                   "2026-12-02"),
+    "zero_t5.json": ("SD3 without T5: the zero T5 tokens counted against padded (benchmarks/zero_t5.py)", "6",
+                     "2026-12-07"),
     "speed_cpu.json": ("images per second and a Stage-1 iteration's parts (benchmarks/speed.py)", "6", "2026-11-26"),
     "run_memory.json": ("a whole distill run's memory at 1 000 and 20 000 images (benchmarks/run_memory.py)", "7",
                         "2026-12-02"),

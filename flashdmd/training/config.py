@@ -159,7 +159,7 @@ class DistillConfig:
                             "256 zero T5 tokens after the CLIP tokens; being alike at every layer they weigh as one "
                             "zero token with + log 256 on its attention logit. counted: that one token (the same "
                             "output up to float round-off; the transformer's context is 78 tokens, not 333 -- "
-                            "at 1024 px about 6 % fewer tokens, at 512 px 20 %, on the world's 8x8 latents 9x less "
+                            "at 1024 px 6 % fewer tokens, at 512 px 19 %, on the world's 8x8 latents 9x less "
                             "work); padded: the 256 tokens, as the pipeline; auto: counted on the CPU, padded on a "
                             "GPU (the logit bias is an attention mask, which rules out flash attention kernels). "
                             "Ignored with T5 and by other families")
