@@ -39,7 +39,10 @@ time limit still leaves the finished parts; one summary line per part at the end
     teacher / VAE / discriminator on each device after set-up (where offloading left them), and every row's
     ratios to the none/none row (offload_sd3's first): seconds per iteration, peak allocated / reserved, the
     plan's peak. What the plan says of offloading (any entry of its result on offload / transfer / bandwidth)
-    is kept beside it, with the measured ``extra_seconds_per_iteration`` against none/none.
+    is kept beside it, with the measured ``extra_seconds_per_iteration`` against none/none. offload_sd3's last row,
+    ``zero_t5_counted``, is none/none with ``model_zero_t5 counted``: the 256 zero T5 tokens as one token with a
+    logit bias (an attention mask, so no flash kernel) against none/none's padded tokens (``auto`` pads on a GPU) --
+    what decides ``auto``'s choice on a GPU (BENCHMARKS.md section 6).
 ``step_flashdmd``, ``step_dmd2``
     Seconds per generator update at full size in bf16 (SDXL, the two presets with the same LoRA-64 / batch-1 /
     1024 px overrides; a TTUR-n update includes its n - 1 critic-only iterations, as benchmarks/step_cost.py
@@ -102,10 +105,11 @@ quant_sd3,fsdp2_resume,compile``).
     step_heads            90 s    150 s  two set-ups (~15 s each) and step_flashdmd's / step_dmd2's timed updates
     peak_sd3              50 s    100 s  ~10 s imports, ~25 s setup (15 GB incl. T5-XXL read, every prompt encoded,
                                          the text encoders released), 2 cycles (TTUR 2: 4 iterations)
-    offload_sd3           58 s     85 s  3 rows, each ~10 s setup (6 GB without T5 from the page cache, LoRA,
-                                         text cache) + a warm-up and 3 timed cycles: none and frozen ~1.5 s a
-                                         cycle; base streams ~4 GB of blocks per transformer pass (~12 passes a
-                                         generator iteration, ~0.15 s each at 25-50 GB/s): ~4 s a cycle. Each row
+    offload_sd3           75 s    110 s  4 rows, each ~10 s setup (6 GB without T5 from the page cache, LoRA,
+                                         text cache) + a warm-up and 3 timed cycles: none, frozen and
+                                         zero_t5_counted ~1.5 s a cycle; base streams ~4 GB of blocks per
+                                         transformer pass (~12 passes a generator iteration, ~0.15 s each at
+                                         25-50 GB/s): ~4 s a cycle. Each row
                                          gets an even share of the time left; its timed cycles stop there
     quant_sd3             50 s     75 s  int8 and fp8 rows, ~10 s setup (quantising 2 B parameters on the GPU:
                                          ~1 s) + 4 cycles of ~1.7 s each; an int8 base streamed (model_offload base:
@@ -117,7 +121,7 @@ quant_sd3,fsdp2_resume,compile``).
                                          the UNet's three levels: ~40-60 s of inductor on 16 cores), 8 updates
     plans (background)   110 s      --   flashdmd plan of both peak configs (~30 s each) and of the 5 rows' (~10 s
                                          each) on 4 CPU threads beside the GPU work
-    total               ~573 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md); the parts that
+    total               ~590 s    450 s  + ~10 s for the wheel install (see BENCHMARKS.md); the parts that
                                          would start after 450 s wait for a second call
 
 ``--smoke`` runs every part through the same code on the CPU with tiny models (tests/tiny_models.py: SDXL, SD3
@@ -175,8 +179,11 @@ HEAD_ROWS = {"flashdmd_text_head": "sdxl_flashdmd_texthead", "dmd2_text_head": "
 PEAK_PARTS = {"peak_sdxl": "sdxl_flashdmd", "peak_sd3": "sd3_flashdmd"}  # part -> the config it measures
 # the offloading / quantisation rows: part -> (row, model_offload, model_frozen_quant); one factor changed at a time
 # against the none/none row (offload_sd3's first), every row its own set-up of the same SD3 config
-ROWS = {"offload_sd3": (("none", "none", "none"), ("frozen", "frozen", "none"), ("base", "base", "none")),
-        "quant_sd3": (("int8", "none", "int8"), ("fp8", "none", "fp8"), ("base_int8", "base", "int8"))}
+# and model_zero_t5 (auto: padded on a GPU, counted on the CPU; the zero_t5_counted row counts on the GPU too)
+ROWS = {"offload_sd3": (("none", "none", "none", "auto"), ("frozen", "frozen", "none", "auto"),
+                        ("base", "base", "none", "auto"), ("zero_t5_counted", "none", "none", "counted")),
+        "quant_sd3": (("int8", "none", "int8", "auto"), ("fp8", "none", "fp8", "auto"),
+                      ("base_int8", "base", "int8", "auto"))}
 REFERENCE_ROW = ("offload_sd3", "none")
 OK = ("passed", "not offered")
 
@@ -184,10 +191,10 @@ MODES = {
     "gpu": {"budget_s": 450, "part_budget_s": {"build": 150, "peak_sdxl": 90, "step_flashdmd": 45,
                                                 "images_per_second": 60, "step_dmd2": 100, "step_heads": 150,
                                                 "peak_sd3": 100,
-                                                "offload_sd3": 85, "quant_sd3": 75, "fsdp2_resume": 90,
+                                                "offload_sd3": 110, "quant_sd3": 75, "fsdp2_resume": 90,
                                                 "compile": 150},
             "estimate_s": {"build": 45, "peak_sdxl": 45, "step_flashdmd": 20, "images_per_second": 25,
-                           "step_dmd2": 55, "step_heads": 90, "peak_sd3": 50, "offload_sd3": 58, "quant_sd3": 50, "fsdp2_resume": 45,
+                           "step_dmd2": 55, "step_heads": 90, "peak_sd3": 50, "offload_sd3": 75, "quant_sd3": 50, "fsdp2_resume": 45,
                            "compile": 90},
             "updates": {"sdxl_flashdmd": 8, "sdxl_dmd2": 4, "sdxl_flashdmd_compile": 8,
                         "sdxl_flashdmd_texthead": 8, "sdxl_dmd2_texthead": 4}, "row_cycles": 3,
@@ -325,12 +332,12 @@ def settings(a: argparse.Namespace) -> dict:
     # frees the encoders, so an iteration is the same computation: zeros of T5's shape in its place), gradient
     # checkpointing on in every row (model_offload base needs it; the preset has it), one field changed per row
     for rows in ROWS.values():
-        for _, offload, quant in rows:
-            configs[row_config(offload, quant)] = {
+        for _, offload, quant, zero_t5 in rows:
+            configs[row_config(offload, quant, zero_t5)] = {
                 "preset": configs["sd3_flashdmd"]["preset"],
                 "sets": [f"model_teacher={f['sd3_no_t5']}", sam] + common + [
                     "model_text_cache=true", "model_gradient_checkpointing=true", f"model_offload={offload}",
-                    f"model_frozen_quant={quant}"]}
+                    f"model_frozen_quant={quant}", f"model_zero_t5={zero_t5}"]}
     return {"mode": mode, "work": str(work), "folders": {k: str(v) for k, v in f.items()},
             "data_images": str(images), "prompts": str(prompts), "configs": configs,
             "budgets": dict(m["part_budget_s"]), "settings": {k: m[k] for k in (
@@ -338,9 +345,9 @@ def settings(a: argparse.Namespace) -> dict:
                 "plan_threads", "threads", "child_start_s", "compile_backend")}}
 
 
-def row_config(offload: str, quant: str) -> str:
+def row_config(offload: str, quant: str, zero_t5: str = "auto") -> str:
     """The name of the row's config in the state (and of its plan's file)."""
-    return f"sd3_offload_{offload}_quant_{quant}"
+    return f"sd3_offload_{offload}_quant_{quant}" + ("" if zero_t5 == "auto" else f"_zero_t5_{zero_t5}")
 
 
 def compile_offered() -> bool:
@@ -638,12 +645,13 @@ class Child:
             out[role] = by
         return out
 
-    def row(self, offload: str, quant: str, deadline: float, hard_deadline: float) -> dict:
+    def row(self, offload: str, quant: str, zero_t5: str, deadline: float, hard_deadline: float) -> dict:
         """One row: a fresh set-up of the row's config, a warm-up cycle, then timed cycles (until ``deadline``);
         the CUDA peak over all of them (the first cycle allocates AdamW's states, the later ones are the steady
         state), the set-up's apart."""
-        torch, config = self.torch, row_config(offload, quant)
-        res = {"model_offload": offload, "model_frozen_quant": quant, "config_name": config, "pid": os.getpid()}
+        torch, config = self.torch, row_config(offload, quant, zero_t5)
+        res = {"model_offload": offload, "model_frozen_quant": quant, "model_zero_t5": zero_t5, "config_name": config,
+               "pid": os.getpid()}
         if quant == "fp8" and self.fp8_unavailable():
             return {**res, "status": "not run", "reason": self.fp8_unavailable()}
         gc.collect()
@@ -700,18 +708,21 @@ class Child:
         res = {"family": "sd3", "teacher": self.state["folders"]["sd3_no_t5"], "rows": {},
                "per_iteration": "seconds_per_cycle / TTUR: a cycle is one generator iteration and its TTUR - 1 "
                                 "critic-only iterations (the median of the timed cycles after one warm-up cycle)"}
-        for i, (name, offload, quant) in enumerate(rows):
+        for i, (name, offload, quant, zero_t5) in enumerate(rows):
             share = (deadline - time.time()) / (len(rows) - i)
             if share <= 0:
-                res["rows"][name] = {"model_offload": offload, "model_frozen_quant": quant, "status": "not run",
+                res["rows"][name] = {"model_offload": offload, "model_frozen_quant": quant, "model_zero_t5": zero_t5,
+                                     "status": "not run",
                                      "reason": "the part's budget was spent"}
                 continue
-            print(f"-- {part} row {name}: model_offload {offload}, model_frozen_quant {quant}", flush=True)
+            print(f"-- {part} row {name}: model_offload {offload}, model_frozen_quant {quant}, model_zero_t5 "
+                  f"{zero_t5}", flush=True)
             try:
-                res["rows"][name] = self.row(offload, quant, time.time() + share, deadline)
+                res["rows"][name] = self.row(offload, quant, zero_t5, time.time() + share, deadline)
             except Exception as e:  # the next row still runs
                 traceback.print_exc()
-                res["rows"][name] = {"model_offload": offload, "model_frozen_quant": quant, "status": "failed",
+                res["rows"][name] = {"model_offload": offload, "model_frozen_quant": quant, "model_zero_t5": zero_t5,
+                                     "status": "failed",
                                      "error": _one_line(e), "traceback": traceback.format_exc().splitlines()[-8:]}
             _write_json(self.parts_dir / f"{part}.partial.json", res)
         # a row that failed, or that the budget left out, fails the part (fp8 on a card without float8 does not)
@@ -876,7 +887,7 @@ def plan_main(parts: list[str], state: dict) -> int:
     out = Path(state["work"]) / "parts"
     # (the plan's file name, the config): a peak part's plan is plan_<part>, a row's plan_<its config>
     jobs = [(part, PEAK_PARTS[part]) for part in parts if part in PEAK_PARTS]
-    jobs += [(row_config(o, q), row_config(o, q)) for part in parts if part in ROWS for _, o, q in ROWS[part]
+    jobs += [(row_config(o, q, z), row_config(o, q, z)) for part in parts if part in ROWS for _, o, q, z in ROWS[part]
              if not (q == "fp8" and state["mode"] == "smoke")]  # the CPU smoke never runs the fp8 row
     for key, config in jobs:
         c = state["configs"][config]

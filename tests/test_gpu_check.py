@@ -62,13 +62,17 @@ def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
 
     # the offload / quantisation rows: each a set-up of its own config, one field changed against none/none
     rows = {**parts["offload_sd3"]["rows"], **parts["quant_sd3"]["rows"]}
-    assert list(rows) == ["none", "frozen", "base", "int8", "fp8", "base_int8"]
+    assert list(rows) == ["none", "frozen", "base", "zero_t5_counted", "int8", "fp8", "base_int8"]
     ref = rows["none"]
     for name, r in rows.items():
-        sets = data["configs"][gpu_check.row_config(r["model_offload"], r["model_frozen_quant"])]["sets"]
-        assert f"model_offload={r['model_offload']}" in sets and f"model_frozen_quant={r['model_frozen_quant']}" in sets
-        named = {"int8": ("none", "int8"), "fp8": ("none", "fp8"), "base_int8": ("base", "int8")}
-        assert (r["model_offload"], r["model_frozen_quant"]) == named.get(name, (name, "none"))
+        sets = data["configs"][gpu_check.row_config(r["model_offload"], r["model_frozen_quant"],
+                                                    r["model_zero_t5"])]["sets"]
+        assert {f"model_offload={r['model_offload']}", f"model_frozen_quant={r['model_frozen_quant']}",
+                f"model_zero_t5={r['model_zero_t5']}"} <= set(sets)
+        named = {"int8": ("none", "int8", "auto"), "fp8": ("none", "fp8", "auto"),
+                 "base_int8": ("base", "int8", "auto"), "zero_t5_counted": ("none", "none", "counted")}
+        got = (r["model_offload"], r["model_frozen_quant"], r["model_zero_t5"])
+        assert got == named.get(name, (name, "none", "auto"))
         if name == "fp8":  # no CUDA device here: not run, and why
             assert r["status"] == "not run" and "compute capability 8.9" in r["reason"], r
             continue
@@ -80,7 +84,7 @@ def test_smoke_runs_every_part_and_writes_the_json(tmp_path):
         assert vs["seconds_per_iteration"] == r["seconds_per_iteration"] / ref["seconds_per_iteration"]
         assert vs["plan_peak"] == r["plan"]["plan_peak_bytes"] / ref["plan"]["plan_peak_bytes"]
         assert f" {name} {r['seconds_per_iteration']:.3f} s/it" in " " + data["summary"][list(parts).index(
-            "offload_sd3" if name in ("none", "frozen", "base") else "quant_sd3")].split(": ", 2)[2]
+            "offload_sd3" if name in ("none", "frozen", "base", "zero_t5_counted") else "quant_sd3")].split(": ", 2)[2]
     # the override reached the run: int8 holds the teacher's linears in a byte, and the plan counts fewer bytes
     teacher = {k: sum(rows[k]["device_bytes_after_setup"]["teacher"].values()) for k in ("none", "int8")}
     assert teacher["int8"] < teacher["none"]
