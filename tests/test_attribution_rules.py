@@ -33,15 +33,24 @@ def test_the_sweep_winner_is_the_lowest_best_val_fd_once_every_row_is_in():
     assert A["sweep_winner"](other_seed) is None  # only the tuning seed's records decide
 
 
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
 @pytest.mark.parametrize("row", ["preset", "dmd2", "dmd2_head", "preset_routing_off", "preset_pull_off",
                                  "preset_ttur5", "sweep_b09"])
-def test_every_row_spends_the_budget(row):
-    cost = json.loads((ROOT / "benchmarks" / "results" / "attribution_cost_sdxl.json").read_text())["rows"]
+def test_every_row_spends_the_budget(row, family):
+    cost = json.loads((ROOT / "benchmarks" / "results" / f"attribution_cost_{family}.json").read_text())["rows"]
     per = cost.get(row, cost["dmd2"])["seconds_per_generator_update"]
-    budget = A["BUDGET"]["sdxl"] * cost["dmd2"]["seconds_per_generator_update"]
-    steps, every = A["row_steps"](row, "sdxl")
+    budget = A["BUDGET"][family] * cost["dmd2"]["seconds_per_generator_update"]
+    steps, every = A["row_steps"](row, family)
     # rounded to a multiple of the 16 evaluations: at most 8 updates from the budget's seconds / the row's
     assert steps == every * A["EVALS"] and abs(steps - budget / per) <= A["EVALS"] / 2
+
+
+def test_the_document_states_the_harness_budgets():
+    """BENCHMARKS.md section 3a's B per teacher (and each table's heading) is the harness's BUDGET."""
+    doc = (ROOT / "BENCHMARKS.md").read_text()
+    sdxl, sd3 = A["BUDGET"]["sdxl"], A["BUDGET"]["sd3"]
+    assert f"world-sdxl {sdxl} (DMD2's best" in doc and f"world-sd3 {sd3} (" in doc
+    assert f"World-sdxl (B = {sdxl} DMD2 updates):" in doc and f"World-sd3 (B = {sd3} DMD2 updates):" in doc
 
 
 def test_figure_series_means_over_seeds_on_cpu_hours(tmp_path):
