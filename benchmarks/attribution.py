@@ -26,7 +26,6 @@ import argparse
 import datetime
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_threads_arg, parse, run_distill_row  # noqa: E402
+from common import add_threads_arg, git_commit, parse, run_distill_row  # noqa: E402
 
 # the budget B in generator updates of the shipped DMD2 (TTUR 5); the comparison points are these fractions of it
 BUDGET = {"sdxl": 600, "sd3": 480}  # world-sd3: 160 until 2026-12-07, raised before any world-sd3 run (BENCHMARKS 3a)
@@ -119,10 +118,7 @@ def row_steps(row: str, family: str, fraction: float = 1.0) -> tuple[int, int]:
 
 
 def commit() -> str:
-    try:
-        return subprocess.check_output(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], text=True).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    return git_commit(ROOT)
 
 
 def load_results(path: Path) -> list[dict]:

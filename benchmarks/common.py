@@ -16,6 +16,15 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
 
 
+def git_commit(root) -> str:
+    """The short commit of the checkout at ``root`` ("unknown" outside a git checkout), for a result file."""
+    import subprocess
+    try:
+        return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:
     """Parse, register the embedded world (benchmarks are a face, like the CLI), then pin torch to --threads
     (on a shared 2-core machine 1 thread per job is fastest)."""

@@ -21,9 +21,10 @@ and trains it, Stage 2 included (flashdmd/demo.py). Its set-up, with rl_enabled 
 check it (training/reward_model.check_reward_model), which draws from torch's global generator before the roles'
 random initial weights are drawn: with rl_enabled false the same seed gave another Stage 1. (Since commit 3e4e484
 the check runs on a forked generator and rl_enabled no longer moves Stage 1; the recorded run's bases were made at
-996160a, before that, so the same command now gives other bases.) So a base here is that very config, stopped after Stage 1 (training.distill.train(max_iterations = run_max_steps x fake_score_ttur), which
-skips Stage 2), with the preset's checkpoint every 100 generator updates: checkpoints/step_00000300 is the state at
-the last Stage-1 step and the run folder's student (the EMA) is the demo's Stage-1 student.
+996160a, before that, so the same command now gives other bases.) So a base here is that very config, stopped
+after Stage 1 (training.distill.train(max_iterations = run_max_steps x fake_score_ttur), which skips Stage 2),
+with the preset's checkpoint every 100 generator updates: checkpoints/step_00000300 is the state at the last
+Stage-1 step and the run folder's student (the EMA) is the demo's Stage-1 student.
 
 The students at RL updates 100 ... 400. Every Stage-2 row is benchmarks/rl.py's run_row from the base checkpoint,
 with eval_keep_students=all: at every evaluation the evaluated student (the EMA, what the run's own evaluations and

@@ -590,8 +590,8 @@ def demo_history():
              "before the networks' initial weights, so a seed gave another run: the two first rows are the same "
              "setting at other draws."]
     return (["demo setting", "file", "code", "FD at the end of Stage 1", "FD after Stage 2", "mean", "targets met"],
-            rows, ["demo_seeds.json", "demo_seeds_before_fork.json", "demo_seeds_joint5_seed01.json", "demo_seeds_joint5_seed2.json",
-                   "demo_seeds_pooled_head.json", "demo_seed2_candidates.json"], notes)
+            rows, ["demo_seeds.json", "demo_seeds_before_fork.json", "demo_seeds_joint5_seed01.json",
+                   "demo_seeds_joint5_seed2.json", "demo_seeds_pooled_head.json", "demo_seed2_candidates.json"], notes)
 
 
 @table("demo_paper_setting")
@@ -659,8 +659,8 @@ def zero_t5():
         field = "seconds_per_generator_update" if part == "training" else "seconds"
         pad, cnt = (d[part][f"{key} {m}"][field] for m in ("padded", "counted"))
         rows.append([what, f(pad), f(cnt), f"{pad / cnt:.2f}x"])
-    notes = [f"Both modes in one process, interleaved in rounds (median of {len(d['block']['512 px padded']['rounds'])})"
-             f", {d['threads']} CPU thread; code {d['commit']}, {d['date']}. The block: 77 CLIP tokens and 256 zero "
+    rounds = len(d["block"]["512 px padded"]["rounds"])
+    notes = [f"Both modes in one process, interleaved in rounds (median of {rounds}), {d['threads']} CPU thread; code {d['commit']}, {d['date']}. The block: 77 CLIP tokens and 256 zero "
              "tokens (padded) or one counted zero token (counted) beside 1 024 / 4 096 image tokens."]
     return ["what", "padded", "counted", "speed-up"], rows, ["zero_t5.json"], notes
 

@@ -12,20 +12,16 @@ BENCHMARKS.md section 6). Both modes in one process, interleaved in rounds, 1 th
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 import time
+from statistics import median_high as median   # the middle of 3 rounds (step_cost's and attribution's choice)
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_threads_arg, parse  # noqa: E402
+from common import add_threads_arg, git_commit, parse  # noqa: E402
 
 MODES = ("padded", "counted")
-
-
-def median(xs):
-    return sorted(xs)[len(xs) // 2]
 
 
 def training(rounds: int) -> dict:
@@ -82,9 +78,7 @@ def main():
     p.add_argument("--parts", nargs="+", default=["training", "block"], choices=["training", "block"])
     add_threads_arg(p)
     a = parse(p)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
-    out = {"commit": commit, "date": datetime.date.today().isoformat(), "threads": a.threads}
+    out = {"commit": git_commit(ROOT), "date": datetime.date.today().isoformat(), "threads": a.threads}
     if "block" in a.parts:
         out["block"] = block(a.rounds)
         print(json.dumps(out["block"], indent=1), flush=True)

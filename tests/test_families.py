@@ -234,7 +234,8 @@ def direct_call(fam, x, t, cond):
 @torch.no_grad()
 def test_predict_guidance_and_consistency(any_family, monkeypatch):
     _, _, fam = any_family
-    monkeypatch.setattr(fam, "zero_t5", "padded", raising=False)  # the pipeline's call, bitwise (counted: test_sd3_zero_t5_*)
+    # the pipeline's call, bitwise (the counted zero T5 tokens: tests/test_sd3_zero_t5.py)
+    monkeypatch.setattr(fam, "zero_t5", "padded", raising=False)
     torch.manual_seed(0)
     x = torch.randn((2,) + fam.latent_shape(SIZE, SIZE))
     t = torch.tensor([fam.schedule.t_max * 0.95, fam.schedule.t_max * 0.3])

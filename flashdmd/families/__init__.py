@@ -20,7 +20,7 @@ from flashdmd.families.flux import FluxFamily
 from flashdmd.families.flux2 import Flux2Family, Flux2KleinFamily
 from flashdmd.families.hub import hub_snapshot
 from flashdmd.families.qwenimage import QwenImageFamily
-from flashdmd.families.sd3 import SD3Family
+from flashdmd.families.sd3 import ZERO_T5_MODES, SD3Family, counts_zero_t5_on
 from flashdmd.families.sdxl import SDXLFamily
 from flashdmd.families.zimage import ZImageFamily
 
@@ -30,7 +30,8 @@ FAMILIES.update({"flux2": Flux2Family, "flux2-klein": Flux2KleinFamily})
 PIPELINE_FAMILIES = {cls.pipeline_class: name for name, cls in FAMILIES.items()}
 
 __all__ = ["LORA_TARGETS", "Conditioning", "masked_mean", "Family", "SDXLFamily", "SD3Family", "FluxFamily", "FAMILIES",
-           "load_family", "resolve_path", "detect_family", "name_part", "network_call", "part_name"]
+           "load_family", "resolve_path", "detect_family", "name_part", "network_call", "part_name", "ZERO_T5_MODES",
+           "counts_zero_t5_on"]
 
 
 def resolve_path(path_or_name: str | Path) -> Path:

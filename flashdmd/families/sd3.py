@@ -83,6 +83,14 @@ def count_zero_tokens(context: Tensor, n_img_tokens: int, counts: Tensor) -> tup
     return ctx, bias
 
 
+def counts_zero_t5_on(mode: str, device_type: str) -> bool:
+    """Whether model_zero_t5 ``mode`` counts SD3's zero T5 tokens in a forward on a ``device_type`` device (auto:
+    on the CPU only), for a teacher without T5."""
+    if mode not in ZERO_T5_MODES:
+        raise FlashDMDError(f"model_zero_t5 must be one of {', '.join(ZERO_T5_MODES)}, got {mode!r}")
+    return mode == "counted" or (mode == "auto" and device_type == "cpu")
+
+
 def use_counted_zero_t5(transformer: nn.Module) -> None:
     """Install :class:`CountedZeroT5Processor` in every attention of ``transformer`` (once)."""
     if not getattr(transformer, "_counted_zero_t5", False):
@@ -176,11 +184,7 @@ class SD3Family(Family):
 
     def counts_zero_t5(self, device: torch.device) -> bool:
         """Whether a forward on ``device`` passes the zero T5 tokens as one counted token (model_zero_t5)."""
-        if self.zero_t5 not in ZERO_T5_MODES:
-            raise FlashDMDError(f"model_zero_t5 must be one of {', '.join(ZERO_T5_MODES)}, got {self.zero_t5!r}")
-        if self.has_t5 or self.zero_t5 == "padded":
-            return False
-        return self.zero_t5 == "counted" or device.type == "cpu"
+        return counts_zero_t5_on(self.zero_t5, device.type) and not self.has_t5
 
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         dtype = input_dtype(net)  # a LoRA net: its base's dtype
@@ -192,7 +196,7 @@ class SD3Family(Family):
             n_img = (x_t.shape[-2] // patch) * (x_t.shape[-1] // patch)
             n = self.max_sequence_length  # the trailing tokens: zeros without T5 (_t5)
             context, bias = count_zero_tokens(context[:, :-n], n_img, x_t.new_full((len(x_t),), float(n)))
-            kwargs = {"attention_mask": bias.to(dtype)}
+            kwargs = {"attention_mask": bias}  # in the context's dtype
         out = net(hidden_states=x_t.to(dtype), timestep=t, encoder_hidden_states=context,
                   pooled_projections=cond.pooled_embeds.to(dtype), joint_attention_kwargs=kwargs, return_dict=False)[0]
         return out.to(x_t.dtype)

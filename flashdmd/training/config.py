@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from flashdmd import FlashDMDError
-from flashdmd.families import FAMILIES
+from flashdmd.families import FAMILIES, ZERO_T5_MODES
 from flashdmd.networks.quant import QUANTS
 from flashdmd.training.config_parse import coerce_all, load_yaml
 
@@ -72,7 +72,6 @@ RESOLUTION = ("A value is resolved in this order, later wins: the field's defaul
 FROZEN_DTYPES = ("auto", "float32", "float64", "bfloat16", "float16")
 OFFLOADS = ("none", "frozen", "base")
 COMPILES = ("none", "student", "all")
-ZERO_T5 = ("auto", "counted", "padded")  # flashdmd.families.sd3.ZERO_T5_MODES
 QUANT_FIELDS = ("model_frozen_quant", "model_text_encoder_quant", "disc_backbone_quant", "rl_reward_quant")
 
 
@@ -420,7 +419,7 @@ class DistillConfig:
               "device: set model_gradient_checkpointing true")
         _need(self.model_compile in COMPILES, f"model_compile must be one of {', '.join(COMPILES)}, "
               f"got {self.model_compile!r}")
-        _need(self.model_zero_t5 in ZERO_T5, f"model_zero_t5 must be one of {', '.join(ZERO_T5)}, "
+        _need(self.model_zero_t5 in ZERO_T5_MODES, f"model_zero_t5 must be one of {', '.join(ZERO_T5_MODES)}, "
               f"got {self.model_zero_t5!r}")
         _need(self.model_compile == "none" or self.model_offload != "base", "model_compile with model_offload base: "
               "the streamed blocks' hooks move weights inside the compiled blocks; set one of them to none")

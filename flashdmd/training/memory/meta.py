@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from flashdmd.families import load_family
+from flashdmd.families import counts_zero_t5_on, load_family
 from flashdmd.training.memory.accounting import stored_weight_bytes
 from flashdmd.training.rng import SampleRNG
 from flashdmd.training.roles import build_roles, frozen_dtype, quantise_frozen
@@ -68,9 +68,8 @@ def meta_run(cfg, device: str) -> Run:
     resolution = cfg.data_resolution or family.default_resolution
     family.use_resolution(resolution, resolution)
     family.embedded_guidance = cfg.model_embedded_guidance
-    # auto resolves by the device the forwards run on (families/sd3.py): here that of the planned run, not meta
-    family.zero_t5 = (cfg.model_zero_t5 if cfg.model_zero_t5 != "auto"
-                      else "counted" if device == "cpu" else "padded")
+    # auto resolves by the device the forwards run on: here the planned run's, not meta
+    family.zero_t5 = "counted" if counts_zero_t5_on(cfg.model_zero_t5, device) else "padded"
     timesteps, n_dm = student_steps(cfg, family)
     roles = build_roles(cfg, family)
     setup = RunSetup(cfg=cfg, accelerator=None, device=META, family=family, teacher=roles.teacher,
