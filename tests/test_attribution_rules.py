@@ -70,3 +70,36 @@ def test_figure_series_means_over_seeds_on_cpu_hours(tmp_path):
     assert list(sweep) == ["dmd2"] and sweep["dmd2"]["seeds"] == [100]
     A["draw_figure"](s, "world-sdxl", tmp_path / "f.png")
     assert (tmp_path / "f.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_better_dmd2_is_the_lower_mean_at_that_point_among_rows_with_enough_seeds():
+    def recs(row, fds):
+        return [{"row": row, "points": [{"test_fd_mean": fd}] * 3} for fd in fds]
+    both = {"dmd2": recs("dmd2", [11.0, 12.0]), "dmd2_best": recs("dmd2_best", [9.0, 10.0])}
+    assert tables.better_dmd2(both, 2) == "dmd2_best"
+    one_best = {"dmd2": recs("dmd2", [11.0, 12.0]), "dmd2_best": recs("dmd2_best", [9.0])}
+    assert tables.better_dmd2(one_best, 2) == "dmd2"  # a single seed does not count for a verdict
+    assert tables.better_dmd2(one_best, 2, min_seeds=1) == "dmd2_best"
+    assert tables.better_dmd2({}, 0) is None
+
+
+def test_difference_states_the_gap_twice_its_welch_standard_error_and_the_verdict():
+    a, b = [9.0, 9.2, 9.1], [11.0, 11.3, 11.1]
+    se = (tables.statistics.variance(a) / 3 + tables.statistics.variance(b) / 3) ** 0.5
+    assert tables.difference(a, b) == f"{9.1 - 11.1333333:+.2f} ± {2 * se:.2f}: better"
+    assert tables.difference(a, [11.0]) == "–"
+
+
+def test_images_to_reach_are_the_first_val_crossing_as_a_share_of_dmd2s_images_and_seconds():
+    """A row reaches the target at its first evaluation after step 0 at or below it; the shares divide the mean
+    images (and seconds) over the seeds that reach it by the DMD2 row's at B; a seed that never does is counted."""
+    def rec(curve, per=2.0):
+        return {"val_curve": [[s, fd, 0.9] for s, fd in curve],
+                "compute": {"images_per_update": 32, "seconds_per_update": per}}
+    assert tables.steps_to_reach(rec([(0, 5.0), (10, 12.0), (20, 9.0), (30, 8.0)]), 9.0) == 20  # step 0 never
+    assert tables.steps_to_reach(rec([(0, 5.0), (10, 12.0)]), 9.0) is None
+    rs = [rec([(0, 26.0), (10, 9.5), (20, 8.5)]), rec([(0, 26.0), (10, 8.9)]), rec([(0, 26.0), (10, 9.5)])]
+    cells = tables.reach_cells(rs, 9.0, images_b=3200.0, seconds_b=400.0)
+    # reaching seeds: 20 and 10 steps -> 640 and 320 images (mean 480, sd 226), 40 and 20 s (mean 30)
+    assert cells == ["2 of 3", "480 ± 226", "15 %", "8 %"]
+    assert tables.reach_cells(rs[2:], 9.0, 3200.0, 400.0)[:2] == ["0 of 1", "not reached"]
