@@ -450,3 +450,22 @@ def test_masked_conditioning_pads_caches_and_pools():
     assert torch.allclose(masked_mean(ab.prompt_embeds, ab.prompt_mask)[0].double(), want, rtol=0, atol=4 * 2 ** -24)
     with pytest.raises(FlashDMDError, match="prompt_mask"):
         Conditioning.cat([a, Conditioning(b.prompt_embeds, b.pooled_embeds)])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_plan_networks_take_the_dtypes_from_pretrained_gives(sd3_t5, dtype):
+    """`flashdmd plan` builds each network on the meta device from its config: every parameter must get the dtype the
+    real load gives it, or the plan miscounts bytes. T5 keeps its ``wo`` projections in float32 when loaded in
+    float16 (transformers' _keep_in_fp32_modules); the diffusers VAE and transformer cast whole."""
+    import json
+
+    from flashdmd.families.parts import load_component, meta_component
+    path = sd3_t5[1]
+    index = json.loads((path / "model_index.json").read_text())
+    for part in ("text_encoder_3", "vae", "transformer"):
+        real = {n: p.dtype for n, p in load_component(path, index, part, dtype).named_parameters()}
+        meta = {n: p.dtype for n, p in meta_component(path, index, part, dtype).named_parameters()}
+        assert meta == real, part
+    t5 = meta_component(path, index, "text_encoder_3", dtype)
+    kept = [n for n, p in t5.named_parameters() if p.dtype != dtype]
+    assert bool(kept) == (dtype == torch.float16) and all(".wo." in n for n in kept)

@@ -127,5 +127,10 @@ def test_modes_and_t5(sd3, tmp_path_factory, monkeypatch):
     assert with_t5.has_t5 and not with_t5.counts_zero_t5(cpu)
     with_t5.release_text_encoders()  # what the text cache does: the family still knows it had T5
     assert with_t5.has_t5 and not with_t5.counts_zero_t5(cpu)
+    assert with_t5.run_notes() == []  # the run log says what a run without T5 does, and only then
+    for mode, said in (("auto", "256 zero tokens counted as one (model_zero_t5: auto)"),
+                       ("padded", "256 zero tokens padded (model_zero_t5: padded)")):
+        monkeypatch.setattr(sd3, "zero_t5", mode)
+        assert sd3.run_notes() == [f"no text_encoder_3 (T5): its {said}"]
     with pytest.raises(FlashDMDError, match="model_zero_t5 must be one of"):
         DistillConfig(model_zero_t5="count")

@@ -450,6 +450,10 @@ class Family(ABC):
             raw = self._forward(net, x_t, self._timesteps(t, x_t), cond)
         return (list(outputs), raw) if return_output else list(outputs)
 
+    def run_notes(self) -> list[str]:
+        """What this teacher does differently in a run that its user should see in the log (none by default)."""
+        return []
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(path={str(self.path)!r}, prediction_type={self.prediction_type!r})"
 

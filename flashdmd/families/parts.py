@@ -204,9 +204,22 @@ def meta_component(path: Path, index: dict, name: str, dtype: torch.dtype, requi
             net = cls.from_config(cls.load_config(folder))
         else:
             net = cls(cls.config_class.from_pretrained(folder))
-    if next(net.parameters()).dtype != dtype:
-        net = net.to(dtype)
-    return net.requires_grad_(False).eval()
+    return cast_as_loaded(net, dtype).requires_grad_(False).eval()
+
+
+def cast_as_loaded(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``net`` in ``dtype`` as ``from_pretrained(torch_dtype=dtype)`` leaves it: parameters under a module named in
+    the class's ``_keep_in_fp32_modules`` stay float32 when ``dtype`` is float16 (diffusers and transformers; T5's
+    ``wo``), under ``_keep_in_fp32_modules_strict`` also when it is bfloat16 (transformers). nn.Module.to, not the
+    model's own ``to``, which warns on every cast of a class that has such a list, even an empty one."""
+    keep = set(getattr(net, "_keep_in_fp32_modules", None) or []) if dtype == torch.float16 else set()
+    if dtype in (torch.float16, torch.bfloat16):
+        keep |= set(getattr(net, "_keep_in_fp32_modules_strict", None) or [])
+    nn.Module.to(net, dtype)
+    for name, p in net.named_parameters():
+        if keep.intersection(name.split(".")):
+            p.data = p.data.to(torch.float32)
+    return net
 
 
 def check_tokenizer(tok, folder: Path) -> None:

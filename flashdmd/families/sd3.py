@@ -186,6 +186,13 @@ class SD3Family(Family):
         """Whether a forward on ``device`` passes the zero T5 tokens as one counted token (model_zero_t5)."""
         return counts_zero_t5_on(self.zero_t5, device.type) and not self.has_t5
 
+    def run_notes(self) -> list[str]:
+        if self.has_t5:
+            return []
+        mode = "counted as one" if self.counts_zero_t5(self.device) else "padded"
+        return [f"no text_encoder_3 (T5): its {self.max_sequence_length} zero tokens {mode} "
+                f"(model_zero_t5: {self.zero_t5})"]
+
     def _forward(self, net: nn.Module, x_t: Tensor, t: Tensor, cond: Conditioning) -> Tensor:
         dtype = input_dtype(net)  # a LoRA net: its base's dtype
         context, kwargs = cond.prompt_embeds.to(dtype), None

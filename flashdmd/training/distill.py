@@ -38,6 +38,12 @@ _encode = encode
 _real_batch = real_batch
 
 
+def _print_on_rank0(line: str) -> None:
+    """One copy of a set-up line under torchrun (its RANK), before the accelerator that knows the rank exists."""
+    if os.environ.get("RANK", "0") == "0":
+        print(line, flush=True)
+
+
 def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, accelerator=None,
           max_iterations: int | None = None, ctx: Run | None = None, resume: str | None = None,
           overwrite: bool = False) -> dict:
@@ -46,7 +52,7 @@ def train(cfg: DistillConfig, out_dir: str | Path, *, progress: bool = True, acc
     holds a run is refused unless ``resume`` or ``overwrite``. ``ctx`` lets a caller (tests) pass a run built by
     :func:`setup`."""
     folder = _check_out_dir(cfg, out_dir, resume, overwrite, ctx.accelerator if ctx is not None else accelerator)
-    run = ctx or build(cfg, accelerator)
+    run = ctx or build(cfg, accelerator, log=_print_on_rank0)  # what the set-up chose: teacher, dtypes, data
     acc = run.setup.accelerator
     if overwrite and acc.is_main_process:  # every check passed: now the old run's state goes
         removed = clear_run_dir(out_dir)

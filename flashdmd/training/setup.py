@@ -156,7 +156,10 @@ def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple:
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
         f"{timesteps})")
     log(f"dtypes: frozen parts {str(family.frozen_dtype).removeprefix('torch.')}, trainable weights, optimiser "
-        f"states and latents {cfg.model_dtype}" + (f"; quantised: {', '.join(quant)}" if quant else ""))
+        f"states and latents {cfg.model_dtype}" + (f"; quantised: {', '.join(quant)}" if quant else "")
+        + ("; each step autocast to bfloat16 (model_mixed_precision)" if cfg.model_mixed_precision == "bf16" else ""))
+    for note in family.run_notes():
+        log(f"teacher: {note}")
     if off is not None:
         log(f"offload: {cfg.model_offload} ({', '.join(off.parts.groups)} homed on the CPU"
             + (f"; {len(off.groups)} blocks of the base streamed" if off.groups else "") + ")")
