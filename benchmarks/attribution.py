@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_threads_arg, git_commit, parse, run_distill_row  # noqa: E402
+from common import add_threads_arg, git_commit, parse, pyplot, run_distill_row  # noqa: E402
 
 # the budget B in generator updates of the shipped DMD2 (TTUR 5); the comparison points are these fractions of it
 BUDGET = {"sdxl": 600, "sd3": 480}  # world-sd3: 160 until 2026-12-07, raised before any world-sd3 run (BENCHMARKS 3a)
@@ -268,9 +268,7 @@ def figure_series(records: list[dict], teacher: str, sweep: bool = False) -> dic
 
 
 def draw_figure(series: dict, teacher: str, path: Path, sweep: bool = False) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 1 if sweep else 2, figsize=(6 if sweep else 11, 4), dpi=110, squeeze=False)
     for i, (row, s) in enumerate(series.items()):
         colour = f"C{i}"

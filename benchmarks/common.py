@@ -16,13 +16,23 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True)
 
 
-def git_commit(root) -> str:
-    """The short commit of the checkout at ``root`` ("unknown" outside a git checkout), for a result file."""
+def git_commit(root, short: bool = True) -> str:
+    """The commit of the checkout at ``root`` (short, or the full hash) for a result file; "unknown" outside a git
+    checkout."""
     import subprocess
     try:
-        return subprocess.check_output(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], text=True).strip()
+        return subprocess.check_output(["git", "-C", str(root), "rev-parse", *(["--short"] if short else []), "HEAD"],
+                                       text=True, stderr=subprocess.DEVNULL).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display), for the scripts that draw figures."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
 
 
 def parse(p: argparse.ArgumentParser) -> argparse.Namespace:

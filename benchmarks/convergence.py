@@ -40,7 +40,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_run_args, parse, run_distill_row  # noqa: E402
+from common import add_run_args, parse, pyplot, run_distill_row  # noqa: E402
 # (preset, overrides): a preset is configs/world_<family>_<preset>.yaml. The Flash-DMD rows vary the paper's setting
 # (TTUR 1, patch heads; the presets before issue 16), so they keep their meaning whatever the main preset says.
 ROWS = {
@@ -135,9 +135,7 @@ def seconds_per_update(family: str) -> dict:
 
 
 def plot(summary: dict, family: str, path: Path, batch: int = 32):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(15, 5))
     cost = seconds_per_update(family)
     for i, (name, row) in enumerate(r for r in summary.items() if not r[0].startswith("_")):

@@ -17,6 +17,9 @@ import json
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import pyplot  # noqa: E402
+
 
 def scalars(tb: Path) -> dict[str, list[tuple[int, float]]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -58,9 +61,7 @@ def reference_curves(spec: str, batch: int) -> dict[str, list[tuple[int, float]]
 
 
 def plot(runs: dict, refs: dict, path: Path, title: str) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, (name, r) in enumerate(runs.items()):
         ev = r["evals"]

@@ -25,7 +25,6 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_run_args, parse, run_distill_row  # noqa: E402
+from common import add_run_args, git_commit, parse, run_distill_row  # noqa: E402
 
 PRESET = ROOT / "configs" / "world_sdxl_flashdmd.yaml"
 TEACHER = "world-sdxl"
@@ -117,7 +116,7 @@ def main():
             trained = [e for e in c if e["generator_steps"] > 0] or c
             rows[name] = {"source": source, "data_real": data_real, "seed": seed, "final_fd": c[-1]["fd"],
                           "best_fd": min(e["fd"] for e in trained), "curve": c}
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit(ROOT, short=False)
     out = {"commit": commit, "date": time.strftime("%Y-%m-%d"), "teacher": TEACHER, "preset": PRESET.name,
            "smoke": a.smoke, "seeds": a.seeds, "steps": a.steps, "batch": a.batch, "eval_every": a.eval_every,
            "eval_num_images": a.num_images, "sets": a.set,

@@ -27,6 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import git_commit  # noqa: E402
+
 
 def run_seed(checkout: Path, seed: int, threads: str, sets: list[str]) -> None:
     out = checkout / "runs" / f"demo_seed{seed}"
@@ -72,7 +75,7 @@ def main():
     a = p.parse_args()
     checkout = Path(a.checkout).resolve()
     (checkout / "runs").mkdir(exist_ok=True)
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=checkout, capture_output=True, text=True).stdout.strip()
+    commit = git_commit(checkout, short=False)
     per_seed = {}
     for seed in a.seeds:
         path = checkout / "runs" / f"demo_seed{seed}" / "metrics.json"

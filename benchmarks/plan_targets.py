@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from common import git_commit  # noqa: E402
 
 GiB = 2 ** 30
 TEXT_CACHE = {"model_lora_rank": 64, "model_text_cache": True, "data_prompts": "{prompts}"}
@@ -97,8 +97,7 @@ def main() -> None:
     args = ap.parse_args()
     from vram_table import folders
     paths = folders(Path(args.work), {t[1] for t in TARGETS})
-    commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit(HERE.parent)
     out = Path(args.out)
     rows = []
     for target in TARGETS:

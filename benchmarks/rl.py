@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_run_args, parse  # noqa: E402
+from common import add_run_args, parse, pyplot  # noqa: E402
 ROWS = {
     "joint_1": {"rl_distill_ratio": 1},
     "joint_2": {"rl_distill_ratio": 2},
@@ -105,9 +105,7 @@ def plot_frontier(tables: dict, path: str, title: str) -> None:
     """Held-out oracle (up is better) against FD (left is better): one point per row and step size, the mean over
     seeds with the seeds' range as bars; a row's step sizes joined by a line from Stage 1 (the star), small to
     large."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5.5))
     lrs = sorted(tables, key=lambda x: float(x) if x != "config" else 0.0)
     rows = [r for r in ROWS if any(r in tables[lr] for lr in lrs)]

@@ -29,7 +29,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_run_args, parse, run_distill_row  # noqa: E402
+from common import add_run_args, parse, pyplot, run_distill_row  # noqa: E402
 
 # explicit in every field a row varies, so that a row means the same whatever the preset says
 BASE = {"fake_score_ttur": 2, "disc_head": "pooled", "disc_head_channels": 256, "disc_lr": 1e-3,
@@ -143,9 +143,7 @@ def summarise(out: Path, a) -> dict:
 
 
 def plot(summary: dict, path: Path, title: str | None = None):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(9, 5))
     for i, (r, s) in enumerate(summary["rows"].items()):
         for j, (seed, v) in enumerate(s["seeds"].items()):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from common import git_commit  # noqa: E402
 
 GiB = 2 ** 30
 CARDS = (24, 48, 80, 141)
@@ -111,8 +111,7 @@ def main() -> None:
     out = Path(args.out)
     results = json.loads(out.read_text())["rows"] if out.is_file() else []
     done = {(r["row"], r["batch"]) for r in results}
-    commit = subprocess.run(["git", "-C", str(HERE.parent), "rev-parse", "--short", "HEAD"], capture_output=True,
-                            text=True).stdout.strip()
+    commit = git_commit(HERE.parent)
     for row in rows:
         for batch in (int(b) for b in args.batches.split(",")):
             if (row[0], batch) in done:
