@@ -154,7 +154,7 @@ def _teacher(cfg: DistillConfig, device, log, sharded: bool = False) -> tuple:
     family.zero_t5 = cfg.model_zero_t5  # read only by SD3 without T5
     timesteps, n_dm = student_steps(cfg, family)
     log(f"teacher: {family.path} ({family.name}, {type(family.denoiser).__name__}, {resolution} px, student steps "
-        f"{timesteps})")
+        f"[{', '.join(f'{t:.6g}' for t in timesteps)}])")
     log(f"dtypes: frozen parts {str(family.frozen_dtype).removeprefix('torch.')}, trainable weights, optimiser "
         f"states and latents {cfg.model_dtype}" + (f"; quantised: {', '.join(quant)}" if quant else "")
         + ("; each step autocast to bfloat16 (model_mixed_precision)" if cfg.model_mixed_precision == "bf16" else ""))
