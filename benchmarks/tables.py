@@ -949,7 +949,8 @@ def reach_cells(rs: list[dict], target: float, images_b: float, seconds_b: float
     at B."""
     hits = [(s, r["compute"]) for r in rs if (s := steps_to_reach(r, target)) is not None]
     if not hits:
-        return [f"0 of {len(rs)}", "not reached", "–", "–"]
+        best = min(fd for r in rs for s, fd, *_ in r["val_curve"] if s > 0)
+        return [f"0 of {len(rs)}", f"not reached (best val FD {best:.2f})", "–", "–"]
     imgs = [s * c["images_per_update"] for s, c in hits]
     secs = [s * c["seconds_per_update"] for s, c in hits]
     spread = f" ± {statistics.stdev(imgs):,.0f}" if len(imgs) > 1 else ""

@@ -102,4 +102,4 @@ def test_images_to_reach_are_the_first_val_crossing_as_a_share_of_dmd2s_images_a
     cells = tables.reach_cells(rs, 9.0, images_b=3200.0, seconds_b=400.0)
     # reaching seeds: 20 and 10 steps -> 640 and 320 images (mean 480, sd 226), 40 and 20 s (mean 30)
     assert cells == ["2 of 3", "480 ± 226", "15 %", "8 %"]
-    assert tables.reach_cells(rs[2:], 9.0, 3200.0, 400.0)[:2] == ["0 of 1", "not reached"]
+    assert tables.reach_cells(rs[2:], 9.0, 3200.0, 400.0)[:2] == ["0 of 1", "not reached (best val FD 9.50)"]
