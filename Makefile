@@ -31,12 +31,13 @@ data:
 demo: setup
 	$(VENV)/bin/flashdmd demo --out runs/demo
 
-# One thread per process: several tests start 2-process runs, and tiny models gain nothing from more. Three pytest
+# One thread per process: several tests start 2-process runs, and tiny models gain nothing from more. Four pytest
 # workers (pytest-xdist) on two cores: many tests wait on subprocesses (imports, torchrun, a signalled distill) or on
-# deliberate sleeps, and a third worker fills those gaps (2 cores: 269 s against ~300 s with two workers, near the
-# CPU-time bound of ~255 s). --dist worksteal hands out single tests and lets an idle worker take the queue of a
+# deliberate sleeps, and the extra workers fill those gaps (2 cores: 269 s against ~300 s with two workers, near the
+# CPU-time bound of ~255 s, at 3 workers; at 808 tests, 618 s with 4 workers against 666 s with 3, one run each in a
+# row on one machine, d66b23d). --dist worksteal hands out single tests and lets an idle worker take the queue of a
 # busy one, so the last minutes are not one long file on one worker (2 cores: 439 s against 574 s with loadfile, at
 # 751 tests); a module's fixture is then built again on each worker that runs its tests, so a fixture that launches
 # processes takes a free port rather than a fixed one.
 test: setup
-	OMP_NUM_THREADS=1 $(PY) -m pytest -n 3 --dist worksteal tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -n 4 --dist worksteal tests
