@@ -117,10 +117,6 @@ def row_steps(row: str, family: str, fraction: float = 1.0) -> tuple[int, int]:
     return every * EVALS, every
 
 
-def commit() -> str:
-    return git_commit(ROOT)
-
-
 def load_results(path: Path) -> list[dict]:
     return json.loads(path.read_text())["records"] if path.is_file() else []
 
@@ -210,7 +206,7 @@ def run_one(row: str, seed: int, a, results_path: Path) -> None:
                           "seconds_per_update": per, "images": steps * BATCH, "critic_iterations": steps * ttur,
                           "seconds": steps * per, "seconds_from": cost_file(a.family).name},
               "points": score(folder, evals, steps, fractions, label),
-              "wall_seconds": time.time() - t0, "commit": commit(), "date": datetime.date.today().isoformat()}
+              "wall_seconds": time.time() - t0, "commit": git_commit(ROOT), "date": datetime.date.today().isoformat()}
     save_record(results_path, record)
     print(f"{label}: recorded in {results_path}", flush=True)
 
@@ -235,7 +231,7 @@ def measure_cost(a) -> None:
     d = rows["dmd2"]["seconds_per_generator_update"]
     for r in rows.values():
         r["relative_to_dmd2"] = r["seconds_per_generator_update"] / d
-    body = {"family": a.family, "batch_size": BATCH, "threads": a.threads, "commit": commit(),
+    body = {"family": a.family, "batch_size": BATCH, "threads": a.threads, "commit": git_commit(ROOT),
             "date": datetime.date.today().isoformat(), "rows": rows}
     cost_file(a.family).write_text(json.dumps(body, indent=2))
 

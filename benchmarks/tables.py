@@ -38,6 +38,11 @@ def table(name: str):
     return register
 
 
+def existing(*names: str) -> list[str]:
+    """Those of the result files ``names`` that exist (a table's sources while its runs are still landing)."""
+    return [x for x in names if (RESULTS / x).is_file()]
+
+
 @lru_cache(maxsize=None)
 def load(name: str):
     return json.loads((RESULTS / name).read_text())
@@ -660,8 +665,9 @@ def zero_t5():
         pad, cnt = (d[part][f"{key} {m}"][field] for m in ("padded", "counted"))
         rows.append([what, f(pad), f(cnt), f"{pad / cnt:.2f}x"])
     rounds = len(d["block"]["512 px padded"]["rounds"])
-    notes = [f"Both modes in one process, interleaved in rounds (median of {rounds}), {d['threads']} CPU thread; code {d['commit']}, {d['date']}. The block: 77 CLIP tokens and 256 zero "
-             "tokens (padded) or one counted zero token (counted) beside 1 024 / 4 096 image tokens."]
+    notes = [f"Both modes in one process, interleaved in rounds (median of {rounds}), {d['threads']} CPU thread; "
+             f"code {d['commit']}, {d['date']}. The block: 77 CLIP tokens and 256 zero tokens (padded) or one "
+             "counted zero token (counted) beside 1 024 / 4 096 image tokens."]
     return ["what", "padded", "counted", "speed-up"], rows, ["zero_t5.json"], notes
 
 
@@ -869,9 +875,13 @@ def verdict(a: list[float], b: list[float]) -> str:
     the difference (Welch), else level; "–" below two seeds a side."""
     if len(a) < 2 or len(b) < 2:
         return "–"
-    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
     d = mean(a) - mean(b)
-    return "level" if abs(d) <= 2 * se else ("better" if d < 0 else "worse")
+    return "level" if abs(d) <= 2 * welch_se(a, b) else ("better" if d < 0 else "worse")
+
+
+def welch_se(a: list[float], b: list[float]) -> float:
+    """The standard error of mean(a) - mean(b) (Welch: each side's own variance)."""
+    return (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
 
 
 def attribution_rows(teacher: str) -> tuple[list, list]:
@@ -907,8 +917,7 @@ def difference(a: list[float], b: list[float]) -> str:
     """mean(a) - mean(b) ± twice the Welch standard error of the difference, and the pre-registered verdict."""
     if len(a) < 2 or len(b) < 2:
         return "–"
-    se = (statistics.variance(a) / len(a) + statistics.variance(b) / len(b)) ** 0.5
-    return f"{mean(a) - mean(b):+.2f} ± {2 * se:.2f}: {verdict(a, b)}"
+    return f"{mean(a) - mean(b):+.2f} ± {2 * welch_se(a, b):.2f}: {verdict(a, b)}"
 
 
 # (row a, row b or None for the better DMD2, what the comparison tells)
@@ -935,7 +944,7 @@ def attribution_verdicts():
              "is lower), ± twice the Welch standard error of the difference, and the verdict: better / worse when "
              "the difference is beyond that, else level; \"–\" until each side has two seeds. The better DMD2: of "
              "`dmd2` and `dmd2_best`, the one with the lower mean at that point."]
-    files = ["attribution.json"] if (RESULTS / "attribution.json").is_file() else []
+    files = existing("attribution.json")
     return ["teacher", "comparison", "tells", *(f"at {p}" for p in ATTR_POINTS)], rows, files, notes
 
 
@@ -982,7 +991,7 @@ def attribution_reach():
              "noisy and neither bias is removed: the target is DMD2's lowest of 16 evaluations (optimistic, so "
              "harder to reach), a row's crossing its first evaluation at or below it (earlier than a smoothed "
              "curve's)."]
-    files = ["attribution.json"] if (RESULTS / "attribution.json").is_file() else []
+    files = existing("attribution.json")
     return ["teacher", "the better DMD2 at B (seeds)", "its val FD at B", "row", "seeds reaching it",
             "images to reach it", "share of DMD2's images", "share of DMD2's CPU time"], rows, files, notes
 
@@ -990,14 +999,14 @@ def attribution_reach():
 @table("attribution_sdxl")
 def attribution_sdxl():
     rows, notes = attribution_rows("world-sdxl")
-    files = [x for x in ("attribution.json", "attribution_cost_sdxl.json") if (RESULTS / x).is_file()]
+    files = existing("attribution.json", "attribution_cost_sdxl.json")
     return ATTR_HEADER, rows, files, notes
 
 
 @table("attribution_sd3")
 def attribution_sd3():
     rows, notes = attribution_rows("world-sd3")
-    files = [x for x in ("attribution.json", "attribution_cost_sd3.json") if (RESULTS / x).is_file()]
+    files = existing("attribution.json", "attribution_cost_sd3.json")
     return ATTR_HEADER, rows, files, notes
 
 
@@ -1016,7 +1025,7 @@ def attribution_cost():
                          f"{r['relative_to_dmd2']:.3f}"])
     notes = ["Every row of a teacher timed in one process, interleaved in rounds (the median of three), 1 thread, "
              "batch 32: the seconds fix each row's number of generator updates at the budget."]
-    files = [x for x in ("attribution_cost_sdxl.json", "attribution_cost_sd3.json") if (RESULTS / x).is_file()]
+    files = existing("attribution_cost_sdxl.json", "attribution_cost_sd3.json")
     return ["teacher", "row", "critic iterations / update", "images / update", "s / generator update",
             "relative to DMD2"], rows, files, notes
 
@@ -1037,7 +1046,7 @@ def dmd2_sweep():
                      f(r["points"][-1]["test_fd_mean"])])
     notes = ["World-sdxl, tuning seed 100, half the budget (300 DMD2 updates). The lowest best val FD picks "
              "`dmd2_best`; the test FD (N = 1 000, noise seeds 1-3) is shown, not used."]
-    files = ["attribution.json"] if (RESULTS / "attribution.json").is_file() else []
+    files = existing("attribution.json")
     return ["row", "settings", "best val FD (step)", "test FD of that student"], rows, files, notes
 
 

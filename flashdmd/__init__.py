@@ -1,6 +1,7 @@
 """flashdmd: Flash-DMD few-step distillation with joint preference RL, on HuggingFace diffusers."""
 
 import logging
+import os
 
 __version__ = "0.1.0"
 
@@ -24,3 +25,9 @@ class Preempted(FlashDMDError):
     def __init__(self, message: str, signum: int):
         super().__init__(message)
         self.signum = int(signum)
+
+
+def launch_rank() -> int:
+    """This process's rank under torchrun / accelerate launch (their RANK), 0 when launched alone: known before any
+    accelerator exists, for what only one process prints."""
+    return int(os.environ.get("RANK", "0"))

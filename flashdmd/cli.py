@@ -10,7 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from flashdmd import FlashDMDError, Preempted, __version__
+from flashdmd import FlashDMDError, Preempted, __version__, launch_rank
 
 # Offline by default: the embedded world and the tests never need the network. A user who wants hub
 # downloads sets HF_HUB_OFFLINE=0 explicitly.
@@ -69,7 +69,7 @@ def _print_plan(cfg) -> None:
     """The memory plan's headline before the run loads anything (main process only). A plan that cannot be made
     is reported in one line and the run goes on: setup's own checks give the precise error."""
     import torch
-    if int(os.environ.get("RANK", "0")) != 0:
+    if launch_rank() != 0:
         return
     from flashdmd.training import plan
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except Preempted as e:  # a checkpoint is written: one line (main process), the signal's exit status
-        if int(os.environ.get("RANK", "0")) == 0:
+        if launch_rank() == 0:
             print(str(e), file=sys.stderr, flush=True)
         return 128 + e.signum
     except FlashDMDError as e:

@@ -19,7 +19,7 @@ import os
 import time
 from pathlib import Path
 
-from flashdmd import FlashDMDError
+from flashdmd import FlashDMDError, launch_rank
 from flashdmd.training import preempt, stage2
 from flashdmd.training.checkpoint import check_global_batch, load_checkpoint, read_state, resolve
 from flashdmd.training.config import DistillConfig
@@ -39,8 +39,8 @@ _real_batch = real_batch
 
 
 def _print_on_rank0(line: str) -> None:
-    """One copy of a set-up line under torchrun (its RANK), before the accelerator that knows the rank exists."""
-    if os.environ.get("RANK", "0") == "0":
+    """One copy of a set-up line under torchrun, before the accelerator that knows the rank exists."""
+    if launch_rank() == 0:
         print(line, flush=True)
 
 
