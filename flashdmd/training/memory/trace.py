@@ -11,6 +11,104 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
+class _Uncacheable(Exception):
+    pass
+
+
+_SCALARS = (bool, int, float, str, torch.dtype, torch.device, torch.layout, torch.memory_format, type(None))
+
+
+def _sig(x):
+    """A hashable signature of an op argument on the meta device: a tensor's dtype, shape, strides and offset (all a
+    meta kernel reads), a scalar's type and value, a list's items; anything else is not cacheable."""
+    if isinstance(x, torch.Tensor):
+        if (type(x) is not torch.Tensor and type(x) is not nn.Parameter) or x.device.type != "meta" \
+                or x.layout is not torch.strided or x.is_conj() or x.is_neg():
+            raise _Uncacheable
+        return x.dtype, x.shape, x.stride(), x.storage_offset()
+    if isinstance(x, (list, tuple)):
+        return type(x), tuple(_sig(y) for y in x)
+    if isinstance(x, _SCALARS):
+        return type(x), x
+    raise _Uncacheable
+
+
+class MetaKernelCache:
+    """What torch's meta kernels return, keyed by the op and its arguments' metadata. On the meta device an op's
+    outputs are fully determined by that (dtypes, shapes, strides), and many of torch's meta kernels are Python
+    decompositions (group norm, layer norm, addmm: 0.5-4 ms a call), run again for every block of the same shape.
+    A hit makes the same outputs with ``empty_strided``: the same metadata and storage bytes, so the trace's numbers
+    do not change. Only ops that are pure by their schema (no mutation, no aliased or random outputs) and whose
+    outputs were, when first run, fresh storages of exactly their strided size are cached; any other op always runs.
+    Real tensors (``LiveBytes("cpu")``) never reach it."""
+
+    def __init__(self, max_entries: int = 100_000):
+        self.enabled = True
+        self.hits = 0
+        self.max_entries = max_entries
+        self.entries: dict = {}
+        self.never: set = set()  # ops whose outputs alias or are not plain tensors: always run
+
+    def _pure(self, func) -> bool:
+        s = func._schema
+        return not (func in self.never or s.is_mutable or any(r.alias_info is not None for r in s.returns)
+                    or torch.Tag.nondeterministic_seeded in func.tags)
+
+    def __call__(self, func, args, kwargs):
+        if not (self.enabled and self._pure(func)):
+            return func(*args, **kwargs)
+        try:
+            # the default dtype: what a factory op (empty, full, arange) without one makes
+            key = (func, torch.get_default_dtype(), _sig(args), tuple((k, _sig(v)) for k, v in kwargs.items()))
+        except _Uncacheable:
+            return func(*args, **kwargs)
+        hit = self.entries.get(key)
+        if hit is not None:
+            self.hits += 1
+            spec, leaves = hit
+            return torch.utils._pytree.tree_unflatten(
+                [torch.empty_strided(v[1], v[2], dtype=v[0], device="meta") if isinstance(v, tuple) else v
+                 for v in leaves], spec)
+        out = func(*args, **kwargs)
+        leaves, spec = torch.utils._pytree.tree_flatten(out)
+        try:
+            recorded = self._record(leaves, args, kwargs)
+        except _Uncacheable:  # e.g. a factory op asked for a CPU tensor: only this call is not kept
+            return out
+        if recorded is None:
+            self.never.add(func)
+        else:
+            if len(self.entries) >= self.max_entries:
+                self.entries.clear()
+            self.entries[key] = (spec, recorded)
+        return out
+
+    @staticmethod
+    def _record(leaves, args, kwargs) -> list | None:
+        """Each output as (dtype, shape, stride), or a scalar as itself; None when an output is not a fresh meta
+        tensor of exactly its strided size (it shares an input's or another output's storage, or has more)."""
+        seen = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                if isinstance(t, torch.Tensor)}
+        recorded = []
+        for t in leaves:
+            if not isinstance(t, torch.Tensor):
+                if not isinstance(t, _SCALARS):
+                    return None
+                recorded.append(t)
+                continue
+            _sig(t)  # a plain strided meta tensor, or _Uncacheable
+            st = t.untyped_storage()
+            fresh = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+            if st._cdata in seen or t.storage_offset() != 0 or st.nbytes() != fresh.untyped_storage().nbytes():
+                return None
+            seen.add(st._cdata)
+            recorded.append((t.dtype, t.shape, t.stride()))
+        return recorded
+
+
+META_KERNELS = MetaKernelCache()
+
+
 class LiveBytes(TorchDispatchMode):
     """Counts the bytes of the distinct storages that ops create on ``device`` while active, each until it is
     freed; ``peak`` is the largest total seen. Storages that existed before (weights, inputs) are not counted: an
@@ -40,7 +138,8 @@ class LiveBytes(TorchDispatchMode):
         self._held[key] = weakref.ref(st, freed)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        kwargs = kwargs or {}
+        out = META_KERNELS(func, args, kwargs) if self.device.type == "meta" else func(*args, **kwargs)
         # an output sharing an input's storage (a view, an in-place op) allocates nothing: only new storages count
         inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
