@@ -82,6 +82,29 @@ def test_aliasing_mutating_random_and_cpu_ops_always_run():
     assert cache.never == {aten._unsafe_view.default}
 
 
+def test_a_mode_below_the_tracer_still_sees_every_op():
+    """model_offload's ReadsOf records the frozen parts each phase reads from below the tracer: with a warm cache the
+    tracer must still pass every op down, or the reads of a phase whose shapes were traced before go missing."""
+    x, a, w, b = _meta(2, 8, 4, 4), _meta(3, 8), _meta(8, 8), _meta(8)
+    reads = T.ReadsOf({w.untyped_storage()._cdata: "vae"})
+
+    def step():
+        with reads, T.LiveBytes("meta") as tracker:
+            torch.nn.functional.group_norm(x, 2, b, b)
+            torch.addmm(b, a, w)  # reads the watched weight through a pure, cacheable op
+        return tracker.peak
+    first = step()
+    reads.read.clear()
+    assert step() == first and reads.read == {"vae"}
+    hits = []
+    for _ in range(2):  # alone, the tracer caches them: the second time both are hits
+        with T.LiveBytes("meta"):
+            hits.append(T.META_KERNELS.hits)
+            torch.nn.functional.group_norm(x, 2, b, b)
+            torch.addmm(b, a, w)
+    assert T.META_KERNELS.hits == hits[1] + 2
+
+
 BF16 = {"model_frozen_dtype": "bfloat16", "model_mixed_precision": "bf16"}
 
 
@@ -89,7 +112,10 @@ BF16 = {"model_frozen_dtype": "bfloat16", "model_mixed_precision": "bf16"}
     ("world-sdxl", "flashdmd", {"rl_enabled": True, **BF16}),  # Stage 2 with the world's LRM, in bf16
     ("sdxl", "flashdmd", {}),
     ("sd3", "dmd2", BF16),
-    ("flux", "flashdmd", {"data_resolution": 32, **BF16})])
+    ("flux", "flashdmd", {"data_resolution": 32, **BF16}),
+    # model_offload: a second dispatch mode records which frozen parts each phase reads (memory/residency.py)
+    ("sdxl", "dmd2", {"model_offload": "frozen"}),
+    ("sd3", "flashdmd", {"model_offload": "base", **BF16})])
 def test_a_plan_is_the_same_with_and_without_the_cache(tiny_run_folders, family, method, extra, monkeypatch):
     if family == "world-sdxl":
         cfg = DistillConfig(model_teacher="world-sdxl", run_batch_size=2, eval_every_steps=0, run_sample_every_steps=0,

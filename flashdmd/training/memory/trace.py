@@ -40,7 +40,7 @@ class MetaKernelCache:
     A hit makes the same outputs with ``empty_strided``: the same metadata and storage bytes, so the trace's numbers
     do not change. Only ops that are pure by their schema (no mutation, no aliased or random outputs) and whose
     outputs were, when first run, fresh storages of exactly their strided size are cached; any other op always runs.
-    Real tensors (``LiveBytes("cpu")``) never reach it."""
+    Real tensors (``LiveBytes("cpu")``) never reach it, nor do ops while another dispatch mode is below the tracer."""
 
     def __init__(self, max_entries: int = 100_000):
         self.enabled = True
@@ -139,7 +139,12 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = META_KERNELS(func, args, kwargs) if self.device.type == "meta" else func(*args, **kwargs)
+        # the cache only when no other dispatch mode waits below this one (residency's ReadsOf under model_offload):
+        # a hit does not call the op, so a mode below would not see it
+        if self.device.type == "meta" and torch._C._len_torch_dispatch_stack() == 0:
+            out = META_KERNELS(func, args, kwargs)
+        else:
+            out = func(*args, **kwargs)
         # an output sharing an input's storage (a view, an in-place op) allocates nothing: only new storages count
         inputs = {t.untyped_storage()._cdata for t in torch.utils._pytree.tree_leaves((args, kwargs))
                   if isinstance(t, torch.Tensor)}
