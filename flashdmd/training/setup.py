@@ -171,8 +171,8 @@ def _data(cfg: DistillConfig, acc, resolution: int, log) -> tuple[RealImageStrea
     real = _real_stream(cfg, acc, resolution) if cfg.disc_kind != "none" or not cfg.student_backward_simulation \
         else None
     if real is not None:
-        log(f"real images: {real.source.describe()}, {len(real.source)} images -> {resolution} px ({cfg.data_crop} "
-            f"crop), {real.num_workers} worker(s)")
+        log(f"real images: {real.source.describe()} -> {resolution} px ({cfg.data_crop} crop), "  # it gives the count
+            f"{real.num_workers} worker(s)")
     if cfg.disc_condition == "text":
         _check_captioned(real)
     prompts = open_prompt_source(cfg.data_prompts, captions_of=lambda: _captions(cfg, real, resolution))
