@@ -1,7 +1,8 @@
 """The tracer's cache of meta-kernel outputs (training/memory/trace.py, MetaKernelCache): a hit gives the tensors
 torch's own meta kernel gives (dtype, shape, strides, storage bytes), ops that alias, mutate or draw random numbers
-always run, and a whole plan -- every phase of Stage 1 and Stage 2, bf16 frozen parts and autocast included -- has
-exactly the same numbers with the cache as without it."""
+always run, a dispatch mode below the tracer (model_offload's ReadsOf) still sees every op, and a whole plan -- every
+phase of Stage 1 and Stage 2, bf16 frozen parts and autocast included -- has exactly the same numbers with the cache as
+without it."""
 import json
 
 import pytest
@@ -112,10 +113,7 @@ BF16 = {"model_frozen_dtype": "bfloat16", "model_mixed_precision": "bf16"}
     ("world-sdxl", "flashdmd", {"rl_enabled": True, **BF16}),  # Stage 2 with the world's LRM, in bf16
     ("sdxl", "flashdmd", {}),
     ("sd3", "dmd2", BF16),
-    ("flux", "flashdmd", {"data_resolution": 32, **BF16}),
-    # model_offload: a second dispatch mode records which frozen parts each phase reads (memory/residency.py)
-    ("sdxl", "dmd2", {"model_offload": "frozen"}),
-    ("sd3", "flashdmd", {"model_offload": "base", **BF16})])
+    ("flux", "flashdmd", {"data_resolution": 32, **BF16})])  # model_offload's plans: the cache stands aside (above)
 def test_a_plan_is_the_same_with_and_without_the_cache(tiny_run_folders, family, method, extra, monkeypatch):
     if family == "world-sdxl":
         cfg = DistillConfig(model_teacher="world-sdxl", run_batch_size=2, eval_every_steps=0, run_sample_every_steps=0,
