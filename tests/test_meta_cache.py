@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from tests import tiny_models as tm
 from flashdmd.training import plan as P
@@ -85,25 +86,31 @@ def test_aliasing_mutating_random_and_cpu_ops_always_run():
 
 def test_a_mode_below_the_tracer_still_sees_every_op():
     """model_offload's ReadsOf records the frozen parts each phase reads from below the tracer: with a warm cache the
-    tracer must still pass every op down, or the reads of a phase whose shapes were traced before go missing."""
+    tracer shows it each hit (``observe``), or the reads of a phase whose shapes were traced before would go missing;
+    a mode below that cannot be shown a hit gets every op itself (the cache stands aside)."""
     x, a, w, b = _meta(2, 8, 4, 4), _meta(3, 8), _meta(8, 8), _meta(8)
     reads = T.ReadsOf({w.untyped_storage()._cdata: "vae"})
 
-    def step():
-        with reads, T.LiveBytes("meta") as tracker:
+    def step(below):
+        hits = T.META_KERNELS.hits
+        with below, T.LiveBytes("meta") as tracker:
             torch.nn.functional.group_norm(x, 2, b, b)
             torch.addmm(b, a, w)  # reads the watched weight through a pure, cacheable op
-        return tracker.peak
-    first = step()
+        return tracker.peak, T.META_KERNELS.hits - hits
+    first, _ = step(reads)
     reads.read.clear()
-    assert step() == first and reads.read == {"vae"}
-    hits = []
-    for _ in range(2):  # alone, the tracer caches them: the second time both are hits
-        with T.LiveBytes("meta"):
-            hits.append(T.META_KERNELS.hits)
-            torch.nn.functional.group_norm(x, 2, b, b)
-            torch.addmm(b, a, w)
-    assert T.META_KERNELS.hits == hits[1] + 2
+    assert step(reads) == (first, 2) and reads.read == {"vae"}  # both hits, and the read seen
+
+    class Ops(TorchDispatchMode):  # no observe
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+    ops = Ops()
+    assert step(ops) == (first, 0) and aten.addmm.default in ops.ops and aten.native_group_norm.default in ops.ops
 
 
 BF16 = {"model_frozen_dtype": "bfloat16", "model_mixed_precision": "bf16"}
@@ -113,7 +120,8 @@ BF16 = {"model_frozen_dtype": "bfloat16", "model_mixed_precision": "bf16"}
     ("world-sdxl", "flashdmd", {"rl_enabled": True, **BF16}),  # Stage 2 with the world's LRM, in bf16
     ("sdxl", "flashdmd", {}),
     ("sd3", "dmd2", BF16),
-    ("flux", "flashdmd", {"data_resolution": 32, **BF16})])  # model_offload's plans: the cache stands aside (above)
+    ("flux", "flashdmd", {"data_resolution": 32, **BF16}),
+    ("sdxl", "dmd2", {"model_offload": "frozen"})])  # ReadsOf below the tracer: each phase's reads of the frozen parts
 def test_a_plan_is_the_same_with_and_without_the_cache(tiny_run_folders, family, method, extra, monkeypatch):
     if family == "world-sdxl":
         cfg = DistillConfig(model_teacher="world-sdxl", run_batch_size=2, eval_every_steps=0, run_sample_every_steps=0,

@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _get_current_dispatch_mode_stack
 
 
 class _Uncacheable(Exception):
@@ -40,7 +40,8 @@ class MetaKernelCache:
     A hit makes the same outputs with ``empty_strided``: the same metadata and storage bytes, so the trace's numbers
     do not change. Only ops that are pure by their schema (no mutation, no aliased or random outputs) and whose
     outputs were, when first run, fresh storages of exactly their strided size are cached; any other op always runs.
-    Real tensors (``LiveBytes("cpu")``) never reach it, nor do ops while another dispatch mode is below the tracer."""
+    Real tensors (``LiveBytes("cpu")``) never reach it, nor do ops while a dispatch mode that cannot be shown a hit
+    (no ``observe``) is below the tracer."""
 
     def __init__(self, max_entries: int = 100_000):
         self.enabled = True
@@ -139,9 +140,13 @@ class LiveBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        # the cache only when no other dispatch mode waits below this one (residency's ReadsOf under model_offload):
-        # a hit does not call the op, so a mode below would not see it
-        if self.device.type == "meta" and torch._C._len_torch_dispatch_stack() == 0:
+        # a cache hit does not call the op, so the modes below this one (residency's ReadsOf under model_offload)
+        # would not see it: the cache only when each of them can be shown the op (``observe``, idempotent: on a miss
+        # the op reaches them again)
+        below = _get_current_dispatch_mode_stack() if torch._C._len_torch_dispatch_stack() else ()
+        if self.device.type == "meta" and all(hasattr(m, "observe") for m in below):
+            for m in below:
+                m.observe(func, args, kwargs)
             out = META_KERNELS(func, args, kwargs)
         else:
             out = func(*args, **kwargs)
@@ -165,13 +170,17 @@ class ReadsOf(TorchDispatchMode):
         self.watch = watch
         self.read: set[str] = set()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def observe(self, func, args, kwargs) -> None:
+        """Record the watched storages an op reads (idempotent: the tracer above may show it an op twice)."""
         for a in (*args, *(kwargs or {}).values()):  # an op's tensors: its arguments, or in a list of them
             for t in a if isinstance(a, (list, tuple)) else (a,):
                 if isinstance(t, torch.Tensor):
                     label = self.watch.get(t.untyped_storage()._cdata)
                     if label is not None:
                         self.read.add(label)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.observe(func, args, kwargs)
         return func(*args, **(kwargs or {}))
 
 
