@@ -3,11 +3,11 @@
     python benchmarks/tables.py              # print every table (Markdown)
     python benchmarks/tables.py NAME ...     # print these tables
     python benchmarks/tables.py --list       # the tables' names
-    python benchmarks/tables.py --write      # rewrite every table in BENCHMARKS.md in place
-    python benchmarks/tables.py --check      # exit 1 when a table in BENCHMARKS.md differs from what this makes
+    python benchmarks/tables.py --write      # rewrite every table in BENCHMARKS.md and README.md in place
+    python benchmarks/tables.py --check      # exit 1 when a table in either differs from what this makes
 
-In BENCHMARKS.md a generated table sits between ``<!-- table: NAME -->`` and ``<!-- end table -->``; the block
-ends with the result files it was read from. Every number in a table is read (or computed, as its header says)
+In BENCHMARKS.md (and in README.md, its headline: HOME names a table's document) a generated table sits between
+``<!-- table: NAME -->`` and ``<!-- end table -->``; the block ends with the result files it was read from. Every number in a table is read (or computed, as its header says)
 from those files: a number cannot drift from its file, and a new result file changes the document only through
 this script. Pure JSON reading (no torch): tests/test_benchmarks_doc.py runs --check.
 """
@@ -27,6 +27,7 @@ from flashdmd.training.config import RENAMED
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 DOC = ROOT / "BENCHMARKS.md"
+DOCS = (DOC, ROOT / "README.md")   # the documents with generated tables
 BATCH = 32            # the world runs' batch: images seen / BATCH = generator steps (convergence.py's summaries)
 TABLES: dict = {}     # name -> function returning (header, rows, source files, notes)
 
@@ -132,11 +133,6 @@ def dmd2_best(runs) -> tuple:
 def headline():
     t = load("teachers.json")["rows"]
     fd = {(r["model"], r["steps"]): r["fd"] for r in t}
-    p_sdxl = [best(curve(fl, *k))[1] for fl, k, _ in PRESET_SDXL]
-    d_sdxl = [best(curve(fl, *k))[1] for fl, k, _ in DMD2_SDXL]
-    p_sd3 = [best(curve(fl, *k))[1] for fl, k, _ in PRESET_SD3]
-    d_sd3 = [best(curve(fl, *k))[1] for fl, k, _ in DMD2_SD3]
-    frac = compute_rows()
     demo = load("demo_seeds.json")
     speed = load("speed_cpu.json")
     vram = {(r["row"], r["batch"]): r for r in load("vram_table.json")["rows"]}
@@ -146,12 +142,8 @@ def headline():
     rows = [
         ["teachers (1)", f"4-step / 50-step FD: world-sdxl {fd[('world-sdxl', 4)]:.2f} / {fd[('world-sdxl', 50)]:.2f}, "
                          f"world-sd3 {fd[('world-sd3', 4)]:.2f} / {fd[('world-sd3', 50)]:.2f}"],
-        ["Stage 1 against DMD2, world-sdxl (3)",
-         f"best FD {' / '.join(f(x) for x in p_sdxl)} (two seeds) against DMD2's {' / '.join(f(x) for x in d_sdxl)}; "
-         f"below DMD2's best after {' / '.join(pct(r['images']) for r in frac if r['family'] == 'sdxl')} of its "
-         f"images, {' / '.join(pct(r['time']) for r in frac if r['family'] == 'sdxl')} of its CPU time"],
-        ["Stage 1 against DMD2, world-sd3 (3)",
-         f"best FD {' / '.join(f(x) for x in p_sd3)} (two seeds) against DMD2's {f(d_sd3[0])} (one seed)"],
+        *(["Stage 1 against the better DMD2, pre-registered, " + t + " (3a)", attribution_claim(t)]
+          for t in ("world-sdxl", "world-sd3")),
         ["Stage 2 (4)", "RL alone, joint and post-hoc RL move along one oracle-against-FD line on both teachers; "
                         "ongoing distillation shrinks RL's step and adds its own FD drift, it does not regularise"],
         ["the demo (5)", f"student FD {demo['student_fd_mean']:.2f} ± {demo['student_fd_sd']:.2f} over three seeds "
@@ -162,9 +154,7 @@ def headline():
                        f"1024 px planned at {lora:.1f} GiB on one GPU (not measured on a GPU)"],
     ]
     return ["claim (section)", "current result"], rows, [
-        "teachers.json", "preset_sdxl.json", "dmd2_sdxl_seed0.json", "dmd2_sdxl_seed1.json",
-        "preset_sd3_and_dmd2_sd3.json", "step_cost_sdxl.json", "step_cost_sdxl_pooled.json", "demo_seeds.json",
-        "speed_cpu.json", "vram_table.json", "plan_check_sdxl_bf16.json", "plan_check_sd3_bf16.json"], []
+        "teachers.json", *existing("attribution.json"), "demo_seeds.json", "speed_cpu.json", "vram_table.json", "plan_check_sdxl_bf16.json", "plan_check_sd3_bf16.json"], []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -996,6 +986,73 @@ def attribution_reach():
             "images to reach it", "share of DMD2's images", "share of DMD2's CPU time"], rows, files, notes
 
 
+HOME = {"attribution_headline": "README.md"}   # a table's document when it is not BENCHMARKS.md
+
+
+def reach_text(rs: list[dict], recs: dict, ref: str) -> str:
+    """One cell of the paper's unit: the share of the better DMD2's images (and CPU time) a row needed to reach that
+    DMD2's FD at B, with how many seeds reached it (attribution_reach's rule)."""
+    target = mean([r["points"][2]["val_fd"] for r in recs[ref]])
+    hit, imgs, share_img, share_cpu = reach_cells(rs, target, mean([r["compute"]["images"] for r in recs[ref]]),
+                                                  mean([r["compute"]["seconds"] for r in recs[ref]]))
+    if share_img == "–":
+        return f"not reached ({hit} seeds; {imgs.removeprefix('not reached (')}"
+    return f"{share_img} of its images, {share_cpu} of its CPU time ({hit} seeds reached it)"
+
+
+def attribution_claim(teacher: str) -> str:
+    """The at-a-glance cell of section 3a: the preset's and the better DMD2's test FD at B/4, B/2, B, the verdicts,
+    and the paper's unit."""
+    recs = attr_records(teacher)
+    ref = better_dmd2(recs, 2, min_seeds=1)
+    if not recs.get("preset") or ref is None:
+        return "no run landed yet"
+    fds = {key: " / ".join(f(mean(point_fds(recs[key], k))) for k in range(3)) for key in ("preset", ref)}
+    verdicts = [verdict(point_fds(recs["preset"], k), point_fds(recs.get(better_dmd2(recs, k) or ref, []), k))
+                for k in range(3)]
+    seeds = f"{len(recs['preset'])} / {len(recs[ref])} seeds"
+    return (f"test FD at B/4, B/2, B: {fds['preset']} against {fds[ref]} ({ATTR_ROWS[ref]}; {seeds}); verdicts "
+            f"{' / '.join(verdicts)}; to reach its FD at B: {reach_text(recs['preset'], recs, ref)}, the paper: "
+            f"2.1 % of DMD2's images")
+
+
+@table("attribution_headline")
+def attribution_headline():
+    """README's headline: the preset, the better DMD2 and DMD2 given the preset's head, the two pre-registered
+    verdicts that say whether the method or the head makes the difference, and the paper's unit beside ours."""
+    rows = []
+    for teacher in ("world-sdxl", "world-sd3"):
+        recs = attr_records(teacher)
+        ref = better_dmd2(recs, 2, min_seeds=1)
+        if not recs.get("preset") or ref is None:
+            rows.append([teacher, "no record of the preset and DMD2 yet", "–", "–", "–", "–", "–"])
+            continue
+        for key, label in (("preset", ATTR_ROWS["preset"]), (ref, f"the better DMD2: {ATTR_ROWS[ref]}"),
+                           ("dmd2_head", ATTR_ROWS["dmd2_head"])):
+            rs = recs.get(key, [])
+            fds = [mean_sd(point_fds(rs, k)) for k in range(3)]
+            reach = "the target" if key == ref else reach_text(rs, recs, ref) if rs else "–"
+            rows.append([teacher, label, str(len(rs)), *fds, reach])
+        for a, b, label in (("preset", None, "preset against the better DMD2 (verdict)"),
+                            ("dmd2_head", "preset", "DMD2 + the head against the preset (verdict)")):
+            cells = []
+            for k in range(3):
+                other = b or better_dmd2(recs, k)
+                cells.append("–" if other is None else difference(point_fds(recs.get(a, []), k),
+                                                                   point_fds(recs.get(other, []), k)))
+            rows.append([teacher, label, "", *cells, ""])
+    notes = ["FD: test split (held-out templates), N = 1 000, noise seeds 1-3, of the student chosen on the val "
+             "split; mean ± sd over training seeds (how many). B: the teacher's budget, the same CPU time for every "
+             "row. A verdict: the difference of the means ± twice its Welch standard "
+             "error; better / worse beyond that, else level; \"–\" below two seeds a side. The last column is the "
+             "paper's unit, in which the paper reports 2.1 % of DMD2's images: the images a row needed to first "
+             "reach the better DMD2's val FD at B, as a share of that DMD2's images (and CPU time) at B. BENCHMARKS.md "
+             "section 3a has every row, the ablations and the rules, fixed before the runs."]
+    return ["teacher", "row", "seeds", "FD at B/4", "FD at B/2", "FD at B",
+            "to reach the better DMD2's FD at B (the paper: 2.1 % of DMD2's images)"], rows, \
+        existing("attribution.json"), notes
+
+
 @table("attribution_sdxl")
 def attribution_sdxl():
     rows, notes = attribution_rows("world-sdxl")
@@ -1297,38 +1354,47 @@ def regenerate(text: str) -> tuple[str, list[str], list[str]]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("names", nargs="*", help="tables to print (default: all)")
-    p.add_argument("--write", action="store_true", help="rewrite the tables in BENCHMARKS.md in place")
-    p.add_argument("--check", action="store_true", help="exit 1 when a table in BENCHMARKS.md is not what this makes")
+    p.add_argument("--write", action="store_true", help="rewrite the tables in the documents in place")
+    p.add_argument("--check", action="store_true", help="exit 1 when a table in a document is not what this makes")
     p.add_argument("--list", action="store_true")
-    p.add_argument("--doc", default=str(DOC))
+    p.add_argument("--doc", action="append", default=[], help="a document to check or write (repeatable; default "
+                   "BENCHMARKS.md and README.md); a table is missing when its home document is given without it")
     a = p.parse_args(argv)
     if a.list:
-        print("\n".join(TABLES))
+        print("\n".join(f"{n} ({HOME.get(n, DOC.name)})" for n in TABLES))
         return 0
     if a.write or a.check:
-        doc = Path(a.doc)
-        text = doc.read_text()
-        new, changed, problems = regenerate(text)
-        present = {m.group("name") for m in BLOCK.finditer(text)}
-        missing = [n for n in TABLES if n not in present]
-        if problems:
-            print(f"{doc}: {'; '.join(problems)}", file=sys.stderr)
-            return 1
-        if a.check:
-            for line in difflib.unified_diff(text.splitlines(), new.splitlines(), "BENCHMARKS.md", "generated",
-                                             lineterm="", n=1):
-                print(line)
-            if changed or missing:
-                print(f"tables out of date: {', '.join(changed) or '-'}; not in the document: "
-                      f"{', '.join(missing) or '-'} (python benchmarks/tables.py --write)", file=sys.stderr)
-                return 1
-            return 0
-        doc.write_text(new)
-        print(f"rewrote {len(changed)} table(s): {', '.join(changed) or '-'}; not in the document: "
-              f"{', '.join(missing) or '-'}")
-        return 0
+        status = 0
+        for doc in [Path(d) for d in a.doc] or DOCS:
+            status = max(status, write_or_check(doc, a.check))
+        return status
     for name in a.names or TABLES:
         print(f"<!-- table: {name} -->\n{render(name)}\n<!-- end table -->\n")
+    return 0
+
+
+def write_or_check(doc: Path, check: bool) -> int:
+    """Remake the table blocks of one document: with ``check`` print the difference and return 1 when a block is
+    out of date or a table whose home is this document is absent, else write the document."""
+    text = doc.read_text()
+    new, changed, problems = regenerate(text)
+    present = {m.group("name") for m in BLOCK.finditer(text)}
+    missing = [n for n in TABLES if HOME.get(n, DOC.name) == doc.name and n not in present]
+    if problems:
+        print(f"{doc}: {'; '.join(problems)}", file=sys.stderr)
+        return 1
+    if check:
+        for line in difflib.unified_diff(text.splitlines(), new.splitlines(), doc.name, "generated",
+                                         lineterm="", n=1):
+            print(line)
+        if changed or missing:
+            print(f"{doc.name}: tables out of date: {', '.join(changed) or '-'}; not in the document: "
+                  f"{', '.join(missing) or '-'} (python benchmarks/tables.py --write)", file=sys.stderr)
+            return 1
+        return 0
+    doc.write_text(new)
+    print(f"{doc.name}: rewrote {len(changed)} table(s): {', '.join(changed) or '-'}; not in the document: "
+          f"{', '.join(missing) or '-'}")
     return 0
 
 

@@ -103,3 +103,43 @@ def test_images_to_reach_are_the_first_val_crossing_as_a_share_of_dmd2s_images_a
     # reaching seeds: 20 and 10 steps -> 640 and 320 images (mean 480, sd 226), 40 and 20 s (mean 30)
     assert cells == ["2 of 3", "480 ± 226", "15 %", "8 %"]
     assert tables.reach_cells(rs[2:], 9.0, 3200.0, 400.0)[:2] == ["0 of 1", "not reached (best val FD 9.50)"]
+
+
+def test_the_readme_headline_states_the_verdicts_and_the_papers_unit(monkeypatch):
+    """README's headline rows come from the records alone: the better DMD2 by the rule, the two verdicts (the claim,
+    and whether the head explains it), and the paper's unit for the preset and DMD2 + the head."""
+    def rec(row, seed, tests, val_b, curve):
+        return {"row": row, "teacher": "world-sdxl", "seed": seed,
+                "points": [{"test_fd_mean": t, "val_fd": val_b} for t in tests],
+                "val_curve": [[s, fd, 0.9] for s, fd in curve],
+                "compute": {"images_per_update": 32, "seconds_per_update": 1.0, "images": 3200, "seconds": 100.0}}
+    records = {"world-sdxl": {
+        "preset": [rec("preset", 0, [8.0, 7.8, 7.7], 7.5, [(0, 20), (25, 8.9), (50, 8.0)]),
+                   rec("preset", 1, [8.2, 7.9, 7.8], 7.6, [(0, 20), (50, 9.5)])],
+        "dmd2": [rec("dmd2", s, [14.0, 12.0, 9.5 + s], 9.0, [(0, 20)]) for s in (0, 1)],
+        "dmd2_best": [rec("dmd2_best", s, [13.0, 10.0, 9.0 + s / 10], 9.0, [(0, 20)]) for s in (0, 1)],
+        "dmd2_head": [rec("dmd2_head", 0, [13.6, 13.6, 9.3], 9.1, [(0, 20), (100, 9.2)])]}}
+    monkeypatch.setattr(tables, "attr_records", lambda teacher: records.get(teacher, {}))
+    header, rows, _, _ = tables.attribution_headline()
+    sdxl = {r[1]: r for r in rows if r[0] == "world-sdxl"}
+    assert sdxl["the better DMD2: DMD2, best of its sweep"][2] == "2"
+    assert sdxl["preset against the better DMD2 (verdict)"][3].endswith("better")
+    # the preset reaches val FD 9.0 at step 25 in seed 0 only: 800 images of DMD2's 3 200
+    assert sdxl["Flash-DMD preset"][6] == "25 % of its images, 25 % of its CPU time (1 of 2 seeds reached it)"
+    assert sdxl["DMD2 + the preset's head"][6] == "not reached (0 of 1 seeds; best val FD 9.20)"
+    assert sdxl["DMD2 + the head against the preset (verdict)"][3:6] == ["–", "–", "–"]  # one seed: no verdict
+    assert [r[1] for r in rows if r[0] == "world-sd3"] == ["no record of the preset and DMD2 yet"]
+    assert all(len(r) == len(header) for r in rows)
+    assert "verdicts better / better / better" in tables.attribution_claim("world-sdxl")
+
+
+def test_readme_headline_is_a_generated_block_checked_with_the_others(tmp_path, capsys):
+    """The README's block is remade and checked like BENCHMARKS.md's: a changed number in it fails --check."""
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- table: attribution_headline -->" in text
+    doc = tmp_path / "README.md"
+    row = next(line for line in text.splitlines() if line.startswith("| world-sdxl | Flash-DMD preset |"))
+    doc.write_text(text.replace(row, row.replace("|", "| 0", 1)))
+    assert tables.main(["--check", "--doc", str(doc)]) == 1
+    assert "attribution_headline" in capsys.readouterr().err
+    assert tables.main(["--write", "--doc", str(doc)]) == 0 and doc.read_text() == text
