@@ -34,7 +34,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from common import add_threads_arg, git_commit, parse, pyplot, run_distill_row  # noqa: E402
+from common import add_threads_arg, check_own_flashdmd, git_commit, parse, pyplot, run_distill_row  # noqa: E402
 
 # the budget B in generator updates of the shipped DMD2 (TTUR 5); the comparison points are these fractions of it
 BUDGET = {"sdxl": 600, "sd3": 480}  # world-sd3: 160 until 2026-12-07, raised before any world-sd3 run (BENCHMARKS 3a)
@@ -308,6 +308,8 @@ def main():
     p.add_argument("--no-progress", action="store_true")
     add_threads_arg(p)
     a = parse(p)
+    if a.what != "figure":
+        check_own_flashdmd()  # the records' commit is this checkout's: the code that runs must be too
     if a.what == "cost":
         measure_cost(a)
         return 0

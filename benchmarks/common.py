@@ -1,5 +1,24 @@
-"""Command-line options shared by the benchmark scripts that run `flashdmd distill` rows."""
+"""Command-line options shared by the benchmark scripts that run `flashdmd distill` rows.
+
+Importing it puts this checkout first on sys.path, so a benchmark run from a clone at a fixed commit imports that
+clone's flashdmd even when its environment holds an editable install of another checkout (a shared .venv): the
+commit a result file names is then the code that ran (:func:`check_own_flashdmd` says so before a run starts)."""
 import argparse
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def check_own_flashdmd() -> None:
+    """Exit before any work when the flashdmd this process imports is not this checkout's (imported before this
+    module put the checkout first): a result stamped with this checkout's commit would not name the code that ran."""
+    import flashdmd
+    where = Path(flashdmd.__file__).resolve().parent
+    if where != ROOT / "flashdmd":
+        raise SystemExit(f"flashdmd comes from {where}, not from {ROOT / 'flashdmd'}: results would name the wrong "
+                         f"commit; run with PYTHONPATH={ROOT}")
 
 
 def add_threads_arg(p: argparse.ArgumentParser) -> None:

@@ -143,3 +143,13 @@ def test_readme_headline_is_a_generated_block_checked_with_the_others(tmp_path, 
     assert tables.main(["--check", "--doc", str(doc)]) == 1
     assert "attribution_headline" in capsys.readouterr().err
     assert tables.main(["--write", "--doc", str(doc)]) == 0 and doc.read_text() == text
+
+
+def test_a_run_refuses_a_flashdmd_from_another_checkout(monkeypatch, tmp_path):
+    """A record names its checkout's commit, so the harness checks before any work that the flashdmd it imports is
+    that checkout's (a shared .venv's editable install of another checkout would otherwise run unseen)."""
+    import common
+    common.check_own_flashdmd()  # this checkout: passes
+    monkeypatch.setattr(common, "ROOT", tmp_path)
+    with pytest.raises(SystemExit, match="PYTHONPATH"):
+        common.check_own_flashdmd()
