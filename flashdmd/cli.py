@@ -172,7 +172,11 @@ def set_threads(spec: str | int | None) -> int:
     return n
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The whole parser (``command`` "*", what the tests and the docs read), or one whose subcommands are all listed
+    but only ``command``'s arguments are added (None: none of them, for `flashdmd --help`); an unknown ``command``
+    gets the whole parser, so argparse's error lists the choices."""
+    whole = command == "*" or command not in COMMANDS and command is not None
     p = argparse.ArgumentParser(prog="flashdmd", description="Flash-DMD distillation and joint preference RL "
                                 "for SDXL- and SD3-style diffusion models.")
     p.add_argument("--version", action="version", version=f"flashdmd {__version__}")
@@ -180,9 +184,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for torch (default auto: the cores this process may run on, os.sched_getaffinity, "
                    "shared among a launch's local processes; OMP_NUM_THREADS when set)")
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_info, _add_world, _add_eval, _add_distill, _add_plan, _add_reward, _add_sample_export,
-                _add_run_commands):
-        add(sub)
+    for name, (help_line, add_arguments) in COMMANDS.items():
+        parser = sub.add_parser(name, help=help_line)
+        if whole or name == command:
+            add_arguments(parser)
     add_examples(p)
     return p
 
@@ -234,19 +239,20 @@ def add_examples(parser: argparse.ArgumentParser) -> None:
             p.formatter_class = argparse.RawDescriptionHelpFormatter
 
 
-# The subcommands' modules are imported where their parsers are built or their commands run, not at the top: this
-# module is the face, and `import flashdmd.cli` (the console script) stays as cheap as its lightest command.
+# The subcommands' modules are imported where their arguments are added or their commands run, not at the top, and
+# only the named command's arguments are added (build_parser's ``command``): this module is the face, and
+# `flashdmd --help` or `flashdmd distill --help` stay as cheap as argparse (0.1 s) instead of importing torch,
+# diffusers and every module that owns arguments (about 5 s).
 
-def _add_info(sub) -> None:
+def _args_info(info) -> None:
     from flashdmd.families import FAMILIES
-    info = sub.add_parser("info", help="load a model folder through its family adapter and describe it")
-    info.add_argument("--model", required=True, help="diffusers folder, hub id, or a plug-in model name (world-sdxl / world-sd3)")
+    info.add_argument("--model", required=True, help="diffusers folder, hub id, or a plug-in model name (world-sdxl / "
+                      "world-sd3)")
     info.add_argument("--family", choices=sorted(FAMILIES), default=None, help="default: from model_index.json")
     info.set_defaults(func=_cmd_info)
 
 
-def _add_world(sub) -> None:
-    world = sub.add_parser("world", help="the embedded default world")
+def _args_world(world) -> None:
     wsub = world.add_subparsers(dest="world_command", required=True)
     pre = wsub.add_parser("pretrain", help="train the world's VAE, text encoders, teachers and eval nets")
     from flashdmd.world import pretrain as _pretrain
@@ -254,20 +260,19 @@ def _add_world(sub) -> None:
     pre.set_defaults(func=_cmd_world_pretrain)
 
 
-def _add_eval(sub) -> None:
-    ev = sub.add_parser("eval", help="sample a model and measure its metrics and speed (the world's FD, alignment, "
-                        "diversity; or FID, CLIP score, PickScore, HPSv2, ImageReward from local weights)")
+def _args_eval(ev) -> None:
     from flashdmd.evaluation import runner as _runner
     _runner.add_arguments(ev)
     ev.set_defaults(func=_cmd_eval)
-    est = sub.add_parser("eval-stats", help="FID reference statistics (mu, sigma) of a folder of real images")
+
+
+def _args_eval_stats(est) -> None:
     from flashdmd.evaluation import real as _real
     _real.add_stats_arguments(est)
     est.set_defaults(func=_cmd_eval_stats)
 
 
-def _add_distill(sub) -> None:
-    dist = sub.add_parser("distill", help="Stage 1 (and Stage 2 when configured): distil a teacher into a K-step student")
+def _args_distill(dist) -> None:
     dist.add_argument("--config", default=None, help="YAML preset (see configs/); default: built-in defaults")
     dist.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field (repeatable); `flashdmd config-help` lists the fields")
@@ -285,16 +290,13 @@ def _add_distill(sub) -> None:
     dist.set_defaults(func=_cmd_distill)
 
 
-def _add_plan(sub) -> None:
-    pl = sub.add_parser("plan", help="peak memory per device of a configured run (weights, gradients, optimiser "
-                        "state, activations per role; one process, DDP, FSDP2), from config files alone")
+def _args_plan(pl) -> None:
     from flashdmd.training import plan as _plan
     _plan.add_arguments(pl)
     pl.set_defaults(func=_cmd_plan)
 
 
-def _add_reward(sub) -> None:
-    reward = sub.add_parser("reward", help="latent reward model: preference pairs and LRM training")
+def _args_reward(reward) -> None:
     rsub = reward.add_subparsers(dest="reward_command", required=True)
     mk = rsub.add_parser("make-pairs", help="sample two models' images for the same prompts and let a judge pick "
                          "(PickScore, HPSv2, ImageReward, CLIP from local weights; a plug-in model's own judge)")
@@ -307,29 +309,25 @@ def _add_reward(sub) -> None:
     rt.set_defaults(func=_cmd_reward_train)
 
 
-def _add_sample_export(sub) -> None:
-    smp = sub.add_parser("sample", help="write PNGs from a student run (its K steps) or a teacher (its defaults)")
-    from flashdmd import sample as _sample
-    _sample.add_arguments(smp)
-    smp.set_defaults(func=_cmd_sample)
-    mr = sub.add_parser("make-reals", help="a teacher's own images (its default steps and guidance) as a captioned "
-                        "image folder for data_real: resumable, sharded over `accelerate launch` processes")
-    from flashdmd import reals as _reals
-    _reals.add_arguments(mr)
-    mr.set_defaults(func=_cmd_make_reals)
-    exp = sub.add_parser("export", help="write a distill run as a standard diffusers pipeline folder (or LoRA file)")
-    from flashdmd import export as _export
-    _export.add_arguments(exp)
-    exp.set_defaults(func=_cmd_export)
+def _args_module(module: str, func):
+    """The arguments of a command whose module has ``add_arguments(parser)`` (sample, make-reals, export)."""
+    def add(parser) -> None:
+        import importlib
+        importlib.import_module(module).add_arguments(parser)
+        parser.set_defaults(func=func)
+    return add
 
 
-def _add_run_commands(sub) -> None:
-    ch = sub.add_parser("config-help", help="list every config field with its default and help text")
+def _args_config_help(ch) -> None:
     ch.set_defaults(func=_cmd_config_help)
-    rep = sub.add_parser("report", help="(re)write DIR/report.html for a run folder")
+
+
+def _args_report(rep) -> None:
     rep.add_argument("run", help="run folder")
     rep.set_defaults(func=_cmd_report)
-    demo = sub.add_parser("demo", help="the main job: distil the embedded teacher and write a report")
+
+
+def _args_demo(demo) -> None:
     demo.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     demo.add_argument("--seed", type=int, default=0,
                       help="training seed (default 0; the evaluation noise is the same for every seed, so runs of "
@@ -338,11 +336,46 @@ def _add_run_commands(sub) -> None:
     demo.set_defaults(func=_cmd_demo)
 
 
+# name -> (the one-line help `flashdmd --help` lists, what adds its arguments)
+COMMANDS = {
+    "info": ("load a model folder through its family adapter and describe it", _args_info),
+    "world": ("the embedded default world", _args_world),
+    "eval": ("sample a model and measure its metrics and speed (the world's FD, alignment, diversity; or FID, CLIP "
+             "score, PickScore, HPSv2, ImageReward from local weights)", _args_eval),
+    "eval-stats": ("FID reference statistics (mu, sigma) of a folder of real images", _args_eval_stats),
+    "distill": ("Stage 1 (and Stage 2 when configured): distil a teacher into a K-step student", _args_distill),
+    "plan": ("peak memory per device of a configured run (weights, gradients, optimiser state, activations per "
+             "role; one process, DDP, FSDP2), from config files alone", _args_plan),
+    "reward": ("latent reward model: preference pairs and LRM training", _args_reward),
+    "sample": ("write PNGs from a student run (its K steps) or a teacher (its defaults)",
+               _args_module("flashdmd.sample", _cmd_sample)),
+    "make-reals": ("a teacher's own images (its default steps and guidance) as a captioned image folder for "
+                   "data_real: resumable, sharded over `accelerate launch` processes",
+                   _args_module("flashdmd.reals", _cmd_make_reals)),
+    "export": ("write a distill run as a standard diffusers pipeline folder (or LoRA file)",
+               _args_module("flashdmd.export", _cmd_export)),
+    "config-help": ("list every config field with its default and help text", _args_config_help),
+    "report": ("(re)write DIR/report.html for a run folder", _args_report),
+    "demo": ("the main job: distil the embedded teacher and write a report", _args_demo),
+}
+
+
+def command_word(argv: list[str]) -> str | None:
+    """The subcommand ``argv`` names (its first word that is not a global option or its value), or None."""
+    words = iter(argv)
+    for w in words:
+        if w == "--threads":
+            next(words, None)
+        elif not w.startswith("-"):
+            return w
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(command_word(argv)).parse_args(argv)   # --help and bad arguments end here, before imports
     from flashdmd.world import plugin as world
     world.register()  # the face chooses the embedded world: its names (world, world-sdxl, ...) resolve from here on
-    parser = build_parser()
-    args = parser.parse_args(argv)
     if args.command != "config-help":
         set_threads(args.global_threads)
     try:

@@ -43,3 +43,28 @@ def test_every_example_parses(name, example):
 def test_long_commands_can_hide_their_progress_bars(name):
     parser = dict(COMMANDS)[name]
     assert any("--no-progress" in a.option_strings for a in parser._actions)
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["--threads", "1", "distill", "--help"], ["demo", "--help"],
+                                  ["distill"]])
+def test_help_and_argument_errors_come_before_torch_is_imported(argv):
+    """`flashdmd --help`, a light command's --help and a missing argument are argparse's work alone: the parser adds
+    only the named command's arguments and the world plug-in (torch, diffusers) is imported after parsing."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom flashdmd.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass\n"
+            "print('torch imported' if 'torch' in sys.modules else 'no torch')")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("no torch"), out.stdout[-300:] + out.stderr[-300:]
+
+
+def test_a_command_parser_holds_only_that_commands_arguments_and_lists_every_command():
+    from flashdmd.cli import COMMANDS, command_word
+    assert command_word(["--threads", "2", "demo", "--seed", "1"]) == "demo"
+    assert command_word(["--threads=2", "plan", "--config", "x"]) == "plan" and command_word(["--help"]) is None
+    one = build_parser("demo")
+    sub = next(a for a in one._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+    assert any("--seed" in a.option_strings for a in sub.choices["demo"]._actions)
+    assert not any("--config" in a.option_strings for a in sub.choices["distill"]._actions)
+    assert one.parse_args(["demo", "--seed", "3"]).seed == 3
