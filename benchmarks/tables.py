@@ -7,9 +7,10 @@
     python benchmarks/tables.py --check      # exit 1 when a table in either differs from what this makes
 
 In BENCHMARKS.md (and in README.md, its headline: HOME names a table's document) a generated table sits between
-``<!-- table: NAME -->`` and ``<!-- end table -->``; the block ends with the result files it was read from. Every number in a table is read (or computed, as its header says)
-from those files: a number cannot drift from its file, and a new result file changes the document only through
-this script. Pure JSON reading (no torch): tests/test_benchmarks_doc.py runs --check.
+``<!-- table: NAME -->`` and ``<!-- end table -->``; the block ends with the result files it was read from. Every
+number in a table is read (or computed, as its header says) from those files: a number cannot drift from its
+file, and a new result file changes the document only through this script. Pure JSON reading (no torch):
+tests/test_benchmarks_doc.py runs --check.
 """
 from __future__ import annotations
 
@@ -154,7 +155,8 @@ def headline():
                        f"1024 px planned at {lora:.1f} GiB on one GPU (not measured on a GPU)"],
     ]
     return ["claim (section)", "current result"], rows, [
-        "teachers.json", *existing("attribution.json"), "demo_seeds.json", "speed_cpu.json", "vram_table.json", "plan_check_sdxl_bf16.json", "plan_check_sd3_bf16.json"], []
+        "teachers.json", *existing("attribution.json"), "demo_seeds.json", "speed_cpu.json", "vram_table.json",
+        "plan_check_sdxl_bf16.json", "plan_check_sd3_bf16.json"], []
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -910,6 +912,16 @@ def difference(a: list[float], b: list[float]) -> str:
     return f"{mean(a) - mean(b):+.2f} ± {2 * welch_se(a, b):.2f}: {verdict(a, b)}"
 
 
+def comparison_cells(recs: dict, a: str, b: str | None) -> list[str]:
+    """Row a against row b (None: the better DMD2 at each point) at every comparison point: :func:`difference`."""
+    cells = []
+    for k in range(len(ATTR_POINTS)):
+        other = b or better_dmd2(recs, k)
+        cells.append("–" if other is None else difference(point_fds(recs.get(a, []), k),
+                                                           point_fds(recs.get(other, []), k)))
+    return cells
+
+
 # (row a, row b or None for the better DMD2, what the comparison tells)
 ATTR_COMPARISONS = [("preset", None, "the claim"), ("dmd2_head", None, "the head on DMD2"),
                     ("dmd2_head", "preset", "the head explains it (level) or the method adds (worse)"),
@@ -923,11 +935,7 @@ def attribution_verdicts():
     for teacher in ("world-sdxl", "world-sd3"):
         recs = attr_records(teacher)
         for a, b, tells in ATTR_COMPARISONS:
-            cells = []
-            for k in range(len(ATTR_POINTS)):
-                other = b or better_dmd2(recs, k)
-                cells.append("–" if other is None else difference(point_fds(recs.get(a, []), k),
-                                                                   point_fds(recs.get(other, []), k)))
+            cells = comparison_cells(recs, a, b)
             against = ATTR_ROWS[b] if b else "the better DMD2"
             rows.append([teacher, f"{ATTR_ROWS[a]} against {against}", tells, *cells])
     notes = ["Each cell: the difference of the two rows' mean test FD over training seeds (negative: the first row "
@@ -957,6 +965,13 @@ def reach_cells(rs: list[dict], target: float, images_b: float, seconds_b: float
             pct(mean(imgs) / images_b), pct(mean(secs) / seconds_b)]
 
 
+def reach_target(dmd2: list[dict]) -> tuple[float, float, float]:
+    """The paper's unit's yardstick from the better DMD2's records: its val FD of the student chosen at B (the
+    target), and its images and CPU seconds at B (means over its seeds)."""
+    return (mean([r["points"][2]["val_fd"] for r in dmd2]), mean([r["compute"]["images"] for r in dmd2]),
+            mean([r["compute"]["seconds"] for r in dmd2]))
+
+
 @table("attribution_reach")
 def attribution_reach():
     rows = []
@@ -966,9 +981,7 @@ def attribution_reach():
         if ref is None:
             rows.append([teacher, "–", "–", "no DMD2 record yet", "–", "–", "–", "–"])
             continue
-        target = mean([r["points"][2]["val_fd"] for r in recs[ref]])
-        images_b = mean([r["compute"]["images"] for r in recs[ref]])
-        seconds_b = mean([r["compute"]["seconds"] for r in recs[ref]])
+        target, images_b, seconds_b = reach_target(recs[ref])
         for key in ("preset", "dmd2_head", "preset_routing_off", "preset_pull_off", "preset_ttur5"):
             if recs.get(key):
                 rows.append([teacher, f"{ATTR_ROWS[ref]} ({len(recs[ref])})", f"{target:.2f}", ATTR_ROWS[key],
@@ -992,9 +1005,7 @@ HOME = {"attribution_headline": "README.md"}   # a table's document when it is n
 def reach_text(rs: list[dict], recs: dict, ref: str) -> str:
     """One cell of the paper's unit: the share of the better DMD2's images (and CPU time) a row needed to reach that
     DMD2's FD at B, with how many seeds reached it (attribution_reach's rule)."""
-    target = mean([r["points"][2]["val_fd"] for r in recs[ref]])
-    hit, imgs, share_img, share_cpu = reach_cells(rs, target, mean([r["compute"]["images"] for r in recs[ref]]),
-                                                  mean([r["compute"]["seconds"] for r in recs[ref]]))
+    hit, imgs, share_img, share_cpu = reach_cells(rs, *reach_target(recs[ref]))
     if share_img == "–":
         return f"not reached ({hit} seeds; {imgs.removeprefix('not reached (')}"
     return f"{share_img} of its images, {share_cpu} of its CPU time ({hit} seeds reached it)"
@@ -1035,12 +1046,7 @@ def attribution_headline():
             rows.append([teacher, label, str(len(rs)), *fds, reach])
         for a, b, label in (("preset", None, "preset against the better DMD2 (verdict)"),
                             ("dmd2_head", "preset", "DMD2 + the head against the preset (verdict)")):
-            cells = []
-            for k in range(3):
-                other = b or better_dmd2(recs, k)
-                cells.append("–" if other is None else difference(point_fds(recs.get(a, []), k),
-                                                                   point_fds(recs.get(other, []), k)))
-            rows.append([teacher, label, "", *cells, ""])
+            rows.append([teacher, label, "", *comparison_cells(recs, a, b), ""])
     notes = ["FD: test split (held-out templates), N = 1 000, noise seeds 1-3, of the student chosen on the val "
              "split; mean ± sd over training seeds (how many). B: the teacher's budget, the same CPU time for every "
              "row. A verdict: the difference of the means ± twice its Welch standard "
