@@ -39,17 +39,13 @@ for job in "$@"; do
     flock 9
     cd "$MAIN" || exit 1
     .venv/bin/python - "$WORK/attribution.json" "$row" "world-$FAM" "$seed" <<'PY'
-import json, os, sys, tempfile
-src, row, teacher, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
-key = (row, teacher, seed)
-rec = next(r for r in json.load(open(src))["records"] if (r["row"], r["teacher"], r["seed"]) == key)
-dst = "benchmarks/results/attribution.json"
-body = json.load(open(dst))
-body["records"] = sorted([r for r in body["records"] if (r["row"], r["teacher"], r["seed"]) != key] + [rec],
-                         key=lambda r: (r["teacher"], r["row"], r["seed"]))
-with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(dst), delete=False, suffix=".tmp") as f:
-    f.write(json.dumps(body, indent=1))
-os.replace(f.name, dst)
+import sys
+from pathlib import Path
+sys.path.insert(0, "benchmarks")
+from attribution import ROOT, load_results, save_record  # the harness's own atomic, locked replace
+src, key = sys.argv[1], (sys.argv[2], sys.argv[3], int(sys.argv[4]))
+rec = next(r for r in load_results(Path(src)) if (r["row"], r["teacher"], r["seed"]) == key)
+save_record(ROOT / "benchmarks" / "results" / "attribution.json", rec)
 PY
     .venv/bin/python benchmarks/tables.py --write > /dev/null
     .venv/bin/python benchmarks/attribution.py figure --family "$FAM" > /dev/null
