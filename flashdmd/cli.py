@@ -48,8 +48,8 @@ def _cmd_eval_stats(args):
 
 def _cmd_distill(args):
     from flashdmd.training.config import DistillConfig
+    cfg = DistillConfig.from_sources(args.config, args.set)  # a config's error ends here, before diffusers loads
     from flashdmd.training.distill import dry_run, train
-    cfg = DistillConfig.from_sources(args.config, args.set)
     print(cfg.to_yaml(), end="")
     if not args.no_plan:
         _print_plan(cfg)
@@ -245,10 +245,10 @@ def add_examples(parser: argparse.ArgumentParser) -> None:
 # diffusers and every module that owns arguments (about 5 s).
 
 def _args_info(info) -> None:
-    from flashdmd.families import FAMILIES
+    from flashdmd.choices import FAMILY_NAMES
     info.add_argument("--model", required=True, help="diffusers folder, hub id, or a plug-in model name (world-sdxl / "
                       "world-sd3)")
-    info.add_argument("--family", choices=sorted(FAMILIES), default=None, help="default: from model_index.json")
+    info.add_argument("--family", choices=sorted(FAMILY_NAMES), default=None, help="default: from model_index.json")
     info.set_defaults(func=_cmd_info)
 
 

@@ -68,3 +68,35 @@ def test_a_command_parser_holds_only_that_commands_arguments_and_lists_every_com
     assert any("--seed" in a.option_strings for a in sub.choices["demo"]._actions)
     assert not any("--config" in a.option_strings for a in sub.choices["distill"]._actions)
     assert one.parse_args(["demo", "--seed", "3"]).seed == 3
+
+
+def _imports_after(argv: list[str]) -> tuple[str, str]:
+    """(what ``main(argv)`` printed to stderr, the heavy libraries it had imported: torch / diffusers / none)."""
+    import subprocess
+    import sys
+    code = ("import sys\nfrom flashdmd.cli import main\nrc = main(sys.argv[1:])\n"
+            "print('rc', rc, [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=120)
+    return out.stderr, out.stdout.strip().splitlines()[-1]
+
+
+def test_config_help_and_a_bad_config_come_before_diffusers_is_imported(tmp_path):
+    """`config-help` needs no torch; a config error in `distill` is found before diffusers / transformers load (the
+    config checks names against flashdmd.choices, the world plug-in imports its machinery when first used)."""
+    err, last = _imports_after(["config-help"])
+    assert last == "rc 0 []", last + err[-300:]
+    for bad, said in [("bogus_key=1", "unknown key 'bogus_key'"), ("model_family=sdxx", "model_family must be one of"),
+                      ("model_zero_t5=zero", "model_zero_t5 must be one of"), ("model_frozen_quant=int4", "model_frozen_quant must be one of")]:
+        err, last = _imports_after(["distill", "--config", "configs/world_sdxl_demo.yaml", "--set", bad,
+                                    "--out", str(tmp_path / "run")])
+        assert last.startswith("rc 2 ") and "diffusers" not in last and "transformers" not in last, (bad, last)
+        assert len(err.strip().splitlines()) == 1 and said in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_light_names_are_the_ones_the_code_acts_on():
+    from flashdmd import choices
+    from flashdmd.families import FAMILIES, ZERO_T5_MODES
+    from flashdmd.networks.quant import QUANTS
+    assert tuple(FAMILIES) == choices.FAMILY_NAMES
+    assert ZERO_T5_MODES == choices.ZERO_T5_MODES and QUANTS == choices.QUANTS

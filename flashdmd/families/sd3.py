@@ -29,12 +29,12 @@ from diffusers.models.attention_processor import JointAttnProcessor2_0
 from torch import Tensor, nn
 
 from flashdmd import FlashDMDError
+from flashdmd.choices import ZERO_T5_MODES
 from flashdmd.diffusion import FlowSchedule
 from flashdmd.families.base import Family
 from flashdmd.families.parts import Conditioning, input_dtype, unwrap
 
 STUDENT_SIGMAS = (1.0, 0.75, 0.5, 0.25)
-ZERO_T5_MODES = ("auto", "counted", "padded")
 
 
 class CountedZeroT5Processor:

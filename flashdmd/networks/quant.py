@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from flashdmd import FlashDMDError
+from flashdmd.choices import QUANTS
 
-QUANTS = ("none", "int8", "fp8")
 FP8_CAPABILITY = (8, 9)  # float8 e4m3 matmuls: Ada (8.9) and Hopper (9.0) or newer
 
 

@@ -11,12 +11,14 @@ import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import Tensor
 
 from flashdmd import FlashDMDError
+
+if TYPE_CHECKING:  # torch loads with the first split: the class names come free (the world's prompts, a command line)
+    from torch import Tensor
 
 DEFAULT_DIRS = ("/usr/share/datasets/fashion-mnist",)
 ENV_VAR = "FLASHDMD_FASHION_MNIST"
@@ -60,6 +62,7 @@ def _read_idx(path: Path, offset: int) -> np.ndarray:
 @lru_cache(maxsize=4)
 def load_split(split: str = "train", root: str | None = None) -> Split:
     """Load ``train`` (60 000) or ``test`` (10 000) as a :class:`Split` of 32x32 images in [-1, 1]."""
+    import torch
     if split not in FILES:
         raise FlashDMDError(f"unknown split {split!r}; use 'train' or 'test'")
     d = find_root(root)

@@ -7,23 +7,22 @@ interfaces a user's data, metrics, judges and backbones use.
     judge          the preference oracle                 pair_prompts   training templates over drawn classes
     disc_backbone  the world's frozen Pixel-GAN encoder  reward_model   the shipped LRM of a family's teacher
 
-Only the face (cli.py, demo.py) and the tests call :func:`register`.
+Only the face (cli.py, demo.py) and the tests call :func:`register`. Registering imports no more than the prompts
+(and torch, for their class names): every provider imports its own machinery when first called, so a command line
+checks its config before diffusers and transformers load.
 """
 from __future__ import annotations
 
 import random
 from functools import lru_cache
 from pathlib import Path
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from flashdmd import FlashDMDError, plugins
-from flashdmd.world.data import load_split, to_rgb
-from flashdmd.world.encoder import load_disc_encoder
-from flashdmd.world.judge import WorldJudge, world_pair_prompts
-from flashdmd.world.metrics import evaluate_world
-from flashdmd.world.metrics import floor as world_floor
 from flashdmd.world.prompts import EVAL_SPLITS, eval_prompts, prompt_for
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 NAME = "world"
 ASSETS = Path(__file__).resolve().parent / "assets"
@@ -41,6 +40,7 @@ class WorldPromptSource:
 
 @lru_cache(maxsize=1)
 def _train_split():
+    from flashdmd.world.data import load_split, to_rgb
     split = load_split("train")
     return to_rgb(split.images), split.labels
 
@@ -86,14 +86,17 @@ class WorldEvaluator:
         if model.family.default_resolution != 32:
             raise FlashDMDError(f"{model.family.path} works at {model.family.default_resolution}px, not the embedded "
                                 "world's 32px: its metrics do not apply (give eval_prompts and metric backends)")
+        from flashdmd.world.metrics import evaluate_world
         return evaluate_world(model, self.num_images, seed, steps, guidance_scale, progress=progress,
                               split=self.split)
 
     def floor(self, n: int, seed: int = 0) -> float:
-        return world_floor(n, seed)
+        from flashdmd.world.metrics import floor
+        return floor(n, seed)
 
 
 def _disc_backbone(path: str | None = None):
+    from flashdmd.world.encoder import load_disc_encoder
     return load_disc_encoder(path)
 
 
@@ -107,14 +110,20 @@ def _reward_model(family_name: str) -> Path:
 
 
 def _judge(device="cpu"):
+    from flashdmd.world.judge import WorldJudge
     return WorldJudge(device=device)
+
+
+def _pair_prompts(num: int, seed: int) -> list[str]:
+    from flashdmd.world.judge import world_pair_prompts
+    return world_pair_prompts(num, seed)
 
 
 def plugin() -> plugins.Plugin:
     return plugins.Plugin(
         name=NAME, models=dict(MODELS), prompt_source=WorldPromptSource, image_source=WorldImageSource,
         evaluator=WorldEvaluator, grid_prompts=lambda n: eval_prompts(n)[0], judge=_judge,
-        pair_prompts=world_pair_prompts, disc_backbone=_disc_backbone, reward_model=_reward_model)
+        pair_prompts=_pair_prompts, disc_backbone=_disc_backbone, reward_model=_reward_model)
 
 
 def register() -> plugins.Plugin:
