@@ -72,6 +72,12 @@ LAZY_IMPORTS = {
                                                             "cannot load, that only a quantised run needs",
     ("flashdmd/world/pretrain.py", "diffusers"): "the pipeline classes warn once per class without torchvision",
     ("flashdmd/world/pretrain_stages.py", "diffusers"): "(the same)",
+    ("flashdmd/world/plugin.py", "flashdmd.world.data"): "the world registers (a command line's first step) without "
+                                                         "torch or diffusers: each provider imports its own machinery",
+    ("flashdmd/world/plugin.py", "flashdmd.world.judge"): "(the same)",
+    ("flashdmd/world/plugin.py", "flashdmd.world.metrics"): "(the same)",
+    ("flashdmd/world/plugin.py", "flashdmd.world.encoder"): "(the same)",
+    ("flashdmd/world/data.py", "torch"): "(the same: the class names and the prompts come without torch)",
 }
 
 

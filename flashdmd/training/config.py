@@ -31,7 +31,7 @@ from pathlib import Path
 import yaml
 
 from flashdmd import FlashDMDError
-from flashdmd.choices import FAMILY_NAMES, QUANTS, ZERO_T5_MODES
+from flashdmd.choices import QUANTS, ZERO_T5_MODES, family_names
 from flashdmd.training.config_parse import coerce_all, load_yaml
 
 
@@ -83,7 +83,7 @@ class DistillConfig:
     model_teacher: str = _f("world-sdxl", "teacher: local diffusers pipeline folder, hub id (fetched by "
                             "huggingface_hub into its cache when HF_HUB_OFFLINE=0; offline it must be cached "
                             "already), or a plug-in's model name (world-sdxl / world-sd3)")
-    model_family: str | None = _f(None, "a registered model family (sdxl, sd3, flux: flashdmd.choices.FAMILY_NAMES); "
+    model_family: str | None = _f(None, "a registered model family (sdxl, sd3, flux: flashdmd.families.FAMILIES); "
                                   "default: detected from model_index.json")
     model_lora_rank: int = _f(0, "0 = full fine-tune of student and fake score; >0 = LoRA of this rank (peft) "
                               "on the attention projections of both (SD3 in the paper is trained as a LoRA)")
@@ -397,8 +397,8 @@ class DistillConfig:
 
     def _validate_model(self):
         _need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
-        _need(self.model_family is None or self.model_family in FAMILY_NAMES,
-              f"model_family must be one of {', '.join(sorted(FAMILY_NAMES))} or null, got {self.model_family!r}")
+        _need(self.model_family is None or self.model_family in family_names(),
+              f"model_family must be one of {', '.join(sorted(family_names()))} or null, got {self.model_family!r}")
         _need(self.model_lora_rank >= 0, "model_lora_rank must be >= 0")
         _need(self.model_mixed_precision in ("no", "bf16"), "model_mixed_precision must be 'no' or 'bf16'")
         _need(self.model_dtype in ("float32", "float64"), "model_dtype must be float32 or float64")
