@@ -172,17 +172,23 @@ def set_threads(spec: str | int | None) -> int:
     return n
 
 
-def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
-    """The whole parser (``command`` "*", what the tests and the docs read), or one whose subcommands are all listed
-    but only ``command``'s arguments are added (None: none of them, for `flashdmd --help`); an unknown ``command``
-    gets the whole parser, so argparse's error lists the choices."""
-    whole = command == "*" or command not in COMMANDS and command is not None
+def _root_parser() -> argparse.ArgumentParser:
+    """The parser of the global options alone (what comes before the subcommand's word)."""
     p = argparse.ArgumentParser(prog="flashdmd", description="Flash-DMD distillation and joint preference RL "
                                 "for SDXL- and SD3-style diffusion models.")
     p.add_argument("--version", action="version", version=f"flashdmd {__version__}")
     p.add_argument("--threads", dest="global_threads", type=_threads_arg, default="auto", metavar="N|auto",
                    help="CPU threads for torch (default auto: the cores this process may run on, os.sched_getaffinity, "
                    "shared among a launch's local processes; OMP_NUM_THREADS when set)")
+    return p
+
+
+def build_parser(command: str | None = "*") -> argparse.ArgumentParser:
+    """The whole parser (``command`` "*", what the tests and the docs read), or one whose subcommands are all listed
+    but only ``command``'s arguments are added (None: none of them, for `flashdmd --help`); an unknown ``command``
+    gets the whole parser, so argparse's error lists the choices."""
+    whole = command == "*" or command not in COMMANDS and command is not None
+    p = _root_parser()
     sub = p.add_subparsers(dest="command", required=True)
     for name, (help_line, add_arguments) in COMMANDS.items():
         parser = sub.add_parser(name, help=help_line)
@@ -361,10 +367,12 @@ COMMANDS = {
 
 
 def command_word(argv: list[str]) -> str | None:
-    """The subcommand ``argv`` names (its first word that is not a global option or its value), or None."""
+    """The subcommand ``argv`` names (its first word that is not a global option or its value), or None. The global
+    options that take a value come from the root parser, each also as argparse's unambiguous abbreviation."""
+    valued = [s for a in _root_parser()._actions if a.nargs != 0 for s in a.option_strings if s.startswith("--")]
     words = iter(argv)
     for w in words:
-        if w == "--threads":
+        if w.startswith("--") and "=" not in w and any(s.startswith(w) for s in valued):
             next(words, None)
         elif not w.startswith("-"):
             return w

@@ -62,6 +62,9 @@ def test_a_command_parser_holds_only_that_commands_arguments_and_lists_every_com
     from flashdmd.cli import COMMANDS, command_word
     assert command_word(["--threads", "2", "demo", "--seed", "1"]) == "demo"
     assert command_word(["--threads=2", "plan", "--config", "x"]) == "plan" and command_word(["--help"]) is None
+    assert command_word(["--thr", "1", "distill"]) == "distill"   # argparse takes the abbreviation too
+    assert build_parser(command_word(["--thr", "1", "demo", "--seed", "4"])).parse_args(
+        ["--thr", "1", "demo", "--seed", "4"]).seed == 4
     one = build_parser("demo")
     sub = next(a for a in one._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(COMMANDS)
