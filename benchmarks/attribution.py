@@ -66,8 +66,14 @@ SWEEP = {
     "sweep_gan_2x": {"disc_gen_weight": 1e-2, "disc_weight": 2e-2},
 }
 ROWS.update({name: ("dmd2", o) for name, o in SWEEP.items()})
+# rows resolved from the sweep's winner: dmd2_best (pre-registered) and, added after fixing (BENCHMARKS 3a, before any
+# of its runs), dmd2_best_head: the winner's optimiser with the preset's head, TTUR 5 -- DMD2 both tuned and given it
+FROM_SWEEP = ("dmd2_best", "dmd2_best_head")
+# a row not timed by `cost` costs what the row with its networks and TTUR does (its optimiser changes no update's work)
+COST_AS = {"dmd2_best_head": "dmd2_head"}
 LABELS = {"preset": "Flash-DMD preset (as shipped)", "dmd2": "DMD2 (as shipped)",
           "dmd2_best": "DMD2, best of its sweep", "dmd2_head": "DMD2 + the preset's head (TTUR 5)",
+          "dmd2_best_head": "DMD2, best of its sweep + the head (added)",
           "preset_routing_off": "preset, routing off (DM at every step)", "preset_pull_off": "preset, EMA pull off",
           "preset_ttur5": "preset at TTUR 5"}
 
@@ -77,14 +83,21 @@ def cost_file(family: str) -> Path:
 
 
 def row_spec(row: str, results: list[dict], family: str) -> tuple[str, dict]:
-    """(preset, overrides) of a row; dmd2_best is the sweep row with the lowest val FD on world-sdxl."""
-    if row != "dmd2_best":
+    """(preset, overrides) of a row; dmd2_best is the sweep row with the lowest val FD on world-sdxl, dmd2_best_head
+    that row with the preset's head."""
+    if row not in FROM_SWEEP:
         return ROWS[row]
     best = sweep_winner(results)
     if best is None:
-        raise SystemExit("dmd2_best: the DMD2 sweep on world-sdxl has not finished (run `attribution.py run --rows "
+        raise SystemExit(f"{row}: the DMD2 sweep on world-sdxl has not finished (run `attribution.py run --rows "
                          "SWEEP --seeds 100 --fraction 0.5` first)")
-    return ROWS[best]
+    preset, overrides = ROWS[best]
+    return (preset, {**overrides, **HEAD}) if row == "dmd2_best_head" else (preset, overrides)
+
+
+def row_cost(cost: dict, row: str) -> dict:
+    """A row's entry of the cost file: its own, else COST_AS's, else the shipped DMD2's (dmd2_best, the sweep rows)."""
+    return cost.get(COST_AS.get(row, row), cost["dmd2"])
 
 
 def sweep_winner(results: list[dict]) -> str | None:
@@ -110,8 +123,7 @@ def row_steps(row: str, family: str, fraction: float = 1.0) -> tuple[int, int]:
     the row's seconds per update (dmd2_best and the sweep rows cost what the shipped DMD2 does: the same networks and
     TTUR), rounded to a multiple of EVALS so that every comparison point is an evaluation."""
     cost = measured_cost(family)
-    per = cost["dmd2"]["seconds_per_generator_update"] if row not in cost else \
-        cost[row]["seconds_per_generator_update"]
+    per = row_cost(cost, row)["seconds_per_generator_update"]
     updates = BUDGET[family] * fraction * cost["dmd2"]["seconds_per_generator_update"] / per
     every = max(1, round(updates / EVALS))
     return every * EVALS, every
@@ -195,11 +207,11 @@ def run_one(row: str, seed: int, a, results_path: Path) -> None:
     evals = [e for e in result["evals"] if e["stage"] == 1]
     fractions = POINTS if a.fraction == 1.0 else (1.0,)
     cost = measured_cost(a.family)
-    per = cost.get(row, cost["dmd2"])["seconds_per_generator_update"]
+    per = row_cost(cost, row)["seconds_per_generator_update"]
     ttur = {**_preset_ttur(preset), **overrides}.get("fake_score_ttur")
     record = {"row": row, "teacher": teacher, "seed": seed, "preset": f"world_{a.family}_{preset}.yaml",
               "overrides": overrides, "resolved_from": sweep_winner(load_results(results_path))
-              if row == "dmd2_best" else None, "budget_fraction": a.fraction, "generator_steps": steps,
+              if row in FROM_SWEEP else None, "budget_fraction": a.fraction, "generator_steps": steps,
               "eval_every": every,
               "val_curve": [(e["generator_steps"], round(e["fd"], 4), round(e["alignment"], 4)) for e in evals],
               "compute": {"images_per_update": BATCH, "critic_iterations_per_update": ttur,
@@ -293,7 +305,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["cost", "run", "figure"])
     p.add_argument("--family", choices=["sdxl", "sd3"], default="sdxl")
-    p.add_argument("--rows", nargs="+", default=[], help=f"rows: {', '.join([*ROWS, 'dmd2_best'])}; SWEEP = the "
+    p.add_argument("--rows", nargs="+", default=[], help=f"rows: {', '.join([*ROWS, *FROM_SWEEP])}; SWEEP = the "
                    "DMD2 sweep's rows and dmd2")
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--fraction", type=float, default=1.0, help="of the budget (the sweep runs at 0.5)")
@@ -323,7 +335,7 @@ def main():
         print(f"wrote {plot} ({', '.join(series)})")
         return 0
     rows = [r for name in a.rows for r in (["dmd2", *SWEEP] if name == "SWEEP" else [name])]
-    unknown = [r for r in rows if r not in ROWS and r != "dmd2_best"]
+    unknown = [r for r in rows if r not in ROWS and r not in FROM_SWEEP]
     if unknown:
         p.error(f"unknown row {unknown[0]}")
     for seed in a.seeds:

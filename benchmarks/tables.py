@@ -837,7 +837,8 @@ def data_free():
 
 ATTR_ROWS = {"preset": "Flash-DMD preset", "dmd2": "DMD2 as shipped", "dmd2_best": "DMD2, best of its sweep",
              "dmd2_head": "DMD2 + the preset's head", "preset_routing_off": "preset, routing off",
-             "preset_pull_off": "preset, pull off", "preset_ttur5": "preset, TTUR 5"}
+             "preset_pull_off": "preset, pull off", "preset_ttur5": "preset, TTUR 5",
+             "dmd2_best_head": "DMD2, best of its sweep + the head (added)"}
 ATTR_POINTS = ("B/4", "B/2", "B")
 
 
@@ -926,7 +927,9 @@ def comparison_cells(recs: dict, a: str, b: str | None) -> list[str]:
 ATTR_COMPARISONS = [("preset", None, "the claim"), ("dmd2_head", None, "the head on DMD2"),
                     ("dmd2_head", "preset", "the head explains it (level) or the method adds (worse)"),
                     ("preset_routing_off", "preset", "routing"), ("preset_pull_off", "preset", "the EMA pull"),
-                    ("preset_ttur5", "preset", "the low TTUR")]
+                    ("preset_ttur5", "preset", "the low TTUR"),
+                    ("dmd2_best_head", "dmd2_best", "the head on the tuned DMD2 (added after fixing)"),
+                    ("dmd2_best_head", "preset", "the tuned DMD2 with the head (added after fixing)")]
 
 
 @table("attribution_verdicts")

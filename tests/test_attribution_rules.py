@@ -35,10 +35,11 @@ def test_the_sweep_winner_is_the_lowest_best_val_fd_once_every_row_is_in():
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])
 @pytest.mark.parametrize("row", ["preset", "dmd2", "dmd2_head", "preset_routing_off", "preset_pull_off",
-                                 "preset_ttur5", "sweep_b09"])
+                                 "preset_ttur5", "sweep_b09", "dmd2_best", "dmd2_best_head"])
 def test_every_row_spends_the_budget(row, family):
     cost = json.loads((ROOT / "benchmarks" / "results" / f"attribution_cost_{family}.json").read_text())["rows"]
-    per = cost.get(row, cost["dmd2"])["seconds_per_generator_update"]
+    per = cost[{"dmd2_best": "dmd2", "sweep_b09": "dmd2", "dmd2_best_head": "dmd2_head"}.get(row, row)][
+        "seconds_per_generator_update"]
     budget = A["BUDGET"][family] * cost["dmd2"]["seconds_per_generator_update"]
     steps, every = A["row_steps"](row, family)
     # rounded to a multiple of the 16 evaluations: at most 8 updates from the budget's seconds / the row's
@@ -153,3 +154,19 @@ def test_a_run_refuses_a_flashdmd_from_another_checkout(monkeypatch, tmp_path):
     monkeypatch.setattr(common, "ROOT", tmp_path)
     with pytest.raises(SystemExit, match="PYTHONPATH"):
         common.check_own_flashdmd()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd3"])
+def test_the_tuned_dmd2_with_the_head_is_the_sweep_winner_plus_the_whole_head(family):
+    """dmd2_best_head (added after fixing): the sweep winner's optimiser settings with the preset's head whole, on the
+    shipped DMD2 (TTUR 5); it differs from dmd2_head only in the winner's keys, and its config is valid."""
+    from flashdmd.training.config import DistillConfig
+    results = A["load_results"](ROOT / "benchmarks" / "results" / "attribution.json")
+    winner = A["sweep_winner"](results)
+    preset, overrides = A["row_spec"]("dmd2_best_head", results, family)
+    assert preset == "dmd2" and overrides == {**A["ROWS"][winner][1], **A["HEAD"]}
+    head_preset, head = A["row_spec"]("dmd2_head", results, family)
+    assert head_preset == preset and {k: v for k, v in overrides.items() if k not in head} == A["ROWS"][winner][1]
+    cfg = DistillConfig.from_sources(str(ROOT / "configs" / f"world_{family}_{preset}.yaml"),
+                                     [f"{k}={v}" for k, v in overrides.items()])
+    assert cfg.disc_condition == "text" and cfg.fake_score_ttur == 5 and list(cfg.optim_betas) == [0.9, 0.999]
