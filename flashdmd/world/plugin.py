@@ -7,9 +7,9 @@ interfaces a user's data, metrics, judges and backbones use.
     judge          the preference oracle                 pair_prompts   training templates over drawn classes
     disc_backbone  the world's frozen Pixel-GAN encoder  reward_model   the shipped LRM of a family's teacher
 
-Only the face (cli.py, demo.py) and the tests call :func:`register`. Registering imports no more than the prompts
-(and torch, for their class names): every provider imports its own machinery when first called, so a command line
-checks its config before diffusers and transformers load.
+Only the face (cli.py, demo.py) and the tests call :func:`register`. Registering imports no more than the prompts (no
+torch): every provider imports its own machinery when first called, so a command line checks its config before
+torch, diffusers and transformers load.
 """
 from __future__ import annotations
 
