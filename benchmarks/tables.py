@@ -985,7 +985,7 @@ def attribution_reach():
             rows.append([teacher, "–", "–", "no DMD2 record yet", "–", "–", "–", "–"])
             continue
         target, images_b, seconds_b = reach_target(recs[ref])
-        for key in ("preset", "dmd2_head", "preset_routing_off", "preset_pull_off", "preset_ttur5"):
+        for key in (k for k in ATTR_ROWS if k not in ("dmd2", "dmd2_best")):  # every row but the yardsticks
             if recs.get(key):
                 rows.append([teacher, f"{ATTR_ROWS[ref]} ({len(recs[ref])})", f"{target:.2f}", ATTR_ROWS[key],
                              *reach_cells(recs[key], target, images_b, seconds_b)])
