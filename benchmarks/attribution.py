@@ -71,11 +71,11 @@ ROWS.update({name: ("dmd2", o) for name, o in SWEEP.items()})
 FROM_SWEEP = ("dmd2_best", "dmd2_best_head")
 # a row not timed by `cost` costs what the row with its networks and TTUR does (its optimiser changes no update's work)
 COST_AS = {"dmd2_best_head": "dmd2_head"}
-LABELS = {"preset": "Flash-DMD preset (as shipped)", "dmd2": "DMD2 (as shipped)",
-          "dmd2_best": "DMD2, best of its sweep", "dmd2_head": "DMD2 + the preset's head (TTUR 5)",
-          "dmd2_best_head": "DMD2, best of its sweep + the head (added)",
-          "preset_routing_off": "preset, routing off (DM at every step)", "preset_pull_off": "preset, EMA pull off",
-          "preset_ttur5": "preset at TTUR 5"}
+# each row's name in the tables (benchmarks/tables.py) and the figures, in their order: the one list of the rows
+LABELS = {"preset": "Flash-DMD preset", "dmd2": "DMD2 as shipped", "dmd2_best": "DMD2, best of its sweep",
+          "dmd2_head": "DMD2 + the preset's head", "preset_routing_off": "preset, routing off",
+          "preset_pull_off": "preset, pull off", "preset_ttur5": "preset, TTUR 5",
+          "dmd2_best_head": "DMD2, best of its sweep + the head (added)"}
 
 
 def cost_file(family: str) -> Path:

@@ -23,6 +23,7 @@ import sys
 from functools import lru_cache
 from pathlib import Path
 
+import attribution  # the attribution rows (section 3a): their names
 from flashdmd.training.config import RENAMED
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -835,10 +836,7 @@ def data_free():
 # ---------------------------------------------------------------------------------------------------------------
 # Section 3a: the pre-registered attribution (benchmarks/attribution.py)
 
-ATTR_ROWS = {"preset": "Flash-DMD preset", "dmd2": "DMD2 as shipped", "dmd2_best": "DMD2, best of its sweep",
-             "dmd2_head": "DMD2 + the preset's head", "preset_routing_off": "preset, routing off",
-             "preset_pull_off": "preset, pull off", "preset_ttur5": "preset, TTUR 5",
-             "dmd2_best_head": "DMD2, best of its sweep + the head (added)"}
+ATTR_ROWS = attribution.LABELS  # the rows and their names: attribution.py's, which runs them
 ATTR_POINTS = ("B/4", "B/2", "B")
 
 
@@ -954,12 +952,18 @@ def steps_to_reach(record: dict, target: float) -> int | None:
     return next((s for s, fd, *_ in record["val_curve"] if s > 0 and fd <= target), None)
 
 
+def reach(rs: list[dict], target: float) -> tuple[list[tuple[int, dict]], float]:
+    """(step, compute) of each seed that reaches target (attribution_reach's rule), and the best val FD any seed saw
+    after step 0."""
+    hits = [(s, r["compute"]) for r in rs if (s := steps_to_reach(r, target)) is not None]
+    return hits, min(fd for r in rs for s, fd, *_ in r["val_curve"] if s > 0)
+
+
 def reach_cells(rs: list[dict], target: float, images_b: float, seconds_b: float) -> list[str]:
     """Seeds that reach target; images to reach it (mean ± sd) and as a share of the DMD2 row's images and CPU time
     at B."""
-    hits = [(s, r["compute"]) for r in rs if (s := steps_to_reach(r, target)) is not None]
+    hits, best = reach(rs, target)
     if not hits:
-        best = min(fd for r in rs for s, fd, *_ in r["val_curve"] if s > 0)
         return [f"0 of {len(rs)}", f"not reached (best val FD {best:.2f})", "–", "–"]
     imgs = [s * c["images_per_update"] for s, c in hits]
     secs = [s * c["seconds_per_update"] for s, c in hits]
@@ -1008,9 +1012,11 @@ HOME = {"attribution_headline": "README.md"}   # a table's document when it is n
 def reach_text(rs: list[dict], recs: dict, ref: str) -> str:
     """One cell of the paper's unit: the share of the better DMD2's images (and CPU time) a row needed to reach that
     DMD2's FD at B, with how many seeds reached it (attribution_reach's rule)."""
-    hit, imgs, share_img, share_cpu = reach_cells(rs, *reach_target(recs[ref]))
-    if share_img == "–":
-        return f"not reached ({hit} seeds; {imgs.removeprefix('not reached (')}"
+    target, images_b, seconds_b = reach_target(recs[ref])
+    hits, best = reach(rs, target)
+    if not hits:
+        return f"not reached (0 of {len(rs)} seeds; best val FD {best:.2f})"
+    hit, _, share_img, share_cpu = reach_cells(rs, target, images_b, seconds_b)
     return f"{share_img} of its images, {share_cpu} of its CPU time ({hit} seeds reached it)"
 
 

@@ -104,6 +104,17 @@ def test_images_to_reach_are_the_first_val_crossing_as_a_share_of_dmd2s_images_a
     # reaching seeds: 20 and 10 steps -> 640 and 320 images (mean 480, sd 226), 40 and 20 s (mean 30)
     assert cells == ["2 of 3", "480 ± 226", "15 %", "8 %"]
     assert tables.reach_cells(rs[2:], 9.0, 3200.0, 400.0)[:2] == ["0 of 1", "not reached (best val FD 9.50)"]
+    # the headline's cell says the same in words: shares and seeds reaching, or the best val FD seen
+    recs = {"dmd2": [{"points": [{}, {}, {"val_fd": 9.0}], "compute": {"images": 3200.0, "seconds": 400.0}}]}
+    assert tables.reach_text(rs, recs, "dmd2") == "15 % of its images, 8 % of its CPU time (2 of 3 seeds reached it)"
+    assert tables.reach_text(rs[2:], recs, "dmd2") == "not reached (0 of 1 seeds; best val FD 9.50)"
+
+
+def test_every_row_the_harness_runs_has_one_name_in_the_tables_and_figures():
+    """One list of the rows' names (attribution.LABELS), which the tables read: a new row must be named there."""
+    runnable = [r for r in A["ROWS"] if r not in A["SWEEP"]] + list(A["FROM_SWEEP"])
+    assert sorted(A["LABELS"]) == sorted(runnable)
+    assert tables.ATTR_ROWS == A["LABELS"] and len(set(A["LABELS"].values())) == len(A["LABELS"])
 
 
 def test_the_readme_headline_states_the_verdicts_and_the_papers_unit(monkeypatch):
