@@ -130,7 +130,9 @@ def test_the_readme_headline_states_the_verdicts_and_the_papers_unit(monkeypatch
                    rec("preset", 1, [8.2, 7.9, 7.8], 7.6, [(0, 20), (50, 9.5)])],
         "dmd2": [rec("dmd2", s, [14.0, 12.0, 9.5 + s], 9.0, [(0, 20)]) for s in (0, 1)],
         "dmd2_best": [rec("dmd2_best", s, [13.0, 10.0, 9.0 + s / 10], 9.0, [(0, 20)]) for s in (0, 1)],
-        "dmd2_head": [rec("dmd2_head", 0, [13.6, 13.6, 9.3], 9.1, [(0, 20), (100, 9.2)])]}}
+        "dmd2_head": [rec("dmd2_head", 0, [13.6, 13.6, 9.3], 9.1, [(0, 20), (100, 9.2)])],
+        "dmd2_best_head": [rec("dmd2_best_head", s, [7.9, 7.9, 7.9 + s / 10], 7.6, [(0, 20), (25, 8.5)])
+                           for s in (0, 1)]}}
     monkeypatch.setattr(tables, "attr_records", lambda teacher: records.get(teacher, {}))
     header, rows, _, _ = tables.attribution_headline()
     sdxl = {r[1]: r for r in rows if r[0] == "world-sdxl"}
@@ -140,6 +142,10 @@ def test_the_readme_headline_states_the_verdicts_and_the_papers_unit(monkeypatch
     assert sdxl["Flash-DMD preset"][6] == "25 % of its images, 25 % of its CPU time (1 of 2 seeds reached it)"
     assert sdxl["DMD2 + the preset's head"][6] == "not reached (0 of 1 seeds; best val FD 9.20)"
     assert sdxl["DMD2 + the head against the preset (verdict)"][3:6] == ["–", "–", "–"]  # one seed: no verdict
+    # DMD2 tuned and given the head (added after fixing): its row, reach, and its verdict against the preset
+    assert sdxl["DMD2, best of its sweep + the head (added)"][2:4] == ["2", "7.90 ± 0.00 (2)"]
+    assert sdxl["DMD2, best of its sweep + the head (added)"][6].endswith("(2 of 2 seeds reached it)")
+    assert sdxl["DMD2 tuned + the head against the preset (verdict, added)"][3:5] == ["-0.20 ± 0.20: level", "+0.05 ± 0.10: level"]
     assert [r[1] for r in rows if r[0] == "world-sd3"] == ["no record of the preset and DMD2 yet"]
     assert all(len(r) == len(header) for r in rows)
     assert "verdicts better / better / better" in tables.attribution_claim("world-sdxl")
