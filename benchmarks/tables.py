@@ -1054,8 +1054,8 @@ def attribution_headline():
                            ("dmd2_head", ATTR_ROWS["dmd2_head"]), ("dmd2_best_head", ATTR_ROWS["dmd2_best_head"])):
             rs = recs.get(key, [])
             fds = [mean_sd(point_fds(rs, k)) for k in range(3)]
-            reach = "the target" if key == ref else reach_text(rs, recs, ref) if rs else "–"
-            rows.append([teacher, label, str(len(rs)), *fds, reach])
+            paper_unit = "the target" if key == ref else reach_text(rs, recs, ref) if rs else "–"
+            rows.append([teacher, label, str(len(rs)), *fds, paper_unit])
         for a, b, label in (("preset", None, "preset against the better DMD2 (verdict)"),
                             ("dmd2_head", "preset", "DMD2 + the head against the preset (verdict)"),
                             ("dmd2_best_head", "preset", "DMD2 tuned + the head against the preset (verdict, added)")):
