@@ -148,6 +148,8 @@ def headline():
                          f"world-sd3 {fd[('world-sd3', 4)]:.2f} / {fd[('world-sd3', 50)]:.2f}"],
         *(["Stage 1 against the better DMD2, pre-registered, " + t + " (3a)", attribution_claim(t)]
           for t in ("world-sdxl", "world-sd3")),
+        *(["Stage 1, the method or its head, pre-registered, " + t + " (3a)", attribution_head_claim(t)]
+          for t in ("world-sdxl", "world-sd3")),
         ["Stage 2 (4)", "RL alone, joint and post-hoc RL move along one oracle-against-FD line on both teachers; "
                         "ongoing distillation shrinks RL's step and adds its own FD drift, it does not regularise"],
         ["the demo (5)", f"student FD {demo['student_fd_mean']:.2f} ± {demo['student_fd_sd']:.2f} over three seeds "
@@ -1036,6 +1038,21 @@ def attribution_claim(teacher: str) -> str:
     return (f"test FD at B/4, B/2, B: {fds['preset']} against {fds[ref]} ({ATTR_ROWS[ref]}; {seeds}); verdicts "
             f"{' / '.join(verdicts)}; to reach its FD at B: {reach_text(recs['preset'], recs, ref)}, the paper: "
             f"2.1 % of DMD2's images")
+
+
+def attribution_head_claim(teacher: str) -> str:
+    """The at-a-glance cell of the head question: DMD2 given the preset's head (the pre-registered row, and the tuned
+    one added after fixing) against the preset at B/4, B/2, B, with the rule's reading."""
+    recs = attr_records(teacher)
+    parts = []
+    for row, what in (("dmd2_head", "DMD2 + the head"), ("dmd2_best_head", "DMD2 tuned + the head (added)")):
+        if recs.get(row) and recs.get("preset"):
+            verdicts = [verdict(point_fds(recs[row], k), point_fds(recs["preset"], k)) for k in range(3)]
+            parts.append(f"{what} against the preset at B/4, B/2, B: {' / '.join(verdicts)} "
+                         f"({len(recs[row])} / {len(recs['preset'])} seeds)")
+    if not parts:
+        return "no run landed yet"
+    return "; ".join(parts) + " (worse: the method adds to the head; level: the head explains the lead)"
 
 
 @table("attribution_headline")

@@ -149,6 +149,12 @@ def test_the_readme_headline_states_the_verdicts_and_the_papers_unit(monkeypatch
     assert [r[1] for r in rows if r[0] == "world-sd3"] == ["no record of the preset and DMD2 yet"]
     assert all(len(r) == len(header) for r in rows)
     assert "verdicts better / better / better" in tables.attribution_claim("world-sdxl")
+    # the at-a-glance cell of the head question: one seed of dmd2_head gives no verdict; the tuned row is level at
+    # B/4 and B/2, worse at B (+0.20 against twice its standard error, 0.14)
+    head = tables.attribution_head_claim("world-sdxl")
+    assert "DMD2 + the head against the preset at B/4, B/2, B: – / – / – (1 / 2 seeds)" in head
+    assert "DMD2 tuned + the head (added) against the preset at B/4, B/2, B: level / level / worse (2 / 2 seeds)" in head
+    assert tables.attribution_head_claim("world-sd3") == "no run landed yet"
 
 
 def test_readme_headline_is_a_generated_block_checked_with_the_others(tmp_path, capsys):
